@@ -1,0 +1,1006 @@
+"""The zray broker: one ROUTER socket, one thread, all cluster state.
+
+::
+
+    drivers / executors (out)  --SUBMIT/PUT/SUB/RELEASE/DONE-->  +-------------+
+    drivers / executors (inbox)<--OBJ/REPLY/LOG/EXEC/CANCEL----  |   ROUTER    |
+    node agents                <--SPAWN/KILL_EXEC------------->  +-------------+
+                                                                        |
+          drain every queued message (handlers update the tables) ------+
+          then schedule(): ready queues by resource shape -> idle executors
+
+Tables it owns:
+  * ``nodes``      NodeTable: capacity, free resources, GPU slots, executor pool.
+  * ``tasks``      every unfinished task by id; ready ones sit in ``queues``
+                   keyed by (resources, strategy) so placement never scans
+                   tasks that cannot fit.
+  * ``objects``    object directory: state, value frames (kept as received,
+                   forwarded zero-copy), owner, pins, waiters, subscribers.
+  * ``actors``     actor directory: executor it is pinned to, its call queue,
+                   restarts, names.
+
+Flow of a task: SUBMIT creates the task and its PENDING return objects; when
+its top-level argument objects are READY it joins a ready queue; schedule()
+takes an idle executor on a node that fits, subtracts the resources and sends
+EXEC (with the function blob the first time that executor sees it, and the
+argument values appended as frames). DONE stores the returns, pushes them to
+their owner's inbox, wakes dependent tasks and returns the executor to the pool.
+See ``zray._protocol`` for the frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from collections import deque
+
+import zmq
+
+from brokerd.records import (
+    Actor,
+    ActorState,
+    ClientInfo,
+    Executor,
+    ExecState,
+    Node,
+    Obj,
+    ObjState,
+    Task,
+    TaskState,
+)
+from zray import _protocol as P
+from zray import exceptions
+from zray._protocol import Msg
+from zray._serialization import serialize_error
+
+log = logging.getLogger("zray.broker")
+
+ACTOR_EXIT_CODE = 13  # an executor exiting through exit_actor()
+_EMPTY = b""
+
+
+def _oid(task_id: bytes, index: int) -> bytes:
+    return task_id + index.to_bytes(4, "little")
+
+
+class Broker:
+    def __init__(self, address: str, session_dir: str = ""):
+        self.address = address
+        self.session_dir = session_dir
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if address.startswith("tcp://") and address.rsplit(":", 1)[1] in ("0", "*"):
+            port = self.sock.bind_to_random_port(address.rsplit(":", 1)[0])
+            self.address = f"{address.rsplit(':', 1)[0]}:{port}"
+        else:
+            self.sock.bind(address)
+        self.nodes: dict[bytes, Node] = {}
+        self.executors: dict[bytes, Executor] = {}
+        self.clients: dict[bytes, ClientInfo] = {}
+        self.tasks: dict[bytes, Task] = {}
+        self.children: dict[bytes, list] = {}
+        self.queues: dict[tuple, deque] = {}
+        self.objects: dict[bytes, Obj] = {}
+        self.actors: dict[bytes, Actor] = {}
+        self.named: dict[tuple, bytes] = {}
+        self.fns: dict[bytes, object] = {}
+        self.running = True
+        self.dirty = False
+        self.started = time.time()
+        self.infeasible_warned: set = set()
+        self.handlers = {
+            Msg.HELLO: self.on_hello,
+            Msg.READY: self.on_ready,
+            Msg.FN: self.on_fn,
+            Msg.SUBMIT: self.on_submit,
+            Msg.PUT: self.on_put,
+            Msg.SUB: self.on_sub,
+            Msg.RELEASE: self.on_release,
+            Msg.CANCEL: self.on_cancel,
+            Msg.BLOCK: self.on_block,
+            Msg.UNBLOCK: self.on_unblock,
+            Msg.DONE: self.on_done,
+            Msg.YIELD: self.on_yield,
+            Msg.LOG: self.on_log,
+            Msg.REQ: self.on_req,
+            Msg.NODE_HELLO: self.on_node_hello,
+            Msg.EXEC_DIED: self.on_exec_died,
+            Msg.HEARTBEAT: self.on_heartbeat,
+            Msg.EXIT: self.on_client_exit,
+        }
+
+    # ------------------------------------------------------------------ loop
+    def serve(self):
+        sock = self.sock
+        handlers = self.handlers
+        unpack = P.unpack
+        last_check = time.monotonic()
+        log.info("broker listening on %s (pid %d)", self.address, os.getpid())
+        while self.running:
+            if sock.poll(50 if self.dirty else 1000):
+                for _ in range(20000):
+                    try:
+                        msg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        header = unpack(msg[1].buffer)
+                        handler = handlers[header[0]]
+                    except Exception:
+                        log.warning("dropping malformed message from %r", msg[0].bytes[:16])
+                        continue
+                    try:
+                        handler(msg[0].bytes, header, msg[2:])
+                    except Exception:
+                        log.exception("error handling %s", Msg(header[0]).name)
+            if self.dirty:
+                self.dirty = False
+                self.schedule()
+            now = time.monotonic()
+            if now - last_check >= P.HEARTBEAT_S:
+                last_check = now
+                self.check_liveness(now)
+        self.shutdown()
+
+    def stop(self, *_):
+        self.running = False
+
+    def shutdown(self):
+        for node in list(self.nodes.values()):
+            self.send(node.ident, P.pack(Msg.SHUTDOWN))
+        for cid, c in list(self.clients.items()):
+            self.send(cid + b"i", P.pack(Msg.SHUTDOWN))
+        time.sleep(0.05)  # let the SHUTDOWN frames leave before the socket closes
+        self.sock.close(linger=200)
+        self.ctx.term()
+
+    def send(self, ident: bytes, header: bytes, frames=()) -> bool:
+        try:
+            if frames:
+                self.sock.send_multipart([ident, header, *frames], copy=False)
+            else:
+                self.sock.send_multipart([ident, header])
+            return True
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                log.debug("peer %r is gone", ident[:16])
+                return False
+            raise
+
+    # ------------------------------------------------------------- membership
+    def on_hello(self, ident, h, frames):
+        _, version, kind, node_id, pid, job_id = h[:6]
+        cid = ident[:-1]
+        if version != P.VERSION:
+            self.send(ident, P.pack(Msg.WELCOME, {"error": f"protocol version {version} != {P.VERSION}"}))
+            return
+        self.clients[cid] = ClientInfo(cid, kind, node_id, pid, job_id, time.monotonic())
+        if kind == "executor":
+            node = self.nodes.get(node_id)
+            if node is not None:
+                ex = Executor(cid, node, pid)
+                node.executors[cid] = ex
+                self.executors[cid] = ex
+        self.send(ident, P.pack(Msg.WELCOME, {"session_dir": self.session_dir,
+                                              "address": self.address}))
+
+    def on_ready(self, ident, h, frames):
+        ex = self.executors.get(ident[:-1])
+        if ex is None or ex.state != ExecState.STARTING:
+            return
+        node = ex.node
+        node.spawning = max(0, node.spawning - 1)
+        ex.state = ExecState.IDLE
+        node.idle.append(ex)
+        self.dirty = True
+
+    def on_node_hello(self, ident, h, frames):
+        _, version, node_id, info = h[:4]
+        if version != P.VERSION:
+            log.error("node %s speaks protocol %s, broker %s: ignored", node_id.hex(), version, P.VERSION)
+            self.send(ident, P.pack(Msg.SHUTDOWN))
+            return
+        total = dict(info["resources"])
+        gpus = [[g, P.UNIT] for g in info.get("gpu_ids", [])]
+        node = Node(node_id, ident, total, dict(total), gpus, info.get("hostname", ""),
+                    info.get("pid", 0), info.get("labels", {}), info.get("address", ""),
+                    last_seen=time.monotonic())
+        node.spawning = info.get("prestart", 0)
+        self.nodes[node_id] = node
+        log.info("node %s joined: %s", node_id.hex(), P.from_units(total))
+        self.dirty = True
+
+    def on_heartbeat(self, ident, h, frames):
+        if ident[:1] == b"N":
+            node = self.nodes.get(ident[1:])
+            if node is not None:
+                node.last_seen = time.monotonic()
+                self.send(ident, P.pack(Msg.HEARTBEAT))
+        else:
+            c = self.clients.get(ident[:-1])
+            if c is not None:
+                c.last_seen = time.monotonic()
+
+    def check_liveness(self, now):
+        for node in list(self.nodes.values()):
+            if node.alive and now - node.last_seen > P.NODE_TIMEOUT_S:
+                log.warning("node %s missed heartbeats for %.0fs: declared dead",
+                            node.node_id.hex(), now - node.last_seen)
+                self.node_dead(node)
+        for c in list(self.clients.values()):
+            if c.kind == "driver" and now - c.last_seen > 6 * P.NODE_TIMEOUT_S:
+                log.warning("driver %s silent: releasing its job", c.cid.hex())
+                self.driver_gone(c)
+
+    def node_dead(self, node: Node):
+        node.alive = False
+        self.nodes.pop(node.node_id, None)
+        for ex in list(node.executors.values()):
+            self.executor_dead(ex, -9, reason=f"node {node.node_id.hex()} died")
+        self.dirty = True
+
+    def on_client_exit(self, ident, h, frames):
+        c = self.clients.get(ident[:-1])
+        if c is not None and c.kind in ("driver", "cli"):
+            self.driver_gone(c)
+
+    def driver_gone(self, c: ClientInfo):
+        self.clients.pop(c.cid, None)
+        if c.kind != "driver":
+            return
+        for actor in list(self.actors.values()):
+            if actor.job_id == c.job_id and not actor.detached and actor.state != ActorState.DEAD:
+                self.kill_actor(actor, no_restart=True, reason="its driver exited")
+        for task in list(self.tasks.values()):
+            if task.spec[P.S_JOB] == c.job_id and task.state in (TaskState.QUEUED, TaskState.WAITING_ARGS):
+                self.finish_cancelled(task)
+        for obj in list(self.objects.values()):
+            if obj.owner == c.cid:
+                obj.released = True
+                self.maybe_free(obj)
+
+    # ---------------------------------------------------------------- objects
+    def on_fn(self, ident, h, frames):
+        self.fns[h[1]] = frames[0]
+
+    def on_put(self, ident, h, frames):
+        _, oid, kind, nested = h[:4]
+        obj = self.objects.get(oid)
+        if obj is None:
+            obj = self.objects[oid] = Obj(oid, ident[:-1])
+        for n in nested:
+            self.escape(n)
+        self.object_ready(obj, kind, frames, push_owner=False)
+
+    def escape(self, oid):
+        obj = self.objects.get(oid)
+        if obj is not None:
+            obj.escaped = True
+
+    def object_ready(self, obj: Obj, kind: int, frames, push_owner: bool = True):
+        obj.state = ObjState.READY
+        obj.kind = kind
+        obj.frames = frames
+        obj.size = sum(len(f) for f in frames)
+        header = None
+        if push_owner and not obj.released:
+            header = P.pack(Msg.OBJ, obj.oid, kind)
+            self.send(obj.owner + b"i", header, frames)
+        if obj.subscribers:
+            header = header or P.pack(Msg.OBJ, obj.oid, kind)
+            for cid in obj.subscribers:
+                self.send(cid + b"i", header, frames)
+            obj.subscribers = []
+        if obj.waiting:
+            waiting, obj.waiting = obj.waiting, []
+            for task in waiting:
+                if task.state != TaskState.WAITING_ARGS:
+                    continue
+                if kind == P.ERROR:
+                    self.fail_task(task, frames)
+                    continue
+                task.pending -= 1
+                if task.pending == 0:
+                    self.task_ready(task)
+        self.maybe_free(obj)
+
+    def maybe_free(self, obj: Obj):
+        if obj.released and obj.pins <= 0 and not obj.escaped and obj.state == ObjState.READY:
+            self.objects.pop(obj.oid, None)
+
+    def on_sub(self, ident, h, frames):
+        cid = ident[:-1]
+        for oid in h[1]:
+            obj = self.objects.get(oid)
+            if obj is None:
+                err = serialize_error(exceptions.ObjectLostError(
+                    oid.hex(), f"Object {oid.hex()} is not known to the cluster: it was freed "
+                               "or never existed."))
+                self.send(cid + b"i", P.pack(Msg.OBJ, oid, P.ERROR), err)
+            elif obj.state == ObjState.READY:
+                self.send(cid + b"i", P.pack(Msg.OBJ, oid, obj.kind), obj.frames)
+            else:
+                obj.subscribers.append(cid)
+
+    def on_release(self, ident, h, frames):
+        cid = ident[:-1]
+        objects = self.objects
+        for oid in h[1]:
+            obj = objects.get(oid)
+            if obj is not None and obj.owner == cid:
+                obj.released = True
+                if obj.pins <= 0 and not obj.escaped and obj.state == ObjState.READY:
+                    del objects[oid]
+
+    # ------------------------------------------------------------------ tasks
+    def on_submit(self, ident, h, frames):
+        spec = h[1]
+        task_id = spec[P.S_TASK_ID]
+        kind = spec[P.S_KIND]
+        opts = spec[P.S_OPTIONS]
+        nret = spec[P.S_NUM_RETURNS]
+        owner = spec[P.S_OWNER]
+        resources = spec[P.S_RESOURCES]
+        hold = opts.get("hold", resources) if kind == P.ACTOR_CREATE else resources
+        returns = [_oid(task_id, i) for i in range(1, nret + 1)] if nret > 0 else []
+        task = Task(task_id, kind, spec, frames, resources, hold,
+                    (tuple(sorted(resources.items())), _strategy_key(opts)), returns,
+                    retries_left=opts.get("max_retries", 0))
+        self.tasks[task_id] = task
+        for oid in returns:
+            self.objects[oid] = Obj(oid, owner)
+        parent = spec[P.S_PARENT]
+        if parent:
+            self.children.setdefault(parent, []).append(task_id)
+        for oid in spec[P.S_NESTED]:
+            self.escape(oid)
+        if kind == P.ACTOR_CREATE:
+            self.register_actor(task, opts)
+        elif kind == P.ACTOR_CALL:
+            actor = self.actors.get(spec[P.S_ACTOR_ID])
+            if actor is None or actor.state == ActorState.DEAD:
+                msg = actor.death if actor is not None else "The actor is not known to the cluster."
+                self.fail_task(task, serialize_error(exceptions.ActorDiedError(msg, spec[P.S_ACTOR_ID].hex())))
+                return
+            task.actor = actor
+            task.retries_left = actor.max_task_retries
+        for _, oid in spec[P.S_DEPS]:
+            obj = self.objects.get(oid)
+            if obj is None:
+                self.fail_task(task, serialize_error(exceptions.ObjectLostError(
+                    oid.hex(), f"Argument object {oid.hex()} was freed or never existed.")))
+                return
+            obj.pins += 1
+            task.deps.append(oid)
+            if obj.state == ObjState.READY:
+                if obj.kind == P.ERROR:
+                    self.fail_task(task, obj.frames)
+                    return
+            else:
+                obj.waiting.append(task)
+                task.pending += 1
+        if kind == P.ACTOR_CALL:
+            task.state = TaskState.QUEUED if task.pending == 0 else TaskState.WAITING_ARGS
+            task.actor.queue.append(task)
+            self.pump_actor(task.actor)
+        elif task.pending == 0:
+            self.task_ready(task)
+
+    def task_ready(self, task: Task):
+        task.state = TaskState.QUEUED
+        if task.kind == P.ACTOR_CALL:
+            self.pump_actor(task.actor)
+            return
+        q = self.queues.get(task.shape)
+        if q is None:
+            q = self.queues[task.shape] = deque()
+        q.append(task)
+        self.dirty = True
+
+    def schedule(self):
+        for shape in list(self.queues):
+            q = self.queues[shape]
+            while q:
+                task = q[0]
+                if task.state != TaskState.QUEUED:
+                    q.popleft()
+                    continue
+                node, ex = self.place(task)
+                if ex is None:
+                    if node is not None:
+                        self.request_spawn(node)
+                    break
+                q.popleft()
+                self.run_task(task, node, ex)
+            if not q:
+                del self.queues[shape]
+
+    def fits(self, node: Node, need: dict) -> bool:
+        avail = node.avail
+        for r, u in need.items():
+            if avail.get(r, 0) < u:
+                return False
+        g = need.get("GPU")
+        if g:
+            return self.gpu_alloc(node, g, dry=True) is not None
+        return True
+
+    def feasible(self, node: Node, need: dict) -> bool:
+        total = node.total
+        return all(total.get(r, 0) >= u for r, u in need.items())
+
+    def place(self, task: Task):
+        """(node, executor) to run ``task`` now; (node, None) if a node fits but
+        has no idle executor; (None, None) if no node fits right now."""
+        need = task.resources
+        opts = task.spec[P.S_OPTIONS]
+        strategy = opts.get("strategy")
+        nodes = [n for n in self.nodes.values() if n.alive]
+        if strategy is not None and strategy != "DEFAULT":
+            if strategy == "SPREAD":
+                nodes.sort(key=lambda n: n.running)
+            elif isinstance(strategy, dict) and strategy.get("type") == "node_affinity":
+                target = self.nodes.get(bytes.fromhex(strategy["node_id"]))
+                if target is not None and target.alive:
+                    if self.fits(target, need) or not strategy.get("soft"):
+                        nodes = [target]
+                elif not strategy.get("soft"):
+                    self.fail_task(task, serialize_error(exceptions.TaskUnschedulableError(
+                        f"node {strategy['node_id']} of a hard NodeAffinitySchedulingStrategy "
+                        "is not alive")))
+                    return None, None
+        elif len(nodes) > 1:
+            nodes.sort(key=lambda n: self.score(n, need))
+        spawn_node = None
+        any_feasible = False
+        for node in nodes:
+            if not self.fits(node, need):
+                if not any_feasible and self.feasible(node, need):
+                    any_feasible = True
+                continue
+            any_feasible = True
+            if node.idle:
+                return node, node.idle.pop()
+            if spawn_node is None:
+                spawn_node = node
+        if not any_feasible and task.task_id not in self.infeasible_warned:
+            self.infeasible_warned.add(task.task_id)
+            log.warning("task %s needs %s: no node has that; it waits for one to join",
+                        task.spec[P.S_NAME], P.from_units(need))
+        return spawn_node, None
+
+    @staticmethod
+    def score(node: Node, need: dict) -> float:
+        # Ray's hybrid policy: pack while a node is under half used, then spread.
+        util = 0.0
+        for r in need or {"CPU": 1}:
+            tot = node.total.get(r, 0)
+            if tot:
+                util = max(util, 1 - node.avail.get(r, 0) / tot)
+        return (0.0 if util < 0.5 else util) + random.random() * 1e-3
+
+    def request_spawn(self, node: Node):
+        if node.spawning < 2:
+            node.spawning += 1
+            self.send(node.ident, P.pack(Msg.SPAWN, 1))
+
+    def gpu_alloc(self, node: Node, units: int, dry=False):
+        gpus = node.gpus
+        if units >= P.UNIT:
+            whole = units // P.UNIT
+            free = [i for i, (_, f) in enumerate(gpus) if f == P.UNIT]
+            if len(free) < whole:
+                return None
+            alloc = [(i, P.UNIT) for i in free[:whole]]
+        else:
+            for i, (_, f) in enumerate(gpus):
+                if f >= units:
+                    alloc = [(i, units)]
+                    break
+            else:
+                return None
+        if not dry:
+            for i, u in alloc:
+                gpus[i][1] -= u
+        return alloc
+
+    def acquire(self, task: Task, node: Node):
+        avail = node.avail
+        for r, u in task.hold.items():
+            avail[r] = avail.get(r, 0) - u
+        g = task.hold.get("GPU")
+        if g:
+            task.gpu_alloc = self.gpu_alloc(node, g) or []
+        task.node = node
+        node.running += 1
+
+    def release(self, task: Task):
+        node = task.node
+        if node is None:
+            return
+        task.node = None
+        avail = node.avail
+        hold = dict(task.hold)
+        if task.blocked:
+            hold.pop("CPU", None)
+            task.blocked = False
+        for r, u in hold.items():
+            avail[r] = avail.get(r, 0) + u
+        for i, u in task.gpu_alloc:
+            if i < len(node.gpus):
+                node.gpus[i][1] += u
+        task.gpu_alloc = []
+        node.running -= 1
+        self.dirty = True
+
+    def exec_header(self, task: Task, ex: Executor) -> tuple:
+        fid = task.spec[P.S_FID]
+        frames = []
+        has_fn = False
+        if task.kind != P.ACTOR_CALL and fid not in ex.fns:
+            blob = self.fns.get(fid)
+            if blob is None:
+                raise KeyError(f"function {fid.hex()} was never registered")
+            frames.append(blob)
+            ex.fns.add(fid)
+            has_fn = True
+        frames.extend(task.frames)
+        layout = []
+        for oid in task.deps:
+            obj = self.objects[oid]
+            frames.extend(obj.frames)
+            layout.append(len(obj.frames))
+        gpu_ids = [task.node.gpus[i][0] for i, _ in task.gpu_alloc] if task.node else []
+        header = P.pack(Msg.EXEC, task.spec, has_fn, len(task.frames), layout, gpu_ids)
+        return header, frames
+
+    def run_task(self, task: Task, node: Node, ex: Executor):
+        self.acquire(task, node)
+        task.state = TaskState.RUNNING
+        task.executor = ex
+        if task.kind == P.ACTOR_CREATE:
+            ex.state = ExecState.ACTOR
+            actor = self.actors[task.spec[P.S_ACTOR_ID]]
+            ex.actor = actor
+            actor.executor = ex
+        else:
+            ex.state = ExecState.BUSY
+        ex.task = task
+        try:
+            header, frames = self.exec_header(task, ex)
+        except KeyError as e:
+            self.release(task)
+            ex.state = ExecState.IDLE
+            ex.task = None
+            node.idle.append(ex)
+            self.fail_task(task, serialize_error(exceptions.RaySystemError(str(e))))
+            return
+        if not self.send(ex.cid + b"i", header, frames):
+            self.executor_dead(ex, -1, reason="executor unreachable")
+
+    def on_done(self, ident, h, frames):
+        _, task_id, layout, nested, retryable = h[:5]
+        task = self.tasks.get(task_id)
+        ex = self.executors.get(ident[:-1])
+        if task is None or task.state != TaskState.RUNNING:
+            if ex is not None and ex.task is not None and ex.task.task_id == task_id:
+                self.executor_free(ex)
+            return
+        for oid in nested:
+            self.escape(oid)
+        if task.kind == P.ACTOR_CALL:
+            task.actor.inflight.pop(task_id, None)
+        elif task.kind == P.TASK:
+            self.release(task)
+            if ex is not None:
+                self.executor_free(ex)
+            if retryable and task.retries_left != 0 and not task.cancel_requested:
+                task.retries_left -= 1
+                log.info("retrying %s after an application error", task.spec[P.S_NAME])
+                self.requeue(task)
+                return
+        if task.kind == P.ACTOR_CREATE:
+            self.actor_created(task, layout[0][0] if layout else P.VALUE, frames)
+            return
+        if task.spec[P.S_NUM_RETURNS] == P.STREAMING:
+            self.finish_stream(task, frames if layout and layout[0][0] == P.ERROR else None)
+            return
+        pos = 0
+        for oid, (kind, n) in zip(task.returns, layout):
+            obj = self.objects.get(oid)
+            part = frames[pos:pos + n]
+            pos += n
+            if obj is not None:
+                self.object_ready(obj, kind, part)
+        self.task_finished(task, TaskState.FINISHED)
+
+    def executor_free(self, ex: Executor):
+        ex.task = None
+        if ex.state == ExecState.BUSY:
+            ex.state = ExecState.IDLE
+            ex.node.idle.append(ex)
+            self.dirty = True
+
+    def requeue(self, task: Task):
+        task.executor = None
+        task.state = TaskState.QUEUED
+        q = self.queues.get(task.shape)
+        if q is None:
+            q = self.queues[task.shape] = deque()
+        q.appendleft(task)
+        self.dirty = True
+
+    def task_finished(self, task: Task, state: TaskState):
+        task.state = state
+        self.tasks.pop(task.task_id, None)
+        self.children.pop(task.task_id, None)
+        objects = self.objects
+        for oid in task.deps:
+            obj = objects.get(oid)
+            if obj is not None:
+                obj.pins -= 1
+                self.maybe_free(obj)
+        task.deps = []
+        task.frames = []
+
+    def fail_task(self, task: Task, err_frames, state=TaskState.FAILED):
+        if task.node is not None:
+            self.release(task)
+        if task.actor is not None:
+            task.actor.inflight.pop(task.task_id, None)
+        if task.spec[P.S_NUM_RETURNS] == P.STREAMING:
+            self.finish_stream(task, err_frames, state)
+            return
+        for oid in task.returns:
+            obj = self.objects.get(oid)
+            if obj is not None and obj.state == ObjState.PENDING:
+                self.object_ready(obj, P.ERROR, err_frames)
+        if task.kind == P.ACTOR_CREATE:
+            actor = self.actors.get(task.spec[P.S_ACTOR_ID])
+            if actor is not None and actor.state != ActorState.DEAD:
+                self.actor_dead(actor, "the actor could not be created: " + _err_text(err_frames))
+        self.task_finished(task, state)
+
+    def finish_cancelled(self, task: Task):
+        self.fail_task(task, serialize_error(exceptions.TaskCancelledError(
+            task.task_id.hex(), f"Task {task.spec[P.S_NAME]} ({task.task_id.hex()}) was cancelled")),
+            TaskState.CANCELLED)
+
+    # --------------------------------------------------------------- streams
+    def on_yield(self, ident, h, frames):
+        _, task_id, index, kind = h[:4]
+        task = self.tasks.get(task_id)
+        if task is None:
+            return
+        oid = _oid(task_id, index)
+        obj = self.objects[oid] = Obj(oid, task.spec[P.S_OWNER])
+        task.streamed = max(task.streamed, index)
+        self.object_ready(obj, kind, frames)
+
+    def finish_stream(self, task: Task, err_frames=None, state=TaskState.FINISHED):
+        if err_frames is not None:
+            task.streamed += 1
+            oid = _oid(task.task_id, task.streamed)
+            obj = self.objects[oid] = Obj(oid, task.spec[P.S_OWNER])
+            self.object_ready(obj, P.ERROR, err_frames)
+        self.send(task.spec[P.S_OWNER] + b"i", P.pack(Msg.STREAM_END, task.task_id, task.streamed))
+        self.task_finished(task, state)
+
+    # ---------------------------------------------------------------- cancel
+    def on_cancel(self, ident, h, frames):
+        _, oid, force, recursive = h[:4]
+        self.cancel_task(oid[:12], force, recursive)
+
+    def cancel_task(self, task_id: bytes, force: bool, recursive: bool):
+        task = self.tasks.get(task_id)
+        if task is None:
+            return
+        if recursive:
+            for child in list(self.children.get(task_id, ())):
+                self.cancel_task(child, force, recursive)
+        if task.state in (TaskState.WAITING_ARGS, TaskState.QUEUED):
+            if task.actor is not None:
+                try:
+                    task.actor.queue.remove(task)
+                except ValueError:
+                    pass
+            self.finish_cancelled(task)
+        elif task.state == TaskState.RUNNING and task.executor is not None:
+            task.cancel_requested = True
+            ex = task.executor
+            if force and task.kind == P.TASK:
+                task.force_cancel = True
+                self.send(ex.node.ident, P.pack(Msg.KILL_EXEC, ex.cid))
+            else:
+                self.send(ex.cid + b"i", P.pack(Msg.CANCEL, task_id, bool(force)))
+
+    def on_block(self, ident, h, frames):
+        task = self.tasks.get(h[1])
+        if task is not None and task.node is not None and not task.blocked:
+            cpu = task.hold.get("CPU", 0)
+            if cpu:
+                task.node.avail["CPU"] = task.node.avail.get("CPU", 0) + cpu
+                self.dirty = True
+            task.blocked = True
+
+    def on_unblock(self, ident, h, frames):
+        task = self.tasks.get(h[1])
+        if task is not None and task.node is not None and task.blocked:
+            cpu = task.hold.get("CPU", 0)
+            if cpu:
+                task.node.avail["CPU"] = task.node.avail.get("CPU", 0) - cpu
+            task.blocked = False
+
+    # ------------------------------------------------------------ executors
+    def on_exec_died(self, ident, h, frames):
+        _, cid, code = h[:3]
+        node = self.nodes.get(ident[1:])
+        ex = self.executors.get(cid)
+        if ex is None:
+            if node is not None:
+                node.spawning = max(0, node.spawning - 1)
+            self.dirty = True
+            return
+        self.executor_dead(ex, code)
+
+    def executor_dead(self, ex: Executor, code: int, reason: str = ""):
+        if ex.state == ExecState.DEAD:
+            return
+        prev = ex.state
+        ex.state = ExecState.DEAD
+        self.executors.pop(ex.cid, None)
+        self.clients.pop(ex.cid, None)
+        node = ex.node
+        node.executors.pop(ex.cid, None)
+        if ex in node.idle:
+            node.idle.remove(ex)
+        if prev == ExecState.STARTING:
+            node.spawning = max(0, node.spawning - 1)
+        why = reason or f"the executor process (pid {ex.pid}) died with exit code {code}"
+        task = ex.task
+        ex.task = None
+        if ex.actor is not None:
+            actor = ex.actor
+            ex.actor = None
+            if task is not None and task.kind == P.ACTOR_CREATE and task.state == TaskState.RUNNING:
+                self.release(task)
+            self.actor_process_died(actor, code, why)
+        elif task is not None and task.state == TaskState.RUNNING:
+            self.release(task)
+            if task.cancel_requested:
+                self.finish_cancelled(task)
+            elif task.retries_left != 0:
+                task.retries_left -= 1
+                log.warning("%s: %s; retrying the task", task.spec[P.S_NAME], why)
+                self.requeue(task)
+            else:
+                self.fail_task(task, serialize_error(exceptions.WorkerCrashedError(
+                    f"Task {task.spec[P.S_NAME]} failed: {why}. No retries left "
+                    f"(max_retries={task.spec[P.S_OPTIONS].get('max_retries', 0)}).")))
+        self.dirty = True
+
+    # ----------------------------------------------------------------- actors
+    def register_actor(self, task: Task, opts: dict):
+        spec = task.spec
+        actor_id = spec[P.S_ACTOR_ID]
+        actor = Actor(actor_id, task, spec[P.S_OWNER], spec[P.S_JOB],
+                      name=opts.get("name") or "", namespace=opts.get("namespace") or "",
+                      detached=opts.get("lifetime") == "detached",
+                      max_restarts=opts.get("max_restarts", 0),
+                      max_task_retries=opts.get("max_task_retries", 0),
+                      handle_meta=opts.get("handle_meta", b""), class_name=spec[P.S_NAME])
+        task.retries_left = 0
+        self.actors[actor_id] = actor
+        if actor.name:
+            self.named[(actor.namespace, actor.name)] = actor_id
+
+    def actor_created(self, task: Task, kind: int, frames):
+        actor = self.actors.get(task.spec[P.S_ACTOR_ID])
+        self.tasks.pop(task.task_id, None)
+        task.state = TaskState.FINISHED
+        if actor is None:
+            return
+        if kind == P.ERROR:
+            actor.no_restart = True
+            self.actor_dead(actor, "The actor's constructor raised:\n" + _err_text(frames))
+            if actor.executor is not None:
+                self.send(actor.executor.node.ident, P.pack(Msg.KILL_EXEC, actor.executor.cid))
+            return
+        actor.state = ActorState.ALIVE
+        for oid in task.returns:
+            obj = self.objects.get(oid)
+            if obj is not None:
+                self.object_ready(obj, P.VALUE, frames)
+        self.pump_actor(actor)
+
+    def pump_actor(self, actor: Actor):
+        if actor.state != ActorState.ALIVE:
+            return
+        ex = actor.executor
+        q = actor.queue
+        while q:
+            task = q[0]
+            if task.state == TaskState.WAITING_ARGS:
+                break
+            q.popleft()
+            if task.state != TaskState.QUEUED:
+                continue
+            task.state = TaskState.RUNNING
+            task.executor = ex
+            actor.inflight[task.task_id] = task
+            header, frames = self.exec_header(task, ex)
+            self.send(ex.cid + b"i", header, frames)
+
+    def actor_process_died(self, actor: Actor, code: int, why: str):
+        if actor.state == ActorState.DEAD:
+            return
+        actor.executor = None
+        intentional = code == ACTOR_EXIT_CODE
+        can_restart = (not actor.no_restart and not intentional
+                       and (actor.max_restarts == -1 or actor.restarts < actor.max_restarts))
+        if not can_restart:
+            reason = ("The actor exited intentionally (exit_actor)." if intentional
+                      else actor.death or f"The actor died: {why}.")
+            self.actor_dead(actor, reason)
+            return
+        actor.restarts += 1
+        actor.state = ActorState.RESTARTING
+        log.warning("actor %s died (%s); restarting (%d/%s)", actor.class_name, why,
+                    actor.restarts, actor.max_restarts)
+        retry, fail = [], []
+        for task in actor.inflight.values():
+            if task.retries_left != 0:
+                task.retries_left -= 1
+                retry.append(task)
+            else:
+                fail.append(task)
+        actor.inflight = {}
+        for task in fail:
+            self.fail_task(task, serialize_error(exceptions.ActorDiedError(
+                f"The actor died while running {task.spec[P.S_NAME]}: {why}", actor.actor_id.hex())))
+        for task in reversed(retry):
+            task.state = TaskState.QUEUED
+            task.executor = None
+            actor.queue.appendleft(task)
+        create = actor.create
+        create.state = TaskState.QUEUED
+        create.executor = None
+        self.tasks[create.task_id] = create
+        for oid in create.returns:
+            self.objects.setdefault(oid, Obj(oid, create.spec[P.S_OWNER]))
+        self.task_ready(create)
+
+    def actor_dead(self, actor: Actor, reason: str):
+        actor.state = ActorState.DEAD
+        actor.death = reason
+        err = serialize_error(exceptions.ActorDiedError(reason, actor.actor_id.hex()))
+        calls = list(actor.inflight.values()) + list(actor.queue)
+        actor.inflight = {}
+        actor.queue.clear()
+        for task in calls:
+            if task.state not in (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED):
+                self.fail_task(task, err)
+        create = actor.create
+        if create.state in (TaskState.QUEUED, TaskState.WAITING_ARGS):
+            create.state = TaskState.FAILED
+            self.tasks.pop(create.task_id, None)
+        if create.node is not None:
+            self.release(create)
+        if actor.name and self.named.get((actor.namespace, actor.name)) == actor.actor_id:
+            del self.named[(actor.namespace, actor.name)]
+
+    def kill_actor(self, actor: Actor, no_restart: bool, reason: str = "killed by zray.kill()"):
+        if no_restart:
+            actor.no_restart = True
+            actor.death = f"The actor was {reason}." if not reason.startswith("The") else reason
+        ex = actor.executor
+        if ex is not None and ex.state != ExecState.DEAD:
+            self.send(ex.node.ident, P.pack(Msg.KILL_EXEC, ex.cid))
+        elif no_restart:
+            self.actor_dead(actor, actor.death)
+
+    # ------------------------------------------------------------------- logs
+    def on_log(self, ident, h, frames):
+        _, driver, prefix, text = h[:4]
+        if driver in self.clients:
+            self.send(driver + b"i", P.pack(Msg.LOG, prefix, text))
+
+    # --------------------------------------------------------------- queries
+    def on_req(self, ident, h, frames):
+        _, req_id, op, args = h[:4]
+        try:
+            result = getattr(self, "req_" + op)(ident[:-1], args)
+            ok = True
+        except Exception as e:
+            result, ok = f"{type(e).__name__}: {e}", False
+        self.send(ident[:-1] + b"i", P.pack(Msg.REPLY, req_id, ok, result))
+
+    def req_cluster_resources(self, cid, args):
+        out: dict = {}
+        for n in self.nodes.values():
+            for r, u in n.total.items():
+                out[r] = out.get(r, 0) + u
+        return P.from_units(out)
+
+    def req_available_resources(self, cid, args):
+        out: dict = {}
+        for n in self.nodes.values():
+            for r, u in n.avail.items():
+                if u > 0:
+                    out[r] = out.get(r, 0) + u
+        return P.from_units(out)
+
+    def req_nodes(self, cid, args):
+        return [{
+            "NodeID": n.node_id.hex(), "Alive": n.alive, "NodeManagerHostname": n.hostname,
+            "NodeManagerAddress": n.address or n.hostname, "Resources": P.from_units(n.total),
+            "Available": P.from_units(n.avail), "Labels": n.labels, "Pid": n.pid,
+            "Executors": len(n.executors), "Running": n.running,
+        } for n in self.nodes.values()]
+
+    def req_status(self, cid, args):
+        states: dict = {}
+        for t in self.tasks.values():
+            states[t.state.value] = states.get(t.state.value, 0) + 1
+        return {
+            "address": self.address, "uptime_s": time.time() - self.started,
+            "nodes": self.req_nodes(cid, args), "tasks": states,
+            "actors": sum(1 for a in self.actors.values() if a.state != ActorState.DEAD),
+            "objects": len(self.objects),
+            "object_bytes": sum(o.size for o in self.objects.values()),
+            "clients": sum(1 for c in self.clients.values() if c.kind == "driver"),
+        }
+
+    def req_get_actor(self, cid, args):
+        actor_id = self.named.get((args.get("namespace") or "", args["name"]))
+        if actor_id is None:
+            return None
+        a = self.actors[actor_id]
+        return {"actor_id": a.actor_id, "handle_meta": a.handle_meta}
+
+    def req_kill_actor(self, cid, args):
+        actor = self.actors.get(args["actor_id"])
+        if actor is None:
+            raise ValueError("unknown actor")
+        self.kill_actor(actor, bool(args.get("no_restart", True)))
+        return True
+
+    def req_list_named_actors(self, cid, args):
+        all_ns = args.get("all_namespaces")
+        ns = args.get("namespace") or ""
+        return [{"name": n, "namespace": s} if all_ns else n
+                for (s, n) in self.named if all_ns or s == ns]
+
+    def req_actor_state(self, cid, args):
+        a = self.actors.get(args["actor_id"])
+        return None if a is None else {"state": a.state.value, "restarts": a.restarts, "death": a.death}
+
+
+def _strategy_key(opts: dict):
+    s = opts.get("strategy")
+    if s is None or isinstance(s, str):
+        return s
+    return tuple(sorted(s.items()))
+
+
+def _err_text(frames) -> str:
+    try:
+        from zray._serialization import deserialize
+
+        return str(deserialize(frames))
+    except Exception:
+        return "<unreadable error>"
+
+
+def run(address: str, session_dir: str = "") -> None:
+    broker = Broker(address, session_dir)
+    signal.signal(signal.SIGTERM, broker.stop)
+    signal.signal(signal.SIGINT, broker.stop)
+    broker.serve()

@@ -1,0 +1,150 @@
+"""The broker's records: nodes, executors, tasks, objects and actors, with named states.
+
+Task states::
+
+    WAITING_ARGS --deps ready--> QUEUED --placed--> RUNNING --DONE--> FINISHED
+         |                         |                  |  \\--crash, retries left--> QUEUED
+         +--------- cancel --------+------------------+--> CANCELLED / FAILED
+
+Object states: PENDING (its task has not finished) -> READY (value or error
+stored here) -> FREED (owner released it and nothing pins it).
+
+Actor states: PENDING (creation queued) -> ALIVE -> RESTARTING -> ALIVE ... -> DEAD.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class TaskState(enum.Enum):
+    WAITING_ARGS = "waiting_args"
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ObjState(enum.Enum):
+    PENDING = "pending"
+    READY = "ready"
+
+
+class ActorState(enum.Enum):
+    PENDING = "pending"
+    ALIVE = "alive"
+    RESTARTING = "restarting"
+    DEAD = "dead"
+
+
+class ExecState(enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    ACTOR = "actor"
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class Node:
+    node_id: bytes
+    ident: bytes
+    total: dict
+    avail: dict
+    gpus: list  # [[gpu_id, free_units], ...]
+    hostname: str = ""
+    pid: int = 0
+    labels: dict = field(default_factory=dict)
+    address: str = ""
+    idle: list = field(default_factory=list)  # idle pool executors (a stack: warm first)
+    executors: dict = field(default_factory=dict)  # cid -> Executor
+    spawning: int = 0
+    last_seen: float = 0.0
+    alive: bool = True
+    running: int = 0  # tasks running here, for SPREAD
+
+
+@dataclass(eq=False)
+class Executor:
+    cid: bytes
+    node: Node
+    pid: int = 0
+    state: ExecState = ExecState.STARTING
+    task: Optional["Task"] = None
+    actor: Optional["Actor"] = None
+    fns: set = field(default_factory=set)  # function ids this process has loaded
+
+
+@dataclass(eq=False)
+class Task:
+    task_id: bytes
+    kind: int
+    spec: list
+    frames: list
+    resources: dict  # units needed to place it
+    hold: dict  # units held while it runs (differs for actors)
+    shape: tuple
+    returns: list  # oids
+    state: TaskState = TaskState.WAITING_ARGS
+    pending: int = 0  # dependencies not yet ready
+    retries_left: int = 0
+    executor: Optional[Executor] = None
+    node: Optional[Node] = None
+    gpu_alloc: list = field(default_factory=list)  # [(gpu index in node.gpus, units)]
+    blocked: bool = False
+    cancel_requested: bool = False
+    force_cancel: bool = False
+    streamed: int = 0
+    actor: Optional["Actor"] = None
+    deps: list = field(default_factory=list)  # oids pinned by this task
+
+
+@dataclass(eq=False)
+class Obj:
+    oid: bytes
+    owner: bytes
+    state: ObjState = ObjState.PENDING
+    kind: int = 0
+    frames: list = field(default_factory=list)
+    size: int = 0
+    released: bool = False
+    escaped: bool = False
+    pins: int = 0
+    waiting: list = field(default_factory=list)  # tasks waiting on it
+    subscribers: list = field(default_factory=list)  # cids to push it to
+
+
+@dataclass(eq=False)
+class Actor:
+    actor_id: bytes
+    create: Task
+    owner: bytes
+    job_id: bytes
+    name: str = ""
+    namespace: str = ""
+    detached: bool = False
+    max_restarts: int = 0
+    max_task_retries: int = 0
+    restarts: int = 0
+    no_restart: bool = False
+    state: ActorState = ActorState.PENDING
+    executor: Optional[Executor] = None
+    queue: deque = field(default_factory=deque)  # calls not yet sent
+    inflight: dict = field(default_factory=dict)  # task_id -> Task sent to the executor
+    death: str = ""
+    handle_meta: bytes = b""
+    class_name: str = ""
+
+
+@dataclass(eq=False)
+class ClientInfo:
+    cid: bytes
+    kind: str
+    node_id: bytes
+    pid: int
+    job_id: bytes
+    last_seen: float = 0.0

@@ -1,0 +1,449 @@
+"""An executor process: runs tasks one at a time, or hosts one actor.
+
+::
+
+    broker --EXEC--> inbox (I/O thread) --queue--> main thread: load fn, args
+                                                  run user code
+    broker <--DONE/YIELD-- out socket <----------- results, errors
+    broker --CANCEL--> I/O thread --SIGUSR1--> main thread raises TaskCancelledError
+
+A task runs on the main thread so that a cancel can interrupt it anywhere,
+including ``time.sleep`` and blocking I/O: the I/O thread sends SIGUSR1 to the
+main thread and the handler raises ``TaskCancelledError`` there.
+
+An actor lives in its executor for its whole life. Sync actors run calls on
+the main thread in arrival order; threaded actors (max_concurrency > 1) on a
+thread pool; async actors on an event loop thread, up to max_concurrency
+coroutines at once, where a cancel is ``task.cancel()``.
+
+What user code prints is sent to the driver at the root of the call, prefixed
+``(name pid=N)``; it is also written to this executor's log file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import concurrent.futures
+
+import cloudpickle
+
+from zray import _protocol as P
+from zray import _runtime, exceptions
+from zray._client import Client
+from zray._procutil import die_with_parent, setup_logging
+from zray._protocol import Msg
+from zray._serialization import deserialize, serialize, task_error
+
+log = logging.getLogger("zray.executor")
+
+ACTOR_EXIT_CODE = 13
+
+
+class ActorExit(BaseException):
+    """Raised by zray.actor.exit_actor() inside an actor."""
+
+
+class _TaskStream:
+    """sys.stdout/err replacement: lines go to the driver and to the log file."""
+
+    def __init__(self, executor: "Executor", raw, is_err: bool):
+        self.executor = executor
+        self.raw = raw
+        self.is_err = is_err
+        self.buf = []
+        self.lock = threading.Lock()
+
+    def write(self, s):
+        if not s:
+            return 0
+        try:
+            self.raw.write(s)
+        except Exception:
+            pass
+        with self.lock:
+            self.buf.append(s)
+            if "\n" not in s:
+                return len(s)
+            text = "".join(self.buf)
+            cut = text.rfind("\n") + 1
+            self.buf = [text[cut:]] if cut < len(text) else []
+        self.executor.forward_log(text[:cut], self.is_err)
+        return len(s)
+
+    def flush(self):
+        with self.lock:
+            text = "".join(self.buf)
+            self.buf = []
+        if text:
+            self.executor.forward_log(text, self.is_err)
+        try:
+            self.raw.flush()
+        except Exception:
+            pass
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return self.raw.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.raw, "encoding", "utf-8")
+
+
+class Executor:
+    def __init__(self):
+        env = os.environ
+        self.cid = bytes.fromhex(env["ZRAY_EXEC_ID"])
+        self.node_id = bytes.fromhex(env["ZRAY_NODE_ID"])
+        self.pid = os.getpid()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.fns: dict = {}
+        self.main_thread = threading.main_thread().ident
+        self.running_task = b""
+        self.cancelled: set = set()
+        self.driver = b""
+        self.log_prefix = ""
+        self.base_env = dict(os.environ)
+        self.actor = None
+        self.actor_mode = ""  # "", "sync", "threaded", "async"
+        self.loop = None
+        self.pool = None
+        self.async_tasks: dict = {}
+        self.async_sem = None
+        signal.signal(signal.SIGUSR1, self._on_sigusr1)
+        self.client = Client(env["ZRAY_ADDRESS"], kind="executor", node_id=self.node_id,
+                             cid=self.cid, on_exec=self._on_exec, on_cancel=self._on_cancel)
+        _runtime.client = self.client
+        _runtime.worker_mode = True
+        self.stdout = _TaskStream(self, sys.stdout, False)
+        self.stderr = _TaskStream(self, sys.stderr, True)
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+
+    # ------------------------------------------------------------ I/O thread
+    def _on_exec(self, header, frames):
+        self.queue.put((header, frames))
+
+    def _on_cancel(self, task_id: bytes, force: bool):
+        self.cancelled.add(task_id)
+        fut = self.async_tasks.get(task_id)
+        if fut is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(fut.cancel)
+            return
+        if self.running_task == task_id and self.actor_mode == "":
+            signal.pthread_kill(self.main_thread, signal.SIGUSR1)
+
+    def _on_sigusr1(self, signum, frame):
+        tid = self.running_task
+        if tid and tid in self.cancelled:
+            raise exceptions.TaskCancelledError(tid.hex())
+
+    # ----------------------------------------------------------------- logs
+    def forward_log(self, text: str, is_err: bool):
+        driver = self.driver
+        if driver and text.strip("\n"):
+            prefix = self.log_prefix + ("!" if is_err else "")
+            try:
+                self.client.send(P.pack(Msg.LOG, driver, prefix, text))
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------- main loop
+    def serve(self):
+        self.client.send(P.pack(Msg.READY))
+        while True:
+            header, frames = self.queue.get()
+            mtype = header[0]
+            if mtype != Msg.EXEC:
+                break
+            try:
+                self.handle(header, frames)
+            except ActorExit:
+                self.stdout.flush()
+                self.stderr.flush()
+                self.client.close()
+                os._exit(ACTOR_EXIT_CODE)
+            except Exception:
+                log.exception("executor failure")
+        self.client.close()
+
+    def handle(self, header, frames):
+        _, spec, has_fn, n_args, layout, gpu_ids = header[:6]
+        kind = spec[P.S_KIND]
+        pos = 0
+        if has_fn:
+            self.fns[spec[P.S_FID]] = frames[0]
+            pos = 1
+        task_id = spec[P.S_TASK_ID]
+        if task_id in self.cancelled:
+            self.finish_error(spec, exceptions.TaskCancelledError(task_id.hex()))
+            return
+        try:
+            args, kwargs = self.load_args(spec, frames, pos, n_args, layout)
+        except BaseException as e:  # noqa: B036 - reported to the caller
+            self.finish_error(spec, e)
+            return
+        if kind == P.ACTOR_CALL and self.actor_mode in ("threaded", "async"):
+            self.dispatch_concurrent(spec, args, kwargs)
+            return
+        self.prepare(spec, gpu_ids)
+        try:
+            if kind == P.ACTOR_CREATE:
+                self.create_actor(spec, args, kwargs)
+                return
+            if kind == P.ACTOR_CALL:
+                fn = getattr(self.actor, spec[P.S_FID])
+            else:
+                fn = self.load_fn(spec[P.S_FID])
+            self.running_task = task_id
+            try:
+                result = fn(*args, **kwargs)
+                if spec[P.S_NUM_RETURNS] == P.STREAMING:
+                    self.stream(spec, result)
+                    return
+                outs = self.split_returns(spec, result)
+            finally:
+                self.running_task = b""
+        except ActorExit:
+            self.finish_values(spec, [None] * max(spec[P.S_NUM_RETURNS], 0))
+            raise
+        except BaseException as e:  # noqa: B036 - user code may raise anything
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) and kind != P.TASK:
+                pass
+            self.finish_error(spec, e)
+            return
+        finally:
+            self.restore()
+        if task_id in self.cancelled:
+            self.finish_error(spec, exceptions.TaskCancelledError(task_id.hex()))
+            return
+        self.finish_values(spec, outs)
+
+    def load_fn(self, fid):
+        fn = self.fns[fid]
+        if isinstance(fn, (bytes, memoryview)) or hasattr(fn, "buffer"):
+            fn = cloudpickle.loads(fn.buffer if hasattr(fn, "buffer") else fn)
+            self.fns[fid] = fn
+        return fn
+
+    def load_args(self, spec, frames, pos, n_args, layout):
+        if n_args:
+            args, kwargs = deserialize(frames[pos:pos + n_args])
+            args = list(args)
+        else:
+            args, kwargs = [], {}
+        pos += n_args
+        for (index, _), n in zip(spec[P.S_DEPS], layout):
+            value = deserialize(frames[pos:pos + n])
+            pos += n
+            if isinstance(index, int):
+                args[index] = value
+            else:
+                kwargs[index] = value
+        return args, kwargs
+
+    def prepare(self, spec, gpu_ids):
+        client = self.client
+        client.current_task_id = spec[P.S_TASK_ID]
+        client.current_task_name = spec[P.S_NAME]
+        client.job_id = spec[P.S_JOB]
+        client.driver_cid = spec[P.S_DRIVER]
+        self.driver = spec[P.S_DRIVER]
+        if spec[P.S_KIND] == P.TASK:
+            self.log_prefix = f"({spec[P.S_NAME]} pid={self.pid})"
+        opts = spec[P.S_OPTIONS]
+        env_vars = opts.get("env_vars")
+        if env_vars:
+            os.environ.update(env_vars)
+        if gpu_ids:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        self.gpu_ids = gpu_ids
+
+    def restore(self):
+        self.stdout.flush()
+        self.stderr.flush()
+        if self.actor is not None:
+            return  # an actor keeps its environment for life
+        client = self.client
+        client.current_task_id = b""
+        if os.environ != self.base_env:
+            os.environ.clear()
+            os.environ.update(self.base_env)
+        self.gpu_ids = []
+
+    def split_returns(self, spec, result) -> list:
+        n = spec[P.S_NUM_RETURNS]
+        if n == 1:
+            return [result]
+        if n == 0:
+            return []
+        if inspect.isgenerator(result):
+            result = list(result)
+        if not isinstance(result, (tuple, list)) or len(result) != n:
+            got = len(result) if isinstance(result, (tuple, list)) else type(result).__name__
+            raise ValueError(f"Task {spec[P.S_NAME]} declared num_returns={n} but returned {got}")
+        return list(result)
+
+    def stream(self, spec, gen):
+        task_id = spec[P.S_TASK_ID]
+        i = 0
+        try:
+            for value in gen:
+                i += 1
+                frames, nested = serialize(value)
+                self.client.send(P.pack(Msg.YIELD, task_id, i, P.VALUE, len(frames)), frames)
+        except BaseException as e:  # noqa: B036
+            self.finish_error(spec, e)
+            return
+        self.client.send(P.pack(Msg.DONE, task_id, [], [], False))
+
+    def finish_values(self, spec, values):
+        layout, frames, nested = [], [], []
+        try:
+            for v in values:
+                f, n = serialize(v)
+                layout.append((P.VALUE, len(f)))
+                frames.extend(f)
+                nested.extend(n)
+        except BaseException as e:  # noqa: B036
+            self.finish_error(spec, e)
+            return
+        self.client.send(P.pack(Msg.DONE, spec[P.S_TASK_ID], layout, nested, False), frames)
+
+    def finish_error(self, spec, exc):
+        task_id = spec[P.S_TASK_ID]
+        if task_id in self.cancelled and not isinstance(exc, exceptions.TaskCancelledError):
+            exc = exceptions.TaskCancelledError(task_id.hex())
+        self.cancelled.discard(task_id)
+        frames = task_error(exc, spec[P.S_NAME], self.pid)
+        n = max(spec[P.S_NUM_RETURNS], 1)
+        retryable = False
+        opts = spec[P.S_OPTIONS]
+        rex = opts.get("retry_exceptions")
+        if rex and not isinstance(exc, exceptions.TaskCancelledError):
+            if rex is True:
+                retryable = True
+            else:
+                try:
+                    classes = tuple(cloudpickle.loads(rex))
+                    retryable = isinstance(exc, classes)
+                except Exception:
+                    retryable = False
+        self.client.send(P.pack(Msg.DONE, task_id, [(P.ERROR, len(frames))] * n, [], retryable),
+                         frames * n)
+
+    # ---------------------------------------------------------------- actors
+    def create_actor(self, spec, args, kwargs):
+        cls = self.load_fn(spec[P.S_FID])
+        opts = spec[P.S_OPTIONS]
+        self.log_prefix = f"({getattr(cls, '__name__', 'Actor')} pid={self.pid})"
+        self.client.current_actor_id = spec[P.S_ACTOR_ID]
+        try:
+            self.actor = cls(*args, **kwargs)
+        except ActorExit:
+            raise
+        except BaseException as e:  # noqa: B036
+            self.actor = None
+            self.finish_error(spec, e)
+            return
+        finally:
+            self.stdout.flush()
+            self.stderr.flush()
+        is_async = any(inspect.iscoroutinefunction(m) or inspect.isasyncgenfunction(m)
+                       for _, m in inspect.getmembers(type(self.actor), inspect.isfunction))
+        conc = opts.get("max_concurrency")
+        if is_async:
+            self.actor_mode = "async"
+            self.start_loop(conc or 1000)
+        elif conc and conc > 1:
+            self.actor_mode = "threaded"
+            self.pool = concurrent.futures.ThreadPoolExecutor(conc, thread_name_prefix="zray-actor")
+        else:
+            self.actor_mode = "sync"
+        self.finish_values(spec, [None])
+
+    def start_loop(self, conc: int):
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.async_sem = asyncio.Semaphore(conc)
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, name="zray-actor-loop", daemon=True).start()
+        ready.wait()
+
+    def dispatch_concurrent(self, spec, args, kwargs):
+        method = getattr(self.actor, spec[P.S_FID])
+        if self.actor_mode == "threaded":
+            fut = self.pool.submit(self.call_in_thread, spec, method, args, kwargs)
+            return fut
+        task_id = spec[P.S_TASK_ID]
+
+        async def run():
+            async with self.async_sem:
+                if inspect.iscoroutinefunction(method):
+                    return await method(*args, **kwargs)
+                if inspect.isasyncgenfunction(method):
+                    return [v async for v in method(*args, **kwargs)]
+                return method(*args, **kwargs)
+
+        def start():
+            t = self.loop.create_task(run())
+            self.async_tasks[task_id] = t
+            if task_id in self.cancelled:
+                t.cancel()
+            t.add_done_callback(lambda t: self.async_done(spec, t))
+
+        self.loop.call_soon_threadsafe(start)
+
+    def async_done(self, spec, t):
+        self.async_tasks.pop(spec[P.S_TASK_ID], None)
+        self.stdout.flush()
+        if t.cancelled() or spec[P.S_TASK_ID] in self.cancelled:
+            self.finish_error(spec, exceptions.TaskCancelledError(spec[P.S_TASK_ID].hex()))
+            return
+        exc = t.exception()
+        if exc is not None:
+            self.finish_error(spec, exc)
+            return
+        try:
+            outs = self.split_returns(spec, t.result())
+        except BaseException as e:  # noqa: B036
+            self.finish_error(spec, e)
+            return
+        self.finish_values(spec, outs)
+
+    def call_in_thread(self, spec, method, args, kwargs):
+        try:
+            result = method(*args, **kwargs)
+            outs = self.split_returns(spec, result)
+        except BaseException as e:  # noqa: B036
+            self.finish_error(spec, e)
+            return
+        finally:
+            self.stdout.flush()
+        self.finish_values(spec, outs)
+
+
+def main():
+    die_with_parent(int(os.environ.get("ZRAY_PARENT_PID", "0")) or None)
+    setup_logging("executor", None, stderr=True, level=logging.WARNING)
+    ex = Executor()
+    _runtime.executor = ex
+    ex.serve()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The worker daemon (node agent): one per machine.
+
+::
+
+    broker --SPAWN/KILL_EXEC/SHUTDOWN--> node agent --fork/exec--> executor processes
+    broker <--NODE_HELLO/EXEC_DIED/HEARTBEAT-- node agent <--waitpid-- (exits)
+
+It advertises the node's capacity (CPU, GPU ids, memory, custom resources),
+keeps a warm pool of executor processes (``prestart``, default one per CPU),
+starts more when the broker asks, kills one when the broker says so (force
+cancel, ``zray.kill``) and reports every executor exit with its exit code so
+the broker can retry tasks or restart actors. Executors connect to the broker
+themselves; task traffic never passes through this process.
+
+Executors die with the agent (PR_SET_PDEATHSIG); on SIGTERM the agent
+terminates them and exits. With ``--exit-with-parent`` (the embedded local
+cluster) the agent itself dies with the driver that started it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import zmq
+
+from zray import _protocol as P
+from zray._protocol import Msg
+
+log = logging.getLogger("zray.node")
+
+
+class NodeAgent:
+    def __init__(self, address: str, num_cpus: float, gpu_ids: list, resources: dict,
+                 session_dir: str, node_id: bytes | None = None, prestart: int | None = None,
+                 labels: dict | None = None, memory: int | None = None):
+        self.address = address
+        self.node_id = node_id or os.urandom(8)
+        self.session_dir = session_dir
+        self.log_dir = os.path.join(session_dir, "logs") if session_dir else ""
+        self.procs: dict[bytes, subprocess.Popen] = {}
+        self.running = True
+        res = {"CPU": float(num_cpus)}
+        if gpu_ids:
+            res["GPU"] = float(len(gpu_ids))
+        res["memory"] = float(memory if memory is not None else psutil.virtual_memory().total * 0.7)
+        res.update({k: float(v) for k, v in (resources or {}).items()})
+        res[f"node:{self._ip()}"] = 1.0
+        self.resources = res
+        self.gpu_ids = list(gpu_ids)
+        self.labels = labels or {}
+        self.prestart = int(num_cpus) if prestart is None else prestart
+        self.prestart = max(0, min(self.prestart, 64))
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, b"N" + self.node_id)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.connect(address)
+        self.last_broker = time.monotonic()
+
+    @staticmethod
+    def _ip() -> str:
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+
+    def hello(self):
+        info = {
+            "resources": P.to_units(self.resources),
+            "gpu_ids": self.gpu_ids,
+            "hostname": socket.gethostname(),
+            "address": self._ip(),
+            "pid": os.getpid(),
+            "labels": self.labels,
+            "prestart": self.prestart,
+        }
+        self.sock.send(P.pack(Msg.NODE_HELLO, P.VERSION, self.node_id, info))
+
+    def spawn(self, n: int = 1):
+        for _ in range(n):
+            cid = os.urandom(8)
+            env = dict(os.environ)
+            env.update({
+                "ZRAY_EXEC_ID": cid.hex(),
+                "ZRAY_NODE_ID": self.node_id.hex(),
+                "ZRAY_ADDRESS": self.address,
+                "ZRAY_SESSION_DIR": self.session_dir,
+                "ZRAY_PARENT_PID": str(os.getpid()),
+                "PYTHONUNBUFFERED": "1",
+            })
+            out = subprocess.DEVNULL
+            if self.log_dir:
+                out = open(os.path.join(self.log_dir, f"executor-{cid.hex()}.log"), "ab")
+            try:
+                p = subprocess.Popen([sys.executable, "-m", "workerd.executor"], env=env,
+                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     close_fds=True)
+            finally:
+                if out is not subprocess.DEVNULL:
+                    out.close()
+            self.procs[cid] = p
+
+    def kill(self, cid: bytes):
+        p = self.procs.get(cid)
+        if p is not None and p.poll() is None:
+            try:
+                p.kill()
+            except ProcessLookupError:
+                pass
+
+    def reap(self):
+        for cid, p in list(self.procs.items()):
+            code = p.poll()
+            if code is not None:
+                del self.procs[cid]
+                self.sock.send(P.pack(Msg.EXEC_DIED, cid, code))
+
+    def serve(self):
+        self.hello()
+        self.spawn(self.prestart)
+        last_hb = time.monotonic()
+        log.info("node %s up: %s, %d executors prestarted", self.node_id.hex(),
+                 self.resources, self.prestart)
+        while self.running:
+            if self.sock.poll(200):
+                while True:
+                    try:
+                        msg = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.last_broker = time.monotonic()
+                    try:
+                        h = P.unpack(msg[0])
+                    except Exception:
+                        log.warning("dropping malformed message")
+                        continue
+                    t = h[0]
+                    if t == Msg.SPAWN:
+                        self.spawn(int(h[1]))
+                    elif t == Msg.KILL_EXEC:
+                        self.kill(h[1])
+                    elif t == Msg.SHUTDOWN:
+                        log.info("broker asked this node to shut down")
+                        self.running = False
+            self.reap()
+            now = time.monotonic()
+            if now - last_hb >= P.HEARTBEAT_S:
+                last_hb = now
+                self.sock.send(P.pack(Msg.HEARTBEAT))
+                if now - self.last_broker > 3 * P.NODE_TIMEOUT_S:
+                    # The broker restarted or was gone a long time: introduce ourselves again.
+                    log.warning("no word from the broker for %.0fs: re-registering",
+                                now - self.last_broker)
+                    self.last_broker = now
+                    self.hello()
+        self.shutdown()
+
+    def stop(self, *_):
+        self.running = False
+
+    def shutdown(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 2
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.sock.close(linger=100)
+        self.ctx.term()
+
+
+def run(address, num_cpus, gpu_ids, resources, session_dir, node_id=None, prestart=None,
+        labels=None, memory=None):
+    agent = NodeAgent(address, num_cpus, gpu_ids, resources, session_dir, node_id, prestart,
+                      labels, memory)
+    signal.signal(signal.SIGTERM, agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)
+    agent.serve()

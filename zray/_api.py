@@ -1,0 +1,374 @@
+"""The public driver API: init/shutdown, remote, get/put/wait/cancel, actors, cluster info."""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import logging
+import os
+import time
+from typing import Any, Optional, Sequence
+
+from zray import _procutil, _runtime, exceptions
+from zray import _protocol as P
+from zray._protocol import Msg
+from zray._refs import ObjectRef, ObjectRefGenerator
+
+log = logging.getLogger("zray")
+
+_RAY_INIT_KWARGS = {
+    "include_dashboard", "dashboard_host", "dashboard_port", "logging_level", "logging_format",
+    "log_to_driver", "configure_logging", "local_mode", "_temp_dir", "_system_config",
+    "object_store_memory", "_memory", "labels", "job_config", "storage", "_node_ip_address",
+    "_plasma_directory", "enable_resource_isolation", "runtime_env", "namespace",
+    "ignore_reinit_error", "num_cpus", "num_gpus", "resources", "address", "_redis_password",
+    "_metrics_export_port", "dashboard_agent_listen_port", "logging_config", "_enable_object_reconstruction",
+}
+
+
+class RayContext(dict):
+    """What init() returns: address information, usable as a dict or a context manager."""
+
+    def __init__(self, address: str, session_dir: str, node_id: str):
+        super().__init__(address=address, session_dir=session_dir, node_id=node_id,
+                         dashboard_url=None)
+        self.address_info = dict(self)
+        self.dashboard_url = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        shutdown()
+
+    def disconnect(self):
+        shutdown()
+
+
+def _resolve_address(address: Optional[str]) -> Optional[str]:
+    if address in (None, "", "local"):
+        env = os.environ.get("ZRAY_ADDRESS") if address is None else None
+        return env or None
+    if address == "auto":
+        env = os.environ.get("ZRAY_ADDRESS")
+        if env:
+            return env
+        path = os.path.join(os.environ.get("ZRAY_TMPDIR") or f"/tmp/zray-{os.getuid()}", "address")
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            raise ConnectionError("address='auto' but no running zray cluster was found "
+                                  "(no ZRAY_ADDRESS and no address file from `zray broker`)") from None
+    if address.startswith("ray://"):
+        address = "tcp://" + address[len("ray://"):]
+    if "://" not in address:
+        address = "tcp://" + address
+    return address
+
+
+def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
+         num_gpus: Optional[float] = None, resources: Optional[dict] = None,
+         namespace: Optional[str] = None, runtime_env: Optional[dict] = None,
+         ignore_reinit_error: bool = False, **kwargs) -> RayContext:
+    """Connect to a cluster, or start an embedded local one when no address is given."""
+    unknown = set(kwargs) - _RAY_INIT_KWARGS
+    if unknown:
+        raise TypeError(f"init() got unexpected keyword arguments {sorted(unknown)}")
+    if _runtime.worker_mode:
+        return RayContext(_runtime.client.address, "", "")
+    if _runtime.client is not None:
+        if ignore_reinit_error:
+            return _runtime.context
+        raise RuntimeError("Maybe you called zray.init twice by accident? Call zray.shutdown() "
+                           "first, or pass ignore_reinit_error=True.")
+    if runtime_env:
+        from zray._options import validate
+
+        validate({"runtime_env": runtime_env}, {"runtime_env"}, "init")
+    resolved = _resolve_address(address)
+    cluster = None
+    if resolved is None:
+        from zray._cluster import LocalCluster
+
+        for key, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+            if v is not None and (not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"{key} must be a number >= 0, got {v!r}")
+        cpus = os.cpu_count() or 1 if num_cpus is None else num_cpus
+        if num_gpus is None:
+            gpu_ids = _procutil.detect_gpus()
+        else:
+            detected = _procutil.detect_gpus()
+            gpu_ids = detected[:int(num_gpus)] if len(detected) >= num_gpus else [str(i) for i in range(int(num_gpus))]
+        cluster = LocalCluster(cpus, gpu_ids, resources or {}, labels=kwargs.get("labels"),
+                               memory=kwargs.get("_memory"))
+        resolved = cluster.address
+    else:
+        if num_cpus is not None or num_gpus is not None or resources:
+            raise ValueError("When connecting to an existing cluster, num_cpus, num_gpus and "
+                             "resources must not be given: they are set by `zray worker`.")
+    from zray._client import Client
+
+    try:
+        client = Client(resolved, kind="driver", connect_timeout=30 if cluster else 10)
+    except Exception:
+        if cluster is not None:
+            cluster.stop()
+        raise
+    _runtime.client = client
+    _runtime.cluster = cluster
+    _runtime.namespace = namespace or ("anon-" + client.cid.hex()[:8])
+    _runtime.job_runtime_env = dict(runtime_env or {})
+    ctx = RayContext(resolved, client.info.get("session_dir", ""), "")
+    _runtime.context = ctx
+    if cluster is not None:
+        log.info("Started a local zray instance at %s", resolved)
+    return ctx
+
+
+def is_initialized() -> bool:
+    """True once init() has connected this process to a cluster."""
+    return _runtime.client is not None
+
+
+def shutdown() -> None:
+    """Disconnect; stop the embedded cluster if init() started one."""
+    if _runtime.worker_mode:
+        return
+    client, cluster = _runtime.client, _runtime.cluster
+    _runtime.client = None
+    _runtime.cluster = None
+    if client is not None:
+        try:
+            client.send(P.pack(Msg.EXIT))
+        except Exception:
+            pass
+        client.close()
+    if cluster is not None:
+        cluster.stop()
+
+
+atexit.register(shutdown)
+
+
+def _check_refs(refs, what: str):
+    for r in refs:
+        if not isinstance(r, ObjectRef):
+            raise TypeError(f"{what} expects ObjectRefs, got {type(r).__name__}: {r!r}")
+
+
+def get(object_refs, *, timeout: Optional[float] = None) -> Any:
+    """Block until the value(s) are available and return them (a list for a list)."""
+    client = _runtime.require_client()
+    if isinstance(object_refs, ObjectRef):
+        return client.get_values([object_refs], timeout)[0]
+    if isinstance(object_refs, ObjectRefGenerator):
+        object_refs = list(object_refs)
+    if not isinstance(object_refs, (list, tuple)):
+        raise ValueError(f"'object_refs' must either be an ObjectRef or a list of ObjectRefs, "
+                         f"got {type(object_refs).__name__}")
+    _check_refs(object_refs, "get()")
+    if timeout is not None and timeout < 0:
+        raise ValueError("timeout must be >= 0")
+    return client.get_values(list(object_refs), timeout)
+
+
+def put(value: Any, *, _owner=None) -> ObjectRef:
+    """Store ``value`` in the cluster and return a reference to it."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("Calling 'put' on an ObjectRef is not allowed. If you really want to "
+                        "do this, you can wrap the ObjectRef in a list and call 'put' on it.")
+    client = _runtime.require_client()
+    return client.put(value, ObjectRef)
+
+
+def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
+         timeout: Optional[float] = None, fetch_local: bool = True):
+    """Return (ready, not_ready) once ``num_returns`` refs are ready or ``timeout`` passes."""
+    if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, (list, tuple)):
+        raise TypeError(f"wait() expected a list of ObjectRef, got {type(object_refs).__name__}")
+    _check_refs(object_refs, "wait()")
+    if len(set(r.id for r in object_refs)) != len(object_refs):
+        raise ValueError("Wait requires a list of unique object refs.")
+    if not isinstance(num_returns, int) or num_returns < 0:
+        raise ValueError(f"Invalid number of objects to return {num_returns}.")
+    if num_returns > len(object_refs):
+        raise ValueError("num_returns cannot be greater than the number of objects provided.")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"The 'timeout' argument must be >= 0, got {timeout}")
+    client = _runtime.require_client()
+    refs = list(object_refs)
+    try:
+        client.wait_objects(refs, num_returns, timeout)
+    except exceptions.GetTimeoutError:
+        pass
+    ready, not_ready = [], []
+    for r in refs:
+        if len(ready) < num_returns and client.is_ready(r.id):
+            ready.append(r)
+        else:
+            not_ready.append(r)
+    return ready, not_ready
+
+
+def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that produces ``object_ref`` (see Ray's ray.cancel)."""
+    if isinstance(object_ref, ObjectRefGenerator):
+        object_ref = ObjectRef(object_ref._task_id + b"\1\0\0\0", object_ref._owner)
+    if not isinstance(object_ref, ObjectRef):
+        raise TypeError(f"ray.cancel() only supported for object refs. For actors, try "
+                        f"ray.kill(). Got: {type(object_ref).__name__}.")
+    client = _runtime.require_client()
+    client.send(P.pack(Msg.CANCEL, object_ref.id, bool(force), bool(recursive)))
+
+
+def kill(actor, *, no_restart: bool = True) -> None:
+    """Kill an actor's process; with no_restart=False it may be restarted."""
+    from zray.actor import ActorHandle
+
+    if not isinstance(actor, ActorHandle):
+        raise ValueError(f"ray.kill() only supported for actors. For tasks, try ray.cancel(). "
+                         f"Got: {type(actor).__name__}.")
+    _runtime.require_client().request("kill_actor", {"actor_id": actor._actor_id,
+                                                     "no_restart": no_restart})
+
+
+def get_actor(name: str, namespace: Optional[str] = None):
+    """The handle of the named actor; ValueError if there is none."""
+    from zray.actor import _handle_from_meta
+
+    if not isinstance(name, str) or not name:
+        raise ValueError("Please supply a non-empty value to get_actor")
+    client = _runtime.require_client()
+    ns = namespace if namespace is not None else _runtime.namespace
+    info = client.request("get_actor", {"name": name, "namespace": ns})
+    if info is None:
+        raise ValueError(f"Failed to look up actor with name '{name}'. This could because 1. "
+                         f"You are trying to look up a named actor you didn't create. 2. The "
+                         f"named actor died. 3. You did not use a namespace matching the "
+                         f"namespace of the actor.")
+    return _handle_from_meta(info)
+
+
+def remote(*args, **kwargs):
+    """``@remote`` or ``@remote(**options)`` on a function or a class."""
+    from zray._remote import RemoteFunction
+    from zray.actor import ActorClass
+
+    def make(obj, options):
+        if inspect.isclass(obj):
+            return ActorClass(obj, options)
+        if callable(obj):
+            return RemoteFunction(obj, options)
+        raise TypeError("The @zray.remote decorator must be applied to either a function or a class.")
+
+    if len(args) == 1 and not kwargs and callable(args[0]):
+        return make(args[0], {})
+    if args:
+        raise TypeError("The @zray.remote decorator must be applied either with no arguments "
+                        "and no parentheses, or with keyword arguments only.")
+    from zray import _options
+
+    _options.validate(kwargs, _options.TASK_OPTIONS | _options.ACTOR_OPTIONS, "@remote")
+    return lambda obj: make(obj, kwargs)
+
+
+def cluster_resources() -> dict:
+    """Total resources of all alive nodes."""
+    return _runtime.require_client().request("cluster_resources")
+
+
+def available_resources() -> dict:
+    """Resources not in use right now, summed over alive nodes."""
+    return _runtime.require_client().request("available_resources")
+
+
+def nodes() -> list:
+    """One dict per node, with Ray's keys (NodeID, Alive, Resources, ...)."""
+    return _runtime.require_client().request("nodes")
+
+
+def get_gpu_ids() -> list:
+    """GPU ids assigned to the current task or actor."""
+    ex = _runtime.executor
+    if ex is not None:
+        ids = getattr(ex, "gpu_ids", None) or []
+        return [int(g) if str(g).isdigit() else g for g in ids]
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [int(g) if g.isdigit() else g for g in cvd.split(",")] if cvd else []
+
+
+class RuntimeContext:
+    """What get_runtime_context() returns: ids of the current job, node, task, actor."""
+
+    def _client(self):
+        return _runtime.require_client()
+
+    def get_job_id(self) -> str:
+        return self._client().job_id.hex()
+
+    def get_node_id(self) -> str:
+        c = self._client()
+        return c.node_id.hex() if c.node_id else ""
+
+    def get_task_id(self) -> Optional[str]:
+        t = self._client().current_task_id
+        return t.hex() if t else None
+
+    def get_actor_id(self) -> Optional[str]:
+        a = self._client().current_actor_id
+        return a.hex() if a else None
+
+    def get_worker_id(self) -> str:
+        return self._client().cid.hex()
+
+    def get_assigned_resources(self) -> dict:
+        return {}
+
+    def get_namespace(self) -> str:
+        return _runtime.namespace
+
+    @property
+    def namespace(self) -> str:
+        return _runtime.namespace
+
+    @property
+    def job_id(self):
+        return self.get_job_id()
+
+    @property
+    def node_id(self):
+        return self.get_node_id()
+
+    @property
+    def task_id(self):
+        return self.get_task_id()
+
+    @property
+    def actor_id(self):
+        return self.get_actor_id()
+
+    def get(self) -> dict:
+        return {"job_id": self.get_job_id(), "node_id": self.get_node_id(),
+                "task_id": self.get_task_id(), "actor_id": self.get_actor_id(),
+                "namespace": self.get_namespace()}
+
+    @property
+    def was_current_actor_reconstructed(self) -> bool:
+        return False
+
+    @property
+    def current_actor(self):
+        raise NotImplementedError("current_actor is not supported yet")
+
+
+def get_runtime_context() -> RuntimeContext:
+    """Ids of the current job, node, task and actor."""
+    return RuntimeContext()
+
+
+def timeline(filename=None):
+    raise NotImplementedError("timeline() is not supported by zray")
+
+
+_ = time

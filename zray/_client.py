@@ -1,0 +1,358 @@
+"""The client runtime shared by drivers and executors.
+
+::
+
+    user threads                       I/O thread                   broker
+    ------------                       ----------                   ------
+    .remote() / put() / RELEASE --out DEALER (send-only, lock)-->   ROUTER
+    get() / wait() wait on `cond`  <-- objects / replies ------ inbox DEALER <-- OBJ, REPLY,
+                                                                     LOG, EXEC, CANCEL
+
+* The *out* socket is only ever sent on, by any thread, under ``_send_lock``;
+  submissions, puts and releases therefore reach the broker in program order.
+* The *inbox* belongs to the I/O thread. It stores pushed objects in
+  ``objects`` (oid -> (kind, frames)), stores replies, prints forwarded logs,
+  hands EXEC messages to an executor's main thread and delivers cancellations,
+  then wakes every waiter with one ``notify_all`` per drained batch.
+* Reference counts of the ObjectRefs alive in this process live in
+  ``refcounts``; when one reaches zero the local copy is dropped and the
+  broker is told (batched RELEASE).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Optional
+
+import zmq
+
+from zray import exceptions
+from zray import _protocol as P
+from zray._protocol import Msg
+from zray._serialization import deserialize, load_error, serialize
+
+log = logging.getLogger("zray.client")
+_CANCEL_SIGNALS = {signal.SIGUSR1}
+
+
+class Client:
+    def __init__(
+        self,
+        address: str,
+        kind: str = "driver",
+        node_id: bytes = b"",
+        job_id: bytes = b"",
+        cid: Optional[bytes] = None,
+        on_exec: Optional[Callable] = None,
+        on_cancel: Optional[Callable] = None,
+        connect_timeout: float = 15.0,
+    ):
+        self.address = address
+        self.kind = kind
+        self.cid = cid or os.urandom(8)
+        self.node_id = node_id
+        self.job_id = job_id or self.cid[:4]
+        self.driver_cid = self.cid if kind == "driver" else b""
+        self._ids = itertools.count(1)
+        self._on_exec = on_exec
+        self._on_cancel = on_cancel
+        self._ctx = zmq.Context()
+        self._out = self._socket(self.cid + b"o")
+        self._inbox = self._socket(self.cid + b"i")
+        self._send_lock = threading.Lock()
+        self.cond = threading.Condition(threading.Lock())
+        self._ref_lock = threading.RLock()
+        self.objects: dict = {}
+        self.refcounts: dict = {}
+        self._pending_release: list = []
+        self._subscribed: set = set()
+        self._replies: dict = {}
+        self._streams: dict = {}  # task_id -> final count or None while running
+        self._callbacks: dict = {}  # oid -> [callable]
+        self.current_task_id = b""
+        self.current_task_name = ""
+        self.current_actor_id = b""
+        self.closed = False
+        self.mask_signals = kind == "executor"
+        self.info = self._handshake(connect_timeout)
+        self._io = threading.Thread(target=self._io_loop, name="zray-io", daemon=True)
+        self._io.start()
+
+    # ----------------------------------------------------------------- sockets
+    def _socket(self, identity: bytes):
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, identity)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.setsockopt(zmq.LINGER, 2000)
+        s.connect(self.address)
+        return s
+
+    def _handshake(self, timeout: float) -> dict:
+        self._inbox.send(P.pack(Msg.HELLO, P.VERSION, self.kind, self.node_id, os.getpid(),
+                                self.job_id))
+        if not self._inbox.poll(int(timeout * 1000)):
+            self._ctx.destroy(linger=0)
+            raise ConnectionError(f"no zray broker answered at {self.address} within {timeout:.0f}s")
+        header = P.unpack(self._inbox.recv())
+        if header[0] != Msg.WELCOME:
+            raise ConnectionError(f"unexpected handshake reply {header[0]!r}")
+        return header[1]
+
+    def send(self, header: bytes, frames: list = ()) -> None:
+        """Send one message on the out socket (any thread)."""
+        if self.mask_signals:
+            # An executor's cancel signal must not cut a multipart message in two.
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
+        try:
+            with self._send_lock:
+                if self._pending_release:
+                    self._flush_release_locked()
+                if frames:
+                    self._out.send(header, zmq.SNDMORE)
+                    self._out.send_multipart(frames, copy=False)
+                else:
+                    self._out.send(header)
+        finally:
+            if self.mask_signals:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _flush_release_locked(self):
+        oids, self._pending_release = self._pending_release, []
+        self._out.send(P.pack(Msg.RELEASE, oids))
+
+    # ---------------------------------------------------------------- I/O loop
+    def _io_loop(self):
+        inbox = self._inbox
+        last_hb = time.monotonic()
+        while not self.closed:
+            try:
+                if inbox.poll(500):
+                    batch = []
+                    while True:
+                        try:
+                            batch.append(inbox.recv_multipart(zmq.NOBLOCK, copy=False))
+                        except zmq.Again:
+                            break
+                    self._handle_batch(batch)
+                now = time.monotonic()
+                if self._pending_release:
+                    with self._send_lock:
+                        if self._pending_release:
+                            self._flush_release_locked()
+                if now - last_hb > P.HEARTBEAT_S and self.kind == "driver":
+                    inbox.send(P.pack(Msg.HEARTBEAT))
+                    last_hb = now
+            except zmq.ContextTerminated:
+                return
+            except Exception:  # never let the I/O thread die silently
+                if self.closed:
+                    return
+                log.exception("zray I/O thread error")
+
+    def _handle_batch(self, batch):
+        notify = False
+        for msg in batch:
+            try:
+                header = P.unpack(msg[0].buffer)
+                mtype = header[0]
+            except Exception:
+                log.warning("dropping malformed message from broker")
+                continue
+            if mtype == Msg.OBJ:
+                oid = header[1]
+                if oid in self.refcounts or oid[:12] in self._streams:
+                    self.objects[oid] = (header[2], msg[1:])
+                    cbs = self._callbacks.pop(oid, None)
+                    if cbs:
+                        for cb in cbs:
+                            cb()
+                notify = True
+            elif mtype == Msg.EXEC:
+                self._on_exec(header, msg[1:])
+            elif mtype == Msg.REPLY:
+                self._replies[header[1]] = (header[2], header[3])
+                notify = True
+            elif mtype == Msg.STREAM_END:
+                if header[1] in self._streams:
+                    self._streams[header[1]] = header[2]
+                notify = True
+            elif mtype == Msg.LOG:
+                self._print_log(header[1], header[2])
+            elif mtype == Msg.CANCEL:
+                if self._on_cancel is not None:
+                    self._on_cancel(header[1], header[2])
+            elif mtype in (Msg.EXIT, Msg.SHUTDOWN):
+                if self._on_exec is not None:
+                    self._on_exec(header, [])
+                self.broker_gone = True
+                notify = True
+        if notify:
+            with self.cond:
+                self.cond.notify_all()
+
+    @staticmethod
+    def _print_log(prefix: str, text: str):
+        out = sys.stderr if prefix.endswith("!") else sys.stdout
+        prefix = prefix.rstrip("!")
+        lines = text.splitlines()
+        try:
+            out.write("".join(f"{prefix} {line}\n" for line in lines))
+            out.flush()
+        except Exception:
+            pass
+
+    # ---------------------------------------------------------- ids and refs
+    def next_task_id(self) -> bytes:
+        return self.cid + next(self._ids).to_bytes(4, "little")
+
+    def incref(self, oid: bytes):
+        with self._ref_lock:
+            self.refcounts[oid] = self.refcounts.get(oid, 0) + 1
+
+    def decref(self, oid: bytes):
+        with self._ref_lock:
+            n = self.refcounts.get(oid, 0) - 1
+            if n > 0:
+                self.refcounts[oid] = n
+                return
+            self.refcounts.pop(oid, None)
+            self.objects.pop(oid, None)
+            self._subscribed.discard(oid)
+            if not self.closed:
+                self._pending_release.append(oid)
+
+    # ------------------------------------------------------------ objects
+    def put(self, value, owner_ref_cls) -> object:
+        oid = self.next_task_id() + b"\0\0\0\0"
+        frames, nested = serialize(value, copy_buffers=True)
+        ref = owner_ref_cls(oid, self.cid, self)
+        self.objects[oid] = (P.VALUE, frames)
+        self.send(P.pack(Msg.PUT, oid, P.VALUE, nested), frames)
+        return ref
+
+    def _subscribe(self, refs) -> None:
+        want = [r.id for r in refs
+                if r.id not in self.objects and r.id not in self._subscribed]
+        if want:
+            self._subscribed.update(want)
+            self.send(P.pack(Msg.SUB, want))
+
+    def wait_objects(self, refs, num_ready: int, timeout: Optional[float]) -> None:
+        """Block until ``num_ready`` of ``refs`` are local (GetTimeoutError on timeout)."""
+        objects = self.objects
+        missing = [r for r in refs if r.id not in objects]
+        if len(refs) - len(missing) >= num_ready:
+            return
+        self._subscribe(missing)
+        blocked = self.kind == "executor" and bool(self.current_task_id)
+        if blocked:
+            self.send(P.pack(Msg.BLOCK, self.current_task_id))
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            with self.cond:
+                while True:
+                    missing = [r for r in missing if r.id not in objects]
+                    if len(refs) - len(missing) >= num_ready:
+                        return
+                    if getattr(self, "broker_gone", False):
+                        raise exceptions.RaySystemError("the zray broker shut down")
+                    if deadline is None:
+                        self.cond.wait(1.0)
+                    else:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise exceptions.GetTimeoutError(
+                                f"Get timed out: {len(missing)} of {len(refs)} objects "
+                                f"not ready after {timeout}s")
+                        self.cond.wait(remaining)
+        finally:
+            if blocked:
+                self.send(P.pack(Msg.UNBLOCK, self.current_task_id))
+
+    def get_values(self, refs, timeout: Optional[float]) -> list:
+        self.wait_objects(refs, len(refs), timeout)
+        out = []
+        objects = self.objects
+        for r in refs:
+            kind, frames = objects[r.id]
+            if kind == P.ERROR:
+                raise load_error(frames)
+            out.append(deserialize(frames))
+        return out
+
+    def is_ready(self, oid: bytes) -> bool:
+        return oid in self.objects
+
+    def add_done_callback(self, ref, fut) -> None:
+        def done():
+            try:
+                fut.set_result(self.get_values([ref], 0)[0])
+            except BaseException as e:  # noqa: B036 - the future carries it
+                fut.set_exception(e)
+
+        with self.cond:
+            if ref.id not in self.objects:
+                self._callbacks.setdefault(ref.id, []).append(done)
+                self._subscribe([ref])
+                return
+        done()
+
+    # ----------------------------------------------------------- streams
+    def open_stream(self, task_id: bytes):
+        self._streams.setdefault(task_id, None)
+
+    def close_stream(self, task_id: bytes):
+        self._streams.pop(task_id, None)
+
+    def next_stream_item(self, task_id: bytes, index: int, timeout) -> Optional[bytes]:
+        oid = task_id + index.to_bytes(4, "little")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while True:
+                if oid in self.objects:
+                    return oid
+                end = self._streams.get(task_id)
+                if end is not None and index > end:
+                    return None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise exceptions.GetTimeoutError("stream item not ready")
+                self.cond.wait(1.0)
+
+    # ------------------------------------------------------------ requests
+    def request(self, op: str, args=None, timeout: float = 30.0):
+        req_id = next(self._ids)
+        self.send(P.pack(Msg.REQ, req_id, op, args))
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while req_id not in self._replies:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise exceptions.GetTimeoutError(f"broker did not answer {op!r}")
+                self.cond.wait(remaining)
+            ok, result = self._replies.pop(req_id)
+        if not ok:
+            raise ValueError(result)
+        return result
+
+    # ------------------------------------------------------------ shutdown
+    def close(self):
+        if self.closed:
+            return
+        with self._send_lock:
+            if self._pending_release:
+                try:
+                    self._flush_release_locked()
+                except zmq.ZMQError:
+                    pass
+        self.closed = True
+        self._io.join(timeout=2)
+        self._out.close(linger=500)
+        self._inbox.close(linger=0)
+        self._ctx.term()

@@ -1,0 +1,82 @@
+"""Process helpers: tie a child's life to its parent, find GPUs, session dirs."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(expected_ppid: int | None = None, sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies.
+
+    Closes the race where the parent died before the call by comparing the
+    current parent pid with ``expected_ppid``. A watchdog thread covers
+    platforms without prctl.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except Exception:
+            _watch_parent()
+    else:
+        _watch_parent()
+    if expected_ppid is not None and os.getppid() != expected_ppid:
+        os._exit(1)
+
+
+def _watch_parent():
+    ppid = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != ppid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="zray-parent-watch", daemon=True).start()
+
+
+def detect_gpus() -> list:
+    """GPU ids this machine offers: CUDA_VISIBLE_DEVICES if set, else the NVIDIA driver's list."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return [g.strip() for g in cvd.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        entries = os.listdir("/proc/driver/nvidia/gpus")
+        return [str(i) for i in range(len(entries))]
+    except OSError:
+        return []
+
+
+def new_session_dir() -> str:
+    """A private (0700) directory for this cluster's sockets and logs."""
+    base = os.environ.get("ZRAY_TMPDIR") or os.path.join(tempfile.gettempdir(), f"zray-{os.getuid()}")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    os.chmod(base, 0o700)
+    path = tempfile.mkdtemp(prefix=time.strftime("session_%Y%m%d-%H%M%S_"), dir=base)
+    os.makedirs(os.path.join(path, "logs"), exist_ok=True)
+    return path
+
+
+def setup_logging(name: str, log_dir: str | None, level: int = logging.INFO, stderr: bool = True):
+    handlers: list = []
+    if stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(log_dir, f"{name}.log")))
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {name} %(process)d -- %(message)s")
+    root = logging.getLogger()
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(level)

@@ -1,0 +1,146 @@
+"""The zray wire protocol (ZRP/1): every frame that crosses a socket is built here.
+
+Sockets
+=======
+The broker binds one ROUTER. Everything else connects to it with DEALERs:
+
+* a worker daemon (node agent) holds one DEALER, identity ``N<node_id>``;
+* every *client* (a driver, or an executor process that runs tasks and actors)
+  holds two DEALERs with identities ``<cid>o`` (the *out* socket: send-only,
+  used from any thread under a lock) and ``<cid>i`` (the *inbox*: owned by the
+  client's I/O thread, which receives everything the broker sends that client).
+  Every reply and push from the broker goes to ``<cid>i``; requests and
+  submissions go out on ``<cid>o`` so that they keep their order.
+
+The broker sets ``ROUTER_MANDATORY``: a message to a peer that is gone raises
+instead of vanishing, and the broker treats that peer as dead. High-water marks
+are set to 0 (unbounded) on every socket: zray's flow control is the broker's
+own queues, never a silent drop.
+
+Frames
+======
+A message is ``[header, *payload]``. ``header`` is msgpack of a list whose first
+item is the message type (``Msg``); payload frames are opaque bytes (pickled
+values and their out-of-band buffers) that the broker stores and forwards
+without decoding or copying them.
+
+A stored *object* is ``(kind, frames)``: kind ``VALUE`` or ``ERROR``; frames are
+``[pickle_bytes, *buffers]`` (pickle protocol 5, buffers out of band).
+
+Messages (C = client, B = broker, N = node agent)
+=================================================
+C->B  HELLO      [HELLO, version, kind, node_id, pid, job_id]      on the inbox
+B->C  WELCOME    [WELCOME, info dict]
+C->B  READY      [READY]                                           executor on its out socket: idle
+C->B  FN         [FN, fid] + [blob]                                 register a pickled function/class
+C->B  SUBMIT     [SUBMIT, spec] + arg frames                        a task, actor creation or actor call
+C->B  PUT        [PUT, oid, kind, nested_oids] + object frames
+C->B  SUB        [SUB, oids]                                        push me these objects when ready
+C->B  RELEASE    [RELEASE, oids]                                    my last reference is gone
+C->B  CANCEL     [CANCEL, oid, force, recursive]
+C->B  BLOCK      [BLOCK, task_id] / UNBLOCK [UNBLOCK, task_id]      task waits in get(): lend its CPU
+C->B  DONE       [DONE, task_id, [(kind, nframes)...], nested] + frames   executor finished a task
+C->B  YIELD      [YIELD, task_id, index, kind, nframes] + frames    streaming generator item
+C->B  LOG        [LOG, driver_cid, prefix, text]                    remote stdout/stderr
+C->B  REQ        [REQ, req_id, op, args]                            a query (cluster info, actors...)
+B->C  REPLY      [REPLY, req_id, ok, result]
+B->C  OBJ        [OBJ, oid, kind] + frames                           an object's value
+B->C  EXEC       [EXEC, spec, fn_included] + ([blob] if fn_included) + arg frames + dep frames
+B->C  CANCEL     [CANCEL, task_id, force]                            interrupt a running task
+B->C  STREAM_END [STREAM_END, task_id, count]
+B->C  LOG        [LOG, prefix, text]
+B->C  EXIT       [EXIT]
+N->B  NODE_HELLO [NODE_HELLO, version, node_id, info dict]
+B->N  SPAWN      [SPAWN, count]                                      start more executor processes
+N->B  EXEC_DIED  [EXEC_DIED, cid, exit_code]
+B->N  KILL_EXEC  [KILL_EXEC, cid]
+*<->B HEARTBEAT  [HEARTBEAT]  every HEARTBEAT_S; a node silent for NODE_TIMEOUT_S is dead
+B->*  SHUTDOWN   [SHUTDOWN]
+
+A header that does not decode, or names an unknown type, is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgpack
+
+VERSION = 1
+HEARTBEAT_S = 1.0
+NODE_TIMEOUT_S = 10.0
+
+# Object kinds.
+VALUE = 0
+ERROR = 1
+
+
+class Msg(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    READY = 3
+    FN = 4
+    SUBMIT = 5
+    PUT = 6
+    SUB = 7
+    RELEASE = 8
+    CANCEL = 9
+    BLOCK = 10
+    UNBLOCK = 11
+    DONE = 12
+    YIELD = 13
+    LOG = 14
+    REQ = 15
+    REPLY = 16
+    OBJ = 17
+    EXEC = 18
+    STREAM_END = 19
+    EXIT = 20
+    NODE_HELLO = 21
+    SPAWN = 22
+    EXEC_DIED = 23
+    KILL_EXEC = 24
+    HEARTBEAT = 25
+    SHUTDOWN = 26
+
+
+# Task kinds inside a SUBMIT spec.
+TASK = 0
+ACTOR_CREATE = 1
+ACTOR_CALL = 2
+
+# Indexes into a SUBMIT/EXEC spec list (a list, not a dict: cheaper to pack).
+S_TASK_ID = 0
+S_KIND = 1
+S_FID = 2  # function id (TASK), class id (ACTOR_CREATE), method name (ACTOR_CALL)
+S_NAME = 3  # function name for logs and errors
+S_NUM_RETURNS = 4  # int, or -1 for "streaming"
+S_RESOURCES = 5  # {name: units} in 1/10000ths
+S_DEPS = 6  # [[arg_index, oid], ...] top-level ObjectRef arguments
+S_NESTED = 7  # oids of refs pickled inside the arguments
+S_OPTIONS = 8  # dict: max_retries, retry_exceptions, strategy, env_vars, ...
+S_ACTOR_ID = 9
+S_OWNER = 10  # cid that owns the returns
+S_DRIVER = 11  # cid of the driver at the root of the call tree (for logs)
+S_JOB = 12
+S_PARENT = 13  # task id of the submitting task, or b""
+S_SPEC_LEN = 14
+
+STREAMING = -1
+UNIT = 10000  # resources travel as integers of 1/10000 unit
+
+
+def pack(*fields) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def unpack(buf) -> list:
+    return msgpack.unpackb(buf, raw=False, use_list=True, strict_map_key=False)
+
+
+def to_units(resources: dict) -> dict:
+    return {k: int(round(v * UNIT)) for k, v in resources.items() if v}
+
+
+def from_units(units: dict) -> dict:
+    return {k: v / UNIT for k, v in units.items()}

@@ -1,0 +1,112 @@
+"""ObjectRef and ObjectRefGenerator: handles to values that may not exist yet."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+from zray import _runtime
+from zray._serialization import nested_collector
+
+
+def _rebuild_ref(oid: bytes, owner: bytes) -> "ObjectRef":
+    return ObjectRef(oid, owner)
+
+
+class ObjectRef:
+    """A reference to an object in the cluster (a future of a task's return)."""
+
+    __slots__ = ("id", "owner", "_client", "__weakref__")
+
+    def __init__(self, oid: bytes, owner: bytes = b"", _client=None):
+        self.id = oid
+        self.owner = owner
+        client = _client if _client is not None else _runtime.client
+        self._client = client
+        if client is not None:
+            client.incref(oid)
+
+    def __del__(self):
+        client = self._client
+        if client is not None:
+            try:
+                client.decref(self.id)
+            except Exception:
+                pass
+
+    def __reduce__(self):
+        nested = nested_collector()
+        if nested is not None:
+            nested.append(self.id)
+        return (_rebuild_ref, (self.id, self.owner))
+
+    def __eq__(self, other):
+        return isinstance(other, ObjectRef) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        return f"ObjectRef({self.id.hex()})"
+
+    def hex(self) -> str:
+        return self.id.hex()
+
+    def binary(self) -> bytes:
+        return self.id
+
+    def task_id(self) -> bytes:
+        return self.id[:12]
+
+    def future(self) -> concurrent.futures.Future:
+        """A concurrent.futures.Future that completes with the object's value."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        client = _runtime.require_client()
+        client.add_done_callback(self, fut)
+        return fut
+
+    def __await__(self):
+        return asyncio.wrap_future(self.future()).__await__()
+
+
+class ObjectRefGenerator:
+    """Iterator of refs yielded by a ``num_returns="streaming"`` task, as they come."""
+
+    def __init__(self, task_id: bytes, owner: bytes, client):
+        self._task_id = task_id
+        self._owner = owner
+        self._client = client
+        self._index = 0
+        client.open_stream(task_id)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> ObjectRef:
+        return self._next(timeout=None)
+
+    def _next(self, timeout):
+        self._index += 1
+        oid = self._client.next_stream_item(self._task_id, self._index, timeout)
+        if oid is None:
+            raise StopIteration
+        return ObjectRef(oid, self._owner, self._client)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> ObjectRef:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, self._next, None)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def __del__(self):
+        try:
+            self._client.close_stream(self._task_id)
+        except Exception:
+            pass
+
+    def __repr__(self):
+        return f"ObjectRefGenerator({self._task_id.hex()})"

@@ -1,0 +1,153 @@
+"""Remote functions: ``@zray.remote`` on a function, ``.options()``, ``.remote()``.
+
+A function is pickled once (cloudpickle), named by the hash of its bytes and
+registered with the broker once per connection; each ``.remote()`` then sends
+only a small spec plus its pickled arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from zray import _options, _runtime
+from zray import _protocol as P
+from zray._protocol import Msg
+from zray._refs import ObjectRef, ObjectRefGenerator
+from zray._serialization import _CollectRefs, dumps_function, serialize
+
+
+class _Definition:
+    """A pickled function or class, registered lazily with each client."""
+
+    def __init__(self, obj):
+        self.obj = obj
+        self.blob = None
+        self.fid = b""
+        self.nested: list = []
+        self.client = None
+
+    def ensure(self, client) -> bytes:
+        if self.client is client:
+            return self.fid
+        if self.blob is None:
+            with _CollectRefs() as nested:
+                self.blob = dumps_function(self.obj)
+            self.nested = nested
+            self.fid = hashlib.blake2b(self.blob, digest_size=16).digest()
+        client.send(P.pack(Msg.FN, self.fid, self.nested), [self.blob])
+        self.client = client
+        return self.fid
+
+
+def serialize_args(args: tuple, kwargs: dict):
+    """(frames, deps, nested): top-level ObjectRefs become deps resolved by the broker."""
+    if not args and not kwargs:
+        return [], [], []
+    deps = []
+    if args:
+        args = list(args)
+        for i, a in enumerate(args):
+            if type(a) is ObjectRef:
+                deps.append([i, a.id])
+                args[i] = None
+    if kwargs:
+        kwargs = dict(kwargs)
+        for k, v in kwargs.items():
+            if type(v) is ObjectRef:
+                deps.append([k, v.id])
+                kwargs[k] = None
+    frames, nested = serialize((args, kwargs))
+    return frames, deps, nested
+
+
+def make_spec(client, kind, fid, name, nret, resources, opts, deps, nested, actor_id=b""):
+    task_id = client.next_task_id()
+    spec = [task_id, kind, fid, name, nret, resources, deps, nested, opts, actor_id,
+            client.cid, client.driver_cid or client.cid, client.job_id, client.current_task_id]
+    return task_id, spec
+
+
+def return_refs(client, task_id: bytes, nret):
+    if nret == P.STREAMING:
+        return ObjectRefGenerator(task_id, client.cid, client)
+    cid = client.cid
+    refs = [ObjectRef(task_id + i.to_bytes(4, "little"), cid, client) for i in range(1, nret + 1)]
+    if nret == 1:
+        return refs[0]
+    return refs if nret else None
+
+
+class _Prepared:
+    """Options resolved to their wire form, cached per (function, options)."""
+
+    __slots__ = ("nret", "resources", "opts")
+
+    def __init__(self, options: dict):
+        nr = options.get("num_returns", 1)
+        self.nret = P.STREAMING if nr == "streaming" else nr
+        self.resources = _options.resource_units(options, 1)
+        self.opts = _options.wire_options(options, _runtime.job_env_vars())
+
+
+class RemoteFunction:
+    """A function turned into a task template by ``@zray.remote``."""
+
+    def __init__(self, fn, options: dict):
+        self._function = fn
+        self._options = _options.validate(dict(options), _options.TASK_OPTIONS, "remote functions")
+        self._name = getattr(fn, "__qualname__", getattr(fn, "__name__", "task"))
+        self._def = _Definition(fn)
+        self._prepared = None
+        self._prepared_for = None
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", "task")
+        self.__wrapped__ = fn
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Remote functions cannot be called directly. Instead of running "
+                        f"'{self.__name__}()', try '{self.__name__}.remote()'.")
+
+    def options(self, **options) -> "_BoundOptions":
+        _options.validate(options, _options.TASK_OPTIONS, "remote functions")
+        merged = dict(self._options)
+        merged.update(options)
+        return _BoundOptions(self, merged)
+
+    def remote(self, *args, **kwargs):
+        client = _runtime.require_client()
+        prep = self._prepared
+        if prep is None or self._prepared_for is not client:
+            prep = self._prepared = _Prepared(self._options)
+            self._prepared_for = client
+        return self._submit(client, prep, self._options.get("name") or self._name, args, kwargs)
+
+    def _submit(self, client, prep, name, args, kwargs):
+        fid = self._def.ensure(client)
+        frames, deps, nested = serialize_args(args, kwargs)
+        task_id, spec = make_spec(client, P.TASK, fid, name, prep.nret, prep.resources,
+                                  prep.opts, deps, nested)
+        refs = return_refs(client, task_id, prep.nret)
+        client.send(P.pack(Msg.SUBMIT, spec), frames)
+        return refs
+
+    def bind(self, *args, **kwargs):
+        raise NotImplementedError("Ray DAG (.bind) is not supported by zray")
+
+
+class _BoundOptions:
+    def __init__(self, fn: RemoteFunction, options: dict):
+        self._fn = fn
+        self._options = options
+        self._prep = None
+        self._prep_for = None
+
+    def remote(self, *args, **kwargs):
+        client = _runtime.require_client()
+        if self._prep is None or self._prep_for is not client:
+            self._prep = _Prepared(self._options)
+            self._prep_for = client
+        name = self._options.get("name") or self._fn._name
+        return self._fn._submit(client, self._prep, name, args, kwargs)
+
+    def options(self, **options):
+        return self._fn.options(**{**self._options, **options})

@@ -1,0 +1,127 @@
+"""Values to frames and back: pickle protocol 5 with out-of-band buffers.
+
+``serialize(value)`` returns ``frames = [pickle_bytes, *buffers]`` and the ids
+of every ObjectRef pickled inside the value. Buffers (numpy arrays, bytes-like
+objects exposing PickleBuffer) travel as their own ZeroMQ frames, so they are
+never copied into the pickle stream and land as views on the receiving side.
+
+Plain ``pickle`` is tried first (it is several times faster than cloudpickle's
+pure-Python reducer hooks); cloudpickle takes over for what pickle cannot do
+by reference (lambdas, closures, classes defined in ``__main__``).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import threading
+import traceback
+
+import cloudpickle
+
+from zray import exceptions
+from zray._protocol import ERROR, VALUE
+
+_local = threading.local()
+
+
+def nested_collector() -> list | None:
+    return getattr(_local, "nested", None)
+
+
+class _CollectRefs:
+    """Context: collect the ids of ObjectRefs pickled while it is active."""
+
+    __slots__ = ("prev", "oids")
+
+    def __enter__(self):
+        self.prev = getattr(_local, "nested", None)
+        self.oids = []
+        _local.nested = self.oids
+        return self.oids
+
+    def __exit__(self, *exc):
+        _local.nested = self.prev
+
+
+def _dumps(value, buffers: list) -> bytes:
+    try:
+        data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        if b"__main__" not in data:
+            return data
+    except Exception:
+        pass
+    buffers.clear()
+    return cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+
+
+def serialize(value, copy_buffers: bool = False) -> tuple[list, list]:
+    """Return (frames, nested_oids) for ``value``.
+
+    With ``copy_buffers`` the out-of-band buffers are copied once into bytes,
+    so later changes to the caller's arrays cannot change the stored object.
+    """
+    buffers: list = []
+    with _CollectRefs() as nested:
+        data = _dumps(value, buffers)
+    if buffers:
+        if copy_buffers:
+            frames = [data] + [bytes(b.raw()) for b in buffers]
+        else:
+            frames = [data] + [b.raw() for b in buffers]
+    else:
+        frames = [data]
+    return frames, nested
+
+
+def deserialize(frames: list):
+    """Rebuild a value from ``[pickle_bytes, *buffers]`` (bytes or zmq Frames)."""
+    if len(frames) == 1:
+        return pickle.loads(_buf(frames[0]))
+    return pickle.loads(_buf(frames[0]), buffers=[_buf(f) for f in frames[1:]])
+
+
+def _buf(frame):
+    # zmq.Frame exposes .buffer; bytes and memoryviews are used as they are.
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def serialize_error(exc: BaseException) -> list:
+    """Frames for an exception value; falls back to a plain RayError if unpicklable."""
+    try:
+        return serialize(exc)[0]
+    except Exception:
+        return serialize(exceptions.RayError(f"{type(exc).__name__}: {exc}"))[0]
+
+
+def task_error(exc: BaseException, function_name: str, pid: int, ip: str = "") -> list:
+    """Wrap an exception raised by user code into RayTaskError frames."""
+    if isinstance(exc, exceptions.RayTaskError):
+        err = exc
+    else:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        cause = exc
+        try:
+            cloudpickle.dumps(exc)
+        except Exception:
+            cause = exceptions.RayError(f"{type(exc).__name__}: {exc}")
+        err = exceptions.RayTaskError(function_name, tb, cause, pid, ip)
+    exc.__traceback__ = None
+    return serialize_error(err)
+
+
+def load_error(frames: list) -> BaseException:
+    err = deserialize(frames)
+    if isinstance(err, exceptions.RayTaskError):
+        return err.as_instanceof_cause()
+    return err
+
+
+def dumps_function(fn) -> bytes:
+    buf = io.BytesIO()
+    cloudpickle.dump(fn, buf, protocol=5)
+    return buf.getvalue()
+
+
+__all__ = ["serialize", "deserialize", "serialize_error", "task_error", "load_error",
+           "dumps_function", "VALUE", "ERROR"]

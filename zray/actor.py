@@ -1,0 +1,191 @@
+"""Actors: ``@zray.remote`` on a class, handles, methods, ``@zray.method``, exit_actor."""
+
+from __future__ import annotations
+
+import inspect
+
+import cloudpickle
+
+from zray import _options, _runtime
+from zray import _protocol as P
+from zray._protocol import Msg
+from zray._remote import _Definition, make_spec, return_refs, serialize_args
+
+
+def method(*args, **kwargs):
+    """Decorate an actor method with options, e.g. ``@zray.method(num_returns=2)``."""
+    def decorate(fn):
+        _options.validate(kwargs, _options.METHOD_OPTIONS, "actor methods")
+        fn.__zray_method_options__ = kwargs
+        return fn
+
+    if len(args) == 1 and callable(args[0]) and not kwargs:
+        return decorate(args[0])
+    if args:
+        raise ValueError("zray.method takes keyword arguments only, e.g. @zray.method(num_returns=2)")
+    return decorate
+
+
+def exit_actor():
+    """Terminate the current actor after the running call returns (no restart)."""
+    if _runtime.executor is None or _runtime.executor.actor is None:
+        raise TypeError("exit_actor() must be called from inside an actor method")
+    from workerd.executor import ActorExit
+
+    raise ActorExit()
+
+
+def _method_meta(cls) -> dict:
+    meta = {}
+    for name, fn in inspect.getmembers(cls, predicate=lambda m: inspect.isfunction(m) or inspect.ismethod(m)):
+        opts = dict(getattr(fn, "__zray_method_options__", {}))
+        if inspect.isgeneratorfunction(fn) and "num_returns" not in opts:
+            opts.setdefault("num_returns", 1)
+        meta[name] = opts
+    return meta
+
+
+class ActorClass:
+    """A class turned into an actor template by ``@zray.remote``."""
+
+    def __init__(self, cls, options: dict):
+        self._cls = cls
+        self._options = _options.validate(dict(options), _options.ACTOR_OPTIONS, "actors")
+        self._def = _Definition(cls)
+        self._meta = _method_meta(cls)
+        self.__name__ = cls.__name__
+        self.__doc__ = cls.__doc__
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Actors cannot be instantiated directly. Instead of "
+                        f"'{self.__name__}()', use '{self.__name__}.remote()'.")
+
+    def options(self, **options) -> "_ActorOptions":
+        _options.validate(options, _options.ACTOR_OPTIONS, "actors")
+        return _ActorOptions(self, {**self._options, **options})
+
+    def remote(self, *args, **kwargs) -> "ActorHandle":
+        return self._create(args, kwargs, self._options)
+
+    def _create(self, args, kwargs, options) -> "ActorHandle":
+        client = _runtime.require_client()
+        name = options.get("name")
+        namespace = options.get("namespace") or _runtime.namespace
+        if name:
+            if not isinstance(name, str):
+                raise ValueError(f"actor name must be a str, got {name!r}")
+            existing = client.request("get_actor", {"name": name, "namespace": namespace})
+            if existing is not None:
+                if options.get("get_if_exists"):
+                    return _handle_from_meta(existing)
+                raise ValueError(f"Actor with name {name!r} already exists in namespace "
+                                 f"{namespace!r}; use get_if_exists=True to get it.")
+        fid = self._def.ensure(client)
+        frames, deps, nested = serialize_args(args, kwargs)
+        explicit = options.get("num_cpus")
+        place = _options.resource_units(options, 1 if explicit is None else explicit)
+        hold = _options.resource_units(options, 0 if explicit is None else explicit)
+        opts = _options.wire_options(options, _runtime.job_env_vars())
+        opts.pop("max_retries", None)
+        opts["hold"] = hold
+        for key in ("max_restarts", "max_task_retries", "max_concurrency", "lifetime"):
+            if options.get(key) is not None:
+                opts[key] = options[key]
+        if name:
+            opts["name"] = name
+        opts["namespace"] = namespace
+        actor_id = client.next_task_id()
+        meta = {"actor_id": actor_id, "class_name": self.__name__, "methods": self._meta,
+                "max_task_retries": options.get("max_task_retries") or 0}
+        opts["handle_meta"] = cloudpickle.dumps(meta)
+        task_id, spec = make_spec(client, P.ACTOR_CREATE, fid, self.__name__, 0, place, opts,
+                                  deps, nested, actor_id)
+        client.send(P.pack(Msg.SUBMIT, spec), frames)
+        return ActorHandle(actor_id, self.__name__, self._meta)
+
+    def bind(self, *a, **k):
+        raise NotImplementedError("Ray DAG (.bind) is not supported by zray")
+
+
+class _ActorOptions:
+    def __init__(self, cls: ActorClass, options: dict):
+        self._cls = cls
+        self._options = options
+
+    def remote(self, *args, **kwargs) -> "ActorHandle":
+        return self._cls._create(args, kwargs, self._options)
+
+
+def _handle_from_meta(info: dict) -> "ActorHandle":
+    meta = cloudpickle.loads(info["handle_meta"])
+    return ActorHandle(meta["actor_id"], meta["class_name"], meta["methods"])
+
+
+def _rebuild_handle(actor_id, class_name, methods):
+    return ActorHandle(actor_id, class_name, methods)
+
+
+class ActorHandle:
+    """A handle to an actor; pass it to tasks and other actors freely."""
+
+    def __init__(self, actor_id: bytes, class_name: str, methods: dict):
+        self._actor_id = actor_id
+        self._class_name = class_name
+        self._methods = methods
+        self._cache: dict = {}
+
+    def __getattr__(self, name) -> "ActorMethod":
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        m = self._cache.get(name)
+        if m is None:
+            if name not in self._methods:
+                raise AttributeError(f"'{self._class_name}' actor has no method '{name}'")
+            m = self._cache[name] = ActorMethod(self, name, self._methods[name])
+        return m
+
+    def __reduce__(self):
+        return (_rebuild_handle, (self._actor_id, self._class_name, self._methods))
+
+    def __repr__(self):
+        return f"Actor({self._class_name}, {self._actor_id.hex()})"
+
+    def __eq__(self, other):
+        return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
+
+    def __hash__(self):
+        return hash(self._actor_id)
+
+    @property
+    def _ray_actor_id(self):
+        return self._actor_id
+
+
+class ActorMethod:
+    def __init__(self, handle: ActorHandle, name: str, options: dict):
+        self._handle = handle
+        self._name = name
+        self._options = options
+        nr = options.get("num_returns", 1)
+        self._nret = P.STREAMING if nr == "streaming" else nr
+        self._qualname = f"{handle._class_name}.{name}"
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Actor methods cannot be called directly. Instead of running "
+                        f"'{self._name}()', try '{self._name}.remote()'.")
+
+    def options(self, **options) -> "ActorMethod":
+        _options.validate(options, _options.METHOD_OPTIONS, "actor methods")
+        return ActorMethod(self._handle, self._name, {**self._options, **options})
+
+    def remote(self, *args, **kwargs):
+        client = _runtime.require_client()
+        frames, deps, nested = serialize_args(args, kwargs)
+        task_id, spec = make_spec(client, P.ACTOR_CALL, self._name, self._qualname, self._nret,
+                                  {}, _EMPTY_OPTS, deps, nested, self._handle._actor_id)
+        refs = return_refs(client, task_id, self._nret)
+        client.send(P.pack(Msg.SUBMIT, spec), frames)
+        return refs
+
+
+_EMPTY_OPTS: dict = {}

@@ -1,0 +1,1 @@
+"""Utilities with Ray's names (zray.util.scheduling_strategies, ...)."""
