@@ -215,6 +215,7 @@ class Broker:
         node.spawning = info.get("prestart", 0)
         self.nodes[node_id] = node
         log.info("node %s joined: %s", node_id.hex(), P.from_units(total))
+        self.send(ident, P.pack(Msg.WELCOME, {"address": self.address}))
         self.dirty = True
 
     def on_heartbeat(self, ident, h, frames):

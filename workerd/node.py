@@ -65,6 +65,7 @@ class NodeAgent:
         self.sock.setsockopt(zmq.LINGER, 500)
         self.sock.connect(address)
         self.last_broker = time.monotonic()
+        self.welcomed = False
 
     @staticmethod
     def _ip() -> str:
@@ -126,7 +127,6 @@ class NodeAgent:
 
     def serve(self):
         self.hello()
-        self.spawn(self.prestart)
         last_hb = time.monotonic()
         log.info("node %s up: %s, %d executors prestarted", self.node_id.hex(),
                  self.resources, self.prestart)
@@ -144,7 +144,13 @@ class NodeAgent:
                         log.warning("dropping malformed message")
                         continue
                     t = h[0]
-                    if t == Msg.SPAWN:
+                    if t == Msg.WELCOME:
+                        # Executors start only once the broker knows this node,
+                        # so their HELLO never arrives before the node's.
+                        if not self.welcomed:
+                            self.welcomed = True
+                            self.spawn(self.prestart)
+                    elif t == Msg.SPAWN:
                         self.spawn(int(h[1]))
                     elif t == Msg.KILL_EXEC:
                         self.kill(h[1])

@@ -51,6 +51,7 @@ B->C  STREAM_END [STREAM_END, task_id, count]
 B->C  LOG        [LOG, prefix, text]
 B->C  EXIT       [EXIT]
 N->B  NODE_HELLO [NODE_HELLO, version, node_id, info dict]
+B->N  WELCOME    [WELCOME, info]  the node starts its executors only after this
 B->N  SPAWN      [SPAWN, count]                                      start more executor processes
 N->B  EXEC_DIED  [EXEC_DIED, cid, exit_code]
 B->N  KILL_EXEC  [KILL_EXEC, cid]
