@@ -959,6 +959,12 @@ class Broker:
             "clients": sum(1 for c in self.clients.values() if c.kind == "driver"),
         }
 
+    def req_job_pending(self, cid, args):
+        job = self.clients[cid].job_id if cid in self.clients else b""
+        return sum(1 for t in self.tasks.values()
+                   if t.spec[P.S_JOB] == job and t.kind != P.ACTOR_CREATE
+                   and t.state in (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.RUNNING))
+
     def req_get_actor(self, cid, args):
         actor_id = self.named.get((args.get("namespace") or "", args["name"]))
         if actor_id is None:

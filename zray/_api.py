@@ -131,6 +131,24 @@ def is_initialized() -> bool:
     return _runtime.client is not None
 
 
+def _drain(client, limit: float) -> None:
+    """Give this job's unfinished tasks up to ``limit`` seconds to finish, so that
+    a script that submits work and exits still gets its tasks' output (as Ray does)."""
+    deadline = time.monotonic() + limit
+    try:
+        while client.request("job_pending", timeout=limit) and time.monotonic() < deadline:
+            with client.cond:
+                client.cond.wait(0.02)
+    except Exception:
+        pass
+
+
+def _shutdown_at_exit() -> None:
+    if _runtime.client is not None and not _runtime.worker_mode:
+        _drain(_runtime.client, float(os.environ.get("ZRAY_EXIT_DRAIN_S", "2")))
+    shutdown()
+
+
 def shutdown() -> None:
     """Disconnect; stop the embedded cluster if init() started one."""
     if _runtime.worker_mode:
@@ -148,7 +166,7 @@ def shutdown() -> None:
         cluster.stop()
 
 
-atexit.register(shutdown)
+atexit.register(_shutdown_at_exit)
 
 
 def _check_refs(refs, what: str):
@@ -370,5 +388,3 @@ def get_runtime_context() -> RuntimeContext:
 def timeline(filename=None):
     raise NotImplementedError("timeline() is not supported by zray")
 
-
-_ = time
