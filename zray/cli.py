@@ -1,0 +1,147 @@
+"""The ``zray`` command line: broker, worker, status, memory, microbenchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+
+def _address_file() -> str:
+    base = os.environ.get("ZRAY_TMPDIR") or f"/tmp/zray-{os.getuid()}"
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return os.path.join(base, "address")
+
+
+def _resolve(address: str | None) -> str:
+    from zray._api import _resolve_address
+
+    return _resolve_address(address or "auto")
+
+
+@click.group()
+@click.version_option(package_name="zray")
+def main():
+    """zray: Ray Core's API on a ZeroMQ broker."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=6380, show_default=True, type=int, help="TCP port (0: any free one).")
+@click.option("--session-dir", default=None, help="Where logs go (default: a new private dir).")
+def broker(host: str, port: int, session_dir: str | None):
+    """Run the broker in the foreground (SIGTERM/SIGINT stop it)."""
+    from zray._procutil import new_session_dir, setup_logging
+
+    session_dir = session_dir or new_session_dir()
+    setup_logging("broker", os.path.join(session_dir, "logs"))
+    from brokerd.broker import Broker, run  # noqa: F401
+
+    import signal
+
+    b = Broker(f"tcp://{host}:{port}", session_dir)
+    with open(_address_file(), "w") as f:
+        f.write(b.address)
+    click.echo(f"zray broker listening on {b.address}", err=True)
+    click.echo(f"  connect workers:  zray worker --address {b.address}", err=True)
+    click.echo(f"  connect drivers:  zray.init(address=\"{b.address}\")", err=True)
+    signal.signal(signal.SIGTERM, b.stop)
+    signal.signal(signal.SIGINT, b.stop)
+    try:
+        b.serve()
+    finally:
+        try:
+            with open(_address_file()) as f:
+                if f.read().strip() == b.address:
+                    os.unlink(_address_file())
+        except OSError:
+            pass
+
+
+@main.command()
+@click.option("--address", default=None, help="Broker address, e.g. tcp://10.0.0.1:6380 (default: auto).")
+@click.option("--num-cpus", default=None, type=float, help="CPUs to offer (default: all cores).")
+@click.option("--gpus", "--num-gpus", "gpus", default=None, type=int,
+              help="GPUs to offer (default: detected).")
+@click.option("--resources", default="{}", help='Custom resources as JSON, e.g. \'{"ssd": 1}\'.')
+@click.option("--prestart", default=None, type=int, help="Executors to keep warm (default: one per CPU).")
+@click.option("--session-dir", default=None, help="Where logs go (default: a new private dir).")
+def worker(address, num_cpus, gpus, resources, prestart, session_dir):
+    """Run a worker daemon (node agent) in the foreground."""
+    from zray._procutil import detect_gpus, new_session_dir, setup_logging
+
+    try:
+        res = json.loads(resources)
+        if not isinstance(res, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in res.values()):
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"--resources must be a JSON object of name: number >= 0, got {resources!r}") from None
+    if num_cpus is not None and num_cpus < 0:
+        raise click.BadParameter("--num-cpus must be >= 0")
+    detected = detect_gpus()
+    if gpus is None:
+        gpu_ids = detected
+    elif gpus < 0:
+        raise click.BadParameter("--gpus must be >= 0")
+    else:
+        gpu_ids = detected[:gpus] if len(detected) >= gpus else [str(i) for i in range(gpus)]
+    session_dir = session_dir or new_session_dir()
+    setup_logging("node", os.path.join(session_dir, "logs"))
+    from workerd.node import run
+
+    run(_resolve(address), num_cpus if num_cpus is not None else os.cpu_count() or 1, gpu_ids,
+        res, session_dir, prestart=prestart)
+
+
+def _client(address):
+    from zray._client import Client
+
+    return Client(_resolve(address), kind="cli", connect_timeout=5)
+
+
+@main.command()
+@click.option("--address", default=None, help="Broker address (default: auto).")
+def status(address):
+    """Print nodes, resources and task counts of a running cluster."""
+    from zray import _protocol as P
+
+    c = _client(address)
+    try:
+        st = c.request("status")
+        c.send(P.pack(P.Msg.EXIT))
+    finally:
+        c.close()
+    click.echo(f"zray cluster at {st['address']}  (up {st['uptime_s']:.0f}s, "
+               f"{st['clients']} driver(s))")
+    click.echo(f"Nodes: {len(st['nodes'])}")
+    for n in st["nodes"]:
+        res = n["Resources"]
+        av = n["Available"]
+        parts = []
+        for r in sorted(res):
+            if r.startswith("node:") or r == "memory":
+                continue
+            parts.append(f"{r} {res[r] - av.get(r, 0):g}/{res[r]:g}")
+        click.echo(f"  {n['NodeID']}  {n['NodeManagerHostname']}  {'alive' if n['Alive'] else 'dead'}  "
+                   f"used: {', '.join(parts)}  executors: {n['Executors']}")
+    tasks = st["tasks"]
+    click.echo(f"Tasks: {tasks.get('queued', 0)} queued, {tasks.get('waiting_args', 0)} waiting for "
+               f"arguments, {tasks.get('running', 0)} running")
+    click.echo(f"Actors: {st['actors']} alive   Objects: {st['objects']} "
+               f"({st['object_bytes'] / 1e6:.1f} MB)")
+
+
+@main.command()
+@click.option("--filter", "filter_", default="", help="Run only cases whose name contains this.")
+@click.option("--repeat", default=3, show_default=True, help="Repetitions per case.")
+def microbenchmark(filter_, repeat):
+    """Ray's microbenchmark cases on an embedded local cluster."""
+    from zray._microbenchmark import main as run_bench
+
+    run_bench(filter_, repeat)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
