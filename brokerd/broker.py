@@ -904,7 +904,8 @@ class Broker:
         ex = actor.executor
         if ex is not None and ex.state != ExecState.DEAD:
             self.send(ex.node.ident, P.pack(Msg.KILL_EXEC, ex.cid))
-        elif no_restart:
+        if no_restart:
+            # Dead from now on: calls made after kill() fail at once, not after the exit report.
             self.actor_dead(actor, actor.death)
 
     # ------------------------------------------------------------------- logs

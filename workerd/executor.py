@@ -40,14 +40,11 @@ from zray._client import Client
 from zray._procutil import die_with_parent, setup_logging
 from zray._protocol import Msg
 from zray._serialization import deserialize, serialize, task_error
+from zray.actor import ActorExit
 
 log = logging.getLogger("zray.executor")
 
 ACTOR_EXIT_CODE = 13
-
-
-class ActorExit(BaseException):
-    """Raised by zray.actor.exit_actor() inside an actor."""
 
 
 class _TaskStream:
@@ -167,10 +164,7 @@ class Executor:
             try:
                 self.handle(header, frames)
             except ActorExit:
-                self.stdout.flush()
-                self.stderr.flush()
-                self.client.close()
-                os._exit(ACTOR_EXIT_CODE)
+                self.exit_actor()
             except Exception:
                 log.exception("executor failure")
         self.client.close()
@@ -213,8 +207,7 @@ class Executor:
             finally:
                 self.running_task = b""
         except ActorExit:
-            self.finish_values(spec, [None] * max(spec[P.S_NUM_RETURNS], 0))
-            raise
+            raise  # no reply: the broker fails this call with ActorDiedError on our exit
         except BaseException as e:  # noqa: B036 - user code may raise anything
             if isinstance(e, (KeyboardInterrupt, SystemExit)) and kind != P.TASK:
                 pass
@@ -226,6 +219,12 @@ class Executor:
             self.finish_error(spec, exceptions.TaskCancelledError(task_id.hex()))
             return
         self.finish_values(spec, outs)
+
+    def exit_actor(self):
+        self.stdout.flush()
+        self.stderr.flush()
+        self.client.close()
+        os._exit(ACTOR_EXIT_CODE)
 
     def load_fn(self, fid):
         fn = self.fns[fid]
@@ -414,6 +413,8 @@ class Executor:
             self.finish_error(spec, exceptions.TaskCancelledError(spec[P.S_TASK_ID].hex()))
             return
         exc = t.exception()
+        if isinstance(exc, ActorExit):
+            self.exit_actor()
         if exc is not None:
             self.finish_error(spec, exc)
             return
@@ -428,6 +429,8 @@ class Executor:
         try:
             result = method(*args, **kwargs)
             outs = self.split_returns(spec, result)
+        except ActorExit:
+            self.exit_actor()
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
             return

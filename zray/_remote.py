@@ -26,6 +26,11 @@ class _Definition:
         self.nested: list = []
         self.client = None
 
+    def __getstate__(self):
+        # Never pickle the live client (sockets) along with a captured function.
+        return {"obj": self.obj, "blob": self.blob, "fid": self.fid, "nested": self.nested,
+                "client": None}
+
     def ensure(self, client) -> bytes:
         if self.client is client:
             return self.fid
@@ -102,6 +107,10 @@ class RemoteFunction:
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", "task")
         self.__wrapped__ = fn
+
+    def __reduce__(self):
+        # A remote function captured by another one travels as its definition only.
+        return (RemoteFunction, (self._function, self._options))
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"Remote functions cannot be called directly. Instead of running "

@@ -26,12 +26,14 @@ def method(*args, **kwargs):
     return decorate
 
 
+class ActorExit(BaseException):
+    """Raised by exit_actor(); the executor exits and the actor is not restarted."""
+
+
 def exit_actor():
-    """Terminate the current actor after the running call returns (no restart)."""
+    """Terminate the current actor now (no restart); its pending calls fail with RayActorError."""
     if _runtime.executor is None or _runtime.executor.actor is None:
         raise TypeError("exit_actor() must be called from inside an actor method")
-    from workerd.executor import ActorExit
-
     raise ActorExit()
 
 
@@ -55,6 +57,9 @@ class ActorClass:
         self._meta = _method_meta(cls)
         self.__name__ = cls.__name__
         self.__doc__ = cls.__doc__
+
+    def __reduce__(self):
+        return (ActorClass, (self._cls, self._options))
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"Actors cannot be instantiated directly. Instead of "
