@@ -15,7 +15,14 @@ def main():
                   stderr=not os.environ.get("ZRAY_EXIT_WITH_PARENT"))
     from brokerd.broker import run
 
-    run(address, session_dir)
+    prof = os.environ.get("ZRAY_PROFILE_BROKER")
+    if prof:  # cProfile the broker loop; stats land in this file at exit
+        import cProfile
+
+        cProfile.runctx("run(address, session_dir)", globals(), {"run": run, "address": address,
+                        "session_dir": session_dir}, prof)
+    else:
+        run(address, session_dir)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class Broker:
             Msg.CANCEL: self.on_cancel,
             Msg.BLOCK: self.on_block,
             Msg.UNBLOCK: self.on_unblock,
+            Msg.REJECT: self.on_reject,
             Msg.DONE: self.on_done,
             Msg.YIELD: self.on_yield,
             Msg.LOG: self.on_log,
@@ -420,8 +421,33 @@ class Broker:
                     break
                 q.popleft()
                 self.run_task(task, node, ex)
+            if q and shape[1] is None and "GPU" not in task.resources:
+                # GPU tasks are never prefetched: their GPU ids are only known at start.
+                self.prefetch(shape, q)
             if not q:
                 del self.queues[shape]
+
+    def prefetch(self, shape, q):
+        """Pipeline: give each busy pool executor running this shape its next task now,
+        so it starts the moment the current one is done (no broker round trip idle)."""
+        for node in self.nodes.values():
+            if not q:
+                return
+            for ex in node.executors.values():
+                cur = ex.task
+                if (ex.state != ExecState.BUSY or ex.prefetch is not None or ex.blocked
+                        or cur is None or cur.shape != shape or cur.state != TaskState.RUNNING):
+                    continue
+                while q and q[0].state != TaskState.QUEUED:
+                    q.popleft()
+                if not q:
+                    return
+                task = q.popleft()
+                task.state = TaskState.ASSIGNED
+                task.executor = ex
+                ex.prefetch = task
+                header, frames = self.exec_header(task, ex)
+                self.send(ex.cid + b"i", header, frames)
 
     def fits(self, node: Node, need: dict) -> bool:
         avail = node.avail
@@ -592,7 +618,7 @@ class Broker:
         ex = self.executors.get(ident[:-1])
         if task is None or task.state != TaskState.RUNNING:
             if ex is not None and ex.task is not None and ex.task.task_id == task_id:
-                self.executor_free(ex)
+                self.executor_next(ex)
             return
         for oid in nested:
             self.escape(oid)
@@ -601,7 +627,7 @@ class Broker:
         elif task.kind == P.TASK:
             self.release(task)
             if ex is not None:
-                self.executor_free(ex)
+                self.executor_next(ex)
             if retryable and task.retries_left != 0 and not task.cancel_requested:
                 task.retries_left -= 1
                 log.info("retrying %s after an application error", task.spec[P.S_NAME])
@@ -621,6 +647,29 @@ class Broker:
             if obj is not None:
                 self.object_ready(obj, kind, part)
         self.task_finished(task, TaskState.FINISHED)
+
+    def executor_next(self, ex: Executor):
+        """The executor finished its task: start its prefetched one, or make it idle."""
+        nxt = ex.prefetch
+        if nxt is None or ex.state != ExecState.BUSY:
+            self.executor_free(ex)
+            return
+        ex.prefetch = None
+        if nxt.state != TaskState.ASSIGNED:  # cancelled meanwhile: its DONE will be ignored
+            self.executor_free(ex)
+            return
+        self.acquire(nxt, ex.node)
+        nxt.state = TaskState.RUNNING
+        ex.task = nxt
+
+    def unassign(self, ex: Executor, task_id=None):
+        """Take back the prefetched task of ``ex`` and queue it again at the front."""
+        task = ex.prefetch
+        if task is None or (task_id is not None and task.task_id != task_id):
+            return
+        ex.prefetch = None
+        if task.state == TaskState.ASSIGNED:
+            self.requeue(task)
 
     def executor_free(self, ex: Executor):
         ex.task = None
@@ -713,6 +762,14 @@ class Broker:
                 except ValueError:
                     pass
             self.finish_cancelled(task)
+        elif task.state == TaskState.ASSIGNED and task.executor is not None:
+            ex = task.executor
+            if ex.prefetch is task:
+                ex.prefetch = None
+            task.executor = None
+            self.finish_cancelled(task)
+            # Its EXEC may already sit in the executor's queue: tell it to skip it.
+            self.send(ex.cid + b"i", P.pack(Msg.CANCEL, task_id, False))
         elif task.state == TaskState.RUNNING and task.executor is not None:
             task.cancel_requested = True
             ex = task.executor
@@ -723,6 +780,11 @@ class Broker:
                 self.send(ex.cid + b"i", P.pack(Msg.CANCEL, task_id, bool(force)))
 
     def on_block(self, ident, h, frames):
+        ex = self.executors.get(ident[:-1])
+        if ex is not None:
+            ex.blocked = True
+            for tid in (h[2] if len(h) > 2 else ()):
+                self.unassign(ex, tid)
         task = self.tasks.get(h[1])
         if task is not None and task.node is not None and not task.blocked:
             cpu = task.hold.get("CPU", 0)
@@ -731,7 +793,15 @@ class Broker:
                 self.dirty = True
             task.blocked = True
 
+    def on_reject(self, ident, h, frames):
+        ex = self.executors.get(ident[:-1])
+        if ex is not None:
+            self.unassign(ex, h[1])
+
     def on_unblock(self, ident, h, frames):
+        ex = self.executors.get(ident[:-1])
+        if ex is not None:
+            ex.blocked = False
         task = self.tasks.get(h[1])
         if task is not None and task.node is not None and task.blocked:
             cpu = task.hold.get("CPU", 0)
@@ -767,6 +837,14 @@ class Broker:
         why = reason or f"the executor process (pid {ex.pid}) died with exit code {code}"
         task = ex.task
         ex.task = None
+        pre = ex.prefetch
+        if pre is not None:
+            ex.prefetch = None
+            if pre.state == TaskState.ASSIGNED:
+                if pre.cancel_requested:
+                    self.finish_cancelled(pre)
+                else:
+                    self.requeue(pre)
         if ex.actor is not None:
             actor = ex.actor
             ex.actor = None
@@ -964,7 +1042,8 @@ class Broker:
         job = self.clients[cid].job_id if cid in self.clients else b""
         return sum(1 for t in self.tasks.values()
                    if t.spec[P.S_JOB] == job and t.kind != P.ACTOR_CREATE
-                   and t.state in (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.RUNNING))
+                   and t.state in (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED,
+                                   TaskState.RUNNING))
 
     def req_get_actor(self, cid, args):
         actor_id = self.named.get((args.get("namespace") or "", args["name"]))

@@ -3,6 +3,7 @@
 Task states::
 
     WAITING_ARGS --deps ready--> QUEUED --placed--> RUNNING --DONE--> FINISHED
+                                   |  \--prefetched--> ASSIGNED --previous DONE--> RUNNING
          |                         |                  |  \\--crash, retries left--> QUEUED
          +--------- cancel --------+------------------+--> CANCELLED / FAILED
 
@@ -23,6 +24,7 @@ from typing import Optional
 class TaskState(enum.Enum):
     WAITING_ARGS = "waiting_args"
     QUEUED = "queued"
+    ASSIGNED = "assigned"  # sent ahead to a busy executor; holds no resources yet
     RUNNING = "running"
     FINISHED = "finished"
     FAILED = "failed"
@@ -77,6 +79,8 @@ class Executor:
     task: Optional["Task"] = None
     actor: Optional["Actor"] = None
     fns: set = field(default_factory=set)  # function ids this process has loaded
+    prefetch: Optional["Task"] = None  # next task, sent ahead; starts when `task` is DONE
+    blocked: bool = False  # its task waits in get(): no prefetching
 
 
 @dataclass(eq=False)

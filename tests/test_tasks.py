@@ -931,3 +931,16 @@ def test_init_to_first_result_is_fast(run_driver):
     elapsed = float(m.group(1))
     print(f"init() to first task result: {elapsed:.3f}s")
     assert elapsed < 2.0, f"init to first result took {elapsed:.2f}s"
+
+
+@pytest.mark.timeout(120)
+def test_recursive_tasks_with_prefetch_do_not_deadlock(ray_local):
+    # Every level blocks in get() on children of the same shape: the broker's
+    # prefetched tasks must be handed back when a parent blocks.
+    @zray.remote
+    def fib(n):
+        if n < 2:
+            return n
+        return sum(zray.get([fib.remote(n - 1), fib.remote(n - 2)]))
+
+    assert zray.get(fib.remote(9), timeout=100) == 34

@@ -116,9 +116,13 @@ class Executor:
         self.pool = None
         self.async_tasks: dict = {}
         self.async_sem = None
+        self.block_lock = threading.Lock()
+        self.blocked = False
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
         self.client = Client(env["ZRAY_ADDRESS"], kind="executor", node_id=self.node_id,
                              cid=self.cid, on_exec=self._on_exec, on_cancel=self._on_cancel)
+        self.client.on_block = self._on_block
+        self.client.on_unblock = self._on_unblock
         _runtime.client = self.client
         _runtime.worker_mode = True
         self.stdout = _TaskStream(self, sys.stdout, False)
@@ -127,7 +131,42 @@ class Executor:
 
     # ------------------------------------------------------------ I/O thread
     def _on_exec(self, header, frames):
-        self.queue.put((header, frames))
+        with self.block_lock:
+            if self.blocked and header[0] == Msg.EXEC and header[1][P.S_KIND] == P.TASK:
+                # A prefetched task arrived while our task waits in get(): it could be
+                # the very task we wait for, so hand it back to be run elsewhere.
+                self.keep_fn(header, frames)
+                self.client.send(P.pack(Msg.REJECT, header[1][P.S_TASK_ID]))
+                return
+            self.queue.put((header, frames))
+
+    def keep_fn(self, header, frames):
+        if header[2]:  # the EXEC carried the function blob: keep it, the broker counts on it
+            self.fns.setdefault(header[1][P.S_FID], frames[0])
+
+    def _on_block(self) -> list:
+        """Main thread, about to wait in get(): return the prefetched tasks not started."""
+        with self.block_lock:
+            self.blocked = True
+            returned, keep = [], []
+            while True:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                h = item[0]
+                if h[0] == Msg.EXEC and h[1][P.S_KIND] == P.TASK:
+                    self.keep_fn(h, item[1])
+                    returned.append(h[1][P.S_TASK_ID])
+                else:
+                    keep.append(item)
+            for item in keep:
+                self.queue.put(item)
+            return returned
+
+    def _on_unblock(self):
+        with self.block_lock:
+            self.blocked = False
 
     def _on_cancel(self, task_id: bytes, force: bool):
         self.cancelled.add(task_id)

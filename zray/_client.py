@@ -80,6 +80,8 @@ class Client:
         self.current_actor_id = b""
         self.closed = False
         self.mask_signals = kind == "executor"
+        self.on_block: Optional[Callable] = None  # executor: hand back prefetched tasks
+        self.on_unblock: Optional[Callable] = None
         self.info = self._handshake(connect_timeout)
         self._io = threading.Thread(target=self._io_loop, name="zray-io", daemon=True)
         self._io.start()
@@ -253,14 +255,24 @@ class Client:
         self._subscribe(missing)
         blocked = self.kind == "executor" and bool(self.current_task_id)
         if blocked:
-            self.send(P.pack(Msg.BLOCK, self.current_task_id))
+            returned = self.on_block() if self.on_block is not None else []
+            self.send(P.pack(Msg.BLOCK, self.current_task_id, returned))
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
+            need_all = num_ready >= len(refs)
+            i = 0
             with self.cond:
                 while True:
-                    missing = [r for r in missing if r.id not in objects]
-                    if len(refs) - len(missing) >= num_ready:
-                        return
+                    # Re-check only what is still missing: O(n) over the whole wait.
+                    if need_all:
+                        while i < len(missing) and missing[i].id in objects:
+                            i += 1
+                        if i == len(missing):
+                            return
+                    else:
+                        missing = [r for r in missing if r.id not in objects]
+                        if len(refs) - len(missing) >= num_ready:
+                            return
                     if getattr(self, "broker_gone", False):
                         raise exceptions.RaySystemError("the zray broker shut down")
                     if deadline is None:
@@ -269,11 +281,13 @@ class Client:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             raise exceptions.GetTimeoutError(
-                                f"Get timed out: {len(missing)} of {len(refs)} objects "
+                                f"Get timed out: {len(missing) - i} of {len(refs)} objects "
                                 f"not ready after {timeout}s")
                         self.cond.wait(remaining)
         finally:
             if blocked:
+                if self.on_unblock is not None:
+                    self.on_unblock()
                 self.send(P.pack(Msg.UNBLOCK, self.current_task_id))
 
     def get_values(self, refs, timeout: Optional[float]) -> list:

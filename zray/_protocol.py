@@ -38,14 +38,18 @@ C->B  PUT        [PUT, oid, kind, nested_oids] + object frames
 C->B  SUB        [SUB, oids]                                        push me these objects when ready
 C->B  RELEASE    [RELEASE, oids]                                    my last reference is gone
 C->B  CANCEL     [CANCEL, oid, force, recursive]
-C->B  BLOCK      [BLOCK, task_id] / UNBLOCK [UNBLOCK, task_id]      task waits in get(): lend its CPU
+C->B  BLOCK      [BLOCK, task_id, returned] / UNBLOCK [UNBLOCK, task_id]
+                 the task waits in get(): lend its CPU, and hand back the task ids
+                 that were prefetched to this executor and have not started
+C->B  REJECT     [REJECT, task_id]  a prefetched EXEC arrived while blocked: queue it elsewhere
 C->B  DONE       [DONE, task_id, [(kind, nframes)...], nested] + frames   executor finished a task
 C->B  YIELD      [YIELD, task_id, index, kind, nframes] + frames    streaming generator item
 C->B  LOG        [LOG, driver_cid, prefix, text]                    remote stdout/stderr
 C->B  REQ        [REQ, req_id, op, args]                            a query (cluster info, actors...)
 B->C  REPLY      [REPLY, req_id, ok, result]
 B->C  OBJ        [OBJ, oid, kind] + frames                           an object's value
-B->C  EXEC       [EXEC, spec, fn_included] + ([blob] if fn_included) + arg frames + dep frames
+B->C  EXEC       (may arrive while the previous task runs: a prefetch)
+                 [EXEC, spec, fn_included] + ([blob] if fn_included) + arg frames + dep frames
 B->C  CANCEL     [CANCEL, task_id, force]                            interrupt a running task
 B->C  STREAM_END [STREAM_END, task_id, count]
 B->C  LOG        [LOG, prefix, text]
@@ -103,6 +107,7 @@ class Msg(enum.IntEnum):
     KILL_EXEC = 24
     HEARTBEAT = 25
     SHUTDOWN = 26
+    REJECT = 27
 
 
 # Task kinds inside a SUBMIT spec.
