@@ -115,6 +115,8 @@ class Broker:
             Msg.EXEC_DIED: self.on_exec_died,
             Msg.HEARTBEAT: self.on_heartbeat,
             Msg.EXIT: self.on_client_exit,
+            Msg.BLOB: self.on_blob,
+            Msg.STORED: self.on_stored,
         }
 
     # ------------------------------------------------------------------ loop
@@ -189,8 +191,10 @@ class Broker:
                 ex = Executor(cid, node, pid)
                 node.executors[cid] = ex
                 self.executors[cid] = ex
+        node = self.nodes.get(node_id)
         self.send(ident, P.pack(Msg.WELCOME, {"session_dir": self.session_dir,
-                                              "address": self.address}))
+                                              "address": self.address,
+                                              "store_limit": node.store_limit if node else 0}))
 
     def on_ready(self, ident, h, frames):
         ex = self.executors.get(ident[:-1])
@@ -214,6 +218,7 @@ class Broker:
                     info.get("pid", 0), info.get("labels", {}), info.get("address", ""),
                     last_seen=time.monotonic())
         node.spawning = info.get("prestart", 0)
+        node.store_limit = info.get("store_limit", 0)
         self.nodes[node_id] = node
         log.info("node %s joined: %s", node_id.hex(), P.from_units(total))
         self.send(ident, P.pack(Msg.WELCOME, {"address": self.address}))
@@ -244,6 +249,15 @@ class Broker:
     def node_dead(self, node: Node):
         node.alive = False
         self.nodes.pop(node.node_id, None)
+        nid = node.node_id
+        for obj in self.objects.values():
+            if nid in obj.locations:
+                del obj.locations[nid]
+                if not obj.locations:
+                    obj.lost = True
+                for dest in [d for d in obj.inflight if d == b"N" + nid]:
+                    for cid in obj.inflight.pop(dest):
+                        self.deliver(cid, obj, True)
         for ex in list(node.executors.values()):
             self.executor_dead(ex, -9, reason=f"node {node.node_id.hex()} died")
         self.dirty = True
@@ -279,7 +293,122 @@ class Broker:
             obj = self.objects[oid] = Obj(oid, ident[:-1])
         for n in nested:
             self.escape(n)
+        if len(h) > 5:
+            self.add_location(obj, h[4], h[5])
         self.object_ready(obj, kind, frames, push_owner=False)
+
+    # ------------------------------------------------------- object store
+    def add_location(self, obj: Obj, node_id: bytes, size: int):
+        node = self.nodes.get(node_id)
+        obj.locations[node_id] = size
+        obj.size = size
+        if node is None:
+            return
+        node.lru[obj.oid] = size
+        node.store_used += size
+        if node.store_limit and node.store_used > node.store_limit:
+            self.spill(node)
+
+    def spill(self, node: Node):
+        """Move the least recently used objects of a full store to disk."""
+        target = int(node.store_limit * 0.8)
+        victims = []
+        while node.lru and node.store_used > target:
+            oid, size = node.lru.popitem(last=False)
+            node.store_used -= size
+            node.spilled += size
+            victims.append(oid)
+        if victims:
+            log.info("node %s store over %d MB: spilling %d objects", node.node_id.hex(),
+                     node.store_limit // 10**6, len(victims))
+            self.send(node.ident, P.pack(Msg.SPILL, victims))
+
+    def touch(self, obj: Obj, node_id: bytes):
+        node = self.nodes.get(node_id)
+        if node is not None and obj.oid in node.lru:
+            node.lru.move_to_end(obj.oid)
+
+    def deliver(self, cid: bytes, obj: Obj, want_data: bool):
+        """Send ``obj`` to client ``cid``: inline, as "in your store", as "ready
+        elsewhere" (want_data=False), or by moving it to the client's node first."""
+        if not obj.locations:
+            if obj.lost:
+                self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, P.ERROR), self.lost_error(obj.oid))
+            else:
+                self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind), obj.frames)
+            return
+        c = self.clients.get(cid)
+        cnode = c.node_id if c is not None else b""
+        if cnode in obj.locations:
+            self.touch(obj, cnode)
+            self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind, cnode))
+        elif not want_data:
+            self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind, next(iter(obj.locations))))
+        elif cnode and cnode in self.nodes:
+            self.transfer(obj, b"N" + cnode, cid)
+        else:
+            self.transfer(obj, b"C" + cid, cid)
+
+    def transfer(self, obj: Obj, dest: bytes, cid: bytes):
+        waiting = obj.inflight.get(dest)
+        if waiting is not None:
+            waiting.append(cid)
+            return
+        for node_id in obj.locations:
+            node = self.nodes.get(node_id)
+            if node is not None and node.alive:
+                obj.inflight[dest] = [cid]
+                self.send(node.ident, P.pack(Msg.FETCH, obj.oid, dest))
+                return
+        self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, P.ERROR), self.lost_error(obj.oid))
+
+    def lost_error(self, oid: bytes):
+        return serialize_error(exceptions.ObjectLostError(
+            oid.hex(), f"Object {oid.hex()} is lost: every node that held a copy is gone."))
+
+    def on_blob(self, ident, h, frames):
+        _, oid, dest, codec = h[:4]
+        obj = self.objects.get(oid)
+        if obj is None:
+            return
+        if codec < 0:  # the source did not have it after all
+            obj.locations.pop(ident[1:], None)
+            waiting = obj.inflight.pop(dest, [])
+            if not obj.locations:
+                obj.lost = True
+            for cid in waiting:
+                self.deliver(cid, obj, True)
+            return
+        if dest[:1] == b"N":
+            node = self.nodes.get(dest[1:])
+            if node is not None:
+                self.send(node.ident, P.pack(Msg.STORE, oid, codec), frames)
+                return
+            waiting = obj.inflight.pop(dest, [])
+            for cid in waiting:
+                self.transfer(obj, b"C" + cid, cid)
+            return
+        for cid in obj.inflight.pop(dest, []):
+            self.send(cid + b"i", P.pack(Msg.OBJ, oid, obj.kind, None, codec), frames)
+
+    def on_stored(self, ident, h, frames):
+        _, oid, size = h[:3]
+        node_id = ident[1:]
+        obj = self.objects.get(oid)
+        dest = b"N" + node_id
+        if obj is None:  # freed while in flight
+            node = self.nodes.get(node_id)
+            if node is not None:
+                self.send(node.ident, P.pack(Msg.FREE, [oid]))
+            return
+        waiting = obj.inflight.pop(dest, [])
+        if size < 0:
+            for cid in waiting:
+                self.transfer(obj, b"C" + cid, cid)
+            return
+        self.add_location(obj, node_id, size)
+        for cid in waiting:
+            self.send(cid + b"i", P.pack(Msg.OBJ, oid, obj.kind, node_id))
 
     def escape(self, oid):
         obj = self.objects.get(oid)
@@ -290,15 +419,13 @@ class Broker:
         obj.state = ObjState.READY
         obj.kind = kind
         obj.frames = frames
-        obj.size = sum(len(f) for f in frames)
-        header = None
+        if not obj.locations:
+            obj.size = sum(len(f) for f in frames)
         if push_owner and not obj.released:
-            header = P.pack(Msg.OBJ, obj.oid, kind)
-            self.send(obj.owner + b"i", header, frames)
+            self.deliver(obj.owner, obj, False)
         if obj.subscribers:
-            header = header or P.pack(Msg.OBJ, obj.oid, kind)
             for cid in obj.subscribers:
-                self.send(cid + b"i", header, frames)
+                self.deliver(cid, obj, True)
             obj.subscribers = []
         if obj.waiting:
             waiting, obj.waiting = obj.waiting, []
@@ -315,7 +442,21 @@ class Broker:
 
     def maybe_free(self, obj: Obj):
         if obj.released and obj.pins <= 0 and not obj.escaped and obj.state == ObjState.READY:
-            self.objects.pop(obj.oid, None)
+            self.free(obj)
+
+    def free(self, obj: Obj):
+        self.objects.pop(obj.oid, None)
+        for node_id in obj.locations:
+            node = self.nodes.get(node_id)
+            if node is None:
+                continue
+            size = node.lru.pop(obj.oid, None)
+            if size is not None:
+                node.store_used -= size
+            else:
+                node.spilled -= obj.locations[node_id]
+            self.send(node.ident, P.pack(Msg.FREE, [obj.oid]))
+        obj.locations = {}
 
     def on_sub(self, ident, h, frames):
         cid = ident[:-1]
@@ -327,7 +468,7 @@ class Broker:
                                "or never existed."))
                 self.send(cid + b"i", P.pack(Msg.OBJ, oid, P.ERROR), err)
             elif obj.state == ObjState.READY:
-                self.send(cid + b"i", P.pack(Msg.OBJ, oid, obj.kind), obj.frames)
+                self.deliver(cid, obj, True)
             else:
                 obj.subscribers.append(cid)
 
@@ -339,7 +480,10 @@ class Broker:
             if obj is not None and obj.owner == cid:
                 obj.released = True
                 if obj.pins <= 0 and not obj.escaped and obj.state == ObjState.READY:
-                    del objects[oid]
+                    if obj.locations:
+                        self.free(obj)
+                    else:
+                        del objects[oid]
 
     # ------------------------------------------------------------------ tasks
     def on_submit(self, ident, h, frames):
@@ -484,7 +628,11 @@ class Broker:
                         "is not alive")))
                     return None, None
         elif len(nodes) > 1:
-            nodes.sort(key=lambda n: self.score(n, need))
+            local = self.dep_bytes(task)
+            if local:  # prefer the node that already holds the task's large arguments
+                nodes.sort(key=lambda n: (-local.get(n.node_id, 0), self.score(n, need)))
+            else:
+                nodes.sort(key=lambda n: self.score(n, need))
         spawn_node = None
         any_feasible = False
         for node in nodes:
@@ -502,6 +650,15 @@ class Broker:
             log.warning("task %s needs %s: no node has that; it waits for one to join",
                         task.spec[P.S_NAME], P.from_units(need))
         return spawn_node, None
+
+    def dep_bytes(self, task: Task) -> dict:
+        out: dict = {}
+        for oid in task.deps:
+            obj = self.objects.get(oid)
+            if obj is not None:
+                for node_id, size in obj.locations.items():
+                    out[node_id] = out.get(node_id, 0) + size
+        return out
 
     @staticmethod
     def score(node: Node, need: dict) -> float:
@@ -580,10 +737,18 @@ class Broker:
             has_fn = True
         frames.extend(task.frames)
         layout = []
+        node_id = ex.node.node_id
         for oid in task.deps:
             obj = self.objects[oid]
-            frames.extend(obj.frames)
-            layout.append(len(obj.frames))
+            if obj.locations:
+                if node_id in obj.locations:
+                    self.touch(obj, node_id)
+                    layout.append((0, node_id))
+                else:
+                    layout.append((0, next(iter(obj.locations))))
+            else:
+                frames.extend(obj.frames)
+                layout.append((len(obj.frames), None))
         gpu_ids = [task.node.gpus[i][0] for i, _ in task.gpu_alloc] if task.node else []
         header = P.pack(Msg.EXEC, task.spec, has_fn, len(task.frames), layout, gpu_ids)
         return header, frames
@@ -640,11 +805,14 @@ class Broker:
             self.finish_stream(task, frames if layout and layout[0][0] == P.ERROR else None)
             return
         pos = 0
-        for oid, (kind, n) in zip(task.returns, layout):
+        for oid, item in zip(task.returns, layout):
+            kind, n = item[0], item[1]
             obj = self.objects.get(oid)
             part = frames[pos:pos + n]
             pos += n
             if obj is not None:
+                if len(item) > 3:
+                    self.add_location(obj, item[2], item[3])
                 self.object_ready(obj, kind, part)
         self.task_finished(task, TaskState.FINISHED)
 
@@ -719,9 +887,14 @@ class Broker:
         self.task_finished(task, state)
 
     def finish_cancelled(self, task: Task):
-        self.fail_task(task, serialize_error(exceptions.TaskCancelledError(
-            task.task_id.hex(), f"Task {task.spec[P.S_NAME]} ({task.task_id.hex()}) was cancelled")),
-            TaskState.CANCELLED)
+        # Wrapped like an error raised by the task, so that `get` raises an error that is
+        # both a TaskCancelledError and a RayTaskError wherever the cancel caught the task
+        # (Ray raises the second for running actor calls, the seed's 3.2.4 relies on it).
+        name = task.spec[P.S_NAME]
+        cause = exceptions.TaskCancelledError(
+            task.task_id.hex(), f"Task {name} ({task.task_id.hex()}) was cancelled")
+        self.fail_task(task, serialize_error(exceptions.RayTaskError(
+            name, f"{name} was cancelled before it started", cause, 0, "")), TaskState.CANCELLED)
 
     # --------------------------------------------------------------- streams
     def on_yield(self, ident, h, frames):
@@ -1044,6 +1217,29 @@ class Broker:
                    if t.spec[P.S_JOB] == job and t.kind != P.ACTOR_CREATE
                    and t.state in (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED,
                                    TaskState.RUNNING))
+
+    def req_memory(self, cid, args):
+        """Per-node store use and the largest objects, for `zray memory`."""
+        top = int((args or {}).get("top", 10))
+        inline = [o for o in self.objects.values() if not o.locations and o.state == ObjState.READY]
+        nodes = [{"node_id": n.node_id.hex(), "objects": len(n.lru), "bytes_in_memory": n.store_used,
+                  "bytes_spilled": n.spilled, "store_limit": n.store_limit}
+                 for n in self.nodes.values()]
+        for nd in nodes:
+            nid = bytes.fromhex(nd["node_id"])
+            nd["objects"] = sum(1 for o in self.objects.values() if nid in o.locations)
+        largest = sorted(self.objects.values(), key=lambda o: o.size, reverse=True)[:top]
+        owners = {c.cid: c for c in self.clients.values()}
+        return {
+            "nodes": nodes,
+            "inline_objects": len(inline),
+            "inline_bytes": sum(o.size for o in inline),
+            "largest": [{"object_id": o.oid.hex(), "size": o.size, "owner": o.owner.hex(),
+                         "owner_kind": owners[o.owner].kind if o.owner in owners else "gone",
+                         "owner_pid": owners[o.owner].pid if o.owner in owners else 0,
+                         "nodes": [k.hex() for k in o.locations], "state": o.state.value}
+                        for o in largest],
+        }
 
     def req_get_actor(self, cid, args):
         actor_id = self.named.get((args.get("namespace") or "", args["name"]))

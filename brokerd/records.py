@@ -16,7 +16,7 @@ Actor states: PENDING (creation queued) -> ALIVE -> RESTARTING -> ALIVE ... -> D
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -68,6 +68,10 @@ class Node:
     last_seen: float = 0.0
     alive: bool = True
     running: int = 0  # tasks running here, for SPREAD
+    store_limit: int = 0
+    store_used: int = 0  # bytes of objects in its store's memory
+    spilled: int = 0  # bytes it moved to disk
+    lru: "OrderedDict" = field(default_factory=OrderedDict)  # oid -> size, in memory, oldest first
 
 
 @dataclass(eq=False)
@@ -120,6 +124,9 @@ class Obj:
     pins: int = 0
     waiting: list = field(default_factory=list)  # tasks waiting on it
     subscribers: list = field(default_factory=list)  # cids to push it to
+    locations: dict = field(default_factory=dict)  # node_id -> size: stores holding it
+    inflight: dict = field(default_factory=dict)  # transfer dest -> [cids waiting]
+    lost: bool = False
 
 
 @dataclass(eq=False)

@@ -17,7 +17,9 @@ def main():
 
     cfg = json.loads(env["ZRAY_NODE_CONFIG"])
     run(env["ZRAY_ADDRESS"], cfg["num_cpus"], cfg["gpu_ids"], cfg["resources"], session_dir,
-        prestart=cfg.get("prestart"), labels=cfg.get("labels"), memory=cfg.get("memory"))
+        node_id=bytes.fromhex(cfg["node_id"]) if cfg.get("node_id") else None,
+        prestart=cfg.get("prestart"), labels=cfg.get("labels"), memory=cfg.get("memory"),
+        object_store_memory=cfg.get("object_store_memory"))
 
 
 if __name__ == "__main__":

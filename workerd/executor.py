@@ -39,6 +39,7 @@ from zray import _runtime, exceptions
 from zray._client import Client
 from zray._procutil import die_with_parent, setup_logging
 from zray._protocol import Msg
+from zray._refs import ObjectRef
 from zray._serialization import deserialize, serialize, task_error
 from zray.actor import ActorExit
 
@@ -279,9 +280,16 @@ class Executor:
         else:
             args, kwargs = [], {}
         pos += n_args
-        for (index, _), n in zip(spec[P.S_DEPS], layout):
-            value = deserialize(frames[pos:pos + n])
-            pos += n
+        client = self.client
+        for (index, oid), (n, loc) in zip(spec[P.S_DEPS], layout):
+            if loc is None:
+                value = deserialize(frames[pos:pos + n])
+                pos += n
+            elif loc == client.node_id:
+                kind, stored = client.store.read(oid)
+                value = deserialize(stored)
+            else:  # in another node's store: the broker copies it to ours first
+                value = client.get_values([ObjectRef(oid, b"", client)], None)[0]
             if isinstance(index, int):
                 args[index] = value
             else:
@@ -345,12 +353,17 @@ class Executor:
 
     def finish_values(self, spec, values):
         layout, frames, nested = [], [], []
+        task_id = spec[P.S_TASK_ID]
         try:
-            for v in values:
+            for i, v in enumerate(values, 1):
                 f, n = serialize(v)
+                nested.extend(n)
+                stored = self.client.store_frames(task_id + i.to_bytes(4, "little"), P.VALUE, f)
+                if stored is not None:  # large: written to this node's store
+                    layout.append((P.VALUE, 0, *stored))
+                    continue
                 layout.append((P.VALUE, len(f)))
                 frames.extend(f)
-                nested.extend(n)
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
             return

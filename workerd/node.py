@@ -32,6 +32,7 @@ import zmq
 
 from zray import _protocol as P
 from zray._protocol import Msg
+from zray._store import ObjectStore
 
 log = logging.getLogger("zray.node")
 
@@ -39,7 +40,8 @@ log = logging.getLogger("zray.node")
 class NodeAgent:
     def __init__(self, address: str, num_cpus: float, gpu_ids: list, resources: dict,
                  session_dir: str, node_id: bytes | None = None, prestart: int | None = None,
-                 labels: dict | None = None, memory: int | None = None):
+                 labels: dict | None = None, memory: int | None = None,
+                 object_store_memory: int | None = None):
         self.address = address
         self.node_id = node_id or os.urandom(8)
         self.session_dir = session_dir
@@ -57,6 +59,10 @@ class NodeAgent:
         self.labels = labels or {}
         self.prestart = int(num_cpus) if prestart is None else prestart
         self.prestart = max(0, min(self.prestart, 64))
+        total_mem = psutil.virtual_memory().total
+        self.store_limit = int(object_store_memory or total_mem * 0.3)
+        self.store = ObjectStore(self.node_id, self.store_limit)
+        self.store.create_dirs()
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, b"N" + self.node_id)
@@ -83,6 +89,7 @@ class NodeAgent:
             "pid": os.getpid(),
             "labels": self.labels,
             "prestart": self.prestart,
+            "store_limit": self.store_limit,
         }
         self.sock.send(P.pack(Msg.NODE_HELLO, P.VERSION, self.node_id, info))
 
@@ -109,6 +116,23 @@ class NodeAgent:
                 if out is not subprocess.DEVNULL:
                     out.close()
             self.procs[cid] = p
+
+    def fetch(self, oid: bytes, dest: bytes):
+        """Send an object's blob to the broker, which forwards it to ``dest``."""
+        try:
+            codec, data = self.store.blob(oid)
+        except OSError:
+            self.sock.send(P.pack(Msg.BLOB, oid, dest, -1))
+            return
+        self.sock.send_multipart([P.pack(Msg.BLOB, oid, dest, codec), data], copy=False)
+
+    def store_blob(self, oid: bytes, codec: int, payload: bytes):
+        try:
+            size = self.store.put_blob(oid, codec, payload)
+        except OSError:
+            log.exception("storing %s failed", oid.hex())
+            size = -1
+        self.sock.send(P.pack(Msg.STORED, oid, size))
 
     def kill(self, cid: bytes):
         p = self.procs.get(cid)
@@ -154,6 +178,19 @@ class NodeAgent:
                         self.spawn(int(h[1]))
                     elif t == Msg.KILL_EXEC:
                         self.kill(h[1])
+                    elif t == Msg.FETCH:
+                        self.fetch(h[1], h[2])
+                    elif t == Msg.STORE:
+                        self.store_blob(h[1], h[2], msg[1])
+                    elif t == Msg.FREE:
+                        for oid in h[1]:
+                            self.store.delete(oid)
+                    elif t == Msg.SPILL:
+                        for oid in h[1]:
+                            try:
+                                self.store.spill(oid)
+                            except OSError:
+                                log.exception("spilling %s failed", oid.hex())
                     elif t == Msg.SHUTDOWN:
                         log.info("broker asked this node to shut down")
                         self.running = False
@@ -185,12 +222,13 @@ class NodeAgent:
                 p.kill()
         self.sock.close(linger=100)
         self.ctx.term()
+        self.store.destroy()
 
 
 def run(address, num_cpus, gpu_ids, resources, session_dir, node_id=None, prestart=None,
-        labels=None, memory=None):
+        labels=None, memory=None, object_store_memory=None):
     agent = NodeAgent(address, num_cpus, gpu_ids, resources, session_dir, node_id, prestart,
-                      labels, memory)
+                      labels, memory, object_store_memory)
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
     agent.serve()

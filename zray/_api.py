@@ -100,8 +100,11 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
         else:
             detected = _procutil.detect_gpus()
             gpu_ids = detected[:int(num_gpus)] if len(detected) >= num_gpus else [str(i) for i in range(int(num_gpus))]
+        osm = kwargs.get("object_store_memory")
+        if osm is not None and (not isinstance(osm, int) or osm <= 0):
+            raise ValueError(f"object_store_memory must be a positive number of bytes, got {osm!r}")
         cluster = LocalCluster(cpus, gpu_ids, resources or {}, labels=kwargs.get("labels"),
-                               memory=kwargs.get("_memory"))
+                               memory=kwargs.get("_memory"), object_store_memory=osm)
         resolved = cluster.address
     else:
         if num_cpus is not None or num_gpus is not None or resources:
@@ -110,7 +113,8 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     from zray._client import Client
 
     try:
-        client = Client(resolved, kind="driver", connect_timeout=30 if cluster else 10)
+        client = Client(resolved, kind="driver", connect_timeout=30 if cluster else 10,
+                        node_id=cluster.node_id if cluster else b"")
     except Exception:
         if cluster is not None:
             cluster.stop()
@@ -217,7 +221,7 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
     client = _runtime.require_client()
     refs = list(object_refs)
     try:
-        client.wait_objects(refs, num_returns, timeout)
+        client.wait_objects(refs, num_returns, timeout, fetch=False)
     except exceptions.GetTimeoutError:
         pass
     ready, not_ready = [], []

@@ -36,9 +36,24 @@ from zray import exceptions
 from zray import _protocol as P
 from zray._protocol import Msg
 from zray._serialization import deserialize, load_error, serialize
+from zray._store import INLINE_MAX, ObjectStore, parse_blob
+
+STORED = "stored"  # objects[oid] marker: the value is in this node's store
 
 log = logging.getLogger("zray.client")
 _CANCEL_SIGNALS = {signal.SIGUSR1}
+
+
+class _Either:
+    """`in` over two dicts (wait(): an object is ready here or on another node)."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __contains__(self, k):
+        return k in self.a or k in self.b
 
 
 class Client:
@@ -68,7 +83,9 @@ class Client:
         self._send_lock = threading.Lock()
         self.cond = threading.Condition(threading.Lock())
         self._ref_lock = threading.RLock()
-        self.objects: dict = {}
+        self.objects: dict = {}  # oid -> (kind, frames | STORED): readable here
+        self.remote_ready: dict = {}  # oid -> node id: ready, but in another node's store
+        self.store = ObjectStore(node_id) if node_id else None
         self.refcounts: dict = {}
         self._pending_release: list = []
         self._subscribed: set = set()
@@ -170,7 +187,19 @@ class Client:
             if mtype == Msg.OBJ:
                 oid = header[1]
                 if oid in self.refcounts or oid[:12] in self._streams:
-                    self.objects[oid] = (header[2], msg[1:])
+                    loc = header[3] if len(header) > 3 else None
+                    codec = header[4] if len(header) > 4 else None
+                    if codec is not None:
+                        self.objects[oid] = (header[2], parse_blob(codec, msg[1].buffer)[1])
+                    elif loc is None:
+                        self.objects[oid] = (header[2], msg[1:])
+                    elif loc == self.node_id:
+                        self.objects[oid] = (header[2], STORED)
+                    else:
+                        self.remote_ready[oid] = loc
+                        self._subscribed.discard(oid)
+                        notify = True
+                        continue
                     cbs = self._callbacks.pop(oid, None)
                     if cbs:
                         for cb in cbs:
@@ -226,6 +255,7 @@ class Client:
                 return
             self.refcounts.pop(oid, None)
             self.objects.pop(oid, None)
+            self.remote_ready.pop(oid, None)
             self._subscribed.discard(oid)
             if not self.closed:
                 self._pending_release.append(oid)
@@ -233,22 +263,66 @@ class Client:
     # ------------------------------------------------------------ objects
     def put(self, value, owner_ref_cls) -> object:
         oid = self.next_task_id() + b"\0\0\0\0"
-        frames, nested = serialize(value, copy_buffers=True)
+        frames, nested = serialize(value)
         ref = owner_ref_cls(oid, self.cid, self)
+        stored = self.store_frames(oid, P.VALUE, frames)
+        if stored is not None:
+            self.objects[oid] = (P.VALUE, STORED)
+            self.send(P.pack(Msg.PUT, oid, P.VALUE, nested, *stored))
+            return ref
+        # Small: copy buffers once so later changes to the caller's arrays don't leak in.
+        frames = [frames[0]] + [bytes(f) for f in frames[1:]]
         self.objects[oid] = (P.VALUE, frames)
         self.send(P.pack(Msg.PUT, oid, P.VALUE, nested), frames)
         return ref
 
+    def store_frames(self, oid: bytes, kind: int, frames: list):
+        """Write a large value into this node's store: (node_id, size), or None if it
+        is small and travels inline."""
+        if self.store is None:
+            return None
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size < INLINE_MAX:
+            return None
+        limit = self.info.get("store_limit") or 0
+        if limit and size > limit:
+            raise exceptions.ObjectStoreFullError(
+                f"Object of {size / 1e6:.1f} MB does not fit in the node's object store "
+                f"({limit / 1e6:.1f} MB, set with --object-store-memory / object_store_memory).")
+        try:
+            size = self.store.write(oid, kind, frames)
+        except OSError as e:
+            raise exceptions.ObjectStoreFullError(
+                f"Could not write a {size / 1e6:.1f} MB object to the object store: {e}") from e
+        return self.node_id, size
+
+    def read_local(self, oid: bytes):
+        kind, frames = self.objects[oid]
+        if frames is STORED:
+            try:
+                kind, frames = self.store.read(oid)
+            except FileNotFoundError:
+                return P.ERROR, serialize(exceptions.ObjectLostError(
+                    oid.hex(), f"Object {oid.hex()} is gone from this node's store"))[0]
+        return kind, frames
+
     def _subscribe(self, refs) -> None:
+        # Owned results are pushed to us unasked; subscribe for others' objects and
+        # for ours that are ready in another node's store (the broker fetches them).
+        cid, objects, sub, remote = self.cid, self.objects, self._subscribed, self.remote_ready
         want = [r.id for r in refs
-                if r.id not in self.objects and r.id not in self._subscribed]
+                if r.id not in objects and r.id not in sub and (r.owner != cid or r.id in remote)]
         if want:
             self._subscribed.update(want)
             self.send(P.pack(Msg.SUB, want))
 
-    def wait_objects(self, refs, num_ready: int, timeout: Optional[float]) -> None:
-        """Block until ``num_ready`` of ``refs`` are local (GetTimeoutError on timeout)."""
-        objects = self.objects
+    def wait_objects(self, refs, num_ready: int, timeout: Optional[float],
+                     fetch: bool = True) -> None:
+        """Block until ``num_ready`` of ``refs`` are local (GetTimeoutError on timeout).
+
+        With ``fetch=False`` (wait()), an object ready in another node's store counts.
+        """
+        objects = self.objects if fetch else _Either(self.objects, self.remote_ready)
         missing = [r for r in refs if r.id not in objects]
         if len(refs) - len(missing) >= num_ready:
             return
@@ -269,6 +343,8 @@ class Client:
                             i += 1
                         if i == len(missing):
                             return
+                        if missing[i].id in self.remote_ready:
+                            self._subscribe(missing[i:])
                     else:
                         missing = [r for r in missing if r.id not in objects]
                         if len(refs) - len(missing) >= num_ready:
@@ -296,13 +372,15 @@ class Client:
         objects = self.objects
         for r in refs:
             kind, frames = objects[r.id]
+            if frames is STORED:
+                kind, frames = self.read_local(r.id)
             if kind == P.ERROR:
                 raise load_error(frames)
             out.append(deserialize(frames))
         return out
 
     def is_ready(self, oid: bytes) -> bool:
-        return oid in self.objects
+        return oid in self.objects or oid in self.remote_ready
 
     def add_done_callback(self, ref, fut) -> None:
         def done():

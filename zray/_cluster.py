@@ -26,8 +26,10 @@ def _pythonpath() -> str:
 
 class LocalCluster:
     def __init__(self, num_cpus: float, gpu_ids: list, resources: dict,
-                 prestart: int | None = None, labels: dict | None = None, memory=None):
+                 prestart: int | None = None, labels: dict | None = None, memory=None,
+                 object_store_memory: int | None = None):
         self.session_dir = new_session_dir()
+        self.node_id = os.urandom(8)  # the driver shares this node's object store
         self.address = f"ipc://{self.session_dir}/broker.sock"
         env = dict(os.environ)
         env.update({
@@ -38,6 +40,7 @@ class LocalCluster:
             "ZRAY_NODE_CONFIG": json.dumps({
                 "num_cpus": num_cpus, "gpu_ids": gpu_ids, "resources": resources,
                 "prestart": prestart, "labels": labels or {}, "memory": memory,
+                "node_id": self.node_id.hex(), "object_store_memory": object_store_memory,
             }),
         })
         logs = os.path.join(self.session_dir, "logs")

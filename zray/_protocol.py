@@ -34,7 +34,8 @@ B->C  WELCOME    [WELCOME, info dict]
 C->B  READY      [READY]                                           executor on its out socket: idle
 C->B  FN         [FN, fid] + [blob]                                 register a pickled function/class
 C->B  SUBMIT     [SUBMIT, spec] + arg frames                        a task, actor creation or actor call
-C->B  PUT        [PUT, oid, kind, nested_oids] + object frames
+C->B  PUT        [PUT, oid, kind, nested_oids] + object frames, or
+                 [PUT, oid, kind, nested_oids, node_id]  a large value written to that node's store
 C->B  SUB        [SUB, oids]                                        push me these objects when ready
 C->B  RELEASE    [RELEASE, oids]                                    my last reference is gone
 C->B  CANCEL     [CANCEL, oid, force, recursive]
@@ -42,13 +43,18 @@ C->B  BLOCK      [BLOCK, task_id, returned] / UNBLOCK [UNBLOCK, task_id]
                  the task waits in get(): lend its CPU, and hand back the task ids
                  that were prefetched to this executor and have not started
 C->B  REJECT     [REJECT, task_id]  a prefetched EXEC arrived while blocked: queue it elsewhere
-C->B  DONE       [DONE, task_id, [(kind, nframes)...], nested] + frames   executor finished a task
+C->B  DONE       [DONE, task_id, [(kind, nframes[, node_id])...], nested, retryable] + frames
+                 executor finished a task; a return with node_id was written to that store
 C->B  YIELD      [YIELD, task_id, index, kind, nframes] + frames    streaming generator item
 C->B  LOG        [LOG, driver_cid, prefix, text]                    remote stdout/stderr
 C->B  REQ        [REQ, req_id, op, args]                            a query (cluster info, actors...)
 B->C  REPLY      [REPLY, req_id, ok, result]
-B->C  OBJ        [OBJ, oid, kind] + frames                           an object's value
-B->C  EXEC       (may arrive while the previous task runs: a prefetch)
+B->C  OBJ        [OBJ, oid, kind] + frames                           an object's value, or
+                 [OBJ, oid, kind, node_id]   it is in that node's store (read it if that is yours)
+                 [OBJ, oid, kind, None, codec] + [blob]   a stored object's blob, for a driver
+                 without a local store
+B->C  EXEC       dep layout: [[nframes, node_id|None]...]: inline frames or a store to read
+                 (may arrive while the previous task runs: a prefetch)
                  [EXEC, spec, fn_included] + ([blob] if fn_included) + arg frames + dep frames
 B->C  CANCEL     [CANCEL, task_id, force]                            interrupt a running task
 B->C  STREAM_END [STREAM_END, task_id, count]
@@ -59,6 +65,11 @@ B->N  WELCOME    [WELCOME, info]  the node starts its executors only after this
 B->N  SPAWN      [SPAWN, count]                                      start more executor processes
 N->B  EXEC_DIED  [EXEC_DIED, cid, exit_code]
 B->N  KILL_EXEC  [KILL_EXEC, cid]
+B->N  FETCH      [FETCH, oid, dest]             send me this object's blob (dest: b"N"+node or b"C"+cid)
+N->B  BLOB       [BLOB, oid, dest, codec] + [blob]   codec RAW/LZ4; -1 (no frame): not here
+B->N  STORE      [STORE, oid, codec] + [blob]    write this blob into your store
+N->B  STORED     [STORED, oid, size]            (size -1: failed)
+B->N  FREE       [FREE, oids]  /  SPILL [SPILL, oids]   delete / move to disk
 *<->B HEARTBEAT  [HEARTBEAT]  every HEARTBEAT_S; a node silent for NODE_TIMEOUT_S is dead
 B->*  SHUTDOWN   [SHUTDOWN]
 
@@ -108,6 +119,12 @@ class Msg(enum.IntEnum):
     HEARTBEAT = 25
     SHUTDOWN = 26
     REJECT = 27
+    FETCH = 28
+    BLOB = 29
+    STORE = 30
+    STORED = 31
+    FREE = 32
+    SPILL = 33
 
 
 # Task kinds inside a SUBMIT spec.
