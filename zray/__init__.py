@@ -18,6 +18,7 @@ from zray._api import (
     init,
     is_initialized,
     kill,
+    memory_summary,
     nodes,
     put,
     remote,
@@ -34,5 +35,5 @@ __all__ = [
     "ActorClass", "ActorHandle", "ObjectRef", "ObjectRefGenerator", "RuntimeContext",
     "available_resources", "cancel", "cluster_resources", "exceptions", "exit_actor", "get",
     "get_actor", "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "kill",
-    "method", "nodes", "put", "remote", "shutdown", "timeline", "wait", "__version__",
+    "memory_summary", "method", "nodes", "put", "remote", "shutdown", "timeline", "wait", "__version__",
 ]

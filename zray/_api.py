@@ -389,6 +389,12 @@ def get_runtime_context() -> RuntimeContext:
     return RuntimeContext()
 
 
+def memory_summary(top: int = 10) -> dict:
+    """Object store use per node (objects, bytes in memory and spilled) and the
+    largest objects with their owners; `zray memory` prints the same."""
+    return _runtime.require_client().request("memory", {"top": top})
+
+
 def timeline(filename=None):
     raise NotImplementedError("timeline() is not supported by zray")
 

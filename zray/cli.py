@@ -134,6 +134,37 @@ def status(address):
 
 
 @main.command()
+@click.option("--address", default=None, help="Broker address (default: auto).")
+@click.option("--top", default=10, show_default=True, help="How many of the largest objects to list.")
+def memory(address, top):
+    """Per-node object store use: objects, bytes in memory, bytes spilled, largest objects."""
+    from zray import _protocol as P
+
+    c = _client(address)
+    try:
+        m = c.request("memory", {"top": top})
+        c.send(P.pack(P.Msg.EXIT))
+    finally:
+        c.close()
+    click.echo(format_memory(m))
+
+
+def format_memory(m: dict) -> str:
+    lines = ["Object store use per node:"]
+    for n in m["nodes"]:
+        lines.append(f"  {n['node_id']}  objects {n['objects']:>6}  in memory "
+                     f"{n['bytes_in_memory'] / 1e6:10.1f} MB / {n['store_limit'] / 1e6:.0f} MB  "
+                     f"spilled {n['bytes_spilled'] / 1e6:10.1f} MB")
+    lines.append(f"Small objects held by the broker: {m['inline_objects']} "
+                 f"({m['inline_bytes'] / 1e6:.1f} MB)")
+    lines.append("Largest objects:")
+    for o in m["largest"]:
+        lines.append(f"  {o['object_id']}  {o['size'] / 1e6:10.2f} MB  owner {o['owner_kind']} "
+                     f"pid={o['owner_pid']}  on {','.join(n[:8] for n in o['nodes']) or 'broker'}")
+    return "\n".join(lines)
+
+
+@main.command()
 @click.option("--filter", "filter_", default="", help="Run only cases whose name contains this.")
 @click.option("--repeat", default=3, show_default=True, help="Repetitions per case.")
 def microbenchmark(filter_, repeat):
