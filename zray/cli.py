@@ -67,8 +67,10 @@ def broker(host: str, port: int, session_dir: str | None):
               help="GPUs to offer (default: detected).")
 @click.option("--resources", default="{}", help='Custom resources as JSON, e.g. \'{"ssd": 1}\'.')
 @click.option("--prestart", default=None, type=int, help="Executors to keep warm (default: one per CPU).")
+@click.option("--object-store-memory", default=None, type=int,
+              help="Bytes of shared memory for the object store before spilling (default: 30% of RAM).")
 @click.option("--session-dir", default=None, help="Where logs go (default: a new private dir).")
-def worker(address, num_cpus, gpus, resources, prestart, session_dir):
+def worker(address, num_cpus, gpus, resources, prestart, object_store_memory, session_dir):
     """Run a worker daemon (node agent) in the foreground."""
     from zray._procutil import detect_gpus, new_session_dir, setup_logging
 
@@ -91,8 +93,10 @@ def worker(address, num_cpus, gpus, resources, prestart, session_dir):
     setup_logging("node", os.path.join(session_dir, "logs"))
     from workerd.node import run
 
+    if object_store_memory is not None and object_store_memory <= 0:
+        raise click.BadParameter("--object-store-memory must be a positive number of bytes")
     run(_resolve(address), num_cpus if num_cpus is not None else os.cpu_count() or 1, gpu_ids,
-        res, session_dir, prestart=prestart)
+        res, session_dir, prestart=prestart, object_store_memory=object_store_memory)
 
 
 def _client(address):
