@@ -54,6 +54,7 @@ from brokerd.records import (
 from zray import _protocol as P
 from zray import exceptions
 from zray._protocol import Msg
+from zray._security import ServerAuth, create_key_file, needs_curve
 from zray._serialization import serialize_error
 
 log = logging.getLogger("zray.broker")
@@ -76,6 +77,12 @@ class Broker:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # Leave room for a 200 MB blob plus headroom; anything bigger is dropped by
+        # libzmq before it costs us memory (malformed or hostile peers).
+        self.sock.setsockopt(zmq.MAXMSGSIZE, int(os.environ.get("ZRAY_MAX_MSG_BYTES", 1 << 40)))
+        self.auth = None
+        if needs_curve(address):
+            self.auth = ServerAuth(self.ctx, self.sock, create_key_file())
         if address.startswith("tcp://") and address.rsplit(":", 1)[1] in ("0", "*"):
             port = self.sock.bind_to_random_port(address.rsplit(":", 1)[0])
             self.address = f"{address.rsplit(':', 1)[0]}:{port}"
@@ -168,6 +175,8 @@ class Broker:
             self.send(cid + b"i", P.pack(Msg.SHUTDOWN))
         time.sleep(0.05)  # let the SHUTDOWN frames leave before the socket closes
         self.sock.close(linger=200)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
     def send(self, ident: bytes, header: bytes, frames=()) -> bool:

@@ -32,6 +32,7 @@ import zmq
 
 from zray import _protocol as P
 from zray._protocol import Msg
+from zray._security import secure_client
 from zray._store import ObjectStore
 
 log = logging.getLogger("zray.node")
@@ -69,6 +70,7 @@ class NodeAgent:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 500)
+        secure_client(self.sock, address, wait=15.0)
         self.sock.connect(address)
         self.last_broker = time.monotonic()
         self.welcomed = False

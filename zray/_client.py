@@ -35,6 +35,7 @@ import zmq
 from zray import exceptions
 from zray import _protocol as P
 from zray._protocol import Msg
+from zray._security import secure_client
 from zray._serialization import deserialize, load_error, serialize
 from zray._store import INLINE_MAX, ObjectStore, parse_blob
 
@@ -110,6 +111,7 @@ class Client:
         s.setsockopt(zmq.SNDHWM, 0)
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.LINGER, 2000)
+        secure_client(s, self.address, wait=5.0)
         s.connect(self.address)
         return s
 

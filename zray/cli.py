@@ -31,9 +31,22 @@ def main():
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=6380, show_default=True, type=int, help="TCP port (0: any free one).")
 @click.option("--session-dir", default=None, help="Where logs go (default: a new private dir).")
-def broker(host: str, port: int, session_dir: str | None):
-    """Run the broker in the foreground (SIGTERM/SIGINT stop it)."""
+@click.option("--key-file", default=None,
+              help="Cluster key file (default: ~/.zray/cluster.key, created if missing).")
+@click.option("--insecure", is_flag=True, help="No CURVE authentication/encryption (trusted networks only).")
+def broker(host: str, port: int, session_dir: str | None, key_file: str | None, insecure: bool):
+    """Run the broker in the foreground (SIGTERM/SIGINT stop it).
+
+    Over TCP every connection must hold the cluster key (CURVE); copy the key
+    file to each worker and driver host.
+    """
     from zray._procutil import new_session_dir, setup_logging
+
+    if key_file:
+        os.environ["ZRAY_KEY_FILE"] = os.path.abspath(key_file)
+    if insecure:
+        os.environ["ZRAY_INSECURE"] = "1"
+        click.echo("WARNING: --insecure: anyone who can reach this port can run code here", err=True)
 
     session_dir = session_dir or new_session_dir()
     setup_logging("broker", os.path.join(session_dir, "logs"))
@@ -45,6 +58,10 @@ def broker(host: str, port: int, session_dir: str | None):
     with open(_address_file(), "w") as f:
         f.write(b.address)
     click.echo(f"zray broker listening on {b.address}", err=True)
+    if b.auth is not None:
+        from zray._security import key_file_path
+
+        click.echo(f"  CURVE on: workers and drivers need a copy of {key_file_path()}", err=True)
     click.echo(f"  connect workers:  zray worker --address {b.address}", err=True)
     click.echo(f"  connect drivers:  zray.init(address=\"{b.address}\")", err=True)
     signal.signal(signal.SIGTERM, b.stop)
@@ -70,8 +87,11 @@ def broker(host: str, port: int, session_dir: str | None):
 @click.option("--object-store-memory", default=None, type=int,
               help="Bytes of shared memory for the object store before spilling (default: 30% of RAM).")
 @click.option("--session-dir", default=None, help="Where logs go (default: a new private dir).")
-def worker(address, num_cpus, gpus, resources, prestart, object_store_memory, session_dir):
+@click.option("--key-file", default=None, help="Cluster key file (default: ~/.zray/cluster.key).")
+def worker(address, num_cpus, gpus, resources, prestart, object_store_memory, session_dir, key_file):
     """Run a worker daemon (node agent) in the foreground."""
+    if key_file:
+        os.environ["ZRAY_KEY_FILE"] = os.path.abspath(key_file)  # executors inherit it
     from zray._procutil import detect_gpus, new_session_dir, setup_logging
 
     try:
