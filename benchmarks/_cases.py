@@ -1,90 +1,44 @@
 """Case catalogue and process-memory helpers shared by compare_ray.py and _runner.py.
 
-Nothing here imports ray or zray, and psutil is imported lazily, so both the
-orchestrator and the per-backend runner processes can import this module
-whatever is installed in their interpreter.
+The case catalogue and workloads live in zray/_microbenchmark.py (shared
+with `zray microbenchmark`), loaded here by path.  Nothing here imports ray or
+zray, and psutil is imported lazily, so both the orchestrator and the
+per-backend runner processes can import this module whatever is installed in
+their interpreter.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import time
 
-# Each case: name (row in the table), unit, better ("higher" for rates, "lower"
-# for times and memory), phase ("startup": measured in a fresh process per
-# repeat; "steady": measured after one init() in a long-lived runner), the
-# corresponding `ray microbenchmark` name where one exists, and a description.
-CASES = [
-    # -- fresh-process cases -------------------------------------------------
-    dict(name="startup", unit="s", better="lower", phase="startup", ray_name=None,
-         desc="import + init(num_cpus=2) + first tiny task result, fresh process"),
-    dict(name="startup_init_only", unit="s", better="lower", phase="startup", ray_name=None,
-         desc="init(num_cpus=2) alone, fresh process (same runs as 'startup')"),
-    dict(name="idle_memory_mb", unit="MB", better="lower", phase="startup", ray_name=None,
-         desc="summed USS (RSS if USS unavailable) of driver tree + runtime "
-              "processes after init() and one tiny task"),
-    # -- object store ----------------------------------------------------------
-    dict(name="single_client_get_calls", unit="gets/s", better="higher", phase="steady",
-         ray_name="single client get calls (Plasma Store)",
-         desc="ray.get of one small put ref, repeated"),
-    dict(name="single_client_put_calls", unit="puts/s", better="higher", phase="steady",
-         ray_name="single client put calls (Plasma Store)",
-         desc="ray.put(0), repeated"),
-    dict(name="multi_client_put_calls", unit="puts/s", better="higher", phase="steady",
-         ray_name="multi client put calls (Plasma Store)",
-         desc="small puts made inside tasks: 10 tasks x 100 ray.put(0), gathered"),
-    dict(name="put_gigabytes", unit="GB/s", better="higher", phase="steady",
-         ray_name="single client put gigabytes",
-         desc="ray.put of a large int64 numpy array (--large-mb)"),
-    dict(name="get_gigabytes", unit="GB/s", better="higher", phase="steady",
-         ray_name=None,
-         desc="ray.get of a put large int64 numpy array (--large-mb); Ray returns a "
-              "zero-copy view of its shared-memory store, so this is not a copy rate"),
-    dict(name="get_object_containing_10k_refs", unit="gets/s", better="higher",
-         phase="steady", ray_name="single client get object containing 10k refs",
-         desc="ray.get of a task result that is a list of 10,000 refs (ray.put(1) each)"),
-    # -- tasks -----------------------------------------------------------------
-    dict(name="single_client_tasks_sync", unit="tasks/s", better="higher", phase="steady",
-         ray_name="single client tasks sync",
-         desc="submit 1 tiny task, get it, repeat"),
-    dict(name="single_client_tasks_async", unit="tasks/s", better="higher", phase="steady",
-         ray_name="single client tasks async",
-         desc="submit 1,000 tiny tasks then get them all"),
-    dict(name="single_client_tasks_and_get_batch", unit="batches/s", better="higher",
-         phase="steady", ray_name="single client tasks and get batch",
-         desc="one batch = 1,000 tiny tasks gathered in one get (Ray reports batches/s)"),
-    dict(name="single_client_wait_1k_refs", unit="waits/s", better="higher", phase="steady",
-         ray_name=None,
-         desc="submit 1,000 tiny tasks, one ray.wait(refs, num_returns=1000)"),
-    dict(name="single_client_wait_1k_refs_one_by_one", unit="ops/s", better="higher",
-         phase="steady", ray_name="single client wait 1k refs",
-         desc="Ray's shape: submit 1,000 tiny tasks, then 1,000 x ray.wait(not_ready)"),
-    # -- actors ----------------------------------------------------------------
-    dict(name="1_1_actor_calls_sync", unit="calls/s", better="higher", phase="steady",
-         ray_name="1:1 actor calls sync",
-         desc="one call on one actor, get, repeat"),
-    dict(name="1_1_actor_calls_async", unit="calls/s", better="higher", phase="steady",
-         ray_name="1:1 actor calls async",
-         desc="1,000 calls on one actor, then get them all"),
-    dict(name="1_1_actor_calls_concurrent", unit="calls/s", better="higher", phase="steady",
-         ray_name="1:1 actor calls concurrent",
-         desc="as 1_1_actor_calls_async on an actor with .options(max_concurrency=16)"),
-    dict(name="1_n_actor_calls_async", unit="calls/s", better="higher", phase="steady",
-         ray_name="1:n actor calls async",
-         desc="a client actor makes 1,000 calls on each of N server actors and gets them"),
-    dict(name="n_n_actor_calls_async", unit="calls/s", better="higher", phase="steady",
-         ray_name="n:n actor calls async",
-         desc="4 tasks each make 1,000 calls spread over N actors (handles passed as arg)"),
-    dict(name="1_1_async_actor_calls_sync", unit="calls/s", better="higher", phase="steady",
-         ray_name="1:1 async-actor calls sync",
-         desc="one call on an asyncio actor (async def method), get, repeat"),
-    dict(name="1_1_async_actor_calls_async", unit="calls/s", better="higher", phase="steady",
-         ray_name="1:1 async-actor calls async",
-         desc="1,000 calls on an asyncio actor, then get them all"),
-]
+HERE = os.path.dirname(os.path.abspath(__file__))
+MICROBENCHMARK_PATH = os.path.join(os.path.dirname(HERE), "zray", "_microbenchmark.py")
 
-CASE_BY_NAME = {c["name"]: c for c in CASES}
+
+def _load_microbenchmark():
+    """zray/_microbenchmark.py, loaded by path: it holds the case catalogue
+    and the workloads (shared with `zray microbenchmark`) and imports neither
+    ray nor zray, so this works under Ray's interpreter, where zray is not
+    importable.  It is deliberately not registered in sys.modules, so that
+    cloudpickle ships its workloads to workers by value under both runtimes."""
+    spec = importlib.util.spec_from_file_location("_zray_microbenchmark", MICROBENCHMARK_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+mb = _load_microbenchmark()
+
+# Each case: name (row in the table), title (`zray microbenchmark` row), unit,
+# better ("higher" for rates, "lower" for times and memory), phase
+# ("startup": measured in a fresh process per repeat; "steady": measured after
+# one init() in a long-lived runner), the corresponding `ray microbenchmark`
+# name where one exists, and a description.
+CASES = mb.CASES
+CASE_BY_NAME = mb.CASE_BY_NAME
 
 # Marker that prefixes every machine-readable line a runner prints on stdout,
 # so that anything the runtime itself prints there is ignored.
