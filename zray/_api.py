@@ -119,6 +119,8 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
         if cluster is not None:
             cluster.stop()
         raise
+    if cluster is not None:
+        _wait_for_node(client, cluster)
     _runtime.client = client
     _runtime.cluster = cluster
     _runtime.namespace = namespace or ("anon-" + client.cid.hex()[:8])
@@ -128,6 +130,22 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     if cluster is not None:
         log.info("Started a local zray instance at %s", resolved)
     return ctx
+
+
+def _wait_for_node(client, cluster, limit: float = 30.0) -> None:
+    """Return once the embedded node has joined, so resources are visible at once (as in Ray)."""
+    want = cluster.node_id.hex()
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if any(n["NodeID"] == want for n in client.request("nodes")):
+            return
+        if not cluster.alive():
+            break
+        with client.cond:
+            client.cond.wait(0.01)
+    client.close()
+    cluster.stop()
+    raise RuntimeError(f"the local zray node did not start; see the logs in {cluster.session_dir}/logs")
 
 
 def is_initialized() -> bool:
