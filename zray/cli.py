@@ -195,7 +195,7 @@ def microbenchmark(filter_, repeat):
     """Ray's microbenchmark cases on an embedded local cluster."""
     from zray._microbenchmark import main as run_bench
 
-    run_bench(filter_, repeat)
+    sys.exit(run_bench(filter_, repeat))
 
 
 if __name__ == "__main__":
