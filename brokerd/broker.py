@@ -60,6 +60,7 @@ from zray._serialization import serialize_error
 log = logging.getLogger("zray.broker")
 
 ACTOR_EXIT_CODE = 13  # an executor exiting through exit_actor()
+IDLE_REAP_S = float(os.environ.get("ZRAY_IDLE_EXECUTOR_S", "30"))
 _EMPTY = b""
 
 
@@ -102,6 +103,7 @@ class Broker:
         self.dirty = False
         self.started = time.time()
         self.infeasible_warned: set = set()
+        self.reaped: set = set()  # executors told to exit for being idle
         self.handlers = {
             Msg.HELLO: self.on_hello,
             Msg.READY: self.on_ready,
@@ -218,6 +220,7 @@ class Broker:
         node = ex.node
         node.spawning = max(0, node.spawning - 1)
         ex.state = ExecState.IDLE
+        ex.idle_since = time.monotonic()
         node.idle.append(ex)
         self.dirty = True
 
@@ -252,6 +255,8 @@ class Broker:
 
     def check_liveness(self, now):
         for node in list(self.nodes.values()):
+            if node.idle:
+                self.reap_idle(node, now)
             if node.alive and now - node.last_seen > P.NODE_TIMEOUT_S:
                 log.warning("node %s missed heartbeats for %.0fs: declared dead",
                             node.node_id.hex(), now - node.last_seen)
@@ -858,8 +863,22 @@ class Broker:
         ex.task = None
         if ex.state == ExecState.BUSY:
             ex.state = ExecState.IDLE
+            ex.idle_since = time.monotonic()
             ex.node.idle.append(ex)
             self.dirty = True
+
+    def reap_idle(self, node: Node, now: float):
+        """Let pool executors beyond one per CPU go after IDLE_REAP_S idle (a burst of
+        blocked nested tasks grows the pool; it should not stay grown)."""
+        keep = max(1, int(node.total.get("CPU", 0) // P.UNIT))
+        while len(node.idle) > keep and now - node.idle[0].idle_since > IDLE_REAP_S:
+            ex = node.idle.pop(0)  # the longest idle (the stack's bottom)
+            ex.state = ExecState.DEAD
+            self.executors.pop(ex.cid, None)
+            self.clients.pop(ex.cid, None)
+            node.executors.pop(ex.cid, None)
+            self.reaped.add(ex.cid)
+            self.send(ex.cid + b"i", P.pack(Msg.EXIT))
 
     def requeue(self, task: Task):
         task.executor = None
@@ -1002,6 +1021,9 @@ class Broker:
         _, cid, code = h[:3]
         node = self.nodes.get(ident[1:])
         ex = self.executors.get(cid)
+        if cid in self.reaped:
+            self.reaped.discard(cid)
+            return
         if ex is None:
             if node is not None:
                 node.spawning = max(0, node.spawning - 1)

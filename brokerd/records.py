@@ -85,6 +85,7 @@ class Executor:
     fns: set = field(default_factory=set)  # function ids this process has loaded
     prefetch: Optional["Task"] = None  # next task, sent ahead; starts when `task` is DONE
     blocked: bool = False  # its task waits in get(): no prefetching
+    idle_since: float = 0.0
 
 
 @dataclass(eq=False)

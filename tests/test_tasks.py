@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import textwrap
 
 import numpy as np
 import psutil
@@ -944,3 +945,35 @@ def test_recursive_tasks_with_prefetch_do_not_deadlock(ray_local):
         return sum(zray.get([fib.remote(n - 1), fib.remote(n - 2)]))
 
     assert zray.get(fib.remote(9), timeout=100) == 34
+
+
+@pytest.mark.timeout(120)
+def test_idle_executors_beyond_cpu_count_are_reaped(tmp_path):
+    # Blocked parents make the pool grow past num_cpus; once idle, the extra
+    # executors must go (here after 1 s instead of the default 30 s).
+    script = tmp_path / "grow.py"
+    script.write_text(textwrap.dedent("""
+        import time, zray
+        zray.init(num_cpus=2)
+
+        @zray.remote
+        def child():
+            return 1
+
+        @zray.remote
+        def parent():
+            return zray.get(child.remote())
+
+        assert zray.get([parent.remote() for _ in range(6)]) == [1] * 6
+        peak = zray.nodes()[0]["Executors"]
+        deadline = time.time() + 30
+        while zray.nodes()[0]["Executors"] > 2 and time.time() < deadline:
+            time.sleep(0.2)
+        print("PEAK", peak, "AFTER", zray.nodes()[0]["Executors"])
+    """))
+    env = dict(os.environ, ZRAY_IDLE_EXECUTOR_S="1")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=100)
+    assert res.returncode == 0, res.stdout + res.stderr
+    peak, after = res.stdout.split()[1], res.stdout.split()[3]
+    assert int(peak) > 2 and int(after) == 2, res.stdout
