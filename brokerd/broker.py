@@ -275,9 +275,12 @@ class Broker:
                 del obj.locations[nid]
                 if not obj.locations:
                     obj.lost = True
-                for dest in [d for d in obj.inflight if d == b"N" + nid]:
-                    for cid in obj.inflight.pop(dest):
-                        self.deliver(cid, obj, True)
+            # Transfers to or from the dead node will never finish: start them again
+            # from another copy, or fail them with ObjectLostError.
+            for dest in [d for d, src in obj.inflight_src.items() if src == nid or d == b"N" + nid]:
+                obj.inflight_src.pop(dest, None)
+                for cid in obj.inflight.pop(dest, []):
+                    self.deliver(cid, obj, True)
         for ex in list(node.executors.values()):
             self.executor_dead(ex, -9, reason=f"node {node.node_id.hex()} died")
         self.dirty = True
@@ -378,6 +381,7 @@ class Broker:
             node = self.nodes.get(node_id)
             if node is not None and node.alive:
                 obj.inflight[dest] = [cid]
+                obj.inflight_src[dest] = node_id
                 self.send(node.ident, P.pack(Msg.FETCH, obj.oid, dest))
                 return
         self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, P.ERROR), self.lost_error(obj.oid))
@@ -394,6 +398,7 @@ class Broker:
         if codec < 0:  # the source did not have it after all
             obj.locations.pop(ident[1:], None)
             waiting = obj.inflight.pop(dest, [])
+            obj.inflight_src.pop(dest, None)
             if not obj.locations:
                 obj.lost = True
             for cid in waiting:
@@ -1232,7 +1237,7 @@ class Broker:
             "NodeID": n.node_id.hex(), "Alive": n.alive, "NodeManagerHostname": n.hostname,
             "NodeManagerAddress": n.address or n.hostname, "Resources": P.from_units(n.total),
             "Available": P.from_units(n.avail), "Labels": n.labels, "Pid": n.pid,
-            "Executors": len(n.executors), "Running": n.running,
+            "Executors": len(n.executors), "Running": n.running, "StoreLimit": n.store_limit,
         } for n in self.nodes.values()]
 
     def req_status(self, cid, args):

@@ -127,6 +127,7 @@ class Obj:
     subscribers: list = field(default_factory=list)  # cids to push it to
     locations: dict = field(default_factory=dict)  # node_id -> size: stores holding it
     inflight: dict = field(default_factory=dict)  # transfer dest -> [cids waiting]
+    inflight_src: dict = field(default_factory=dict)  # transfer dest -> source node id
     lost: bool = False
 
 

@@ -294,7 +294,9 @@ class Executor:
                 value = deserialize(stored)
             else:  # in another node's store: the broker copies it to ours first
                 value = client.get_values([ObjectRef(oid, b"", client)], None)[0]
-            if isinstance(index, int):
+            if index == -1:  # the whole (args, kwargs), too large to travel inline
+                args, kwargs = list(value[0]), value[1]
+            elif isinstance(index, int):
                 args[index] = value
             else:
                 kwargs[index] = value

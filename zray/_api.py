@@ -137,8 +137,11 @@ def _wait_for_node(client, cluster, limit: float = 30.0) -> None:
     want = cluster.node_id.hex()
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        if any(n["NodeID"] == want for n in client.request("nodes")):
-            return
+        for n in client.request("nodes"):
+            if n["NodeID"] == want:
+                # The driver writes large puts into this node's store: learn its size.
+                client.info["store_limit"] = n.get("StoreLimit", 0)
+                return
         if not cluster.alive():
             break
         with client.cond:

@@ -44,10 +44,16 @@ class _Definition:
         return self.fid
 
 
-def serialize_args(args: tuple, kwargs: dict):
-    """(frames, deps, nested): top-level ObjectRefs become deps resolved by the broker."""
+def serialize_args(args: tuple, kwargs: dict, client):
+    """(frames, deps, nested, keep): top-level ObjectRefs become deps resolved by the broker.
+
+    Large arguments (numpy arrays passed by value) are written to the node's
+    object store like a put, and the task gets them as dep ``-1``: they never
+    pass through the broker. ``keep`` holds that object's ref until the task
+    is submitted (the broker pins it from then on).
+    """
     if not args and not kwargs:
-        return [], [], []
+        return [], [], [], None
     deps = []
     if args:
         args = list(args)
@@ -62,7 +68,14 @@ def serialize_args(args: tuple, kwargs: dict):
                 deps.append([k, v.id])
                 kwargs[k] = None
     frames, nested = serialize((args, kwargs))
-    return frames, deps, nested
+    if client.store is not None and len(frames) > 1:
+        oid = client.next_task_id() + b"\0\0\0\0"
+        stored = client.store_frames(oid, P.VALUE, frames)
+        if stored is not None:
+            keep = ObjectRef(oid, client.cid, client)
+            client.send(P.pack(Msg.PUT, oid, P.VALUE, nested, *stored))
+            return [], [[-1, oid]] + deps, [], keep
+    return frames, deps, nested, None
 
 
 def make_spec(client, kind, fid, name, nret, resources, opts, deps, nested, actor_id=b""):
@@ -132,7 +145,7 @@ class RemoteFunction:
 
     def _submit(self, client, prep, name, args, kwargs):
         fid = self._def.ensure(client)
-        frames, deps, nested = serialize_args(args, kwargs)
+        frames, deps, nested, _keep = serialize_args(args, kwargs, client)
         task_id, spec = make_spec(client, P.TASK, fid, name, prep.nret, prep.resources,
                                   prep.opts, deps, nested)
         refs = return_refs(client, task_id, prep.nret)

@@ -86,7 +86,7 @@ class ActorClass:
                 raise ValueError(f"Actor with name {name!r} already exists in namespace "
                                  f"{namespace!r}; use get_if_exists=True to get it.")
         fid = self._def.ensure(client)
-        frames, deps, nested = serialize_args(args, kwargs)
+        frames, deps, nested, _keep = serialize_args(args, kwargs, client)
         explicit = options.get("num_cpus")
         place = _options.resource_units(options, 1 if explicit is None else explicit)
         hold = _options.resource_units(options, 0 if explicit is None else explicit)
@@ -185,7 +185,7 @@ class ActorMethod:
 
     def remote(self, *args, **kwargs):
         client = _runtime.require_client()
-        frames, deps, nested = serialize_args(args, kwargs)
+        frames, deps, nested, _keep = serialize_args(args, kwargs, client)
         task_id, spec = make_spec(client, P.ACTOR_CALL, self._name, self._qualname, self._nret,
                                   {}, _EMPTY_OPTS, deps, nested, self._handle._actor_id)
         refs = return_refs(client, task_id, self._nret)
