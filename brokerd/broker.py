@@ -43,8 +43,8 @@ from brokerd.records import (
     Actor,
     ActorState,
     ClientInfo,
-    Executor,
     ExecState,
+    Executor,
     Node,
     Obj,
     ObjState,
@@ -173,10 +173,9 @@ class Broker:
     def shutdown(self):
         for node in list(self.nodes.values()):
             self.send(node.ident, P.pack(Msg.SHUTDOWN))
-        for cid, c in list(self.clients.items()):
+        for cid in list(self.clients):
             self.send(cid + b"i", P.pack(Msg.SHUTDOWN))
-        time.sleep(0.05)  # let the SHUTDOWN frames leave before the socket closes
-        self.sock.close(linger=200)
+        self.sock.close(linger=200)  # linger: the SHUTDOWN frames still leave
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
@@ -830,7 +829,7 @@ class Broker:
             self.finish_stream(task, frames if layout and layout[0][0] == P.ERROR else None)
             return
         pos = 0
-        for oid, item in zip(task.returns, layout):
+        for oid, item in zip(task.returns, layout, strict=False):  # errors: 1 item for 0 returns
             kind, n = item[0], item[1]
             obj = self.objects.get(oid)
             part = frames[pos:pos + n]

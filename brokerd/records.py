@@ -3,7 +3,7 @@
 Task states::
 
     WAITING_ARGS --deps ready--> QUEUED --placed--> RUNNING --DONE--> FINISHED
-                                   |  \--prefetched--> ASSIGNED --previous DONE--> RUNNING
+                                   |  \\--prefetched--> ASSIGNED --previous DONE--> RUNNING
          |                         |                  |  \\--crash, retries left--> QUEUED
          +--------- cancel --------+------------------+--> CANCELLED / FAILED
 

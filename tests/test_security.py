@@ -7,8 +7,8 @@ import textwrap
 
 import psutil
 import pytest
-
 from test_cli_cluster import _free_port, _zray_cmd
+
 from zray._security import create_key_file
 
 DRIVER = textwrap.dedent("""

@@ -17,8 +17,8 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import textwrap
+import time
 
 import numpy as np
 import psutil

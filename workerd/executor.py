@@ -23,6 +23,7 @@ What user code prints is sent to the driver at the root of the call, prefixed
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import os
@@ -30,7 +31,6 @@ import queue
 import signal
 import sys
 import threading
-import concurrent.futures
 
 import cloudpickle
 
@@ -285,7 +285,7 @@ class Executor:
             args, kwargs = [], {}
         pos += n_args
         client = self.client
-        for (index, oid), (n, loc) in zip(spec[P.S_DEPS], layout):
+        for (index, oid), (n, loc) in zip(spec[P.S_DEPS], layout, strict=True):
             if loc is None:
                 value = deserialize(frames[pos:pos + n])
                 pos += n

@@ -32,8 +32,8 @@ from typing import Callable, Optional
 
 import zmq
 
-from zray import exceptions
 from zray import _protocol as P
+from zray import exceptions
 from zray._protocol import Msg
 from zray._security import secure_client
 from zray._serialization import deserialize, load_error, serialize

@@ -84,7 +84,7 @@ class ObjectStore:
         try:
             os.ftruncate(fd, total)
             os.pwrite(fd, _HDR.pack(MAGIC, len(header)) + header, 0)
-            for off, f in zip(layout, frames):
+            for off, f in zip(layout, frames, strict=True):
                 mv = memoryview(f).cast("B")
                 done = 0
                 while done < mv.nbytes:

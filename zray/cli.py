@@ -50,9 +50,9 @@ def broker(host: str, port: int, session_dir: str | None, key_file: str | None, 
 
     session_dir = session_dir or new_session_dir()
     setup_logging("broker", os.path.join(session_dir, "logs"))
-    from brokerd.broker import Broker, run  # noqa: F401
-
     import signal
+
+    from brokerd.broker import Broker, run  # noqa: F401
 
     b = Broker(f"tcp://{host}:{port}", session_dir)
     with open(_address_file(), "w") as f:
