@@ -251,6 +251,7 @@ class Broker:
             c = self.clients.get(ident[:-1])
             if c is not None:
                 c.last_seen = time.monotonic()
+                self.send(ident, P.pack(Msg.HEARTBEAT))
 
     def check_liveness(self, now):
         for node in list(self.nodes.values()):

@@ -977,3 +977,29 @@ def test_idle_executors_beyond_cpu_count_are_reaped(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     peak, after = res.stdout.split()[1], res.stdout.split()[3]
     assert int(peak) > 2 and int(after) == 2, res.stdout
+
+
+@pytest.mark.timeout(90)
+def test_get_fails_instead_of_hanging_when_the_broker_dies(tmp_path):
+    script = tmp_path / "lose_broker.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, time, zray
+        zray.init(num_cpus=1)
+
+        @zray.remote
+        def slow():
+            time.sleep(120)
+
+        ref = slow.remote()
+        broker = zray._runtime.cluster.procs[0]
+        os.kill(broker.pid, signal.SIGKILL)
+        t = time.time()
+        try:
+            zray.get(ref)
+        except zray.exceptions.RaySystemError as e:
+            print("RAISED", round(time.time() - t), e)
+    """))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=80)
+    assert "RAISED" in res.stdout, res.stdout + res.stderr
+    assert "lost contact" in res.stdout
+    assert int(res.stdout.split()[1]) <= 30

@@ -97,6 +97,8 @@ class Client:
         self.current_task_name = ""
         self.current_actor_id = b""
         self.closed = False
+        self.broker_gone = False
+        self.last_broker = time.monotonic()
         self.mask_signals = kind == "executor"
         self.on_block: Optional[Callable] = None  # executor: hand back prefetched tasks
         self.on_unblock: Optional[Callable] = None
@@ -155,6 +157,7 @@ class Client:
         while not self.closed:
             try:
                 if inbox.poll(500):
+                    self.last_broker = time.monotonic()
                     batch = []
                     while True:
                         try:
@@ -167,9 +170,19 @@ class Client:
                     with self._send_lock:
                         if self._pending_release:
                             self._flush_release_locked()
-                if now - last_hb > P.HEARTBEAT_S and self.kind == "driver":
+                if now - last_hb > P.HEARTBEAT_S:
                     inbox.send(P.pack(Msg.HEARTBEAT))
                     last_hb = now
+                    if now - self.last_broker > P.BROKER_TIMEOUT_S and not self.broker_gone:
+                        # The broker answers every heartbeat: it is gone (or restarted
+                        # and forgot us). Fail waiters instead of hanging forever.
+                        log.error("no word from the zray broker at %s for %.0fs", self.address,
+                                  now - self.last_broker)
+                        self.broker_gone = True
+                        if self._on_exec is not None:
+                            self._on_exec([Msg.EXIT], [])
+                        with self.cond:
+                            self.cond.notify_all()
             except zmq.ContextTerminated:
                 return
             except Exception:  # never let the I/O thread die silently
@@ -351,8 +364,9 @@ class Client:
                         missing = [r for r in missing if r.id not in objects]
                         if len(refs) - len(missing) >= num_ready:
                             return
-                    if getattr(self, "broker_gone", False):
-                        raise exceptions.RaySystemError("the zray broker shut down")
+                    if self.broker_gone:
+                        raise exceptions.RaySystemError(
+                            f"lost contact with the zray broker at {self.address}")
                     if deadline is None:
                         self.cond.wait(1.0)
                     else:
@@ -415,6 +429,9 @@ class Client:
                 end = self._streams.get(task_id)
                 if end is not None and index > end:
                     return None
+                if self.broker_gone:
+                    raise exceptions.RaySystemError(
+                        f"lost contact with the zray broker at {self.address}")
                 if deadline is not None and time.monotonic() >= deadline:
                     raise exceptions.GetTimeoutError("stream item not ready")
                 self.cond.wait(1.0)

@@ -70,7 +70,9 @@ N->B  BLOB       [BLOB, oid, dest, codec] + [blob]   codec RAW/LZ4; -1 (no frame
 B->N  STORE      [STORE, oid, codec] + [blob]    write this blob into your store
 N->B  STORED     [STORED, oid, size]            (size -1: failed)
 B->N  FREE       [FREE, oids]  /  SPILL [SPILL, oids]   delete / move to disk
-*<->B HEARTBEAT  [HEARTBEAT]  every HEARTBEAT_S; a node silent for NODE_TIMEOUT_S is dead
+*<->B HEARTBEAT  [HEARTBEAT]  every HEARTBEAT_S from nodes and clients, answered by the broker;
+                 a node silent for NODE_TIMEOUT_S is dead; a client that hears nothing
+                 for BROKER_TIMEOUT_S fails its waiters (executors exit)
 B->*  SHUTDOWN   [SHUTDOWN]
 
 A header that does not decode, or names an unknown type, is logged and dropped.
@@ -85,6 +87,7 @@ import msgpack
 VERSION = 1
 HEARTBEAT_S = 1.0
 NODE_TIMEOUT_S = 10.0
+BROKER_TIMEOUT_S = 15.0  # a client that hears nothing for this long gives the broker up
 
 # Object kinds.
 VALUE = 0
