@@ -703,3 +703,22 @@ def test_object_lost_when_its_only_node_dies(tcp_driver):
         _kill_sessions({victim.pid})
         if node_c:  # a SIGKILLed agent leaves its store dir behind
             shutil.rmtree(os.path.join(SHM_ROOT, node_c), ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_freed_files_are_recycled_but_never_under_a_live_view(local_ray):
+    # A view from get() must keep its bytes even after its object is freed and
+    # the store recycles freed files for new puts of the same size.
+    kept = zray.get(zray.put(np.full(1_000_000, 7.0)))
+    ref = zray.put(np.full(1_000_000, 3.0))
+    del ref  # freed: its file may be recycled, nobody maps it
+    store = zray._runtime.client.store
+    for i in range(50):
+        r = zray.put(np.full(1_000_000, float(i)))
+        assert zray.get(r)[0] == float(i)
+        del r
+    assert (kept == 7.0).all()
+    deadline = time.time() + 10
+    while not os.listdir(store.free_dir) and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(store.free_dir), "freed files should be kept for reuse"

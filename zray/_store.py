@@ -16,12 +16,21 @@ reader that already mapped it keeps a valid mapping, and a reader that comes
 later falls back to the spill file. Only the node agent spills and deletes;
 any process on the node may write new objects and read.
 
+Fresh tmpfs pages cost: writing 8 MB into a new file runs at ~2 GB/s here,
+into an existing one at ~12 GB/s. So a freed object's file is not deleted but
+moved to ``<store>/free/`` (up to ``POOL_FRACTION`` of the store), and the
+next writer of a similar size takes it over with an atomic rename. A file is
+only recycled if no process maps it: readers hold a shared ``flock`` on it as
+long as any view of the mapping lives, and the node agent recycles a file
+only when it gets the exclusive lock without waiting; otherwise it unlinks it.
+
 Between nodes an object travels as one blob (the file's bytes), lz4-compressed
 when a sample shows that compression pays.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -34,6 +43,12 @@ ALIGN = 64
 INLINE_MAX = 100 * 1024  # values at least this big go to the store (measured: see DESIGN notes)
 RAW = 0
 LZ4 = 1
+POOL_FRACTION = 0.2  # of the store limit, kept as recycled files
+POOL_MAX_FILES = 64
+
+
+class _Mapping(mmap.mmap):
+    """An mmap that keeps its file (and the file's shared lock) open while it lives."""
 _HDR = struct.Struct("<4sI")
 
 
@@ -55,12 +70,15 @@ class ObjectStore:
         self.limit = limit
         self.dir = os.path.join(_base("shm"), node_id.hex())
         self.spill_dir = os.path.join(_base("spill"), node_id.hex())
+        self.free_dir = os.path.join(self.dir, "free")
 
     def create_dirs(self):
         """Create this node's dirs (owner-only), first removing those of dead nodes."""
         for d in (self.dir, self.spill_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
             _remove_stale(os.path.dirname(d))
+        os.makedirs(self.free_dir, mode=0o700, exist_ok=True)
+        for d in (self.dir, self.spill_dir):
             with open(os.path.join(d, ".pid"), "w") as f:
                 f.write(str(os.getpid()))
 
@@ -80,7 +98,9 @@ class ObjectStore:
             pos += n
         total = pos
         tmp = self.path(oid) + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = self._recycled(tmp, total)
+        if fd is None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, total)
             os.pwrite(fd, _HDR.pack(MAGIC, len(header)) + header, 0)
@@ -100,18 +120,44 @@ class ObjectStore:
         os.rename(tmp, self.path(oid))
         return total
 
+    def _recycled(self, tmp: str, size: int):
+        """Take over a freed file of about ``size`` bytes (its pages are warm), or None."""
+        try:
+            names = os.listdir(self.free_dir)
+        except OSError:
+            return None
+        best = None
+        for name in names:
+            have = int(name.split("-", 1)[0])
+            if size <= have <= 2 * size + 65536 and (best is None or have < best[0]):
+                best = (have, name)
+        if best is None:
+            return None
+        try:
+            os.rename(os.path.join(self.free_dir, best[1]), tmp)  # atomic claim
+        except OSError:
+            return None  # another writer took it
+        fd = os.open(tmp, os.O_WRONLY)
+        if best[0] != size:
+            os.ftruncate(fd, size)
+        return fd
+
     # --------------------------------------------------------------- read
     def read(self, oid: bytes):
         """(kind, frames) of a stored object, frames as read-only memoryviews.
 
+        The views keep the file mapped and share-locked until the last one is gone.
         Raises FileNotFoundError when this node has no copy (in memory or spilled).
         """
         try:
-            with open(self.path(oid), "rb") as f:
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            return parse(memoryview(m))
+            f = open(self.path(oid), "rb")
         except FileNotFoundError:
-            pass
+            f = None
+        if f is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+            m = _Mapping(f.fileno(), 0, access=mmap.ACCESS_READ)
+            m.file = f
+            return parse(memoryview(m))
         with open(os.path.join(self.spill_dir, oid.hex()), "rb") as f:
             return parse(memoryview(lz4.frame.decompress(f.read())).toreadonly())
 
@@ -155,11 +201,37 @@ class ObjectStore:
         return len(data)
 
     def delete(self, oid: bytes) -> None:
-        for p in (self.path(oid), os.path.join(self.spill_dir, oid.hex())):
+        """Free an object: recycle its memory file if no one maps it, else unlink it."""
+        path = self.path(oid)
+        if not self._recycle(path):
             try:
-                os.unlink(p)
+                os.unlink(path)
             except FileNotFoundError:
                 pass
+        try:
+            os.unlink(os.path.join(self.spill_dir, oid.hex()))
+        except FileNotFoundError:
+            pass
+
+    def _recycle(self, path: str) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a reader maps it
+            size = os.fstat(fd).st_size
+            pool = os.listdir(self.free_dir)
+            pooled = sum(int(n.split("-", 1)[0]) for n in pool)
+            if (len(pool) >= POOL_MAX_FILES or size < 65536
+                    or pooled + size > POOL_FRACTION * (self.limit or 1 << 30)):
+                return False
+            os.rename(path, os.path.join(self.free_dir, f"{size}-{os.urandom(6).hex()}"))
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def destroy(self) -> None:
         import shutil
