@@ -43,6 +43,11 @@ STORED = "stored"  # objects[oid] marker: the value is in this node's store
 
 log = logging.getLogger("zray.client")
 _CANCEL_SIGNALS = {signal.SIGUSR1}
+# Releases ride in batches: one RELEASE message per RELEASE_BATCH dropped refs or
+# per RELEASE_DELAY_MS, not one per ref (a sync loop would otherwise pay for an
+# extra message per call).
+RELEASE_BATCH = 256
+RELEASE_DELAY_MS = 100
 
 
 class _Either:
@@ -89,6 +94,7 @@ class Client:
         self.store = ObjectStore(node_id) if node_id else None
         self.refcounts: dict = {}
         self._pending_release: list = []
+        self._release_since = 0.0
         self._subscribed: set = set()
         self._replies: dict = {}
         self._streams: dict = {}  # task_id -> final count or None while running
@@ -135,7 +141,7 @@ class Client:
             old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
         try:
             with self._send_lock:
-                if self._pending_release:
+                if len(self._pending_release) >= RELEASE_BATCH:
                     self._flush_release_locked()
                 if frames:
                     self._out.send(header, zmq.SNDMORE)
@@ -156,7 +162,7 @@ class Client:
         last_hb = time.monotonic()
         while not self.closed:
             try:
-                if inbox.poll(500):
+                if inbox.poll(RELEASE_DELAY_MS if self._pending_release else 500):
                     self.last_broker = time.monotonic()
                     batch = []
                     while True:
@@ -166,7 +172,7 @@ class Client:
                             break
                     self._handle_batch(batch)
                 now = time.monotonic()
-                if self._pending_release:
+                if self._pending_release and now - self._release_since >= RELEASE_DELAY_MS / 1000:
                     with self._send_lock:
                         if self._pending_release:
                             self._flush_release_locked()
@@ -273,6 +279,8 @@ class Client:
             self.remote_ready.pop(oid, None)
             self._subscribed.discard(oid)
             if not self.closed:
+                if not self._pending_release:
+                    self._release_since = time.monotonic()
                 self._pending_release.append(oid)
 
     # ------------------------------------------------------------ objects
