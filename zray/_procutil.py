@@ -62,8 +62,11 @@ def new_session_dir() -> str:
     base = os.environ.get("ZRAY_TMPDIR") or os.path.join(tempfile.gettempdir(), f"zray-{os.getuid()}")
     os.makedirs(base, mode=0o700, exist_ok=True)
     os.chmod(base, 0o700)
+    _prune_sessions(base)
     path = tempfile.mkdtemp(prefix=time.strftime("session_%Y%m%d-%H%M%S_"), dir=base)
     os.makedirs(os.path.join(path, "logs"), exist_ok=True)
+    with open(os.path.join(path, ".pid"), "w") as f:  # in use while this process lives
+        f.write(str(os.getpid()))
     return path
 
 
@@ -80,3 +83,27 @@ def setup_logging(name: str, log_dir: str | None, level: int = logging.INFO, std
         h.setFormatter(fmt)
         root.addHandler(h)
     root.setLevel(level)
+
+
+def _prune_sessions(base: str, keep: int = 20, min_age_s: float = 3600.0) -> None:
+    """Delete old session dirs (logs of clusters long gone): all but the newest
+    ``keep``, and only those untouched for ``min_age_s``."""
+    import shutil
+
+    try:
+        entries = [e for e in os.scandir(base) if e.name.startswith("session_") and e.is_dir()]
+    except OSError:
+        return
+    entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    now = time.time()
+    for e in entries[keep:]:
+        try:
+            if now - e.stat().st_mtime <= min_age_s:
+                continue
+            with open(os.path.join(e.path, ".pid")) as f:
+                pid = int(f.read().strip() or 0)
+            os.kill(pid, 0)  # its creator lives: the cluster may still be running
+        except ProcessLookupError:
+            shutil.rmtree(e.path, ignore_errors=True)
+        except (OSError, ValueError):
+            pass
