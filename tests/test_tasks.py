@@ -1003,3 +1003,19 @@ def test_get_fails_instead_of_hanging_when_the_broker_dies(tmp_path):
     assert "RAISED" in res.stdout, res.stdout + res.stderr
     assert "lost contact" in res.stdout
     assert int(res.stdout.split()[1]) <= 30
+
+
+class _TwoArgError(Exception):
+    def __init__(self, a, b):  # pickles, but cannot be rebuilt from its args
+        super().__init__(f"{a}-{b}")
+
+
+@pytest.mark.timeout(60)
+def test_exception_that_cannot_be_rebuilt_still_reaches_the_caller(ray_local):
+    @zray.remote
+    def fails():
+        raise _TwoArgError(1, 2)
+
+    with pytest.raises(zray.exceptions.RayTaskError) as info:
+        zray.get(fails.remote(), timeout=30)
+    assert "_TwoArgError" in str(info.value) and "1-2" in str(info.value)

@@ -101,8 +101,8 @@ def task_error(exc: BaseException, function_name: str, pid: int, ip: str = "") -
     else:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         cause = exc
-        try:
-            cloudpickle.dumps(exc)
+        try:  # the cause must survive the trip (custom __init__ signatures may not)
+            cloudpickle.loads(cloudpickle.dumps(exc))
         except Exception:
             cause = exceptions.RayError(f"{type(exc).__name__}: {exc}")
         err = exceptions.RayTaskError(function_name, tb, cause, pid, ip)
