@@ -160,7 +160,10 @@ class Broker:
                         log.exception("error handling %s", Msg(header[0]).name)
             if self.dirty:
                 self.dirty = False
-                self.schedule()
+                try:
+                    self.schedule()
+                except Exception:  # a bug here must not take the cluster down
+                    log.exception("scheduling pass failed")
             now = time.monotonic()
             if now - last_check >= P.HEARTBEAT_S:
                 last_check = now
