@@ -1019,3 +1019,38 @@ def test_exception_that_cannot_be_rebuilt_still_reaches_the_caller(ray_local):
     with pytest.raises(zray.exceptions.RayTaskError) as info:
         zray.get(fails.remote(), timeout=30)
     assert "_TwoArgError" in str(info.value) and "1-2" in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_broker_drops_malformed_messages_and_keeps_working(ray_local):
+    import random
+
+    import msgpack
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(zray._runtime.client.address)
+    rng = random.Random(7)
+    try:
+        for i in range(300):
+            kind = i % 4
+            if kind == 0:
+                frames = [rng.randbytes(rng.randint(0, 64))]
+            elif kind == 1:  # valid msgpack, nonsense fields
+                frames = [msgpack.packb([rng.randint(0, 40), rng.random(), "x"])]
+            elif kind == 2:  # a real message type with missing fields
+                frames = [msgpack.packb([rng.randint(1, 33)])]
+            else:
+                frames = [msgpack.packb([5, [b"\0" * 12, 0]]), rng.randbytes(100)]
+            s.send_multipart(frames)
+    finally:
+        s.close()
+        ctx.term()
+
+    @zray.remote
+    def still_fine(x):
+        return x * 2
+
+    assert zray.get(still_fine.remote(21), timeout=30) == 42
