@@ -10,7 +10,7 @@
           then schedule(): ready queues by resource shape -> idle executors
 
 Tables it owns:
-  * ``nodes``      NodeTable: capacity, free resources, GPU slots, executor pool.
+  * ``nodes``      node table: capacity, free resources, GPU slots, executor pool.
   * ``tasks``      every unfinished task by id; ready ones sit in ``queues``
                    keyed by (resources, strategy) so placement never scans
                    tasks that cannot fit.
@@ -26,19 +26,29 @@ EXEC (with the function blob the first time that executor sees it, and the
 argument values appended as frames). DONE stores the returns, pushes them to
 their owner's inbox, wakes dependent tasks and returns the executor to the pool.
 See ``zray._protocol`` for the frames.
+
+The class is split by job: this module holds the loop, membership and the
+task lifecycle; ``placement.py`` (Placement: where tasks run, resource
+accounting), ``objects.py`` (ObjectDirectory: values, stores, transfers,
+spilling), ``actors.py`` (ActorDirectory) and ``queries.py`` (REQ handlers)
+are mixins over the same state, whose records and named states are in
+``records.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import signal
 import time
 from collections import deque
 
 import zmq
 
+from brokerd.actors import ActorDirectory, _err_text
+from brokerd.objects import ObjectDirectory
+from brokerd.placement import Placement
+from brokerd.queries import Queries
 from brokerd.records import (
     Actor,
     ActorState,
@@ -59,7 +69,6 @@ from zray._serialization import serialize_error
 
 log = logging.getLogger("zray.broker")
 
-ACTOR_EXIT_CODE = 13  # an executor exiting through exit_actor()
 IDLE_REAP_S = float(os.environ.get("ZRAY_IDLE_EXECUTOR_S", "30"))
 _EMPTY = b""
 
@@ -68,7 +77,7 @@ def _oid(task_id: bytes, index: int) -> bytes:
     return task_id + index.to_bytes(4, "little")
 
 
-class Broker:
+class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
     def __init__(self, address: str, session_dir: str = ""):
         self.address = address
         self.session_dir = session_dir
@@ -308,211 +317,6 @@ class Broker:
                 obj.released = True
                 self.maybe_free(obj)
 
-    # ---------------------------------------------------------------- objects
-    def on_fn(self, ident, h, frames):
-        self.fns[h[1]] = frames[0]
-
-    def on_put(self, ident, h, frames):
-        _, oid, kind, nested = h[:4]
-        obj = self.objects.get(oid)
-        if obj is None:
-            obj = self.objects[oid] = Obj(oid, ident[:-1])
-        for n in nested:
-            self.escape(n)
-        if len(h) > 5:
-            self.add_location(obj, h[4], h[5])
-        self.object_ready(obj, kind, frames, push_owner=False)
-
-    # ------------------------------------------------------- object store
-    def add_location(self, obj: Obj, node_id: bytes, size: int):
-        node = self.nodes.get(node_id)
-        obj.locations[node_id] = size
-        obj.size = size
-        if node is None:
-            return
-        node.lru[obj.oid] = size
-        node.store_used += size
-        if node.store_limit and node.store_used > node.store_limit:
-            self.spill(node)
-
-    def spill(self, node: Node):
-        """Move the least recently used objects of a full store to disk."""
-        target = int(node.store_limit * 0.8)
-        victims = []
-        while node.lru and node.store_used > target:
-            oid, size = node.lru.popitem(last=False)
-            node.store_used -= size
-            node.spilled += size
-            victims.append(oid)
-        if victims:
-            log.info("node %s store over %d MB: spilling %d objects", node.node_id.hex(),
-                     node.store_limit // 10**6, len(victims))
-            self.send(node.ident, P.pack(Msg.SPILL, victims))
-
-    def touch(self, obj: Obj, node_id: bytes):
-        node = self.nodes.get(node_id)
-        if node is not None and obj.oid in node.lru:
-            node.lru.move_to_end(obj.oid)
-
-    def deliver(self, cid: bytes, obj: Obj, want_data: bool):
-        """Send ``obj`` to client ``cid``: inline, as "in your store", as "ready
-        elsewhere" (want_data=False), or by moving it to the client's node first."""
-        if not obj.locations:
-            if obj.lost:
-                self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, P.ERROR), self.lost_error(obj.oid))
-            else:
-                self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind), obj.frames)
-            return
-        c = self.clients.get(cid)
-        cnode = c.node_id if c is not None else b""
-        if cnode in obj.locations:
-            self.touch(obj, cnode)
-            self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind, cnode))
-        elif not want_data:
-            self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind, next(iter(obj.locations))))
-        elif cnode and cnode in self.nodes:
-            self.transfer(obj, b"N" + cnode, cid)
-        else:
-            self.transfer(obj, b"C" + cid, cid)
-
-    def transfer(self, obj: Obj, dest: bytes, cid: bytes):
-        waiting = obj.inflight.get(dest)
-        if waiting is not None:
-            waiting.append(cid)
-            return
-        for node_id in obj.locations:
-            node = self.nodes.get(node_id)
-            if node is not None and node.alive:
-                obj.inflight[dest] = [cid]
-                obj.inflight_src[dest] = node_id
-                self.send(node.ident, P.pack(Msg.FETCH, obj.oid, dest))
-                return
-        self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, P.ERROR), self.lost_error(obj.oid))
-
-    def lost_error(self, oid: bytes):
-        return serialize_error(exceptions.ObjectLostError(
-            oid.hex(), f"Object {oid.hex()} is lost: every node that held a copy is gone."))
-
-    def on_blob(self, ident, h, frames):
-        _, oid, dest, codec = h[:4]
-        obj = self.objects.get(oid)
-        if obj is None:
-            return
-        if codec < 0:  # the source did not have it after all
-            obj.locations.pop(ident[1:], None)
-            waiting = obj.inflight.pop(dest, [])
-            obj.inflight_src.pop(dest, None)
-            if not obj.locations:
-                obj.lost = True
-            for cid in waiting:
-                self.deliver(cid, obj, True)
-            return
-        if dest[:1] == b"N":
-            node = self.nodes.get(dest[1:])
-            if node is not None:
-                self.send(node.ident, P.pack(Msg.STORE, oid, codec), frames)
-                return
-            waiting = obj.inflight.pop(dest, [])
-            for cid in waiting:
-                self.transfer(obj, b"C" + cid, cid)
-            return
-        for cid in obj.inflight.pop(dest, []):
-            self.send(cid + b"i", P.pack(Msg.OBJ, oid, obj.kind, None, codec), frames)
-
-    def on_stored(self, ident, h, frames):
-        _, oid, size = h[:3]
-        node_id = ident[1:]
-        obj = self.objects.get(oid)
-        dest = b"N" + node_id
-        if obj is None:  # freed while in flight
-            node = self.nodes.get(node_id)
-            if node is not None:
-                self.send(node.ident, P.pack(Msg.FREE, [oid]))
-            return
-        waiting = obj.inflight.pop(dest, [])
-        if size < 0:
-            for cid in waiting:
-                self.transfer(obj, b"C" + cid, cid)
-            return
-        self.add_location(obj, node_id, size)
-        for cid in waiting:
-            self.send(cid + b"i", P.pack(Msg.OBJ, oid, obj.kind, node_id))
-
-    def escape(self, oid):
-        obj = self.objects.get(oid)
-        if obj is not None:
-            obj.escaped = True
-
-    def object_ready(self, obj: Obj, kind: int, frames, push_owner: bool = True):
-        obj.state = ObjState.READY
-        obj.kind = kind
-        obj.frames = frames
-        if not obj.locations:
-            obj.size = sum(len(f) for f in frames)
-        if push_owner and not obj.released:
-            self.deliver(obj.owner, obj, False)
-        if obj.subscribers:
-            for cid in obj.subscribers:
-                self.deliver(cid, obj, True)
-            obj.subscribers = []
-        if obj.waiting:
-            waiting, obj.waiting = obj.waiting, []
-            for task in waiting:
-                if task.state != TaskState.WAITING_ARGS:
-                    continue
-                if kind == P.ERROR:
-                    self.fail_task(task, frames)
-                    continue
-                task.pending -= 1
-                if task.pending == 0:
-                    self.task_ready(task)
-        self.maybe_free(obj)
-
-    def maybe_free(self, obj: Obj):
-        if obj.released and obj.pins <= 0 and not obj.escaped and obj.state == ObjState.READY:
-            self.free(obj)
-
-    def free(self, obj: Obj):
-        self.objects.pop(obj.oid, None)
-        for node_id in obj.locations:
-            node = self.nodes.get(node_id)
-            if node is None:
-                continue
-            size = node.lru.pop(obj.oid, None)
-            if size is not None:
-                node.store_used -= size
-            else:
-                node.spilled -= obj.locations[node_id]
-            self.send(node.ident, P.pack(Msg.FREE, [obj.oid]))
-        obj.locations = {}
-
-    def on_sub(self, ident, h, frames):
-        cid = ident[:-1]
-        for oid in h[1]:
-            obj = self.objects.get(oid)
-            if obj is None:
-                err = serialize_error(exceptions.ObjectLostError(
-                    oid.hex(), f"Object {oid.hex()} is not known to the cluster: it was freed "
-                               "or never existed."))
-                self.send(cid + b"i", P.pack(Msg.OBJ, oid, P.ERROR), err)
-            elif obj.state == ObjState.READY:
-                self.deliver(cid, obj, True)
-            else:
-                obj.subscribers.append(cid)
-
-    def on_release(self, ident, h, frames):
-        cid = ident[:-1]
-        objects = self.objects
-        for oid in h[1]:
-            obj = objects.get(oid)
-            if obj is not None and obj.owner == cid:
-                obj.released = True
-                if obj.pins <= 0 and not obj.escaped and obj.state == ObjState.READY:
-                    if obj.locations:
-                        self.free(obj)
-                    else:
-                        del objects[oid]
-
     # ------------------------------------------------------------------ tasks
     def on_submit(self, ident, h, frames):
         spec = h[1]
@@ -576,180 +380,6 @@ class Broker:
         if q is None:
             q = self.queues[task.shape] = deque()
         q.append(task)
-        self.dirty = True
-
-    def schedule(self):
-        for shape in list(self.queues):
-            q = self.queues[shape]
-            while q:
-                task = q[0]
-                if task.state != TaskState.QUEUED:
-                    q.popleft()
-                    continue
-                node, ex = self.place(task)
-                if ex is None:
-                    if node is not None:
-                        self.request_spawn(node)
-                    break
-                q.popleft()
-                self.run_task(task, node, ex)
-            if q and shape[1] is None and "GPU" not in task.resources:
-                # GPU tasks are never prefetched: their GPU ids are only known at start.
-                self.prefetch(shape, q)
-            if not q:
-                del self.queues[shape]
-
-    def prefetch(self, shape, q):
-        """Pipeline: give each busy pool executor running this shape its next task now,
-        so it starts the moment the current one is done (no broker round trip idle)."""
-        for node in self.nodes.values():
-            if not q:
-                return
-            for ex in node.executors.values():
-                cur = ex.task
-                if (ex.state != ExecState.BUSY or ex.prefetch is not None or ex.blocked
-                        or cur is None or cur.shape != shape or cur.state != TaskState.RUNNING):
-                    continue
-                while q and q[0].state != TaskState.QUEUED:
-                    q.popleft()
-                if not q:
-                    return
-                task = q.popleft()
-                task.state = TaskState.ASSIGNED
-                task.executor = ex
-                ex.prefetch = task
-                header, frames = self.exec_header(task, ex)
-                self.send(ex.cid + b"i", header, frames)
-
-    def fits(self, node: Node, need: dict) -> bool:
-        avail = node.avail
-        for r, u in need.items():
-            if avail.get(r, 0) < u:
-                return False
-        g = need.get("GPU")
-        if g:
-            return self.gpu_alloc(node, g, dry=True) is not None
-        return True
-
-    def feasible(self, node: Node, need: dict) -> bool:
-        total = node.total
-        return all(total.get(r, 0) >= u for r, u in need.items())
-
-    def place(self, task: Task):
-        """(node, executor) to run ``task`` now; (node, None) if a node fits but
-        has no idle executor; (None, None) if no node fits right now."""
-        need = task.resources
-        opts = task.spec[P.S_OPTIONS]
-        strategy = opts.get("strategy")
-        nodes = [n for n in self.nodes.values() if n.alive]
-        if strategy is not None and strategy != "DEFAULT":
-            if strategy == "SPREAD":
-                nodes.sort(key=lambda n: n.running)
-            elif isinstance(strategy, dict) and strategy.get("type") == "node_affinity":
-                target = self.nodes.get(bytes.fromhex(strategy["node_id"]))
-                if target is not None and target.alive:
-                    if self.fits(target, need) or not strategy.get("soft"):
-                        nodes = [target]
-                elif not strategy.get("soft"):
-                    self.fail_task(task, serialize_error(exceptions.TaskUnschedulableError(
-                        f"node {strategy['node_id']} of a hard NodeAffinitySchedulingStrategy "
-                        "is not alive")))
-                    return None, None
-        elif len(nodes) > 1:
-            local = self.dep_bytes(task)
-            if local:  # prefer the node that already holds the task's large arguments
-                nodes.sort(key=lambda n: (-local.get(n.node_id, 0), self.score(n, need)))
-            else:
-                nodes.sort(key=lambda n: self.score(n, need))
-        spawn_node = None
-        any_feasible = False
-        for node in nodes:
-            if not self.fits(node, need):
-                if not any_feasible and self.feasible(node, need):
-                    any_feasible = True
-                continue
-            any_feasible = True
-            if node.idle:
-                return node, node.idle.pop()
-            if spawn_node is None:
-                spawn_node = node
-        if not any_feasible and task.task_id not in self.infeasible_warned:
-            self.infeasible_warned.add(task.task_id)
-            log.warning("task %s needs %s: no node has that; it waits for one to join",
-                        task.spec[P.S_NAME], P.from_units(need))
-        return spawn_node, None
-
-    def dep_bytes(self, task: Task) -> dict:
-        out: dict = {}
-        for oid in task.deps:
-            obj = self.objects.get(oid)
-            if obj is not None:
-                for node_id, size in obj.locations.items():
-                    out[node_id] = out.get(node_id, 0) + size
-        return out
-
-    @staticmethod
-    def score(node: Node, need: dict) -> float:
-        # Ray's hybrid policy: pack while a node is under half used, then spread.
-        util = 0.0
-        for r in need or {"CPU": 1}:
-            tot = node.total.get(r, 0)
-            if tot:
-                util = max(util, 1 - node.avail.get(r, 0) / tot)
-        return (0.0 if util < 0.5 else util) + random.random() * 1e-3
-
-    def request_spawn(self, node: Node):
-        if node.spawning < 2:
-            node.spawning += 1
-            self.send(node.ident, P.pack(Msg.SPAWN, 1))
-
-    def gpu_alloc(self, node: Node, units: int, dry=False):
-        gpus = node.gpus
-        if units >= P.UNIT:
-            whole = units // P.UNIT
-            free = [i for i, (_, f) in enumerate(gpus) if f == P.UNIT]
-            if len(free) < whole:
-                return None
-            alloc = [(i, P.UNIT) for i in free[:whole]]
-        else:
-            for i, (_, f) in enumerate(gpus):
-                if f >= units:
-                    alloc = [(i, units)]
-                    break
-            else:
-                return None
-        if not dry:
-            for i, u in alloc:
-                gpus[i][1] -= u
-        return alloc
-
-    def acquire(self, task: Task, node: Node):
-        avail = node.avail
-        for r, u in task.hold.items():
-            avail[r] = avail.get(r, 0) - u
-        g = task.hold.get("GPU")
-        if g:
-            task.gpu_alloc = self.gpu_alloc(node, g) or []
-        task.node = node
-        node.running += 1
-
-    def release(self, task: Task):
-        node = task.node
-        if node is None:
-            return
-        task.node = None
-        avail = node.avail
-        hold = dict(task.hold)
-        if task.blocked:
-            hold.pop("CPU", None)
-            task.blocked = False
-        for r, u in hold.items():
-            avail[r] = avail.get(r, 0) + u
-        for i, u in task.gpu_alloc:
-            if i < len(node.gpus):
-                node.gpus[i][1] += u
-        task.gpu_alloc = []
-        node.running -= 1
         self.dirty = True
 
     def exec_header(self, task: Task, ex: Executor) -> tuple:
@@ -1083,248 +713,17 @@ class Broker:
                     f"(max_retries={task.spec[P.S_OPTIONS].get('max_retries', 0)}).")))
         self.dirty = True
 
-    # ----------------------------------------------------------------- actors
-    def register_actor(self, task: Task, opts: dict):
-        spec = task.spec
-        actor_id = spec[P.S_ACTOR_ID]
-        actor = Actor(actor_id, task, spec[P.S_OWNER], spec[P.S_JOB],
-                      name=opts.get("name") or "", namespace=opts.get("namespace") or "",
-                      detached=opts.get("lifetime") == "detached",
-                      max_restarts=opts.get("max_restarts", 0),
-                      max_task_retries=opts.get("max_task_retries", 0),
-                      handle_meta=opts.get("handle_meta", b""), class_name=spec[P.S_NAME])
-        task.retries_left = 0
-        self.actors[actor_id] = actor
-        if actor.name:
-            self.named[(actor.namespace, actor.name)] = actor_id
-
-    def actor_created(self, task: Task, kind: int, frames):
-        actor = self.actors.get(task.spec[P.S_ACTOR_ID])
-        self.tasks.pop(task.task_id, None)
-        task.state = TaskState.FINISHED
-        if actor is None:
-            return
-        if kind == P.ERROR:
-            actor.no_restart = True
-            self.actor_dead(actor, "The actor's constructor raised:\n" + _err_text(frames))
-            if actor.executor is not None:
-                self.send(actor.executor.node.ident, P.pack(Msg.KILL_EXEC, actor.executor.cid))
-            return
-        actor.state = ActorState.ALIVE
-        for oid in task.returns:
-            obj = self.objects.get(oid)
-            if obj is not None:
-                self.object_ready(obj, P.VALUE, frames)
-        self.pump_actor(actor)
-
-    def pump_actor(self, actor: Actor):
-        if actor.state != ActorState.ALIVE:
-            return
-        ex = actor.executor
-        q = actor.queue
-        while q:
-            task = q[0]
-            if task.state == TaskState.WAITING_ARGS:
-                break
-            q.popleft()
-            if task.state != TaskState.QUEUED:
-                continue
-            task.state = TaskState.RUNNING
-            task.executor = ex
-            actor.inflight[task.task_id] = task
-            header, frames = self.exec_header(task, ex)
-            self.send(ex.cid + b"i", header, frames)
-
-    def actor_process_died(self, actor: Actor, code: int, why: str):
-        if actor.state == ActorState.DEAD:
-            return
-        actor.executor = None
-        intentional = code == ACTOR_EXIT_CODE
-        can_restart = (not actor.no_restart and not intentional
-                       and (actor.max_restarts == -1 or actor.restarts < actor.max_restarts))
-        if not can_restart:
-            reason = ("The actor exited intentionally (exit_actor)." if intentional
-                      else actor.death or f"The actor died: {why}.")
-            self.actor_dead(actor, reason)
-            return
-        actor.restarts += 1
-        actor.state = ActorState.RESTARTING
-        log.warning("actor %s died (%s); restarting (%d/%s)", actor.class_name, why,
-                    actor.restarts, actor.max_restarts)
-        retry, fail = [], []
-        for task in actor.inflight.values():
-            if task.retries_left != 0:
-                task.retries_left -= 1
-                retry.append(task)
-            else:
-                fail.append(task)
-        actor.inflight = {}
-        for task in fail:
-            self.fail_task(task, serialize_error(exceptions.ActorDiedError(
-                f"The actor died while running {task.spec[P.S_NAME]}: {why}", actor.actor_id.hex())))
-        for task in reversed(retry):
-            task.state = TaskState.QUEUED
-            task.executor = None
-            actor.queue.appendleft(task)
-        create = actor.create
-        create.state = TaskState.QUEUED
-        create.executor = None
-        self.tasks[create.task_id] = create
-        for oid in create.returns:
-            self.objects.setdefault(oid, Obj(oid, create.spec[P.S_OWNER]))
-        self.task_ready(create)
-
-    def actor_dead(self, actor: Actor, reason: str):
-        actor.state = ActorState.DEAD
-        actor.death = reason
-        err = serialize_error(exceptions.ActorDiedError(reason, actor.actor_id.hex()))
-        calls = list(actor.inflight.values()) + list(actor.queue)
-        actor.inflight = {}
-        actor.queue.clear()
-        for task in calls:
-            if task.state not in (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED):
-                self.fail_task(task, err)
-        create = actor.create
-        if create.state in (TaskState.QUEUED, TaskState.WAITING_ARGS):
-            create.state = TaskState.FAILED
-            self.tasks.pop(create.task_id, None)
-        if create.node is not None:
-            self.release(create)
-        if actor.name and self.named.get((actor.namespace, actor.name)) == actor.actor_id:
-            del self.named[(actor.namespace, actor.name)]
-
-    def kill_actor(self, actor: Actor, no_restart: bool, reason: str = "killed by zray.kill()"):
-        if no_restart:
-            actor.no_restart = True
-            actor.death = f"The actor was {reason}." if not reason.startswith("The") else reason
-        ex = actor.executor
-        if ex is not None and ex.state != ExecState.DEAD:
-            self.send(ex.node.ident, P.pack(Msg.KILL_EXEC, ex.cid))
-        if no_restart:
-            # Dead from now on: calls made after kill() fail at once, not after the exit report.
-            self.actor_dead(actor, actor.death)
-
     # ------------------------------------------------------------------- logs
     def on_log(self, ident, h, frames):
         _, driver, prefix, text = h[:4]
         if driver in self.clients:
             self.send(driver + b"i", P.pack(Msg.LOG, prefix, text))
 
-    # --------------------------------------------------------------- queries
-    def on_req(self, ident, h, frames):
-        _, req_id, op, args = h[:4]
-        try:
-            result = getattr(self, "req_" + op)(ident[:-1], args)
-            ok = True
-        except Exception as e:
-            result, ok = f"{type(e).__name__}: {e}", False
-        self.send(ident[:-1] + b"i", P.pack(Msg.REPLY, req_id, ok, result))
-
-    def req_cluster_resources(self, cid, args):
-        out: dict = {}
-        for n in self.nodes.values():
-            for r, u in n.total.items():
-                out[r] = out.get(r, 0) + u
-        return P.from_units(out)
-
-    def req_available_resources(self, cid, args):
-        out: dict = {}
-        for n in self.nodes.values():
-            for r, u in n.avail.items():
-                if u > 0:
-                    out[r] = out.get(r, 0) + u
-        return P.from_units(out)
-
-    def req_nodes(self, cid, args):
-        return [{
-            "NodeID": n.node_id.hex(), "Alive": n.alive, "NodeManagerHostname": n.hostname,
-            "NodeManagerAddress": n.address or n.hostname, "Resources": P.from_units(n.total),
-            "Available": P.from_units(n.avail), "Labels": n.labels, "Pid": n.pid,
-            "Executors": len(n.executors), "Running": n.running, "StoreLimit": n.store_limit,
-        } for n in self.nodes.values()]
-
-    def req_status(self, cid, args):
-        states: dict = {}
-        for t in self.tasks.values():
-            states[t.state.value] = states.get(t.state.value, 0) + 1
-        return {
-            "address": self.address, "uptime_s": time.time() - self.started,
-            "nodes": self.req_nodes(cid, args), "tasks": states,
-            "actors": sum(1 for a in self.actors.values() if a.state != ActorState.DEAD),
-            "objects": len(self.objects),
-            "object_bytes": sum(o.size for o in self.objects.values()),
-            "clients": sum(1 for c in self.clients.values() if c.kind == "driver"),
-        }
-
-    def req_job_pending(self, cid, args):
-        job = self.clients[cid].job_id if cid in self.clients else b""
-        return sum(1 for t in self.tasks.values()
-                   if t.spec[P.S_JOB] == job and t.kind != P.ACTOR_CREATE
-                   and t.state in (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED,
-                                   TaskState.RUNNING))
-
-    def req_memory(self, cid, args):
-        """Per-node store use and the largest objects, for `zray memory`."""
-        top = int((args or {}).get("top", 10))
-        inline = [o for o in self.objects.values() if not o.locations and o.state == ObjState.READY]
-        nodes = [{"node_id": n.node_id.hex(), "objects": len(n.lru), "bytes_in_memory": n.store_used,
-                  "bytes_spilled": n.spilled, "store_limit": n.store_limit}
-                 for n in self.nodes.values()]
-        for nd in nodes:
-            nid = bytes.fromhex(nd["node_id"])
-            nd["objects"] = sum(1 for o in self.objects.values() if nid in o.locations)
-        largest = sorted(self.objects.values(), key=lambda o: o.size, reverse=True)[:top]
-        owners = {c.cid: c for c in self.clients.values()}
-        return {
-            "nodes": nodes,
-            "inline_objects": len(inline),
-            "inline_bytes": sum(o.size for o in inline),
-            "largest": [{"object_id": o.oid.hex(), "size": o.size, "owner": o.owner.hex(),
-                         "owner_kind": owners[o.owner].kind if o.owner in owners else "gone",
-                         "owner_pid": owners[o.owner].pid if o.owner in owners else 0,
-                         "nodes": [k.hex() for k in o.locations], "state": o.state.value}
-                        for o in largest],
-        }
-
-    def req_get_actor(self, cid, args):
-        actor_id = self.named.get((args.get("namespace") or "", args["name"]))
-        if actor_id is None:
-            return None
-        a = self.actors[actor_id]
-        return {"actor_id": a.actor_id, "handle_meta": a.handle_meta}
-
-    def req_kill_actor(self, cid, args):
-        actor = self.actors.get(args["actor_id"])
-        if actor is None:
-            raise ValueError("unknown actor")
-        self.kill_actor(actor, bool(args.get("no_restart", True)))
-        return True
-
-    def req_list_named_actors(self, cid, args):
-        all_ns = args.get("all_namespaces")
-        ns = args.get("namespace") or ""
-        return [{"name": n, "namespace": s} if all_ns else n
-                for (s, n) in self.named if all_ns or s == ns]
-
-    def req_actor_state(self, cid, args):
-        a = self.actors.get(args["actor_id"])
-        return None if a is None else {"state": a.state.value, "restarts": a.restarts, "death": a.death}
-
-
 def _strategy_key(opts: dict):
     s = opts.get("strategy")
     if s is None or isinstance(s, str):
         return s
     return tuple(sorted(s.items()))
-
-
-def _err_text(frames) -> str:
-    try:
-        from zray._serialization import deserialize
-
-        return str(deserialize(frames))
-    except Exception:
-        return "<unreadable error>"
 
 
 def run(address: str, session_dir: str = "") -> None:

@@ -1,0 +1,234 @@
+"""The broker's object directory: values, locations, transfers, spilling, freeing.
+
+Small values are kept here as the frames they arrived in and pushed to their
+owner and subscribers; large ones live in node stores and this directory only
+knows where (``Obj.locations``), moving blobs between stores on demand
+(FETCH -> BLOB -> STORE -> STORED) and spilling the least recently used ones
+of a node that is over its limit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from brokerd.records import (
+    Node,
+    Obj,
+    ObjState,
+    TaskState,
+)
+from zray import _protocol as P
+from zray import exceptions
+from zray._protocol import Msg
+from zray._serialization import serialize_error
+
+log = logging.getLogger("zray.broker")
+
+
+class ObjectDirectory:
+    """Mixin of Broker; see brokerd/broker.py for the state it shares."""
+
+    # ---------------------------------------------------------------- objects
+    def on_fn(self, ident, h, frames):
+        self.fns[h[1]] = frames[0]
+
+    def on_put(self, ident, h, frames):
+        _, oid, kind, nested = h[:4]
+        obj = self.objects.get(oid)
+        if obj is None:
+            obj = self.objects[oid] = Obj(oid, ident[:-1])
+        for n in nested:
+            self.escape(n)
+        if len(h) > 5:
+            self.add_location(obj, h[4], h[5])
+        self.object_ready(obj, kind, frames, push_owner=False)
+
+    # ------------------------------------------------------- object store
+    def add_location(self, obj: Obj, node_id: bytes, size: int):
+        node = self.nodes.get(node_id)
+        obj.locations[node_id] = size
+        obj.size = size
+        if node is None:
+            return
+        node.lru[obj.oid] = size
+        node.store_used += size
+        if node.store_limit and node.store_used > node.store_limit:
+            self.spill(node)
+
+    def spill(self, node: Node):
+        """Move the least recently used objects of a full store to disk."""
+        target = int(node.store_limit * 0.8)
+        victims = []
+        while node.lru and node.store_used > target:
+            oid, size = node.lru.popitem(last=False)
+            node.store_used -= size
+            node.spilled += size
+            victims.append(oid)
+        if victims:
+            log.info("node %s store over %d MB: spilling %d objects", node.node_id.hex(),
+                     node.store_limit // 10**6, len(victims))
+            self.send(node.ident, P.pack(Msg.SPILL, victims))
+
+    def touch(self, obj: Obj, node_id: bytes):
+        node = self.nodes.get(node_id)
+        if node is not None and obj.oid in node.lru:
+            node.lru.move_to_end(obj.oid)
+
+    def deliver(self, cid: bytes, obj: Obj, want_data: bool):
+        """Send ``obj`` to client ``cid``: inline, as "in your store", as "ready
+        elsewhere" (want_data=False), or by moving it to the client's node first."""
+        if not obj.locations:
+            if obj.lost:
+                self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, P.ERROR), self.lost_error(obj.oid))
+            else:
+                self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind), obj.frames)
+            return
+        c = self.clients.get(cid)
+        cnode = c.node_id if c is not None else b""
+        if cnode in obj.locations:
+            self.touch(obj, cnode)
+            self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind, cnode))
+        elif not want_data:
+            self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind, next(iter(obj.locations))))
+        elif cnode and cnode in self.nodes:
+            self.transfer(obj, b"N" + cnode, cid)
+        else:
+            self.transfer(obj, b"C" + cid, cid)
+
+    def transfer(self, obj: Obj, dest: bytes, cid: bytes):
+        waiting = obj.inflight.get(dest)
+        if waiting is not None:
+            waiting.append(cid)
+            return
+        for node_id in obj.locations:
+            node = self.nodes.get(node_id)
+            if node is not None and node.alive:
+                obj.inflight[dest] = [cid]
+                obj.inflight_src[dest] = node_id
+                self.send(node.ident, P.pack(Msg.FETCH, obj.oid, dest))
+                return
+        self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, P.ERROR), self.lost_error(obj.oid))
+
+    def lost_error(self, oid: bytes):
+        return serialize_error(exceptions.ObjectLostError(
+            oid.hex(), f"Object {oid.hex()} is lost: every node that held a copy is gone."))
+
+    def on_blob(self, ident, h, frames):
+        _, oid, dest, codec = h[:4]
+        obj = self.objects.get(oid)
+        if obj is None:
+            return
+        if codec < 0:  # the source did not have it after all
+            obj.locations.pop(ident[1:], None)
+            waiting = obj.inflight.pop(dest, [])
+            obj.inflight_src.pop(dest, None)
+            if not obj.locations:
+                obj.lost = True
+            for cid in waiting:
+                self.deliver(cid, obj, True)
+            return
+        if dest[:1] == b"N":
+            node = self.nodes.get(dest[1:])
+            if node is not None:
+                self.send(node.ident, P.pack(Msg.STORE, oid, codec), frames)
+                return
+            waiting = obj.inflight.pop(dest, [])
+            for cid in waiting:
+                self.transfer(obj, b"C" + cid, cid)
+            return
+        for cid in obj.inflight.pop(dest, []):
+            self.send(cid + b"i", P.pack(Msg.OBJ, oid, obj.kind, None, codec), frames)
+
+    def on_stored(self, ident, h, frames):
+        _, oid, size = h[:3]
+        node_id = ident[1:]
+        obj = self.objects.get(oid)
+        dest = b"N" + node_id
+        if obj is None:  # freed while in flight
+            node = self.nodes.get(node_id)
+            if node is not None:
+                self.send(node.ident, P.pack(Msg.FREE, [oid]))
+            return
+        waiting = obj.inflight.pop(dest, [])
+        if size < 0:
+            for cid in waiting:
+                self.transfer(obj, b"C" + cid, cid)
+            return
+        self.add_location(obj, node_id, size)
+        for cid in waiting:
+            self.send(cid + b"i", P.pack(Msg.OBJ, oid, obj.kind, node_id))
+
+    def escape(self, oid):
+        obj = self.objects.get(oid)
+        if obj is not None:
+            obj.escaped = True
+
+    def object_ready(self, obj: Obj, kind: int, frames, push_owner: bool = True):
+        obj.state = ObjState.READY
+        obj.kind = kind
+        obj.frames = frames
+        if not obj.locations:
+            obj.size = sum(len(f) for f in frames)
+        if push_owner and not obj.released:
+            self.deliver(obj.owner, obj, False)
+        if obj.subscribers:
+            for cid in obj.subscribers:
+                self.deliver(cid, obj, True)
+            obj.subscribers = []
+        if obj.waiting:
+            waiting, obj.waiting = obj.waiting, []
+            for task in waiting:
+                if task.state != TaskState.WAITING_ARGS:
+                    continue
+                if kind == P.ERROR:
+                    self.fail_task(task, frames)
+                    continue
+                task.pending -= 1
+                if task.pending == 0:
+                    self.task_ready(task)
+        self.maybe_free(obj)
+
+    def maybe_free(self, obj: Obj):
+        if obj.released and obj.pins <= 0 and not obj.escaped and obj.state == ObjState.READY:
+            self.free(obj)
+
+    def free(self, obj: Obj):
+        self.objects.pop(obj.oid, None)
+        for node_id in obj.locations:
+            node = self.nodes.get(node_id)
+            if node is None:
+                continue
+            size = node.lru.pop(obj.oid, None)
+            if size is not None:
+                node.store_used -= size
+            else:
+                node.spilled -= obj.locations[node_id]
+            self.send(node.ident, P.pack(Msg.FREE, [obj.oid]))
+        obj.locations = {}
+
+    def on_sub(self, ident, h, frames):
+        cid = ident[:-1]
+        for oid in h[1]:
+            obj = self.objects.get(oid)
+            if obj is None:
+                err = serialize_error(exceptions.ObjectLostError(
+                    oid.hex(), f"Object {oid.hex()} is not known to the cluster: it was freed "
+                               "or never existed."))
+                self.send(cid + b"i", P.pack(Msg.OBJ, oid, P.ERROR), err)
+            elif obj.state == ObjState.READY:
+                self.deliver(cid, obj, True)
+            else:
+                obj.subscribers.append(cid)
+
+    def on_release(self, ident, h, frames):
+        cid = ident[:-1]
+        objects = self.objects
+        for oid in h[1]:
+            obj = objects.get(oid)
+            if obj is not None and obj.owner == cid:
+                obj.released = True
+                if obj.pins <= 0 and not obj.escaped and obj.state == ObjState.READY:
+                    if obj.locations:
+                        self.free(obj)
+                    else:
+                        del objects[oid]
