@@ -121,6 +121,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             Msg.PUT: self.on_put,
             Msg.SUB: self.on_sub,
             Msg.RELEASE: self.on_release,
+            Msg.REFS: self.on_refs,
             Msg.CANCEL: self.on_cancel,
             Msg.BLOCK: self.on_block,
             Msg.UNBLOCK: self.on_unblock,
@@ -312,10 +313,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         for task in list(self.tasks.values()):
             if task.spec[P.S_JOB] == c.job_id and task.state in (TaskState.QUEUED, TaskState.WAITING_ARGS):
                 self.finish_cancelled(task)
-        for obj in list(self.objects.values()):
-            if obj.owner == c.cid:
-                obj.released = True
-                self.maybe_free(obj)
+        self.drop_client_refs(c.cid, c.holds)
 
     # ------------------------------------------------------------------ tasks
     def on_submit(self, ident, h, frames):
@@ -337,8 +335,9 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         parent = spec[P.S_PARENT]
         if parent:
             self.children.setdefault(parent, []).append(task_id)
-        for oid in spec[P.S_NESTED]:
-            self.escape(oid)
+        for oid in spec[P.S_NESTED]:  # refs inside the arguments live until the task ends
+            if self.pin(oid):
+                task.holds.append(oid)
         if kind == P.ACTOR_CREATE:
             self.register_actor(task, opts)
         elif kind == P.ACTOR_CALL:
@@ -443,8 +442,6 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             if ex is not None and ex.task is not None and ex.task.task_id == task_id:
                 self.executor_next(ex)
             return
-        for oid in nested:
-            self.escape(oid)
         if task.kind == P.ACTOR_CALL:
             task.actor.inflight.pop(task_id, None)
         elif task.kind == P.TASK:
@@ -471,6 +468,8 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             if obj is not None:
                 if len(item) > 3:
                     self.add_location(obj, item[2], item[3])
+                if nested and kind == P.VALUE:
+                    self.contain(obj, nested)  # refs inside the results
                 self.object_ready(obj, kind, part)
         self.task_finished(task, TaskState.FINISHED)
 
@@ -531,13 +530,10 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         task.state = state
         self.tasks.pop(task.task_id, None)
         self.children.pop(task.task_id, None)
-        objects = self.objects
-        for oid in task.deps:
-            obj = objects.get(oid)
-            if obj is not None:
-                obj.pins -= 1
-                self.maybe_free(obj)
-        task.deps = []
+        pinned = task.deps + task.holds
+        task.deps, task.holds = [], []
+        for oid in pinned:
+            self.unpin(oid)
         task.frames = []
 
     def fail_task(self, task: Task, err_frames, state=TaskState.FAILED):
@@ -577,6 +573,8 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         oid = _oid(task_id, index)
         obj = self.objects[oid] = Obj(oid, task.spec[P.S_OWNER])
         task.streamed = max(task.streamed, index)
+        if len(h) > 5:
+            self.contain(obj, h[5])
         self.object_ready(obj, kind, frames)
 
     def finish_stream(self, task: Task, err_frames=None, state=TaskState.FINISHED):
@@ -675,7 +673,8 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         prev = ex.state
         ex.state = ExecState.DEAD
         self.executors.pop(ex.cid, None)
-        self.clients.pop(ex.cid, None)
+        info = self.clients.pop(ex.cid, None)
+        self.drop_client_refs(ex.cid, info.holds if info is not None else set())
         node = ex.node
         node.executors.pop(ex.cid, None)
         if ex in node.idle:

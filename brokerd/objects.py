@@ -31,14 +31,15 @@ class ObjectDirectory:
     # ---------------------------------------------------------------- objects
     def on_fn(self, ident, h, frames):
         self.fns[h[1]] = frames[0]
+        for oid in (h[2] if len(h) > 2 else ()):
+            self.escape(oid)  # captured in a function's closure: lives as long as the cluster
 
     def on_put(self, ident, h, frames):
         _, oid, kind, nested = h[:4]
         obj = self.objects.get(oid)
         if obj is None:
             obj = self.objects[oid] = Obj(oid, ident[:-1])
-        for n in nested:
-            self.escape(n)
+        self.contain(obj, nested)
         if len(h) > 5:
             self.add_location(obj, h[4], h[5])
         self.object_ready(obj, kind, frames, push_owner=False)
@@ -188,12 +189,71 @@ class ObjectDirectory:
                     self.task_ready(task)
         self.maybe_free(obj)
 
+    # ------------------------------------------------------ reference counts
+    # An object lives while its owner holds a ref (until RELEASE), while any other
+    # client holds one (REFS +1 .. -1: ``holders``), while an unfinished task has it
+    # among its arguments, or while a stored object contains it (``pins``).
+    def pin(self, oid: bytes) -> bool:
+        obj = self.objects.get(oid)
+        if obj is None:
+            return False
+        obj.pins += 1
+        return True
+
+    def unpin(self, oid: bytes):
+        obj = self.objects.get(oid)
+        if obj is not None:
+            obj.pins -= 1
+            self.maybe_free(obj)
+
+    def contain(self, obj: Obj, nested):
+        """``obj``'s value holds refs to ``nested``: keep them while ``obj`` lives."""
+        for oid in nested:
+            if self.pin(oid):
+                obj.contained.append(oid)
+
+    def on_refs(self, ident, h, frames):
+        """[REFS, [[oid, +1 | -1], ...]]: a client's refs appeared / all went away."""
+        cid = ident[:-1]
+        client = self.clients.get(cid)
+        objects = self.objects
+        for oid, delta in h[1]:
+            obj = objects.get(oid)
+            if obj is None:
+                continue
+            if delta > 0:
+                obj.holders.add(cid)
+                if client is not None:
+                    client.holds.add(oid)
+                continue
+            obj.holders.discard(cid)
+            if client is not None:
+                client.holds.discard(oid)
+            if obj.owner == cid:
+                obj.released = True
+            self.maybe_free(obj)
+
+    def drop_client_refs(self, cid: bytes, holds: set):
+        """A client is gone: its borrowed refs and the objects it owned go with it."""
+        for oid in holds:
+            obj = self.objects.get(oid)
+            if obj is not None:
+                obj.holders.discard(cid)
+                self.maybe_free(obj)
+        for obj in [o for o in self.objects.values() if o.owner == cid]:
+            obj.released = True
+            self.maybe_free(obj)
+
     def maybe_free(self, obj: Obj):
-        if obj.released and obj.pins <= 0 and not obj.escaped and obj.state == ObjState.READY:
+        if (obj.released and obj.pins <= 0 and not obj.holders and not obj.escaped
+                and obj.state == ObjState.READY):
             self.free(obj)
 
     def free(self, obj: Obj):
         self.objects.pop(obj.oid, None)
+        contained, obj.contained = obj.contained, []
+        for oid in contained:
+            self.unpin(oid)
         for node_id in obj.locations:
             node = self.nodes.get(node_id)
             if node is None:
@@ -221,14 +281,4 @@ class ObjectDirectory:
                 obj.subscribers.append(cid)
 
     def on_release(self, ident, h, frames):
-        cid = ident[:-1]
-        objects = self.objects
-        for oid in h[1]:
-            obj = objects.get(oid)
-            if obj is not None and obj.owner == cid:
-                obj.released = True
-                if obj.pins <= 0 and not obj.escaped and obj.state == ObjState.READY:
-                    if obj.locations:
-                        self.free(obj)
-                    else:
-                        del objects[oid]
+        self.on_refs(ident, [Msg.REFS, [(oid, -1) for oid in h[1]]], frames)

@@ -109,7 +109,8 @@ class Task:
     force_cancel: bool = False
     streamed: int = 0
     actor: Optional["Actor"] = None
-    deps: list = field(default_factory=list)  # oids pinned by this task
+    deps: list = field(default_factory=list)  # top-level argument oids, pinned by this task
+    holds: list = field(default_factory=list)  # oids pickled inside its arguments, pinned too
 
 
 @dataclass(eq=False)
@@ -121,8 +122,10 @@ class Obj:
     frames: list = field(default_factory=list)
     size: int = 0
     released: bool = False
-    escaped: bool = False
-    pins: int = 0
+    escaped: bool = False  # captured by a function definition: kept for good
+    pins: int = 0  # unfinished tasks using it + stored objects containing it
+    holders: set = field(default_factory=set)  # clients (not the owner) holding a ref
+    contained: list = field(default_factory=list)  # oids pickled inside this value, pinned
     waiting: list = field(default_factory=list)  # tasks waiting on it
     subscribers: list = field(default_factory=list)  # cids to push it to
     locations: dict = field(default_factory=dict)  # node_id -> size: stores holding it
@@ -161,3 +164,4 @@ class ClientInfo:
     pid: int
     job_id: bytes
     last_seen: float = 0.0
+    holds: set = field(default_factory=set)  # oids it borrowed (holds refs it does not own)

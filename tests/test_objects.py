@@ -722,3 +722,55 @@ def test_freed_files_are_recycled_but_never_under_a_live_view(local_ray):
     while not os.listdir(store.free_dir) and time.time() < deadline:
         time.sleep(0.05)
     assert os.listdir(store.free_dir), "freed files should be kept for reuse"
+
+
+def _store_files(store) -> set:
+    return {n for n in os.listdir(store.dir) if not n.startswith(".") and n != "free"
+            and not n.endswith(".tmp")}
+
+
+def _wait_files(store, want, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if want(_store_files(store)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_refs_inside_objects_keep_their_targets_then_everything_is_freed(local_ray):
+    store = zray._runtime.client.store
+    before = _store_files(store)
+    inner = zray.put(np.full(500_000, 5.0))  # 4 MB: in the store
+    inner_file = inner.hex()
+    outer = zray.put([inner])
+    del inner  # only the outer object still refers to it
+    assert _wait_files(store, lambda f: inner_file in f)
+    got = zray.get(zray.get(outer)[0])
+    assert got[0] == 5.0
+    del got
+    del outer  # the last reference anywhere: the inner object goes too
+    assert _wait_files(store, lambda f: inner_file not in f and f <= before | set()), \
+        "inner object should be freed once nothing refers to it"
+
+
+@pytest.mark.timeout(60)
+def test_refs_made_in_a_task_live_while_the_driver_holds_them(local_ray):
+    @zray.remote
+    def make():
+        return [zray.put(np.full(300_000, float(i))) for i in range(3)]
+
+    refs = zray.get(make.remote())  # the task (their owner) is long done
+    store = zray._runtime.client.store
+    files = {r.hex() for r in refs}
+    assert _wait_files(store, lambda f: files <= f)
+    assert [zray.get(r)[0] for r in refs] == [0.0, 1.0, 2.0]
+
+    @zray.remote
+    def total(lst):
+        return sum(float(zray.get(r).sum()) for r in lst)
+
+    assert zray.get(total.remote(refs)) == 300_000 * 3.0  # nested refs borrowed by a task
+    del refs
+    assert _wait_files(store, lambda f: not (files & f)), "borrowed objects should be freed"

@@ -354,7 +354,8 @@ class Executor:
             for value in gen:
                 i += 1
                 frames, nested = serialize(value)
-                self.client.send(P.pack(Msg.YIELD, task_id, i, P.VALUE, len(frames)), frames)
+                self.client.send(P.pack(Msg.YIELD, task_id, i, P.VALUE, len(frames), nested),
+                                 frames)
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
             return

@@ -91,9 +91,11 @@ class Client:
         self._ref_lock = threading.RLock()
         self.objects: dict = {}  # oid -> (kind, frames | STORED): readable here
         self.remote_ready: dict = {}  # oid -> node id: ready, but in another node's store
+        self.awaiting_push: set = set()  # our task results the broker will push unasked
         self.store = ObjectStore(node_id) if node_id else None
         self.refcounts: dict = {}
-        self._pending_release: list = []
+        self._pending_refs: list = []  # [(oid, +1 | -1)] in order, sent as one REFS
+        self._pending_addref = False
         self._release_since = 0.0
         self._subscribed: set = set()
         self._replies: dict = {}
@@ -141,8 +143,10 @@ class Client:
             old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
         try:
             with self._send_lock:
-                if len(self._pending_release) >= RELEASE_BATCH:
-                    self._flush_release_locked()
+                # Holds (+1) go out before anything else we send (a DONE could let the
+                # giver of a ref free it); releases wait for a batch or the timer.
+                if self._pending_addref or len(self._pending_refs) >= RELEASE_BATCH:
+                    self._flush_refs_locked()
                 if frames:
                     self._out.send(header, zmq.SNDMORE)
                     self._out.send_multipart(frames, copy=False)
@@ -152,9 +156,12 @@ class Client:
             if self.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-    def _flush_release_locked(self):
-        oids, self._pending_release = self._pending_release, []
-        self._out.send(P.pack(Msg.RELEASE, oids))
+    def _flush_refs_locked(self):
+        with self._ref_lock:
+            ops, self._pending_refs = self._pending_refs, []
+            self._pending_addref = False
+        if ops:
+            self._out.send(P.pack(Msg.REFS, ops))
 
     # ---------------------------------------------------------------- I/O loop
     def _io_loop(self):
@@ -162,7 +169,7 @@ class Client:
         last_hb = time.monotonic()
         while not self.closed:
             try:
-                if inbox.poll(RELEASE_DELAY_MS if self._pending_release else 500):
+                if inbox.poll(RELEASE_DELAY_MS if self._pending_refs else 500):
                     self.last_broker = time.monotonic()
                     batch = []
                     while True:
@@ -172,10 +179,9 @@ class Client:
                             break
                     self._handle_batch(batch)
                 now = time.monotonic()
-                if self._pending_release and now - self._release_since >= RELEASE_DELAY_MS / 1000:
+                if self._pending_refs and now - self._release_since >= RELEASE_DELAY_MS / 1000:
                     with self._send_lock:
-                        if self._pending_release:
-                            self._flush_release_locked()
+                        self._flush_refs_locked()
                 if now - last_hb > P.HEARTBEAT_S:
                     inbox.send(P.pack(Msg.HEARTBEAT))
                     last_hb = now
@@ -207,6 +213,7 @@ class Client:
                 continue
             if mtype == Msg.OBJ:
                 oid = header[1]
+                self.awaiting_push.discard(oid)
                 if oid in self.refcounts or oid[:12] in self._streams:
                     loc = header[3] if len(header) > 3 else None
                     codec = header[4] if len(header) > 4 else None
@@ -264,9 +271,18 @@ class Client:
     def next_task_id(self) -> bytes:
         return self.cid + next(self._ids).to_bytes(4, "little")
 
-    def incref(self, oid: bytes):
+    def incref(self, oid: bytes, borrowed: bool = False):
+        """One more ObjectRef to ``oid`` in this process. ``borrowed``: it was
+        unpickled here (not made by this process's submit/put), so the broker
+        must learn that we hold it before the ref's giver may let it go."""
         with self._ref_lock:
-            self.refcounts[oid] = self.refcounts.get(oid, 0) + 1
+            n = self.refcounts.get(oid, 0)
+            self.refcounts[oid] = n + 1
+            if borrowed and n == 0 and not self.closed:
+                if not self._pending_refs:
+                    self._release_since = time.monotonic()
+                self._pending_refs.append((oid, 1))
+                self._pending_addref = True
 
     def decref(self, oid: bytes):
         with self._ref_lock:
@@ -276,12 +292,13 @@ class Client:
                 return
             self.refcounts.pop(oid, None)
             self.objects.pop(oid, None)
+            self.awaiting_push.discard(oid)
             self.remote_ready.pop(oid, None)
             self._subscribed.discard(oid)
             if not self.closed:
-                if not self._pending_release:
+                if not self._pending_refs:
                     self._release_since = time.monotonic()
-                self._pending_release.append(oid)
+                self._pending_refs.append((oid, -1))
 
     # ------------------------------------------------------------ objects
     def put(self, value, owner_ref_cls) -> object:
@@ -332,9 +349,11 @@ class Client:
     def _subscribe(self, refs) -> None:
         # Owned results are pushed to us unasked; subscribe for others' objects and
         # for ours that are ready in another node's store (the broker fetches them).
-        cid, objects, sub, remote = self.cid, self.objects, self._subscribed, self.remote_ready
+        objects, sub, remote, pushed = (self.objects, self._subscribed, self.remote_ready,
+                                        self.awaiting_push)
         want = [r.id for r in refs
-                if r.id not in objects and r.id not in sub and (r.owner != cid or r.id in remote)]
+                if r.id not in objects and r.id not in sub
+                and (r.id not in pushed or r.id in remote)]
         if want:
             self._subscribed.update(want)
             self.send(P.pack(Msg.SUB, want))
@@ -465,11 +484,10 @@ class Client:
         if self.closed:
             return
         with self._send_lock:
-            if self._pending_release:
-                try:
-                    self._flush_release_locked()
-                except zmq.ZMQError:
-                    pass
+            try:
+                self._flush_refs_locked()
+            except zmq.ZMQError:
+                pass
         self.closed = True
         self._io.join(timeout=2)
         self._out.close(linger=500)

@@ -38,6 +38,9 @@ C->B  PUT        [PUT, oid, kind, nested_oids] + object frames, or
                  [PUT, oid, kind, nested_oids, node_id]  a large value written to that node's store
 C->B  SUB        [SUB, oids]                                        push me these objects when ready
 C->B  RELEASE    [RELEASE, oids]                                    my last reference is gone
+C->B  REFS       [REFS, [[oid, +1 | -1], ...]]   in order: I now hold a ref I was given
+                 (+1, sent before anything that could end the task that gave it) /
+                 my last ref is gone (-1)
 C->B  CANCEL     [CANCEL, oid, force, recursive]
 C->B  BLOCK      [BLOCK, task_id, returned] / UNBLOCK [UNBLOCK, task_id]
                  the task waits in get(): lend its CPU, and hand back the task ids
@@ -45,7 +48,7 @@ C->B  BLOCK      [BLOCK, task_id, returned] / UNBLOCK [UNBLOCK, task_id]
 C->B  REJECT     [REJECT, task_id]  a prefetched EXEC arrived while blocked: queue it elsewhere
 C->B  DONE       [DONE, task_id, [(kind, nframes[, node_id])...], nested, retryable] + frames
                  executor finished a task; a return with node_id was written to that store
-C->B  YIELD      [YIELD, task_id, index, kind, nframes] + frames    streaming generator item
+C->B  YIELD      [YIELD, task_id, index, kind, nframes, nested] + frames    streaming item
 C->B  LOG        [LOG, driver_cid, prefix, text]                    remote stdout/stderr
 C->B  REQ        [REQ, req_id, op, args]                            a query (cluster info, actors...)
 B->C  REPLY      [REPLY, req_id, ok, result]
@@ -128,6 +131,7 @@ class Msg(enum.IntEnum):
     STORED = 31
     FREE = 32
     SPILL = 33
+    REFS = 34
 
 
 # Task kinds inside a SUBMIT spec.

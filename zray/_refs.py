@@ -10,7 +10,7 @@ from zray._serialization import nested_collector
 
 
 def _rebuild_ref(oid: bytes, owner: bytes) -> "ObjectRef":
-    return ObjectRef(oid, owner)
+    return ObjectRef(oid, owner, _borrowed=True)
 
 
 class ObjectRef:
@@ -18,13 +18,13 @@ class ObjectRef:
 
     __slots__ = ("id", "owner", "_client", "__weakref__")
 
-    def __init__(self, oid: bytes, owner: bytes = b"", _client=None):
+    def __init__(self, oid: bytes, owner: bytes = b"", _client=None, _borrowed: bool = False):
         self.id = oid
         self.owner = owner
         client = _client if _client is not None else _runtime.client
         self._client = client
         if client is not None:
-            client.incref(oid)
+            client.incref(oid, _borrowed)
 
     def __del__(self):
         client = self._client
