@@ -4,7 +4,7 @@
 
     user threads                       I/O thread                   broker
     ------------                       ----------                   ------
-    .remote() / put() / RELEASE --out DEALER (send-only, lock)-->   ROUTER
+    .remote() / put() / REFS    --out DEALER (send-only, lock)-->   ROUTER
     get() / wait() wait on `cond`  <-- objects / replies ------ inbox DEALER <-- OBJ, REPLY,
                                                                      LOG, EXEC, CANCEL
 
@@ -15,8 +15,12 @@
   hands EXEC messages to an executor's main thread and delivers cancellations,
   then wakes every waiter with one ``notify_all`` per drained batch.
 * Reference counts of the ObjectRefs alive in this process live in
-  ``refcounts``; when one reaches zero the local copy is dropped and the
-  broker is told (batched RELEASE).
+  ``refcounts``. A ref unpickled here (borrowed) is announced to the broker
+  (REFS +1, sent before anything else this client sends); when a count
+  reaches zero the local copy is dropped and the broker is told (REFS -1,
+  batched by RELEASE_BATCH / RELEASE_DELAY_MS).
+* Large values live in the node's object store (``store``); ``objects`` then
+  holds the STORED marker and ``get`` maps the file.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ STORED = "stored"  # objects[oid] marker: the value is in this node's store
 
 log = logging.getLogger("zray.client")
 _CANCEL_SIGNALS = {signal.SIGUSR1}
-# Releases ride in batches: one RELEASE message per RELEASE_BATCH dropped refs or
+# Releases ride in batches: one REFS message per RELEASE_BATCH dropped refs or
 # per RELEASE_DELAY_MS, not one per ref (a sync loop would otherwise pay for an
 # extra message per call).
 RELEASE_BATCH = 256
