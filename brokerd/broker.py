@@ -436,6 +436,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
 
     def on_done(self, ident, h, frames):
         _, task_id, layout, nested, retryable = h[:5]
+        pushed = h[5] if len(h) > 5 else ()  # results the executor gave the owner itself
         task = self.tasks.get(task_id)
         ex = self.executors.get(ident[:-1])
         if task is None or task.state != TaskState.RUNNING:
@@ -460,8 +461,8 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             self.finish_stream(task, frames if layout and layout[0][0] == P.ERROR else None)
             return
         pos = 0
-        for oid, item in zip(task.returns, layout, strict=False):  # errors: 1 item for 0 returns
-            kind, n = item[0], item[1]
+        for i, (oid, item) in enumerate(zip(task.returns, layout, strict=False)):
+            kind, n = item[0], item[1]  # (errors: 1 layout item even for 0 returns)
             obj = self.objects.get(oid)
             part = frames[pos:pos + n]
             pos += n
@@ -470,7 +471,8 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                     self.add_location(obj, item[2], item[3])
                 if nested and kind == P.VALUE:
                     self.contain(obj, nested)  # refs inside the results
-                self.object_ready(obj, kind, part)
+                self.object_ready(obj, kind, part,
+                                  push_owner=not (i < len(pushed) and pushed[i]))
         self.task_finished(task, TaskState.FINISHED)
 
     def executor_next(self, ex: Executor):

@@ -377,7 +377,29 @@ class Executor:
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
             return
-        self.client.send(P.pack(Msg.DONE, spec[P.S_TASK_ID], layout, nested, False), frames)
+        # Results holding refs go through the broker: it must learn of those refs (PUTs on
+        # our socket, processed in order before this DONE) before the owner can use them.
+        pushed = [] if nested else self.push_results(spec, layout, frames)
+        self.client.send(P.pack(Msg.DONE, task_id, layout, nested, False, pushed), frames)
+
+    def push_results(self, spec, layout, frames) -> list:
+        """Hand the results straight to an owner on this node (one hop instead of two
+        through the broker, which still gets DONE for its books). Returns, per result,
+        whether it went; the broker pushes the others."""
+        if spec[P.S_KIND] == P.ACTOR_CREATE or spec[P.S_NUM_RETURNS] <= 0:
+            return []
+        owner = spec[P.S_OWNER]
+        pushed, pos = [], 0
+        for i, item in enumerate(layout, 1):
+            kind, n = item[0], item[1]
+            oid = spec[P.S_TASK_ID] + i.to_bytes(4, "little")
+            if len(item) > 2:
+                header = P.pack(Msg.OBJ, oid, kind, item[2])
+            else:
+                header = P.pack(Msg.OBJ, oid, kind)
+            pushed.append(self.client.push_direct(owner, header, frames[pos:pos + n]))
+            pos += n
+        return pushed
 
     def finish_error(self, spec, exc):
         task_id = spec[P.S_TASK_ID]
@@ -398,8 +420,9 @@ class Executor:
                     retryable = isinstance(exc, classes)
                 except Exception:
                     retryable = False
-        self.client.send(P.pack(Msg.DONE, task_id, [(P.ERROR, len(frames))] * n, [], retryable),
-                         frames * n)
+        layout = [(P.ERROR, len(frames))] * n
+        pushed = [] if retryable else self.push_results(spec, layout, frames * n)
+        self.client.send(P.pack(Msg.DONE, task_id, layout, [], retryable, pushed), frames * n)
 
     # ---------------------------------------------------------------- actors
     def create_actor(self, spec, args, kwargs):

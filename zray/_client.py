@@ -90,6 +90,9 @@ class Client:
         self._ctx = zmq.Context()
         self._out = self._socket(self.cid + b"o")
         self._inbox = self._socket(self.cid + b"i")
+        self._push: dict = {}  # owner cid -> PUSH socket to its direct inbox, or None
+        self._direct = None  # PULL: results pushed by executors on this node
+        self._direct_path = ""
         self._send_lock = threading.Lock()
         self.cond = threading.Condition(threading.Lock())
         self._ref_lock = threading.RLock()
@@ -115,6 +118,8 @@ class Client:
         self.on_block: Optional[Callable] = None  # executor: hand back prefetched tasks
         self.on_unblock: Optional[Callable] = None
         self.info = self._handshake(connect_timeout)
+        if self.store is not None:
+            self._bind_direct()
         self._io = threading.Thread(target=self._io_loop, name="zray-io", daemon=True)
         self._io.start()
 
@@ -139,6 +144,53 @@ class Client:
         if header[0] != Msg.WELCOME:
             raise ConnectionError(f"unexpected handshake reply {header[0]!r}")
         return header[1]
+
+    def _bind_direct(self):
+        """Executors on this node push our task results here, skipping the broker hop."""
+        try:
+            os.makedirs(self.store.dir, mode=0o700, exist_ok=True)
+            path = os.path.join(self.store.dir, f"c-{self.cid.hex()}")
+            s = self._ctx.socket(zmq.PULL)
+            s.setsockopt(zmq.RCVHWM, 0)
+            s.setsockopt(zmq.LINGER, 0)
+            s.bind(f"ipc://{path}")
+        except (OSError, zmq.ZMQError):
+            log.debug("no direct inbox; results come through the broker", exc_info=True)
+            return
+        self._direct, self._direct_path = s, path
+
+    def push_direct(self, owner: bytes, header: bytes, frames) -> bool:
+        """Send an OBJ straight to ``owner`` if it lives on this node; False if not sent."""
+        if self.store is None:
+            return False
+        with self._send_lock:
+            sock = self._push.get(owner, False)
+            if sock is False:
+                path = os.path.join(self.store.dir, f"c-{owner.hex()}")
+                sock = None
+                if os.path.exists(path):
+                    sock = self._ctx.socket(zmq.PUSH)
+                    sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer not there
+                    sock.setsockopt(zmq.SNDHWM, 10000)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.connect(f"ipc://{path}")
+                if len(self._push) >= 256:  # forget the oldest owners
+                    for old in list(self._push)[:64]:
+                        s = self._push.pop(old)
+                        if s is not None:
+                            s.close(0)
+                self._push[owner] = sock
+            if sock is None:
+                return False
+            try:
+                if frames:
+                    sock.send(header, zmq.SNDMORE | zmq.NOBLOCK)
+                    sock.send_multipart(frames, copy=False)
+                else:
+                    sock.send(header, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                return False  # not connected (yet): the broker pushes it
 
     def send(self, header: bytes, frames: list = ()) -> None:
         """Send one message on the out socket (any thread)."""
@@ -169,18 +221,27 @@ class Client:
 
     # ---------------------------------------------------------------- I/O loop
     def _io_loop(self):
-        inbox = self._inbox
+        inbox, direct = self._inbox, self._direct
+        poller = zmq.Poller()
+        poller.register(inbox, zmq.POLLIN)
+        if direct is not None:
+            poller.register(direct, zmq.POLLIN)
         last_hb = time.monotonic()
         while not self.closed:
             try:
-                if inbox.poll(RELEASE_DELAY_MS if self._pending_refs else 500):
-                    self.last_broker = time.monotonic()
+                ready = dict(poller.poll(RELEASE_DELAY_MS if self._pending_refs else 500))
+                if ready:
                     batch = []
-                    while True:
-                        try:
-                            batch.append(inbox.recv_multipart(zmq.NOBLOCK, copy=False))
-                        except zmq.Again:
-                            break
+                    for sock in (direct, inbox):
+                        if sock is None or sock not in ready:
+                            continue
+                        if sock is inbox:
+                            self.last_broker = time.monotonic()
+                        while True:
+                            try:
+                                batch.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                            except zmq.Again:
+                                break
                     self._handle_batch(batch)
                 now = time.monotonic()
                 if self._pending_refs and now - self._release_since >= RELEASE_DELAY_MS / 1000:
@@ -496,4 +557,15 @@ class Client:
         self._io.join(timeout=2)
         self._out.close(linger=500)
         self._inbox.close(linger=0)
+        with self._send_lock:
+            for sock in self._push.values():
+                if sock is not None:
+                    sock.close(0)
+            self._push.clear()
+        if self._direct is not None:
+            self._direct.close(0)
+            try:
+                os.unlink(self._direct_path)
+            except OSError:
+                pass
         self._ctx.term()

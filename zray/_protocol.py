@@ -46,8 +46,13 @@ C->B  BLOCK      [BLOCK, task_id, returned] / UNBLOCK [UNBLOCK, task_id]
                  the task waits in get(): lend its CPU, and hand back the task ids
                  that were prefetched to this executor and have not started
 C->B  REJECT     [REJECT, task_id]  a prefetched EXEC arrived while blocked: queue it elsewhere
-C->B  DONE       [DONE, task_id, [(kind, nframes[, node_id])...], nested, retryable] + frames
-                 executor finished a task; a return with node_id was written to that store
+C->B  DONE       [DONE, task_id, [(kind, nframes[, node_id, size])...], nested, retryable,
+                  pushed] + frames
+                 executor finished a task; a return with node_id was written to that store;
+                 pushed[i]: the executor already sent result i to its owner (see below)
+E->C  OBJ        on PUSH -> the owner's PULL at ipc://<node store dir>/c-<cid>: an executor
+                 hands a result straight to an owner on its node (3 hops instead of 4);
+                 same frames as the broker's OBJ
 C->B  YIELD      [YIELD, task_id, index, kind, nframes, nested] + frames    streaming item
 C->B  LOG        [LOG, driver_cid, prefix, text]                    remote stdout/stderr
 C->B  REQ        [REQ, req_id, op, args]                            a query (cluster info, actors...)
