@@ -231,6 +231,14 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             return
         node = ex.node
         node.spawning = max(0, node.spawning - 1)
+        node.spawn_failures = 0
+        while node.actor_spawns:  # a fresh process: an actor waiting for one gets it
+            task = node.actor_spawns.popleft()
+            actor = self.actors.get(task.spec[P.S_ACTOR_ID])
+            if (actor is not None and actor.state != ActorState.DEAD
+                    and task.state == TaskState.RUNNING and task.node is node):
+                self.run_task(task, node, ex, acquired=True)
+                return
         ex.state = ExecState.IDLE
         ex.idle_since = time.monotonic()
         node.idle.append(ex)
@@ -296,6 +304,11 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                     self.deliver(cid, obj, True)
         for ex in list(node.executors.values()):
             self.executor_dead(ex, -9, reason=f"node {node.node_id.hex()} died")
+        while node.actor_spawns:  # actors that never got their process: place them again
+            task = node.actor_spawns.popleft()
+            task.node = None
+            if task.state == TaskState.RUNNING:
+                self.task_ready(task)
         self.dirty = True
 
     def on_client_exit(self, ident, h, frames):
@@ -410,8 +423,9 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         header = P.pack(Msg.EXEC, task.spec, has_fn, len(task.frames), layout, gpu_ids)
         return header, frames
 
-    def run_task(self, task: Task, node: Node, ex: Executor):
-        self.acquire(task, node)
+    def run_task(self, task: Task, node: Node, ex: Executor, acquired: bool = False):
+        if not acquired:
+            self.acquire(task, node)
         task.state = TaskState.RUNNING
         task.executor = ex
         if task.kind == P.ACTOR_CREATE:
@@ -665,6 +679,17 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         if ex is None:
             if node is not None:
                 node.spawning = max(0, node.spawning - 1)
+                if node.actor_spawns:  # a process started for an actor died before READY
+                    node.spawn_failures += 1
+                    if node.spawn_failures <= 5:
+                        node.spawning += 1
+                        self.send(node.ident, P.pack(Msg.SPAWN, 1))
+                    else:
+                        err = serialize_error(exceptions.RaySystemError(
+                            f"node {node.node_id.hex()} cannot start executor processes "
+                            f"(last exit code {code}); see its executor logs"))
+                        while node.actor_spawns:
+                            self.fail_task(node.actor_spawns.popleft(), err)
             self.dirty = True
             return
         self.executor_dead(ex, code)

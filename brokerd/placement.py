@@ -36,13 +36,21 @@ class Placement:
                     q.popleft()
                     continue
                 node, ex = self.place(task)
+                if task.kind == P.ACTOR_CREATE:
+                    if node is None:
+                        break
+                    if ex is not None:
+                        node.idle.append(ex)  # not this one: an actor gets a fresh process
+                    q.popleft()
+                    self.start_actor_process(task, node)
+                    continue
                 if ex is None:
                     if node is not None:
                         self.request_spawn(node)
                     break
                 q.popleft()
                 self.run_task(task, node, ex)
-            if q and shape[1] is None and "GPU" not in task.resources:
+            if q and shape[1] is None and task.kind == P.TASK and "GPU" not in task.resources:
                 # GPU tasks are never prefetched: their GPU ids are only known at start.
                 self.prefetch(shape, q)
             if not q:
@@ -146,6 +154,17 @@ class Placement:
             if tot:
                 util = max(util, 1 - node.avail.get(r, 0) / tot)
         return (0.0 if util < 0.5 else util) + random.random() * 1e-3
+
+    def start_actor_process(self, task: Task, node: Node):
+        """Reserve the actor's resources on ``node`` and have a process started for it
+        alone (like Ray: an actor never inherits a pooled task process's state); the
+        creation is sent when that executor reports READY (Broker.on_ready)."""
+        self.acquire(task, node)
+        task.state = TaskState.RUNNING
+        task.executor = None
+        node.actor_spawns.append(task)
+        node.spawning += 1
+        self.send(node.ident, P.pack(Msg.SPAWN, 1))
 
     def request_spawn(self, node: Node):
         if node.spawning < 2:

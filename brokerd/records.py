@@ -72,6 +72,8 @@ class Node:
     store_used: int = 0  # bytes of objects in its store's memory
     spilled: int = 0  # bytes it moved to disk
     lru: "OrderedDict" = field(default_factory=OrderedDict)  # oid -> size, in memory, oldest first
+    actor_spawns: deque = field(default_factory=deque)  # actor creations awaiting a fresh process
+    spawn_failures: int = 0
 
 
 @dataclass(eq=False)
