@@ -253,8 +253,6 @@ class Executor:
         except ActorExit:
             raise  # no reply: the broker fails this call with ActorDiedError on our exit
         except BaseException as e:  # noqa: B036 - user code may raise anything
-            if isinstance(e, (KeyboardInterrupt, SystemExit)) and kind != P.TASK:
-                pass
             self.finish_error(spec, e)
             return
         finally:
@@ -470,8 +468,8 @@ class Executor:
     def dispatch_concurrent(self, spec, args, kwargs):
         method = getattr(self.actor, spec[P.S_FID])
         if self.actor_mode == "threaded":
-            fut = self.pool.submit(self.call_in_thread, spec, method, args, kwargs)
-            return fut
+            self.pool.submit(self.call_in_thread, spec, method, args, kwargs)
+            return
         task_id = spec[P.S_TASK_ID]
 
         async def run():
