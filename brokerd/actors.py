@@ -14,7 +14,6 @@ from brokerd.records import (
 )
 from zray import _protocol as P
 from zray import exceptions
-from zray._protocol import Msg
 from zray._serialization import serialize_error
 
 log = logging.getLogger("zray.broker")
@@ -28,20 +27,20 @@ class ActorDirectory:
     # ----------------------------------------------------------------- actors
     def register_actor(self, task: Task, opts: dict):
         spec = task.spec
-        actor_id = spec[P.S_ACTOR_ID]
-        actor = Actor(actor_id, task, spec[P.S_OWNER], spec[P.S_JOB],
+        actor_id = spec.actor_id
+        actor = Actor(actor_id, task, spec.owner, spec.job,
                       name=opts.get("name") or "", namespace=opts.get("namespace") or "",
                       detached=opts.get("lifetime") == "detached",
                       max_restarts=opts.get("max_restarts", 0),
                       max_task_retries=opts.get("max_task_retries", 0),
-                      handle_meta=opts.get("handle_meta", b""), class_name=spec[P.S_NAME])
+                      handle_meta=opts.get("handle_meta", b""), class_name=spec.name)
         task.retries_left = 0
         self.actors[actor_id] = actor
         if actor.name:
             self.named[(actor.namespace, actor.name)] = actor_id
 
     def actor_created(self, task: Task, kind: int, frames):
-        actor = self.actors.get(task.spec[P.S_ACTOR_ID])
+        actor = self.actors.get(task.spec.actor_id)
         self.tasks.pop(task.task_id, None)
         task.state = TaskState.FINISHED
         if actor is None:
@@ -50,7 +49,7 @@ class ActorDirectory:
             actor.no_restart = True
             self.actor_dead(actor, "The actor's constructor raised:\n" + _err_text(frames))
             if actor.executor is not None:
-                self.send(actor.executor.node.ident, P.pack(Msg.KILL_EXEC, actor.executor.cid))
+                self.send(actor.executor.node.ident, P.encode(P.KillExec(actor.executor.cid)))
             return
         actor.state = ActorState.ALIVE
         for oid in task.returns:
@@ -75,7 +74,7 @@ class ActorDirectory:
             task.executor = ex
             actor.inflight[task.task_id] = task
             header, frames = self.exec_header(task, ex)
-            self.send(ex.cid + b"i", header, frames)
+            self.send(P.inbox_ident(ex.cid), header, frames)
 
     def actor_process_died(self, actor: Actor, code: int, why: str):
         if actor.state == ActorState.DEAD:
@@ -103,7 +102,7 @@ class ActorDirectory:
         actor.inflight = {}
         for task in fail:
             self.fail_task(task, serialize_error(exceptions.ActorDiedError(
-                f"The actor died while running {task.spec[P.S_NAME]}: {why}", actor.actor_id.hex())))
+                f"The actor died while running {task.spec.name}: {why}", actor.actor_id.hex())))
         for task in reversed(retry):
             task.state = TaskState.QUEUED
             task.executor = None
@@ -113,7 +112,7 @@ class ActorDirectory:
         create.executor = None
         self.tasks[create.task_id] = create
         for oid in create.returns:
-            self.objects.setdefault(oid, Obj(oid, create.spec[P.S_OWNER]))
+            self.objects.setdefault(oid, Obj(oid, create.spec.owner))
         self.task_ready(create)
 
     def actor_dead(self, actor: Actor, reason: str):
@@ -141,7 +140,7 @@ class ActorDirectory:
             actor.death = f"The actor was {reason}." if not reason.startswith("The") else reason
         ex = actor.executor
         if ex is not None and ex.state != ExecState.DEAD:
-            self.send(ex.node.ident, P.pack(Msg.KILL_EXEC, ex.cid))
+            self.send(ex.node.ident, P.encode(P.KillExec(ex.cid)))
         if no_restart:
             # Dead from now on: calls made after kill() fail at once, not after the exit report.
             self.actor_dead(actor, actor.death)

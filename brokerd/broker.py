@@ -73,10 +73,6 @@ IDLE_REAP_S = float(os.environ.get("ZRAY_IDLE_EXECUTOR_S", "30"))
 _EMPTY = b""
 
 
-def _oid(task_id: bytes, index: int) -> bytes:
-    return task_id + index.to_bytes(4, "little")
-
-
 class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
     def __init__(self, address: str, session_dir: str = ""):
         self.address = address
@@ -113,36 +109,42 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         self.started = time.time()
         self.infeasible_warned: set = set()
         self.reaped: set = set()  # executors told to exit for being idle
+        self.dropped = 0  # messages dropped as malformed or sent by the wrong role
+        self.drop_reasons: set = set()  # each kind of bad message is logged once
+        # (role of the sending socket, message type) -> handler(peer id, message, frames).
+        # A message that arrives on any other socket role is dropped.
+        node, out, inbox = P.ROLE_NODE, P.ROLE_OUT, P.ROLE_INBOX
         self.handlers = {
-            Msg.HELLO: self.on_hello,
-            Msg.READY: self.on_ready,
-            Msg.FN: self.on_fn,
-            Msg.SUBMIT: self.on_submit,
-            Msg.PUT: self.on_put,
-            Msg.SUB: self.on_sub,
-            Msg.RELEASE: self.on_release,
-            Msg.REFS: self.on_refs,
-            Msg.CANCEL: self.on_cancel,
-            Msg.BLOCK: self.on_block,
-            Msg.UNBLOCK: self.on_unblock,
-            Msg.REJECT: self.on_reject,
-            Msg.DONE: self.on_done,
-            Msg.YIELD: self.on_yield,
-            Msg.LOG: self.on_log,
-            Msg.REQ: self.on_req,
-            Msg.NODE_HELLO: self.on_node_hello,
-            Msg.EXEC_DIED: self.on_exec_died,
-            Msg.HEARTBEAT: self.on_heartbeat,
-            Msg.EXIT: self.on_client_exit,
-            Msg.BLOB: self.on_blob,
-            Msg.STORED: self.on_stored,
+            (inbox, Msg.HELLO): self.on_hello,
+            (inbox, Msg.HEARTBEAT): self.on_client_heartbeat,
+            (out, Msg.READY): self.on_ready,
+            (out, Msg.FN): self.on_fn,
+            (out, Msg.SUBMIT): self.on_submit,
+            (out, Msg.PUT): self.on_put,
+            (out, Msg.SUB): self.on_sub,
+            (out, Msg.RELEASE): self.on_release,
+            (out, Msg.REFS): self.on_refs,
+            (out, Msg.CANCEL): self.on_cancel,
+            (out, Msg.BLOCK): self.on_block,
+            (out, Msg.UNBLOCK): self.on_unblock,
+            (out, Msg.REJECT): self.on_reject,
+            (out, Msg.DONE): self.on_done,
+            (out, Msg.YIELD): self.on_yield,
+            (out, Msg.LOG): self.on_log,
+            (out, Msg.REQ): self.on_req,
+            (out, Msg.EXIT): self.on_client_exit,
+            (node, Msg.NODE_HELLO): self.on_node_hello,
+            (node, Msg.HEARTBEAT): self.on_node_heartbeat,
+            (node, Msg.EXEC_DIED): self.on_exec_died,
+            (node, Msg.BLOB): self.on_blob,
+            (node, Msg.STORED): self.on_stored,
         }
 
     # ------------------------------------------------------------------ loop
     def serve(self):
         sock = self.sock
         handlers = self.handlers
-        unpack = P.unpack
+        decode, role_of = P.decode, P.role_of
         last_check = time.monotonic()
         log.info("broker listening on %s (pid %d)", self.address, os.getpid())
         poller = zmq.Poller()
@@ -158,16 +160,29 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                     if not events(EVENTS) & POLLIN:
                         break
                     msg = recv(NOBLOCK, copy=False)
+                    ident = msg[0].bytes
+                    role, peer = role_of(ident)
                     try:
-                        header = unpack(msg[1].buffer)
-                        handler = handlers[header[0]]
-                    except Exception:
-                        log.warning("dropping malformed message from %r", msg[0].bytes[:16])
+                        m = decode(msg[1].buffer)
+                    except P.VersionMismatch as e:  # say so: the peer cannot guess
+                        self.send(ident, P.encode(P.Welcome({"error": (
+                            f"it speaks zray protocol version {e.peer_version!r}, the broker "
+                            f"speaks {P.VERSION}: install the same zray version everywhere")})))
+                        self.drop(ident, str(e))
+                        continue
+                    except P.ProtocolError as e:
+                        self.drop(ident, str(e))
+                        continue
+                    handler = handlers.get((role, m.TYPE))
+                    if handler is None:
+                        self.drop(ident, f"{m.TYPE.name} is not allowed from a {role} socket")
                         continue
                     try:
-                        handler(msg[0].bytes, header, msg[2:])
+                        handler(peer, m, msg[2:])
+                    except P.ProtocolError as e:
+                        self.drop(ident, str(e))
                     except Exception:
-                        log.exception("error handling %s", Msg(header[0]).name)
+                        log.exception("error handling %s", m.TYPE.name)
             if self.dirty:
                 self.dirty = False
                 try:
@@ -183,11 +198,20 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
     def stop(self, *_):
         self.running = False
 
+    def drop(self, ident: bytes, why: str):
+        """A bad message: count it; log each kind once (a flood must not fill the disk)."""
+        self.dropped += 1
+        kind = why.split(":")[0][:60]
+        if kind not in self.drop_reasons and len(self.drop_reasons) < 1000:
+            self.drop_reasons.add(kind)
+            log.warning("dropping a bad message from %r: %s (dropped so far: %d)",
+                        ident[:16], why, self.dropped)
+
     def shutdown(self):
         for node in list(self.nodes.values()):
-            self.send(node.ident, P.pack(Msg.SHUTDOWN))
+            self.send(node.ident, P.encode(P.Shutdown()))
         for cid in list(self.clients):
-            self.send(cid + b"i", P.pack(Msg.SHUTDOWN))
+            self.send(P.inbox_ident(cid), P.encode(P.Shutdown()))
         self.sock.close(linger=200)  # linger: the SHUTDOWN frames still leave
         if self.auth is not None:
             self.auth.stop()
@@ -207,12 +231,9 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             raise
 
     # ------------------------------------------------------------- membership
-    def on_hello(self, ident, h, frames):
-        _, version, kind, node_id, pid, job_id = h[:6]
-        cid = ident[:-1]
-        if version != P.VERSION:
-            self.send(ident, P.pack(Msg.WELCOME, {"error": f"protocol version {version} != {P.VERSION}"}))
-            return
+    def on_hello(self, cid, m: P.Hello, frames):
+        kind, node_id, pid, job_id = m.kind, m.node_id, m.pid, m.job_id
+        ident = P.inbox_ident(cid)
         self.clients[cid] = ClientInfo(cid, kind, node_id, pid, job_id, time.monotonic())
         if kind == "executor":
             node = self.nodes.get(node_id)
@@ -221,12 +242,12 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                 node.executors[cid] = ex
                 self.executors[cid] = ex
         node = self.nodes.get(node_id)
-        self.send(ident, P.pack(Msg.WELCOME, {"session_dir": self.session_dir,
+        self.send(ident, P.encode(P.Welcome({"session_dir": self.session_dir,
                                               "address": self.address,
-                                              "store_limit": node.store_limit if node else 0}))
+                                              "store_limit": node.store_limit if node else 0})))
 
-    def on_ready(self, ident, h, frames):
-        ex = self.executors.get(ident[:-1])
+    def on_ready(self, cid, m, frames):
+        ex = self.executors.get(cid)
         if ex is None or ex.state != ExecState.STARTING:
             return
         node = ex.node
@@ -234,7 +255,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         node.spawn_failures = 0
         while node.actor_spawns:  # a fresh process: an actor waiting for one gets it
             task = node.actor_spawns.popleft()
-            actor = self.actors.get(task.spec[P.S_ACTOR_ID])
+            actor = self.actors.get(task.spec.actor_id)
             if (actor is not None and actor.state != ActorState.DEAD
                     and task.state == TaskState.RUNNING and task.node is node):
                 self.run_task(task, node, ex, acquired=True)
@@ -244,12 +265,9 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         node.idle.append(ex)
         self.dirty = True
 
-    def on_node_hello(self, ident, h, frames):
-        _, version, node_id, info = h[:4]
-        if version != P.VERSION:
-            log.error("node %s speaks protocol %s, broker %s: ignored", node_id.hex(), version, P.VERSION)
-            self.send(ident, P.pack(Msg.SHUTDOWN))
-            return
+    def on_node_hello(self, node_id, m: P.NodeHello, frames):
+        ident = P.node_ident(node_id)
+        info = m.info
         total = dict(info["resources"])
         gpus = [[g, P.UNIT] for g in info.get("gpu_ids", [])]
         node = Node(node_id, ident, total, dict(total), gpus, info.get("hostname", ""),
@@ -259,20 +277,20 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         node.store_limit = info.get("store_limit", 0)
         self.nodes[node_id] = node
         log.info("node %s joined: %s", node_id.hex(), P.from_units(total))
-        self.send(ident, P.pack(Msg.WELCOME, {"address": self.address}))
+        self.send(ident, P.encode(P.Welcome({"address": self.address})))
         self.dirty = True
 
-    def on_heartbeat(self, ident, h, frames):
-        if ident[:1] == b"N":
-            node = self.nodes.get(ident[1:])
-            if node is not None:
-                node.last_seen = time.monotonic()
-                self.send(ident, P.pack(Msg.HEARTBEAT))
-        else:
-            c = self.clients.get(ident[:-1])
-            if c is not None:
-                c.last_seen = time.monotonic()
-                self.send(ident, P.pack(Msg.HEARTBEAT))
+    def on_node_heartbeat(self, node_id, m, frames):
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.last_seen = time.monotonic()
+            self.send(node.ident, P.encode(P.Heartbeat()))
+
+    def on_client_heartbeat(self, cid, m, frames):
+        c = self.clients.get(cid)
+        if c is not None:
+            c.last_seen = time.monotonic()
+            self.send(P.inbox_ident(cid), P.encode(P.Heartbeat()))
 
     def check_liveness(self, now):
         for node in list(self.nodes.values()):
@@ -298,7 +316,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                     obj.lost = True
             # Transfers to or from the dead node will never finish: start them again
             # from another copy, or fail them with ObjectLostError.
-            for dest in [d for d, src in obj.inflight_src.items() if src == nid or d == b"N" + nid]:
+            for dest in [d for d, src in obj.inflight_src.items() if src == nid or d == P.node_ident(nid)]:
                 obj.inflight_src.pop(dest, None)
                 for cid in obj.inflight.pop(dest, []):
                     self.deliver(cid, obj, True)
@@ -311,8 +329,8 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                 self.task_ready(task)
         self.dirty = True
 
-    def on_client_exit(self, ident, h, frames):
-        c = self.clients.get(ident[:-1])
+    def on_client_exit(self, cid, m, frames):
+        c = self.clients.get(cid)
         if c is not None and c.kind in ("driver", "cli"):
             self.driver_gone(c)
 
@@ -324,44 +342,43 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             if actor.job_id == c.job_id and not actor.detached and actor.state != ActorState.DEAD:
                 self.kill_actor(actor, no_restart=True, reason="its driver exited")
         for task in list(self.tasks.values()):
-            if task.spec[P.S_JOB] == c.job_id and task.state in (TaskState.QUEUED, TaskState.WAITING_ARGS):
+            if task.spec.job == c.job_id and task.state in (TaskState.QUEUED, TaskState.WAITING_ARGS):
                 self.finish_cancelled(task)
         self.drop_client_refs(c.cid, c.holds)
 
     # ------------------------------------------------------------------ tasks
-    def on_submit(self, ident, h, frames):
-        spec = h[1]
-        task_id = spec[P.S_TASK_ID]
-        kind = spec[P.S_KIND]
-        opts = spec[P.S_OPTIONS]
-        nret = spec[P.S_NUM_RETURNS]
-        owner = spec[P.S_OWNER]
-        resources = spec[P.S_RESOURCES]
+    def on_submit(self, cid, m: P.Submit, frames):
+        spec = m.spec
+        task_id = spec.task_id
+        kind = spec.kind
+        opts = spec.options
+        owner = spec.owner
+        resources = spec.resources
         hold = opts.get("hold", resources) if kind == P.ACTOR_CREATE else resources
-        returns = [_oid(task_id, i) for i in range(1, nret + 1)] if nret > 0 else []
+        returns = spec.return_ids()
         task = Task(task_id, kind, spec, frames, resources, hold,
                     (tuple(sorted(resources.items())), _strategy_key(opts)), returns,
                     retries_left=opts.get("max_retries", 0))
         self.tasks[task_id] = task
         for oid in returns:
             self.objects[oid] = Obj(oid, owner)
-        parent = spec[P.S_PARENT]
+        parent = spec.parent
         if parent:
             self.children.setdefault(parent, []).append(task_id)
-        for oid in spec[P.S_NESTED]:  # refs inside the arguments live until the task ends
+        for oid in spec.nested:  # refs inside the arguments live until the task ends
             if self.pin(oid):
                 task.holds.append(oid)
         if kind == P.ACTOR_CREATE:
             self.register_actor(task, opts)
         elif kind == P.ACTOR_CALL:
-            actor = self.actors.get(spec[P.S_ACTOR_ID])
+            actor = self.actors.get(spec.actor_id)
             if actor is None or actor.state == ActorState.DEAD:
                 msg = actor.death if actor is not None else "The actor is not known to the cluster."
-                self.fail_task(task, serialize_error(exceptions.ActorDiedError(msg, spec[P.S_ACTOR_ID].hex())))
+                self.fail_task(task, serialize_error(exceptions.ActorDiedError(msg, spec.actor_id.hex())))
                 return
             task.actor = actor
             task.retries_left = actor.max_task_retries
-        for _, oid in spec[P.S_DEPS]:
+        for _, oid in spec.deps:
             obj = self.objects.get(oid)
             if obj is None:
                 self.fail_task(task, serialize_error(exceptions.ObjectLostError(
@@ -395,7 +412,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         self.dirty = True
 
     def exec_header(self, task: Task, ex: Executor) -> tuple:
-        fid = task.spec[P.S_FID]
+        fid = task.spec.fid
         frames = []
         has_fn = False
         if task.kind != P.ACTOR_CALL and fid not in ex.fns:
@@ -420,7 +437,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                 frames.extend(obj.frames)
                 layout.append((len(obj.frames), None))
         gpu_ids = [task.node.gpus[i][0] for i, _ in task.gpu_alloc] if task.node else []
-        header = P.pack(Msg.EXEC, task.spec, has_fn, len(task.frames), layout, gpu_ids)
+        header = P.encode(P.Exec(task.spec, has_fn, len(task.frames), layout, gpu_ids))
         return header, frames
 
     def run_task(self, task: Task, node: Node, ex: Executor, acquired: bool = False):
@@ -430,7 +447,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         task.executor = ex
         if task.kind == P.ACTOR_CREATE:
             ex.state = ExecState.ACTOR
-            actor = self.actors[task.spec[P.S_ACTOR_ID]]
+            actor = self.actors[task.spec.actor_id]
             ex.actor = actor
             actor.executor = ex
         else:
@@ -445,14 +462,13 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             node.idle.append(ex)
             self.fail_task(task, serialize_error(exceptions.RaySystemError(str(e))))
             return
-        if not self.send(ex.cid + b"i", header, frames):
+        if not self.send(P.inbox_ident(ex.cid), header, frames):
             self.executor_dead(ex, -1, reason="executor unreachable")
 
-    def on_done(self, ident, h, frames):
-        _, task_id, layout, nested, retryable = h[:5]
-        pushed = h[5] if len(h) > 5 else ()  # results the executor gave the owner itself
+    def on_done(self, cid, m: P.Done, frames):
+        task_id, layout, nested, retryable, pushed = m
         task = self.tasks.get(task_id)
-        ex = self.executors.get(ident[:-1])
+        ex = self.executors.get(cid)
         if task is None or task.state != TaskState.RUNNING:
             if ex is not None and ex.task is not None and ex.task.task_id == task_id:
                 self.executor_next(ex)
@@ -465,13 +481,13 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                 self.executor_next(ex)
             if retryable and task.retries_left != 0 and not task.cancel_requested:
                 task.retries_left -= 1
-                log.info("retrying %s after an application error", task.spec[P.S_NAME])
+                log.info("retrying %s after an application error", task.spec.name)
                 self.requeue(task)
                 return
         if task.kind == P.ACTOR_CREATE:
             self.actor_created(task, layout[0][0] if layout else P.VALUE, frames)
             return
-        if task.spec[P.S_NUM_RETURNS] == P.STREAMING:
+        if task.spec.num_returns == P.STREAMING:
             self.finish_stream(task, frames if layout and layout[0][0] == P.ERROR else None)
             return
         pos = 0
@@ -481,7 +497,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             part = frames[pos:pos + n]
             pos += n
             if obj is not None:
-                if len(item) > 3:
+                if item[2] is not None:
                     self.add_location(obj, item[2], item[3])
                 if nested and kind == P.VALUE:
                     self.contain(obj, nested)  # refs inside the results
@@ -531,7 +547,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             self.clients.pop(ex.cid, None)
             node.executors.pop(ex.cid, None)
             self.reaped.add(ex.cid)
-            self.send(ex.cid + b"i", P.pack(Msg.EXIT))
+            self.send(P.inbox_ident(ex.cid), P.encode(P.Exit()))
 
     def requeue(self, task: Task):
         task.executor = None
@@ -557,7 +573,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             self.release(task)
         if task.actor is not None:
             task.actor.inflight.pop(task.task_id, None)
-        if task.spec[P.S_NUM_RETURNS] == P.STREAMING:
+        if task.spec.num_returns == P.STREAMING:
             self.finish_stream(task, err_frames, state)
             return
         for oid in task.returns:
@@ -565,7 +581,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             if obj is not None and obj.state == ObjState.PENDING:
                 self.object_ready(obj, P.ERROR, err_frames)
         if task.kind == P.ACTOR_CREATE:
-            actor = self.actors.get(task.spec[P.S_ACTOR_ID])
+            actor = self.actors.get(task.spec.actor_id)
             if actor is not None and actor.state != ActorState.DEAD:
                 self.actor_dead(actor, "the actor could not be created: " + _err_text(err_frames))
         self.task_finished(task, state)
@@ -574,38 +590,35 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
         # Wrapped like an error raised by the task, so that `get` raises an error that is
         # both a TaskCancelledError and a RayTaskError wherever the cancel caught the task
         # (Ray raises the second for running actor calls, the seed's 3.2.4 relies on it).
-        name = task.spec[P.S_NAME]
+        name = task.spec.name
         cause = exceptions.TaskCancelledError(
             task.task_id.hex(), f"Task {name} ({task.task_id.hex()}) was cancelled")
         self.fail_task(task, serialize_error(exceptions.RayTaskError(
             name, f"{name} was cancelled before it started", cause, 0, "")), TaskState.CANCELLED)
 
     # --------------------------------------------------------------- streams
-    def on_yield(self, ident, h, frames):
-        _, task_id, index, kind = h[:4]
-        task = self.tasks.get(task_id)
+    def on_yield(self, cid, m: P.Yield, frames):
+        task = self.tasks.get(m.task_id)
         if task is None:
             return
-        oid = _oid(task_id, index)
-        obj = self.objects[oid] = Obj(oid, task.spec[P.S_OWNER])
-        task.streamed = max(task.streamed, index)
-        if len(h) > 5:
-            self.contain(obj, h[5])
-        self.object_ready(obj, kind, frames)
+        oid = P.object_id(m.task_id, m.index)
+        obj = self.objects[oid] = Obj(oid, task.spec.owner)
+        task.streamed = max(task.streamed, m.index)
+        self.contain(obj, m.nested)
+        self.object_ready(obj, m.kind, frames)
 
     def finish_stream(self, task: Task, err_frames=None, state=TaskState.FINISHED):
         if err_frames is not None:
             task.streamed += 1
-            oid = _oid(task.task_id, task.streamed)
-            obj = self.objects[oid] = Obj(oid, task.spec[P.S_OWNER])
+            oid = P.object_id(task.task_id, task.streamed)
+            obj = self.objects[oid] = Obj(oid, task.spec.owner)
             self.object_ready(obj, P.ERROR, err_frames)
-        self.send(task.spec[P.S_OWNER] + b"i", P.pack(Msg.STREAM_END, task.task_id, task.streamed))
+        self.send(P.inbox_ident(task.spec.owner), P.encode(P.StreamEnd(task.task_id, task.streamed)))
         self.task_finished(task, state)
 
     # ---------------------------------------------------------------- cancel
-    def on_cancel(self, ident, h, frames):
-        _, oid, force, recursive = h[:4]
-        self.cancel_task(oid[:12], force, recursive)
+    def on_cancel(self, cid, m: P.Cancel, frames):
+        self.cancel_task(P.task_of(m.oid), m.force, m.recursive)
 
     def cancel_task(self, task_id: bytes, force: bool, recursive: bool):
         task = self.tasks.get(task_id)
@@ -628,23 +641,23 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             task.executor = None
             self.finish_cancelled(task)
             # Its EXEC may already sit in the executor's queue: tell it to skip it.
-            self.send(ex.cid + b"i", P.pack(Msg.CANCEL, task_id, False))
+            self.send(P.inbox_ident(ex.cid), P.encode(P.Interrupt(task_id, False)))
         elif task.state == TaskState.RUNNING and task.executor is not None:
             task.cancel_requested = True
             ex = task.executor
             if force and task.kind == P.TASK:
                 task.force_cancel = True
-                self.send(ex.node.ident, P.pack(Msg.KILL_EXEC, ex.cid))
+                self.send(ex.node.ident, P.encode(P.KillExec(ex.cid)))
             else:
-                self.send(ex.cid + b"i", P.pack(Msg.CANCEL, task_id, bool(force)))
+                self.send(P.inbox_ident(ex.cid), P.encode(P.Interrupt(task_id, bool(force))))
 
-    def on_block(self, ident, h, frames):
-        ex = self.executors.get(ident[:-1])
+    def on_block(self, cid, m: P.Block, frames):
+        ex = self.executors.get(cid)
         if ex is not None:
             ex.blocked = True
-            for tid in (h[2] if len(h) > 2 else ()):
+            for tid in m.returned:
                 self.unassign(ex, tid)
-        task = self.tasks.get(h[1])
+        task = self.tasks.get(m.task_id)
         if task is not None and task.node is not None and not task.blocked:
             cpu = task.hold.get("CPU", 0)
             if cpu:
@@ -652,16 +665,16 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                 self.dirty = True
             task.blocked = True
 
-    def on_reject(self, ident, h, frames):
-        ex = self.executors.get(ident[:-1])
+    def on_reject(self, cid, m: P.Reject, frames):
+        ex = self.executors.get(cid)
         if ex is not None:
-            self.unassign(ex, h[1])
+            self.unassign(ex, m.task_id)
 
-    def on_unblock(self, ident, h, frames):
-        ex = self.executors.get(ident[:-1])
+    def on_unblock(self, cid, m: P.Unblock, frames):
+        ex = self.executors.get(cid)
         if ex is not None:
             ex.blocked = False
-        task = self.tasks.get(h[1])
+        task = self.tasks.get(m.task_id)
         if task is not None and task.node is not None and task.blocked:
             cpu = task.hold.get("CPU", 0)
             if cpu:
@@ -669,9 +682,9 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
             task.blocked = False
 
     # ------------------------------------------------------------ executors
-    def on_exec_died(self, ident, h, frames):
-        _, cid, code = h[:3]
-        node = self.nodes.get(ident[1:])
+    def on_exec_died(self, node_id, m: P.ExecDied, frames):
+        cid, code = m
+        node = self.nodes.get(node_id)
         ex = self.executors.get(cid)
         if cid in self.reaped:
             self.reaped.discard(cid)
@@ -683,7 +696,7 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                     node.spawn_failures += 1
                     if node.spawn_failures <= 5:
                         node.spawning += 1
-                        self.send(node.ident, P.pack(Msg.SPAWN, 1))
+                        self.send(node.ident, P.encode(P.Spawn(1)))
                     else:
                         err = serialize_error(exceptions.RaySystemError(
                             f"node {node.node_id.hex()} cannot start executor processes "
@@ -731,19 +744,19 @@ class Broker(Placement, ObjectDirectory, ActorDirectory, Queries):
                 self.finish_cancelled(task)
             elif task.retries_left != 0:
                 task.retries_left -= 1
-                log.warning("%s: %s; retrying the task", task.spec[P.S_NAME], why)
+                log.warning("%s: %s; retrying the task", task.spec.name, why)
                 self.requeue(task)
             else:
                 self.fail_task(task, serialize_error(exceptions.WorkerCrashedError(
-                    f"Task {task.spec[P.S_NAME]} failed: {why}. No retries left "
-                    f"(max_retries={task.spec[P.S_OPTIONS].get('max_retries', 0)}).")))
+                    f"Task {task.spec.name} failed: {why}. No retries left "
+                    f"(max_retries={task.spec.options.get('max_retries', 0)}).")))
         self.dirty = True
 
     # ------------------------------------------------------------------- logs
-    def on_log(self, ident, h, frames):
-        _, driver, prefix, text = h[:4]
+    def on_log(self, cid, m: P.Log, frames):
+        driver, prefix, text = m
         if driver in self.clients:
-            self.send(driver + b"i", P.pack(Msg.LOG, prefix, text))
+            self.send(P.inbox_ident(driver), P.encode(P.Print(prefix, text)))
 
 def _strategy_key(opts: dict):
     s = opts.get("strategy")

@@ -19,7 +19,6 @@ from brokerd.records import (
 )
 from zray import _protocol as P
 from zray import exceptions
-from zray._protocol import Msg
 from zray._serialization import serialize_error
 
 log = logging.getLogger("zray.broker")
@@ -29,20 +28,21 @@ class ObjectDirectory:
     """Mixin of Broker; see brokerd/broker.py for the state it shares."""
 
     # ---------------------------------------------------------------- objects
-    def on_fn(self, ident, h, frames):
-        self.fns[h[1]] = frames[0]
-        for oid in (h[2] if len(h) > 2 else ()):
+    def on_fn(self, cid, m: P.Fn, frames):
+        if len(frames) != 1:
+            raise P.ProtocolError("FN carries exactly one frame")
+        self.fns[m.fid] = frames[0]
+        for oid in m.nested:
             self.escape(oid)  # captured in a function's closure: lives as long as the cluster
 
-    def on_put(self, ident, h, frames):
-        _, oid, kind, nested = h[:4]
-        obj = self.objects.get(oid)
+    def on_put(self, cid, m: P.Put, frames):
+        obj = self.objects.get(m.oid)
         if obj is None:
-            obj = self.objects[oid] = Obj(oid, ident[:-1])
-        self.contain(obj, nested)
-        if len(h) > 5:
-            self.add_location(obj, h[4], h[5])
-        self.object_ready(obj, kind, frames, push_owner=False)
+            obj = self.objects[m.oid] = Obj(m.oid, cid)
+        self.contain(obj, m.nested)
+        if m.node_id is not None:
+            self.add_location(obj, m.node_id, m.size)
+        self.object_ready(obj, m.kind, frames, push_owner=False)
 
     # ------------------------------------------------------- object store
     def add_location(self, obj: Obj, node_id: bytes, size: int):
@@ -68,7 +68,7 @@ class ObjectDirectory:
         if victims:
             log.info("node %s store over %d MB: spilling %d objects", node.node_id.hex(),
                      node.store_limit // 10**6, len(victims))
-            self.send(node.ident, P.pack(Msg.SPILL, victims))
+            self.send(node.ident, P.encode(P.Spill(victims)))
 
     def touch(self, obj: Obj, node_id: bytes):
         node = self.nodes.get(node_id)
@@ -80,21 +80,21 @@ class ObjectDirectory:
         elsewhere" (want_data=False), or by moving it to the client's node first."""
         if not obj.locations:
             if obj.lost:
-                self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, P.ERROR), self.lost_error(obj.oid))
+                self.send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, P.ERROR)), self.lost_error(obj.oid))
             else:
-                self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind), obj.frames)
+                self.send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, obj.kind)), obj.frames)
             return
         c = self.clients.get(cid)
         cnode = c.node_id if c is not None else b""
         if cnode in obj.locations:
             self.touch(obj, cnode)
-            self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind, cnode))
+            self.send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, obj.kind, cnode)))
         elif not want_data:
-            self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, obj.kind, next(iter(obj.locations))))
+            self.send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, obj.kind, next(iter(obj.locations)))))
         elif cnode and cnode in self.nodes:
-            self.transfer(obj, b"N" + cnode, cid)
+            self.transfer(obj, P.node_ident(cnode), cid)
         else:
-            self.transfer(obj, b"C" + cid, cid)
+            self.transfer(obj, P.client_dest(cid), cid)
 
     def transfer(self, obj: Obj, dest: bytes, cid: bytes):
         waiting = obj.inflight.get(dest)
@@ -106,21 +106,21 @@ class ObjectDirectory:
             if node is not None and node.alive:
                 obj.inflight[dest] = [cid]
                 obj.inflight_src[dest] = node_id
-                self.send(node.ident, P.pack(Msg.FETCH, obj.oid, dest))
+                self.send(node.ident, P.encode(P.Fetch(obj.oid, dest)))
                 return
-        self.send(cid + b"i", P.pack(Msg.OBJ, obj.oid, P.ERROR), self.lost_error(obj.oid))
+        self.send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, P.ERROR)), self.lost_error(obj.oid))
 
     def lost_error(self, oid: bytes):
         return serialize_error(exceptions.ObjectLostError(
             oid.hex(), f"Object {oid.hex()} is lost: every node that held a copy is gone."))
 
-    def on_blob(self, ident, h, frames):
-        _, oid, dest, codec = h[:4]
+    def on_blob(self, node_id, m: P.Blob, frames):
+        oid, dest, codec = m
         obj = self.objects.get(oid)
         if obj is None:
             return
         if codec < 0:  # the source did not have it after all
-            obj.locations.pop(ident[1:], None)
+            obj.locations.pop(node_id, None)
             waiting = obj.inflight.pop(dest, [])
             obj.inflight_src.pop(dest, None)
             if not obj.locations:
@@ -131,33 +131,32 @@ class ObjectDirectory:
         if dest[:1] == b"N":
             node = self.nodes.get(dest[1:])
             if node is not None:
-                self.send(node.ident, P.pack(Msg.STORE, oid, codec), frames)
+                self.send(node.ident, P.encode(P.Store(oid, codec)), frames)
                 return
             waiting = obj.inflight.pop(dest, [])
             for cid in waiting:
-                self.transfer(obj, b"C" + cid, cid)
+                self.transfer(obj, P.client_dest(cid), cid)
             return
         for cid in obj.inflight.pop(dest, []):
-            self.send(cid + b"i", P.pack(Msg.OBJ, oid, obj.kind, None, codec), frames)
+            self.send(P.inbox_ident(cid), P.encode(P.Obj(oid, obj.kind, None, codec)), frames)
 
-    def on_stored(self, ident, h, frames):
-        _, oid, size = h[:3]
-        node_id = ident[1:]
+    def on_stored(self, node_id, m: P.Stored, frames):
+        oid, size = m
         obj = self.objects.get(oid)
-        dest = b"N" + node_id
+        dest = P.node_ident(node_id)
         if obj is None:  # freed while in flight
             node = self.nodes.get(node_id)
             if node is not None:
-                self.send(node.ident, P.pack(Msg.FREE, [oid]))
+                self.send(node.ident, P.encode(P.Free([oid])))
             return
         waiting = obj.inflight.pop(dest, [])
         if size < 0:
             for cid in waiting:
-                self.transfer(obj, b"C" + cid, cid)
+                self.transfer(obj, P.client_dest(cid), cid)
             return
         self.add_location(obj, node_id, size)
         for cid in waiting:
-            self.send(cid + b"i", P.pack(Msg.OBJ, oid, obj.kind, node_id))
+            self.send(P.inbox_ident(cid), P.encode(P.Obj(oid, obj.kind, node_id)))
 
     def escape(self, oid):
         obj = self.objects.get(oid)
@@ -212,12 +211,11 @@ class ObjectDirectory:
             if self.pin(oid):
                 obj.contained.append(oid)
 
-    def on_refs(self, ident, h, frames):
-        """[REFS, [[oid, +1 | -1], ...]]: a client's refs appeared / all went away."""
-        cid = ident[:-1]
+    def on_refs(self, cid, m: P.Refs, frames):
+        """A client's refs appeared (+1) / all went away (-1), in order."""
         client = self.clients.get(cid)
         objects = self.objects
-        for oid, delta in h[1]:
+        for oid, delta in m.ops:
             obj = objects.get(oid)
             if obj is None:
                 continue
@@ -263,22 +261,21 @@ class ObjectDirectory:
                 node.store_used -= size
             else:
                 node.spilled -= obj.locations[node_id]
-            self.send(node.ident, P.pack(Msg.FREE, [obj.oid]))
+            self.send(node.ident, P.encode(P.Free([obj.oid])))
         obj.locations = {}
 
-    def on_sub(self, ident, h, frames):
-        cid = ident[:-1]
-        for oid in h[1]:
+    def on_sub(self, cid, m: P.Sub, frames):
+        for oid in m.oids:
             obj = self.objects.get(oid)
             if obj is None:
                 err = serialize_error(exceptions.ObjectLostError(
                     oid.hex(), f"Object {oid.hex()} is not known to the cluster: it was freed "
                                "or never existed."))
-                self.send(cid + b"i", P.pack(Msg.OBJ, oid, P.ERROR), err)
+                self.send(P.inbox_ident(cid), P.encode(P.Obj(oid, P.ERROR)), err)
             elif obj.state == ObjState.READY:
                 self.deliver(cid, obj, True)
             else:
                 obj.subscribers.append(cid)
 
-    def on_release(self, ident, h, frames):
-        self.on_refs(ident, [Msg.REFS, [(oid, -1) for oid in h[1]]], frames)
+    def on_release(self, cid, m: P.Release, frames):
+        self.on_refs(cid, P.Refs([(oid, -1) for oid in m.oids]), frames)

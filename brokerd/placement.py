@@ -18,7 +18,6 @@ from brokerd.records import (
 )
 from zray import _protocol as P
 from zray import exceptions
-from zray._protocol import Msg
 from zray._serialization import serialize_error
 
 log = logging.getLogger("zray.broker")
@@ -76,7 +75,7 @@ class Placement:
                 task.executor = ex
                 ex.prefetch = task
                 header, frames = self.exec_header(task, ex)
-                self.send(ex.cid + b"i", header, frames)
+                self.send(P.inbox_ident(ex.cid), header, frames)
 
     def fits(self, node: Node, need: dict) -> bool:
         avail = node.avail
@@ -96,7 +95,7 @@ class Placement:
         """(node, executor) to run ``task`` now; (node, None) if a node fits but
         has no idle executor; (None, None) if no node fits right now."""
         need = task.resources
-        opts = task.spec[P.S_OPTIONS]
+        opts = task.spec.options
         strategy = opts.get("strategy")
         nodes = [n for n in self.nodes.values() if n.alive]
         if strategy is not None and strategy != "DEFAULT":
@@ -133,7 +132,7 @@ class Placement:
         if not any_feasible and task.task_id not in self.infeasible_warned:
             self.infeasible_warned.add(task.task_id)
             log.warning("task %s needs %s: no node has that; it waits for one to join",
-                        task.spec[P.S_NAME], P.from_units(need))
+                        task.spec.name, P.from_units(need))
         return spawn_node, None
 
     def dep_bytes(self, task: Task) -> dict:
@@ -164,12 +163,12 @@ class Placement:
         task.executor = None
         node.actor_spawns.append(task)
         node.spawning += 1
-        self.send(node.ident, P.pack(Msg.SPAWN, 1))
+        self.send(node.ident, P.encode(P.Spawn(1)))
 
     def request_spawn(self, node: Node):
         if node.spawning < 2:
             node.spawning += 1
-            self.send(node.ident, P.pack(Msg.SPAWN, 1))
+            self.send(node.ident, P.encode(P.Spawn(1)))
 
     def gpu_alloc(self, node: Node, units: int, dry=False):
         gpus = node.gpus

@@ -11,7 +11,6 @@ from brokerd.records import (
     TaskState,
 )
 from zray import _protocol as P
-from zray._protocol import Msg
 
 log = logging.getLogger("zray.broker")
 
@@ -20,14 +19,17 @@ class Queries:
     """Mixin of Broker; see brokerd/broker.py for the state it shares."""
 
     # --------------------------------------------------------------- queries
-    def on_req(self, ident, h, frames):
-        _, req_id, op, args = h[:4]
-        try:
-            result = getattr(self, "req_" + op)(ident[:-1], args)
-            ok = True
-        except Exception as e:
-            result, ok = f"{type(e).__name__}: {e}", False
-        self.send(ident[:-1] + b"i", P.pack(Msg.REPLY, req_id, ok, result))
+    def on_req(self, cid, m: P.Req, frames):
+        handler = getattr(self, "req_" + m.op, None)
+        if handler is None:
+            result, ok = f"unknown request {m.op!r:.40}", False
+        else:
+            try:
+                result = handler(cid, m.args)
+                ok = True
+            except Exception as e:
+                result, ok = f"{type(e).__name__}: {e}", False
+        self.send(P.inbox_ident(cid), P.encode(P.Reply(m.req_id, ok, result)))
 
     def req_cluster_resources(self, cid, args):
         out: dict = {}
@@ -68,7 +70,7 @@ class Queries:
     def req_job_pending(self, cid, args):
         job = self.clients[cid].job_id if cid in self.clients else b""
         return sum(1 for t in self.tasks.values()
-                   if t.spec[P.S_JOB] == job and t.kind != P.ACTOR_CREATE
+                   if t.spec.job == job and t.kind != P.ACTOR_CREATE
                    and t.state in (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED,
                                    TaskState.RUNNING))
 

@@ -45,8 +45,6 @@ from zray.actor import ActorExit
 
 log = logging.getLogger("zray.executor")
 
-ACTOR_EXIT_CODE = 13
-
 
 class _TaskStream:
     """sys.stdout/err replacement: lines go to the driver and to the log file."""
@@ -123,7 +121,7 @@ class Executor:
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
         # SIGTERM from the node agent: leave the loop after the current task
         # (the agent SIGKILLs stragglers after a grace period).
-        signal.signal(signal.SIGTERM, lambda *_: self.queue.put(([Msg.EXIT], [])))
+        signal.signal(signal.SIGTERM, lambda *_: self.queue.put((P.Exit(), [])))
         self.client = Client(env["ZRAY_ADDRESS"], kind="executor", node_id=self.node_id,
                              cid=self.cid, on_exec=self._on_exec, on_cancel=self._on_cancel)
         self.client.on_block = self._on_block
@@ -135,19 +133,19 @@ class Executor:
         sys.stdout, sys.stderr = self.stdout, self.stderr
 
     # ------------------------------------------------------------ I/O thread
-    def _on_exec(self, header, frames):
+    def _on_exec(self, msg, frames):
         with self.block_lock:
-            if self.blocked and header[0] == Msg.EXEC and header[1][P.S_KIND] == P.TASK:
+            if self.blocked and msg.TYPE == Msg.EXEC and msg.spec.kind == P.TASK:
                 # A prefetched task arrived while our task waits in get(): it could be
                 # the very task we wait for, so hand it back to be run elsewhere.
-                self.keep_fn(header, frames)
-                self.client.send(P.pack(Msg.REJECT, header[1][P.S_TASK_ID]))
+                self.keep_fn(msg, frames)
+                self.client.send(P.encode(P.Reject(msg.spec.task_id)))
                 return
-            self.queue.put((header, frames))
+            self.queue.put((msg, frames))
 
-    def keep_fn(self, header, frames):
-        if header[2]:  # the EXEC carried the function blob: keep it, the broker counts on it
-            self.fns.setdefault(header[1][P.S_FID], frames[0])
+    def keep_fn(self, msg, frames):
+        if msg.fn_included:  # the EXEC carried the function blob: keep it, the broker counts on it
+            self.fns.setdefault(msg.spec.fid, frames[0])
 
     def _on_block(self) -> list:
         """Main thread, about to wait in get(): return the prefetched tasks not started."""
@@ -159,10 +157,10 @@ class Executor:
                     item = self.queue.get_nowait()
                 except queue.Empty:
                     break
-                h = item[0]
-                if h[0] == Msg.EXEC and h[1][P.S_KIND] == P.TASK:
-                    self.keep_fn(h, item[1])
-                    returned.append(h[1][P.S_TASK_ID])
+                m = item[0]
+                if m.TYPE == Msg.EXEC and m.spec.kind == P.TASK:
+                    self.keep_fn(m, item[1])
+                    returned.append(m.spec.task_id)
                 else:
                     keep.append(item)
             for item in keep:
@@ -193,58 +191,57 @@ class Executor:
         if driver and text.strip("\n"):
             prefix = self.log_prefix + ("!" if is_err else "")
             try:
-                self.client.send(P.pack(Msg.LOG, driver, prefix, text))
+                self.client.send(P.encode(P.Log(driver, prefix, text)))
             except Exception:
                 pass
 
     # ------------------------------------------------------------- main loop
     def serve(self):
-        self.client.send(P.pack(Msg.READY))
+        self.client.send(P.encode(P.Ready()))
         while True:
-            header, frames = self.queue.get()
-            mtype = header[0]
-            if mtype != Msg.EXEC:
+            msg, frames = self.queue.get()
+            if msg.TYPE != Msg.EXEC:
                 break
             try:
-                self.handle(header, frames)
+                self.handle(msg, frames)
             except ActorExit:
                 self.exit_actor()
             except Exception:
                 log.exception("executor failure")
         self.client.close()
 
-    def handle(self, header, frames):
-        _, spec, has_fn, n_args, layout, gpu_ids = header[:6]
-        kind = spec[P.S_KIND]
+    def handle(self, msg: P.Exec, frames):
+        spec = msg.spec
+        kind = spec.kind
         pos = 0
-        if has_fn:
-            self.fns[spec[P.S_FID]] = frames[0]
+        if msg.fn_included:
+            self.fns[spec.fid] = frames[0]
             pos = 1
-        task_id = spec[P.S_TASK_ID]
+        task_id = spec.task_id
         if task_id in self.cancelled:
             self.finish_error(spec, exceptions.TaskCancelledError(task_id.hex()))
             return
         try:
-            args, kwargs = self.load_args(spec, frames, pos, n_args, layout)
+            args, kwargs = self.load_args(spec, frames, pos, msg.n_args, msg.deps)
         except BaseException as e:  # noqa: B036 - reported to the caller
             self.finish_error(spec, e)
             return
         if kind == P.ACTOR_CALL and self.actor_mode in ("threaded", "async"):
             self.dispatch_concurrent(spec, args, kwargs)
             return
-        self.prepare(spec, gpu_ids)
+        self.prepare(spec, msg.gpu_ids)
         try:
             if kind == P.ACTOR_CREATE:
                 self.create_actor(spec, args, kwargs)
                 return
             if kind == P.ACTOR_CALL:
-                fn = getattr(self.actor, spec[P.S_FID])
+                fn = getattr(self.actor, spec.fid)
             else:
-                fn = self.load_fn(spec[P.S_FID])
+                fn = self.load_fn(spec.fid)
             self.running_task = task_id
             try:
                 result = fn(*args, **kwargs)
-                if spec[P.S_NUM_RETURNS] == P.STREAMING:
+                if spec.num_returns == P.STREAMING:
                     self.stream(spec, result)
                     return
                 outs = self.split_returns(spec, result)
@@ -266,7 +263,7 @@ class Executor:
         self.stdout.flush()
         self.stderr.flush()
         self.client.close()
-        os._exit(ACTOR_EXIT_CODE)
+        os._exit(P.ACTOR_EXIT_CODE)
 
     def load_fn(self, fid):
         fn = self.fns[fid]
@@ -283,7 +280,7 @@ class Executor:
             args, kwargs = [], {}
         pos += n_args
         client = self.client
-        for (index, oid), (n, loc) in zip(spec[P.S_DEPS], layout, strict=True):
+        for (index, oid), (n, loc) in zip(spec.deps, layout, strict=True):
             if loc is None:
                 value = deserialize(frames[pos:pos + n])
                 pos += n
@@ -302,14 +299,14 @@ class Executor:
 
     def prepare(self, spec, gpu_ids):
         client = self.client
-        client.current_task_id = spec[P.S_TASK_ID]
-        client.current_task_name = spec[P.S_NAME]
-        client.job_id = spec[P.S_JOB]
-        client.driver_cid = spec[P.S_DRIVER]
-        self.driver = spec[P.S_DRIVER]
-        if spec[P.S_KIND] == P.TASK:
-            self.log_prefix = f"({spec[P.S_NAME]} pid={self.pid})"
-        opts = spec[P.S_OPTIONS]
+        client.current_task_id = spec.task_id
+        client.current_task_name = spec.name
+        client.job_id = spec.job
+        client.driver_cid = spec.driver
+        self.driver = spec.driver
+        if spec.kind == P.TASK:
+            self.log_prefix = f"({spec.name} pid={self.pid})"
+        opts = spec.options
         env_vars = opts.get("env_vars")
         if env_vars:
             os.environ.update(env_vars)
@@ -333,7 +330,7 @@ class Executor:
         self.gpu_ids = []
 
     def split_returns(self, spec, result) -> list:
-        n = spec[P.S_NUM_RETURNS]
+        n = spec.num_returns
         if n == 1:
             return [result]
         if n == 0:
@@ -342,35 +339,35 @@ class Executor:
             result = list(result)
         if not isinstance(result, (tuple, list)) or len(result) != n:
             got = len(result) if isinstance(result, (tuple, list)) else type(result).__name__
-            raise ValueError(f"Task {spec[P.S_NAME]} declared num_returns={n} but returned {got}")
+            raise ValueError(f"Task {spec.name} declared num_returns={n} but returned {got}")
         return list(result)
 
     def stream(self, spec, gen):
-        task_id = spec[P.S_TASK_ID]
+        task_id = spec.task_id
         i = 0
         try:
             for value in gen:
                 i += 1
                 frames, nested = serialize(value)
-                self.client.send(P.pack(Msg.YIELD, task_id, i, P.VALUE, len(frames), nested),
+                self.client.send(P.encode(P.Yield(task_id, i, P.VALUE, len(frames), nested)),
                                  frames)
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
             return
-        self.client.send(P.pack(Msg.DONE, task_id, [], [], False))
+        self.client.send(P.encode(P.Done(task_id, [], [], False, [])))
 
     def finish_values(self, spec, values):
         layout, frames, nested = [], [], []
-        task_id = spec[P.S_TASK_ID]
+        task_id = spec.task_id
         try:
             for i, v in enumerate(values, 1):
                 f, n = serialize(v)
                 nested.extend(n)
-                stored = self.client.store_frames(task_id + i.to_bytes(4, "little"), P.VALUE, f)
+                stored = self.client.store_frames(P.object_id(task_id, i), P.VALUE, f)
                 if stored is not None:  # large: written to this node's store
-                    layout.append((P.VALUE, 0, *stored))
+                    layout.append([P.VALUE, 0, *stored])
                     continue
-                layout.append((P.VALUE, len(f)))
+                layout.append([P.VALUE, len(f), None, 0])
                 frames.extend(f)
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
@@ -378,36 +375,31 @@ class Executor:
         # Results holding refs go through the broker: it must learn of those refs (PUTs on
         # our socket, processed in order before this DONE) before the owner can use them.
         pushed = [] if nested else self.push_results(spec, layout, frames)
-        self.client.send(P.pack(Msg.DONE, task_id, layout, nested, False, pushed), frames)
+        self.client.send(P.encode(P.Done(task_id, layout, nested, False, pushed)), frames)
 
     def push_results(self, spec, layout, frames) -> list:
         """Hand the results straight to an owner on this node (one hop instead of two
         through the broker, which still gets DONE for its books). Returns, per result,
         whether it went; the broker pushes the others."""
-        if spec[P.S_KIND] == P.ACTOR_CREATE or spec[P.S_NUM_RETURNS] <= 0:
+        if spec.kind == P.ACTOR_CREATE or spec.num_returns <= 0:
             return []
-        owner = spec[P.S_OWNER]
+        owner = spec.owner
         pushed, pos = [], 0
-        for i, item in enumerate(layout, 1):
-            kind, n = item[0], item[1]
-            oid = spec[P.S_TASK_ID] + i.to_bytes(4, "little")
-            if len(item) > 2:
-                header = P.pack(Msg.OBJ, oid, kind, item[2])
-            else:
-                header = P.pack(Msg.OBJ, oid, kind)
+        for i, (kind, n, node_id, _) in enumerate(layout, 1):
+            header = P.encode(P.Obj(P.object_id(spec.task_id, i), kind, node_id, None))
             pushed.append(self.client.push_direct(owner, header, frames[pos:pos + n]))
             pos += n
         return pushed
 
     def finish_error(self, spec, exc):
-        task_id = spec[P.S_TASK_ID]
+        task_id = spec.task_id
         if task_id in self.cancelled and not isinstance(exc, exceptions.TaskCancelledError):
             exc = exceptions.TaskCancelledError(task_id.hex())
         self.cancelled.discard(task_id)
-        frames = task_error(exc, spec[P.S_NAME], self.pid)
-        n = max(spec[P.S_NUM_RETURNS], 1)
+        frames = task_error(exc, spec.name, self.pid)
+        n = max(spec.num_returns, 1)
         retryable = False
-        opts = spec[P.S_OPTIONS]
+        opts = spec.options
         rex = opts.get("retry_exceptions")
         if rex and not isinstance(exc, exceptions.TaskCancelledError):
             if rex is True:
@@ -418,16 +410,16 @@ class Executor:
                     retryable = isinstance(exc, classes)
                 except Exception:
                     retryable = False
-        layout = [(P.ERROR, len(frames))] * n
+        layout = [[P.ERROR, len(frames), None, 0]] * n
         pushed = [] if retryable else self.push_results(spec, layout, frames * n)
-        self.client.send(P.pack(Msg.DONE, task_id, layout, [], retryable, pushed), frames * n)
+        self.client.send(P.encode(P.Done(task_id, layout, [], retryable, pushed)), frames * n)
 
     # ---------------------------------------------------------------- actors
     def create_actor(self, spec, args, kwargs):
-        cls = self.load_fn(spec[P.S_FID])
-        opts = spec[P.S_OPTIONS]
+        cls = self.load_fn(spec.fid)
+        opts = spec.options
         self.log_prefix = f"({getattr(cls, '__name__', 'Actor')} pid={self.pid})"
-        self.client.current_actor_id = spec[P.S_ACTOR_ID]
+        self.client.current_actor_id = spec.actor_id
         try:
             self.actor = cls(*args, **kwargs)
         except ActorExit:
@@ -466,11 +458,11 @@ class Executor:
         ready.wait()
 
     def dispatch_concurrent(self, spec, args, kwargs):
-        method = getattr(self.actor, spec[P.S_FID])
+        method = getattr(self.actor, spec.fid)
         if self.actor_mode == "threaded":
             self.pool.submit(self.call_in_thread, spec, method, args, kwargs)
             return
-        task_id = spec[P.S_TASK_ID]
+        task_id = spec.task_id
 
         async def run():
             async with self.async_sem:
@@ -490,10 +482,10 @@ class Executor:
         self.loop.call_soon_threadsafe(start)
 
     def async_done(self, spec, t):
-        self.async_tasks.pop(spec[P.S_TASK_ID], None)
+        self.async_tasks.pop(spec.task_id, None)
         self.stdout.flush()
-        if t.cancelled() or spec[P.S_TASK_ID] in self.cancelled:
-            self.finish_error(spec, exceptions.TaskCancelledError(spec[P.S_TASK_ID].hex()))
+        if t.cancelled() or spec.task_id in self.cancelled:
+            self.finish_error(spec, exceptions.TaskCancelledError(spec.task_id.hex()))
             return
         exc = t.exception()
         if isinstance(exc, ActorExit):

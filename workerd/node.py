@@ -66,7 +66,7 @@ class NodeAgent:
         self.store.create_dirs()
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, b"N" + self.node_id)
+        self.sock.setsockopt(zmq.IDENTITY, P.node_ident(self.node_id))
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 500)
@@ -93,11 +93,11 @@ class NodeAgent:
             "prestart": self.prestart,
             "store_limit": self.store_limit,
         }
-        self.sock.send(P.pack(Msg.NODE_HELLO, P.VERSION, self.node_id, info))
+        self.sock.send(P.encode(P.NodeHello(P.VERSION, self.node_id, info)))
 
     def spawn(self, n: int = 1):
         for _ in range(n):
-            cid = os.urandom(8)
+            cid = os.urandom(P.ID_LEN)
             env = dict(os.environ)
             env.update({
                 "ZRAY_EXEC_ID": cid.hex(),
@@ -124,9 +124,9 @@ class NodeAgent:
         try:
             codec, data = self.store.blob(oid)
         except OSError:
-            self.sock.send(P.pack(Msg.BLOB, oid, dest, -1))
+            self.sock.send(P.encode(P.Blob(oid, dest, -1)))
             return
-        self.sock.send_multipart([P.pack(Msg.BLOB, oid, dest, codec), data], copy=False)
+        self.sock.send_multipart([P.encode(P.Blob(oid, dest, codec)), data], copy=False)
 
     def store_blob(self, oid: bytes, codec: int, payload: bytes):
         try:
@@ -134,7 +134,7 @@ class NodeAgent:
         except OSError:
             log.exception("storing %s failed", oid.hex())
             size = -1
-        self.sock.send(P.pack(Msg.STORED, oid, size))
+        self.sock.send(P.encode(P.Stored(oid, size)))
 
     def kill(self, cid: bytes):
         p = self.procs.get(cid)
@@ -149,7 +149,7 @@ class NodeAgent:
             code = p.poll()
             if code is not None:
                 del self.procs[cid]
-                self.sock.send(P.pack(Msg.EXEC_DIED, cid, code))
+                self.sock.send(P.encode(P.ExecDied(cid, code)))
 
     def serve(self):
         self.hello()
@@ -165,30 +165,34 @@ class NodeAgent:
                         break
                     self.last_broker = time.monotonic()
                     try:
-                        h = P.unpack(msg[0])
-                    except Exception:
-                        log.warning("dropping malformed message")
+                        m = P.decode(msg[0])
+                    except P.ProtocolError as e:
+                        log.warning("dropping malformed message: %s", e)
                         continue
-                    t = h[0]
+                    t = m.TYPE
                     if t == Msg.WELCOME:
+                        if "error" in m.info:
+                            log.error("the broker refused this node: %s", m.info["error"])
+                            self.running = False
+                            break
                         # Executors start only once the broker knows this node,
                         # so their HELLO never arrives before the node's.
                         if not self.welcomed:
                             self.welcomed = True
                             self.spawn(self.prestart)
                     elif t == Msg.SPAWN:
-                        self.spawn(int(h[1]))
+                        self.spawn(max(0, min(m.count, 64)))
                     elif t == Msg.KILL_EXEC:
-                        self.kill(h[1])
+                        self.kill(m.cid)
                     elif t == Msg.FETCH:
-                        self.fetch(h[1], h[2])
-                    elif t == Msg.STORE:
-                        self.store_blob(h[1], h[2], msg[1])
+                        self.fetch(m.oid, m.dest)
+                    elif t == Msg.STORE and len(msg) == 2:
+                        self.store_blob(m.oid, m.codec, msg[1])
                     elif t == Msg.FREE:
-                        for oid in h[1]:
+                        for oid in m.oids:
                             self.store.delete(oid)
                     elif t == Msg.SPILL:
-                        for oid in h[1]:
+                        for oid in m.oids:
                             try:
                                 self.store.spill(oid)
                             except OSError:
@@ -200,7 +204,7 @@ class NodeAgent:
             now = time.monotonic()
             if now - last_hb >= P.HEARTBEAT_S:
                 last_hb = now
-                self.sock.send(P.pack(Msg.HEARTBEAT))
+                self.sock.send(P.encode(P.Heartbeat()))
                 if now - self.last_broker > 3 * P.NODE_TIMEOUT_S:
                     # The broker restarted or was gone a long time: introduce ourselves again.
                     log.warning("no word from the broker for %.0fs: re-registering",

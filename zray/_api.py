@@ -11,7 +11,6 @@ from typing import Any, Optional, Sequence
 
 from zray import _procutil, _runtime, exceptions
 from zray import _protocol as P
-from zray._protocol import Msg
 from zray._refs import ObjectRef, ObjectRefGenerator
 
 log = logging.getLogger("zray")
@@ -183,7 +182,7 @@ def shutdown() -> None:
     _runtime.cluster = None
     if client is not None:
         try:
-            client.send(P.pack(Msg.EXIT))
+            client.send(P.encode(P.Exit()))
         except Exception:
             pass
         client.close()
@@ -262,7 +261,7 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
         raise TypeError(f"ray.cancel() only supported for object refs. For actors, try "
                         f"ray.kill(). Got: {type(object_ref).__name__}.")
     client = _runtime.require_client()
-    client.send(P.pack(Msg.CANCEL, object_ref.id, bool(force), bool(recursive)))
+    client.send(P.encode(P.Cancel(object_ref.id, bool(force), bool(recursive))))
 
 
 def kill(actor, *, no_restart: bool = True) -> None:

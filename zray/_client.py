@@ -80,7 +80,7 @@ class Client:
     ):
         self.address = address
         self.kind = kind
-        self.cid = cid or os.urandom(8)
+        self.cid = cid or os.urandom(P.ID_LEN)
         self.node_id = node_id
         self.job_id = job_id or self.cid[:4]
         self.driver_cid = self.cid if kind == "driver" else b""
@@ -88,8 +88,8 @@ class Client:
         self._on_exec = on_exec
         self._on_cancel = on_cancel
         self._ctx = zmq.Context()
-        self._out = self._socket(self.cid + b"o")
-        self._inbox = self._socket(self.cid + b"i")
+        self._out = self._socket(P.out_ident(self.cid))
+        self._inbox = self._socket(P.inbox_ident(self.cid))
         self._push: dict = {}  # owner cid -> PUSH socket to its direct inbox, or None
         self._direct = None  # PULL: results pushed by executors on this node
         self._direct_path = ""
@@ -135,15 +135,24 @@ class Client:
         return s
 
     def _handshake(self, timeout: float) -> dict:
-        self._inbox.send(P.pack(Msg.HELLO, P.VERSION, self.kind, self.node_id, os.getpid(),
-                                self.job_id))
+        self._inbox.send(P.encode(P.Hello(P.VERSION, self.kind, self.node_id, os.getpid(),
+                                          self.job_id)))
         if not self._inbox.poll(int(timeout * 1000)):
             self._ctx.destroy(linger=0)
             raise ConnectionError(f"no zray broker answered at {self.address} within {timeout:.0f}s")
-        header = P.unpack(self._inbox.recv())
-        if header[0] != Msg.WELCOME:
-            raise ConnectionError(f"unexpected handshake reply {header[0]!r}")
-        return header[1]
+        try:
+            msg = P.decode(self._inbox.recv())
+        except P.ProtocolError as e:
+            self._ctx.destroy(linger=0)
+            raise ConnectionError(f"bad handshake reply from {self.address}: {e}") from None
+        if msg.TYPE != Msg.WELCOME:
+            self._ctx.destroy(linger=0)
+            raise ConnectionError(f"unexpected handshake reply {msg.TYPE.name}")
+        if "error" in msg.info:
+            self._ctx.destroy(linger=0)
+            raise ConnectionError(f"the zray broker at {self.address} refused this client: "
+                                  f"{msg.info['error']}")
+        return msg.info
 
     def _bind_direct(self):
         """Executors on this node push our task results here, skipping the broker hop."""
@@ -217,7 +226,7 @@ class Client:
             ops, self._pending_refs = self._pending_refs, []
             self._pending_addref = False
         if ops:
-            self._out.send(P.pack(Msg.REFS, ops))
+            self._out.send(P.encode(P.Refs(ops)))
 
     # ---------------------------------------------------------------- I/O loop
     def _io_loop(self):
@@ -248,7 +257,7 @@ class Client:
                     with self._send_lock:
                         self._flush_refs_locked()
                 if now - last_hb > P.HEARTBEAT_S:
-                    inbox.send(P.pack(Msg.HEARTBEAT))
+                    inbox.send(P.encode(P.Heartbeat()))
                     last_hb = now
                     if now - self.last_broker > P.BROKER_TIMEOUT_S and not self.broker_gone:
                         # The broker answers every heartbeat: it is gone (or restarted
@@ -257,7 +266,7 @@ class Client:
                                   now - self.last_broker)
                         self.broker_gone = True
                         if self._on_exec is not None:
-                            self._on_exec([Msg.EXIT], [])
+                            self._on_exec(P.Exit(), [])
                         with self.cond:
                             self.cond.notify_all()
             except zmq.ContextTerminated:
@@ -271,23 +280,22 @@ class Client:
         notify = False
         for msg in batch:
             try:
-                header = P.unpack(msg[0].buffer)
-                mtype = header[0]
-            except Exception:
-                log.warning("dropping malformed message from broker")
+                m = P.decode(msg[0].buffer)
+            except P.ProtocolError as e:
+                log.warning("dropping malformed message from broker: %s", e)
                 continue
+            mtype = m.TYPE
             if mtype == Msg.OBJ:
-                oid = header[1]
+                oid = m.oid
                 self.awaiting_push.discard(oid)
-                if oid in self.refcounts or oid[:12] in self._streams:
-                    loc = header[3] if len(header) > 3 else None
-                    codec = header[4] if len(header) > 4 else None
-                    if codec is not None:
-                        self.objects[oid] = (header[2], parse_blob(codec, msg[1].buffer)[1])
+                if oid in self.refcounts or P.task_of(oid) in self._streams:
+                    loc = m.node_id
+                    if m.codec is not None:
+                        self.objects[oid] = (m.kind, parse_blob(m.codec, msg[1].buffer)[1])
                     elif loc is None:
-                        self.objects[oid] = (header[2], msg[1:])
+                        self.objects[oid] = (m.kind, msg[1:])
                     elif loc == self.node_id:
-                        self.objects[oid] = (header[2], STORED)
+                        self.objects[oid] = (m.kind, STORED)
                     else:
                         self.remote_ready[oid] = loc
                         self._subscribed.discard(oid)
@@ -299,22 +307,23 @@ class Client:
                             cb()
                 notify = True
             elif mtype == Msg.EXEC:
-                self._on_exec(header, msg[1:])
+                if self._on_exec is not None:
+                    self._on_exec(m, msg[1:])
             elif mtype == Msg.REPLY:
-                self._replies[header[1]] = (header[2], header[3])
+                self._replies[m.req_id] = (m.ok, m.result)
                 notify = True
             elif mtype == Msg.STREAM_END:
-                if header[1] in self._streams:
-                    self._streams[header[1]] = header[2]
+                if m.task_id in self._streams:
+                    self._streams[m.task_id] = m.count
                 notify = True
-            elif mtype == Msg.LOG:
-                self._print_log(header[1], header[2])
-            elif mtype == Msg.CANCEL:
+            elif mtype == Msg.PRINT:
+                self._print_log(m.prefix, m.text)
+            elif mtype == Msg.INTERRUPT:
                 if self._on_cancel is not None:
-                    self._on_cancel(header[1], header[2])
+                    self._on_cancel(m.task_id, m.force)
             elif mtype in (Msg.EXIT, Msg.SHUTDOWN):
                 if self._on_exec is not None:
-                    self._on_exec(header, [])
+                    self._on_exec(m, [])
                 self.broker_gone = True
                 notify = True
         if notify:
@@ -334,7 +343,7 @@ class Client:
 
     # ---------------------------------------------------------- ids and refs
     def next_task_id(self) -> bytes:
-        return self.cid + next(self._ids).to_bytes(4, "little")
+        return self.cid + next(self._ids).to_bytes(4, "little")  # see P.TASK_ID_LEN
 
     def incref(self, oid: bytes, borrowed: bool = False):
         """One more ObjectRef to ``oid`` in this process. ``borrowed``: it was
@@ -367,18 +376,18 @@ class Client:
 
     # ------------------------------------------------------------ objects
     def put(self, value, owner_ref_cls) -> object:
-        oid = self.next_task_id() + b"\0\0\0\0"
+        oid = P.object_id(self.next_task_id(), 0)
         frames, nested = serialize(value)
         ref = owner_ref_cls(oid, self.cid, self)
         stored = self.store_frames(oid, P.VALUE, frames)
         if stored is not None:
             self.objects[oid] = (P.VALUE, STORED)
-            self.send(P.pack(Msg.PUT, oid, P.VALUE, nested, *stored))
+            self.send(P.encode(P.Put(oid, P.VALUE, nested, *stored)))
             return ref
         # Small: copy buffers once so later changes to the caller's arrays don't leak in.
         frames = [frames[0]] + [bytes(f) for f in frames[1:]]
         self.objects[oid] = (P.VALUE, frames)
-        self.send(P.pack(Msg.PUT, oid, P.VALUE, nested), frames)
+        self.send(P.encode(P.Put(oid, P.VALUE, nested, None, 0)), frames)
         return ref
 
     def store_frames(self, oid: bytes, kind: int, frames: list):
@@ -421,7 +430,7 @@ class Client:
                 and (r.id not in pushed or r.id in remote)]
         if want:
             self._subscribed.update(want)
-            self.send(P.pack(Msg.SUB, want))
+            self.send(P.encode(P.Sub(want)))
 
     def wait_objects(self, refs, num_ready: int, timeout: Optional[float],
                      fetch: bool = True) -> None:
@@ -437,7 +446,7 @@ class Client:
         blocked = self.kind == "executor" and bool(self.current_task_id)
         if blocked:
             returned = self.on_block() if self.on_block is not None else []
-            self.send(P.pack(Msg.BLOCK, self.current_task_id, returned))
+            self.send(P.encode(P.Block(self.current_task_id, returned)))
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             need_all = num_ready >= len(refs)
@@ -472,7 +481,7 @@ class Client:
             if blocked:
                 if self.on_unblock is not None:
                     self.on_unblock()
-                self.send(P.pack(Msg.UNBLOCK, self.current_task_id))
+                self.send(P.encode(P.Unblock(self.current_task_id)))
 
     def get_values(self, refs, timeout: Optional[float]) -> list:
         self.wait_objects(refs, len(refs), timeout)
@@ -512,7 +521,7 @@ class Client:
         self._streams.pop(task_id, None)
 
     def next_stream_item(self, task_id: bytes, index: int, timeout) -> Optional[bytes]:
-        oid = task_id + index.to_bytes(4, "little")
+        oid = P.object_id(task_id, index)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while True:
@@ -531,7 +540,7 @@ class Client:
     # ------------------------------------------------------------ requests
     def request(self, op: str, args=None, timeout: float = 30.0):
         req_id = next(self._ids)
-        self.send(P.pack(Msg.REQ, req_id, op, args))
+        self.send(P.encode(P.Req(req_id, op, args)))
         deadline = time.monotonic() + timeout
         with self.cond:
             while req_id not in self._replies:

@@ -1,16 +1,21 @@
-"""The zray wire protocol (ZRP/1): every frame that crosses a socket is built here.
+"""The zray wire protocol (ZRP/2): every frame that crosses a socket is built here.
 
 Sockets
 =======
-The broker binds one ROUTER. Everything else connects to it with DEALERs:
+The broker binds one ROUTER. Everything else connects to it with DEALERs, and
+each identity names its role by construction (``role_of``):
 
 * a worker daemon (node agent) holds one DEALER, identity ``N<node_id>``;
 * every *client* (a driver, or an executor process that runs tasks and actors)
-  holds two DEALERs with identities ``<cid>o`` (the *out* socket: send-only,
-  used from any thread under a lock) and ``<cid>i`` (the *inbox*: owned by the
+  holds two DEALERs with identities ``C<cid>o`` (the *out* socket: send-only,
+  used from any thread under a lock) and ``C<cid>i`` (the *inbox*: owned by the
   client's I/O thread, which receives everything the broker sends that client).
-  Every reply and push from the broker goes to ``<cid>i``; requests and
-  submissions go out on ``<cid>o`` so that they keep their order.
+  Every reply and push from the broker goes to the inbox; requests and
+  submissions go out on the out socket so that they keep their order.
+
+Ids: node ids and cids are ``ID_LEN`` random bytes; a task id is its submitter's
+cid plus a 4-byte counter; an object id is its task's id plus a 4-byte index
+(``object_id``/``task_of``).
 
 The broker sets ``ROUTER_MANDATORY``: a message to a peer that is gone raises
 instead of vanishing, and the broker treats that peer as dead. High-water marks
@@ -19,87 +24,107 @@ own queues, never a silent drop.
 
 Frames
 ======
-A message is ``[header, *payload]``. ``header`` is msgpack of a list whose first
-item is the message type (``Msg``); payload frames are opaque bytes (pickled
-values and their out-of-band buffers) that the broker stores and forwards
-without decoding or copying them.
+A message is ``[header, *payload]``. ``header`` is msgpack of an array whose
+first item is the message type (``Msg``) followed by that type's fields, every
+field always present, in the order of the message's class below (``encode``
+builds it, ``decode`` checks every field and builds the class). Payload frames
+are opaque bytes (pickled values and their out-of-band buffers) that the broker
+stores and forwards without decoding or copying them.
 
 A stored *object* is ``(kind, frames)``: kind ``VALUE`` or ``ERROR``; frames are
 ``[pickle_bytes, *buffers]`` (pickle protocol 5, buffers out of band).
 
-Messages (C = client, B = broker, N = node agent)
-=================================================
-C->B  HELLO      [HELLO, version, kind, node_id, pid, job_id]      on the inbox
-B->C  WELCOME    [WELCOME, info dict]
-C->B  READY      [READY]                                           executor on its out socket: idle
-C->B  FN         [FN, fid] + [blob]                                 register a pickled function/class
-C->B  SUBMIT     [SUBMIT, spec] + arg frames                        a task, actor creation or actor call
-C->B  PUT        [PUT, oid, kind, nested_oids] + object frames, or
-                 [PUT, oid, kind, nested_oids, node_id]  a large value written to that node's store
-C->B  SUB        [SUB, oids]                                        push me these objects when ready
-C->B  RELEASE    [RELEASE, oids]                                    my last reference is gone
-C->B  REFS       [REFS, [[oid, +1 | -1], ...]]   in order: I now hold a ref I was given
-                 (+1, sent before anything that could end the task that gave it) /
-                 my last ref is gone (-1)
-C->B  CANCEL     [CANCEL, oid, force, recursive]
-C->B  BLOCK      [BLOCK, task_id, returned] / UNBLOCK [UNBLOCK, task_id]
+Messages (C = client, B = broker, N = node agent, E = executor; fields after the type)
+======================================================================================
+C->B  HELLO      version, kind, node_id, pid, job_id           on the inbox; first message
+B->C  WELCOME    info {session_dir, address, store_limit} or {error}: a mismatched
+                 VERSION is answered with an error naming both versions
+C->B  READY      -                                              executor: started and idle
+C->B  FN         fid, nested + [blob]                           register a pickled function/class
+C->B  SUBMIT     spec (TaskSpec) + arg frames                   a task, actor creation or call
+C->B  PUT        oid, kind, nested, node_id, size + object frames; node_id not nil: the value
+                 was written to that node's store (no frames)
+C->B  SUB        oids                                           push me these objects when ready
+C->B  RELEASE    oids                                           my last reference is gone
+C->B  REFS       [[oid, +1 | -1], ...]   in order: I now hold a ref I was given (+1, sent
+                 before anything that could end the task that gave it) / my last ref is gone
+C->B  CANCEL     oid, force, recursive
+B->C  INTERRUPT  task_id, force                                 cancel this running task
+C->B  BLOCK      task_id, returned / UNBLOCK task_id
                  the task waits in get(): lend its CPU, and hand back the task ids
                  that were prefetched to this executor and have not started
-C->B  REJECT     [REJECT, task_id]  a prefetched EXEC arrived while blocked: queue it elsewhere
-C->B  DONE       [DONE, task_id, [(kind, nframes[, node_id, size])...], nested, retryable,
-                  pushed] + frames
-                 executor finished a task; a return with node_id was written to that store;
-                 pushed[i]: the executor already sent result i to its owner (see below)
+C->B  REJECT     task_id   a prefetched EXEC arrived while blocked: queue it elsewhere
+C->B  DONE       task_id, returns [[kind, nframes, node_id, size]...], nested, retryable,
+                 pushed + frames.  A return with a node_id was written to that store;
+                 pushed[i]: the executor already sent return i to its owner (below)
 E->C  OBJ        on PUSH -> the owner's PULL at ipc://<node store dir>/c-<cid>: an executor
-                 hands a result straight to an owner on its node (3 hops instead of 4);
-                 same frames as the broker's OBJ
-C->B  YIELD      [YIELD, task_id, index, kind, nframes, nested] + frames    streaming item
-C->B  LOG        [LOG, driver_cid, prefix, text]                    remote stdout/stderr
-C->B  REQ        [REQ, req_id, op, args]                            a query (cluster info, actors...)
-B->C  REPLY      [REPLY, req_id, ok, result]
-B->C  OBJ        [OBJ, oid, kind] + frames                           an object's value, or
-                 [OBJ, oid, kind, node_id]   it is in that node's store (read it if that is yours)
-                 [OBJ, oid, kind, None, codec] + [blob]   a stored object's blob, for a driver
-                 without a local store
-B->C  EXEC       dep layout: [[nframes, node_id|None]...]: inline frames or a store to read
-                 (may arrive while the previous task runs: a prefetch)
-                 [EXEC, spec, fn_included] + ([blob] if fn_included) + arg frames + dep frames
-B->C  CANCEL     [CANCEL, task_id, force]                            interrupt a running task
-B->C  STREAM_END [STREAM_END, task_id, count]
-B->C  LOG        [LOG, prefix, text]
-B->C  EXIT       [EXIT]
-N->B  NODE_HELLO [NODE_HELLO, version, node_id, info dict]
-B->N  WELCOME    [WELCOME, info]  the node starts its executors only after this
-B->N  SPAWN      [SPAWN, count]                                      start more executor processes
-N->B  EXEC_DIED  [EXEC_DIED, cid, exit_code]
-B->N  KILL_EXEC  [KILL_EXEC, cid]
-B->N  FETCH      [FETCH, oid, dest]             send me this object's blob (dest: b"N"+node or b"C"+cid)
-N->B  BLOB       [BLOB, oid, dest, codec] + [blob]   codec RAW/LZ4; -1 (no frame): not here
-B->N  STORE      [STORE, oid, codec] + [blob]    write this blob into your store
-N->B  STORED     [STORED, oid, size]            (size -1: failed)
-B->N  FREE       [FREE, oids]  /  SPILL [SPILL, oids]   delete / move to disk
-*<->B HEARTBEAT  [HEARTBEAT]  every HEARTBEAT_S from nodes and clients, answered by the broker;
+                 hands a result straight to an owner on its node (3 hops instead of 4)
+C->B  YIELD      task_id, index, kind, nframes, nested + frames   a streamed item
+C->B  LOG        driver_cid, prefix, text                       remote stdout/stderr
+B->C  PRINT      prefix, text                                   ... forwarded to the driver
+C->B  REQ        req_id, op, args                               a query (cluster info, actors...)
+B->C  REPLY      req_id, ok, result
+B->C  OBJ        oid, kind, node_id, codec + frames: an object is ready. node_id and codec
+                 nil: the value is in the frames; node_id set: it is in that node's store
+                 (read it if that is yours); codec set: one frame, a store blob, for a
+                 client without a local store
+B->C  EXEC       spec, fn_included, n_args, deps [[nframes, node_id|nil]...], gpu_ids
+                 + ([blob] if fn_included) + arg frames + dep frames (inline deps);
+                 may arrive while the previous task runs: a prefetch
+B->C  STREAM_END task_id, count
+B->C  EXIT       -   (C->B EXIT: a driver or CLI leaves)
+N->B  NODE_HELLO version, node_id, info {resources, gpu_ids, hostname, pid, labels,
+                 address, prestart, store_limit}
+B->N  WELCOME    info   the node starts its executors only after this
+B->N  SPAWN      count                                          start more executor processes
+N->B  EXEC_DIED  cid, exit_code
+B->N  KILL_EXEC  cid
+B->N  FETCH      oid, dest      send me this object's blob (dest: node_ident or client_dest)
+N->B  BLOB       oid, dest, codec + [blob]   codec RAW/LZ4; -1 (no frame): not here
+B->N  STORE      oid, codec + [blob]            write this blob into your store
+N->B  STORED     oid, size                      (size -1: failed)
+B->N  FREE       oids  /  SPILL oids            delete / move to disk
+*<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker;
                  a node silent for NODE_TIMEOUT_S is dead; a client that hears nothing
                  for BROKER_TIMEOUT_S fails its waiters (executors exit)
-B->*  SHUTDOWN   [SHUTDOWN]
+B->*  SHUTDOWN   -
 
-A header that does not decode, or names an unknown type, is logged and dropped.
+A header that does not decode, names an unknown type, has the wrong number of
+fields or a field of the wrong type raises ``ProtocolError`` in ``decode``: the
+receiver drops the message and logs it.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Any, NamedTuple, Optional
 
 import msgpack
 
-VERSION = 1
+VERSION = 2  # 2: role-prefixed identities, one layout per message, CANCEL/INTERRUPT, LOG/PRINT split
 HEARTBEAT_S = 1.0
 NODE_TIMEOUT_S = 10.0
 BROKER_TIMEOUT_S = 15.0  # a client that hears nothing for this long gives the broker up
+ACTOR_EXIT_CODE = 13  # an executor leaving through exit_actor(): the actor is not restarted
 
 # Object kinds.
 VALUE = 0
 ERROR = 1
+
+# Task kinds inside a task spec.
+TASK = 0
+ACTOR_CREATE = 1
+ACTOR_CALL = 2
+
+STREAMING = -1  # TaskSpec.num_returns of a generator task
+UNIT = 10000  # resources travel as integers of 1/10000 unit
+
+# Ids. A client id (cid) and a node id are 8 random bytes; a task id is its
+# submitter's cid and a 4-byte counter; an object id is its task's id and a
+# 4-byte index: 1..n for returns and stream items, 0 for put() and large arguments.
+ID_LEN = 8
+TASK_ID_LEN = 12
+OBJECT_ID_LEN = 16
 
 
 class Msg(enum.IntEnum):
@@ -137,45 +162,566 @@ class Msg(enum.IntEnum):
     FREE = 32
     SPILL = 33
     REFS = 34
+    INTERRUPT = 35
+    PRINT = 36
 
 
-# Task kinds inside a SUBMIT spec.
-TASK = 0
-ACTOR_CREATE = 1
-ACTOR_CALL = 2
-
-# Indexes into a SUBMIT/EXEC spec list (a list, not a dict: cheaper to pack).
-S_TASK_ID = 0
-S_KIND = 1
-S_FID = 2  # function id (TASK), class id (ACTOR_CREATE), method name (ACTOR_CALL)
-S_NAME = 3  # function name for logs and errors
-S_NUM_RETURNS = 4  # int, or -1 for "streaming"
-S_RESOURCES = 5  # {name: units} in 1/10000ths
-S_DEPS = 6  # [[arg_index, oid], ...] top-level ObjectRef arguments
-S_NESTED = 7  # oids of refs pickled inside the arguments
-S_OPTIONS = 8  # dict: max_retries, retry_exceptions, strategy, env_vars, ...
-S_ACTOR_ID = 9
-S_OWNER = 10  # cid that owns the returns
-S_DRIVER = 11  # cid of the driver at the root of the call tree (for logs)
-S_JOB = 12
-S_PARENT = 13  # task id of the submitting task, or b""
-S_SPEC_LEN = 14
-
-STREAMING = -1
-UNIT = 10000  # resources travel as integers of 1/10000 unit
+class ProtocolError(ValueError):
+    """A message that does not follow this spec; the receiver drops it."""
 
 
-def pack(*fields) -> bytes:
-    return msgpack.packb(fields, use_bin_type=True)
+# ------------------------------------------------------------------ ids
+def object_id(task_id: bytes, index: int) -> bytes:
+    """The id of return (or stream item) ``index`` of ``task_id``; 0 names a put."""
+    return task_id + index.to_bytes(4, "little")
 
 
-def unpack(buf) -> list:
-    return msgpack.unpackb(buf, raw=False, use_list=True, strict_map_key=False)
+def task_of(oid: bytes) -> bytes:
+    """The task that produced object ``oid``."""
+    return oid[:TASK_ID_LEN]
 
 
+def node_ident(node_id: bytes) -> bytes:
+    return b"N" + node_id
+
+
+def out_ident(cid: bytes) -> bytes:
+    return b"C" + cid + b"o"
+
+
+def inbox_ident(cid: bytes) -> bytes:
+    return b"C" + cid + b"i"
+
+
+def client_dest(cid: bytes) -> bytes:
+    """A transfer destination that is a client without a store (FETCH/BLOB ``dest``)."""
+    return b"C" + cid
+
+
+# Roles of a socket identity, from its first and last bytes (unambiguous by construction).
+ROLE_NODE = "node"
+ROLE_OUT = "out"
+ROLE_INBOX = "inbox"
+
+
+def role_of(ident: bytes) -> tuple[Optional[str], bytes]:
+    """(role, id) of a ROUTER identity: a node's id or a client's cid; (None, b"") if
+    the identity is not one of ours."""
+    if len(ident) == ID_LEN + 1 and ident[:1] == b"N":
+        return ROLE_NODE, ident[1:]
+    if len(ident) == ID_LEN + 2 and ident[:1] == b"C":
+        last = ident[-1:]
+        if last == b"o":
+            return ROLE_OUT, ident[1:-1]
+        if last == b"i":
+            return ROLE_INBOX, ident[1:-1]
+    return None, b""
+
+
+# ------------------------------------------------------------- resources
 def to_units(resources: dict) -> dict:
     return {k: int(round(v * UNIT)) for k, v in resources.items() if v}
 
 
 def from_units(units: dict) -> dict:
     return {k: v / UNIT for k, v in units.items()}
+
+
+# ------------------------------------------------------------ field checks
+# A check takes a decoded value and returns it (possibly converted) or raises
+# ProtocolError. Keep them cheap: the broker runs them on every message.
+def _fail(what: str, v) -> None:
+    raise ProtocolError(f"{what} expected, got {type(v).__name__}")
+
+
+def _bytes(v):
+    if type(v) is not bytes:
+        _fail("bytes", v)
+    return v
+
+
+def _opt_bytes(v):
+    if v is not None and type(v) is not bytes:
+        _fail("bytes or nil", v)
+    return v
+
+
+def _int(v):
+    if type(v) is not int:
+        _fail("int", v)
+    return v
+
+
+def _opt_int(v):
+    if v is not None and type(v) is not int:
+        _fail("int or nil", v)
+    return v
+
+
+def _bool(v):
+    if type(v) is not bool:
+        _fail("bool", v)
+    return v
+
+
+def _str(v):
+    if type(v) is not str:
+        _fail("str", v)
+    return v
+
+
+def _list(v):
+    if type(v) is not list:
+        _fail("array", v)
+    return v
+
+
+def _dict(v):
+    if type(v) is not dict:
+        _fail("map", v)
+    return v
+
+
+def _any(v):
+    return v
+
+
+def _oid(v):
+    if type(v) is not bytes or len(v) != OBJECT_ID_LEN:
+        raise ProtocolError(f"object id of {OBJECT_ID_LEN} bytes expected, got {v!r:.40}")
+    return v
+
+
+def _task_id(v):
+    if type(v) is not bytes or len(v) != TASK_ID_LEN:
+        raise ProtocolError(f"task id of {TASK_ID_LEN} bytes expected, got {v!r:.40}")
+    return v
+
+
+def _oids(v):
+    if type(v) is not list:
+        _fail("array of object ids", v)
+    for oid in v:
+        _oid(oid)
+    return v
+
+
+def _task_ids(v):
+    if type(v) is not list:
+        _fail("array of task ids", v)
+    for t in v:
+        _task_id(t)
+    return v
+
+
+def _ref_ops(v):
+    if type(v) is not list:
+        _fail("array of [oid, +1|-1]", v)
+    for op in v:
+        if type(op) is not list or len(op) != 2 or op[1] not in (1, -1):
+            raise ProtocolError(f"[oid, +1|-1] expected, got {op!r:.60}")
+        _oid(op[0])
+    return v
+
+
+def _returns(v):
+    """DONE's layout: one [kind, nframes, node_id|nil, size] per return."""
+    if type(v) is not list:
+        _fail("array of returns", v)
+    for item in v:
+        if (type(item) is not list or len(item) != 4 or item[0] not in (VALUE, ERROR)
+                or type(item[1]) is not int or item[1] < 0 or type(item[3]) is not int):
+            raise ProtocolError(f"[kind, nframes, node_id, size] expected, got {item!r:.60}")
+        _opt_bytes(item[2])
+    return v
+
+
+def _dep_layout(v):
+    """EXEC's layout of dependency values: one [nframes, node_id|nil] per dep."""
+    if type(v) is not list:
+        _fail("array of dep layouts", v)
+    for item in v:
+        if type(item) is not list or len(item) != 2 or type(item[0]) is not int:
+            raise ProtocolError(f"[nframes, node_id] expected, got {item!r:.60}")
+        _opt_bytes(item[1])
+    return v
+
+
+def _version(v):
+    if v != VERSION:
+        raise VersionMismatch(v)
+    return v
+
+
+class VersionMismatch(ProtocolError):
+    def __init__(self, peer_version):
+        self.peer_version = peer_version
+        super().__init__(f"peer speaks zray protocol version {peer_version!r}, "
+                         f"this side speaks {VERSION}")
+
+
+# --------------------------------------------------------------- task spec
+class TaskSpec(NamedTuple):
+    """What a task, actor creation or actor call is; travels in SUBMIT and EXEC as an
+    array in this field order."""
+
+    task_id: bytes
+    kind: int  # TASK, ACTOR_CREATE, ACTOR_CALL
+    fid: Any  # function id (TASK), class id (ACTOR_CREATE): bytes; method name (ACTOR_CALL): str
+    name: str  # function, class or method name, for logs and errors
+    num_returns: int  # or STREAMING
+    resources: dict  # {name: units}, units in 1/UNIT
+    deps: list  # [[arg index | kwarg name | -1 (all args, stored), oid], ...]
+    nested: list  # oids of refs pickled inside the arguments
+    options: dict  # max_retries, retry_exceptions, strategy, env_vars, ...
+    actor_id: bytes  # b"" for plain tasks
+    owner: bytes  # cid that owns the returns
+    driver: bytes  # cid of the driver at the root of the call tree (for logs)
+    job: bytes
+    parent: bytes  # task id of the submitting task, or b""
+
+    @classmethod
+    def decode(cls, v) -> "TaskSpec":
+        if type(v) is not list or len(v) != _SPEC_LEN:
+            raise ProtocolError("task spec: array of %d expected" % _SPEC_LEN)
+        spec = cls._make(v)
+        _task_id(spec.task_id)
+        if spec.kind not in (TASK, ACTOR_CREATE, ACTOR_CALL):
+            raise ProtocolError(f"task spec: unknown kind {spec.kind!r}")
+        if spec.kind == ACTOR_CALL:
+            _str(spec.fid)
+        else:
+            _bytes(spec.fid)
+        _str(spec.name)
+        nret = spec.num_returns
+        if type(nret) is not int or not (STREAMING <= nret <= MAX_RETURNS):
+            raise ProtocolError(f"task spec: num_returns {nret!r} out of range")
+        _dict(spec.resources)
+        for r, u in spec.resources.items():
+            if type(r) is not str or type(u) is not int or u < 0:
+                raise ProtocolError(f"task spec: resource {r!r}: {u!r}")
+        _list(spec.deps)
+        for dep in spec.deps:
+            if type(dep) is not list or len(dep) != 2 or type(dep[0]) not in (int, str):
+                raise ProtocolError(f"task spec: dep {dep!r:.60}")
+            _oid(dep[1])
+        _oids(spec.nested)
+        _dict(spec.options)
+        _bytes(spec.actor_id)
+        _bytes(spec.owner)
+        _bytes(spec.driver)
+        _bytes(spec.job)
+        _bytes(spec.parent)
+        return spec
+
+    def return_ids(self) -> list:
+        """Object ids of this task's returns (none for streaming; see ``object_id``)."""
+        tid = self.task_id
+        return [tid + i.to_bytes(4, "little") for i in range(1, self.num_returns + 1)]
+
+
+_SPEC_LEN = len(TaskSpec._fields)
+MAX_RETURNS = 10000
+
+
+def _spec(v):
+    return TaskSpec.decode(v)
+
+
+# ----------------------------------------------------------------- messages
+# One class per message type: its fields in wire order. ``encode()`` gives the
+# header frame; ``decode(buf)`` below checks and builds the right class. Every
+# field is always sent (no optional trailing fields): a change of layout is a
+# change of VERSION.
+class Hello(NamedTuple):
+    version: int
+    kind: str  # "driver", "executor", "cli"
+    node_id: bytes  # the node whose store this client shares, or b""
+    pid: int
+    job_id: bytes
+    TYPE = Msg.HELLO
+    CHECKS = (_version, _str, _bytes, _int, _bytes)
+
+
+class Welcome(NamedTuple):
+    info: dict  # session_dir, address, store_limit; or {"error": text}
+    TYPE = Msg.WELCOME
+    CHECKS = (_dict,)
+
+
+class Ready(NamedTuple):
+    TYPE = Msg.READY
+    CHECKS = ()
+
+
+class Fn(NamedTuple):
+    fid: bytes
+    nested: list  # refs captured in the function's closure: kept for the cluster's life
+    TYPE = Msg.FN
+    CHECKS = (_bytes, _oids)
+
+
+class Submit(NamedTuple):
+    spec: TaskSpec
+    TYPE = Msg.SUBMIT
+    CHECKS = (_spec,)
+
+
+class Put(NamedTuple):
+    oid: bytes
+    kind: int
+    nested: list
+    node_id: Optional[bytes] = None  # the value is in this node's store (no frames); nil: inline
+    size: int = 0
+    TYPE = Msg.PUT
+    CHECKS = (_oid, _int, _oids, _opt_bytes, _int)
+
+
+class Sub(NamedTuple):
+    oids: list
+    TYPE = Msg.SUB
+    CHECKS = (_oids,)
+
+
+class Release(NamedTuple):
+    oids: list
+    TYPE = Msg.RELEASE
+    CHECKS = (_oids,)
+
+
+class Refs(NamedTuple):
+    ops: list  # [[oid, +1 | -1], ...] in order
+    TYPE = Msg.REFS
+    CHECKS = (_ref_ops,)
+
+
+class Cancel(NamedTuple):
+    oid: bytes
+    force: bool
+    recursive: bool
+    TYPE = Msg.CANCEL
+    CHECKS = (_oid, _bool, _bool)
+
+
+class Interrupt(NamedTuple):
+    task_id: bytes
+    force: bool
+    TYPE = Msg.INTERRUPT
+    CHECKS = (_task_id, _bool)
+
+
+class Block(NamedTuple):
+    task_id: bytes
+    returned: list  # prefetched task ids handed back
+    TYPE = Msg.BLOCK
+    CHECKS = (_bytes, _task_ids)
+
+
+class Unblock(NamedTuple):
+    task_id: bytes
+    TYPE = Msg.UNBLOCK
+    CHECKS = (_bytes,)
+
+
+class Reject(NamedTuple):
+    task_id: bytes
+    TYPE = Msg.REJECT
+    CHECKS = (_task_id,)
+
+
+class Done(NamedTuple):
+    task_id: bytes
+    returns: list  # [[kind, nframes, node_id|nil, size], ...]; an error: one item
+    nested: list  # oids of refs inside the results
+    retryable: bool  # an application error that retry_exceptions covers
+    pushed: list  # pushed[i]: the executor already handed return i to its owner
+    TYPE = Msg.DONE
+    CHECKS = (_task_id, _returns, _oids, _bool, _list)
+
+
+class Yield(NamedTuple):
+    task_id: bytes
+    index: int
+    kind: int
+    nframes: int
+    nested: list
+    TYPE = Msg.YIELD
+    CHECKS = (_task_id, _int, _int, _int, _oids)
+
+
+class Log(NamedTuple):
+    driver: bytes
+    prefix: str  # "(name pid=N)", "!" appended for stderr
+    text: str
+    TYPE = Msg.LOG
+    CHECKS = (_bytes, _str, _str)
+
+
+class Print(NamedTuple):
+    prefix: str
+    text: str
+    TYPE = Msg.PRINT
+    CHECKS = (_str, _str)
+
+
+class Req(NamedTuple):
+    req_id: int
+    op: str
+    args: Any
+    TYPE = Msg.REQ
+    CHECKS = (_int, _str, _any)
+
+
+class Reply(NamedTuple):
+    req_id: int
+    ok: bool
+    result: Any
+    TYPE = Msg.REPLY
+    CHECKS = (_int, _bool, _any)
+
+
+class Obj(NamedTuple):
+    oid: bytes
+    kind: int
+    node_id: Optional[bytes] = None  # nil: the value is in the frames (or the blob)
+    codec: Optional[int] = None  # not nil: one frame, a store blob in this codec
+    TYPE = Msg.OBJ
+    CHECKS = (_oid, _int, _opt_bytes, _opt_int)
+
+
+class Exec(NamedTuple):
+    spec: TaskSpec
+    fn_included: bool  # the first frame is the function's blob
+    n_args: int  # frames of the pickled (args, kwargs)
+    deps: list  # [[nframes, node_id|nil], ...] one per spec.deps
+    gpu_ids: list
+    TYPE = Msg.EXEC
+    CHECKS = (_spec, _bool, _int, _dep_layout, _list)
+
+
+class StreamEnd(NamedTuple):
+    task_id: bytes
+    count: int
+    TYPE = Msg.STREAM_END
+    CHECKS = (_task_id, _int)
+
+
+class Exit(NamedTuple):
+    TYPE = Msg.EXIT
+    CHECKS = ()
+
+
+class NodeHello(NamedTuple):
+    version: int
+    node_id: bytes
+    info: dict  # resources, gpu_ids, hostname, pid, labels, address, prestart, store_limit
+    TYPE = Msg.NODE_HELLO
+    CHECKS = (_version, _bytes, _dict)
+
+
+class Spawn(NamedTuple):
+    count: int
+    TYPE = Msg.SPAWN
+    CHECKS = (_int,)
+
+
+class ExecDied(NamedTuple):
+    cid: bytes
+    code: int
+    TYPE = Msg.EXEC_DIED
+    CHECKS = (_bytes, _int)
+
+
+class KillExec(NamedTuple):
+    cid: bytes
+    TYPE = Msg.KILL_EXEC
+    CHECKS = (_bytes,)
+
+
+class Heartbeat(NamedTuple):
+    TYPE = Msg.HEARTBEAT
+    CHECKS = ()
+
+
+class Shutdown(NamedTuple):
+    TYPE = Msg.SHUTDOWN
+    CHECKS = ()
+
+
+class Fetch(NamedTuple):
+    oid: bytes
+    dest: bytes  # node_ident(node) or client_dest(cid)
+    TYPE = Msg.FETCH
+    CHECKS = (_oid, _bytes)
+
+
+class Blob(NamedTuple):
+    oid: bytes
+    dest: bytes
+    codec: int  # RAW / LZ4; -1 (no frame): the object is not here
+    TYPE = Msg.BLOB
+    CHECKS = (_oid, _bytes, _int)
+
+
+class Store(NamedTuple):
+    oid: bytes
+    codec: int
+    TYPE = Msg.STORE
+    CHECKS = (_oid, _int)
+
+
+class Stored(NamedTuple):
+    oid: bytes
+    size: int  # -1: failed
+    TYPE = Msg.STORED
+    CHECKS = (_oid, _int)
+
+
+class Free(NamedTuple):
+    oids: list
+    TYPE = Msg.FREE
+    CHECKS = (_oids,)
+
+
+class Spill(NamedTuple):
+    oids: list
+    TYPE = Msg.SPILL
+    CHECKS = (_oids,)
+
+
+MESSAGES = (Hello, Welcome, Ready, Fn, Submit, Put, Sub, Release, Refs, Cancel, Interrupt,
+            Block, Unblock, Reject, Done, Yield, Log, Print, Req, Reply, Obj, Exec, StreamEnd,
+            Exit, NodeHello, Spawn, ExecDied, KillExec, Heartbeat, Shutdown, Fetch, Blob,
+            Store, Stored, Free, Spill)
+_BY_TYPE = {cls.TYPE: cls for cls in MESSAGES}
+_packb = msgpack.packb  # a Packer object is not thread-safe; clients send from any thread
+
+
+def encode(msg) -> bytes:
+    """The header frame of message ``msg`` (an instance of one of ``MESSAGES``)."""
+    return _packb((msg.TYPE, *msg))
+
+
+def decode(buf):
+    """Check a header frame and return its message; ProtocolError if it is not one."""
+    try:
+        h = msgpack.unpackb(buf, raw=False, use_list=True, strict_map_key=False)
+    except Exception as e:
+        raise ProtocolError(f"header is not msgpack: {e}") from None
+    if type(h) is not list or not h:
+        raise ProtocolError("header is not a non-empty array")
+    cls = _BY_TYPE.get(h[0])
+    if cls is None:
+        raise ProtocolError(f"unknown message type {h[0]!r:.20}")
+    checks = cls.CHECKS
+    if len(h) != len(checks) + 1:
+        if cls is Hello or cls is NodeHello:  # say which version first, whatever the layout
+            _version(h[1] if len(h) > 1 else None)
+        raise ProtocolError(f"{cls.TYPE.name}: {len(checks)} fields expected, got {len(h) - 1}")
+    try:
+        return cls._make([check(v) for check, v in zip(checks, h[1:], strict=False)])
+    except ProtocolError as e:
+        if isinstance(e, VersionMismatch):
+            raise
+        raise ProtocolError(f"{cls.TYPE.name}: {e}") from None
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 
+from zray import _protocol as P
 from zray import _runtime
 from zray._serialization import nested_collector
 
@@ -56,7 +57,7 @@ class ObjectRef:
         return self.id
 
     def task_id(self) -> bytes:
-        return self.id[:12]
+        return P.task_of(self.id)
 
     def future(self) -> concurrent.futures.Future:
         """A concurrent.futures.Future that completes with the object's value."""

@@ -11,7 +11,6 @@ import hashlib
 
 from zray import _options, _runtime
 from zray import _protocol as P
-from zray._protocol import Msg
 from zray._refs import ObjectRef, ObjectRefGenerator
 from zray._serialization import _CollectRefs, dumps_function, serialize
 
@@ -39,7 +38,7 @@ class _Definition:
                 self.blob = dumps_function(self.obj)
             self.nested = nested
             self.fid = hashlib.blake2b(self.blob, digest_size=16).digest()
-        client.send(P.pack(Msg.FN, self.fid, self.nested), [self.blob])
+        client.send(P.encode(P.Fn(self.fid, self.nested)), [self.blob])
         self.client = client
         return self.fid
 
@@ -69,27 +68,27 @@ def serialize_args(args: tuple, kwargs: dict, client):
                 kwargs[k] = None
     frames, nested = serialize((args, kwargs))
     if client.store is not None and len(frames) > 1:
-        oid = client.next_task_id() + b"\0\0\0\0"
+        oid = P.object_id(client.next_task_id(), 0)
         stored = client.store_frames(oid, P.VALUE, frames)
         if stored is not None:
             keep = ObjectRef(oid, client.cid, client)
-            client.send(P.pack(Msg.PUT, oid, P.VALUE, nested, *stored))
+            client.send(P.encode(P.Put(oid, P.VALUE, nested, *stored)))
             return [], [[-1, oid]] + deps, [], keep
     return frames, deps, nested, None
 
 
-def make_spec(client, kind, fid, name, nret, resources, opts, deps, nested, actor_id=b""):
-    task_id = client.next_task_id()
-    spec = [task_id, kind, fid, name, nret, resources, deps, nested, opts, actor_id,
-            client.cid, client.driver_cid or client.cid, client.job_id, client.current_task_id]
-    return task_id, spec
+def make_spec(client, kind, fid, name, nret, resources, opts, deps, nested,
+              actor_id=b"") -> P.TaskSpec:
+    return P.TaskSpec(client.next_task_id(), kind, fid, name, nret, resources, deps, nested,
+                      opts, actor_id, client.cid, client.driver_cid or client.cid, client.job_id,
+                      client.current_task_id)
 
 
 def return_refs(client, task_id: bytes, nret):
     if nret == P.STREAMING:
         return ObjectRefGenerator(task_id, client.cid, client)
     cid = client.cid
-    refs = [ObjectRef(task_id + i.to_bytes(4, "little"), cid, client) for i in range(1, nret + 1)]
+    refs = [ObjectRef(P.object_id(task_id, i), cid, client) for i in range(1, nret + 1)]
     client.awaiting_push.update(r.id for r in refs)  # the broker pushes these to us
     if nret == 1:
         return refs[0]
@@ -147,10 +146,10 @@ class RemoteFunction:
     def _submit(self, client, prep, name, args, kwargs):
         fid = self._def.ensure(client)
         frames, deps, nested, _keep = serialize_args(args, kwargs, client)
-        task_id, spec = make_spec(client, P.TASK, fid, name, prep.nret, prep.resources,
-                                  prep.opts, deps, nested)
-        refs = return_refs(client, task_id, prep.nret)
-        client.send(P.pack(Msg.SUBMIT, spec), frames)
+        spec = make_spec(client, P.TASK, fid, name, prep.nret, prep.resources,
+                         prep.opts, deps, nested)
+        refs = return_refs(client, spec.task_id, prep.nret)
+        client.send(P.encode(P.Submit(spec)), frames)
         return refs
 
     def bind(self, *args, **kwargs):

@@ -8,7 +8,6 @@ import cloudpickle
 
 from zray import _options, _runtime
 from zray import _protocol as P
-from zray._protocol import Msg
 from zray._remote import _Definition, make_spec, return_refs, serialize_args
 
 
@@ -103,9 +102,9 @@ class ActorClass:
         meta = {"actor_id": actor_id, "class_name": self.__name__, "methods": self._meta,
                 "max_task_retries": options.get("max_task_retries") or 0}
         opts["handle_meta"] = cloudpickle.dumps(meta)
-        task_id, spec = make_spec(client, P.ACTOR_CREATE, fid, self.__name__, 0, place, opts,
-                                  deps, nested, actor_id)
-        client.send(P.pack(Msg.SUBMIT, spec), frames)
+        spec = make_spec(client, P.ACTOR_CREATE, fid, self.__name__, 0, place, opts,
+                         deps, nested, actor_id)
+        client.send(P.encode(P.Submit(spec)), frames)
         return ActorHandle(actor_id, self.__name__, self._meta)
 
     def bind(self, *a, **k):
@@ -186,10 +185,10 @@ class ActorMethod:
     def remote(self, *args, **kwargs):
         client = _runtime.require_client()
         frames, deps, nested, _keep = serialize_args(args, kwargs, client)
-        task_id, spec = make_spec(client, P.ACTOR_CALL, self._name, self._qualname, self._nret,
-                                  {}, _EMPTY_OPTS, deps, nested, self._handle._actor_id)
-        refs = return_refs(client, task_id, self._nret)
-        client.send(P.pack(Msg.SUBMIT, spec), frames)
+        spec = make_spec(client, P.ACTOR_CALL, self._name, self._qualname, self._nret,
+                         {}, _EMPTY_OPTS, deps, nested, self._handle._actor_id)
+        refs = return_refs(client, spec.task_id, self._nret)
+        client.send(P.encode(P.Submit(spec)), frames)
         return refs
 
 

@@ -134,7 +134,7 @@ def status(address):
     c = _client(address)
     try:
         st = c.request("status")
-        c.send(P.pack(P.Msg.EXIT))
+        c.send(P.encode(P.Exit()))
     finally:
         c.close()
     click.echo(f"zray cluster at {st['address']}  (up {st['uptime_s']:.0f}s, "
@@ -167,7 +167,7 @@ def memory(address, top):
     c = _client(address)
     try:
         m = c.request("memory", {"top": top})
-        c.send(P.pack(P.Msg.EXIT))
+        c.send(P.encode(P.Exit()))
     finally:
         c.close()
     click.echo(format_memory(m))

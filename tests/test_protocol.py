@@ -1,0 +1,164 @@
+"""The wire protocol: every message round-trips through its codec, bad headers are
+refused at decode, and a real broker tells a peer of another protocol version so,
+and answers clients whatever bytes their ids start with."""
+
+import os
+
+import msgpack
+import pytest
+import zmq
+
+from zray import _protocol as P
+
+
+def _sample(cls):
+    """One valid instance of each message class."""
+    tid, oid, cid = b"t" * P.TASK_ID_LEN, b"o" * P.OBJECT_ID_LEN, b"c" * P.ID_LEN
+    spec = P.TaskSpec(tid, P.TASK, b"f" * 20, "f", 1, {"CPU": P.UNIT}, [[0, oid]], [oid],
+                      {"max_retries": 3}, b"", cid, cid, b"job1", b"")
+    values = {
+        "version": P.VERSION, "kind": "driver", "node_id": cid, "pid": 1, "job_id": b"j",
+        "info": {"a": 1}, "fid": b"f" * 20, "nested": [oid], "spec": spec, "oid": oid,
+        "size": 10, "oids": [oid], "ops": [[oid, 1], [oid, -1]], "force": True,
+        "recursive": False, "task_id": tid, "returned": [tid],
+        "returns": [[P.VALUE, 1, None, 0], [P.VALUE, 0, cid, 10]], "retryable": False,
+        "pushed": [True, False], "index": 1, "nframes": 1, "driver": cid, "prefix": "(f pid=1)",
+        "text": "hi\n", "req_id": 7, "op": "status", "args": None, "ok": True, "result": {},
+        "codec": 1, "fn_included": True, "n_args": 1, "deps": [[1, None]], "gpu_ids": [0],
+        "count": 2, "cid": cid, "code": -9, "dest": b"N" + cid,
+    }
+    if cls is not P.Hello:
+        values["kind"] = P.VALUE  # an object's kind elsewhere
+    return cls(*[values[f] for f in cls._fields])
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("cls", P.MESSAGES, ids=lambda c: c.TYPE.name)
+def test_every_message_round_trips_and_rejects_bad_layouts(cls):
+    msg = _sample(cls)
+    back = P.decode(P.encode(msg))
+    assert type(back) is cls and back == msg
+    raw = msgpack.unpackb(P.encode(msg))
+    with pytest.raises(P.ProtocolError):  # a field missing
+        P.decode(msgpack.packb(raw[:-1] if len(raw) > 1 else raw + [1]))
+    with pytest.raises(P.ProtocolError):  # a field too many
+        P.decode(msgpack.packb(raw + [None]))
+    for i in range(1, len(raw)):  # every field checked: a float is never valid here
+        if cls.CHECKS[i - 1] is P._any:
+            continue
+        bad = list(raw)
+        bad[i] = 1.5
+        with pytest.raises(P.ProtocolError):
+            P.decode(msgpack.packb(bad))
+
+
+@pytest.mark.timeout(10)
+def test_task_spec_fields_are_checked():
+    msg = _sample(P.Submit)
+    good = msgpack.unpackb(P.encode(msg))
+    for field, bad in [("task_id", b"short"), ("kind", 9), ("num_returns", -5),
+                       ("resources", {"CPU": -1}), ("deps", [[0, b"x"]]), ("nested", [1]),
+                       ("options", []), ("owner", None)]:
+        spec = list(good[1])
+        spec[P.TaskSpec._fields.index(field)] = bad
+        with pytest.raises(P.ProtocolError):
+            P.decode(msgpack.packb([P.Msg.SUBMIT, spec]))
+
+
+@pytest.mark.timeout(10)
+def test_garbage_is_a_protocol_error_never_another_exception():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(2000):
+        buf = rng.randbytes(rng.randint(0, 40))
+        try:
+            P.decode(buf)
+        except P.ProtocolError:
+            pass
+
+
+@pytest.mark.timeout(10)
+def test_ids_and_identity_roles():
+    tid = b"x" * P.TASK_ID_LEN
+    assert P.task_of(P.object_id(tid, 3)) == tid and len(P.object_id(tid, 3)) == P.OBJECT_ID_LEN
+    cid = b"N" + b"\0" * (P.ID_LEN - 1)  # a cid that starts like a node identity
+    assert P.role_of(P.inbox_ident(cid)) == (P.ROLE_INBOX, cid)
+    assert P.role_of(P.out_ident(cid)) == (P.ROLE_OUT, cid)
+    assert P.role_of(P.node_ident(cid)) == (P.ROLE_NODE, cid)
+    assert P.role_of(b"x" * P.ID_LEN + b"i")[0] is None  # v1 style: not ours
+
+
+@pytest.fixture
+def broker_address(ray_local):
+    return ray_local._runtime.client.address
+
+
+def _dealer(ctx, address, identity):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, identity)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(address)
+    return s
+
+
+@pytest.mark.timeout(30)
+def test_a_peer_of_another_version_is_told_both_versions(broker_address):
+    ctx = zmq.Context()
+    try:
+        s = _dealer(ctx, broker_address, P.inbox_ident(os.urandom(P.ID_LEN)))
+        s.send(msgpack.packb([P.Msg.HELLO, 1, "driver", b"", os.getpid(), b"j", "extra"]))
+        assert s.poll(10000), "the broker did not answer a HELLO of another version"
+        reply = P.decode(s.recv())
+        assert reply.TYPE == P.Msg.WELCOME
+        err = reply.info["error"]
+        assert "version 1" in err and f"speaks {P.VERSION}" in err
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(60)
+def test_clients_get_heartbeat_answers_whatever_their_first_id_byte(broker_address):
+    """Identities say their role by construction: a client id starting with b"N" (or any
+    other byte) is never taken for a node."""
+    ctx = zmq.Context()
+    socks = []
+    try:
+        for first in range(256):
+            cid = bytes([first]) + os.urandom(P.ID_LEN - 1)
+            s = _dealer(ctx, broker_address, P.inbox_ident(cid))
+            s.send(P.encode(P.Hello(P.VERSION, "cli", b"", os.getpid(), b"probe")))
+            socks.append(s)
+        for s in socks:
+            assert s.poll(10000) and P.decode(s.recv()).TYPE == P.Msg.WELCOME
+            s.send(P.encode(P.Heartbeat()))
+        for i, s in enumerate(socks):
+            assert s.poll(10000), f"no heartbeat answer for a cid starting with {i:#04x}"
+            assert P.decode(s.recv()).TYPE == P.Msg.HEARTBEAT
+            out = _dealer(ctx, broker_address, P.out_ident(P.role_of(
+                s.getsockopt(zmq.IDENTITY))[1]))
+            out.send(P.encode(P.Exit()))
+            out.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(30)
+def test_a_message_from_the_wrong_role_is_dropped(ray_local, broker_address):
+    """A client socket cannot speak for a node (EXEC_DIED), and garbage is counted."""
+    ctx = zmq.Context()
+    try:
+        s = _dealer(ctx, broker_address, P.out_ident(os.urandom(P.ID_LEN)))
+        nodes = ray_local.nodes()
+        s.send(P.encode(P.NodeHello(P.VERSION, bytes.fromhex(nodes[0]["NodeID"]),
+                                    {"resources": {"CPU": 1000 * P.UNIT}})))
+        s.send(b"\xc1garbage")
+    finally:
+        ctx.destroy(linger=0)
+
+    @ray_local.remote
+    def f():
+        return 1
+
+    assert ray_local.get(f.remote(), timeout=20) == 1
+    assert ray_local.cluster_resources()["CPU"] == 4  # the forged node hello took no effect
