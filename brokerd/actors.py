@@ -1,155 +1,144 @@
-"""The broker's actor directory: creation, call queues, death and restarts."""
+"""The actor directory: actors, their names, their call queues, death and restarts.
+
+::
+
+    SUBMIT(ACTOR_CREATE) --register()--> Actor PENDING --created()--> ALIVE
+    SUBMIT(ACTOR_CALL) --> actor.queue --next_calls()--> calls the engine sends, in order
+    its process died --process_died()--> RESTARTING (calls retried or failed) or DEAD
+    kill() / its owner gone --> DEAD: every queued and running call fails with ActorDiedError
+
+Owns: ``actors``, ``named`` and every field of Actor records; actor state
+changes go through ``Transitions``. Never moves a task: it returns the calls
+to send, to retry or to fail, and the engine moves them. Sends: KILL_EXEC.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
-from brokerd.records import (
-    Actor,
-    ActorState,
-    ExecState,
-    Obj,
-    Task,
-    TaskState,
-)
+from brokerd.outbox import Outbox
+from brokerd.records import Actor, ActorState, ExecState, Task, TaskState
+from brokerd.transitions import Transitions
 from zray import _protocol as P
-from zray import exceptions
-from zray._serialization import serialize_error
 
 log = logging.getLogger("zray.broker")
 
-ACTOR_EXIT_CODE = 13  # an executor exiting through exit_actor()
+_OPEN = (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING)
+
+
+@dataclass
+class Death:
+    """What an actor's death or restart means for its calls."""
+
+    fail: list = field(default_factory=list)  # calls to fail with ActorDiedError(reason)
+    retry: list = field(default_factory=list)  # calls to queue again, in order
+    restart: bool = False  # queue the creation task again
+    dead: bool = False  # gone for good: its creation task is settled too
+    reason: str = ""  # why it died (ActorDiedError's text)
 
 
 class ActorDirectory:
-    """Mixin of Broker; see brokerd/broker.py for the state it shares."""
+    def __init__(self, out: Outbox, moves: Transitions):
+        self.out = out
+        self.moves = moves
+        self.actors: dict[bytes, Actor] = {}
+        self.named: dict[tuple, bytes] = {}
 
-    # ----------------------------------------------------------------- actors
-    def register_actor(self, task: Task, opts: dict):
+    def get(self, actor_id: bytes):
+        return self.actors.get(actor_id)
+
+    def register(self, task: Task) -> Actor:
         spec = task.spec
-        actor_id = spec.actor_id
-        actor = Actor(actor_id, task, spec.owner, spec.job,
-                      name=opts.get("name") or "", namespace=opts.get("namespace") or "",
+        opts = spec.options
+        actor = Actor(spec.actor_id, task, spec.owner, spec.job,
+                      name=str(opts.get("name") or ""), namespace=str(opts.get("namespace") or ""),
                       detached=opts.get("lifetime") == "detached",
-                      max_restarts=opts.get("max_restarts", 0),
-                      max_task_retries=opts.get("max_task_retries", 0),
+                      max_restarts=_int(opts.get("max_restarts")),
+                      max_task_retries=_int(opts.get("max_task_retries")),
                       handle_meta=opts.get("handle_meta", b""), class_name=spec.name)
-        task.retries_left = 0
-        self.actors[actor_id] = actor
+        self.actors[actor.actor_id] = actor
         if actor.name:
-            self.named[(actor.namespace, actor.name)] = actor_id
+            self.named[(actor.namespace, actor.name)] = actor.actor_id
+        return actor
 
-    def actor_created(self, task: Task, kind: int, frames):
-        actor = self.actors.get(task.spec.actor_id)
-        self.tasks.pop(task.task_id, None)
-        task.state = TaskState.FINISHED
-        if actor is None:
-            return
-        if kind == P.ERROR:
-            actor.no_restart = True
-            self.actor_dead(actor, "The actor's constructor raised:\n" + _err_text(frames))
-            if actor.executor is not None:
-                self.send(actor.executor.node.ident, P.encode(P.KillExec(actor.executor.cid)))
-            return
-        actor.state = ActorState.ALIVE
-        for oid in task.returns:
-            obj = self.objects.get(oid)
-            if obj is not None:
-                self.object_ready(obj, P.VALUE, frames)
-        self.pump_actor(actor)
+    def lookup(self, namespace: str, name: str):
+        actor_id = self.named.get((namespace, name))
+        return None if actor_id is None else self.actors.get(actor_id)
 
-    def pump_actor(self, actor: Actor):
+    def created(self, actor: Actor) -> None:
+        self.moves.move(actor, ActorState.ALIVE, "constructor returned")
+
+    def next_calls(self, actor: Actor) -> list:
+        """Calls to send to the actor now, in submission order (a call waiting for its
+        arguments holds back the ones behind it)."""
         if actor.state != ActorState.ALIVE:
-            return
-        ex = actor.executor
+            return []
         q = actor.queue
+        out = []
         while q:
             task = q[0]
             if task.state == TaskState.WAITING_ARGS:
                 break
             q.popleft()
-            if task.state != TaskState.QUEUED:
-                continue
-            task.state = TaskState.RUNNING
-            task.executor = ex
-            actor.inflight[task.task_id] = task
-            header, frames = self.exec_header(task, ex)
-            self.send(P.inbox_ident(ex.cid), header, frames)
+            if task.state == TaskState.QUEUED:
+                actor.inflight[task.task_id] = task
+                out.append(task)
+        return out
 
-    def actor_process_died(self, actor: Actor, code: int, why: str):
+    def process_died(self, actor: Actor, code: int, why: str) -> Death:
         if actor.state == ActorState.DEAD:
-            return
+            return Death()
         actor.executor = None
-        intentional = code == ACTOR_EXIT_CODE
+        intentional = code == P.ACTOR_EXIT_CODE
         can_restart = (not actor.no_restart and not intentional
                        and (actor.max_restarts == -1 or actor.restarts < actor.max_restarts))
         if not can_restart:
             reason = ("The actor exited intentionally (exit_actor)." if intentional
                       else actor.death or f"The actor died: {why}.")
-            self.actor_dead(actor, reason)
-            return
+            return self.dead(actor, reason)
         actor.restarts += 1
-        actor.state = ActorState.RESTARTING
+        self.moves.move(actor, ActorState.RESTARTING, why)
         log.warning("actor %s died (%s); restarting (%d/%s)", actor.class_name, why,
                     actor.restarts, actor.max_restarts)
-        retry, fail = [], []
+        d = Death(restart=True, reason=why)
         for task in actor.inflight.values():
             if task.retries_left != 0:
                 task.retries_left -= 1
-                retry.append(task)
+                d.retry.append(task)
             else:
-                fail.append(task)
+                d.fail.append(task)
         actor.inflight = {}
-        for task in fail:
-            self.fail_task(task, serialize_error(exceptions.ActorDiedError(
-                f"The actor died while running {task.spec.name}: {why}", actor.actor_id.hex())))
-        for task in reversed(retry):
-            task.state = TaskState.QUEUED
-            task.executor = None
+        for task in reversed(d.retry):
             actor.queue.appendleft(task)
-        create = actor.create
-        create.state = TaskState.QUEUED
-        create.executor = None
-        self.tasks[create.task_id] = create
-        for oid in create.returns:
-            self.objects.setdefault(oid, Obj(oid, create.spec.owner))
-        self.task_ready(create)
+        return d
 
-    def actor_dead(self, actor: Actor, reason: str):
-        actor.state = ActorState.DEAD
+    def dead(self, actor: Actor, reason: str) -> Death:
+        """The actor is gone for good: its calls fail; its name is free again."""
+        if actor.state == ActorState.DEAD:
+            return Death()
+        self.moves.move(actor, ActorState.DEAD, reason)
         actor.death = reason
-        err = serialize_error(exceptions.ActorDiedError(reason, actor.actor_id.hex()))
-        calls = list(actor.inflight.values()) + list(actor.queue)
+        calls = [t for t in list(actor.inflight.values()) + list(actor.queue)
+                 if t.state in _OPEN]
         actor.inflight = {}
         actor.queue.clear()
-        for task in calls:
-            if task.state not in (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED):
-                self.fail_task(task, err)
-        create = actor.create
-        if create.state in (TaskState.QUEUED, TaskState.WAITING_ARGS):
-            create.state = TaskState.FAILED
-            self.tasks.pop(create.task_id, None)
-        if create.node is not None:
-            self.release(create)
         if actor.name and self.named.get((actor.namespace, actor.name)) == actor.actor_id:
             del self.named[(actor.namespace, actor.name)]
+        return Death(fail=calls, dead=True, reason=reason)
 
-    def kill_actor(self, actor: Actor, no_restart: bool, reason: str = "killed by zray.kill()"):
+    def kill(self, actor: Actor, no_restart: bool, reason: str = "killed by zray.kill()") -> Death:
         if no_restart:
             actor.no_restart = True
             actor.death = f"The actor was {reason}." if not reason.startswith("The") else reason
         ex = actor.executor
         if ex is not None and ex.state != ExecState.DEAD:
-            self.send(ex.node.ident, P.encode(P.KillExec(ex.cid)))
+            self.out.send(ex.node.ident, P.encode(P.KillExec(ex.cid)))
         if no_restart:
             # Dead from now on: calls made after kill() fail at once, not after the exit report.
-            self.actor_dead(actor, actor.death)
+            return self.dead(actor, actor.death)
+        return Death()
 
 
-def _err_text(frames) -> str:
-    try:
-        from zray._serialization import deserialize
-
-        return str(deserialize(frames))
-    except Exception:
-        return "<unreadable error>"
+def _int(v) -> int:
+    return v if type(v) is int else 0

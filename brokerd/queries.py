@@ -1,50 +1,45 @@
-"""REQ handlers: cluster info for the API and the CLI (status, memory, actors)."""
+"""REQ handlers: cluster information for the API and the CLI (status, memory, actors,
+task events). Read-only except ``kill_actor``, which asks the engine.
+
+Owns nothing. Reads the engine and its directories.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from brokerd.records import (
-    ActorState,
-    ObjState,
-    TaskState,
-)
+from brokerd.engine import TaskEngine
+from brokerd.records import ActorState, ObjState, TaskState
 from zray import _protocol as P
 
 log = logging.getLogger("zray.broker")
 
+_OPEN = (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING)
+
 
 class Queries:
-    """Mixin of Broker; see brokerd/broker.py for the state it shares."""
+    def __init__(self, engine: TaskEngine, address: str, started: float, stats):
+        self.engine = engine
+        self.address = address
+        self.started = started
+        self.stats = stats  # () -> {"dropped": n, ...} from the broker loop
 
-    # --------------------------------------------------------------- queries
-    def on_req(self, cid, m: P.Req, frames):
+    def answer(self, cid: bytes, m: P.Req) -> P.Reply:
         handler = getattr(self, "req_" + m.op, None)
         if handler is None:
-            result, ok = f"unknown request {m.op!r:.40}", False
-        else:
-            try:
-                result = handler(cid, m.args)
-                ok = True
-            except Exception as e:
-                result, ok = f"{type(e).__name__}: {e}", False
-        self.send(P.inbox_ident(cid), P.encode(P.Reply(m.req_id, ok, result)))
+            return P.Reply(m.req_id, False, f"unknown request {m.op!r:.40}")
+        args = m.args if isinstance(m.args, dict) else {}
+        try:
+            return P.Reply(m.req_id, True, handler(cid, args))
+        except Exception as e:
+            return P.Reply(m.req_id, False, f"{type(e).__name__}: {e}")
 
     def req_cluster_resources(self, cid, args):
-        out: dict = {}
-        for n in self.nodes.values():
-            for r, u in n.total.items():
-                out[r] = out.get(r, 0) + u
-        return P.from_units(out)
+        return self.engine.nodes.totals()
 
     def req_available_resources(self, cid, args):
-        out: dict = {}
-        for n in self.nodes.values():
-            for r, u in n.avail.items():
-                if u > 0:
-                    out[r] = out.get(r, 0) + u
-        return P.from_units(out)
+        return self.engine.nodes.totals(avail=True)
 
     def req_nodes(self, cid, args):
         return [{
@@ -52,40 +47,53 @@ class Queries:
             "NodeManagerAddress": n.address or n.hostname, "Resources": P.from_units(n.total),
             "Available": P.from_units(n.avail), "Labels": n.labels, "Pid": n.pid,
             "Executors": len(n.executors), "Running": n.running, "StoreLimit": n.store_limit,
-        } for n in self.nodes.values()]
+        } for n in self.engine.nodes.nodes.values()]
 
     def req_status(self, cid, args):
+        e = self.engine
         states: dict = {}
-        for t in self.tasks.values():
+        for t in e.tasks.values():
             states[t.state.value] = states.get(t.state.value, 0) + 1
+        objects = e.objects.objects
         return {
             "address": self.address, "uptime_s": time.time() - self.started,
             "nodes": self.req_nodes(cid, args), "tasks": states,
-            "actors": sum(1 for a in self.actors.values() if a.state != ActorState.DEAD),
-            "objects": len(self.objects),
-            "object_bytes": sum(o.size for o in self.objects.values()),
-            "clients": sum(1 for c in self.clients.values() if c.kind == "driver"),
+            "actors": sum(1 for a in e.actors.actors.values() if a.state != ActorState.DEAD),
+            "objects": len(objects),
+            "object_bytes": sum(o.size for o in objects.values()),
+            "clients": sum(1 for c in e.clients.values() if c.kind == "driver"),
+            "illegal_transitions": e.moves.illegal,
+            **self.stats(),
         }
 
     def req_job_pending(self, cid, args):
-        job = self.clients[cid].job_id if cid in self.clients else b""
-        return sum(1 for t in self.tasks.values()
-                   if t.spec.job == job and t.kind != P.ACTOR_CREATE
-                   and t.state in (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED,
-                                   TaskState.RUNNING))
+        e = self.engine
+        job = e.clients[cid].job_id if cid in e.clients else b""
+        return sum(1 for t in e.tasks.values()
+                   if t.spec.job == job and t.kind != P.ACTOR_CREATE and t.state in _OPEN)
+
+    def req_task_events(self, cid, args):
+        """The transitions of one task, actor or executor (by id), oldest first, while
+        they are still in the bounded event log: [[from, to, reason], ...]."""
+        rid = args.get("id")
+        if not isinstance(rid, bytes):
+            raise ValueError("task_events needs an id (bytes)")
+        return [list(e) for e in self.engine.moves.history(rid)]
 
     def req_memory(self, cid, args):
         """Per-node store use and the largest objects, for `zray memory`."""
-        top = int((args or {}).get("top", 10))
-        inline = [o for o in self.objects.values() if not o.locations and o.state == ObjState.READY]
-        nodes = [{"node_id": n.node_id.hex(), "objects": len(n.lru), "bytes_in_memory": n.store_used,
-                  "bytes_spilled": n.spilled, "store_limit": n.store_limit}
-                 for n in self.nodes.values()]
-        for nd in nodes:
-            nid = bytes.fromhex(nd["node_id"])
-            nd["objects"] = sum(1 for o in self.objects.values() if nid in o.locations)
-        largest = sorted(self.objects.values(), key=lambda o: o.size, reverse=True)[:top]
-        owners = {c.cid: c for c in self.clients.values()}
+        e = self.engine
+        top = max(0, min(int(args.get("top", 10)), 10000))
+        objects = e.objects.objects
+        inline = [o for o in objects.values() if not o.locations and o.state == ObjState.READY]
+        nodes = []
+        for n in e.nodes.nodes.values():
+            nodes.append({"node_id": n.node_id.hex(),
+                          "objects": sum(1 for o in objects.values() if n.node_id in o.locations),
+                          "bytes_in_memory": n.store_used, "bytes_spilled": n.spilled,
+                          "store_limit": n.store_limit})
+        largest = sorted(objects.values(), key=lambda o: o.size, reverse=True)[:top]
+        owners = e.clients
         return {
             "nodes": nodes,
             "inline_objects": len(inline),
@@ -98,25 +106,25 @@ class Queries:
         }
 
     def req_get_actor(self, cid, args):
-        actor_id = self.named.get((args.get("namespace") or "", args["name"]))
-        if actor_id is None:
+        a = self.engine.actors.lookup(str(args.get("namespace") or ""), str(args.get("name")))
+        if a is None:
             return None
-        a = self.actors[actor_id]
         return {"actor_id": a.actor_id, "handle_meta": a.handle_meta}
 
     def req_kill_actor(self, cid, args):
-        actor = self.actors.get(args["actor_id"])
+        actor = self.engine.actors.get(args.get("actor_id"))
         if actor is None:
             raise ValueError("unknown actor")
-        self.kill_actor(actor, bool(args.get("no_restart", True)))
+        self.engine.kill_actor(actor, bool(args.get("no_restart", True)))
         return True
 
     def req_list_named_actors(self, cid, args):
         all_ns = args.get("all_namespaces")
         ns = args.get("namespace") or ""
         return [{"name": n, "namespace": s} if all_ns else n
-                for (s, n) in self.named if all_ns or s == ns]
+                for (s, n) in self.engine.actors.named if all_ns or s == ns]
 
     def req_actor_state(self, cid, args):
-        a = self.actors.get(args["actor_id"])
-        return None if a is None else {"state": a.state.value, "restarts": a.restarts, "death": a.death}
+        a = self.engine.actors.get(args.get("actor_id"))
+        return None if a is None else {"state": a.state.value, "restarts": a.restarts,
+                                       "death": a.death}

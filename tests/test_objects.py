@@ -33,6 +33,7 @@ from conftest import describe, driver_env, is_alive, poll_until, wait_gone
 
 import zray
 from zray.exceptions import GetTimeoutError, ObjectLostError, ObjectStoreFullError
+from zray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 SHM_ROOT = os.path.join(os.environ.get("ZRAY_SHM_DIR") or "/dev/shm", f"zray-{os.getuid()}")
 MB = 1_000_000
@@ -701,8 +702,50 @@ def test_object_lost_when_its_only_node_dies(tcp_driver):
             victim.kill()
             victim.wait(5)
         _kill_sessions({victim.pid})
+        tcp_driver.procs.pop("workerC", None)  # gone on purpose
         if node_c:  # a SIGKILLed agent leaves its store dir behind
             shutil.rmtree(os.path.join(SHM_ROOT, node_c), ignore_errors=True)
+
+
+@zray.remote(max_retries=1)
+def sleep_then_node(seconds):
+    time.sleep(seconds)
+    return zray.get_runtime_context().get_node_id()
+
+
+@pytest.mark.timeout(90)
+@_logs_on_failure
+def test_a_task_on_a_dying_node_is_queued_again(tcp_driver):
+    """A task running on node D when D is SIGKILLed goes back to the queue
+    (running -> queued, the reason naming the node) and runs again where it can."""
+    victim = tcp_driver.start_worker("workerD", {"nodeD": 1}, cpus=1)
+    node_d = None
+    try:
+        node_d = _wait_nodes(tcp_driver, ["nodeA", "nodeB", "nodeD"])["nodeD"]
+        ref = sleep_then_node.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_d, soft=True)).remote(3)
+        client = zray._runtime.client
+
+        def events():
+            return [tuple(e) for e in client.request("task_events", {"id": ref.task_id()})]
+
+        poll_until(lambda: events()[-1:] and events()[-1][1] == "running", 30,
+                   what="the task to run on node D")
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        assert zray.get(ref, timeout=60) in (tcp_driver.node_ids["nodeA"],
+                                             tcp_driver.node_ids["nodeB"])
+        h = events()
+        assert [to for _, to, _ in h] == ["queued", "running", "queued", "running", "finished"], h
+        assert node_d in h[2][2] and "died" in h[2][2], h
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(5)
+        _kill_sessions({victim.pid})
+        tcp_driver.procs.pop("workerD", None)  # gone on purpose
+        if node_d:
+            shutil.rmtree(os.path.join(SHM_ROOT, node_d), ignore_errors=True)
 
 
 @pytest.mark.timeout(60)

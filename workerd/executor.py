@@ -354,7 +354,7 @@ class Executor:
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
             return
-        self.client.send(P.encode(P.Done(task_id, [], [], False, [])))
+        self.client.send(P.encode(P.Done(task_id, [], [], False, [], "")))
 
     def finish_values(self, spec, values):
         layout, frames, nested = [], [], []
@@ -375,7 +375,7 @@ class Executor:
         # Results holding refs go through the broker: it must learn of those refs (PUTs on
         # our socket, processed in order before this DONE) before the owner can use them.
         pushed = [] if nested else self.push_results(spec, layout, frames)
-        self.client.send(P.encode(P.Done(task_id, layout, nested, False, pushed)), frames)
+        self.client.send(P.encode(P.Done(task_id, layout, nested, False, pushed, "")), frames)
 
     def push_results(self, spec, layout, frames) -> list:
         """Hand the results straight to an owner on this node (one hop instead of two
@@ -396,7 +396,7 @@ class Executor:
         if task_id in self.cancelled and not isinstance(exc, exceptions.TaskCancelledError):
             exc = exceptions.TaskCancelledError(task_id.hex())
         self.cancelled.discard(task_id)
-        frames = task_error(exc, spec.name, self.pid)
+        frames, text = task_error(exc, spec.name, self.pid)
         n = max(spec.num_returns, 1)
         retryable = False
         opts = spec.options
@@ -412,7 +412,8 @@ class Executor:
                     retryable = False
         layout = [[P.ERROR, len(frames), None, 0]] * n
         pushed = [] if retryable else self.push_results(spec, layout, frames * n)
-        self.client.send(P.encode(P.Done(task_id, layout, [], retryable, pushed)), frames * n)
+        self.client.send(P.encode(P.Done(task_id, layout, [], retryable, pushed, text)),
+                         frames * n)
 
     # ---------------------------------------------------------------- actors
     def create_actor(self, spec, args, kwargs):

@@ -55,7 +55,7 @@ C->B  BLOCK      task_id, returned / UNBLOCK task_id
                  that were prefetched to this executor and have not started
 C->B  REJECT     task_id   a prefetched EXEC arrived while blocked: queue it elsewhere
 C->B  DONE       task_id, returns [[kind, nframes, node_id, size]...], nested, retryable,
-                 pushed + frames.  A return with a node_id was written to that store;
+                 pushed, error text + frames.  A return with a node_id was written to that store;
                  pushed[i]: the executor already sent return i to its owner (below)
 E->C  OBJ        on PUSH -> the owner's PULL at ipc://<node store dir>/c-<cid>: an executor
                  hands a result straight to an owner on its node (3 hops instead of 4)
@@ -535,8 +535,9 @@ class Done(NamedTuple):
     nested: list  # oids of refs inside the results
     retryable: bool  # an application error that retry_exceptions covers
     pushed: list  # pushed[i]: the executor already handed return i to its owner
+    error: str  # the error's text when the task raised ("" otherwise): the broker never unpickles
     TYPE = Msg.DONE
-    CHECKS = (_task_id, _returns, _oids, _bool, _list)
+    CHECKS = (_task_id, _returns, _oids, _bool, _list, _str)
 
 
 class Yield(NamedTuple):

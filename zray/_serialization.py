@@ -94,8 +94,9 @@ def serialize_error(exc: BaseException) -> list:
         return serialize(exceptions.RayError(f"{type(exc).__name__}: {exc}"))[0]
 
 
-def task_error(exc: BaseException, function_name: str, pid: int, ip: str = "") -> list:
-    """Wrap an exception raised by user code into RayTaskError frames."""
+def task_error(exc: BaseException, function_name: str, pid: int, ip: str = "") -> tuple:
+    """Wrap an exception raised by user code: (RayTaskError frames, its text). The text
+    travels in the DONE header so that the broker never has to unpickle an error."""
     if isinstance(exc, exceptions.RayTaskError):
         err = exc
     else:
@@ -107,7 +108,14 @@ def task_error(exc: BaseException, function_name: str, pid: int, ip: str = "") -
             cause = exceptions.RayError(f"{type(exc).__name__}: {exc}")
         err = exceptions.RayTaskError(function_name, tb, cause, pid, ip)
     exc.__traceback__ = None
-    return serialize_error(err)
+    try:
+        text = str(err)
+    except Exception:
+        text = f"{type(exc).__name__} (unprintable)"
+    return serialize_error(err), text[:MAX_ERROR_TEXT]
+
+
+MAX_ERROR_TEXT = 64 * 1024  # the broker keeps it in actor death reasons: bounded
 
 
 def load_error(frames: list) -> BaseException:

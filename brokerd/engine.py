@@ -1,0 +1,688 @@
+"""The task engine: every task, executor and actor state change of the broker happens here.
+
+::
+
+    SUBMIT --submit()--> Task WAITING_ARGS --deps ready--> QUEUED --placed--> RUNNING --DONE--> FINISHED
+                                   |                         \\--prefetched--> ASSIGNED --previous DONE--> RUNNING
+                                   |                         RUNNING --error/crash, retries left--> QUEUED
+                                   +------ cancel, failed dep, dead actor ------> CANCELLED / FAILED
+
+    executors: STARTING --READY--> IDLE <--> BUSY;  STARTING --> ACTOR (one actor for life);  * --> DEAD
+    actors:    PENDING --> ALIVE <--> RESTARTING;  * --> DEAD        (ActorDirectory)
+
+Every move goes through ``Transitions.move`` (legal moves only, each one in
+the event log). The directories own their tables and report outcomes: the
+object directory returns the tasks an object woke or failed (``_wake``), the
+placement pass returns its decisions (``_apply``), the actor directory says
+which calls to send, retry or fail (``_settle``); the engine moves the tasks.
+
+Owns: ``tasks`` (unfinished tasks by id), ``children`` (task id -> tasks it
+submitted, for recursive cancel), ``executors`` and ``clients`` and every
+Task, Executor and ClientInfo record. Sends (through the outbox): EXEC,
+INTERRUPT, STREAM_END, EXIT, PRINT, KILL_EXEC.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from brokerd.actors import ActorDirectory, Death
+from brokerd.nodes import NodeTable
+from brokerd.objects import ObjectDirectory
+from brokerd.outbox import Outbox
+from brokerd.placement import Decisions, Placement, strategy_key
+from brokerd.records import (
+    Actor,
+    ActorState,
+    ClientInfo,
+    ExecState,
+    Executor,
+    Node,
+    ObjState,
+    Task,
+    TaskState,
+)
+from brokerd.transitions import Transitions
+from zray import _protocol as P
+from zray import exceptions
+from zray._serialization import serialize_error
+
+log = logging.getLogger("zray.broker")
+
+_WAITING = (TaskState.WAITING_ARGS, TaskState.QUEUED)
+MAX_SPAWN_FAILURES = 5  # fresh processes for actors that die before READY, per node, in a row
+
+
+class TaskEngine:
+    def __init__(self, out: Outbox):
+        self.out = out
+        self.moves = Transitions()
+        self.clients: dict[bytes, ClientInfo] = {}
+        self.nodes = NodeTable(out)
+        self.objects = ObjectDirectory(out, self.nodes, self.clients)
+        self.placement = Placement(self.nodes, self.objects)
+        self.actors = ActorDirectory(out, self.moves)
+        self.tasks: dict[bytes, Task] = {}
+        self.children: dict[bytes, list] = {}
+        self.executors: dict[bytes, Executor] = {}
+        self.reaped: set = set()  # executors told to exit for being idle
+
+    # ============================================================ membership
+    def client_joined(self, cid: bytes, m: P.Hello) -> dict:
+        """A client said HELLO: record it (an executor joins its node's pool). Returns
+        the WELCOME info."""
+        self.clients[cid] = ClientInfo(cid, m.kind, m.node_id, m.pid, m.job_id, time.monotonic())
+        node = self.nodes.nodes.get(m.node_id)
+        if m.kind == "executor" and node is not None:
+            ex = Executor(cid, node, m.pid)
+            node.executors[cid] = ex
+            self.executors[cid] = ex
+        return {"store_limit": node.store_limit if node else 0}
+
+    def client_seen(self, cid: bytes) -> bool:
+        c = self.clients.get(cid)
+        if c is None:
+            return False
+        c.last_seen = time.monotonic()
+        return True
+
+    def executor_ready(self, cid: bytes) -> None:
+        """A freshly started executor is up: an actor waiting for a process gets it,
+        otherwise it joins the idle pool."""
+        ex = self.executors.get(cid)
+        if ex is None or ex.state != ExecState.STARTING:
+            return
+        node = ex.node
+        self.nodes.spawned(node)
+        node.spawn_failures = 0
+        while node.actor_spawns:
+            task = node.actor_spawns.popleft()
+            actor = self.actors.get(task.spec.actor_id)
+            if (actor is not None and actor.state != ActorState.DEAD
+                    and task.state == TaskState.RUNNING and task.node is node):
+                self._start(task, ex)
+                return
+        self.moves.move(ex, ExecState.IDLE, "started")
+        self.nodes.push_idle(ex)
+
+    def node_joined(self, node_id: bytes, info: dict) -> Node:
+        old = self.nodes.nodes.get(node_id)
+        if old is not None and old.alive:  # it restarted (or re-registered): start over
+            self.node_dead(old, "it registered again")
+        return self.nodes.join(node_id, info)
+
+    def node_dead(self, node: Node, why: str = "") -> None:
+        self.nodes.leave(node)
+        self.objects.node_lost(node.node_id)
+        reason = f"node {node.node_id.hex()} died" + (f" ({why})" if why else "")
+        for ex in list(node.executors.values()):
+            self.executor_dead(ex, -9, reason=reason)
+        while node.actor_spawns:  # actors that never got their process: place them again
+            task = node.actor_spawns.popleft()
+            if task.state == TaskState.RUNNING:
+                self.nodes.release(task)
+                self._requeue(task, reason)
+
+    def client_left(self, cid: bytes) -> None:
+        c = self.clients.get(cid)
+        if c is not None and c.kind in ("driver", "cli"):
+            self.driver_gone(c)
+
+    def driver_gone(self, c: ClientInfo) -> None:
+        self.clients.pop(c.cid, None)
+        if c.kind != "driver":
+            return
+        for actor in list(self.actors.actors.values()):
+            if actor.job_id == c.job_id and not actor.detached and actor.state != ActorState.DEAD:
+                self._settle(actor, self.actors.kill(actor, no_restart=True,
+                                                     reason="its driver exited"))
+        for task in list(self.tasks.values()):
+            if task.spec.job == c.job_id and task.state in _WAITING:
+                self.finish_cancelled(task)
+        self.objects.drop_client(c.cid, c.holds)
+
+    def check_liveness(self, now: float) -> None:
+        for node in list(self.nodes.nodes.values()):
+            if node.idle:
+                for ex in self.nodes.reap_idle(node, now):
+                    self.moves.move(ex, ExecState.DEAD, "idle too long")
+                    self.executors.pop(ex.cid, None)
+                    self.clients.pop(ex.cid, None)
+                    node.executors.pop(ex.cid, None)
+                    self.reaped.add(ex.cid)
+                    self.out.send(P.inbox_ident(ex.cid), P.encode(P.Exit()))
+        for node in self.nodes.silent(now):
+            log.warning("node %s missed heartbeats for %.0fs: declared dead",
+                        node.node_id.hex(), now - node.last_seen)
+            self.node_dead(node, "missed heartbeats")
+        for c in list(self.clients.values()):
+            if c.kind == "driver" and now - c.last_seen > 6 * P.NODE_TIMEOUT_S:
+                log.warning("driver %s silent: releasing its job", c.cid.hex())
+                self.driver_gone(c)
+
+    # ================================================================ tasks
+    def submit(self, cid: bytes, spec: P.TaskSpec, frames) -> None:
+        task_id, kind, opts = spec.task_id, spec.kind, spec.options
+        if task_id in self.tasks:
+            raise P.ProtocolError(f"task {task_id.hex()} submitted twice")
+        resources = spec.resources
+        hold = opts.get("hold", resources) if kind == P.ACTOR_CREATE else resources
+        if not isinstance(hold, dict) or not all(
+                type(k) is str and type(v) is int and v >= 0 for k, v in hold.items()):
+            raise P.ProtocolError("SUBMIT: options.hold must map names to units")
+        returns = spec.return_ids()
+        task = Task(task_id, kind, spec, frames, resources, hold,
+                    (tuple(sorted(resources.items())), strategy_key(opts)), returns,
+                    retries_left=_int(opts.get("max_retries")))
+        self.tasks[task_id] = task
+        for oid in returns:
+            self.objects.create(oid, spec.owner)
+        if spec.parent:
+            self.children.setdefault(spec.parent, []).append(task_id)
+        for oid in spec.nested:  # refs inside the arguments live until the task ends
+            if self.objects.pin(oid):
+                task.holds.append(oid)
+        if kind == P.ACTOR_CREATE:
+            task.actor = self.actors.register(task)
+            task.retries_left = 0
+        elif kind == P.ACTOR_CALL:
+            actor = self.actors.get(spec.actor_id)
+            if actor is None or actor.state == ActorState.DEAD:
+                msg = actor.death if actor is not None else "The actor is not known to the cluster."
+                self.fail_task(task, serialize_error(
+                    exceptions.ActorDiedError(msg, spec.actor_id.hex())), reason="actor dead")
+                return
+            task.actor = actor
+            task.retries_left = actor.max_task_retries
+        for _, oid in spec.deps:
+            obj = self.objects.get(oid)
+            if obj is None:
+                self.fail_task(task, serialize_error(exceptions.ObjectLostError(
+                    oid.hex(), f"Argument object {oid.hex()} was freed or never existed.")),
+                    reason="argument unknown")
+                return
+            obj.pins += 1
+            task.deps.append(oid)
+            if obj.state == ObjState.READY:
+                if obj.kind == P.ERROR:
+                    self.fail_task(task, obj.frames, reason="argument is an error")
+                    return
+            else:
+                obj.waiting.append(task)
+                task.pending += 1
+        if kind == P.ACTOR_CALL:
+            task.actor.queue.append(task)
+            if task.pending == 0:
+                self.moves.move(task, TaskState.QUEUED, "submitted")
+            self._pump(task.actor)
+        elif task.pending == 0:
+            self._ready(task, "submitted")
+
+    def _ready(self, task: Task, reason: str) -> None:
+        """Its arguments are all there: queue it (an actor call goes to its actor)."""
+        self.moves.move(task, TaskState.QUEUED, reason)
+        if task.kind == P.ACTOR_CALL:
+            self._pump(task.actor)
+        else:
+            self.placement.enqueue(task)
+
+    def _wake(self, woken: list) -> None:
+        """Apply the object directory's outcome: tasks whose arguments are ready or failed."""
+        for task, err in woken:
+            if err is None:
+                self._ready(task, "arguments ready")
+            else:
+                self.fail_task(task, err, reason="argument is an error")
+
+    def schedule(self) -> None:
+        self.placement.dirty = self.nodes.freed = False
+        self._apply(self.placement.schedule())
+
+    def _apply(self, d: Decisions) -> None:
+        for task, err in d.failed:
+            self.fail_task(task, serialize_error(exceptions.TaskUnschedulableError(err)),
+                           reason="unschedulable")
+        for task, _node, ex in d.run:
+            self.placement.forget(task)
+            self._start(task, ex)
+        for task, node in d.actors:
+            # An actor gets a process of its own (never a pooled task process): its
+            # creation is sent when that process reports READY (executor_ready).
+            self.placement.forget(task)
+            self.moves.move(task, TaskState.RUNNING, "waiting for a fresh process", node.node_id)
+            task.executor = None
+            node.actor_spawns.append(task)
+            self.nodes.request_spawn(node, for_actor=True)
+        for task, ex in d.prefetch:
+            self.moves.move(task, TaskState.ASSIGNED, "prefetched", ex.node.node_id)
+            task.executor = ex
+            ex.prefetch = task
+            self._send_exec(task, ex)
+
+    def _exec_message(self, task: Task, ex: Executor) -> tuple:
+        fid = task.spec.fid
+        frames = []
+        has_fn = False
+        if task.kind != P.ACTOR_CALL and fid not in ex.fns:
+            blob = self.objects.fns.get(fid)
+            if blob is None:
+                raise KeyError(f"function {fid.hex()} was never registered")
+            frames.append(blob)
+            ex.fns.add(fid)
+            has_fn = True
+        frames.extend(task.frames)
+        layout = []
+        node_id = ex.node.node_id
+        objects = self.objects
+        for oid in task.deps:
+            obj = objects.objects[oid]
+            if obj.locations:
+                if node_id in obj.locations:
+                    objects.touch(obj, node_id)
+                    layout.append((0, node_id))
+                else:
+                    layout.append((0, next(iter(obj.locations))))
+            else:
+                frames.extend(obj.frames)
+                layout.append((len(obj.frames), None))
+        header = P.encode(P.Exec(task.spec, has_fn, len(task.frames), layout,
+                                 self.nodes.gpu_ids(task)))
+        return header, frames
+
+    def _send_exec(self, task: Task, ex: Executor) -> bool:
+        try:
+            header, frames = self._exec_message(task, ex)
+        except KeyError as e:
+            self.fail_task(task, serialize_error(exceptions.RaySystemError(str(e))),
+                           reason="function unknown")
+            return False
+        self.out.send(P.inbox_ident(ex.cid), header, frames)
+        return True
+
+    def _start(self, task: Task, ex: Executor) -> None:
+        """Run ``task`` (its resources already taken) on executor ``ex``."""
+        if task.kind == P.ACTOR_CREATE:
+            self.moves.move(ex, ExecState.ACTOR, "hosts an actor")
+            actor = task.actor
+            ex.actor = actor
+            actor.executor = ex
+            if task.state != TaskState.RUNNING:
+                self.moves.move(task, TaskState.RUNNING, "started")
+        else:
+            self.moves.move(ex, ExecState.BUSY, "runs a task")
+            self.moves.move(task, TaskState.RUNNING, "started")
+        task.executor = ex
+        ex.task = task
+        if not self._send_exec(task, ex) and ex.state == ExecState.BUSY:
+            ex.task = None
+            self.moves.move(ex, ExecState.IDLE, "its task failed to start")
+            self.nodes.push_idle(ex)
+
+    def done(self, cid: bytes, m: P.Done, frames) -> None:
+        task_id, layout, nested, retryable, pushed, error = m
+        task = self.tasks.get(task_id)
+        ex = self.executors.get(cid)
+        if task is None or task.state != TaskState.RUNNING or task.executor is not ex:
+            if ex is not None and ex.task is not None and ex.task.task_id == task_id:
+                self._executor_next(ex)
+            return
+        if sum(item[1] for item in layout) != len(frames):
+            raise P.ProtocolError("DONE: frame count does not match its returns")
+        if task.kind == P.ACTOR_CALL:
+            task.actor.inflight.pop(task_id, None)
+        elif task.kind == P.TASK:
+            self.nodes.release(task)
+            if ex is not None:
+                self._executor_next(ex)
+            if retryable and task.retries_left != 0 and not task.cancel_requested:
+                task.retries_left -= 1
+                log.info("retrying %s after an application error", task.spec.name)
+                self._requeue(task, "application error, retrying")
+                return
+        if task.kind == P.ACTOR_CREATE:
+            self._actor_created(task, layout[0][0] if layout else P.VALUE, frames, error)
+            return
+        if task.spec.num_returns == P.STREAMING:
+            self._finish_stream(task, frames if layout and layout[0][0] == P.ERROR else None)
+            return
+        pos = 0
+        woken = []
+        objects = self.objects
+        for i, (oid, item) in enumerate(zip(task.returns, layout, strict=False)):
+            kind, n, node_id, size = item  # (errors: 1 layout item even for 0 returns)
+            obj = objects.get(oid)
+            part = frames[pos:pos + n]
+            pos += n
+            if obj is not None:
+                if node_id is not None:
+                    objects.add_location(obj, node_id, size)
+                if nested and kind == P.VALUE:
+                    objects.contain(obj, nested)  # refs inside the results
+                woken += objects.ready(obj, kind, part,
+                                       push_owner=not (i < len(pushed) and pushed[i]))
+        if not (layout and layout[0][0] == P.ERROR):
+            self._finished(task, TaskState.FINISHED, "returned")
+        elif task.cancel_requested:
+            self._finished(task, TaskState.CANCELLED, "cancelled while running")
+        else:
+            self._finished(task, TaskState.FAILED, "raised")
+        self._wake(woken)
+
+    def _executor_next(self, ex: Executor) -> None:
+        """The executor finished its task: start its prefetched one, or make it idle."""
+        nxt = ex.prefetch
+        if nxt is None or ex.state != ExecState.BUSY:
+            self._executor_free(ex)
+            return
+        ex.prefetch = None
+        if nxt.state != TaskState.ASSIGNED:  # cancelled meanwhile: its DONE will be ignored
+            self._executor_free(ex)
+            return
+        self.nodes.acquire(nxt, ex.node)
+        self.moves.move(nxt, TaskState.RUNNING, "started (prefetched)")
+        ex.task = nxt
+
+    def _unassign(self, ex: Executor, task_id=None) -> None:
+        """Take back the prefetched task of ``ex`` and queue it again at the front."""
+        task = ex.prefetch
+        if task is None or (task_id is not None and task.task_id != task_id):
+            return
+        ex.prefetch = None
+        if task.state == TaskState.ASSIGNED:
+            self._requeue(task, "handed back by a blocked executor")
+
+    def _executor_free(self, ex: Executor) -> None:
+        ex.task = None
+        if ex.state == ExecState.BUSY:
+            self.moves.move(ex, ExecState.IDLE, "task done")
+            self.nodes.push_idle(ex)
+
+    def _requeue(self, task: Task, reason: str) -> None:
+        task.executor = None
+        self.moves.move(task, TaskState.QUEUED, reason)
+        if task.kind == P.ACTOR_CALL:
+            return  # the actor directory put it back at the front of the actor's queue
+        self.placement.enqueue(task, front=True)
+
+    def _finished(self, task: Task, state: TaskState, reason: str) -> None:
+        self.moves.move(task, state, reason)
+        self.tasks.pop(task.task_id, None)
+        self.children.pop(task.task_id, None)
+        pinned = task.deps + task.holds
+        task.deps, task.holds = [], []
+        for oid in pinned:
+            self.objects.unpin(oid)
+        task.frames = []
+
+    def fail_task(self, task: Task, err_frames, state=TaskState.FAILED, reason: str = "") -> None:
+        if task.state in (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED):
+            return
+        if task.node is not None:
+            self.nodes.release(task)
+        if task.executor is not None and task.executor.prefetch is task:
+            task.executor.prefetch = None
+        if task.actor is not None and task.kind == P.ACTOR_CALL:
+            task.actor.inflight.pop(task.task_id, None)
+        if task.spec.num_returns == P.STREAMING:
+            self._finish_stream(task, err_frames, state, reason)
+            return
+        woken = []
+        for oid in task.returns:
+            obj = self.objects.get(oid)
+            if obj is not None and obj.state == ObjState.PENDING:
+                woken += self.objects.ready(obj, P.ERROR, err_frames)
+        self._finished(task, state, reason or state.value)
+        if task.kind == P.ACTOR_CREATE:
+            actor = task.actor
+            if actor is not None and actor.state != ActorState.DEAD:
+                self._settle(actor, self.actors.dead(
+                    actor, "the actor could not be created: " + (reason or "it failed")))
+        self._wake(woken)
+
+    def finish_cancelled(self, task: Task) -> None:
+        # Wrapped like an error raised by the task, so that `get` raises an error that is
+        # both a TaskCancelledError and a RayTaskError wherever the cancel caught the task
+        # (Ray raises the second for running actor calls, the seed's 3.2.4 relies on it).
+        name = task.spec.name
+        cause = exceptions.TaskCancelledError(
+            task.task_id.hex(), f"Task {name} ({task.task_id.hex()}) was cancelled")
+        self.fail_task(task, serialize_error(exceptions.RayTaskError(
+            name, f"{name} was cancelled before it started", cause, 0, "")),
+            TaskState.CANCELLED, "cancelled")
+
+    # =============================================================== streams
+    def stream_item(self, cid: bytes, m: P.Yield, frames) -> None:
+        task = self.tasks.get(m.task_id)
+        if (task is None or task.spec.num_returns != P.STREAMING or m.index < 1
+                or task.executor is None or task.executor.cid != cid):
+            return
+        oid = P.object_id(m.task_id, m.index)
+        obj = self.objects.create(oid, task.spec.owner)
+        task.streamed = max(task.streamed, m.index)
+        self.objects.contain(obj, m.nested)
+        self._wake(self.objects.ready(obj, m.kind, frames))
+
+    def _finish_stream(self, task: Task, err_frames=None, state=TaskState.FINISHED,
+                       reason: str = "stream ended") -> None:
+        if err_frames is not None:
+            task.streamed += 1
+            obj = self.objects.create(P.object_id(task.task_id, task.streamed), task.spec.owner)
+            self._wake(self.objects.ready(obj, P.ERROR, err_frames))
+            if state == TaskState.FINISHED:
+                state, reason = TaskState.FAILED, "raised"
+        self.out.send(P.inbox_ident(task.spec.owner),
+                      P.encode(P.StreamEnd(task.task_id, task.streamed)))
+        self._finished(task, state, reason)
+
+    # ========================================================= object input
+    def put(self, cid: bytes, m: P.Put, frames) -> None:
+        obj = self.objects.ensure(m.oid, cid)
+        self.objects.contain(obj, m.nested)
+        if m.node_id is not None:
+            self.objects.add_location(obj, m.node_id, m.size)
+        self._wake(self.objects.ready(obj, m.kind, frames, push_owner=False))
+
+    # ================================================================ cancel
+    def cancel(self, task_id: bytes, force: bool, recursive: bool) -> None:
+        task = self.tasks.get(task_id)
+        if task is None:
+            return
+        if recursive:
+            for child in list(self.children.get(task_id, ())):
+                self.cancel(child, force, recursive)
+        if task.state in _WAITING:
+            if task.actor is not None and task.kind == P.ACTOR_CALL:
+                try:
+                    task.actor.queue.remove(task)
+                except ValueError:
+                    pass
+            self.finish_cancelled(task)
+        elif task.state == TaskState.ASSIGNED and task.executor is not None:
+            ex = task.executor
+            self.finish_cancelled(task)
+            task.executor = None
+            # Its EXEC may already sit in the executor's queue: tell it to skip it.
+            self.out.send(P.inbox_ident(ex.cid), P.encode(P.Interrupt(task_id, False)))
+        elif task.state == TaskState.RUNNING and task.executor is not None:
+            task.cancel_requested = True
+            ex = task.executor
+            if force and task.kind == P.TASK:
+                task.force_cancel = True
+                self.out.send(ex.node.ident, P.encode(P.KillExec(ex.cid)))
+            else:
+                self.out.send(P.inbox_ident(ex.cid), P.encode(P.Interrupt(task_id, bool(force))))
+
+    def block(self, cid: bytes, m: P.Block) -> None:
+        """The task waits in get(): lend its CPU; take back its unstarted prefetches."""
+        ex = self.executors.get(cid)
+        if ex is None:
+            return
+        ex.blocked = True
+        for tid in m.returned:
+            self._unassign(ex, tid)
+        task = ex.task
+        if task is not None and task.task_id == m.task_id:
+            self.nodes.lend_cpu(task, True)
+
+    def unblock(self, cid: bytes, m: P.Unblock) -> None:
+        ex = self.executors.get(cid)
+        if ex is None:
+            return
+        ex.blocked = False
+        task = ex.task
+        if task is not None and task.task_id == m.task_id:
+            self.nodes.lend_cpu(task, False)
+
+    def reject(self, cid: bytes, m: P.Reject) -> None:
+        ex = self.executors.get(cid)
+        if ex is not None:
+            self._unassign(ex, m.task_id)
+
+    # ============================================================ executors
+    def exec_died(self, node_id: bytes, cid: bytes, code: int) -> None:
+        node = self.nodes.nodes.get(node_id)
+        if cid in self.reaped:
+            self.reaped.discard(cid)
+            return
+        ex = self.executors.get(cid)
+        if ex is not None:
+            if ex.node is node:
+                self.executor_dead(ex, code)
+            return
+        if node is None:
+            return
+        self.nodes.spawned(node)
+        if node.actor_spawns:  # a process started for an actor died before READY
+            node.spawn_failures += 1
+            if node.spawn_failures <= MAX_SPAWN_FAILURES:
+                self.nodes.request_spawn(node, for_actor=True)
+            else:
+                err = serialize_error(exceptions.RaySystemError(
+                    f"node {node.node_id.hex()} cannot start executor processes "
+                    f"(last exit code {code}); see its executor logs"))
+                while node.actor_spawns:
+                    self.fail_task(node.actor_spawns.popleft(), err, reason="no process")
+        self.nodes.freed = True
+
+    def executor_unreachable(self, cid: bytes) -> None:
+        ex = self.executors.get(cid)
+        if ex is not None:
+            self.executor_dead(ex, -1, reason="executor unreachable")
+
+    def executor_dead(self, ex: Executor, code: int, reason: str = "") -> None:
+        if ex.state == ExecState.DEAD:
+            return
+        prev = ex.state
+        why = reason or f"the executor process (pid {ex.pid}) died with exit code {code}"
+        self.moves.move(ex, ExecState.DEAD, why)
+        self.executors.pop(ex.cid, None)
+        info = self.clients.pop(ex.cid, None)
+        self.objects.drop_client(ex.cid, info.holds if info is not None else set())
+        node = ex.node
+        node.executors.pop(ex.cid, None)
+        if ex in node.idle:
+            node.idle.remove(ex)
+        if prev == ExecState.STARTING:
+            self.nodes.spawned(node)
+        task, ex.task = ex.task, None
+        pre, ex.prefetch = ex.prefetch, None
+        if pre is not None and pre.state == TaskState.ASSIGNED:
+            if pre.cancel_requested:
+                self.finish_cancelled(pre)
+            else:
+                self._requeue(pre, "its executor died before it started")
+        if ex.actor is not None:
+            actor, ex.actor = ex.actor, None
+            if actor.create.node is not None:  # its resources come back, whatever happens next
+                self.nodes.release(actor.create)
+            self._settle(actor, self.actors.process_died(actor, code, why))
+        elif task is not None and task.state == TaskState.RUNNING:
+            self.nodes.release(task)
+            if task.cancel_requested:
+                self.finish_cancelled(task)
+            elif task.retries_left != 0:
+                task.retries_left -= 1
+                log.warning("%s: %s; retrying the task", task.spec.name, why)
+                self._requeue(task, why)
+            else:
+                self.fail_task(task, serialize_error(exceptions.WorkerCrashedError(
+                    f"Task {task.spec.name} failed: {why}. No retries left "
+                    f"(max_retries={task.spec.options.get('max_retries', 0)}).")),
+                    reason=why)
+        self.nodes.freed = True
+
+    # =============================================================== actors
+    def _pump(self, actor: Actor) -> None:
+        ex = actor.executor
+        for task in self.actors.next_calls(actor):
+            self.moves.move(task, TaskState.RUNNING, "sent to its actor")
+            task.executor = ex
+            self._send_exec(task, ex)
+
+    def _actor_created(self, task: Task, kind: int, frames, error: str) -> None:
+        actor = task.actor
+        self.tasks.pop(task.task_id, None)
+        if kind == P.ERROR:
+            self.moves.move(task, TaskState.FAILED, "constructor raised")
+            actor.no_restart = True
+            ex = actor.executor
+            self._settle(actor, self.actors.dead(
+                actor, "The actor's constructor raised:\n" + error))
+            if ex is not None:
+                self.out.send(ex.node.ident, P.encode(P.KillExec(ex.cid)))
+            # Calls fail with the constructor's own error, as Ray's do.
+            for oid in task.returns:
+                obj = self.objects.get(oid)
+                if obj is not None:
+                    self._wake(self.objects.ready(obj, P.ERROR, frames))
+            return
+        self.moves.move(task, TaskState.FINISHED, "constructor returned")
+        self.actors.created(actor)
+        woken = []
+        for oid in task.returns:
+            obj = self.objects.get(oid)
+            if obj is not None:
+                woken += self.objects.ready(obj, P.VALUE, frames)
+        self._pump(actor)
+        self._wake(woken)
+
+    def _settle(self, actor: Actor, d: Death) -> None:
+        """Apply what the actor directory decided about an actor's death or restart."""
+        if d.restart:
+            for task in d.fail:
+                self.fail_task(task, serialize_error(exceptions.ActorDiedError(
+                    f"The actor died while running {task.spec.name}: {d.reason}",
+                    actor.actor_id.hex())), reason="actor died")
+            for task in d.retry:
+                self._requeue(task, "actor restarting")
+            create = actor.create
+            create.executor = None
+            self.tasks[create.task_id] = create
+            for oid in create.returns:
+                self.objects.ensure(oid, create.spec.owner)
+            self._ready(create, "actor restarting")
+            return
+        if d.fail:
+            err = serialize_error(exceptions.ActorDiedError(d.reason, actor.actor_id.hex()))
+            for task in d.fail:
+                self.fail_task(task, err, reason="actor died")
+        if d.dead:
+            create = actor.create
+            if create.state in _WAITING:
+                self.moves.move(create, TaskState.FAILED, "actor died before it started")
+                self.tasks.pop(create.task_id, None)
+            if create.node is not None:
+                self.nodes.release(create)
+
+    def kill_actor(self, actor: Actor, no_restart: bool) -> None:
+        self._settle(actor, self.actors.kill(actor, no_restart))
+
+    # ================================================================= logs
+    def forward_log(self, m: P.Log) -> None:
+        if m.driver in self.clients:
+            self.out.send(P.inbox_ident(m.driver), P.encode(P.Print(m.prefix, m.text)))
+
+
+def _int(v) -> int:
+    return v if type(v) is int else 0

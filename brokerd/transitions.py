@@ -1,0 +1,97 @@
+"""Every state change of a task, actor or executor goes through ``Transitions.move``.
+
+::
+
+    engine / actor directory --move(record, new_state, reason)--> legal? --yes--> record.state = new
+                                                                    |             event log (bounded)
+                                                                    +--no---> counted, logged, not applied
+
+The tables below list the legal moves, as Dask's scheduler lists its
+transitions: a move that is not in them is a bug somewhere in the broker, and
+applying it anyway would hide that bug behind a corrupt record. The event log
+(record kind, id, from, to, reason, time, node) is what the ``task_events``
+query, the state API, the timeline and the tests read.
+
+Owns: the move tables, the event log and the illegal-move counter. Touches
+only the ``state`` field of the records it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Optional
+
+from brokerd.records import Actor, ActorState, ExecState, Executor, Task, TaskState
+from zray import _protocol as P
+
+log = logging.getLogger("zray.broker")
+
+T, A, E = TaskState, ActorState, ExecState
+
+TASK_MOVES = {
+    T.WAITING_ARGS: {T.QUEUED, T.FAILED, T.CANCELLED},
+    T.QUEUED: {T.RUNNING, T.ASSIGNED, T.FAILED, T.CANCELLED},
+    # ASSIGNED: sent ahead to a busy executor; it starts when that executor is free.
+    T.ASSIGNED: {T.RUNNING, T.QUEUED, T.FAILED, T.CANCELLED},
+    # RUNNING -> QUEUED: a retry (error with retries left, executor or node death).
+    T.RUNNING: {T.FINISHED, T.FAILED, T.CANCELLED, T.QUEUED},
+    T.FINISHED: set(),
+    T.FAILED: set(),
+    T.CANCELLED: set(),
+}
+# An actor's creation task runs again when the actor restarts.
+CREATE_MOVES = {**TASK_MOVES, T.FINISHED: {T.QUEUED}}
+
+ACTOR_MOVES = {
+    A.PENDING: {A.ALIVE, A.RESTARTING, A.DEAD},
+    A.ALIVE: {A.RESTARTING, A.DEAD},
+    A.RESTARTING: {A.ALIVE, A.DEAD},
+    A.DEAD: set(),
+}
+
+EXEC_MOVES = {
+    E.STARTING: {E.IDLE, E.ACTOR, E.DEAD},
+    E.IDLE: {E.BUSY, E.ACTOR, E.DEAD},
+    E.BUSY: {E.IDLE, E.DEAD},
+    E.ACTOR: {E.DEAD},
+    E.DEAD: set(),
+}
+
+EVENT_LOG_LEN = 100_000
+
+
+class Transitions:
+    def __init__(self, maxlen: int = EVENT_LOG_LEN):
+        # (time, kind, id, from, to, reason, node id): kind "task" | "actor" | "executor"
+        self.events: deque = deque(maxlen=maxlen)
+        self.illegal = 0
+
+    def move(self, rec, new, reason: str = "", node_id: Optional[bytes] = None) -> bool:
+        """Set ``rec.state = new`` if the move is legal and log it; else count it."""
+        old = rec.state
+        cls = type(rec)
+        if cls is Task:
+            table, kind, rid = (CREATE_MOVES if rec.kind == P.ACTOR_CREATE else TASK_MOVES), "task", rec.task_id
+            if node_id is None and rec.node is not None:
+                node_id = rec.node.node_id
+        elif cls is Executor:
+            table, kind, rid = EXEC_MOVES, "executor", rec.cid
+            node_id = rec.node.node_id
+        elif cls is Actor:
+            table, kind, rid = ACTOR_MOVES, "actor", rec.actor_id
+        else:
+            raise TypeError(f"no state machine for {cls.__name__}")
+        if new not in table[old]:
+            self.illegal += 1
+            log.error("illegal %s transition %s -> %s for %s (%s): not applied",
+                      kind, old.value, new.value, rid.hex(), reason)
+            return False
+        rec.state = new
+        self.events.append((time.time(), kind, rid, old.value, new.value, reason, node_id))
+        return True
+
+    def history(self, rid: bytes) -> list:
+        """[(from, to, reason), ...] of one record, oldest first (while still in the log)."""
+        return [(e[3], e[4], e[5]) for e in self.events if e[2] == rid]
