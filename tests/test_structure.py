@@ -3,7 +3,8 @@
 The import graph of zray, brokerd and workerd is read from the source (every
 ``import``, including those inside functions, which is where a cycle usually
 hides), and must have no cycle. Every module must also import on its own in a
-fresh interpreter.
+fresh interpreter, and the benchmark cases must load where zray cannot be
+imported (as compare_ray.py loads them under Ray's interpreter).
 """
 
 import ast
@@ -90,7 +91,8 @@ def test_no_import_cycles():
     assert not cycles, f"modules on an import cycle: {cycles}"
 
 
-@pytest.mark.parametrize("name", sorted(n for n in MODULES if not n.endswith("__main__")))
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if not n.endswith("__main__"))
+                         + ["benchmarks.microbenchmark"])
 def test_module_imports_alone(name):
     res = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True,
                          text=True, cwd=REPO_ROOT, env=driver_env(), timeout=60)
@@ -106,3 +108,18 @@ def test_require_client_without_a_hook_says_what_to_do():
     assert res.returncode != 0
     assert "RuntimeError" in res.stderr and "zray.init()" in res.stderr, res.stderr
 
+
+def test_benchmark_cases_load_by_path_without_zray(tmp_path):
+    # compare_ray.py runs the cases under Ray's interpreter, where zray is not
+    # importable: -S leaves site-packages (and so the installed zray) out.
+    code = ("import sys\n"
+            f"sys.path.insert(0, {os.path.join(REPO_ROOT, 'benchmarks')!r})\n"
+            "import _cases\n"
+            "loaded = {m.split('.')[0] for m in sys.modules}\n"
+            "assert not loaded & {'zray', 'ray', 'benchmarks', 'numpy'}, loaded\n"
+            "assert '_zray_bench_workloads' not in sys.modules  # cloudpickle: by value\n"
+            "steady = {c['name'] for c in _cases.CASES if c['phase'] == 'steady'}\n"
+            "assert set(_cases.mb.build_cases(object())) == steady\n")
+    res = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         cwd=str(tmp_path), env=driver_env(PYTHONPATH=""), timeout=60)
+    assert res.returncode == 0, res.stderr
