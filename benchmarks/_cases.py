@@ -1,6 +1,6 @@
 """Case catalogue and process-memory helpers shared by compare_ray.py and _runner.py.
 
-The case catalogue and workloads live in zray/_microbenchmark.py (shared
+The case catalogue and workloads live in benchmarks/workloads.py (shared
 with `zray microbenchmark`), loaded here by path.  Nothing here imports ray or
 zray, and psutil is imported lazily, so both the orchestrator and the
 per-backend runner processes can import this module whatever is installed in
@@ -15,22 +15,23 @@ import signal
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MICROBENCHMARK_PATH = os.path.join(os.path.dirname(HERE), "zray", "_microbenchmark.py")
+WORKLOADS_PATH = os.path.join(HERE, "workloads.py")
 
 
-def _load_microbenchmark():
-    """zray/_microbenchmark.py, loaded by path: it holds the case catalogue
+def _load_workloads():
+    """benchmarks/workloads.py, loaded by path: it holds the case catalogue
     and the workloads (shared with `zray microbenchmark`) and imports neither
-    ray nor zray, so this works under Ray's interpreter, where zray is not
-    importable.  It is deliberately not registered in sys.modules, so that
-    cloudpickle ships its workloads to workers by value under both runtimes."""
-    spec = importlib.util.spec_from_file_location("_zray_microbenchmark", MICROBENCHMARK_PATH)
+    ray nor zray, so this works under Ray's interpreter, where zray (and the
+    benchmarks package) is not importable.  It is deliberately not registered
+    in sys.modules, so that cloudpickle ships its workloads to workers by value
+    under both runtimes."""
+    spec = importlib.util.spec_from_file_location("_zray_bench_workloads", WORKLOADS_PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-mb = _load_microbenchmark()
+mb = _load_workloads()
 
 # Each case: name (row in the table), title (`zray microbenchmark` row), unit,
 # better ("higher" for rates, "lower" for times and memory), phase

@@ -11,7 +11,7 @@ The backend module is imported as `ray` exactly as a user program would do
 (`import zray as ray`).  Results go to stdout as one JSON object per line,
 each prefixed with _cases.MARK; everything else on stdout/stderr is noise.
 
-The workloads are those of `zray microbenchmark`, in zray/_microbenchmark.py,
+The workloads are those of `zray microbenchmark`, in benchmarks/workloads.py,
 which _cases loads by path (zray is not importable under Ray's interpreter).
 They are defined inside functions and that module is not registered in
 sys.modules, so both runtimes ship them to workers by value (cloudpickle),

@@ -851,6 +851,22 @@ def test_init_shutdown_init_again(run_driver):
     assert "cycles ok" in res.stdout
 
 
+@pytest.mark.timeout(60)
+def test_first_call_without_init_starts_a_local_cluster(run_driver):
+    # As in Ray: no init() needed; the first remote call connects (zray._api's auto-init hook).
+    res = run_driver(
+        "import zray as ray\n"
+        "@ray.remote\n"
+        "def f(x):\n"
+        "    return x + 1\n"
+        "assert not ray.is_initialized()\n"
+        "assert ray.get(f.remote(1)) == 2\n"
+        "assert ray.is_initialized()\n"
+        "print('auto-init ok')\n", timeout=45)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert "auto-init ok" in res.stdout
+
+
 _LIFECYCLE_DRIVER = """
 import os, sys, zray
 zray.init(num_cpus=2)

@@ -131,6 +131,11 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     return ctx
 
 
+# Ray initialises on first use: the runtime calls init() when a task, get or put
+# needs a client and none is connected (the runtime does not import this module).
+_runtime.auto_init = init
+
+
 def _wait_for_node(client, cluster, limit: float = 30.0) -> None:
     """Return once the embedded node has joined, so resources are visible at once (as in Ray)."""
     want = cluster.node_id.hex()

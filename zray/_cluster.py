@@ -13,13 +13,12 @@ import os
 import subprocess
 import sys
 
-import zray
 from zray._procutil import new_session_dir
 
 
 def _pythonpath() -> str:
     # Children must import zray/brokerd/workerd from where this driver did.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(zray.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parts = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join(dict.fromkeys(parts))
 

@@ -1,25 +1,50 @@
-"""Process-global state: the connected client of this process, if any."""
+"""Process-global state: the connected client of this process, if any.
+
+A driver fills it in ``zray.init()`` (zray/_api.py); an executor process sets
+``client``, ``worker_mode`` and ``executor`` when it starts (workerd/executor.py).
+Everything else (refs, remote functions, actor handles) reads it from here.
+
+This module imports nothing from zray, so that the modules below the public
+API can use it without importing the API back: the first call that needs a
+client while none is connected goes through ``auto_init``, which zray/_api.py
+registers when it is imported.
+"""
 
 from __future__ import annotations
 
-client = None  # zray._client.Client while connected
-cluster = None  # zray._cluster.LocalCluster when init() started one
-worker_mode = False  # True inside an executor process
+from typing import Any, Callable, Optional
+
+# The zray._client.Client this process talks to the cluster through; None
+# until init() connects (a driver) or the executor starts (an executor).
+client = None
+# The zray._cluster.LocalCluster that init() started when given no address.
+cluster = None
+# True inside an executor process, where init() and shutdown() do nothing.
+worker_mode = False
+# The workerd.executor.Executor inside an executor process, else None.
+executor = None
+# The namespace of named actors: init(namespace=...), or "anon-<client id>".
+namespace = ""
+# The RayContext init() returned, handed back by init(ignore_reinit_error=True).
+context = None
+# init(runtime_env=...): its env_vars go with every task and actor of the job.
+job_runtime_env: dict = {}
+# Connects this process when something needs a client and none is connected
+# (Ray initialises on first use): zray._api.init, registered by zray/_api.py
+# at import; None where the API was never imported.
+auto_init: Optional[Callable[[], Any]] = None
 
 
 def require_client():
+    """The connected client, connecting through ``auto_init`` first if there is none."""
     if client is None:
-        from zray import _api
-
-        _api.init()  # Ray auto-initialises on first use
+        if auto_init is None:
+            raise RuntimeError("zray is not connected in this process and has no auto-init "
+                               "hook (zray._api was never imported): call zray.init() first")
+        auto_init()
     return client
 
 
-job_runtime_env: dict = {}
-executor = None  # workerd.executor.Executor inside an executor process
-
-
 def job_env_vars() -> dict:
+    """The job's environment variables, from init(runtime_env={"env_vars": ...})."""
     return dict(job_runtime_env.get("env_vars") or {})
-namespace = ""
-context = None

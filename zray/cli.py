@@ -193,7 +193,7 @@ def format_memory(m: dict) -> str:
 @click.option("--repeat", default=3, show_default=True, help="Repetitions per case.")
 def microbenchmark(filter_, repeat):
     """Ray's microbenchmark cases on an embedded local cluster."""
-    from zray._microbenchmark import main as run_bench
+    from benchmarks.microbenchmark import main as run_bench
 
     sys.exit(run_bench(filter_, repeat))
 
