@@ -1,5 +1,8 @@
 """The broker's records: nodes, executors, tasks, objects and actors, with named states.
 
+The legal moves between task, actor and executor states are the tables in
+``transitions.py``; only ``Transitions.move`` changes those states.
+
 Task states::
 
     WAITING_ARGS --deps ready--> QUEUED --placed--> RUNNING --DONE--> FINISHED
