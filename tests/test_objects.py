@@ -639,6 +639,18 @@ def test_memory_cli_lists_nodes_and_largest_objects(tcp_driver):
     del ref
 
 
+def _remove_worker(cluster, name: str, node_id):
+    """Kill a worker started by a test, forget it, and remove the store dir a SIGKILLed
+    agent leaves behind."""
+    victim = cluster.procs.pop(name)
+    if victim.poll() is None:
+        victim.kill()
+        victim.wait(5)
+    _kill_sessions({victim.pid})
+    if node_id:
+        shutil.rmtree(os.path.join(SHM_ROOT, node_id), ignore_errors=True)
+
+
 @pytest.mark.timeout(90)
 @_logs_on_failure
 def test_object_lost_when_its_only_node_dies(tcp_driver):
@@ -698,13 +710,7 @@ def test_object_lost_when_its_only_node_dies(tcp_driver):
         assert zray.get(summarize.options(resources={"nodeB": 0.01}).remote(np.arange(10)),
                         timeout=30)[4] == tcp_driver.node_ids["nodeB"]
     finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait(5)
-        _kill_sessions({victim.pid})
-        tcp_driver.procs.pop("workerC", None)  # gone on purpose
-        if node_c:  # a SIGKILLed agent leaves its store dir behind
-            shutil.rmtree(os.path.join(SHM_ROOT, node_c), ignore_errors=True)
+        _remove_worker(tcp_driver, "workerC", node_c)
 
 
 @zray.remote(max_retries=1)
@@ -739,13 +745,7 @@ def test_a_task_on_a_dying_node_is_queued_again(tcp_driver):
         assert [to for _, to, _ in h] == ["queued", "running", "queued", "running", "finished"], h
         assert node_d in h[2][2] and "died" in h[2][2], h
     finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait(5)
-        _kill_sessions({victim.pid})
-        tcp_driver.procs.pop("workerD", None)  # gone on purpose
-        if node_d:
-            shutil.rmtree(os.path.join(SHM_ROOT, node_d), ignore_errors=True)
+        _remove_worker(tcp_driver, "workerD", node_d)
 
 
 @pytest.mark.timeout(60)

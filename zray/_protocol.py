@@ -234,52 +234,31 @@ def _fail(what: str, v) -> None:
     raise ProtocolError(f"{what} expected, got {type(v).__name__}")
 
 
-def _bytes(v):
-    if type(v) is not bytes:
-        _fail("bytes", v)
-    return v
+def _exactly(t: type, what: str):
+    """A check that accepts values of type ``t`` (not subclasses: bool is not an int)."""
+    def check(v):
+        if type(v) is not t:
+            _fail(what, v)
+        return v
+    return check
 
 
-def _opt_bytes(v):
-    if v is not None and type(v) is not bytes:
-        _fail("bytes or nil", v)
-    return v
+def _or_nil(t: type, what: str):
+    def check(v):
+        if v is not None and type(v) is not t:
+            _fail(what + " or nil", v)
+        return v
+    return check
 
 
-def _int(v):
-    if type(v) is not int:
-        _fail("int", v)
-    return v
-
-
-def _opt_int(v):
-    if v is not None and type(v) is not int:
-        _fail("int or nil", v)
-    return v
-
-
-def _bool(v):
-    if type(v) is not bool:
-        _fail("bool", v)
-    return v
-
-
-def _str(v):
-    if type(v) is not str:
-        _fail("str", v)
-    return v
-
-
-def _list(v):
-    if type(v) is not list:
-        _fail("array", v)
-    return v
-
-
-def _dict(v):
-    if type(v) is not dict:
-        _fail("map", v)
-    return v
+_bytes = _exactly(bytes, "bytes")
+_int = _exactly(int, "int")
+_bool = _exactly(bool, "bool")
+_str = _exactly(str, "str")
+_list = _exactly(list, "array")
+_dict = _exactly(dict, "map")
+_opt_bytes = _or_nil(bytes, "bytes")
+_opt_int = _or_nil(int, "int")
 
 
 def _any(v):
