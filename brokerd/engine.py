@@ -167,10 +167,12 @@ class TaskEngine:
         if task_id in self.tasks:
             raise P.ProtocolError(f"task {task_id.hex()} submitted twice")
         resources = spec.resources
-        hold = opts.get("hold", resources) if kind == P.ACTOR_CREATE else resources
-        if not isinstance(hold, dict) or not all(
-                type(k) is str and type(v) is int and v >= 0 for k, v in hold.items()):
-            raise P.ProtocolError("SUBMIT: options.hold must map names to units")
+        hold = resources  # (checked by the codec)
+        if kind == P.ACTOR_CREATE:  # an actor may hold less while it lives than it needs to start
+            hold = opts.get("hold", resources)
+            if not isinstance(hold, dict) or not all(
+                    type(k) is str and type(v) is int and v >= 0 for k, v in hold.items()):
+                raise P.ProtocolError("SUBMIT: options.hold must map names to units")
         returns = spec.return_ids()
         task = Task(task_id, kind, spec, frames, resources, hold,
                     (tuple(sorted(resources.items())), strategy_key(opts)), returns,
@@ -287,7 +289,7 @@ class TaskEngine:
                 frames.extend(obj.frames)
                 layout.append((len(obj.frames), None))
         header = P.encode(P.Exec(task.spec, has_fn, len(task.frames), layout,
-                                 self.nodes.gpu_ids(task)))
+                                 self.nodes.gpu_ids(task) if task.gpu_alloc else []))
         return header, frames
 
     def _send_exec(self, task: Task, ex: Executor) -> bool:
@@ -327,7 +329,8 @@ class TaskEngine:
             if ex is not None and ex.task is not None and ex.task.task_id == task_id:
                 self._executor_next(ex)
             return
-        if sum(item[1] for item in layout) != len(frames):
+        need = layout[0][1] if len(layout) == 1 else sum(item[1] for item in layout)
+        if need != len(frames):
             raise P.ProtocolError("DONE: frame count does not match its returns")
         if task.kind == P.ACTOR_CALL:
             task.actor.inflight.pop(task_id, None)

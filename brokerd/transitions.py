@@ -62,6 +62,17 @@ EXEC_MOVES = {
 EVENT_LOG_LEN = 100_000
 
 
+def _fast(table: dict) -> dict:
+    """The table as {state name: tuple of next states}: looked up by the member's plain
+    ``_value_`` string and searched by identity (hashing an Enum member, or reading its
+    ``.value`` property, runs Python code: it was most of a move's cost)."""
+    return {old._value_: tuple(new) for old, new in table.items()}
+
+
+_TASK, _CREATE, _ACTOR, _EXEC = (_fast(t) for t in (TASK_MOVES, CREATE_MOVES, ACTOR_MOVES,
+                                                      EXEC_MOVES))
+
+
 class Transitions:
     def __init__(self, maxlen: int = EVENT_LOG_LEN):
         # (time, kind, id, from, to, reason, node id): kind "task" | "actor" | "executor"
@@ -70,26 +81,26 @@ class Transitions:
 
     def move(self, rec, new, reason: str = "", node_id: Optional[bytes] = None) -> bool:
         """Set ``rec.state = new`` if the move is legal and log it; else count it."""
-        old = rec.state
+        old = rec.state._value_
         cls = type(rec)
         if cls is Task:
-            table, kind, rid = (CREATE_MOVES if rec.kind == P.ACTOR_CREATE else TASK_MOVES), "task", rec.task_id
+            table, kind, rid = (_CREATE if rec.kind == P.ACTOR_CREATE else _TASK), "task", rec.task_id
             if node_id is None and rec.node is not None:
                 node_id = rec.node.node_id
         elif cls is Executor:
-            table, kind, rid = EXEC_MOVES, "executor", rec.cid
+            table, kind, rid = _EXEC, "executor", rec.cid
             node_id = rec.node.node_id
         elif cls is Actor:
-            table, kind, rid = ACTOR_MOVES, "actor", rec.actor_id
+            table, kind, rid = _ACTOR, "actor", rec.actor_id
         else:
             raise TypeError(f"no state machine for {cls.__name__}")
         if new not in table[old]:
             self.illegal += 1
             log.error("illegal %s transition %s -> %s for %s (%s): not applied",
-                      kind, old.value, new.value, rid.hex(), reason)
+                      kind, old, new._value_, rid.hex(), reason)
             return False
         rec.state = new
-        self.events.append((time.time(), kind, rid, old.value, new.value, reason, node_id))
+        self.events.append((time.time(), kind, rid, old, new._value_, reason, node_id))
         return True
 
     def history(self, rid: bytes) -> list:
