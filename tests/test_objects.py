@@ -705,6 +705,16 @@ def test_dropped_refs_keep_no_values_in_a_storeless_driver(tcp_driver):
     _assert_records_back_to(baseline)
 
 
+@pytest.mark.timeout(60)
+@_logs_on_failure
+def test_future_of_a_result_left_in_a_node_store_completes(tcp_driver):
+    # Asked for before the result exists; the result then turns out to be in a
+    # node's store, not here: the future must still get it moved here.
+    ref = zeros_u8.remote(300_000)
+    value = ref.future().result(timeout=30)
+    assert value.nbytes == 300_000 and not value.any()
+
+
 @pytest.mark.timeout(90)
 @_logs_on_failure
 def test_object_lost_when_its_only_node_dies(tcp_driver):
