@@ -348,13 +348,14 @@ class Client:
         fetch: list = []  # objects ready elsewhere that a callback waits for
         lock = self._ref_lock
         held = False  # records change under _ref_lock, taken once per run of OBJ/STREAM_END
+        decoded = []  # decoded before taking the lock: user threads wait on it less
+        for msg in batch:
+            try:
+                decoded.append((P.decode(msg[0].buffer), msg))
+            except P.ProtocolError as e:
+                log.warning("dropping malformed message from broker: %s", e)
         try:
-            for msg in batch:
-                try:
-                    m = P.decode(msg[0].buffer)
-                except P.ProtocolError as e:
-                    log.warning("dropping malformed message from broker: %s", e)
-                    continue
+            for m, msg in decoded:
                 mtype = m.TYPE
                 if mtype == Msg.OBJ:
                     if m.codec is not None:
