@@ -89,7 +89,7 @@ def return_refs(client, task_id: bytes, nret):
         return ObjectRefGenerator(task_id, client.cid, client)
     cid = client.cid
     refs = [ObjectRef(P.object_id(task_id, i), cid, client) for i in range(1, nret + 1)]
-    client.awaiting_push.update(r.id for r in refs)  # the broker pushes these to us
+    client.expect_push(r.id for r in refs)  # the broker pushes these to us
     if nret == 1:
         return refs[0]
     return refs if nret else None
