@@ -67,6 +67,7 @@ class TaskEngine:
         self.children: dict[bytes, list] = {}
         self.executors: dict[bytes, Executor] = {}
         self.reaped: set = set()  # executors told to exit for being idle
+        self.jobs: dict[bytes, dict] = {}  # job id -> {"namespace", "driver"}
 
     # ============================================================ membership
     def client_joined(self, cid: bytes, m: P.Hello) -> dict:
@@ -79,6 +80,13 @@ class TaskEngine:
             node.executors[cid] = ex
             self.executors[cid] = ex
         return {"store_limit": node.store_limit if node else 0}
+
+    def register_job(self, cid: bytes, namespace: str) -> None:
+        """A driver names its job's namespace (tasks and actors of the job look it up)."""
+        c = self.clients.get(cid)
+        if c is None or c.kind != "driver":
+            raise PermissionError("only a driver registers a job")
+        self.jobs[c.job_id] = {"namespace": namespace, "driver": cid}
 
     def client_seen(self, cid: bytes) -> bool:
         c = self.clients.get(cid)
@@ -141,6 +149,7 @@ class TaskEngine:
             if task.spec.job == c.job_id and task.state in _WAITING:
                 self.finish_cancelled(task)
         self.objects.drop_client(c.cid, c.holds)
+        self.jobs.pop(c.job_id, None)
 
     def check_liveness(self, now: float) -> None:
         for node in list(self.nodes.nodes.values()):

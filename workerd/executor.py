@@ -44,6 +44,7 @@ from zray._serialization import deserialize, serialize, task_error
 from zray.actor import ActorExit
 
 log = logging.getLogger("zray.executor")
+_NO_ENV: dict = {}  # the inherited runtime_env of a task that has none (never mutated)
 
 
 class _TaskStream:
@@ -308,6 +309,9 @@ class Executor:
             self.log_prefix = f"({spec.name} pid={self.pid})"
         opts = spec.options
         env_vars = opts.get("env_vars")
+        if spec.kind != P.ACTOR_CALL:  # (an actor keeps what it was created with)
+            # What this task runs with, its children inherit (Ray: runtime_env is inherited).
+            _runtime.job_runtime_env = {"env_vars": env_vars} if env_vars else _NO_ENV
         if env_vars:
             os.environ.update(env_vars)
             self.env_dirty = True

@@ -117,6 +117,7 @@ class RemoteFunction:
         self._def = _Definition(fn)
         self._prepared = None
         self._prepared_for = None
+        self._prepared_env = None
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", "task")
         self.__wrapped__ = fn
@@ -138,9 +139,13 @@ class RemoteFunction:
     def remote(self, *args, **kwargs):
         client = _runtime.require_client()
         prep = self._prepared
-        if prep is None or self._prepared_for is not client:
+        # Recomputed for another client, or when the inherited runtime_env changed (an
+        # executor sets the running task's as the one its children inherit).
+        if (prep is None or self._prepared_for is not client
+                or self._prepared_env is not _runtime.job_runtime_env):
             prep = self._prepared = _Prepared(self._options)
             self._prepared_for = client
+            self._prepared_env = _runtime.job_runtime_env
         return self._submit(client, prep, self._options.get("name") or self._name, args, kwargs)
 
     def _submit(self, client, prep, name, args, kwargs):

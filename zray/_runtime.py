@@ -45,6 +45,24 @@ def require_client():
     return client
 
 
+def current_namespace() -> str:
+    """The namespace named actors are created in and looked up in: the driver's, and
+    inside a task or actor that of the job it belongs to (asked of the broker once per
+    job and cached)."""
+    if not worker_mode:
+        return namespace
+    c = require_client()
+    ns = _job_namespaces.get(c.job_id)
+    if ns is None:
+        info = c.request("job_info", {"job": c.job_id}) or {}
+        ns = _job_namespaces[c.job_id] = str(info.get("namespace") or "")
+    return ns
+
+
+# Executor: job id -> that job's namespace (see current_namespace).
+_job_namespaces: dict = {}
+
+
 def job_env_vars() -> dict:
     """The job's environment variables, from init(runtime_env={"env_vars": ...})."""
     return dict(job_runtime_env.get("env_vars") or {})

@@ -74,7 +74,7 @@ class ActorClass:
     def _create(self, args, kwargs, options) -> "ActorHandle":
         client = _runtime.require_client()
         name = options.get("name")
-        namespace = options.get("namespace") or _runtime.namespace
+        namespace = options.get("namespace") or _runtime.current_namespace()
         if name:
             if not isinstance(name, str):
                 raise ValueError(f"actor name must be a str, got {name!r}")
