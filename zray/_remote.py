@@ -170,9 +170,11 @@ class _BoundOptions:
 
     def remote(self, *args, **kwargs):
         client = _runtime.require_client()
-        if self._prep is None or self._prep_for is not client:
+        key = (client, _runtime.job_runtime_env)  # see RemoteFunction.remote
+        if self._prep is None or self._prep_for is None or self._prep_for[0] is not key[0] \
+                or self._prep_for[1] is not key[1]:
             self._prep = _Prepared(self._options)
-            self._prep_for = client
+            self._prep_for = key
         name = self._options.get("name") or self._fn._name
         return self._fn._submit(client, self._prep, name, args, kwargs)
 
