@@ -171,6 +171,8 @@ class Broker:
                         self.drop(ident, str(e))
                     except Exception:
                         log.exception("error handling %s", m.TYPE.name)
+            if engine.objects.released_actors:
+                engine.release_actors()
             if placement.dirty or (nodes.freed and placement.queues):
                 try:
                     engine.schedule()

@@ -197,6 +197,8 @@ class TaskEngine:
         if kind == P.ACTOR_CREATE:
             task.actor = self.actors.register(task)
             task.retries_left = 0
+            if not task.actor.detached:
+                self.objects.create_handle(spec.actor_id, spec.owner)
         elif kind == P.ACTOR_CALL:
             actor = self.actors.get(spec.actor_id)
             if actor is None or actor.state == ActorState.DEAD:
@@ -342,7 +344,10 @@ class TaskEngine:
         if need != len(frames):
             raise P.ProtocolError("DONE: frame count does not match its returns")
         if task.kind == P.ACTOR_CALL:
-            task.actor.inflight.pop(task_id, None)
+            actor = task.actor
+            actor.inflight.pop(task_id, None)
+            if actor.exit_when_idle and not actor.inflight and not actor.queue:
+                self._end_unreferenced(actor)
         elif task.kind == P.TASK:
             self.nodes.release(task)
             if ex is not None:
@@ -588,6 +593,7 @@ class TaskEngine:
         prev = ex.state
         why = reason or f"the executor process (pid {ex.pid}) died with exit code {code}"
         self.moves.move(ex, ExecState.DEAD, why)
+        self._owner_gone(ex.cid, why)
         self.executors.pop(ex.cid, None)
         info = self.clients.pop(ex.cid, None)
         self.objects.drop_client(ex.cid, info.holds if info is not None else set())
@@ -689,6 +695,29 @@ class TaskEngine:
 
     def kill_actor(self, actor: Actor, no_restart: bool) -> None:
         self._settle(actor, self.actors.kill(actor, no_restart))
+
+    def release_actors(self) -> None:
+        """Actors whose every handle is gone end once their queued calls are done (as in
+        Ray); the broker's loop calls this after each turn."""
+        for actor_id in self.objects.take_released_actors():
+            actor = self.actors.get(actor_id)
+            if actor is None or actor.state == ActorState.DEAD or actor.detached:
+                continue
+            if actor.inflight or actor.queue:
+                actor.exit_when_idle = True
+            else:
+                self._end_unreferenced(actor)
+
+    def _end_unreferenced(self, actor: Actor) -> None:
+        self._settle(actor, self.actors.kill(
+            actor, no_restart=True, reason="The actor ended: every handle to it is gone."))
+
+    def _owner_gone(self, cid: bytes, why: str) -> None:
+        """Non-detached actors die with the process that created them (Ray's fate sharing)."""
+        for actor in list(self.actors.actors.values()):
+            if actor.owner == cid and not actor.detached and actor.state != ActorState.DEAD:
+                self._settle(actor, self.actors.kill(
+                    actor, no_restart=True, reason=f"The actor's owner died ({why})."))
 
     # ================================================================= logs
     def forward_log(self, m: P.Log) -> None:

@@ -125,7 +125,8 @@ class Queries:
         a = self.engine.actors.lookup(str(args.get("namespace") or ""), str(args.get("name")))
         if a is None:
             return None
-        return {"actor_id": a.actor_id, "handle_meta": a.handle_meta}
+        return {"actor_id": a.actor_id, "handle_meta": a.handle_meta,
+                "handle_owner": b"" if a.detached else a.owner}
 
     def req_kill_actor(self, cid, args):
         actor = self.engine.actors.get(args.get("actor_id"))

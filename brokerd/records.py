@@ -137,6 +137,7 @@ class Obj:
     inflight: dict = field(default_factory=dict)  # transfer dest -> [cids waiting]
     inflight_src: dict = field(default_factory=dict)  # transfer dest -> source node id
     lost: bool = False
+    actor: bytes = b""  # the handle object of this (non-detached) actor: freed -> actor ends
 
 
 @dataclass(eq=False)
@@ -159,6 +160,7 @@ class Actor:
     death: str = ""
     handle_meta: bytes = b""
     class_name: str = ""
+    exit_when_idle: bool = False  # every handle is gone: it ends once its calls are done
 
 
 @dataclass(eq=False)

@@ -296,7 +296,7 @@ def get_actor(name: str, namespace: Optional[str] = None):
                          f"You are trying to look up a named actor you didn't create. 2. The "
                          f"named actor died. 3. You did not use a namespace matching the "
                          f"namespace of the actor.")
-    return _handle_from_meta(info)
+    return _handle_from_meta(info, client)
 
 
 def remote(*args, **kwargs):
