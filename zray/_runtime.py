@@ -16,7 +16,7 @@ def require_client():
 
 
 job_runtime_env: dict = {}
-executor = None  # workerd.executor.Executor inside an executor process
+executor = None  # workerd.executor.ExecutorProcess inside an executor process
 
 
 def job_env_vars() -> dict:
