@@ -21,7 +21,7 @@ client = None
 cluster = None
 # True inside an executor process, where init() and shutdown() do nothing.
 worker_mode = False
-# The workerd.executor.Executor inside an executor process, else None.
+# The workerd.executor.ExecutorProcess inside an executor process, else None.
 executor = None
 # The namespace of named actors: init(namespace=...), or "anon-<client id>".
 namespace = ""
