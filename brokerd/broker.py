@@ -93,7 +93,7 @@ class Broker:
             (inbox, Msg.HEARTBEAT): self.on_client_heartbeat,
             (out, Msg.READY): lambda cid, m, f: e.executor_ready(cid),
             (out, Msg.FN): self.on_fn,
-            (out, Msg.SUBMIT): lambda cid, m, f: e.submit(cid, m.spec, f),
+            (out, Msg.SUBMIT): e.submit,
             (out, Msg.PUT): e.put,
             (out, Msg.SUB): lambda cid, m, f: e.objects.subscribe(cid, m.oids),
             (out, Msg.RELEASE): lambda cid, m, f: e.objects.refs(cid, [(o, -1) for o in m.oids]),
@@ -119,7 +119,7 @@ class Broker:
         sock = self.sock
         handlers = self.handlers
         engine = self.engine
-        placement, nodes = engine.placement, engine.nodes
+        placement, nodes, moves = engine.placement, engine.nodes, engine.moves
         decode, role_of = P.decode, P.role_of
         last_check = time.monotonic()
         log.info("broker listening on %s (pid %d)", self.address, os.getpid())
@@ -183,6 +183,7 @@ class Broker:
                 if role == P.ROLE_INBOX:
                     engine.executor_unreachable(peer)
             now = time.monotonic()
+            moves.now = time.time()  # the event log's clock: one reading per turn
             if now - last_check >= P.HEARTBEAT_S:
                 last_check = now
                 engine.check_liveness(now)

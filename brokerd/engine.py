@@ -171,7 +171,8 @@ class TaskEngine:
                 self.driver_gone(c)
 
     # ================================================================ tasks
-    def submit(self, cid: bytes, spec: P.TaskSpec, frames) -> None:
+    def submit(self, cid: bytes, m: P.Submit, frames) -> None:
+        spec = m.spec
         task_id, kind, opts = spec.task_id, spec.kind, spec.options
         if task_id in self.tasks:
             raise P.ProtocolError(f"task {task_id.hex()} submitted twice")
@@ -366,9 +367,10 @@ class TaskEngine:
         pos = 0
         woken = []
         objects = self.objects
+        table = objects.objects
         for i, (oid, item) in enumerate(zip(task.returns, layout, strict=False)):
             kind, n, node_id, size = item  # (errors: 1 layout item even for 0 returns)
-            obj = objects.get(oid)
+            obj = table.get(oid)
             part = frames[pos:pos + n]
             pos += n
             if obj is not None:
