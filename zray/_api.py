@@ -52,7 +52,9 @@ def _resolve_address(address: Optional[str]) -> Optional[str]:
         env = os.environ.get("ZRAY_ADDRESS")
         if env:
             return env
-        path = os.path.join(os.environ.get("ZRAY_TMPDIR") or f"/tmp/zray-{os.getuid()}", "address")
+        # Only trusted from a private dir: a planted address would hand our tasks
+        # (and our process, through the replies we unpickle) to someone else's broker.
+        path = os.path.join(_procutil.private_dir(_procutil.user_tmp_dir()), "address")
         try:
             with open(path) as f:
                 return f.read().strip()

@@ -157,7 +157,7 @@ class Client:
     def _bind_direct(self):
         """Executors on this node push our task results here, skipping the broker hop."""
         try:
-            os.makedirs(self.store.dir, mode=0o700, exist_ok=True)
+            self.store.check_dirs()  # a private dir, or UnsafePathError
             path = os.path.join(self.store.dir, f"c-{self.cid.hex()}")
             s = self._ctx.socket(zmq.PULL)
             s.setsockopt(zmq.RCVHWM, 0)

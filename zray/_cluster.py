@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from zray._procutil import new_session_dir
+from zray._store import check_roots
 
 
 def _pythonpath() -> str:
@@ -27,6 +28,8 @@ class LocalCluster:
     def __init__(self, num_cpus: float, gpu_ids: list, resources: dict,
                  prestart: int | None = None, labels: dict | None = None, memory=None,
                  object_store_memory: int | None = None):
+        # Refuse a store another user could plant objects in before making anything.
+        check_roots()
         self.session_dir = new_session_dir()
         self.node_id = os.urandom(8)  # the driver shares this node's object store
         self.address = f"ipc://{self.session_dir}/broker.sock"

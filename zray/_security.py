@@ -11,18 +11,36 @@ it). Traffic is encrypted with the same keys.
 The embedded local cluster listens on an ``ipc://`` socket inside a private
 0700 directory instead, so it needs no keys. ``ZRAY_INSECURE=1`` (or ``zray
 broker --insecure``) turns CURVE off for trusted networks.
+
+The key file is only trusted when it is a regular file (not a symlink) owned by
+this user and readable by no one else; ``~/.zray`` is a private directory (see
+``zray._procutil.private_dir``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 
 import zmq
 
+from zray._procutil import UnsafePathError, private_dir
+
+
+def _default_key_file() -> str:
+    return os.path.expanduser("~/.zray/cluster.key")
+
 
 def key_file_path() -> str:
-    return os.environ.get("ZRAY_KEY_FILE") or os.path.expanduser("~/.zray/cluster.key")
+    return os.environ.get("ZRAY_KEY_FILE") or _default_key_file()
+
+
+def _key_dir(path: str) -> None:
+    """~/.zray (and any dir we create for a key file) is private to this user."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if path == _default_key_file() or not os.path.exists(parent):
+        private_dir(parent)
 
 
 def insecure() -> bool:
@@ -41,12 +59,12 @@ def create_key_file(path: str | None = None) -> dict:
     if not zmq.has("curve"):
         raise RuntimeError("this libzmq has no CURVE support; run with ZRAY_INSECURE=1 "
                            "on a trusted network")
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    _key_dir(path)
     spub, ssec = zmq.curve_keypair()
     cpub, csec = zmq.curve_keypair()
     keys = {"server_public": spub.decode(), "server_secret": ssec.decode(),
             "client_public": cpub.decode(), "client_secret": csec.decode()}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(keys, f)
     return keys
@@ -61,17 +79,30 @@ def load_key_file(path: str | None = None, wait: float = 0.0) -> dict:
     deadline = time.monotonic() + wait
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.1)
+    if path == _default_key_file() and os.path.isdir(os.path.dirname(path)):
+        _key_dir(path)
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise ConnectionError(
             f"this cluster uses CURVE authentication but there is no key file at {path}: copy "
             "the broker's key file there (or set ZRAY_KEY_FILE), or run everything with "
             "ZRAY_INSECURE=1 on a trusted network") from None
-    if st.st_mode & 0o077:
-        raise PermissionError(f"cluster key file {path} must be readable by its owner only "
-                              f"(chmod 600 {path})")
-    with open(path) as f:
+    except OSError:
+        if os.path.islink(path):
+            raise UnsafePathError(f"refusing to use the cluster key file {path}: it is a "
+                                  f"symlink; copy the key file there instead") from None
+        raise
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError(f"cluster key file {path} is not a regular file")
+        if st.st_uid != os.getuid():
+            raise UnsafePathError(f"refusing to use the cluster key file {path}: it belongs to "
+                                  f"uid {st.st_uid}, not to this user (uid {os.getuid()})")
+        if st.st_mode & 0o077:
+            raise UnsafePathError(f"cluster key file {path} must be readable by its owner "
+                                  f"only (chmod 600 {path})")
         return json.load(f)
 
 
