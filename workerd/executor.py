@@ -37,7 +37,7 @@ import cloudpickle
 from zray import _protocol as P
 from zray import _runtime, exceptions
 from zray._client import Client
-from zray._procutil import die_with_parent, setup_logging
+from zray._procutil import die_with_parent, exit_forked_child, setup_logging
 from zray._protocol import Msg
 from zray._refs import ObjectRef
 from zray._serialization import deserialize, serialize, task_error
@@ -208,6 +208,8 @@ class Executor:
                 self.exit_actor()
             except Exception:
                 log.exception("executor failure")
+            if self.client.forked:  # user code forked and the child got back here
+                exit_forked_child()
         self.client.close()
 
     def handle(self, msg: P.Exec, frames):
@@ -357,6 +359,8 @@ class Executor:
         self.client.send(P.encode(P.Done(task_id, [], [], False, [], "")))
 
     def finish_values(self, spec, values):
+        if self.client.forked:  # the child of a task's os.fork() returned: end it
+            exit_forked_child()
         layout, frames, nested = [], [], []
         task_id = spec.task_id
         try:
@@ -392,6 +396,8 @@ class Executor:
         return pushed
 
     def finish_error(self, spec, exc):
+        if self.client.forked:  # the child of a task's os.fork() raised (or sys.exit)
+            exit_forked_child(exc)
         task_id = spec.task_id
         if task_id in self.cancelled and not isinstance(exc, exceptions.TaskCancelledError):
             exc = exceptions.TaskCancelledError(task_id.hex())

@@ -112,6 +112,7 @@ class Client:
         self.current_task_name = ""
         self.current_actor_id = b""
         self.closed = False
+        self.forked = False  # this is a forked copy: see forked_away()
         self.broker_gone = False
         self.last_broker = time.monotonic()
         self.mask_signals = kind == "executor"
@@ -203,6 +204,8 @@ class Client:
 
     def send(self, header: bytes, frames: list = ()) -> None:
         """Send one message on the out socket (any thread)."""
+        if self.forked:  # a forked child must never write to its parent's sockets
+            return
         if self.mask_signals:
             # An executor's cancel signal must not cut a multipart message in two.
             old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
@@ -554,6 +557,15 @@ class Client:
         return result
 
     # ------------------------------------------------------------ shutdown
+    def forked_away(self):
+        """In a child that user code forked from this process: the sockets, the I/O
+        thread and the locks are the parent's. Never touch them again."""
+        self.forked = True
+        self.closed = True
+        self._send_lock = threading.Lock()
+        self._ref_lock = threading.RLock()
+        self.cond = threading.Condition(threading.Lock())
+
     def close(self):
         if self.closed:
             return

@@ -4,14 +4,23 @@ Both children get ``ZRAY_EXIT_WITH_PARENT`` so they ask the kernel for
 SIGKILL when the driver dies (even by SIGKILL); the node agent's executors die
 with the agent the same way. The broker listens on an ``ipc://`` socket inside
 a private (0700) session directory, so only this user can reach it.
+
+The kernel's parent-death signal follows the *thread* that forked the child,
+not its process: a cluster started by ``init()`` on a thread that then ends
+would be killed with that thread. So the children are always started from
+one long-lived thread of this process (``_Spawner``), which lives until the
+process exits.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 
 from zray._procutil import new_session_dir
 from zray._store import check_roots
@@ -22,6 +31,37 @@ def _pythonpath() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parts = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join(dict.fromkeys(parts))
+
+
+class _Spawner:
+    """A daemon thread that starts processes for whoever asks, so that their
+    parent-death signal is tied to a thread that lives as long as this process."""
+
+    _lock = threading.Lock()
+    _instance = None
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.pid = os.getpid()
+        threading.Thread(target=self._run, name="zray-spawner", daemon=True).start()
+
+    @classmethod
+    def popen(cls, *args, **kwargs) -> subprocess.Popen:
+        with cls._lock:
+            if cls._instance is None or cls._instance.pid != os.getpid():  # none, or forked
+                cls._instance = _Spawner()
+            spawner = cls._instance
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        spawner.jobs.put((fut, args, kwargs))
+        return fut.result()
+
+    def _run(self):
+        while True:
+            fut, args, kwargs = self.jobs.get()
+            try:
+                fut.set_result(subprocess.Popen(*args, **kwargs))
+            except BaseException as e:  # noqa: B036 - handed to the caller
+                fut.set_exception(e)
 
 
 class LocalCluster:
@@ -50,9 +90,9 @@ class LocalCluster:
         for name, cmd in (("broker", [sys.executable, "-m", "brokerd", self.address, self.session_dir]),
                           ("node", [sys.executable, "-m", "workerd"])):
             with open(os.path.join(logs, f"{name}.out"), "ab") as out:
-                self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                                   stdout=out, stderr=subprocess.STDOUT,
-                                                   close_fds=True))
+                self.procs.append(_Spawner.popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                                 stdout=out, stderr=subprocess.STDOUT,
+                                                 close_fds=True))
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 _PR_SET_PDEATHSIG = 1
 
@@ -96,6 +97,32 @@ def write_private_file(path: str, data: bytes | str, exclusive: bool = False) ->
     fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def exit_forked_child(exc: BaseException | None = None):
+    """End a process that user code forked from a zray process (an executor).
+
+    The child is a copy of its parent: it must never return into the parent's
+    loop, which would run with the parent's sockets. It ends as a plain Python
+    program would: with SystemExit's code, with 1 and a traceback on stderr for
+    any other exception, with 0 when the user code returned.
+    """
+    code = 0
+    if isinstance(exc, SystemExit):
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is not None:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    elif exc is not None:
+        traceback.print_exception(exc)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code & 0xFF)
 
 
 def die_with_parent(expected_ppid: int | None = None, sig: int = signal.SIGKILL) -> None:
