@@ -39,7 +39,7 @@ import zmq
 from zray import _protocol as P
 from zray import exceptions
 from zray._protocol import Msg
-from zray._security import secure_client
+from zray._security import await_reply, secure_client, watch_handshake
 from zray._serialization import deserialize, load_error, serialize
 from zray._store import INLINE_MAX, ObjectStore, parse_blob
 
@@ -88,6 +88,7 @@ class Client:
         self._on_exec = on_exec
         self._on_cancel = on_cancel
         self._ctx = zmq.Context()
+        self._watches: list = []  # handshake watches until the broker's WELCOME
         self._out = self._socket(P.out_ident(self.cid))
         self._inbox = self._socket(P.inbox_ident(self.cid))
         self._push: dict = {}  # owner cid -> PUSH socket to its direct inbox, or None
@@ -132,13 +133,19 @@ class Client:
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.LINGER, 2000)
         secure_client(s, self.address, wait=5.0)
+        self._watches.append(watch_handshake(s, self.address))
         s.connect(self.address)
         return s
 
     def _handshake(self, timeout: float) -> dict:
         self._inbox.send(P.encode(P.Hello(P.VERSION, self.kind, self.node_id, os.getpid(),
                                           self.job_id)))
-        if not self._inbox.poll(int(timeout * 1000)):
+        try:
+            answered = await_reply(self._inbox, self._watches, timeout)
+        except ConnectionError:  # the broker refused our key (or its absence)
+            self._ctx.destroy(linger=0)
+            raise
+        if not answered:
             self._ctx.destroy(linger=0)
             raise ConnectionError(f"no zray broker answered at {self.address} within {timeout:.0f}s")
         try:
