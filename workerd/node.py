@@ -32,7 +32,7 @@ import zmq
 
 from zray import _protocol as P
 from zray._protocol import Msg
-from zray._security import secure_client
+from zray._security import secure_client, watch_handshake
 from zray._store import ObjectStore
 
 log = logging.getLogger("zray.node")
@@ -71,9 +71,11 @@ class NodeAgent:
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 500)
         secure_client(self.sock, address, wait=15.0)
+        self.watch = watch_handshake(self.sock, address)  # until WELCOME: a refused key
         self.sock.connect(address)
         self.last_broker = time.monotonic()
         self.welcomed = False
+        self.refusal = ""  # why the broker refused this node, if it did
 
     @staticmethod
     def _ip() -> str:
@@ -157,6 +159,8 @@ class NodeAgent:
         log.info("node %s up: %s, %d executors prestarted", self.node_id.hex(),
                  self.resources, self.prestart)
         while self.running:
+            if self.watch is not None and self.refused():
+                break
             if self.sock.poll(200):
                 while True:
                     try:
@@ -179,6 +183,9 @@ class NodeAgent:
                         # so their HELLO never arrives before the node's.
                         if not self.welcomed:
                             self.welcomed = True
+                            if self.watch is not None:
+                                self.watch.close()
+                                self.watch = None
                             self.spawn(self.prestart)
                     elif t == Msg.SPAWN:
                         self.spawn(max(0, min(m.count, 64)))
@@ -213,6 +220,16 @@ class NodeAgent:
                     self.hello()
         self.shutdown()
 
+    def refused(self) -> bool:
+        """True (and logged) if the broker refused this node's key or its absence."""
+        reason = self.watch.failure()
+        if reason is None:
+            return False
+        log.error("cannot join the cluster: %s", reason)
+        self.refusal = reason
+        self.running = False
+        return True
+
     def stop(self, *_):
         self.running = False
 
@@ -226,6 +243,8 @@ class NodeAgent:
                 p.wait(max(0.05, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+        if self.watch is not None:
+            self.watch.close()
         self.sock.close(linger=100)
         self.ctx.term()
         self.store.destroy()
@@ -238,3 +257,5 @@ def run(address, num_cpus, gpu_ids, resources, session_dir, node_id=None, presta
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
     agent.serve()
+    if agent.refusal:
+        raise SystemExit(f"zray worker: {agent.refusal}")
