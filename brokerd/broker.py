@@ -67,9 +67,10 @@ class Broker:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
-        # Leave room for a 200 MB blob plus headroom; anything bigger is dropped by
-        # libzmq before it costs us memory (malformed or hostile peers).
-        self.sock.setsockopt(zmq.MAXMSGSIZE, int(os.environ.get("ZRAY_MAX_MSG_BYTES", 1 << 40)))
+        # Anything bigger is dropped by libzmq before it costs us memory (see the limits
+        # in zray._protocol).
+        self.sock.setsockopt(zmq.MAXMSGSIZE, int(os.environ.get("ZRAY_MAX_MSG_BYTES",
+                                                                 P.MAX_MESSAGE_BYTES)))
         self.auth = None
         if needs_curve(address):
             self.auth = ServerAuth(self.ctx, self.sock, create_key_file())
@@ -120,6 +121,7 @@ class Broker:
         handlers = self.handlers
         engine = self.engine
         placement, nodes, moves = engine.placement, engine.nodes, engine.moves
+        clients = engine.clients
         decode, role_of = P.decode, P.role_of
         last_check = time.monotonic()
         log.info("broker listening on %s (pid %d)", self.address, os.getpid())
@@ -164,6 +166,10 @@ class Broker:
                     handler = handlers.get((role, m.TYPE))
                     if handler is None:
                         self.drop(ident, f"{m.TYPE.name} is not allowed from a {role} socket")
+                        continue
+                    if role == P.ROLE_OUT and peer not in clients:
+                        # Nothing from a peer that has not said HELLO is kept.
+                        self.drop(ident, f"{m.TYPE.name} before HELLO")
                         continue
                     try:
                         handler(peer, m, msg[2:])
@@ -231,6 +237,8 @@ class Broker:
             self.out.send(P.inbox_ident(cid), P.encode(P.Heartbeat()))
 
     def on_node_hello(self, node_id, m: P.NodeHello, frames):
+        if m.node_id != node_id:
+            raise P.ProtocolError("NODE_HELLO: node id differs from the socket's identity")
         self.engine.node_joined(node_id, m.info)
         self.out.send(P.node_ident(node_id), P.encode(P.Welcome({"address": self.address})))
 

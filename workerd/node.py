@@ -75,6 +75,7 @@ class NodeAgent:
         self.sock.connect(address)
         self.last_broker = time.monotonic()
         self.welcomed = False
+        self.errors = 0  # messages whose handling raised
         self.refusal = ""  # why the broker refused this node, if it did
 
     @staticmethod
@@ -153,6 +154,43 @@ class NodeAgent:
                 del self.procs[cid]
                 self.sock.send(P.encode(P.ExecDied(cid, code)))
 
+    def handle(self, m, msg) -> None:
+        """One message from the broker (``msg``: its frames, header first)."""
+        t = m.TYPE
+        if t == Msg.WELCOME:
+            if "error" in m.info:
+                log.error("the broker refused this node: %s", m.info["error"])
+                self.running = False
+                return
+            # Executors start only once the broker knows this node,
+            # so their HELLO never arrives before the node's.
+            if not self.welcomed:
+                self.welcomed = True
+                if self.watch is not None:
+                    self.watch.close()
+                    self.watch = None
+                self.spawn(self.prestart)
+        elif t == Msg.SPAWN:
+            self.spawn(max(0, min(m.count, 64)))
+        elif t == Msg.KILL_EXEC:
+            self.kill(m.cid)
+        elif t == Msg.FETCH:
+            self.fetch(m.oid, m.dest)
+        elif t == Msg.STORE and len(msg) == 2:
+            self.store_blob(m.oid, m.codec, msg[1])
+        elif t == Msg.FREE:
+            for oid in m.oids:
+                self.store.delete(oid)
+        elif t == Msg.SPILL:
+            for oid in m.oids:
+                try:
+                    self.store.spill(oid)
+                except OSError:
+                    log.exception("spilling %s failed", oid.hex())
+        elif t == Msg.SHUTDOWN:
+            log.info("broker asked this node to shut down")
+            self.running = False
+
     def serve(self):
         self.hello()
         last_hb = time.monotonic()
@@ -173,40 +211,13 @@ class NodeAgent:
                     except P.ProtocolError as e:
                         log.warning("dropping malformed message: %s", e)
                         continue
-                    t = m.TYPE
-                    if t == Msg.WELCOME:
-                        if "error" in m.info:
-                            log.error("the broker refused this node: %s", m.info["error"])
-                            self.running = False
-                            break
-                        # Executors start only once the broker knows this node,
-                        # so their HELLO never arrives before the node's.
-                        if not self.welcomed:
-                            self.welcomed = True
-                            if self.watch is not None:
-                                self.watch.close()
-                                self.watch = None
-                            self.spawn(self.prestart)
-                    elif t == Msg.SPAWN:
-                        self.spawn(max(0, min(m.count, 64)))
-                    elif t == Msg.KILL_EXEC:
-                        self.kill(m.cid)
-                    elif t == Msg.FETCH:
-                        self.fetch(m.oid, m.dest)
-                    elif t == Msg.STORE and len(msg) == 2:
-                        self.store_blob(m.oid, m.codec, msg[1])
-                    elif t == Msg.FREE:
-                        for oid in m.oids:
-                            self.store.delete(oid)
-                    elif t == Msg.SPILL:
-                        for oid in m.oids:
-                            try:
-                                self.store.spill(oid)
-                            except OSError:
-                                log.exception("spilling %s failed", oid.hex())
-                    elif t == Msg.SHUTDOWN:
-                        log.info("broker asked this node to shut down")
-                        self.running = False
+                    try:
+                        self.handle(m, msg)
+                    except Exception:  # one bad message must not take the node down
+                        self.errors += 1
+                        if self.errors <= 10 or self.errors % 1000 == 0:
+                            log.exception("error handling %s (%d so far)", m.TYPE.name,
+                                          self.errors)
             self.reap()
             now = time.monotonic()
             if now - last_hb >= P.HEARTBEAT_S:

@@ -230,6 +230,9 @@ def put(value: Any, *, _owner=None) -> ObjectRef:
     if isinstance(value, ObjectRef):
         raise TypeError("Calling 'put' on an ObjectRef is not allowed. If you really want to "
                         "do this, you can wrap the ObjectRef in a list and call 'put' on it.")
+    if _owner is not None:
+        raise ValueError("put(_owner=...) is not supported by zray: the calling process "
+                         "owns what it puts")
     client = _runtime.require_client()
     return client.put(value, ObjectRef)
 
