@@ -83,6 +83,7 @@ class Broker:
         self.engine = TaskEngine(self.out)
         self.queries = Queries(self.engine, self.address, time.time(), self.stats)
         self.running = True
+        self.header = None  # the header frame of the message being handled
         self.dropped = 0  # messages dropped as malformed or sent by the wrong role
         self.drop_reasons: set = set()  # each kind of bad message is logged once
         e = self.engine
@@ -94,7 +95,7 @@ class Broker:
             (inbox, Msg.HEARTBEAT): self.on_client_heartbeat,
             (out, Msg.READY): lambda cid, m, f: e.executor_ready(cid),
             (out, Msg.FN): self.on_fn,
-            (out, Msg.SUBMIT): e.submit,
+            (out, Msg.SUBMIT): self.on_submit,
             (out, Msg.PUT): e.put,
             (out, Msg.SUB): lambda cid, m, f: e.objects.subscribe(cid, m.oids),
             (out, Msg.RELEASE): lambda cid, m, f: e.objects.refs(cid, [(o, -1) for o in m.oids]),
@@ -171,6 +172,7 @@ class Broker:
                         # Nothing from a peer that has not said HELLO is kept.
                         self.drop(ident, f"{m.TYPE.name} before HELLO")
                         continue
+                    self.header = msg[1]
                     try:
                         handler(peer, m, msg[2:])
                     except P.ProtocolError as e:
@@ -245,6 +247,9 @@ class Broker:
     def on_node_heartbeat(self, node_id, m, frames):
         if self.engine.nodes.seen(node_id):
             self.out.send(P.node_ident(node_id), P.encode(P.Heartbeat()))
+
+    def on_submit(self, cid, m: P.Submit, frames):
+        self.engine.submit(cid, m, frames, P.submit_spec_bytes(self.header.buffer))
 
     def on_fn(self, cid, m: P.Fn, frames):
         if len(frames) != 1:

@@ -707,6 +707,26 @@ _BY_TYPE = {cls.TYPE: cls for cls in MESSAGES}
 _packb = msgpack.packb  # a Packer object is not thread-safe; clients send from any thread
 
 
+_SUBMIT_PREFIX = _packb((Msg.SUBMIT, None))[:2]  # fixarray(2), SUBMIT
+_EXEC_PREFIX = _packb((Msg.EXEC, None, None, None, None, None))[:2]  # fixarray(6), EXEC
+
+
+def submit_spec_bytes(header) -> Optional[bytes]:
+    """The packed TaskSpec inside a SUBMIT header frame (already checked by ``decode``),
+    so that the broker can forward it in EXEC without packing it again."""
+    buf = memoryview(header)
+    if buf[:2] != _SUBMIT_PREFIX:
+        return None
+    return bytes(buf[2:])
+
+
+def encode_exec(spec_bytes: bytes, fn_included: bool, n_args: int, deps: list,
+                gpu_ids: list) -> bytes:
+    """``encode(Exec(spec, ...))`` for a spec that is still packed (see
+    ``submit_spec_bytes``): the same bytes, without re-packing the spec."""
+    return _EXEC_PREFIX + spec_bytes + _packb((fn_included, n_args, deps, gpu_ids))[1:]
+
+
 def encode(msg) -> bytes:
     """The header frame of message ``msg`` (an instance of one of ``MESSAGES``)."""
     return _packb((msg.TYPE, *msg))
