@@ -50,6 +50,7 @@ from brokerd.queries import Queries
 from zray import _protocol as P
 from zray._protocol import Msg
 from zray._security import ServerAuth, create_key_file, needs_curve
+from zray._transport import recv_parts
 
 log = logging.getLogger("zray.broker")
 
@@ -129,23 +130,15 @@ class Broker:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poll = poller.poll
-        # The backend's recv with plain ints, and Frame.more instead of getsockopt: pyzmq
-        # turns every option and flag into an enum member in Python code otherwise (it
-        # was ~7 enum calls per task). One zmq.Again ends each drain.
-        recv, Again = zmq.backend.Socket.recv, zmq.Again
-        NOBLOCK = int(zmq.NOBLOCK)
+        Again = zmq.Again  # one zmq.Again ends each drain
         roles: dict = {}  # identity -> (role, peer id): role_of once per peer
         while self.running:
             if poll(50 if placement.queues else 1000):
                 for _ in range(DRAIN_MAX):
                     try:
-                        f = recv(sock, NOBLOCK, False, False)
+                        msg = recv_parts(sock)
                     except Again:
                         break
-                    msg = [f]
-                    while f.more:
-                        f = recv(sock, NOBLOCK, False, False)
-                        msg.append(f)
                     if len(msg) < 2:
                         self.drop(msg[0].bytes, "a message without a header frame")
                         continue

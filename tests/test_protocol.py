@@ -173,3 +173,12 @@ def test_exec_from_forwarded_spec_bytes_is_the_same_message():
         assert P.encode_exec(raw, *args) == P.encode(P.Exec(sub.spec, *args))
         assert P.decode(P.encode_exec(raw, *args)) == P.Exec(sub.spec, *args)
     assert P.submit_spec_bytes(P.encode(P.Heartbeat())) is None
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("cls", P.MESSAGES, ids=lambda c: c.TYPE.name)
+def test_the_clients_light_decode_reads_the_same_messages(cls):
+    msg = _sample(cls)
+    assert P.decode_from_broker(P.encode(msg)) == msg
+    with pytest.raises(P.ProtocolError):
+        P.decode_from_broker(msgpack.packb([cls.TYPE] + [None] * (len(cls._fields) + 1)))
