@@ -112,6 +112,8 @@ class Executor:
         self.env_dirty = False
         self.actor = None
         self.actor_mode = ""  # "", "sync", "threaded", "async"
+        self.spec = None  # the task or sync actor call running now (get_runtime_context)
+        self.actor_spec = None  # the creation of the actor hosted here
         self.loop = None
         self.pool = None
         self.async_tasks: dict = {}
@@ -298,6 +300,7 @@ class Executor:
         return args, kwargs
 
     def prepare(self, spec, gpu_ids):
+        self.spec = spec
         client = self.client
         client.current_task_id = spec.task_id
         client.current_task_name = spec.name
@@ -323,6 +326,7 @@ class Executor:
             return  # an actor keeps its environment for life
         client = self.client
         client.current_task_id = b""
+        self.spec = None
         if self.env_dirty:  # comparing os.environ costs ~100 us: only after we changed it
             self.env_dirty = False
             os.environ.clear()
@@ -421,6 +425,7 @@ class Executor:
         opts = spec.options
         self.log_prefix = f"({getattr(cls, '__name__', 'Actor')} pid={self.pid})"
         self.client.current_actor_id = spec.actor_id
+        self.actor_spec = spec
         try:
             self.actor = cls(*args, **kwargs)
         except ActorExit:
