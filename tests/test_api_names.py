@@ -115,6 +115,32 @@ def test_ray_terminate_finishes_queued_calls_then_exits_for_good(cluster):
         ray.get(a.pid.remote(), timeout=60)
 
 
+@ray.remote(max_concurrency=2)
+class Threaded:
+    def work(self, i, delay=0.3):
+        time.sleep(delay)
+        return i
+
+
+@ray.remote
+class Async:
+    async def work(self, i, delay=0.3):
+        await asyncio.sleep(delay)
+        return i
+
+
+@pytest.mark.parametrize("cls", [Threaded, Async], ids=["threaded", "async"])
+def test_ray_terminate_in_concurrent_actors(cluster, cls):
+    a = cls.remote()
+    assert ray.get(a.__ray_ready__.remote(), timeout=60) is True
+    assert ray.get([a.work.remote(i, 0.05) for i in range(2)], timeout=60) == [0, 1]
+    term = a.__ray_terminate__.remote()
+    after = a.work.remote(99)  # runs beside the terminate call: it must not report a result
+    for ref in (term, after):
+        with pytest.raises(E.ActorDiedError):
+            ray.get(ref, timeout=60)
+
+
 # --------------------------------------------------------------------------
 # 3. ids
 # --------------------------------------------------------------------------

@@ -114,6 +114,7 @@ class Executor:
         self.actor_mode = ""  # "", "sync", "threaded", "async"
         self.spec = None  # the task or sync actor call running now (get_runtime_context)
         self.actor_spec = None  # the creation of the actor hosted here
+        self.exiting = False  # exit_actor() began: calls still running here send no result
         self.loop = None
         self.pool = None
         self.async_tasks: dict = {}
@@ -262,6 +263,7 @@ class Executor:
         self.finish_values(spec, outs)
 
     def exit_actor(self):
+        self.exiting = True
         self.stdout.flush()
         self.stderr.flush()
         self.client.close()
@@ -361,6 +363,8 @@ class Executor:
         self.client.send(P.encode(P.Done(task_id, [], [], False, [], "")))
 
     def finish_values(self, spec, values):
+        if self.exiting:  # a threaded/async actor's call outlived exit_actor(): it fails
+            return
         layout, frames, nested = [], [], []
         task_id = spec.task_id
         try:
@@ -396,6 +400,8 @@ class Executor:
         return pushed
 
     def finish_error(self, spec, exc):
+        if self.exiting:
+            return
         task_id = spec.task_id
         if task_id in self.cancelled and not isinstance(exc, exceptions.TaskCancelledError):
             exc = exceptions.TaskCancelledError(task_id.hex())
