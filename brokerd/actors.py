@@ -130,7 +130,7 @@ class ActorDirectory:
     def kill(self, actor: Actor, no_restart: bool, reason: str = "killed by zray.kill()") -> Death:
         if no_restart:
             actor.no_restart = True
-            actor.death = f"The actor was {reason}." if not reason.startswith("The") else reason
+            actor.death = reason if reason.startswith("The") else f"The actor was {reason}."
         ex = actor.executor
         if ex is not None and ex.state != ExecState.DEAD:
             self.out.send(ex.node.ident, P.encode(P.KillExec(ex.cid)))

@@ -67,6 +67,7 @@ class TaskEngine:
         self.children: dict[bytes, list] = {}
         self.executors: dict[bytes, Executor] = {}
         self.reaped: set = set()  # executors told to exit for being idle
+        self.jobs: dict[bytes, dict] = {}  # job id -> {"namespace", "driver"}
 
     # ============================================================ membership
     def client_joined(self, cid: bytes, m: P.Hello) -> dict:
@@ -79,6 +80,13 @@ class TaskEngine:
             node.executors[cid] = ex
             self.executors[cid] = ex
         return {"store_limit": node.store_limit if node else 0}
+
+    def register_job(self, cid: bytes, namespace: str) -> None:
+        """A driver names its job's namespace (tasks and actors of the job look it up)."""
+        c = self.clients.get(cid)
+        if c is None or c.kind != "driver":
+            raise PermissionError("only a driver registers a job")
+        self.jobs[c.job_id] = {"namespace": namespace, "driver": cid}
 
     def client_seen(self, cid: bytes) -> bool:
         c = self.clients.get(cid)
@@ -141,6 +149,7 @@ class TaskEngine:
             if task.spec.job == c.job_id and task.state in _WAITING:
                 self.finish_cancelled(task)
         self.objects.drop_client(c.cid, c.holds)
+        self.jobs.pop(c.job_id, None)
 
     def check_liveness(self, now: float) -> None:
         for node in list(self.nodes.nodes.values()):
@@ -167,10 +176,12 @@ class TaskEngine:
         if task_id in self.tasks:
             raise P.ProtocolError(f"task {task_id.hex()} submitted twice")
         resources = spec.resources
-        hold = opts.get("hold", resources) if kind == P.ACTOR_CREATE else resources
-        if not isinstance(hold, dict) or not all(
-                type(k) is str and type(v) is int and v >= 0 for k, v in hold.items()):
-            raise P.ProtocolError("SUBMIT: options.hold must map names to units")
+        hold = resources  # (checked by the codec)
+        if kind == P.ACTOR_CREATE:  # an actor may hold less while it lives than it needs to start
+            hold = opts.get("hold", resources)
+            if not isinstance(hold, dict) or not all(
+                    type(k) is str and type(v) is int and v >= 0 for k, v in hold.items()):
+                raise P.ProtocolError("SUBMIT: options.hold must map names to units")
         returns = spec.return_ids()
         task = Task(task_id, kind, spec, frames, resources, hold,
                     (tuple(sorted(resources.items())), strategy_key(opts)), returns,
@@ -186,6 +197,8 @@ class TaskEngine:
         if kind == P.ACTOR_CREATE:
             task.actor = self.actors.register(task)
             task.retries_left = 0
+            if not task.actor.detached:
+                self.objects.create_handle(spec.actor_id, spec.owner)
         elif kind == P.ACTOR_CALL:
             actor = self.actors.get(spec.actor_id)
             if actor is None or actor.state == ActorState.DEAD:
@@ -287,7 +300,7 @@ class TaskEngine:
                 frames.extend(obj.frames)
                 layout.append((len(obj.frames), None))
         header = P.encode(P.Exec(task.spec, has_fn, len(task.frames), layout,
-                                 self.nodes.gpu_ids(task)))
+                                 self.nodes.gpu_ids(task) if task.gpu_alloc else []))
         return header, frames
 
     def _send_exec(self, task: Task, ex: Executor) -> bool:
@@ -327,10 +340,14 @@ class TaskEngine:
             if ex is not None and ex.task is not None and ex.task.task_id == task_id:
                 self._executor_next(ex)
             return
-        if sum(item[1] for item in layout) != len(frames):
+        need = layout[0][1] if len(layout) == 1 else sum(item[1] for item in layout)
+        if need != len(frames):
             raise P.ProtocolError("DONE: frame count does not match its returns")
         if task.kind == P.ACTOR_CALL:
-            task.actor.inflight.pop(task_id, None)
+            actor = task.actor
+            actor.inflight.pop(task_id, None)
+            if actor.exit_when_idle and not actor.inflight and not actor.queue:
+                self._end_unreferenced(actor)
         elif task.kind == P.TASK:
             self.nodes.release(task)
             if ex is not None:
@@ -576,6 +593,7 @@ class TaskEngine:
         prev = ex.state
         why = reason or f"the executor process (pid {ex.pid}) died with exit code {code}"
         self.moves.move(ex, ExecState.DEAD, why)
+        self._owner_gone(ex.cid, why)
         self.executors.pop(ex.cid, None)
         info = self.clients.pop(ex.cid, None)
         self.objects.drop_client(ex.cid, info.holds if info is not None else set())
@@ -677,6 +695,29 @@ class TaskEngine:
 
     def kill_actor(self, actor: Actor, no_restart: bool) -> None:
         self._settle(actor, self.actors.kill(actor, no_restart))
+
+    def release_actors(self) -> None:
+        """Actors whose every handle is gone end once their queued calls are done (as in
+        Ray); the broker's loop calls this after each turn."""
+        for actor_id in self.objects.take_released_actors():
+            actor = self.actors.get(actor_id)
+            if actor is None or actor.state == ActorState.DEAD or actor.detached:
+                continue
+            if actor.inflight or actor.queue:
+                actor.exit_when_idle = True
+            else:
+                self._end_unreferenced(actor)
+
+    def _end_unreferenced(self, actor: Actor) -> None:
+        self._settle(actor, self.actors.kill(
+            actor, no_restart=True, reason="The actor ended: every handle to it is gone."))
+
+    def _owner_gone(self, cid: bytes, why: str) -> None:
+        """Non-detached actors die with the process that created them (Ray's fate sharing)."""
+        for actor in list(self.actors.actors.values()):
+            if actor.owner == cid and not actor.detached and actor.state != ActorState.DEAD:
+                self._settle(actor, self.actors.kill(
+                    actor, no_restart=True, reason=f"The actor's owner died ({why})."))
 
     # ================================================================= logs
     def forward_log(self, m: P.Log) -> None:

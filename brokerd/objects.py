@@ -45,6 +45,7 @@ class ObjectDirectory:
         self.clients = clients  # cid -> ClientInfo, read only
         self.objects: dict[bytes, Obj] = {}
         self.fns: dict[bytes, object] = {}
+        self.released_actors: list = []  # actor ids whose handle object was freed
 
     # ------------------------------------------------------------- records
     def get(self, oid: bytes):
@@ -59,6 +60,19 @@ class ObjectDirectory:
         if obj is None:
             obj = self.objects[oid] = Obj(oid, owner)
         return obj
+
+    def create_handle(self, actor_id: bytes, owner: bytes) -> Obj:
+        """The object that stands for a non-detached actor's handles: counted like any
+        object (its owner, borrowers, tasks that carry a handle); when it is freed the
+        actor's id goes to ``released_actors`` for the engine."""
+        obj = self.create(P.object_id(actor_id, 0), owner)
+        obj.state = ObjState.READY
+        obj.actor = actor_id
+        return obj
+
+    def take_released_actors(self) -> list:
+        out, self.released_actors = self.released_actors, []
+        return out
 
     def register_fn(self, fid: bytes, blob, captured: list) -> None:
         self.fns[fid] = blob
@@ -311,6 +325,8 @@ class ObjectDirectory:
 
     def free(self, obj: Obj) -> None:
         self.objects.pop(obj.oid, None)
+        if obj.actor:
+            self.released_actors.append(obj.actor)
         contained, obj.contained = obj.contained, []
         for oid in contained:
             self.unpin(oid)

@@ -25,18 +25,29 @@ import zmq
 log = logging.getLogger("zray.broker")
 
 
+# pyzmq's sugar send_multipart ORs Flag enums per frame (Python-level enum code, about
+# half the cost of a small message here); the backend's send takes plain ints.
+_send = zmq.backend.Socket.send
+_SNDMORE = int(zmq.SNDMORE)
+
+
 class Outbox:
     def __init__(self, sock: zmq.Socket):
-        self._send = sock.send_multipart
+        self.sock = sock
         self.unreachable: list = []
         self.sent = 0
 
     def send(self, ident: bytes, header: bytes, frames=()) -> None:
+        sock = self.sock
         try:
+            _send(sock, ident, _SNDMORE, True, False)  # EHOSTUNREACH here: nothing queued
             if frames:
-                self._send([ident, header, *frames], copy=False)
+                _send(sock, header, _SNDMORE, True, False)
+                last = len(frames) - 1
+                for i, f in enumerate(frames):  # payloads zero-copy
+                    _send(sock, f, _SNDMORE if i < last else 0, False, False)
             else:
-                self._send([ident, header])
+                _send(sock, header, 0, True, False)
             self.sent += 1
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:

@@ -72,6 +72,22 @@ class Queries:
         return sum(1 for t in e.tasks.values()
                    if t.spec.job == job and t.kind != P.ACTOR_CREATE and t.state in _OPEN)
 
+    def req_register_job(self, cid, args):
+        ns = args.get("namespace")
+        if not isinstance(ns, str) or len(ns) > 1024:
+            raise ValueError("namespace must be a string")
+        self.engine.register_job(cid, ns)
+        return True
+
+    def req_job_info(self, cid, args):
+        """A job's namespace, for its tasks and actors (the caller must belong to it)."""
+        job = args.get("job")
+        c = self.engine.clients.get(cid)
+        if c is None or (c.kind != "executor" and c.job_id != job):
+            raise PermissionError("a client may only ask about its own job")
+        info = self.engine.jobs.get(job) if isinstance(job, bytes) else None
+        return {"namespace": info["namespace"]} if info else None
+
     def req_task_events(self, cid, args):
         """The transitions of one task, actor or executor (by id), oldest first, while
         they are still in the bounded event log: [[from, to, reason], ...]."""
@@ -114,7 +130,8 @@ class Queries:
         a = self.engine.actors.lookup(str(args.get("namespace") or ""), str(args.get("name")))
         if a is None:
             return None
-        return {"actor_id": a.actor_id, "handle_meta": a.handle_meta}
+        return {"actor_id": a.actor_id, "handle_meta": a.handle_meta,
+                "handle_owner": b"" if a.detached else a.owner}
 
     def req_kill_actor(self, cid, args):
         actor = self.engine.actors.get(args.get("actor_id"))

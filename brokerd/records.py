@@ -1,5 +1,8 @@
 """The broker's records: nodes, executors, tasks, objects and actors, with named states.
 
+The legal moves between task, actor and executor states are the tables in
+``transitions.py``; only ``Transitions.move`` changes those states.
+
 Task states::
 
     WAITING_ARGS --deps ready--> QUEUED --placed--> RUNNING --DONE--> FINISHED
@@ -134,6 +137,7 @@ class Obj:
     inflight: dict = field(default_factory=dict)  # transfer dest -> [cids waiting]
     inflight_src: dict = field(default_factory=dict)  # transfer dest -> source node id
     lost: bool = False
+    actor: bytes = b""  # the handle object of this (non-detached) actor: freed -> actor ends
 
 
 @dataclass(eq=False)
@@ -156,6 +160,7 @@ class Actor:
     death: str = ""
     handle_meta: bytes = b""
     class_name: str = ""
+    exit_when_idle: bool = False  # every handle is gone: it ends once its calls are done
 
 
 @dataclass(eq=False)

@@ -62,6 +62,17 @@ EXEC_MOVES = {
 EVENT_LOG_LEN = 100_000
 
 
+def _fast(table: dict) -> dict:
+    """The table as {state name: tuple of next states}: looked up by the member's plain
+    ``_value_`` string and searched by identity (hashing an Enum member, or reading its
+    ``.value`` property, runs Python code: it was most of a move's cost)."""
+    return {old._value_: tuple(new) for old, new in table.items()}
+
+
+_TASK, _CREATE, _ACTOR, _EXEC = (_fast(t) for t in (TASK_MOVES, CREATE_MOVES, ACTOR_MOVES,
+                                                      EXEC_MOVES))
+
+
 class Transitions:
     def __init__(self, maxlen: int = EVENT_LOG_LEN):
         # (time, kind, id, from, to, reason, node id, name): kind "task" | "actor" |
@@ -71,10 +82,10 @@ class Transitions:
 
     def move(self, rec, new, reason: str = "", node_id: Optional[bytes] = None) -> bool:
         """Set ``rec.state = new`` if the move is legal and log it; else count it."""
-        old = rec.state
+        old = rec.state._value_
         cls = type(rec)
         if cls is Task:
-            table, kind, rid = (CREATE_MOVES if rec.kind == P.ACTOR_CREATE else TASK_MOVES), "task", rec.task_id
+            table, kind, rid = (_CREATE if rec.kind == P.ACTOR_CREATE else _TASK), "task", rec.task_id
             name = rec.spec.name
             if node_id is None:
                 if rec.node is not None:
@@ -82,19 +93,19 @@ class Transitions:
                 elif rec.actor is not None and rec.actor.executor is not None:  # a call
                     node_id = rec.actor.executor.node.node_id
         elif cls is Executor:
-            table, kind, rid, name = EXEC_MOVES, "executor", rec.cid, ""
+            table, kind, rid, name = _EXEC, "executor", rec.cid, ""
             node_id = rec.node.node_id
         elif cls is Actor:
-            table, kind, rid, name = ACTOR_MOVES, "actor", rec.actor_id, rec.class_name
+            table, kind, rid, name = _ACTOR, "actor", rec.actor_id, rec.class_name
         else:
             raise TypeError(f"no state machine for {cls.__name__}")
         if new not in table[old]:
             self.illegal += 1
             log.error("illegal %s transition %s -> %s for %s (%s): not applied",
-                      kind, old.value, new.value, rid.hex(), reason)
+                      kind, old, new._value_, rid.hex(), reason)
             return False
         rec.state = new
-        self.events.append((time.time(), kind, rid, old.value, new.value, reason, node_id, name))
+        self.events.append((time.time(), kind, rid, old, new._value_, reason, node_id, name))
         return True
 
     def history(self, rid: bytes) -> list:

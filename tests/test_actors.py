@@ -764,3 +764,80 @@ def test_detached_actor_outlives_its_driver_non_detached_dies(cluster):
     h = ray.get_actor(detached, namespace="ns")
     assert ray.get(h.ping.remote(), timeout=10) == "pong"
     _kill(h)
+
+
+# --------------------------------------------------------------------------
+# lifetime: handles are counted; actors share the fate of their creator
+# --------------------------------------------------------------------------
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie not yet reaped by its parent counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@ray.remote
+class Lifetime:
+    def pid(self):
+        return os.getpid()
+
+    def slow(self, seconds):
+        time.sleep(seconds)
+        return "done"
+
+    def make_child(self):
+        self.child = Lifetime.remote()
+        return ray.get(self.child.pid.remote())
+
+
+@ray.remote
+def use_handle_later(handle, seconds):
+    time.sleep(seconds)
+    return ray.get(handle.pid.remote())
+
+
+@pytest.mark.timeout(60)
+def test_actor_ends_when_every_handle_is_gone_after_its_calls(cluster):
+    a = Lifetime.remote()
+    pid = ray.get(a.pid.remote(), timeout=30)
+    pending = a.slow.remote(1.0)
+    del a  # the queued call still completes
+    assert ray.get(pending, timeout=30) == "done"
+    _wait_until(lambda: _pid_gone(pid), 20, what="the unreferenced actor's process to exit")
+
+
+@pytest.mark.timeout(60)
+def test_a_handle_held_by_a_task_keeps_the_actor(cluster):
+    a = Lifetime.remote()
+    pid = ray.get(a.pid.remote(), timeout=30)
+    later = use_handle_later.remote(a, 1.5)
+    del a
+    assert ray.get(later, timeout=30) == pid  # still alive for the borrower
+    _wait_until(lambda: _pid_gone(pid), 20, what="the actor to end after its last borrower")
+
+
+@pytest.mark.timeout(60)
+def test_child_actor_dies_with_its_parent_actor(cluster):
+    parent = Lifetime.remote()
+    child_pid = ray.get(parent.make_child.remote(), timeout=30)
+    parent_pid = ray.get(parent.pid.remote(), timeout=30)
+    os.kill(parent_pid, 9)
+    _wait_until(lambda: _pid_gone(child_pid), 20, what="the child actor to die with its owner")
+
+
+@pytest.mark.timeout(60)
+def test_detached_actor_outlives_its_handles(cluster):
+    name = _uname("keep")
+    a = Lifetime.options(name=name, lifetime="detached").remote()
+    pid = ray.get(a.pid.remote(), timeout=30)
+    del a
+    time.sleep(1.0)  # workload: give a (wrong) release time to happen
+    h = ray.get_actor(name)
+    assert ray.get(h.pid.remote(), timeout=10) == pid
+    _kill(h)

@@ -16,6 +16,7 @@ Every test checks that the processes it (or its fixture) started are gone at the
 import functools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -133,6 +135,58 @@ def _largest_entry(summary: dict, oid_hex: str):
         if o["object_id"] == oid_hex:
             return o
     return None
+
+
+def _churn_refs(make_ref, seconds: float = 3.0, nthreads: int = 4) -> int:
+    """Threads that make refs to task results and drop them at random moments while
+    the results arrive (some right after a get() that timed out), with the GIL
+    handed over every microsecond. Returns how many refs were made."""
+    old = sys.getswitchinterval()
+    stop = time.monotonic() + seconds
+    made = [0] * nthreads
+    errors: list = []
+
+    def churn(k):
+        rng = random.Random(k)
+        try:
+            while time.monotonic() < stop:
+                refs = [make_ref() for _ in range(4)]
+                try:
+                    zray.get(refs, timeout=rng.random() * 0.02)
+                except GetTimeoutError:
+                    pass
+                made[k] += len(refs)
+                del refs  # the last refs go while their values may be arriving
+        except BaseException as e:  # noqa: B036 - reported below
+            errors.append(e)
+
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=churn, args=(k,)) for k in range(nthreads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors
+    return sum(made)
+
+
+def _assert_records_back_to(baseline: set, timeout: float = 15.0) -> None:
+    """The driver's object table holds nothing but ``baseline`` once the values
+    still in flight have arrived (and been dropped: nobody holds a ref to them)."""
+    records = zray._runtime.client.records
+
+    def settled():
+        return not (set(records) - baseline)
+
+    deadline = time.monotonic() + timeout
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = set(records) - baseline
+    assert not left, (f"{len(left)} objects without a live ref still have a record here "
+                      f"(table {len(records)}, baseline {len(baseline)})")
 
 
 # ----------------------------------------------------------- remote functions
@@ -639,6 +693,41 @@ def test_memory_cli_lists_nodes_and_largest_objects(tcp_driver):
     del ref
 
 
+def _remove_worker(cluster, name: str, node_id):
+    """Kill a worker started by a test, forget it, and remove the store dir a SIGKILLed
+    agent leaves behind."""
+    victim = cluster.procs.pop(name)
+    if victim.poll() is None:
+        victim.kill()
+        victim.wait(5)
+    _kill_sessions({victim.pid})
+    if node_id:
+        shutil.rmtree(os.path.join(SHM_ROOT, node_id), ignore_errors=True)
+
+
+@pytest.mark.timeout(90)
+@_logs_on_failure
+def test_dropped_refs_keep_no_values_in_a_storeless_driver(tcp_driver):
+    # This driver has no store: each value it gets comes as a blob that is unpacked
+    # as it arrives, while other threads drop their last refs to those very objects.
+    # A value must never outlive its last ref here (it would leak, and stay readable).
+    client = zray._runtime.client
+    baseline = set(client.records)
+    made = _churn_refs(lambda: zeros_u8.remote(200_000), seconds=4.0)
+    assert made > 50
+    _assert_records_back_to(baseline)
+
+
+@pytest.mark.timeout(60)
+@_logs_on_failure
+def test_future_of_a_result_left_in_a_node_store_completes(tcp_driver):
+    # Asked for before the result exists; the result then turns out to be in a
+    # node's store, not here: the future must still get it moved here.
+    ref = zeros_u8.remote(300_000)
+    value = ref.future().result(timeout=30)
+    assert value.nbytes == 300_000 and not value.any()
+
+
 @pytest.mark.timeout(90)
 @_logs_on_failure
 def test_object_lost_when_its_only_node_dies(tcp_driver):
@@ -698,13 +787,7 @@ def test_object_lost_when_its_only_node_dies(tcp_driver):
         assert zray.get(summarize.options(resources={"nodeB": 0.01}).remote(np.arange(10)),
                         timeout=30)[4] == tcp_driver.node_ids["nodeB"]
     finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait(5)
-        _kill_sessions({victim.pid})
-        tcp_driver.procs.pop("workerC", None)  # gone on purpose
-        if node_c:  # a SIGKILLed agent leaves its store dir behind
-            shutil.rmtree(os.path.join(SHM_ROOT, node_c), ignore_errors=True)
+        _remove_worker(tcp_driver, "workerC", node_c)
 
 
 @zray.remote(max_retries=1)
@@ -739,13 +822,7 @@ def test_a_task_on_a_dying_node_is_queued_again(tcp_driver):
         assert [to for _, to, _ in h] == ["queued", "running", "queued", "running", "finished"], h
         assert node_d in h[2][2] and "died" in h[2][2], h
     finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait(5)
-        _kill_sessions({victim.pid})
-        tcp_driver.procs.pop("workerD", None)  # gone on purpose
-        if node_d:
-            shutil.rmtree(os.path.join(SHM_ROOT, node_d), ignore_errors=True)
+        _remove_worker(tcp_driver, "workerD", node_d)
 
 
 @pytest.mark.timeout(60)
@@ -817,3 +894,14 @@ def test_refs_made_in_a_task_live_while_the_driver_holds_them(local_ray):
     assert zray.get(total.remote(refs)) == 300_000 * 3.0  # nested refs borrowed by a task
     del refs
     assert _wait_files(store, lambda f: not (files & f)), "borrowed objects should be freed"
+
+
+@pytest.mark.timeout(60)
+def test_dropped_refs_keep_no_values_in_the_driver(local_ray):
+    # Small results come inline and large ones through the node's store, while
+    # other threads drop their last refs to them.
+    client = zray._runtime.client
+    baseline = set(client.records)
+    made = _churn_refs(lambda: zeros_u8.remote(random.choice([100, 200_000])), seconds=3.0)
+    assert made > 50
+    _assert_records_back_to(baseline)

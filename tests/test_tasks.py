@@ -308,6 +308,24 @@ def test_streaming_generator_yields_before_finish(ray_local):
     assert time.monotonic() - t0 >= 1.9
 
 
+
+@pytest.mark.timeout(60)
+def test_dropped_generator_leaves_no_items_behind(ray_local):
+    @zray.remote(num_returns="streaming")
+    def count(n):
+        yield from range(n)
+
+    records = zray._runtime.client.records
+    baseline = set(records)
+    it = count.remote(5)
+    first = next(it)
+    assert zray.get(first) == 0
+    # items 2..5 arrive before anyone takes them: the open generator keeps them
+    poll_until(lambda: len(set(records) - baseline) == 5, 10, what="all items here")
+    del first, it
+    assert set(records) - baseline == set()
+
+
 # ------------------------------------------------------------------------- arguments
 
 @pytest.mark.timeout(60)

@@ -125,6 +125,8 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     _runtime.cluster = cluster
     _runtime.namespace = namespace or ("anon-" + client.cid.hex()[:8])
     _runtime.job_runtime_env = dict(runtime_env or {})
+    # The job's namespace, for the tasks and actors of this job to find it.
+    client.request("register_job", {"namespace": _runtime.namespace})
     ctx = RayContext(resolved, client.info.get("session_dir", ""), "")
     _runtime.context = ctx
     if cluster is not None:
@@ -296,14 +298,14 @@ def get_actor(name: str, namespace: Optional[str] = None):
     if not isinstance(name, str) or not name:
         raise ValueError("Please supply a non-empty value to get_actor")
     client = _runtime.require_client()
-    ns = namespace if namespace is not None else _runtime.namespace
+    ns = namespace if namespace is not None else _runtime.current_namespace()
     info = client.request("get_actor", {"name": name, "namespace": ns})
     if info is None:
         raise ValueError(f"Failed to look up actor with name '{name}'. This could because 1. "
                          f"You are trying to look up a named actor you didn't create. 2. The "
                          f"named actor died. 3. You did not use a namespace matching the "
                          f"namespace of the actor.")
-    return _handle_from_meta(info)
+    return _handle_from_meta(info, client)
 
 
 def remote(*args, **kwargs):

@@ -5,26 +5,66 @@
     user threads                       I/O thread                   broker
     ------------                       ----------                   ------
     .remote() / put() / REFS    --out DEALER (send-only, lock)-->   ROUTER
-    get() / wait() wait on `cond`  <-- objects / replies ------ inbox DEALER <-- OBJ, REPLY,
+    get() / wait() wait on `cond`  <-- records / replies ----- inbox DEALER <-- OBJ, REPLY,
                                                                      LOG, EXEC, CANCEL
 
 * The *out* socket is only ever sent on, by any thread, under ``_send_lock``;
   submissions, puts and releases therefore reach the broker in program order.
-* The *inbox* belongs to the I/O thread. It stores pushed objects in
-  ``objects`` (oid -> (kind, frames)), stores replies, prints forwarded logs,
-  hands EXEC messages to an executor's main thread and delivers cancellations,
-  then wakes every waiter with one ``notify_all`` per drained batch.
-* Reference counts of the ObjectRefs alive in this process live in
-  ``refcounts``. A ref unpickled here (borrowed) is announced to the broker
-  (REFS +1, sent before anything else this client sends); when a count
-  reaches zero the local copy is dropped and the broker is told (REFS -1,
-  batched by RELEASE_BATCH / RELEASE_DELAY_MS).
-* Large values live in the node's object store (``store``); ``objects`` then
-  holds the STORED marker and ``get`` maps the file.
+* The *inbox* belongs to the I/O thread. It files pushed objects into their
+  records, stores replies, prints forwarded logs, hands EXEC messages to an
+  executor's main thread and delivers cancellations, then wakes every waiter
+  with one ``notify_all`` per drained batch.
+* A ref unpickled here (borrowed) is announced to the broker (REFS +1, sent
+  before anything else this client sends); when the last ref to an object goes
+  the broker is told (REFS -1, batched by RELEASE_BATCH / RELEASE_DELAY_MS).
+
+Local objects
+=============
+Every object this process holds an ObjectRef to has one record,
+``records[oid]`` (a ``LocalObject``): its ref count, its ``ObjectState``, its
+value once here, and the callbacks (``ObjectRef.future``) waiting for it. The
+first ref made or unpickled here creates the record; dropping the last one
+deletes it, value and all. A value that arrives for an oid without a record is
+dropped. One exception: an item of an open stream (``ObjectRefGenerator``)
+arrives before its ref is made, so it gets a record with ref count 0, which
+``close_stream`` deletes if the item was never taken.
+
+States::
+
+    PENDING        a ref is held; nothing asked, nothing heard
+    AWAITING_PUSH  a return of a task we submitted: the broker pushes it unasked
+    SUBSCRIBED     we sent SUB: the broker pushes it once it is ready
+    REMOTE         ready, in another node's store (wait() counts it as ready)
+    FETCHING       REMOTE and we sent SUB: the broker moves it to us
+    LOCAL          the value's frames are in this process
+    STORED         the value is in this node's store; get() maps the file
+
+Transitions (the message or call that makes each)::
+
+    first ObjectRef (incref)         -> PENDING
+    PENDING        --submit (expect_push)----------------> AWAITING_PUSH
+    PENDING        --get/wait/future (SUB)---------------> SUBSCRIBED
+    REMOTE         --get/future (SUB)--------------------> FETCHING
+    not LOCAL/STORED --OBJ naming another node's store---> REMOTE
+    any            --OBJ with frames (or a blob), put()--> LOCAL
+    any            --OBJ naming our node's store, put()--> STORED   (a later copy
+                                                         replaces an earlier value)
+    any            --last ObjectRef dropped (decref)-----> record deleted, REFS -1 queued
+
+Threads: records change only under ``_ref_lock``: user threads take it in
+incref/decref/put/_subscribe, the I/O thread once per run of OBJ/STREAM_END
+messages in a drained batch. An arriving value and the last decref of its
+object are therefore atomic with respect to each other: either the decref
+deletes the record with its value, or the arrival finds no record and drops
+the value. Waiters read ``state`` and ``value`` without the lock (a value is
+set before its state says it is here, and is never unset). Lock order:
+``cond`` -> ``_send_lock`` -> ``_ref_lock``; nothing sends, notifies or runs a
+callback while holding ``_ref_lock``.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import os
@@ -32,6 +72,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import zmq
@@ -43,7 +84,7 @@ from zray._security import secure_client
 from zray._serialization import deserialize, load_error, serialize
 from zray._store import INLINE_MAX, ObjectStore, parse_blob
 
-STORED = "stored"  # objects[oid] marker: the value is in this node's store
+IN_STORE = "in store"  # LocalObject.value's frames when the value is in this node's store
 
 log = logging.getLogger("zray.client")
 _CANCEL_SIGNALS = {signal.SIGUSR1}
@@ -54,16 +95,46 @@ RELEASE_BATCH = 256
 RELEASE_DELAY_MS = 100
 
 
-class _Either:
-    """`in` over two dicts (wait(): an object is ready here or on another node)."""
+class ObjectState(enum.IntEnum):
+    """Where a local object's value is, as far as this process knows (see the module doc)."""
 
-    __slots__ = ("a", "b")
+    PENDING = 0
+    AWAITING_PUSH = 1
+    SUBSCRIBED = 2
+    REMOTE = 3
+    FETCHING = 4
+    LOCAL = 5
+    STORED = 6
 
-    def __init__(self, a, b):
-        self.a, self.b = a, b
 
-    def __contains__(self, k):
-        return k in self.a or k in self.b
+PENDING, AWAITING_PUSH, SUBSCRIBED, REMOTE, FETCHING, LOCAL, STORED = ObjectState
+_HERE = frozenset({LOCAL, STORED})  # get() can read it
+_READY = frozenset({REMOTE, FETCHING, LOCAL, STORED})  # wait() counts it as ready
+
+
+@dataclass(slots=True)
+class LocalObject:
+    """This process's record of one object it holds refs to."""
+
+    refcount: int = 0
+    state: ObjectState = PENDING
+    # (kind, frames | IN_STORE) once LOCAL or STORED: one attribute, so that a
+    # reader never sees the kind of one copy with the frames of another.
+    value: Optional[tuple] = None
+    node_id: Optional[bytes] = None  # REMOTE / FETCHING: the node whose store has it
+    callbacks: Optional[list] = None  # run (outside the lock) once the value is here
+
+
+@dataclass(slots=True)
+class _Stream:
+    """An open ObjectRefGenerator: its items arrive before their refs exist."""
+
+    end: Optional[int] = None  # the item count, once STREAM_END came
+    top: int = 0  # the highest item index that arrived
+
+
+def _stream_index(oid: bytes) -> int:
+    return int.from_bytes(oid[P.TASK_ID_LEN:], "little")
 
 
 class Client:
@@ -95,19 +166,14 @@ class Client:
         self._direct_path = ""
         self._send_lock = threading.Lock()
         self.cond = threading.Condition(threading.Lock())
-        self._ref_lock = threading.RLock()
-        self.objects: dict = {}  # oid -> (kind, frames | STORED): readable here
-        self.remote_ready: dict = {}  # oid -> node id: ready, but in another node's store
-        self.awaiting_push: set = set()  # our task results the broker will push unasked
+        self._ref_lock = threading.RLock()  # guards records, _streams, _pending_refs
+        self.records: dict[bytes, LocalObject] = {}  # oid -> its record (module doc)
         self.store = ObjectStore(node_id) if node_id else None
-        self.refcounts: dict = {}
         self._pending_refs: list = []  # [(oid, +1 | -1)] in order, sent as one REFS
         self._pending_addref = False
         self._release_since = 0.0
-        self._subscribed: set = set()
         self._replies: dict = {}
-        self._streams: dict = {}  # task_id -> final count or None while running
-        self._callbacks: dict = {}  # oid -> [callable]
+        self._streams: dict[bytes, _Stream] = {}  # task_id -> its open stream
         self.current_task_id = b""
         self.current_task_name = ""
         self.current_actor_id = b""
@@ -278,57 +344,106 @@ class Client:
 
     def _handle_batch(self, batch):
         notify = False
+        arrived: list = []  # callbacks of objects now here, run once the lock is released
+        fetch: list = []  # objects ready elsewhere that a callback waits for
+        lock = self._ref_lock
+        held = False  # records change under _ref_lock, taken once per run of OBJ/STREAM_END
+        decoded = []  # decoded before taking the lock: user threads wait on it less
         for msg in batch:
             try:
-                m = P.decode(msg[0].buffer)
+                decoded.append((P.decode(msg[0].buffer), msg))
             except P.ProtocolError as e:
                 log.warning("dropping malformed message from broker: %s", e)
-                continue
-            mtype = m.TYPE
-            if mtype == Msg.OBJ:
-                oid = m.oid
-                self.awaiting_push.discard(oid)
-                if oid in self.refcounts or P.task_of(oid) in self._streams:
-                    loc = m.node_id
+        try:
+            for m, msg in decoded:
+                mtype = m.TYPE
+                if mtype == Msg.OBJ:
                     if m.codec is not None:
-                        self.objects[oid] = (m.kind, parse_blob(m.codec, msg[1].buffer)[1])
-                    elif loc is None:
-                        self.objects[oid] = (m.kind, msg[1:])
-                    elif loc == self.node_id:
-                        self.objects[oid] = (m.kind, STORED)
+                        if held:  # decompressing a blob takes a while: not under the lock
+                            lock.release()
+                            held = False
+                        value = (m.kind, parse_blob(m.codec, msg[1].buffer)[1])
+                        state = LOCAL
+                    elif m.node_id is None:
+                        value, state = (m.kind, msg[1:]), LOCAL
+                    elif m.node_id == self.node_id:
+                        value, state = (m.kind, IN_STORE), STORED
                     else:
-                        self.remote_ready[oid] = loc
-                        self._subscribed.discard(oid)
-                        notify = True
-                        continue
-                    cbs = self._callbacks.pop(oid, None)
-                    if cbs:
-                        for cb in cbs:
-                            cb()
-                notify = True
-            elif mtype == Msg.EXEC:
-                if self._on_exec is not None:
-                    self._on_exec(m, msg[1:])
-            elif mtype == Msg.REPLY:
-                self._replies[m.req_id] = (m.ok, m.result)
-                notify = True
-            elif mtype == Msg.STREAM_END:
-                if m.task_id in self._streams:
-                    self._streams[m.task_id] = m.count
-                notify = True
-            elif mtype == Msg.PRINT:
-                self._print_log(m.prefix, m.text)
-            elif mtype == Msg.INTERRUPT:
-                if self._on_cancel is not None:
-                    self._on_cancel(m.task_id, m.force)
-            elif mtype in (Msg.EXIT, Msg.SHUTDOWN):
-                if self._on_exec is not None:
-                    self._on_exec(m, [])
-                self.broker_gone = True
-                notify = True
+                        value, state = None, REMOTE
+                    if not held:
+                        lock.acquire()
+                        held = True
+                    self._arrived_locked(m.oid, state, value, m.node_id, arrived, fetch)
+                    notify = True
+                    continue
+                if mtype == Msg.STREAM_END:
+                    if not held:
+                        lock.acquire()
+                        held = True
+                    stream = self._streams.get(m.task_id)
+                    if stream is not None:
+                        stream.end = m.count
+                    notify = True
+                    continue
+                if held:  # the handlers below may send: never under _ref_lock
+                    lock.release()
+                    held = False
+                if mtype == Msg.EXEC:
+                    if self._on_exec is not None:
+                        self._on_exec(m, msg[1:])
+                elif mtype == Msg.REPLY:
+                    self._replies[m.req_id] = (m.ok, m.result)
+                    notify = True
+                elif mtype == Msg.PRINT:
+                    self._print_log(m.prefix, m.text)
+                elif mtype == Msg.INTERRUPT:
+                    if self._on_cancel is not None:
+                        self._on_cancel(m.task_id, m.force)
+                elif mtype in (Msg.EXIT, Msg.SHUTDOWN):
+                    if self._on_exec is not None:
+                        self._on_exec(m, [])
+                    self.broker_gone = True
+                    notify = True
+        finally:
+            if held:
+                lock.release()
+        for cb in arrived:
+            try:
+                cb()
+            except Exception:
+                log.exception("an object's done callback failed")
+        if fetch:
+            self.send(P.encode(P.Sub(fetch)))
         if notify:
             with self.cond:
                 self.cond.notify_all()
+
+    def _arrived_locked(self, oid: bytes, state: ObjectState, value, node_id,
+                        arrived: list, fetch: list) -> None:
+        """An OBJ: move ``oid``'s record to ``state`` (LOCAL, STORED or REMOTE).
+        Called by the I/O thread holding ``_ref_lock``."""
+        rec = self.records.get(oid)
+        if rec is None:
+            stream = self._streams.get(P.task_of(oid))
+            if stream is None:
+                return  # no ref to it is left here: drop the value
+            rec = self.records[oid] = LocalObject()  # held by the stream until taken
+            stream.top = max(stream.top, _stream_index(oid))
+        if state is REMOTE:
+            if rec.state in _HERE:
+                return  # already here: a copy elsewhere changes nothing
+            rec.node_id = node_id
+            if rec.callbacks:  # a future waits for the value: have it brought here
+                rec.state = FETCHING
+                fetch.append(oid)
+            else:
+                rec.state = REMOTE
+            return
+        rec.value = value  # before the state: lock-free readers check the state first
+        rec.state = state
+        if rec.callbacks:
+            arrived.extend(rec.callbacks)
+            rec.callbacks = None
 
     @staticmethod
     def _print_log(prefix: str, text: str):
@@ -350,8 +465,11 @@ class Client:
         unpickled here (not made by this process's submit/put), so the broker
         must learn that we hold it before the ref's giver may let it go."""
         with self._ref_lock:
-            n = self.refcounts.get(oid, 0)
-            self.refcounts[oid] = n + 1
+            rec = self.records.get(oid)
+            if rec is None:
+                rec = self.records[oid] = LocalObject()
+            n = rec.refcount
+            rec.refcount = n + 1
             if borrowed and n == 0 and not self.closed:
                 if not self._pending_refs:
                     self._release_since = time.monotonic()
@@ -359,20 +477,28 @@ class Client:
                 self._pending_addref = True
 
     def decref(self, oid: bytes):
+        """One ObjectRef to ``oid`` fewer; the last one deletes its record (and value)."""
         with self._ref_lock:
-            n = self.refcounts.get(oid, 0) - 1
-            if n > 0:
-                self.refcounts[oid] = n
-                return
-            self.refcounts.pop(oid, None)
-            self.objects.pop(oid, None)
-            self.awaiting_push.discard(oid)
-            self.remote_ready.pop(oid, None)
-            self._subscribed.discard(oid)
+            rec = self.records.get(oid)
+            if rec is not None:
+                if rec.refcount > 1:
+                    rec.refcount -= 1
+                    return
+                del self.records[oid]
             if not self.closed:
                 if not self._pending_refs:
                     self._release_since = time.monotonic()
                 self._pending_refs.append((oid, -1))
+
+    def expect_push(self, oids) -> None:
+        """``oids`` are returns of a task we are about to submit: the broker pushes
+        them to us unasked (PENDING -> AWAITING_PUSH)."""
+        with self._ref_lock:
+            records = self.records
+            for oid in oids:
+                rec = records.get(oid)
+                if rec is not None and rec.state is PENDING:
+                    rec.state = AWAITING_PUSH
 
     # ------------------------------------------------------------ objects
     def put(self, value, owner_ref_cls) -> object:
@@ -381,14 +507,21 @@ class Client:
         ref = owner_ref_cls(oid, self.cid, self)
         stored = self.store_frames(oid, P.VALUE, frames)
         if stored is not None:
-            self.objects[oid] = (P.VALUE, STORED)
+            self._set_value(oid, STORED, (P.VALUE, IN_STORE))
             self.send(P.encode(P.Put(oid, P.VALUE, nested, *stored)))
             return ref
         # Small: copy buffers once so later changes to the caller's arrays don't leak in.
         frames = [frames[0]] + [bytes(f) for f in frames[1:]]
-        self.objects[oid] = (P.VALUE, frames)
+        self._set_value(oid, LOCAL, (P.VALUE, frames))
         self.send(P.encode(P.Put(oid, P.VALUE, nested, None, 0)), frames)
         return ref
+
+    def _set_value(self, oid: bytes, state: ObjectState, value: tuple) -> None:
+        with self._ref_lock:
+            rec = self.records.get(oid)
+            if rec is not None:
+                rec.value = value
+                rec.state = state
 
     def store_frames(self, oid: bytes, kind: int, frames: list):
         """Write a large value into this node's store: (node_id, size), or None if it
@@ -411,8 +544,9 @@ class Client:
         return self.node_id, size
 
     def read_local(self, oid: bytes):
-        kind, frames = self.objects[oid]
-        if frames is STORED:
+        """(kind, frames) of an object that is here (LOCAL or STORED)."""
+        kind, frames = self.records[oid].value
+        if frames is IN_STORE:
             try:
                 kind, frames = self.store.read(oid)
             except FileNotFoundError:
@@ -423,13 +557,20 @@ class Client:
     def _subscribe(self, refs) -> None:
         # Owned results are pushed to us unasked; subscribe for others' objects and
         # for ours that are ready in another node's store (the broker fetches them).
-        objects, sub, remote, pushed = (self.objects, self._subscribed, self.remote_ready,
-                                        self.awaiting_push)
-        want = [r.id for r in refs
-                if r.id not in objects and r.id not in sub
-                and (r.id not in pushed or r.id in remote)]
+        want = []
+        with self._ref_lock:
+            records = self.records
+            for r in refs:
+                rec = records.get(r.id)
+                if rec is None:  # a ref this client does not count: ask anyway
+                    want.append(r.id)
+                elif rec.state is PENDING:
+                    rec.state = SUBSCRIBED
+                    want.append(r.id)
+                elif rec.state is REMOTE:
+                    rec.state = FETCHING
+                    want.append(r.id)
         if want:
-            self._subscribed.update(want)
             self.send(P.encode(P.Sub(want)))
 
     def wait_objects(self, refs, num_ready: int, timeout: Optional[float],
@@ -438,8 +579,14 @@ class Client:
 
         With ``fetch=False`` (wait()), an object ready in another node's store counts.
         """
-        objects = self.objects if fetch else _Either(self.objects, self.remote_ready)
-        missing = [r for r in refs if r.id not in objects]
+        records = self.records
+        done_states = _HERE if fetch else _READY
+
+        def done(oid):
+            rec = records.get(oid)
+            return rec is not None and rec.state in done_states
+
+        missing = [r for r in refs if not done(r.id)]
         if len(refs) - len(missing) >= num_ready:
             return
         self._subscribe(missing)
@@ -455,14 +602,15 @@ class Client:
                 while True:
                     # Re-check only what is still missing: O(n) over the whole wait.
                     if need_all:
-                        while i < len(missing) and missing[i].id in objects:
+                        while i < len(missing) and done(missing[i].id):
                             i += 1
                         if i == len(missing):
                             return
-                        if missing[i].id in self.remote_ready:
+                        rec = records.get(missing[i].id)
+                        if rec is not None and rec.state is REMOTE:
                             self._subscribe(missing[i:])
                     else:
-                        missing = [r for r in missing if r.id not in objects]
+                        missing = [r for r in missing if not done(r.id)]
                         if len(refs) - len(missing) >= num_ready:
                             return
                     if self.broker_gone:
@@ -486,10 +634,10 @@ class Client:
     def get_values(self, refs, timeout: Optional[float]) -> list:
         self.wait_objects(refs, len(refs), timeout)
         out = []
-        objects = self.objects
+        records = self.records
         for r in refs:
-            kind, frames = objects[r.id]
-            if frames is STORED:
+            kind, frames = records[r.id].value
+            if frames is IN_STORE:
                 kind, frames = self.read_local(r.id)
             if kind == P.ERROR:
                 raise load_error(frames)
@@ -497,7 +645,9 @@ class Client:
         return out
 
     def is_ready(self, oid: bytes) -> bool:
-        return oid in self.objects or oid in self.remote_ready
+        """Ready here or in another node's store (what wait() reports)."""
+        rec = self.records.get(oid)
+        return rec is not None and rec.state in _READY
 
     def add_done_callback(self, ref, fut) -> None:
         def done():
@@ -506,28 +656,47 @@ class Client:
             except BaseException as e:  # noqa: B036 - the future carries it
                 fut.set_exception(e)
 
-        with self.cond:
-            if ref.id not in self.objects:
-                self._callbacks.setdefault(ref.id, []).append(done)
-                self._subscribe([ref])
-                return
-        done()
+        with self._ref_lock:  # the I/O thread takes the callbacks under this lock
+            rec = self.records.get(ref.id)
+            waiting = rec is not None and rec.state not in _HERE
+            if waiting:
+                if rec.callbacks is None:
+                    rec.callbacks = []
+                rec.callbacks.append(done)
+        if waiting:
+            self._subscribe([ref])
+        else:
+            done()
 
     # ----------------------------------------------------------- streams
     def open_stream(self, task_id: bytes):
-        self._streams.setdefault(task_id, None)
+        with self._ref_lock:
+            self._streams.setdefault(task_id, _Stream())
 
     def close_stream(self, task_id: bytes):
-        self._streams.pop(task_id, None)
+        """The generator is gone: drop the items that arrived and were never taken."""
+        with self._ref_lock:
+            stream = self._streams.pop(task_id, None)
+            if stream is None:
+                return
+            records = self.records
+            for i in range(1, stream.top + 1):
+                oid = P.object_id(task_id, i)
+                rec = records.get(oid)
+                if rec is not None and rec.refcount == 0:
+                    del records[oid]
 
     def next_stream_item(self, task_id: bytes, index: int, timeout) -> Optional[bytes]:
         oid = P.object_id(task_id, index)
         deadline = None if timeout is None else time.monotonic() + timeout
+        records = self.records
         with self.cond:
             while True:
-                if oid in self.objects:
+                rec = records.get(oid)
+                if rec is not None and rec.state in _READY:
                     return oid
-                end = self._streams.get(task_id)
+                stream = self._streams.get(task_id)
+                end = stream.end if stream is not None else None
                 if end is not None and index > end:
                     return None
                 if self.broker_gone:

@@ -234,52 +234,33 @@ def _fail(what: str, v) -> None:
     raise ProtocolError(f"{what} expected, got {type(v).__name__}")
 
 
-def _bytes(v):
-    if type(v) is not bytes:
-        _fail("bytes", v)
-    return v
+def _exactly(t: type, what: str):
+    """A check that accepts values of type ``t`` (not subclasses: bool is not an int)."""
+    def check(v):
+        if type(v) is not t:
+            _fail(what, v)
+        return v
+    check.exact_type = t
+    return check
 
 
-def _opt_bytes(v):
-    if v is not None and type(v) is not bytes:
-        _fail("bytes or nil", v)
-    return v
+def _or_nil(t: type, what: str):
+    def check(v):
+        if v is not None and type(v) is not t:
+            _fail(what + " or nil", v)
+        return v
+    check.exact_type, check.nil = t, True
+    return check
 
 
-def _int(v):
-    if type(v) is not int:
-        _fail("int", v)
-    return v
-
-
-def _opt_int(v):
-    if v is not None and type(v) is not int:
-        _fail("int or nil", v)
-    return v
-
-
-def _bool(v):
-    if type(v) is not bool:
-        _fail("bool", v)
-    return v
-
-
-def _str(v):
-    if type(v) is not str:
-        _fail("str", v)
-    return v
-
-
-def _list(v):
-    if type(v) is not list:
-        _fail("array", v)
-    return v
-
-
-def _dict(v):
-    if type(v) is not dict:
-        _fail("map", v)
-    return v
+_bytes = _exactly(bytes, "bytes")
+_int = _exactly(int, "int")
+_bool = _exactly(bool, "bool")
+_str = _exactly(str, "str")
+_list = _exactly(list, "array")
+_dict = _exactly(dict, "map")
+_opt_bytes = _or_nil(bytes, "bytes")
+_opt_int = _or_nil(int, "int")
 
 
 def _any(v):
@@ -384,6 +365,28 @@ class TaskSpec(NamedTuple):
     def decode(cls, v) -> "TaskSpec":
         if type(v) is not list or len(v) != _SPEC_LEN:
             raise ProtocolError("task spec: array of %d expected" % _SPEC_LEN)
+        # Fast path (every SUBMIT and EXEC): all scalar fields in one expression; the
+        # field-by-field checks below run only to say what is wrong.
+        (task_id, kind, fid, name, nret, resources, deps, nested, options, actor_id, owner,
+         driver, job, parent) = v
+        if (type(task_id) is bytes and len(task_id) == TASK_ID_LEN
+                and type(fid) is (str if kind == ACTOR_CALL else bytes)
+                and (kind == TASK or kind == ACTOR_CREATE or kind == ACTOR_CALL)
+                and type(name) is str and type(nret) is int and STREAMING <= nret <= MAX_RETURNS
+                and type(resources) is dict and type(deps) is list and type(nested) is list
+                and type(options) is dict and type(actor_id) is bytes and type(owner) is bytes
+                and type(driver) is bytes and type(job) is bytes and type(parent) is bytes):
+            for r, u in resources.items():
+                if type(r) is not str or type(u) is not int or u < 0:
+                    raise ProtocolError(f"task spec: resource {r!r}: {u!r}")
+            for dep in deps:
+                if (type(dep) is not list or len(dep) != 2 or type(dep[0]) not in (int, str)
+                        or type(dep[1]) is not bytes or len(dep[1]) != OBJECT_ID_LEN):
+                    raise ProtocolError(f"task spec: dep {dep!r:.60}")
+            for oid in nested:
+                if type(oid) is not bytes or len(oid) != OBJECT_ID_LEN:
+                    raise ProtocolError(f"task spec: nested ref {oid!r:.40}")
+            return cls._make(v)
         spec = cls._make(v)
         _task_id(spec.task_id)
         if spec.kind not in (TASK, ACTOR_CREATE, ACTOR_CALL):
@@ -703,6 +706,37 @@ def encode(msg) -> bytes:
     return _packb((msg.TYPE, *msg))
 
 
+def _fast_decoder(cls):
+    """A decoder for ``cls`` with its plain type checks inlined (the broker decodes every
+    message: a function call per field was most of the cost). It returns None where a
+    check fails; ``decode`` then runs the checks one by one to say which."""
+    n = len(cls.CHECKS)
+    names = [f"v{i}" for i in range(n)]
+    conds, calls, env = [], [], {"cls": cls}
+    for i, check in enumerate(cls.CHECKS):
+        t = getattr(check, "exact_type", None)
+        if t is not None:
+            env[f"T{i}"] = t
+            cond = f"type(v{i}) is T{i}"
+            conds.append(f"(v{i} is None or {cond})" if getattr(check, "nil", False) else cond)
+        elif check is not _any:
+            env[f"C{i}"] = check
+            calls.append(f"    v{i} = C{i}(v{i})")
+    unpack = ", ".join(names) + ("," if n == 1 else "")
+    src = ["def fast(h):", f"    if len(h) != {n + 1}:", "        return None"]
+    if n:
+        src.append(f"    _, {unpack} = h")
+    if conds:
+        src += [f"    if not ({' and '.join(conds)}):", "        return None"]
+    src += calls + [f"    return cls({', '.join(names)})"]
+    exec("\n".join(src), env)  # noqa: S102 - source built above from our own tables
+    return env["fast"]
+
+
+_FAST = {cls.TYPE: _fast_decoder(cls) for cls in MESSAGES if cls is not Hello
+         and cls is not NodeHello}  # HELLOs are rare and must report a version first
+
+
 def decode(buf):
     """Check a header frame and return its message; ProtocolError if it is not one."""
     try:
@@ -711,6 +745,14 @@ def decode(buf):
         raise ProtocolError(f"header is not msgpack: {e}") from None
     if type(h) is not list or not h:
         raise ProtocolError("header is not a non-empty array")
+    fast = _FAST.get(h[0])
+    if fast is not None:
+        try:
+            msg = fast(h)
+        except ProtocolError as e:
+            raise ProtocolError(f"{Msg(h[0]).name}: {e}") from None
+        if msg is not None:
+            return msg
     cls = _BY_TYPE.get(h[0])
     if cls is None:
         raise ProtocolError(f"unknown message type {h[0]!r:.20}")

@@ -89,7 +89,7 @@ def return_refs(client, task_id: bytes, nret):
         return ObjectRefGenerator(task_id, client.cid, client)
     cid = client.cid
     refs = [ObjectRef(P.object_id(task_id, i), cid, client) for i in range(1, nret + 1)]
-    client.awaiting_push.update(r.id for r in refs)  # the broker pushes these to us
+    client.expect_push(r.id for r in refs)  # the broker pushes these to us
     if nret == 1:
         return refs[0]
     return refs if nret else None
@@ -117,6 +117,7 @@ class RemoteFunction:
         self._def = _Definition(fn)
         self._prepared = None
         self._prepared_for = None
+        self._prepared_env = None
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", "task")
         self.__wrapped__ = fn
@@ -138,9 +139,13 @@ class RemoteFunction:
     def remote(self, *args, **kwargs):
         client = _runtime.require_client()
         prep = self._prepared
-        if prep is None or self._prepared_for is not client:
+        # Recomputed for another client, or when the inherited runtime_env changed (an
+        # executor sets the running task's as the one its children inherit).
+        if (prep is None or self._prepared_for is not client
+                or self._prepared_env is not _runtime.job_runtime_env):
             prep = self._prepared = _Prepared(self._options)
             self._prepared_for = client
+            self._prepared_env = _runtime.job_runtime_env
         return self._submit(client, prep, self._options.get("name") or self._name, args, kwargs)
 
     def _submit(self, client, prep, name, args, kwargs):
@@ -165,9 +170,11 @@ class _BoundOptions:
 
     def remote(self, *args, **kwargs):
         client = _runtime.require_client()
-        if self._prep is None or self._prep_for is not client:
+        key = (client, _runtime.job_runtime_env)  # see RemoteFunction.remote
+        if self._prep is None or self._prep_for is None or self._prep_for[0] is not key[0] \
+                or self._prep_for[1] is not key[1]:
             self._prep = _Prepared(self._options)
-            self._prep_for = client
+            self._prep_for = key
         name = self._options.get("name") or self._fn._name
         return self._fn._submit(client, self._prep, name, args, kwargs)
 

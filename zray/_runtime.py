@@ -21,7 +21,7 @@ client = None
 cluster = None
 # True inside an executor process, where init() and shutdown() do nothing.
 worker_mode = False
-# The workerd.executor.Executor inside an executor process, else None.
+# The workerd.executor.ExecutorProcess inside an executor process, else None.
 executor = None
 # The namespace of named actors: init(namespace=...), or "anon-<client id>".
 namespace = ""
@@ -43,6 +43,24 @@ def require_client():
                                "hook (zray._api was never imported): call zray.init() first")
         auto_init()
     return client
+
+
+def current_namespace() -> str:
+    """The namespace named actors are created in and looked up in: the driver's, and
+    inside a task or actor that of the job it belongs to (asked of the broker once per
+    job and cached)."""
+    if not worker_mode:
+        return namespace
+    c = require_client()
+    ns = _job_namespaces.get(c.job_id)
+    if ns is None:
+        info = c.request("job_info", {"job": c.job_id}) or {}
+        ns = _job_namespaces[c.job_id] = str(info.get("namespace") or "")
+    return ns
+
+
+# Executor: job id -> that job's namespace (see current_namespace).
+_job_namespaces: dict = {}
 
 
 def job_env_vars() -> dict:

@@ -8,6 +8,7 @@ import cloudpickle
 
 from zray import _options, _runtime
 from zray import _protocol as P
+from zray._refs import ObjectRef
 from zray._remote import _Definition, make_spec, return_refs, serialize_args
 from zray.exceptions import ActorAlreadyExistsError
 
@@ -80,9 +81,17 @@ class ActorClass:
         self._cls = cls
         self._options = _options.validate(dict(options), _options.ACTOR_OPTIONS, "actors")
         self._def = _Definition(_with_builtin_methods(cls))
-        self._meta = _method_meta(cls)
+        self._meta_cache = None
         self.__name__ = cls.__name__
         self.__doc__ = cls.__doc__
+
+    @property
+    def _meta(self) -> dict:
+        # Read on first use, not at construction: an actor class whose methods name the
+        # class itself is rebuilt by cloudpickle as an empty class first, methods after.
+        if self._meta_cache is None:
+            self._meta_cache = _method_meta(self._cls)
+        return self._meta_cache
 
     def __reduce__(self):
         return (ActorClass, (self._cls, self._options))
@@ -101,14 +110,14 @@ class ActorClass:
     def _create(self, args, kwargs, options) -> "ActorHandle":
         client = _runtime.require_client()
         name = options.get("name")
-        namespace = options.get("namespace") or _runtime.namespace
+        namespace = options.get("namespace") or _runtime.current_namespace()
         if name:
             if not isinstance(name, str):
                 raise ValueError(f"actor name must be a str, got {name!r}")
             existing = client.request("get_actor", {"name": name, "namespace": namespace})
             if existing is not None:
                 if options.get("get_if_exists"):
-                    return _handle_from_meta(existing)
+                    return _handle_from_meta(existing, client)
                 raise ActorAlreadyExistsError(
                     f"Actor with name {name!r} already exists in namespace {namespace!r}; use "
                     f"a different name, or get_if_exists=True (or get_actor({name!r})) to get it.")
@@ -133,7 +142,12 @@ class ActorClass:
         spec = make_spec(client, P.ACTOR_CREATE, fid, self.__name__, 0, place, opts,
                          deps, nested, actor_id)
         client.send(P.encode(P.Submit(spec)), frames)
-        return ActorHandle(actor_id, self.__name__, self._meta)
+        # A non-detached actor lives while a handle to it does (anywhere: the handle's
+        # ref is counted like an ObjectRef's) and while its creator lives.
+        ref = None
+        if options.get("lifetime") != "detached":
+            ref = ObjectRef(P.object_id(actor_id, 0), client.cid, client)
+        return ActorHandle(actor_id, self.__name__, self._meta, ref)
 
     def bind(self, *a, **k):
         raise NotImplementedError("Ray DAG (.bind) is not supported by zray")
@@ -148,29 +162,35 @@ class _ActorOptions:
         return self._cls._create(args, kwargs, self._options)
 
 
-def _handle_from_meta(info: dict) -> "ActorHandle":
+def _handle_from_meta(info: dict, client) -> "ActorHandle":
     meta = cloudpickle.loads(info["handle_meta"])
-    return ActorHandle(meta["actor_id"], meta["class_name"], meta["methods"])
+    ref = None
+    if info.get("handle_owner"):  # not detached: this handle counts too
+        ref = ObjectRef(P.object_id(meta["actor_id"], 0), info["handle_owner"], client,
+                        _borrowed=True)
+    return ActorHandle(meta["actor_id"], meta["class_name"], meta["methods"], ref)
 
 
 def current_actor_handle(actor_id: bytes, executor) -> "ActorHandle":
-    """The handle of the actor hosted by ``executor`` (get_runtime_context().current_actor)."""
+    """The handle of the actor hosted by ``executor`` (get_runtime_context().current_actor).
+    It holds no reference (as Ray's is weak): an actor's own handle never keeps it alive."""
     cls = executor.fns.get(executor.actor_spec.fid)
     cls = getattr(cls, "__zray_user_class__", cls)
     return ActorHandle(actor_id, cls.__name__, _method_meta(cls))
 
 
-def _rebuild_handle(actor_id, class_name, methods):
-    return ActorHandle(actor_id, class_name, methods)
+def _rebuild_handle(actor_id, class_name, methods, ref=None):
+    return ActorHandle(actor_id, class_name, methods, ref)
 
 
 class ActorHandle:
     """A handle to an actor; pass it to tasks and other actors freely."""
 
-    def __init__(self, actor_id: bytes, class_name: str, methods: dict):
+    def __init__(self, actor_id: bytes, class_name: str, methods: dict, ref=None):
         self._actor_id = actor_id
         self._class_name = class_name
         self._methods = methods
+        self._ref = ref  # keeps a non-detached actor alive (None: detached)
         self._cache: dict = {}
 
     def __getattr__(self, name) -> "ActorMethod":
@@ -184,11 +204,16 @@ class ActorHandle:
                 options = {}
             else:
                 raise AttributeError(f"'{self._class_name}' actor has no method '{name}'")
-            m = self._cache[name] = ActorMethod(self, name, options)
-        return m
+            m = self._cache[name] = ActorMethod(None, name, options)
+            m._qualname = f"{self._class_name}.{name}"
+        # A new bound method each time: caching one that points back at this handle
+        # would make a cycle, and the handle (whose ref keeps the actor) would outlive
+        # its last user until a GC pass.
+        return m._bind(self)
 
     def __reduce__(self):
-        return (_rebuild_handle, (self._actor_id, self._class_name, self._methods))
+        # The ref travels with the handle: the receiver becomes a borrower of it.
+        return (_rebuild_handle, (self._actor_id, self._class_name, self._methods, self._ref))
 
     def __repr__(self):
         return f"Actor({self._class_name}, {self._actor_id.hex()})"
@@ -211,11 +236,17 @@ class ActorMethod:
         self._options = options
         nr = options.get("num_returns", 1)
         self._nret = P.STREAMING if nr == "streaming" else nr
-        self._qualname = f"{handle._class_name}.{name}"
+        self._qualname = f"{handle._class_name}.{name}" if handle is not None else name
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"Actor methods cannot be called directly. Instead of running "
                         f"'{self._name}()', try '{self._name}.remote()'.")
+
+    def _bind(self, handle: ActorHandle) -> "ActorMethod":
+        m = ActorMethod.__new__(ActorMethod)
+        m._handle, m._name, m._options, m._nret = handle, self._name, self._options, self._nret
+        m._qualname = self._qualname
+        return m
 
     def options(self, **options) -> "ActorMethod":
         _options.validate(options, _options.METHOD_OPTIONS, "actor methods")

@@ -2,10 +2,11 @@
 
 In a driver the answers come from its client and ``init()``'s arguments. In an
 executor they come from the spec of what runs there, which the executor keeps
-(workerd/executor.py): ``spec`` is the task or sync actor call it runs now,
-``actor_spec`` the creation of the actor it hosts. Calls of threaded and async
-actors run beside each other, so there ``spec`` is the actor's creation: names
-and ids of those calls are the actor's, not the call's.
+(``ExecutorProcess`` in workerd/executor.py): ``spec`` is the task or sync actor
+call it runs now, ``actor_spec`` the creation of the actor it hosts. Calls of
+threaded and async actors run beside each other with no spec of their own, so
+in them the task's names are None and ``is_canceled()`` is found through the
+asyncio task (async) or is always False (threaded).
 """
 
 from __future__ import annotations
@@ -42,10 +43,16 @@ def _spec():
     ex = _runtime.executor
     if ex is None:
         return None
-    if (getattr(ex, "actor_mode", "") in ("threaded", "async")
+    if (_actor_mode(ex) in ("threaded", "async")
             and threading.current_thread() is not threading.main_thread()):
         return None
     return getattr(ex, "spec", None)
+
+
+def _actor_mode(ex) -> str:
+    """"sync", "threaded" or "async" (workerd.actors.ActorMode) once the actor is built."""
+    mode = getattr(getattr(ex, "actor", None), "mode", None)
+    return getattr(mode, "value", "")
 
 
 def _actor_spec():
@@ -90,7 +97,7 @@ class RuntimeContext:
         return self._client().cid.hex()
 
     def get_namespace(self) -> str:
-        return _runtime.namespace
+        return _runtime.current_namespace()
 
     def get_placement_group_id(self) -> Optional[str]:
         """None: zray has no placement groups yet."""
@@ -98,7 +105,7 @@ class RuntimeContext:
 
     @property
     def namespace(self) -> str:
-        return _runtime.namespace
+        return _runtime.current_namespace()
 
     @property
     def job_id(self):
@@ -172,15 +179,16 @@ class RuntimeContext:
         if ex is None:
             raise RuntimeError(_WORKER_ONLY)
         task_id = self._client().current_task_id
-        if getattr(ex, "loop", None) is not None:  # an async actor: which call is this?
+        mode = _actor_mode(ex)
+        if mode == "threaded":
+            return False
+        if mode == "async":  # which call is this? the one whose asyncio task runs
             try:
                 current = asyncio.current_task()
             except RuntimeError:
                 current = None
-            for tid, t in list(ex.async_tasks.items()):
-                if t is current:
-                    task_id = tid
-                    break
+            task_id = next((tid for tid, t in list(ex.actor.async_tasks.items())
+                            if t is current), b"")
         return bool(task_id) and task_id in ex.cancelled
 
     def get_runtime_env_string(self) -> str:

@@ -1,0 +1,236 @@
+"""The one actor an executor hosts: created once, then called until the process ends.
+
+::
+
+    EXEC (ACTOR_CREATE) --> create_actor: cls(*args) on the main thread --> ActorMode --> DONE [None]
+    EXEC (ACTOR_CALL) ----> ActorHost.handle, picked by the mode at creation:
+        SYNC      method() on the main thread, in arrival order -------+
+        THREADED  pool.submit(method): max_concurrency threads --------+--> ResultSender --> DONE
+        ASYNC     loop.create_task(method()) on the event loop thread,  |
+                  at most max_concurrency at once (a semaphore) -------+
+    INTERRUPT ----> ActorHost.cancel (I/O thread): ASYNC: task.cancel() on the loop;
+                    SYNC: the call runs on, then reports TaskCancelledError;
+                    THREADED: the call runs on; only an error it raises becomes one
+    exit_actor() --ActorExit--> ExecutorProcess.exit_actor: os._exit(ACTOR_EXIT_CODE)
+
+An actor gets a fresh executor process (never a pooled one) and keeps it, with
+the environment of its creation (CUDA_VISIBLE_DEVICES included), for life:
+calls never restore it.
+A class with any ``async def`` method or async generator is an async actor;
+otherwise ``max_concurrency`` > 1 makes it threaded. Sync calls go through
+``prepare`` like tasks (context, env_vars and gpu_ids of the call); threaded and
+async calls run under the context set at creation.
+
+A call that raises ActorExit sends no reply: the broker fails it with
+ActorDiedError when the process exits, and does not restart the actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import inspect
+import threading
+from typing import TYPE_CHECKING, Optional
+
+from workerd.results import split_returns
+from zray import _protocol as P
+from zray.actor import ActorExit
+
+if TYPE_CHECKING:
+    from workerd.executor import ExecutorProcess
+
+
+class ActorMode(enum.Enum):
+    """How an actor runs its calls; fixed at creation."""
+
+    SYNC = "sync"  # one call at a time on the main thread, in arrival order
+    THREADED = "threaded"  # max_concurrency > 1: calls on a thread pool
+    ASYNC = "async"  # async methods: coroutines on an event loop thread
+
+    @classmethod
+    def of(cls, actor_cls: type, max_concurrency: Optional[int]) -> ActorMode:
+        is_async = any(inspect.iscoroutinefunction(m) or inspect.isasyncgenfunction(m)
+                       for _, m in inspect.getmembers(actor_cls, inspect.isfunction))
+        if is_async:
+            return cls.ASYNC
+        if max_concurrency and max_concurrency > 1:
+            return cls.THREADED
+        return cls.SYNC
+
+
+def create_actor(proc: ExecutorProcess, msg: P.Exec, frames: list) -> None:
+    """Build the actor of an ACTOR_CREATE (main thread), set ``proc.actor`` and reply."""
+    loaded = proc.load_call(msg, frames)
+    if loaded is None:
+        return
+    args, kwargs = loaded
+    spec = msg.spec
+    results = proc.results
+    proc.prepare(spec, msg.gpu_ids)
+    try:
+        cls = proc.load_fn(spec.fid)
+        proc.logs.prefix = f"({getattr(cls, '__name__', 'Actor')} pid={proc.pid})"
+        proc.client.current_actor_id = spec.actor_id
+        proc.actor_spec = spec
+        try:
+            instance = cls(*args, **kwargs)
+        finally:
+            proc.stdout.flush()
+            proc.stderr.flush()
+        host = ActorHost(proc, instance, spec.options.get("max_concurrency"))
+    except ActorExit:
+        raise
+    except BaseException as e:  # noqa: B036 - the caller learns why the actor died
+        results.finish_error(spec, e)
+        proc.restore()
+        return
+    proc.actor = host
+    results.finish_values(spec, [None])
+
+
+class ActorHost:
+    """This process's actor instance, and how its calls run (``mode``)."""
+
+    def __init__(self, proc: ExecutorProcess, instance, max_concurrency: Optional[int]):
+        self.proc = proc
+        self.instance = instance
+        self.mode = ActorMode.of(type(instance), max_concurrency)
+        self.cancelled = proc.cancelled
+        self.load_call = proc.load_call
+        self.prepare = proc.prepare
+        self.stdout, self.stderr = proc.stdout, proc.stderr
+        results = proc.results
+        self.stream = results.stream
+        self.finish_values = results.finish_values
+        self.finish_error = results.finish_error
+        self.cancelled_error = results.cancelled_error
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.async_tasks: dict = {}  # task id -> asyncio.Task of an ASYNC call in flight
+        self.async_sem: Optional[asyncio.Semaphore] = None
+        if self.mode is ActorMode.ASYNC:
+            self.start_loop(max_concurrency or 1000)
+            self.handle = self.call_async
+        elif self.mode is ActorMode.THREADED:
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency,
+                                                              thread_name_prefix="zray-actor")
+            self.handle = self.call_threaded
+        else:
+            self.handle = self.call_sync
+
+    def start_loop(self, conc: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.async_sem = asyncio.Semaphore(conc)
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=run, name="zray-actor-loop", daemon=True).start()
+        ready.wait()
+
+    def cancel(self, task_id: bytes) -> None:
+        """I/O thread: interrupt a call if it can be (an ASYNC call in flight)."""
+        fut = self.async_tasks.get(task_id)
+        if fut is not None:
+            self.loop.call_soon_threadsafe(fut.cancel)
+
+    # ------------------------------------------------------- one call, by mode
+    def call_sync(self, msg: P.Exec, frames: list) -> None:
+        """Run one call on the main thread and send its results."""
+        loaded = self.load_call(msg, frames)
+        if loaded is None:
+            return
+        args, kwargs = loaded
+        spec = msg.spec
+        self.prepare(spec, msg.gpu_ids)
+        try:
+            result = getattr(self.instance, spec.fid)(*args, **kwargs)
+            if spec.num_returns == P.STREAMING:
+                self.stream(spec, result)
+                return
+            outs = split_returns(spec, result)
+        except ActorExit:
+            raise  # no reply: the broker fails this call with ActorDiedError on our exit
+        except BaseException as e:  # noqa: B036 - user code may raise anything
+            self.finish_error(spec, e)
+            return
+        finally:
+            self.stdout.flush()
+            self.stderr.flush()
+        if spec.task_id in self.cancelled:
+            self.cancelled_error(spec)
+            return
+        self.finish_values(spec, outs)
+
+    def call_threaded(self, msg: P.Exec, frames: list) -> None:
+        """Hand one call to the thread pool (main thread)."""
+        loaded = self.load_call(msg, frames)
+        if loaded is None:
+            return
+        args, kwargs = loaded
+        spec = msg.spec
+        self.pool.submit(self.run_in_thread, spec, getattr(self.instance, spec.fid), args, kwargs)
+
+    def run_in_thread(self, spec: P.TaskSpec, method, args, kwargs) -> None:
+        try:
+            result = method(*args, **kwargs)
+            outs = split_returns(spec, result)
+        except ActorExit:
+            self.proc.exit_actor()
+        except BaseException as e:  # noqa: B036
+            self.finish_error(spec, e)
+            return
+        finally:
+            self.stdout.flush()
+        self.finish_values(spec, outs)
+
+    def call_async(self, msg: P.Exec, frames: list) -> None:
+        """Start one call as a task on the event loop (main thread)."""
+        loaded = self.load_call(msg, frames)
+        if loaded is None:
+            return
+        args, kwargs = loaded
+        spec = msg.spec
+        method = getattr(self.instance, spec.fid)
+        task_id = spec.task_id
+
+        async def run():
+            async with self.async_sem:
+                if inspect.iscoroutinefunction(method):
+                    return await method(*args, **kwargs)
+                if inspect.isasyncgenfunction(method):
+                    return [v async for v in method(*args, **kwargs)]
+                return method(*args, **kwargs)
+
+        def start():
+            t = self.loop.create_task(run())
+            self.async_tasks[task_id] = t
+            if task_id in self.cancelled:
+                t.cancel()
+            t.add_done_callback(lambda t: self.async_done(spec, t))
+
+        self.loop.call_soon_threadsafe(start)
+
+    def async_done(self, spec: P.TaskSpec, t: asyncio.Task) -> None:
+        self.async_tasks.pop(spec.task_id, None)
+        self.stdout.flush()
+        if t.cancelled() or spec.task_id in self.cancelled:
+            self.cancelled_error(spec)
+            return
+        exc = t.exception()
+        if isinstance(exc, ActorExit):
+            self.proc.exit_actor()
+        if exc is not None:
+            self.finish_error(spec, exc)
+            return
+        try:
+            outs = split_returns(spec, t.result())
+        except BaseException as e:  # noqa: B036
+            self.finish_error(spec, e)
+            return
+        self.finish_values(spec, outs)

@@ -1,0 +1,95 @@
+"""What user code prints in an executor: to the executor's log file and to the driver.
+
+::
+
+    print() --> sys.stdout / sys.stderr (TaskStream)
+                  |-- every write -----> the raw stream: this executor's log file
+                  '-- whole lines -----> LogForwarder.forward --LOG--> broker --PRINT--> driver
+
+``ExecutorProcess`` replaces ``sys.stdout`` and ``sys.stderr`` with a
+``TaskStream`` each. A write goes to the raw stream at once and is buffered
+until a newline; complete lines go to the driver at the root of the current
+call as one LOG, prefixed ``(name pid=N)`` (``!`` appended for stderr).
+The executor flushes both streams when a call ends, so a partial last line
+reaches the driver with the call, not with the next one.
+
+``LogForwarder.driver`` and ``prefix`` are set per call by the executor (the
+driver in ``prepare``, the prefix by the task runner or at actor creation).
+Threaded and async actors write from several threads: each stream's buffer is
+locked; the client's out socket locks itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from zray import _protocol as P
+from zray._client import Client
+
+
+class LogForwarder:
+    """Sends printed lines to the driver of the call that printed them."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.driver = b""  # cid of the driver at the root of the current call; b"": keep local
+        self.prefix = ""  # "(name pid=N)": the task or actor class that prints
+
+    def forward(self, text: str, is_err: bool) -> None:
+        driver = self.driver
+        if driver and text.strip("\n"):
+            prefix = self.prefix + ("!" if is_err else "")
+            try:
+                self.client.send(P.encode(P.Log(driver, prefix, text)))
+            except Exception:
+                pass
+
+
+class TaskStream:
+    """sys.stdout/err replacement: writes go to the raw stream, whole lines to ``forward``."""
+
+    def __init__(self, forward: Callable[[str, bool], None], raw, is_err: bool):
+        self.forward = forward
+        self.raw = raw
+        self.is_err = is_err
+        self.buf = []
+        self.lock = threading.Lock()
+
+    def write(self, s):
+        if not s:
+            return 0
+        try:
+            self.raw.write(s)
+        except Exception:
+            pass
+        with self.lock:
+            self.buf.append(s)
+            if "\n" not in s:
+                return len(s)
+            text = "".join(self.buf)
+            cut = text.rfind("\n") + 1
+            self.buf = [text[cut:]] if cut < len(text) else []
+        self.forward(text[:cut], self.is_err)
+        return len(s)
+
+    def flush(self):
+        with self.lock:
+            text = "".join(self.buf)
+            self.buf = []
+        if text:
+            self.forward(text, self.is_err)
+        try:
+            self.raw.flush()
+        except Exception:
+            pass
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return self.raw.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.raw, "encoding", "utf-8")

@@ -1,0 +1,149 @@
+"""What a finished call sends: its return values, its stream items or its error.
+
+::
+
+    return values --serialize--> small: inline frames --------------------+
+                                 large: written to this node's store -----+
+                                                                          v
+        owner on this node <--OBJ (PUSH)-- push_results          DONE + frames --> broker
+    generator items --serialize--> YIELD + frames --> broker ... then an empty DONE
+    an exception --task_error--> DONE: one ERROR per return, retryable? --> broker
+
+Every call ends in exactly one DONE to the broker, which keeps the books and
+frees the call's resources. A result holding no refs is also pushed straight
+to its owner when the owner runs on this node (``Client.push_direct``): three
+hops instead of four. ``Done.pushed`` tells the broker which results went
+that way; it forwards the others. A result holding refs goes only through the
+broker, which must learn of those refs (PUTs sent on the same socket before
+this DONE) before the owner can use them.
+
+An error is retryable when the call's ``retry_exceptions`` covers it and it
+is not a cancellation: the broker runs the task again instead of storing the
+error, so nothing is pushed. A call cancelled while it ran reports
+TaskCancelledError, whatever it raised.
+
+Used from the main thread, an actor's thread pool and its event loop thread;
+the client's out socket locks itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import cloudpickle
+
+from zray import _protocol as P
+from zray import exceptions
+from zray._client import Client
+from zray._serialization import serialize, task_error
+
+
+def split_returns(spec: P.TaskSpec, result) -> list:
+    """A call's result as its list of ``num_returns`` values."""
+    n = spec.num_returns
+    if n == 1:
+        return [result]
+    if n == 0:
+        return []
+    if inspect.isgenerator(result):
+        result = list(result)
+    if not isinstance(result, (tuple, list)) or len(result) != n:
+        got = len(result) if isinstance(result, (tuple, list)) else type(result).__name__
+        raise ValueError(f"Task {spec.name} declared num_returns={n} but returned {got}")
+    return list(result)
+
+
+class ResultSender:
+    """Sends the results of calls: DONE (values or error) and YIELD (stream items)."""
+
+    def __init__(self, client: Client, cancelled: set, pid: int):
+        self.client = client
+        self.cancelled = cancelled  # task ids cancelled while queued or running (shared)
+        self.pid = pid
+        # exit_actor() began: calls still running on other threads of a threaded or async
+        # actor send nothing, so they fail with ActorDiedError like the calls queued behind
+        self.exiting = False
+
+    def stream(self, spec: P.TaskSpec, gen) -> None:
+        """Send each item of a generator task as a YIELD, then an empty DONE."""
+        task_id = spec.task_id
+        i = 0
+        try:
+            for value in gen:
+                i += 1
+                frames, nested = serialize(value)
+                self.client.send(P.encode(P.Yield(task_id, i, P.VALUE, len(frames), nested)),
+                                 frames)
+        except BaseException as e:  # noqa: B036
+            self.finish_error(spec, e)
+            return
+        self.client.send(P.encode(P.Done(task_id, [], [], False, [], "")))
+
+    def finish_values(self, spec: P.TaskSpec, values: list) -> None:
+        """Send DONE with ``values``, pushing them to a local owner first where possible."""
+        if self.exiting:
+            return
+        layout, frames, nested = [], [], []
+        task_id = spec.task_id
+        try:
+            for i, v in enumerate(values, 1):
+                f, n = serialize(v)
+                nested.extend(n)
+                stored = self.client.store_frames(P.object_id(task_id, i), P.VALUE, f)
+                if stored is not None:  # large: written to this node's store
+                    layout.append([P.VALUE, 0, *stored])
+                    continue
+                layout.append([P.VALUE, len(f), None, 0])
+                frames.extend(f)
+        except BaseException as e:  # noqa: B036
+            self.finish_error(spec, e)
+            return
+        # Results holding refs go through the broker: it must learn of those refs (PUTs on
+        # our socket, processed in order before this DONE) before the owner can use them.
+        pushed = [] if nested else self.push_results(spec, layout, frames)
+        self.client.send(P.encode(P.Done(task_id, layout, nested, False, pushed, "")), frames)
+
+    def push_results(self, spec: P.TaskSpec, layout: list, frames: list) -> list:
+        """Hand the results straight to an owner on this node (one hop instead of two
+        through the broker, which still gets DONE for its books). Returns, per result,
+        whether it went; the broker pushes the others."""
+        if spec.kind == P.ACTOR_CREATE or spec.num_returns <= 0:
+            return []
+        owner = spec.owner
+        pushed, pos = [], 0
+        for i, (kind, n, node_id, _) in enumerate(layout, 1):
+            header = P.encode(P.Obj(P.object_id(spec.task_id, i), kind, node_id, None))
+            pushed.append(self.client.push_direct(owner, header, frames[pos:pos + n]))
+            pos += n
+        return pushed
+
+    def finish_error(self, spec: P.TaskSpec, exc: BaseException) -> None:
+        """Send DONE with ``exc`` as every return (retryable if ``retry_exceptions`` says so)."""
+        if self.exiting:
+            return
+        task_id = spec.task_id
+        if task_id in self.cancelled and not isinstance(exc, exceptions.TaskCancelledError):
+            exc = exceptions.TaskCancelledError(task_id.hex())
+        self.cancelled.discard(task_id)
+        frames, text = task_error(exc, spec.name, self.pid)
+        n = max(spec.num_returns, 1)
+        retryable = False
+        opts = spec.options
+        rex = opts.get("retry_exceptions")
+        if rex and not isinstance(exc, exceptions.TaskCancelledError):
+            if rex is True:
+                retryable = True
+            else:
+                try:
+                    classes = tuple(cloudpickle.loads(rex))
+                    retryable = isinstance(exc, classes)
+                except Exception:
+                    retryable = False
+        layout = [[P.ERROR, len(frames), None, 0]] * n
+        pushed = [] if retryable else self.push_results(spec, layout, frames * n)
+        self.client.send(P.encode(P.Done(task_id, layout, [], retryable, pushed, text)),
+                         frames * n)
+
+    def cancelled_error(self, spec: P.TaskSpec) -> None:
+        """Send DONE with TaskCancelledError: the call was cancelled before it could finish."""
+        self.finish_error(spec, exceptions.TaskCancelledError(spec.task_id.hex()))
