@@ -67,9 +67,10 @@ class Broker:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 0)
-        # Leave room for a 200 MB blob plus headroom; anything bigger is dropped by
-        # libzmq before it costs us memory (malformed or hostile peers).
-        self.sock.setsockopt(zmq.MAXMSGSIZE, int(os.environ.get("ZRAY_MAX_MSG_BYTES", 1 << 40)))
+        # Anything bigger is dropped by libzmq before it costs us memory (see the limits
+        # in zray._protocol).
+        self.sock.setsockopt(zmq.MAXMSGSIZE, int(os.environ.get("ZRAY_MAX_MSG_BYTES",
+                                                                 P.MAX_MESSAGE_BYTES)))
         self.auth = None
         if needs_curve(address):
             self.auth = ServerAuth(self.ctx, self.sock, create_key_file())
@@ -93,7 +94,7 @@ class Broker:
             (inbox, Msg.HEARTBEAT): self.on_client_heartbeat,
             (out, Msg.READY): lambda cid, m, f: e.executor_ready(cid),
             (out, Msg.FN): self.on_fn,
-            (out, Msg.SUBMIT): lambda cid, m, f: e.submit(cid, m.spec, f),
+            (out, Msg.SUBMIT): e.submit,
             (out, Msg.PUT): e.put,
             (out, Msg.SUB): lambda cid, m, f: e.objects.subscribe(cid, m.oids),
             (out, Msg.RELEASE): lambda cid, m, f: e.objects.refs(cid, [(o, -1) for o in m.oids]),
@@ -119,7 +120,8 @@ class Broker:
         sock = self.sock
         handlers = self.handlers
         engine = self.engine
-        placement, nodes = engine.placement, engine.nodes
+        placement, nodes, moves = engine.placement, engine.nodes, engine.moves
+        clients = engine.clients
         decode, role_of = P.decode, P.role_of
         last_check = time.monotonic()
         log.info("broker listening on %s (pid %d)", self.address, os.getpid())
@@ -165,6 +167,10 @@ class Broker:
                     if handler is None:
                         self.drop(ident, f"{m.TYPE.name} is not allowed from a {role} socket")
                         continue
+                    if role == P.ROLE_OUT and peer not in clients:
+                        # Nothing from a peer that has not said HELLO is kept.
+                        self.drop(ident, f"{m.TYPE.name} before HELLO")
+                        continue
                     try:
                         handler(peer, m, msg[2:])
                     except P.ProtocolError as e:
@@ -183,6 +189,7 @@ class Broker:
                 if role == P.ROLE_INBOX:
                     engine.executor_unreachable(peer)
             now = time.monotonic()
+            moves.now = time.time()  # the event log's clock: one reading per turn
             if now - last_check >= P.HEARTBEAT_S:
                 last_check = now
                 engine.check_liveness(now)
@@ -230,6 +237,8 @@ class Broker:
             self.out.send(P.inbox_ident(cid), P.encode(P.Heartbeat()))
 
     def on_node_hello(self, node_id, m: P.NodeHello, frames):
+        if m.node_id != node_id:
+            raise P.ProtocolError("NODE_HELLO: node id differs from the socket's identity")
         self.engine.node_joined(node_id, m.info)
         self.out.send(P.node_ident(node_id), P.encode(P.Welcome({"address": self.address})))
 

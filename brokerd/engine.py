@@ -116,8 +116,13 @@ class TaskEngine:
 
     def node_joined(self, node_id: bytes, info: dict) -> Node:
         old = self.nodes.nodes.get(node_id)
-        if old is not None and old.alive:  # it restarted (or re-registered): start over
-            self.node_dead(old, "it registered again")
+        if old is not None and old.alive:
+            if info.get("pid") == old.pid:  # the same agent introduced itself again
+                self.nodes.seen(node_id)
+                return old
+            # A new agent process with the old id (ZeroMQ refuses a second live peer with
+            # an identity in use, so the old connection is gone): its executors are too.
+            self.node_dead(old, "its agent restarted")
         return self.nodes.join(node_id, info)
 
     def node_dead(self, node: Node, why: str = "") -> None:
@@ -171,7 +176,8 @@ class TaskEngine:
                 self.driver_gone(c)
 
     # ================================================================ tasks
-    def submit(self, cid: bytes, spec: P.TaskSpec, frames) -> None:
+    def submit(self, cid: bytes, m: P.Submit, frames) -> None:
+        spec = m.spec
         task_id, kind, opts = spec.task_id, spec.kind, spec.options
         if task_id in self.tasks:
             raise P.ProtocolError(f"task {task_id.hex()} submitted twice")
@@ -366,9 +372,10 @@ class TaskEngine:
         pos = 0
         woken = []
         objects = self.objects
+        table = objects.objects
         for i, (oid, item) in enumerate(zip(task.returns, layout, strict=False)):
             kind, n, node_id, size = item  # (errors: 1 layout item even for 0 returns)
-            obj = objects.get(oid)
+            obj = table.get(oid)
             part = frames[pos:pos + n]
             pos += n
             if obj is not None:
@@ -494,7 +501,12 @@ class TaskEngine:
 
     # ========================================================= object input
     def put(self, cid: bytes, m: P.Put, frames) -> None:
-        obj = self.objects.ensure(m.oid, cid)
+        # A client puts only new objects of its own: ids it made (its cid starts them).
+        if m.oid[:P.ID_LEN] != cid or m.oid in self.objects.objects:
+            raise P.ProtocolError("PUT of an object id the sender does not own, or twice")
+        if m.node_id is not None and (frames or m.node_id not in self.nodes.nodes):
+            raise P.ProtocolError("PUT: a stored value names a live node and has no frames")
+        obj = self.objects.create(m.oid, cid)
         self.objects.contain(obj, m.nested)
         if m.node_id is not None:
             self.objects.add_location(obj, m.node_id, m.size)

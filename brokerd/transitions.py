@@ -79,6 +79,7 @@ class Transitions:
         # "executor"; name: a task's or actor's name, for the timeline
         self.events: deque = deque(maxlen=maxlen)
         self.illegal = 0
+        self.now = time.time()  # set by the broker once per loop turn (time.time per move cost)
 
     def move(self, rec, new, reason: str = "", node_id: Optional[bytes] = None) -> bool:
         """Set ``rec.state = new`` if the move is legal and log it; else count it."""
@@ -105,7 +106,7 @@ class Transitions:
                       kind, old, new._value_, rid.hex(), reason)
             return False
         rec.state = new
-        self.events.append((time.time(), kind, rid, old, new._value_, reason, node_id, name))
+        self.events.append((self.now, kind, rid, old, new._value_, reason, node_id, name))
         return True
 
     def history(self, rid: bytes) -> list:

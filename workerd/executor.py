@@ -63,7 +63,7 @@ from workerd.tasks import TaskRunner
 from zray import _protocol as P
 from zray import _runtime, exceptions
 from zray._client import Client
-from zray._procutil import die_with_parent, setup_logging
+from zray._procutil import die_with_parent, exit_forked_child, setup_logging
 from zray._protocol import Msg
 from zray._refs import ObjectRef
 from zray._serialization import deserialize
@@ -184,6 +184,8 @@ class ExecutorProcess:
                 self.exit_actor()
             except Exception:
                 log.exception("executor failure")
+            if self.client.forked:  # user code forked and the child got back here
+                exit_forked_child()
         self.client.close()
 
     def exit_actor(self):

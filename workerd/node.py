@@ -32,7 +32,7 @@ import zmq
 
 from zray import _protocol as P
 from zray._protocol import Msg
-from zray._security import secure_client
+from zray._security import secure_client, watch_handshake
 from zray._store import ObjectStore
 
 log = logging.getLogger("zray.node")
@@ -71,9 +71,12 @@ class NodeAgent:
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.setsockopt(zmq.LINGER, 500)
         secure_client(self.sock, address, wait=15.0)
+        self.watch = watch_handshake(self.sock, address)  # until WELCOME: a refused key
         self.sock.connect(address)
         self.last_broker = time.monotonic()
         self.welcomed = False
+        self.errors = 0  # messages whose handling raised
+        self.refusal = ""  # why the broker refused this node, if it did
 
     @staticmethod
     def _ip() -> str:
@@ -151,12 +154,51 @@ class NodeAgent:
                 del self.procs[cid]
                 self.sock.send(P.encode(P.ExecDied(cid, code)))
 
+    def handle(self, m, msg) -> None:
+        """One message from the broker (``msg``: its frames, header first)."""
+        t = m.TYPE
+        if t == Msg.WELCOME:
+            if "error" in m.info:
+                log.error("the broker refused this node: %s", m.info["error"])
+                self.running = False
+                return
+            # Executors start only once the broker knows this node,
+            # so their HELLO never arrives before the node's.
+            if not self.welcomed:
+                self.welcomed = True
+                if self.watch is not None:
+                    self.watch.close()
+                    self.watch = None
+                self.spawn(self.prestart)
+        elif t == Msg.SPAWN:
+            self.spawn(max(0, min(m.count, 64)))
+        elif t == Msg.KILL_EXEC:
+            self.kill(m.cid)
+        elif t == Msg.FETCH:
+            self.fetch(m.oid, m.dest)
+        elif t == Msg.STORE and len(msg) == 2:
+            self.store_blob(m.oid, m.codec, msg[1])
+        elif t == Msg.FREE:
+            for oid in m.oids:
+                self.store.delete(oid)
+        elif t == Msg.SPILL:
+            for oid in m.oids:
+                try:
+                    self.store.spill(oid)
+                except OSError:
+                    log.exception("spilling %s failed", oid.hex())
+        elif t == Msg.SHUTDOWN:
+            log.info("broker asked this node to shut down")
+            self.running = False
+
     def serve(self):
         self.hello()
         last_hb = time.monotonic()
         log.info("node %s up: %s, %d executors prestarted", self.node_id.hex(),
                  self.resources, self.prestart)
         while self.running:
+            if self.watch is not None and self.refused():
+                break
             if self.sock.poll(200):
                 while True:
                     try:
@@ -169,37 +211,13 @@ class NodeAgent:
                     except P.ProtocolError as e:
                         log.warning("dropping malformed message: %s", e)
                         continue
-                    t = m.TYPE
-                    if t == Msg.WELCOME:
-                        if "error" in m.info:
-                            log.error("the broker refused this node: %s", m.info["error"])
-                            self.running = False
-                            break
-                        # Executors start only once the broker knows this node,
-                        # so their HELLO never arrives before the node's.
-                        if not self.welcomed:
-                            self.welcomed = True
-                            self.spawn(self.prestart)
-                    elif t == Msg.SPAWN:
-                        self.spawn(max(0, min(m.count, 64)))
-                    elif t == Msg.KILL_EXEC:
-                        self.kill(m.cid)
-                    elif t == Msg.FETCH:
-                        self.fetch(m.oid, m.dest)
-                    elif t == Msg.STORE and len(msg) == 2:
-                        self.store_blob(m.oid, m.codec, msg[1])
-                    elif t == Msg.FREE:
-                        for oid in m.oids:
-                            self.store.delete(oid)
-                    elif t == Msg.SPILL:
-                        for oid in m.oids:
-                            try:
-                                self.store.spill(oid)
-                            except OSError:
-                                log.exception("spilling %s failed", oid.hex())
-                    elif t == Msg.SHUTDOWN:
-                        log.info("broker asked this node to shut down")
-                        self.running = False
+                    try:
+                        self.handle(m, msg)
+                    except Exception:  # one bad message must not take the node down
+                        self.errors += 1
+                        if self.errors <= 10 or self.errors % 1000 == 0:
+                            log.exception("error handling %s (%d so far)", m.TYPE.name,
+                                          self.errors)
             self.reap()
             now = time.monotonic()
             if now - last_hb >= P.HEARTBEAT_S:
@@ -212,6 +230,16 @@ class NodeAgent:
                     self.last_broker = now
                     self.hello()
         self.shutdown()
+
+    def refused(self) -> bool:
+        """True (and logged) if the broker refused this node's key or its absence."""
+        reason = self.watch.failure()
+        if reason is None:
+            return False
+        log.error("cannot join the cluster: %s", reason)
+        self.refusal = reason
+        self.running = False
+        return True
 
     def stop(self, *_):
         self.running = False
@@ -226,6 +254,8 @@ class NodeAgent:
                 p.wait(max(0.05, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+        if self.watch is not None:
+            self.watch.close()
         self.sock.close(linger=100)
         self.ctx.term()
         self.store.destroy()
@@ -238,3 +268,5 @@ def run(address, num_cpus, gpu_ids, resources, session_dir, node_id=None, presta
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
     agent.serve()
+    if agent.refusal:
+        raise SystemExit(f"zray worker: {agent.refusal}")

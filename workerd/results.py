@@ -35,6 +35,7 @@ import cloudpickle
 from zray import _protocol as P
 from zray import exceptions
 from zray._client import Client
+from zray._procutil import exit_forked_child
 from zray._serialization import serialize, task_error
 
 
@@ -81,6 +82,8 @@ class ResultSender:
 
     def finish_values(self, spec: P.TaskSpec, values: list) -> None:
         """Send DONE with ``values``, pushing them to a local owner first where possible."""
+        if self.client.forked:  # the child of a task's os.fork() returned: end it
+            exit_forked_child()
         if self.exiting:
             return
         layout, frames, nested = [], [], []
@@ -119,6 +122,8 @@ class ResultSender:
 
     def finish_error(self, spec: P.TaskSpec, exc: BaseException) -> None:
         """Send DONE with ``exc`` as every return (retryable if ``retry_exceptions`` says so)."""
+        if self.client.forked:  # the child of a task's os.fork() raised (or sys.exit)
+            exit_forked_child(exc)
         if self.exiting:
             return
         task_id = spec.task_id

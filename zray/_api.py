@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 from zray import _procutil, _runtime, exceptions
 from zray import _protocol as P
-from zray._refs import _NIL_OID, ObjectRef, ObjectRefGenerator
+from zray._refs import _NIL_OID, ObjectRef, ObjectRefGenerator, check_session
 from zray.runtime_context import RuntimeContext, get_gpu_ids, get_runtime_context  # noqa: F401
 
 log = logging.getLogger("zray")
@@ -53,7 +53,9 @@ def _resolve_address(address: Optional[str]) -> Optional[str]:
         env = os.environ.get("ZRAY_ADDRESS")
         if env:
             return env
-        path = os.path.join(os.environ.get("ZRAY_TMPDIR") or f"/tmp/zray-{os.getuid()}", "address")
+        # Only trusted from a private dir: a planted address would hand our tasks
+        # (and our process, through the replies we unpickle) to someone else's broker.
+        path = os.path.join(_procutil.private_dir(_procutil.user_tmp_dir()), "address")
         try:
             with open(path) as f:
                 return f.read().strip()
@@ -207,6 +209,7 @@ def _check_refs(refs, what: str):
             raise TypeError(f"{what} expects ObjectRefs, got {type(r).__name__}: {r!r}")
         if r.id == _NIL_OID:
             _nil_error(what)
+    check_session(refs)
 
 
 def _nil_error(what: str):
@@ -215,11 +218,11 @@ def _nil_error(what: str):
 
 def get(object_refs, *, timeout: Optional[float] = None) -> Any:
     """Block until the value(s) are available and return them (a list for a list)."""
-    client = _runtime.require_client()
     if isinstance(object_refs, ObjectRef):
         if object_refs.id == _NIL_OID:
             _nil_error("get()")
-        return client.get_values([object_refs], timeout)[0]
+        check_session((object_refs,))  # a ref of a shut-down session: raise, never auto-init
+        return _runtime.require_client().get_values([object_refs], timeout)[0]
     if isinstance(object_refs, ObjectRefGenerator):
         object_refs = list(object_refs)
     if not isinstance(object_refs, (list, tuple)):
@@ -228,7 +231,7 @@ def get(object_refs, *, timeout: Optional[float] = None) -> Any:
     _check_refs(object_refs, "get()")
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be >= 0")
-    return client.get_values(list(object_refs), timeout)
+    return _runtime.require_client().get_values(list(object_refs), timeout)
 
 
 def put(value: Any, *, _owner=None) -> ObjectRef:
@@ -236,6 +239,9 @@ def put(value: Any, *, _owner=None) -> ObjectRef:
     if isinstance(value, ObjectRef):
         raise TypeError("Calling 'put' on an ObjectRef is not allowed. If you really want to "
                         "do this, you can wrap the ObjectRef in a list and call 'put' on it.")
+    if _owner is not None:
+        raise ValueError("put(_owner=...) is not supported by zray: the calling process "
+                         "owns what it puts")
     client = _runtime.require_client()
     return client.put(value, ObjectRef)
 
@@ -276,6 +282,7 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"ray.cancel() only supported for object refs. For actors, try "
                         f"ray.kill(). Got: {type(object_ref).__name__}.")
+    check_session((object_ref,))
     client = _runtime.require_client()
     client.send(P.encode(P.Cancel(object_ref.id, bool(force), bool(recursive))))
 

@@ -80,7 +80,7 @@ import zmq
 from zray import _protocol as P
 from zray import exceptions
 from zray._protocol import Msg
-from zray._security import secure_client
+from zray._security import await_reply, secure_client, watch_handshake
 from zray._serialization import deserialize, load_error, serialize
 from zray._store import INLINE_MAX, ObjectStore, parse_blob
 
@@ -159,6 +159,7 @@ class Client:
         self._on_exec = on_exec
         self._on_cancel = on_cancel
         self._ctx = zmq.Context()
+        self._watches: list = []  # handshake watches until the broker's WELCOME
         self._out = self._socket(P.out_ident(self.cid))
         self._inbox = self._socket(P.inbox_ident(self.cid))
         self._push: dict = {}  # owner cid -> PUSH socket to its direct inbox, or None
@@ -178,6 +179,7 @@ class Client:
         self.current_task_name = ""
         self.current_actor_id = b""
         self.closed = False
+        self.forked = False  # this is a forked copy: see forked_away()
         self.broker_gone = False
         self.last_broker = time.monotonic()
         self.mask_signals = kind == "executor"
@@ -197,13 +199,19 @@ class Client:
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.LINGER, 2000)
         secure_client(s, self.address, wait=5.0)
+        self._watches.append(watch_handshake(s, self.address))
         s.connect(self.address)
         return s
 
     def _handshake(self, timeout: float) -> dict:
         self._inbox.send(P.encode(P.Hello(P.VERSION, self.kind, self.node_id, os.getpid(),
                                           self.job_id)))
-        if not self._inbox.poll(int(timeout * 1000)):
+        try:
+            answered = await_reply(self._inbox, self._watches, timeout)
+        except ConnectionError:  # the broker refused our key (or its absence)
+            self._ctx.destroy(linger=0)
+            raise
+        if not answered:
             self._ctx.destroy(linger=0)
             raise ConnectionError(f"no zray broker answered at {self.address} within {timeout:.0f}s")
         try:
@@ -223,7 +231,7 @@ class Client:
     def _bind_direct(self):
         """Executors on this node push our task results here, skipping the broker hop."""
         try:
-            os.makedirs(self.store.dir, mode=0o700, exist_ok=True)
+            self.store.check_dirs()  # a private dir, or UnsafePathError
             path = os.path.join(self.store.dir, f"c-{self.cid.hex()}")
             s = self._ctx.socket(zmq.PULL)
             s.setsockopt(zmq.RCVHWM, 0)
@@ -269,6 +277,8 @@ class Client:
 
     def send(self, header: bytes, frames: list = ()) -> None:
         """Send one message on the out socket (any thread)."""
+        if self.forked:  # a forked child must never write to its parent's sockets
+            return
         if self.mask_signals:
             # An executor's cancel signal must not cut a multipart message in two.
             old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
@@ -723,6 +733,15 @@ class Client:
         return result
 
     # ------------------------------------------------------------ shutdown
+    def forked_away(self):
+        """In a child that user code forked from this process: the sockets, the I/O
+        thread and the locks are the parent's. Never touch them again."""
+        self.forked = True
+        self.closed = True
+        self._send_lock = threading.Lock()
+        self._ref_lock = threading.RLock()
+        self.cond = threading.Condition(threading.Lock())
+
     def close(self):
         if self.closed:
             return

@@ -1,4 +1,12 @@
-"""Process helpers: tie a child's life to its parent, find GPUs, session dirs."""
+"""Process helpers: tie a child's life to its parent, find GPUs, private dirs.
+
+Every directory zray keeps state in (the object store under /dev/shm, spill
+dirs, session dirs with their sockets and logs, ~/.zray) goes through
+``private_dir``: created 0700, and refused when it already exists but is a
+symlink, belongs to another user or is writable by group or others. Such a
+directory would let another local user plant objects (which zray unpickles),
+sockets or addresses, i.e. run code as the cluster's user.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +18,111 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 _PR_SET_PDEATHSIG = 1
+
+
+class UnsafePathError(PermissionError):
+    """A directory or file zray would use is not private to this user."""
+
+
+def user_tmp_dir() -> str:
+    """This user's zray dir for sessions, spill files and the address file (not created)."""
+    return os.environ.get("ZRAY_TMPDIR") or os.path.join(tempfile.gettempdir(),
+                                                         f"zray-{os.getuid()}")
+
+
+def private_dir(path: str, *subdirs: str) -> str:
+    """Make ``path`` (then each of ``subdirs`` below it, in turn) a directory only this
+    user can use, and return the last one.
+
+    A missing directory is created with mode 0700 (whatever the umask); missing
+    parents of ``path`` itself are created too. An existing one is used only if it
+    is a real directory (not a symlink), owned by this uid and not writable by
+    group or others; it is then tightened to 0700. Otherwise ``UnsafePathError``
+    names the path and what is wrong with it.
+    """
+    _one_private_dir(path, create_parents=True)
+    for sub in subdirs:
+        path = os.path.join(path, sub)
+        _one_private_dir(path)
+    return path
+
+
+def _one_private_dir(path: str, create_parents: bool = False) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        if not create_parents:
+            raise
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        return _one_private_dir(path)
+    # Checked on an fd opened without following a symlink, so what is checked is
+    # what gets chmod-ed and used.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as e:
+        if os.path.islink(path):
+            raise UnsafePathError(f"refusing to use {path}: it is a symlink (to "
+                                  f"{os.readlink(path)!r}); zray keeps its files only in "
+                                  f"private directories. Remove it and try again.") from None
+        if not os.path.isdir(path):
+            raise UnsafePathError(f"refusing to use {path}: it is not a directory") from None
+        raise UnsafePathError(f"cannot open {path}: {e}") from None
+    try:
+        st = os.fstat(fd)
+        uid = os.getuid()
+        if st.st_uid != uid:
+            raise UnsafePathError(
+                f"refusing to use {path}: it belongs to uid {st.st_uid}, not to this user "
+                f"(uid {uid}); another user may have planted it. Remove it (or point "
+                f"ZRAY_TMPDIR / ZRAY_SHM_DIR elsewhere) and try again.")
+        if st.st_mode & 0o022:
+            raise UnsafePathError(
+                f"refusing to use {path}: it is writable by group or others (mode "
+                f"{st.st_mode & 0o777:o}), so anything in it may have been planted. Remove "
+                f"it and try again.")
+        if st.st_mode & 0o777 != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def write_private_file(path: str, data: bytes | str, exclusive: bool = False) -> None:
+    """Write a file only this user can read, never through a symlink planted at ``path``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
+def exit_forked_child(exc: BaseException | None = None):
+    """End a process that user code forked from a zray process (an executor).
+
+    The child is a copy of its parent: it must never return into the parent's
+    loop, which would run with the parent's sockets. It ends as a plain Python
+    program would: with SystemExit's code, with 1 and a traceback on stderr for
+    any other exception, with 0 when the user code returned.
+    """
+    code = 0
+    if isinstance(exc, SystemExit):
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is not None:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    elif exc is not None:
+        traceback.print_exception(exc)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code & 0xFF)
 
 
 def die_with_parent(expected_ppid: int | None = None, sig: int = signal.SIGKILL) -> None:
@@ -58,15 +169,14 @@ def detect_gpus() -> list:
 
 
 def new_session_dir() -> str:
-    """A private (0700) directory for this cluster's sockets and logs."""
-    base = os.environ.get("ZRAY_TMPDIR") or os.path.join(tempfile.gettempdir(), f"zray-{os.getuid()}")
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    os.chmod(base, 0o700)
+    """A new private (0700) directory for this cluster's sockets and logs."""
+    base = private_dir(user_tmp_dir())
     _prune_sessions(base)
+    # mkdtemp: a fresh name, created 0700 with O_EXCL semantics (mkdir fails if it exists)
     path = tempfile.mkdtemp(prefix=time.strftime("session_%Y%m%d-%H%M%S_"), dir=base)
-    os.makedirs(os.path.join(path, "logs"), exist_ok=True)
-    with open(os.path.join(path, ".pid"), "w") as f:  # in use while this process lives
-        f.write(str(os.getpid()))
+    private_dir(path, "logs")
+    # in use while this process lives
+    write_private_file(os.path.join(path, ".pid"), str(os.getpid()), exclusive=True)
     return path
 
 
@@ -75,7 +185,7 @@ def setup_logging(name: str, log_dir: str | None, level: int = logging.INFO, std
     if stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
     if log_dir:
-        os.makedirs(log_dir, exist_ok=True)
+        private_dir(log_dir)
         handlers.append(logging.FileHandler(os.path.join(log_dir, f"{name}.log")))
     fmt = logging.Formatter(f"%(asctime)s %(levelname)s {name} %(process)d -- %(message)s")
     root = logging.getLogger()

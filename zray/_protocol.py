@@ -116,6 +116,12 @@ TASK = 0
 ACTOR_CREATE = 1
 ACTOR_CALL = 2
 
+# Limits (one place; the broker enforces them at decode or on receipt):
+# the largest message the broker's socket accepts (libzmq drops bigger ones before
+# they cost memory); blobs moved between nodes ride in one message, so this bounds
+# an object that must cross nodes: ZRAY_MAX_MSG_BYTES overrides it.
+MAX_MESSAGE_BYTES = 4 << 30
+MAX_RETURNS_LIMIT = 10000  # num_returns of one task (each return is a directory entry)
 STREAMING = -1  # TaskSpec.num_returns of a generator task
 UNIT = 10000  # resources travel as integers of 1/10000 unit
 
@@ -424,7 +430,7 @@ class TaskSpec(NamedTuple):
 
 
 _SPEC_LEN = len(TaskSpec._fields)
-MAX_RETURNS = 10000
+MAX_RETURNS = MAX_RETURNS_LIMIT
 
 
 def _spec(v):

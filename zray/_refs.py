@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 
 from zray import _protocol as P
 from zray import _runtime
@@ -11,6 +12,28 @@ from zray._ids import BaseID, JobID, TaskID
 from zray._serialization import nested_collector
 
 _NIL_OID = b"\xff" * P.OBJECT_ID_LEN
+
+
+def check_session(refs) -> None:
+    """Raise RaySystemError for a ref whose connection is closed: it came from a
+    session that ``shutdown()`` ended (or from the parent of a forked process),
+    so no cluster will ever resolve it; waiting would hang forever."""
+    current = _runtime.client
+    for r in refs:
+        c = r._client
+        if c is None or c is current or not c.closed:
+            continue
+        from zray.exceptions import RaySystemError
+
+        if getattr(c, "forked", False):
+            raise RaySystemError(
+                f"{r!r} belongs to the zray connection of the process this one was forked "
+                f"from (pid {os.getppid()}); zray cannot be used from a forked copy of a zray "
+                f"process. Use the 'spawn' start method, or call zray.init() in the child.")
+        raise RaySystemError(
+            f"{r!r} belongs to a zray session that has been shut down (zray.shutdown()); "
+            f"its value went with that session and no cluster can resolve it. Get values "
+            f"before calling shutdown().")
 
 
 def _rebuild_ref(oid: bytes, owner: bytes) -> "ObjectRef":
@@ -104,6 +127,7 @@ class ObjectRef(BaseID):
     def future(self) -> concurrent.futures.Future:
         """A concurrent.futures.Future that completes with the object's value."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        check_session((self,))
         client = _runtime.require_client()
         client.add_done_callback(self, fut)
         return fut

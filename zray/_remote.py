@@ -11,7 +11,7 @@ import hashlib
 
 from zray import _options, _runtime
 from zray import _protocol as P
-from zray._refs import ObjectRef, ObjectRefGenerator
+from zray._refs import ObjectRef, ObjectRefGenerator, check_session
 from zray._serialization import _CollectRefs, dumps_function, serialize
 
 
@@ -58,12 +58,16 @@ def serialize_args(args: tuple, kwargs: dict, client):
         args = list(args)
         for i, a in enumerate(args):
             if type(a) is ObjectRef:
+                if a._client is not client:
+                    check_session((a,))
                 deps.append([i, a.id])
                 args[i] = None
     if kwargs:
         kwargs = dict(kwargs)
         for k, v in kwargs.items():
             if type(v) is ObjectRef:
+                if v._client is not client:
+                    check_session((v,))
                 deps.append([k, v.id])
                 kwargs[k] = None
     frames, nested = serialize((args, kwargs))

@@ -12,6 +12,7 @@ registers when it is imported.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 # The zray._client.Client this process talks to the cluster through; None
@@ -33,11 +34,23 @@ job_runtime_env: dict = {}
 # (Ray initialises on first use): zray._api.init, registered by zray/_api.py
 # at import; None where the API was never imported.
 auto_init: Optional[Callable[[], Any]] = None
+# True in a child that user code forked (os.fork) from a process with a client:
+# the client's sockets and threads are the parent's, so the child has no client
+# and does not auto-init one (see _after_fork_in_child).
+forked = False
+_fork_parent = 0  # pid of the process that last forked, as seen by its child
 
 
 def require_client():
     """The connected client, connecting through ``auto_init`` first if there is none."""
     if client is None:
+        if forked:
+            from zray.exceptions import RaySystemError
+
+            raise RaySystemError(
+                f"zray cannot be used in a process forked from a zray process (pid "
+                f"{_fork_parent}): the connection belongs to the parent. Use the 'spawn' "
+                f"start method, or call zray.init() in the child.")
         if auto_init is None:
             raise RuntimeError("zray is not connected in this process and has no auto-init "
                                "hook (zray._api was never imported): call zray.init() first")
@@ -66,3 +79,28 @@ _job_namespaces: dict = {}
 def job_env_vars() -> dict:
     """The job's environment variables, from init(runtime_env={"env_vars": ...})."""
     return dict(job_runtime_env.get("env_vars") or {})
+
+
+def _before_fork():
+    global _fork_parent
+    _fork_parent = os.getpid()
+
+
+def _after_fork_in_child():
+    """The child of an os.fork() by user code: let go of the parent's client without
+    touching its sockets (no goodbye to the broker, no shutdown of its cluster at
+    exit). A child of an executor also dies with it, as the executor's own
+    processes do, so that no task leaves processes behind past shutdown()."""
+    global client, cluster, context, forked
+    if client is None:
+        return
+    client.forked_away()
+    client = cluster = context = None
+    forked = True
+    if worker_mode:
+        from zray._procutil import die_with_parent
+
+        die_with_parent(_fork_parent)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

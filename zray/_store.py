@@ -24,6 +24,13 @@ only recycled if no process maps it: readers hold a shared ``flock`` on it as
 long as any view of the mapping lives, and the node agent recycles a file
 only when it gets the exclusive lock without waiting; otherwise it unlinks it.
 
+Every directory here is private (``private_dir``): created 0700, and refused if
+it exists but is a symlink, another user's, or writable by others. An object
+file is unpickled by whoever reads it, so a store another local user can write
+to would let them run code as the cluster's user. The node agent checks the
+dirs when it creates them; every other process checks them before its first
+read or write (``check_dirs``).
+
 Between nodes an object travels as one blob (the file's bytes), lz4-compressed
 when a sample shows that compression pays.
 """
@@ -37,6 +44,8 @@ import struct
 
 import lz4.frame
 import msgpack
+
+from zray._procutil import private_dir, user_tmp_dir, write_private_file
 
 MAGIC = b"ZRO1"
 ALIGN = 64
@@ -52,14 +61,18 @@ class _Mapping(mmap.mmap):
 _HDR = struct.Struct("<4sI")
 
 
-def _base(kind: str) -> str:
-    uid = os.getuid()
-    if kind == "shm":
-        root = os.environ.get("ZRAY_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
-        if root:
-            return os.path.join(root, f"zray-{uid}")
-    tmp = os.environ.get("ZRAY_TMPDIR") or f"/tmp/zray-{uid}"
-    return os.path.join(tmp, "spill" if kind == "spill" else "store")
+def _roots() -> tuple:
+    """(memory, spill) store roots of this user, each as (private dir, levels below it)."""
+    tmp = user_tmp_dir()
+    root = os.environ.get("ZRAY_SHM_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+    shm = (os.path.join(root, f"zray-{os.getuid()}"), ()) if root else (tmp, ("store",))
+    return shm, (tmp, ("spill",))
+
+
+def check_roots() -> None:
+    """Create this user's store roots, or raise UnsafePathError if one is not private."""
+    for root, sub in _roots():
+        private_dir(root, *sub)
 
 
 class ObjectStore:
@@ -68,19 +81,32 @@ class ObjectStore:
     def __init__(self, node_id: bytes, limit: int = 0):
         self.node_id = node_id
         self.limit = limit
-        self.dir = os.path.join(_base("shm"), node_id.hex())
-        self.spill_dir = os.path.join(_base("spill"), node_id.hex())
+        self.roots = _roots()
+        node = node_id.hex()
+        self.dir, self.spill_dir = (os.path.join(r, *sub, node) for r, sub in self.roots)
         self.free_dir = os.path.join(self.dir, "free")
+        self.checked = False  # this process has made sure the dirs are private
 
     def create_dirs(self):
-        """Create this node's dirs (owner-only), first removing those of dead nodes."""
+        """Create this node's dirs (private: see ``private_dir``), first removing
+        those of dead nodes. Raises UnsafePathError naming a dir that is not private."""
+        node = self.node_id.hex()
+        for root, sub in self.roots:
+            base = private_dir(root, *sub)
+            _remove_stale(base)
+            private_dir(base, node)
+        private_dir(self.free_dir)
         for d in (self.dir, self.spill_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            _remove_stale(os.path.dirname(d))
-        os.makedirs(self.free_dir, mode=0o700, exist_ok=True)
-        for d in (self.dir, self.spill_dir):
-            with open(os.path.join(d, ".pid"), "w") as f:
-                f.write(str(os.getpid()))
+            write_private_file(os.path.join(d, ".pid"), str(os.getpid()))
+        self.checked = True
+
+    def check_dirs(self):
+        """Make sure (once per process) that this node's dirs are private before
+        trusting a file in them; creates them if the node agent has not yet."""
+        if not self.checked:
+            for root, sub in self.roots:
+                private_dir(root, *sub, self.node_id.hex())
+            self.checked = True
 
     def path(self, oid: bytes) -> str:
         return os.path.join(self.dir, oid.hex())
@@ -88,6 +114,7 @@ class ObjectStore:
     # -------------------------------------------------------------- write
     def write(self, oid: bytes, kind: int, frames: list) -> int:
         """Store frames as object ``oid``; returns its size in bytes."""
+        self.check_dirs()
         lens = [memoryview(f).nbytes for f in frames]
         header = msgpack.packb([kind, lens])
         pos = _HDR.size + len(header)
@@ -100,7 +127,7 @@ class ObjectStore:
         tmp = self.path(oid) + ".tmp"
         fd = self._recycled(tmp, total)
         if fd is None:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fd, total)
             os.pwrite(fd, _HDR.pack(MAGIC, len(header)) + header, 0)
@@ -137,7 +164,7 @@ class ObjectStore:
             os.rename(os.path.join(self.free_dir, best[1]), tmp)  # atomic claim
         except OSError:
             return None  # another writer took it
-        fd = os.open(tmp, os.O_WRONLY)
+        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
         if best[0] != size:
             os.ftruncate(fd, size)
         return fd
@@ -149,8 +176,9 @@ class ObjectStore:
         The views keep the file mapped and share-locked until the last one is gone.
         Raises FileNotFoundError when this node has no copy (in memory or spilled).
         """
+        self.check_dirs()
         try:
-            f = open(self.path(oid), "rb")
+            f = _open_read(self.path(oid))
         except FileNotFoundError:
             f = None
         if f is not None:
@@ -158,7 +186,7 @@ class ObjectStore:
             m = _Mapping(f.fileno(), 0, access=mmap.ACCESS_READ)
             m.file = f
             return parse(memoryview(m))
-        with open(os.path.join(self.spill_dir, oid.hex()), "rb") as f:
+        with _open_read(os.path.join(self.spill_dir, oid.hex())) as f:
             return parse(memoryview(lz4.frame.decompress(f.read())).toreadonly())
 
     def has(self, oid: bytes) -> bool:
@@ -168,34 +196,35 @@ class ObjectStore:
     # ------------------------------------------------------ blobs (transfer)
     def blob(self, oid: bytes) -> tuple[int, bytes]:
         """The object's file as one frame for the wire: (codec, bytes)."""
+        self.check_dirs()
         try:
-            with open(self.path(oid), "rb") as f:
+            with _open_read(self.path(oid)) as f:
                 data = f.read()
         except FileNotFoundError:
-            with open(os.path.join(self.spill_dir, oid.hex()), "rb") as f:
+            with _open_read(os.path.join(self.spill_dir, oid.hex())) as f:
                 return LZ4, f.read()
         return compress_if_it_pays(data)
 
     def put_blob(self, oid: bytes, codec: int, payload) -> int:
         data = lz4.frame.decompress(payload) if codec == LZ4 else payload
+        self.check_dirs()
         tmp = self.path(oid) + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        write_private_file(tmp, data)
         os.rename(tmp, self.path(oid))
         return len(data)
 
     # ------------------------------------------- node agent: spill and free
     def spill(self, oid: bytes) -> int:
         """Move an object to disk (lz4). Returns bytes freed from memory."""
+        self.check_dirs()
         src = self.path(oid)
         try:
-            with open(src, "rb") as f:
+            with _open_read(src) as f:
                 data = f.read()
         except FileNotFoundError:
             return 0
         dst = os.path.join(self.spill_dir, oid.hex())
-        with open(dst + ".tmp", "wb") as f:
-            f.write(lz4.frame.compress(data, compression_level=0))
+        write_private_file(dst + ".tmp", lz4.frame.compress(data, compression_level=0))
         os.rename(dst + ".tmp", dst)
         os.unlink(src)
         return len(data)
@@ -215,7 +244,7 @@ class ObjectStore:
 
     def _recycle(self, path: str) -> bool:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return False
         try:
@@ -238,6 +267,11 @@ class ObjectStore:
 
         for d in (self.dir, self.spill_dir):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _open_read(path: str):
+    """Open an object file for reading, never through a symlink."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
 
 
 def parse(buf: memoryview):

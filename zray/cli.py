@@ -10,9 +10,9 @@ import click
 
 
 def _address_file() -> str:
-    base = os.environ.get("ZRAY_TMPDIR") or f"/tmp/zray-{os.getuid()}"
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    return os.path.join(base, "address")
+    from zray._procutil import private_dir, user_tmp_dir
+
+    return os.path.join(private_dir(user_tmp_dir()), "address")
 
 
 def _resolve(address: str | None) -> str:
@@ -40,7 +40,7 @@ def broker(host: str, port: int, session_dir: str | None, key_file: str | None, 
     Over TCP every connection must hold the cluster key (CURVE); copy the key
     file to each worker and driver host.
     """
-    from zray._procutil import new_session_dir, setup_logging
+    from zray._procutil import new_session_dir, private_dir, setup_logging, write_private_file
 
     if key_file:
         os.environ["ZRAY_KEY_FILE"] = os.path.abspath(key_file)
@@ -48,15 +48,14 @@ def broker(host: str, port: int, session_dir: str | None, key_file: str | None, 
         os.environ["ZRAY_INSECURE"] = "1"
         click.echo("WARNING: --insecure: anyone who can reach this port can run code here", err=True)
 
-    session_dir = session_dir or new_session_dir()
+    session_dir = private_dir(session_dir) if session_dir else new_session_dir()
     setup_logging("broker", os.path.join(session_dir, "logs"))
     import signal
 
     from brokerd.broker import Broker, run  # noqa: F401
 
     b = Broker(f"tcp://{host}:{port}", session_dir)
-    with open(_address_file(), "w") as f:
-        f.write(b.address)
+    write_private_file(_address_file(), b.address)
     click.echo(f"zray broker listening on {b.address}", err=True)
     if b.auth is not None:
         from zray._security import key_file_path
@@ -92,7 +91,7 @@ def worker(address, num_cpus, gpus, resources, prestart, object_store_memory, se
     """Run a worker daemon (node agent) in the foreground."""
     if key_file:
         os.environ["ZRAY_KEY_FILE"] = os.path.abspath(key_file)  # executors inherit it
-    from zray._procutil import detect_gpus, new_session_dir, setup_logging
+    from zray._procutil import detect_gpus, new_session_dir, private_dir, setup_logging
 
     try:
         res = json.loads(resources)
@@ -109,7 +108,7 @@ def worker(address, num_cpus, gpus, resources, prestart, object_store_memory, se
         raise click.BadParameter("--gpus must be >= 0")
     else:
         gpu_ids = detected[:gpus] if len(detected) >= gpus else [str(i) for i in range(gpus)]
-    session_dir = session_dir or new_session_dir()
+    session_dir = private_dir(session_dir) if session_dir else new_session_dir()
     setup_logging("node", os.path.join(session_dir, "logs"))
     from workerd.node import run
 

@@ -76,9 +76,37 @@ def _dual_error(cause_cls, err: RayTaskError) -> RayTaskError:
         except TypeError:  # e.g. a cause class with an incompatible layout
             return err
         _dual_classes[cause_cls] = cls
-    new = cls.__new__(cls)
+    # Built-in exceptions with a __new__ of their own (MemoryError, ExceptionGroup,
+    # OSError...) refuse ``cls.__new__(cls)``: Python only lets the __new__ of the
+    # built-in type the instance's layout comes from make it. Call that one with
+    # the cause's args (ExceptionGroup needs its message and exceptions), then its
+    # __init__ (which fills OSError's errno or UnicodeError's fields).
+    base = _layout_base(cls)
+    new = None
+    for args in (tuple(err.cause.args), ()):
+        try:
+            new = base.__new__(cls, *args)
+            break
+        except Exception:
+            continue
+    if new is None:  # e.g. a BaseExceptionGroup of non-Exceptions: keep the plain error
+        return err
+    try:
+        base.__init__(new, *err.cause.args)
+    except Exception:
+        pass
     _dual_init(new, err.function_name, err.traceback_str, err.cause, err.pid, err.ip)
     return new
+
+
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python
+
+
+def _layout_base(cls: type) -> type:
+    """The built-in type whose __new__ may create instances of ``cls``."""
+    while cls.__flags__ & _HEAPTYPE:
+        cls = cls.__base__
+    return cls
 
 
 def _dual_init(self, function_name="", traceback_str="", cause=None, pid=0, ip=""):
