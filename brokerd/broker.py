@@ -135,7 +135,11 @@ class Broker:
         NOBLOCK = int(zmq.NOBLOCK)
         roles: dict = {}  # identity -> (role, peer id): role_of once per peer
         while self.running:
-            if poll(50 if placement.queues else 1000):
+            ready = poll(50 if placement.queues else 1000)
+            # The event log's clock: one reading per turn, taken after the wait, so that
+            # what this turn handles is not stamped up to a second early.
+            moves.now = time.time()
+            if ready:
                 for _ in range(DRAIN_MAX):
                     try:
                         f = recv(sock, NOBLOCK, False, False)
@@ -189,7 +193,6 @@ class Broker:
                 if role == P.ROLE_INBOX:
                     engine.executor_unreachable(peer)
             now = time.monotonic()
-            moves.now = time.time()  # the event log's clock: one reading per turn
             if now - last_check >= P.HEARTBEAT_S:
                 last_check = now
                 engine.check_liveness(now)

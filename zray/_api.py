@@ -467,8 +467,9 @@ def _trace_events(moves: list) -> list:
             ends.append(t1)
         else:
             ends[lane] = t1
+        ts, end = t0 * 1e6, t1 * 1e6  # microseconds
         out.append({"cat": "task", "name": name, "ph": "X",
                     "pid": f"node {node.hex()[:8]}" if node else "node ?",
-                    "tid": f"lane {lane}", "ts": t0 * 1e6, "dur": (t1 - t0) * 1e6,
+                    "tid": f"lane {lane}", "ts": ts, "dur": end - ts,
                     "args": {"task_id": task_id.hex(), "outcome": outcome}})
     return out
