@@ -133,7 +133,11 @@ class Broker:
         Again = zmq.Again  # one zmq.Again ends each drain
         roles: dict = {}  # identity -> (role, peer id): role_of once per peer
         while self.running:
-            if poll(50 if placement.queues else 1000):
+            ready = poll(50 if placement.queues else 1000)
+            # The event log's clock: one reading per turn, taken after the wait, so that
+            # what this turn handles is not stamped up to a second early.
+            moves.now = time.time()
+            if ready:
                 for _ in range(DRAIN_MAX):
                     try:
                         msg = recv_parts(sock)
@@ -184,7 +188,6 @@ class Broker:
                 if role == P.ROLE_INBOX:
                     engine.executor_unreachable(peer)
             now = time.monotonic()
-            moves.now = time.time()  # the event log's clock: one reading per turn
             if now - last_check >= P.HEARTBEAT_S:
                 last_check = now
                 engine.check_liveness(now)

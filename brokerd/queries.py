@@ -96,6 +96,11 @@ class Queries:
             raise ValueError("task_events needs an id (bytes)")
         return [list(e) for e in self.engine.moves.history(rid)]
 
+    def req_timeline(self, cid, args):
+        """Every task transition still in the event log, oldest first, for
+        zray.timeline(): [[time, task id, name, from, to, node id], ...]."""
+        return self.engine.moves.task_moves()
+
     def req_memory(self, cid, args):
         """Per-node store use and the largest objects, for `zray memory`."""
         e = self.engine

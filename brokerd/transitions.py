@@ -9,7 +9,7 @@
 The tables below list the legal moves, as Dask's scheduler lists its
 transitions: a move that is not in them is a bug somewhere in the broker, and
 applying it anyway would hide that bug behind a corrupt record. The event log
-(record kind, id, from, to, reason, time, node) is what the ``task_events``
+(record kind, id, from, to, reason, time, node, name) is what the ``task_events``
 query, the state API, the timeline and the tests read.
 
 Owns: the move tables, the event log and the illegal-move counter. Touches
@@ -75,7 +75,8 @@ _TASK, _CREATE, _ACTOR, _EXEC = (_fast(t) for t in (TASK_MOVES, CREATE_MOVES, AC
 
 class Transitions:
     def __init__(self, maxlen: int = EVENT_LOG_LEN):
-        # (time, kind, id, from, to, reason, node id): kind "task" | "actor" | "executor"
+        # (time, kind, id, from, to, reason, node id, name): kind "task" | "actor" |
+        # "executor"; name: a task's or actor's name, for the timeline
         self.events: deque = deque(maxlen=maxlen)
         self.illegal = 0
         self.now = time.time()  # set by the broker once per loop turn (time.time per move cost)
@@ -86,13 +87,17 @@ class Transitions:
         cls = type(rec)
         if cls is Task:
             table, kind, rid = (_CREATE if rec.kind == P.ACTOR_CREATE else _TASK), "task", rec.task_id
-            if node_id is None and rec.node is not None:
-                node_id = rec.node.node_id
+            name = rec.spec.name
+            if node_id is None:
+                if rec.node is not None:
+                    node_id = rec.node.node_id
+                elif rec.actor is not None and rec.actor.executor is not None:  # a call
+                    node_id = rec.actor.executor.node.node_id
         elif cls is Executor:
-            table, kind, rid = _EXEC, "executor", rec.cid
+            table, kind, rid, name = _EXEC, "executor", rec.cid, ""
             node_id = rec.node.node_id
         elif cls is Actor:
-            table, kind, rid = _ACTOR, "actor", rec.actor_id
+            table, kind, rid, name = _ACTOR, "actor", rec.actor_id, rec.class_name
         else:
             raise TypeError(f"no state machine for {cls.__name__}")
         if new not in table[old]:
@@ -101,9 +106,13 @@ class Transitions:
                       kind, old, new._value_, rid.hex(), reason)
             return False
         rec.state = new
-        self.events.append((self.now, kind, rid, old, new._value_, reason, node_id))
+        self.events.append((self.now, kind, rid, old, new._value_, reason, node_id, name))
         return True
 
     def history(self, rid: bytes) -> list:
         """[(from, to, reason), ...] of one record, oldest first (while still in the log)."""
         return [(e[3], e[4], e[5]) for e in self.events if e[2] == rid]
+
+    def task_moves(self) -> list:
+        """[[time, task id, name, from, to, node id], ...] of every task still in the log."""
+        return [[e[0], e[2], e[7], e[3], e[4], e[6]] for e in self.events if e[1] == "task"]

@@ -2,6 +2,7 @@
 # (lint disabled: the tutorial code below is kept verbatim from the seed.)
 # 来源 / Source: seed tutorial section 2.3 "传递object".
 # Only change from the seed: `import ray` -> `import zray as ray`.
+# Needs numpy: pip install numpy (or pip install -e '.[examples]').
 '''
 Author: chenjingyu
 Date: 2024-12-11 16:49:46

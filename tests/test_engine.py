@@ -16,7 +16,7 @@ from zray import _protocol as P
 
 def history(ref_or_id) -> list:
     """[(from, to, reason), ...] of a task, from the broker's event log."""
-    rid = ref_or_id.task_id() if hasattr(ref_or_id, "task_id") else ref_or_id
+    rid = ref_or_id.task_id().binary() if hasattr(ref_or_id, "task_id") else ref_or_id
     return [tuple(e) for e in zray._runtime.client.request("task_events", {"id": rid})]
 
 

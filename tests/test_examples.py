@@ -335,3 +335,36 @@ def test_example(name, lines, substrings, check, timeout):
 def test_every_example_is_tested():
     on_disk = sorted(f for f in os.listdir(EXAMPLES_DIR) if f.endswith(".py"))
     assert on_disk == sorted(c[0] for c in CASES)
+
+
+def _imports_numpy(path: str) -> bool:
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "numpy" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "numpy":
+            return True
+    return False
+
+
+def test_examples_that_need_numpy_say_so():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert any(d.startswith("numpy") for d in extras["examples"]), extras
+    with open(os.path.join(EXAMPLES_DIR, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert "pip install -e '.[examples]'" in readme  # the install line brings numpy
+    needing = [name for name in sorted(os.listdir(EXAMPLES_DIR))
+               if name.endswith(".py") and _imports_numpy(os.path.join(EXAMPLES_DIR, name))]
+    assert "s2_3_passing_objects.py" in needing
+    for name in needing:
+        with open(os.path.join(EXAMPLES_DIR, name), encoding="utf-8") as f:
+            head = "".join(f.readlines()[:10])
+        assert "Needs numpy" in head, f"{name} imports numpy but its header does not say so"
+        row = [ln for ln in readme.splitlines() if ln.startswith(f"| `{name}`")]
+        assert row and "needs numpy" in row[0], f"README's row for {name} does not say numpy"

@@ -354,7 +354,7 @@ def test_store_stays_flat_over_many_puts(local_ray):
           f"({dt:.2f} s, {n / dt:.0f} MB/s); most files seen in the store dir: {peak_files}")
 
     def flat():
-        nd = _node_entry(zray.memory_summary(), node)
+        nd = _node_entry(zray._api.memory_info(), node)
         files = [f for f in os.listdir(store) if not f.startswith(".")]
         if nd["bytes_in_memory"] < 20 * MB and len(files) < 20:
             return nd, len(files)
@@ -394,7 +394,7 @@ def test_spilling_keeps_store_under_limit_and_restores_transparently(tmp_path):
             refs = [zray.put(np.full(1_250_000, i, dtype=np.float64)) for i in range(30)]
             deadline = time.monotonic() + 20
             while True:
-                m = zray.memory_summary(top=50)
+                m = zray._api.memory_info(top=50)
                 nd = [n for n in m["nodes"] if n["node_id"] == node][0]
                 if nd["bytes_spilled"] > 0 and nd["bytes_in_memory"] <= 100_000_000:
                     break
@@ -422,7 +422,7 @@ def test_spilling_keeps_store_under_limit_and_restores_transparently(tmp_path):
             idx = ids.index(res["spilled_ids"][0]) if res["spilled_ids"] else 0
             res["consumed_index"] = idx
             res["task"] = zray.get(consume.remote(refs[idx]), timeout=30)
-            res["after"] = [n for n in zray.memory_summary()["nodes"] if n["node_id"] == node][0]
+            res["after"] = [n for n in zray._api.memory_info()["nodes"] if n["node_id"] == node][0]
         finally:
             print("RESULT " + json.dumps(res), flush=True)
             zray.shutdown()
@@ -456,7 +456,7 @@ def test_put_larger_than_store_raises_object_store_full(tmp_path):
                 zray.put(np.zeros(10_000_000))  # 80 MB
                 res["raised"] = None
                 res["client_store_limit"] = zray._runtime.client.info.get("store_limit")
-                res["nodes"] = zray.memory_summary()["nodes"]
+                res["nodes"] = zray._api.memory_info()["nodes"]
             except Exception as e:
                 res["raised"] = type(e).__name__
                 res["is_store_full"] = isinstance(e, zray.exceptions.ObjectStoreFullError)
@@ -630,7 +630,7 @@ def test_cross_node_large_object_moves_once(tcp_driver):
     dt_20 = time.perf_counter() - t0
     assert all(tuple(o[:4]) == expect and o[4] == node_b for o in outs), outs
 
-    entry = _largest_entry(zray.memory_summary(top=10), ref.hex())
+    entry = _largest_entry(zray._api.memory_info(top=10), ref.hex())
     assert entry is not None, "the 200 MB object is not among the largest"
     assert sorted(entry["nodes"]) == sorted([node_a, node_b]), entry  # one copy per node
     assert entry["size"] >= 200 * MB, entry
@@ -744,7 +744,7 @@ def test_object_lost_when_its_only_node_dies(tcp_driver):
         late = ones_f64.options(**on_c).remote(5 * MB // 8)
         ready, _ = zray.wait([inflight, late], num_returns=2, timeout=30, fetch_local=False)
         assert len(ready) == 2
-        summary = zray.memory_summary(top=10)
+        summary = zray._api.memory_info(top=10)
         for ref in (inflight, late):
             entry = _largest_entry(summary, ref.hex())
             assert entry is not None and entry["nodes"] == [node_c], entry
@@ -810,7 +810,7 @@ def test_a_task_on_a_dying_node_is_queued_again(tcp_driver):
         client = zray._runtime.client
 
         def events():
-            return [tuple(e) for e in client.request("task_events", {"id": ref.task_id()})]
+            return [tuple(e) for e in client.request("task_events", {"id": ref.task_id().binary()})]
 
         poll_until(lambda: events()[-1:] and events()[-1][1] == "running", 30,
                    what="the task to run on node D")

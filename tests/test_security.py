@@ -161,3 +161,44 @@ def test_refused_key_fails_fast_with_a_hint(tmp_path):
         _stop(insecure)
     log = (tmp_path / f"broker-{port}.log").read_text()
     assert "refused a connection whose CURVE key is not this cluster's" in log, log
+
+
+def _cli(args, key_env, tmp_path):
+    env = dict(os.environ, ZRAY_KEY_FILE=str(key_env))
+    env.pop("ZRAY_ADDRESS", None)
+    return subprocess.run(_zray_cmd() + args, env=env, capture_output=True, text=True,
+                          timeout=60, cwd=str(tmp_path))
+
+
+@pytest.mark.timeout(120)
+def test_cluster_commands_take_key_file(tmp_path):
+    key = tmp_path / "cluster.key"
+    nowhere = tmp_path / "no-such.key"
+    port = _free_port()
+    broker = _broker(tmp_path, port, "--key-file", str(key))
+    try:
+        address = f"tcp://127.0.0.1:{port}"
+        assert "NODES 0" in _driver(address, key, tmp_path).stdout  # the broker is up
+        for command in (["status"], ["memory", "--top", "3"]):
+            ok = _cli(command + ["--address", address, "--key-file", str(key)], nowhere, tmp_path)
+            assert ok.returncode == 0, (command, ok.stdout, ok.stderr)
+            assert ("Nodes: 0" if command[0] == "status" else "Largest objects") in ok.stdout
+            # without --key-file the CLI looks where ZRAY_KEY_FILE points: a clear refusal
+            no_key = _cli(command + ["--address", address], nowhere, tmp_path)
+            assert no_key.returncode != 0 and "Traceback" not in no_key.stderr, no_key.stderr
+            assert f"no key file at {nowhere}" in no_key.stderr, no_key.stderr
+            bad = _cli(command + ["--address", address, "--key-file", str(nowhere)], key,
+                       tmp_path)
+            assert bad.returncode == 2 and "--key-file" in bad.stderr, bad.stderr
+            assert f"no key file at {nowhere}" in bad.stderr, bad.stderr
+    finally:
+        _stop(broker)
+
+
+def test_every_command_with_an_address_takes_a_key_file():
+    from zray.cli import main
+
+    for name, command in main.commands.items():
+        options = {o for p in command.params for o in getattr(p, "opts", [])}
+        if "--address" in options:
+            assert "--key-file" in options, f"zray {name} has --address but no --key-file"

@@ -73,6 +73,7 @@ def create_actor(proc: ExecutorProcess, msg: P.Exec, frames: list) -> None:
         cls = proc.load_fn(spec.fid)
         proc.logs.prefix = f"({getattr(cls, '__name__', 'Actor')} pid={proc.pid})"
         proc.client.current_actor_id = spec.actor_id
+        proc.actor_spec = spec
         try:
             instance = cls(*args, **kwargs)
         finally:

@@ -91,6 +91,8 @@ class ExecutorProcess:
         self.env_dirty = False
         self.gpu_ids: list = []  # zray.get_gpu_ids() of the current call
         self.actor: Optional[ActorHost] = None  # set once this process's actor is built
+        self.spec: Optional[P.TaskSpec] = None  # the task or sync actor call running now
+        self.actor_spec: Optional[P.TaskSpec] = None  # the creation of the actor hosted here
         self.block_lock = threading.Lock()
         self.blocked = False
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
@@ -189,6 +191,7 @@ class ExecutorProcess:
 
     def exit_actor(self):
         """Leave now (any thread): the broker sees ACTOR_EXIT_CODE and restarts nothing."""
+        self.results.exiting = True  # calls still running on other threads fail with us
         self.stdout.flush()
         self.stderr.flush()
         self.client.close()
@@ -244,6 +247,7 @@ class ExecutorProcess:
 
     def prepare(self, spec: P.TaskSpec, gpu_ids: list) -> None:
         """Set the context, env_vars and GPUs a call runs under."""
+        self.spec = spec
         client = self.client
         client.current_task_id = spec.task_id
         client.current_task_name = spec.name
@@ -269,6 +273,7 @@ class ExecutorProcess:
         self.stdout.flush()
         self.stderr.flush()
         self.client.current_task_id = b""
+        self.spec = None
         if self.env_dirty:  # comparing os.environ costs ~120 us: only after we changed it
             self.env_dirty = False
             os.environ.clear()

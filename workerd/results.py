@@ -61,6 +61,9 @@ class ResultSender:
         self.client = client
         self.cancelled = cancelled  # task ids cancelled while queued or running (shared)
         self.pid = pid
+        # exit_actor() began: calls still running on other threads of a threaded or async
+        # actor send nothing, so they fail with ActorDiedError like the calls queued behind
+        self.exiting = False
 
     def stream(self, spec: P.TaskSpec, gen) -> None:
         """Send each item of a generator task as a YIELD, then an empty DONE."""
@@ -81,6 +84,8 @@ class ResultSender:
         """Send DONE with ``values``, pushing them to a local owner first where possible."""
         if self.client.forked:  # the child of a task's os.fork() returned: end it
             exit_forked_child()
+        if self.exiting:
+            return
         layout, frames, nested = [], [], []
         task_id = spec.task_id
         try:
@@ -119,6 +124,8 @@ class ResultSender:
         """Send DONE with ``exc`` as every return (retryable if ``retry_exceptions`` says so)."""
         if self.client.forked:  # the child of a task's os.fork() raised (or sys.exit)
             exit_forked_child(exc)
+        if self.exiting:
+            return
         task_id = spec.task_id
         if task_id in self.cancelled and not isinstance(exc, exceptions.TaskCancelledError):
             exc = exceptions.TaskCancelledError(task_id.hex())

@@ -5,7 +5,11 @@
 ``kill``, named actors, resources and scheduling strategies.
 """
 
-from zray import exceptions
+import sys as _sys
+
+import cloudpickle
+
+from zray import exceptions, util
 from zray._api import (
     RuntimeContext,
     available_resources,
@@ -26,13 +30,20 @@ from zray._api import (
     timeline,
     wait,
 )
+from zray._ids import ActorID, JobID, NodeID, TaskID, WorkerID
 from zray._refs import ObjectRef, ObjectRefGenerator
 from zray.actor import ActorClass, ActorHandle, exit_actor, method
+
+ObjectID = ObjectRef  # Ray's name for the id of an object is its ObjectRef class
+# ``zray.cloudpickle`` is the cloudpickle zray serializes with, as ``ray.cloudpickle`` is
+# Ray's (so ``import zray.cloudpickle`` and ``from zray import cloudpickle`` both work).
+_sys.modules.setdefault(__name__ + ".cloudpickle", cloudpickle)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActorClass", "ActorHandle", "ObjectRef", "ObjectRefGenerator", "RuntimeContext",
+    "ActorClass", "ActorHandle", "ActorID", "JobID", "NodeID", "ObjectID", "ObjectRef",
+    "ObjectRefGenerator", "RuntimeContext", "TaskID", "WorkerID", "cloudpickle", "util",
     "available_resources", "cancel", "cluster_resources", "exceptions", "exit_actor", "get",
     "get_actor", "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "kill",
     "memory_summary", "method", "nodes", "put", "remote", "shutdown", "timeline", "wait", "__version__",

@@ -11,7 +11,8 @@ from typing import Any, Optional, Sequence
 
 from zray import _procutil, _runtime, exceptions
 from zray import _protocol as P
-from zray._refs import ObjectRef, ObjectRefGenerator, check_session
+from zray._refs import _NIL_OID, ObjectRef, ObjectRefGenerator, check_session
+from zray.runtime_context import RuntimeContext, get_gpu_ids, get_runtime_context  # noqa: F401
 
 log = logging.getLogger("zray")
 
@@ -206,12 +207,20 @@ def _check_refs(refs, what: str):
     for r in refs:
         if not isinstance(r, ObjectRef):
             raise TypeError(f"{what} expects ObjectRefs, got {type(r).__name__}: {r!r}")
+        if r.id == _NIL_OID:
+            _nil_error(what)
     check_session(refs)
+
+
+def _nil_error(what: str):
+    raise ValueError(f"{what} was given ObjectRef.nil(), which refers to no object")
 
 
 def get(object_refs, *, timeout: Optional[float] = None) -> Any:
     """Block until the value(s) are available and return them (a list for a list)."""
     if isinstance(object_refs, ObjectRef):
+        if object_refs.id == _NIL_OID:
+            _nil_error("get()")
         check_session((object_refs,))  # a ref of a shut-down session: raise, never auto-init
         return _runtime.require_client().get_values([object_refs], timeout)[0]
     if isinstance(object_refs, ObjectRefGenerator):
@@ -344,91 +353,123 @@ def nodes() -> list:
     return _runtime.require_client().request("nodes")
 
 
-def get_gpu_ids() -> list:
-    """GPU ids assigned to the current task or actor."""
-    ex = _runtime.executor
-    if ex is not None:
-        ids = getattr(ex, "gpu_ids", None) or []
-        return [int(g) if str(g).isdigit() else g for g in ids]
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [int(g) if g.isdigit() else g for g in cvd.split(",")] if cvd else []
-
-
-class RuntimeContext:
-    """What get_runtime_context() returns: ids of the current job, node, task, actor."""
-
-    def _client(self):
-        return _runtime.require_client()
-
-    def get_job_id(self) -> str:
-        return self._client().job_id.hex()
-
-    def get_node_id(self) -> str:
-        c = self._client()
-        return c.node_id.hex() if c.node_id else ""
-
-    def get_task_id(self) -> Optional[str]:
-        t = self._client().current_task_id
-        return t.hex() if t else None
-
-    def get_actor_id(self) -> Optional[str]:
-        a = self._client().current_actor_id
-        return a.hex() if a else None
-
-    def get_worker_id(self) -> str:
-        return self._client().cid.hex()
-
-    def get_assigned_resources(self) -> dict:
-        return {}
-
-    def get_namespace(self) -> str:
-        return _runtime.current_namespace()
-
-    @property
-    def namespace(self) -> str:
-        return _runtime.current_namespace()
-
-    @property
-    def job_id(self):
-        return self.get_job_id()
-
-    @property
-    def node_id(self):
-        return self.get_node_id()
-
-    @property
-    def task_id(self):
-        return self.get_task_id()
-
-    @property
-    def actor_id(self):
-        return self.get_actor_id()
-
-    def get(self) -> dict:
-        return {"job_id": self.get_job_id(), "node_id": self.get_node_id(),
-                "task_id": self.get_task_id(), "actor_id": self.get_actor_id(),
-                "namespace": self.get_namespace()}
-
-    @property
-    def was_current_actor_reconstructed(self) -> bool:
-        return False
-
-    @property
-    def current_actor(self):
-        raise NotImplementedError("current_actor is not supported yet")
-
-
-def get_runtime_context() -> RuntimeContext:
-    """Ids of the current job, node, task and actor."""
-    return RuntimeContext()
-
-
-def memory_summary(top: int = 10) -> dict:
+def memory_info(top: int = 10) -> dict:
     """Object store use per node (objects, bytes in memory and spilled) and the
-    largest objects with their owners; `zray memory` prints the same."""
+    ``top`` largest objects with their owners, as a dict (`zray memory` prints it)."""
     return _runtime.require_client().request("memory", {"top": top})
 
 
-def timeline(filename=None):
-    raise NotImplementedError("timeline() is not supported by zray")
+_UNITS = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
 
+
+def memory_summary(address: Optional[str] = None, group_by: str = "NODE_ADDRESS",
+                   sort_by: str = "OBJECT_SIZE", units: str = "B", line_wrap: bool = True,
+                   stats_only: bool = False, num_entries: Optional[int] = None) -> str:
+    """A text summary of object store use, as Ray's ``memory_summary`` returns: per node,
+    then the largest objects (``num_entries`` of them, default 10). zray groups by node
+    and sorts by size only; ``line_wrap`` is accepted and has no effect."""
+    if group_by != "NODE_ADDRESS":
+        raise ValueError(f"memory_summary: group_by={group_by!r} is not supported by zray "
+                         f"(only 'NODE_ADDRESS')")
+    if sort_by != "OBJECT_SIZE":
+        raise ValueError(f"memory_summary: sort_by={sort_by!r} is not supported by zray "
+                         f"(only 'OBJECT_SIZE')")
+    if units not in _UNITS:
+        raise ValueError(f"memory_summary: units must be one of {sorted(_UNITS)}, got {units!r}")
+    if num_entries is not None and (not isinstance(num_entries, int) or num_entries < 0):
+        raise ValueError(f"memory_summary: num_entries must be an int >= 0, got {num_entries!r}")
+    top = 10 if num_entries is None else num_entries
+    if address is None:
+        info = memory_info(top)
+    else:
+        from zray._client import Client
+
+        client = Client(_resolve_address(address), kind="cli", connect_timeout=10)
+        try:
+            info = client.request("memory", {"top": top})
+            client.send(P.encode(P.Exit()))
+        finally:
+            client.close()
+    return format_memory(info, units, stats_only)
+
+
+def format_memory(m: dict, units: str = "MB", stats_only: bool = False) -> str:
+    """The text of `zray memory` and memory_summary() for a memory_info() dict."""
+    div = _UNITS[units]
+    unit = units
+
+    def amount(n: int) -> str:
+        return f"{n / div:,.1f} {unit}" if div > 1 else f"{n:,} {unit}"
+
+    nodes = m["nodes"]
+    in_memory = sum(n["bytes_in_memory"] for n in nodes)
+    limit = sum(n["store_limit"] for n in nodes)
+    lines = []
+    if not stats_only:
+        lines.append("Object store use per node:")
+        for n in nodes:
+            lines.append(f"  {n['node_id']}  objects {n['objects']:>6}  in memory "
+                         f"{amount(n['bytes_in_memory'])} / {amount(n['store_limit'])}  "
+                         f"spilled {amount(n['bytes_spilled'])}")
+        lines.append(f"Small objects held by the broker: {m['inline_objects']} "
+                     f"({amount(m['inline_bytes'])})")
+        lines.append("Largest objects:")
+        for o in m["largest"]:
+            lines.append(f"  {o['object_id']}  {amount(o['size'])}  owner {o['owner_kind']} "
+                         f"pid={o['owner_pid']}  on "
+                         f"{','.join(n[:8] for n in o['nodes']) or 'broker'}")
+    pct = 100.0 * in_memory / limit if limit else 0.0
+    lines.append(f"--- Aggregate object store stats across all nodes ---\n"
+                 f"Object store memory used: {amount(in_memory)} of {amount(limit)} "
+                 f"({pct:.1f}% full), spilled {amount(sum(n['bytes_spilled'] for n in nodes))}, "
+                 f"{sum(n['objects'] for n in nodes)} objects in stores, "
+                 f"{m['inline_objects']} held by the broker")
+    return "\n".join(lines)
+
+
+def timeline(filename: Optional[str] = None) -> Optional[list]:
+    """Task execution as Chrome trace events (open the file in chrome://tracing or Perfetto).
+
+    Built from the broker's bounded event log: one complete event (``"ph": "X"``) per
+    task run that started and ended while in the log, on a row per node and lane (lanes
+    are assigned here so that runs on one row never overlap; they are not executor
+    processes). With ``filename`` the events are written there as a JSON list and None
+    is returned; without it the list is returned."""
+    if filename is not None and not isinstance(filename, (str, os.PathLike)):
+        raise TypeError(f"timeline(filename): a path expected, got {type(filename).__name__}")
+    events = _trace_events(_runtime.require_client().request("timeline"))
+    if filename is None:
+        return events
+    import json
+
+    with open(filename, "w") as f:
+        json.dump(events, f)
+    return None
+
+
+def _trace_events(moves: list) -> list:
+    """Chrome trace events from [[time, task_id, name, from, to, node_id], ...]."""
+    started: dict = {}
+    runs = []
+    for t, task_id, name, _old, new, node_id in moves:
+        if new == "running":
+            started[task_id] = (t, node_id)
+        elif task_id in started:
+            t0, node = started.pop(task_id)
+            runs.append((t0, t, task_id, name, node or node_id, new))
+    runs.sort()
+    lanes: dict = {}  # node -> [end time of the last run on each lane]
+    out = []
+    for t0, t1, task_id, name, node, outcome in runs:
+        ends = lanes.setdefault(node, [])
+        lane = next((i for i, end in enumerate(ends) if end <= t0), len(ends))
+        if lane == len(ends):
+            ends.append(t1)
+        else:
+            ends[lane] = t1
+        ts, end = t0 * 1e6, t1 * 1e6  # microseconds
+        out.append({"cat": "task", "name": name, "ph": "X",
+                    "pid": f"node {node.hex()[:8]}" if node else "node ?",
+                    "tid": f"lane {lane}", "ts": ts, "dur": end - ts,
+                    "args": {"task_id": task_id.hex(), "outcome": outcome}})
+    return out

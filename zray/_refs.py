@@ -8,7 +8,10 @@ import os
 
 from zray import _protocol as P
 from zray import _runtime
+from zray._ids import BaseID, JobID, TaskID
 from zray._serialization import nested_collector
+
+_NIL_OID = b"\xff" * P.OBJECT_ID_LEN
 
 
 def check_session(refs) -> None:
@@ -37,10 +40,15 @@ def _rebuild_ref(oid: bytes, owner: bytes) -> "ObjectRef":
     return ObjectRef(oid, owner, _borrowed=True)
 
 
-class ObjectRef:
-    """A reference to an object in the cluster (a future of a task's return)."""
+class ObjectRef(BaseID):
+    """A reference to an object in the cluster (a future of a task's return).
+
+    Also Ray's ``ObjectID``: an id with ``binary()``, ``hex()``, ``is_nil()``,
+    ``from_hex()`` and ``nil()``.
+    """
 
     __slots__ = ("id", "owner", "_client", "__weakref__")
+    SIZE = P.OBJECT_ID_LEN
 
     def __init__(self, oid: bytes, owner: bytes = b"", _client=None, _borrowed: bool = False):
         self.id = oid
@@ -79,8 +87,42 @@ class ObjectRef:
     def binary(self) -> bytes:
         return self.id
 
-    def task_id(self) -> bytes:
-        return P.task_of(self.id)
+    def task_id(self) -> TaskID:
+        """The task that made this object (a put's id names the put's own pseudo-task)."""
+        return TaskID(P.task_of(self.id))
+
+    def job_id(self) -> JobID:
+        """The job of this ref. zray's object ids do not carry their job, as Ray's do:
+        this is the job that the driver or task holding the ref works for, which is the
+        ref's own job unless the ref was handed across jobs (through a detached actor)."""
+        client = self._client or _runtime.client
+        if client is None:
+            raise RuntimeError("ObjectRef.job_id() needs a connected zray client: call "
+                               "zray.init() first")
+        return JobID(client.job_id)
+
+    @classmethod
+    def from_binary(cls, id_bytes: bytes) -> "ObjectRef":
+        """A ref to the object with this id (as if unpickled here: the broker learns of it)."""
+        return cls(cls._check(id_bytes), b"", _borrowed=True)
+
+    @classmethod
+    def from_hex(cls, hex_id: str) -> "ObjectRef":
+        """A ref to the object whose id ``ref.hex()`` returned."""
+        return cls(cls._bytes_of_hex(hex_id), b"", _borrowed=True)
+
+    @classmethod
+    def nil(cls) -> "ObjectRef":
+        """The nil ref (every byte 0xff): it names no object and holds no reference."""
+        ref = cls.__new__(cls)
+        ref.id = _NIL_OID
+        ref.owner = b""
+        ref._client = None
+        return ref
+
+    def as_future(self) -> "asyncio.Future":
+        """An asyncio future of the object's value, on the current event loop."""
+        return asyncio.wrap_future(self.future())
 
     def future(self) -> concurrent.futures.Future:
         """A concurrent.futures.Future that completes with the object's value."""

@@ -10,6 +10,7 @@ from zray import _options, _runtime
 from zray import _protocol as P
 from zray._refs import ObjectRef
 from zray._remote import _Definition, make_spec, return_refs, serialize_args
+from zray.exceptions import ActorAlreadyExistsError
 
 
 def method(*args, **kwargs):
@@ -37,6 +38,32 @@ def exit_actor():
     raise ActorExit()
 
 
+def _ray_ready(self):
+    """Returns True once the actor is created: ``get(a.__ray_ready__.remote())`` waits for it."""
+    return True
+
+
+def _ray_terminate(self):
+    """Exit the actor once the calls queued before this one are done; calls after it fail
+    with ActorDiedError and the actor is not restarted."""
+    exit_actor()
+
+
+# Methods every actor has, as in Ray; the executor finds them on the class it instantiates.
+_BUILTIN_METHODS = {"__ray_ready__": _ray_ready, "__ray_terminate__": _ray_terminate}
+
+
+def _with_builtin_methods(cls):
+    """The class an actor's process instantiates: a subclass of the user's class that adds
+    ``_BUILTIN_METHODS`` (Ray does the same) and keeps its name and module."""
+    ns = dict(_BUILTIN_METHODS, __module__=cls.__module__, __qualname__=cls.__qualname__,
+              __doc__=cls.__doc__, __zray_user_class__=cls)
+    try:
+        return type(cls)(cls.__name__, (cls,), ns)
+    except TypeError:  # a class that refuses subclasses: no built-in methods then
+        return cls
+
+
 def _method_meta(cls) -> dict:
     meta = {}
     for name, fn in inspect.getmembers(cls, predicate=lambda m: inspect.isfunction(m) or inspect.ismethod(m)):
@@ -53,7 +80,7 @@ class ActorClass:
     def __init__(self, cls, options: dict):
         self._cls = cls
         self._options = _options.validate(dict(options), _options.ACTOR_OPTIONS, "actors")
-        self._def = _Definition(cls)
+        self._def = _Definition(_with_builtin_methods(cls))
         self._meta_cache = None
         self.__name__ = cls.__name__
         self.__doc__ = cls.__doc__
@@ -91,8 +118,9 @@ class ActorClass:
             if existing is not None:
                 if options.get("get_if_exists"):
                     return _handle_from_meta(existing, client)
-                raise ValueError(f"Actor with name {name!r} already exists in namespace "
-                                 f"{namespace!r}; use get_if_exists=True to get it.")
+                raise ActorAlreadyExistsError(
+                    f"Actor with name {name!r} already exists in namespace {namespace!r}; use "
+                    f"a different name, or get_if_exists=True (or get_actor({name!r})) to get it.")
         fid = self._def.ensure(client)
         frames, deps, nested, _keep = serialize_args(args, kwargs, client)
         explicit = options.get("num_cpus")
@@ -143,6 +171,14 @@ def _handle_from_meta(info: dict, client) -> "ActorHandle":
     return ActorHandle(meta["actor_id"], meta["class_name"], meta["methods"], ref)
 
 
+def current_actor_handle(actor_id: bytes, executor) -> "ActorHandle":
+    """The handle of the actor hosted by ``executor`` (get_runtime_context().current_actor).
+    It holds no reference (as Ray's is weak): an actor's own handle never keeps it alive."""
+    cls = executor.fns.get(executor.actor_spec.fid)
+    cls = getattr(cls, "__zray_user_class__", cls)
+    return ActorHandle(actor_id, cls.__name__, _method_meta(cls))
+
+
 def _rebuild_handle(actor_id, class_name, methods, ref=None):
     return ActorHandle(actor_id, class_name, methods, ref)
 
@@ -158,13 +194,17 @@ class ActorHandle:
         self._cache: dict = {}
 
     def __getattr__(self, name) -> "ActorMethod":
-        if name.startswith("__") and name.endswith("__"):
+        if name.startswith("__") and name.endswith("__") and name not in _BUILTIN_METHODS:
             raise AttributeError(name)
         m = self._cache.get(name)
         if m is None:
-            if name not in self._methods:
+            if name in self._methods:
+                options = self._methods[name]
+            elif name in _BUILTIN_METHODS:  # __ray_ready__, __ray_terminate__
+                options = {}
+            else:
                 raise AttributeError(f"'{self._class_name}' actor has no method '{name}'")
-            m = self._cache[name] = ActorMethod(None, name, self._methods[name])
+            m = self._cache[name] = ActorMethod(None, name, options)
             m._qualname = f"{self._class_name}.{name}"
         # A new bound method each time: caching one that points back at this handle
         # would make a cycle, and the handle (whose ref keeps the actor) would outlive

@@ -118,19 +118,35 @@ def worker(address, num_cpus, gpus, resources, prestart, object_store_memory, se
         res, session_dir, prestart=prestart, object_store_memory=object_store_memory)
 
 
-def _client(address):
+def cluster_options(fn):
+    """--address and --key-file, for every command that talks to a running cluster."""
+    fn = click.option("--key-file", default=None, type=click.Path(dir_okay=False),
+                      help="Cluster key file (default: $ZRAY_KEY_FILE or ~/.zray/cluster.key).")(fn)
+    return click.option("--address", default=None, help="Broker address (default: auto).")(fn)
+
+
+def _client(address, key_file=None):
+    """A CLI client of the cluster; a missing key file or an unreachable broker is a
+    one-line error, not a traceback."""
     from zray._client import Client
 
-    return Client(_resolve(address), kind="cli", connect_timeout=5)
+    if key_file:
+        if not os.path.isfile(key_file):
+            raise click.BadParameter(f"no key file at {key_file}", param_hint="--key-file")
+        os.environ["ZRAY_KEY_FILE"] = os.path.abspath(key_file)
+    try:
+        return Client(_resolve(address), kind="cli", connect_timeout=5)
+    except (ConnectionError, PermissionError) as e:
+        raise click.ClickException(str(e)) from None
 
 
 @main.command()
-@click.option("--address", default=None, help="Broker address (default: auto).")
-def status(address):
+@cluster_options
+def status(address, key_file):
     """Print nodes, resources and task counts of a running cluster."""
     from zray import _protocol as P
 
-    c = _client(address)
+    c = _client(address, key_file)
     try:
         st = c.request("status")
         c.send(P.encode(P.Exit()))
@@ -157,34 +173,20 @@ def status(address):
 
 
 @main.command()
-@click.option("--address", default=None, help="Broker address (default: auto).")
+@cluster_options
 @click.option("--top", default=10, show_default=True, help="How many of the largest objects to list.")
-def memory(address, top):
+def memory(address, key_file, top):
     """Per-node object store use: objects, bytes in memory, bytes spilled, largest objects."""
     from zray import _protocol as P
+    from zray._api import format_memory
 
-    c = _client(address)
+    c = _client(address, key_file)
     try:
         m = c.request("memory", {"top": top})
         c.send(P.encode(P.Exit()))
     finally:
         c.close()
     click.echo(format_memory(m))
-
-
-def format_memory(m: dict) -> str:
-    lines = ["Object store use per node:"]
-    for n in m["nodes"]:
-        lines.append(f"  {n['node_id']}  objects {n['objects']:>6}  in memory "
-                     f"{n['bytes_in_memory'] / 1e6:10.1f} MB / {n['store_limit'] / 1e6:.0f} MB  "
-                     f"spilled {n['bytes_spilled'] / 1e6:10.1f} MB")
-    lines.append(f"Small objects held by the broker: {m['inline_objects']} "
-                 f"({m['inline_bytes'] / 1e6:.1f} MB)")
-    lines.append("Largest objects:")
-    for o in m["largest"]:
-        lines.append(f"  {o['object_id']}  {o['size'] / 1e6:10.2f} MB  owner {o['owner_kind']} "
-                     f"pid={o['owner_pid']}  on {','.join(n[:8] for n in o['nodes']) or 'broker'}")
-    return "\n".join(lines)
 
 
 @main.command()

@@ -181,7 +181,7 @@ class OwnerDiedError(ObjectLostError):
     """The process that owned the object died."""
 
 
-class ReferenceCountingAssertionError(ObjectLostError):
+class ReferenceCountingAssertionError(ObjectLostError, AssertionError):
     """The object was freed while a reference to it was still in use."""
 
 
@@ -217,4 +217,121 @@ class ObjectReconstructionFailedError(ObjectLostError):
     """The object was lost and rebuilding it from lineage failed."""
 
 
-__all__ = [name for name in dir() if name.endswith("Error") or name == "PendingCallsLimitExceeded"]
+class ObjectFreedError(ObjectLostError):
+    """The object was freed by the application while a reference to it remained."""
+
+    def __init__(self, object_ref_hex: str = "", message: str = ""):
+        super().__init__(object_ref_hex, message or (
+            f"Object {object_ref_hex} was freed by the application and cannot be read."))
+
+
+class ActorAlreadyExistsError(ValueError, RayError):
+    """A named actor with this name already exists in the namespace (``get_if_exists=True``
+    returns the existing one instead). Also a ValueError, as in Ray."""
+
+    def __init__(self, error_message: str = "An actor with this name already exists."):
+        self.error_message = error_message
+        super().__init__(error_message)
+
+    def __reduce__(self):
+        return (type(self), (self.error_message,))
+
+
+class ActorHandleNotFoundError(ValueError, RayError):
+    """The actor handle refers to no actor this cluster knows (e.g. one from a session
+    before ``shutdown()``). Also a ValueError, as in Ray."""
+
+    def __init__(self, error_message: str = "The actor handle refers to an unknown actor."):
+        self.error_message = error_message
+        super().__init__(error_message)
+
+    def __reduce__(self):
+        return (type(self), (self.error_message,))
+
+
+class AsyncioActorExit(RayError):
+    """An async actor leaving through ``exit_actor()`` (Ray raises it inside the actor)."""
+
+
+class NodeDiedError(RayError):
+    """The node is dead or cannot be reached."""
+
+
+class LocalRayletDiedError(RayError):
+    """The node agent of the task's node died (Ray: the local raylet)."""
+
+
+class OutOfDiskError(RayError):
+    """Storing the object failed: the object store and the spill disk are both full."""
+
+
+class PlasmaObjectNotAvailable(RayError):
+    """An object was not available within the given timeout (kept for Ray compatibility)."""
+
+
+class TaskPlacementGroupRemoved(RayError):
+    """The placement group of the task was removed."""
+
+
+class ActorPlacementGroupRemoved(RayError):
+    """The placement group of the actor was removed."""
+
+
+class AuthenticationError(RayError):
+    """The peer could not prove it holds the cluster key (zray: CURVE, see zray._security)."""
+
+
+class RpcError(RayError):
+    """An error of the underlying messaging layer."""
+
+    def __init__(self, message: str = "", rpc_code: Optional[int] = None):
+        self.rpc_code = rpc_code
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.rpc_code))
+
+
+class UnserializableException(RayError):
+    """An exception raised remotely could not be unpickled here; this carries its text
+    and the traceback that was captured where it was raised."""
+
+    def __init__(self, original_stack_trace: str = ""):
+        self.original_stack_trace = original_stack_trace
+        super().__init__(original_stack_trace)
+
+    def __str__(self) -> str:
+        return ("Failed to deserialize the exception raised remotely; its original "
+                f"stack trace:\n{self.original_stack_trace}")
+
+    def __reduce__(self):
+        return (type(self), (self.original_stack_trace,))
+
+
+class UserCodeException(RayError):
+    """An exception raised by user code, wrapped (kept for Ray compatibility)."""
+
+
+class ObjectRefStreamEndOfStreamError(RayError):
+    """A streaming generator has no more ObjectRefs to read."""
+
+
+class OufOfBandObjectRefSerializationException(RayError):
+    """An ObjectRef was serialized out of band with cloudpickle (Ray's name, typo included)."""
+
+
+class StreamingGeneratorReplayInconsistentError(RaySystemError):
+    """A retried streaming generator yielded a different number of items than its first run."""
+
+
+class RayDirectTransportError(RaySystemError):
+    """A direct (node-to-node) object transfer failed."""
+
+
+# Ray's names that do not end in "Error"; compiled-graph and channel errors are left out.
+_OTHER_NAMES = ("PendingCallsLimitExceeded", "AsyncioActorExit", "PlasmaObjectNotAvailable",
+                "TaskPlacementGroupRemoved", "ActorPlacementGroupRemoved",
+                "UnserializableException", "UserCodeException",
+                "OufOfBandObjectRefSerializationException")
+
+__all__ = [name for name in dir() if name.endswith("Error") or name in _OTHER_NAMES]

@@ -1,1 +1,6 @@
-"""Utilities with Ray's names (zray.util.scheduling_strategies, ...)."""
+"""Utilities with Ray's names. ``import zray`` imports this package and its submodules
+(as ``import ray`` does), so ``zray.util.scheduling_strategies`` needs no import of its own."""
+
+from zray.util import scheduling_strategies
+
+__all__ = ["scheduling_strategies"]
