@@ -26,13 +26,13 @@ from zray._api import (
     timeline,
     wait,
 )
-from zray._refs import ObjectRef, ObjectRefGenerator
+from zray._refs import DynamicObjectRefGenerator, ObjectRef, ObjectRefGenerator
 from zray.actor import ActorClass, ActorHandle, exit_actor, method
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActorClass", "ActorHandle", "ObjectRef", "ObjectRefGenerator", "RuntimeContext",
+    "ActorClass", "ActorHandle", "DynamicObjectRefGenerator", "ObjectRef", "ObjectRefGenerator", "RuntimeContext",
     "available_resources", "cancel", "cluster_resources", "exceptions", "exit_actor", "get",
     "get_actor", "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "kill",
     "memory_summary", "method", "nodes", "put", "remote", "shutdown", "timeline", "wait", "__version__",
