@@ -299,8 +299,9 @@ def gated(gate):
 
 
 @ray.remote(max_retries=0)
-def crashing_generator():
+def crashing_generator(gate):
     yield 1
+    _wait_for_file(gate)  # the caller has item 1 (a message not yet sent dies with us)
     os._exit(1)
 
 
@@ -386,7 +387,7 @@ def test_generator_wait_next_ready_completed_is_finished(cluster, tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_generator_errors_close_and_pickling(cluster):
+def test_generator_errors_close_and_pickling(cluster, tmp_path):
     gen = count.remote(2, fail=True)
     out = []
     for ref in gen:
@@ -405,11 +406,14 @@ def test_generator_errors_close_and_pickling(cluster):
         _cloudpickle.dumps(gen)
 
     # a crash is the last item, and completed() raises it
-    gen = crashing_generator.remote()
-    refs = list(gen)
-    assert ray.get(refs[0], timeout=60) == 1
+    gate = str(tmp_path / "gate")
+    gen = crashing_generator.remote(gate)
+    assert ray.get(next(gen), timeout=60) == 1
+    open(gate, "w").close()
+    rest = list(gen)
+    assert len(rest) == 1
     with pytest.raises(WorkerCrashedError):
-        ray.get(refs[-1], timeout=60)
+        ray.get(rest[0], timeout=60)
     with pytest.raises(WorkerCrashedError):
         ray.get(gen.completed(), timeout=60)
 
