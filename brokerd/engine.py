@@ -46,11 +46,12 @@ from brokerd.records import (
 from brokerd.transitions import Transitions
 from zray import _protocol as P
 from zray import exceptions
-from zray._serialization import serialize_error
+from zray._serialization import serialize, serialize_error
 
 log = logging.getLogger("zray.broker")
 
 _WAITING = (TaskState.WAITING_ARGS, TaskState.QUEUED)
+_NONE_FRAMES = serialize(None)[0]  # the value of a stream's completion object
 MAX_SPAWN_FAILURES = 5  # fresh processes for actors that die before READY, per node, in a row
 
 
@@ -370,7 +371,7 @@ class TaskEngine:
         if task.kind == P.ACTOR_CREATE:
             self._actor_created(task, layout[0][0] if layout else P.VALUE, frames, error)
             return
-        if task.spec.num_returns == P.STREAMING:
+        if task.spec.num_returns == P.STREAMING:  # what it raised is its last item
             self._finish_stream(task, frames if layout and layout[0][0] == P.ERROR else None)
             return
         pos = 0
@@ -453,7 +454,7 @@ class TaskEngine:
         if task.actor is not None and task.kind == P.ACTOR_CALL:
             task.actor.inflight.pop(task.task_id, None)
         if task.spec.num_returns == P.STREAMING:
-            self._finish_stream(task, err_frames, state, reason)
+            self._finish_stream(task, err_frames, state, reason, failed=True)
             return
         woken = []
         for oid in task.returns:
@@ -492,16 +493,27 @@ class TaskEngine:
         self._wake(self.objects.ready(obj, m.kind, frames))
 
     def _finish_stream(self, task: Task, err_frames=None, state=TaskState.FINISHED,
-                       reason: str = "stream ended") -> None:
+                       reason: str = "stream ended", failed: bool = False) -> None:
+        """End a stream: its error (if any) becomes its last item; its completion object
+        gets None, or the error too when the task ``failed`` other than by raising (a
+        crash, a cancel, a dead actor: Ray's completed() raises only then); then
+        STREAM_END tells the owner how many items there are."""
+        woken = []
         if err_frames is not None:
             task.streamed += 1
             obj = self.objects.create(P.object_id(task.task_id, task.streamed), task.spec.owner)
-            self._wake(self.objects.ready(obj, P.ERROR, err_frames))
+            woken += self.objects.ready(obj, P.ERROR, err_frames)
             if state == TaskState.FINISHED:
                 state, reason = TaskState.FAILED, "raised"
+        kind, frames = (P.ERROR, err_frames) if failed else (P.VALUE, _NONE_FRAMES)
+        for oid in task.returns:
+            obj = self.objects.get(oid)
+            if obj is not None and obj.state == ObjState.PENDING:
+                woken += self.objects.ready(obj, kind, frames)
         self.out.send(P.inbox_ident(task.spec.owner),
                       P.encode(P.StreamEnd(task.task_id, task.streamed)))
         self._finished(task, state, reason)
+        self._wake(woken)
 
     # ========================================================= object input
     def put(self, cid: bytes, m: P.Put, frames) -> None:
@@ -684,9 +696,10 @@ class TaskEngine:
     def _settle(self, actor: Actor, d: Death) -> None:
         """Apply what the actor directory decided about an actor's death or restart."""
         if d.restart:
-            for task in d.fail:
-                self.fail_task(task, serialize_error(exceptions.ActorDiedError(
-                    f"The actor died while running {task.spec.name}: {d.reason}",
+            for task in d.fail:  # Ray: unavailable, not dead, while it restarts
+                self.fail_task(task, serialize_error(exceptions.ActorUnavailableError(
+                    f"The actor died while running {task.spec.name} and is restarting: "
+                    f"{d.reason}. The call may or may not have run.",
                     actor.actor_id.hex())), reason="actor died")
             for task in d.retry:
                 self._requeue(task, "actor restarting")

@@ -320,8 +320,9 @@ def test_dropped_generator_leaves_no_items_behind(ray_local):
     it = count.remote(5)
     first = next(it)
     assert zray.get(first) == 0
-    # items 2..5 arrive before anyone takes them: the open generator keeps them
-    poll_until(lambda: len(set(records) - baseline) == 5, 10, what="all items here")
+    # items 2..5 arrive before anyone takes them: the open generator keeps them (and
+    # its completion object, the ref completed() returns)
+    poll_until(lambda: len(set(records) - baseline) == 6, 10, what="all items here")
     del first, it
     assert set(records) - baseline == set()
 

@@ -2,7 +2,8 @@
 
 ::
 
-    EXEC (ACTOR_CREATE) --> create_actor: cls(*args) on the main thread --> ActorMode --> DONE [None]
+    EXEC (ACTOR_CREATE) --> create_actor: ActorMode of the class; cls(*args) on the main
+                            thread (ASYNC: __init__, async or not, on the event loop) --> DONE [None]
     EXEC (ACTOR_CALL) ----> ActorHost.handle, picked by the mode at creation:
         SYNC      method() on the main thread, in arrival order -------+
         THREADED  pool.submit(method): max_concurrency threads --------+--> ResultSender --> DONE
@@ -12,14 +13,19 @@
                     SYNC: the call runs on, then reports TaskCancelledError;
                     THREADED: the call runs on; only an error it raises becomes one
     exit_actor() --ActorExit--> ExecutorProcess.exit_actor: os._exit(ACTOR_EXIT_CODE)
+    sys.exit() --SystemExit--> ExecutorProcess.system_exit: the process ends (sys.exit(0):
+                               as exit_actor(); any other code: a crash, restarted per
+                               max_restarts), in every mode
 
 An actor gets a fresh executor process (never a pooled one) and keeps it, with
 the environment of its creation (CUDA_VISIBLE_DEVICES included), for life:
 calls never restore it.
-A class with any ``async def`` method or async generator is an async actor;
-otherwise ``max_concurrency`` > 1 makes it threaded. Sync calls go through
-``prepare`` like tasks (context, env_vars and gpu_ids of the call); threaded and
-async calls run under the context set at creation.
+A class with any ``async def`` method (``__init__`` included) or async generator
+is an async actor; otherwise ``max_concurrency`` > 1 makes it threaded. Sync calls
+go through ``prepare`` like tasks (context and env_vars of the call; the GPUs stay
+the actor's); threaded and async calls run under the context set at creation.
+A generator method streams its items (YIELD) in every mode, an async generator
+on the loop; with ``num_returns="dynamic"`` its items are stored one by one.
 
 A call that raises ActorExit sends no reply: the broker fails it with
 ActorDiedError when the process exits, and does not restart the actor.
@@ -74,13 +80,13 @@ def create_actor(proc: ExecutorProcess, msg: P.Exec, frames: list) -> None:
         proc.logs.prefix = f"({getattr(cls, '__name__', 'Actor')} pid={proc.pid})"
         proc.client.current_actor_id = spec.actor_id
         proc.actor_spec = spec
+        host = ActorHost(proc, cls, spec.options.get("max_concurrency"))
         try:
-            instance = cls(*args, **kwargs)
+            host.construct(args, kwargs)
         finally:
             proc.stdout.flush()
             proc.stderr.flush()
-        host = ActorHost(proc, instance, spec.options.get("max_concurrency"))
-    except ActorExit:
+    except (ActorExit, SystemExit):
         raise
     except BaseException as e:  # noqa: B036 - the caller learns why the actor died
         results.finish_error(spec, e)
@@ -90,19 +96,33 @@ def create_actor(proc: ExecutorProcess, msg: P.Exec, frames: list) -> None:
     results.finish_values(spec, [None])
 
 
+async def _construct_on_loop(cls: type, args, kwargs):
+    """``cls(*args, **kwargs)`` where ``__init__`` may be ``async def``."""
+    new = cls.__new__
+    obj = new(cls) if new is object.__new__ else new(cls, *args, **kwargs)
+    if isinstance(obj, cls):
+        ret = obj.__init__(*args, **kwargs)
+        if inspect.isawaitable(ret):
+            await ret
+    return obj
+
+
 class ActorHost:
     """This process's actor instance, and how its calls run (``mode``)."""
 
-    def __init__(self, proc: ExecutorProcess, instance, max_concurrency: Optional[int]):
+    def __init__(self, proc: ExecutorProcess, cls: type, max_concurrency: Optional[int]):
         self.proc = proc
-        self.instance = instance
-        self.mode = ActorMode.of(type(instance), max_concurrency)
+        self.instance = None  # built by construct()
+        self.mode = ActorMode.of(cls, max_concurrency)
+        self.cls = cls
         self.cancelled = proc.cancelled
         self.load_call = proc.load_call
         self.prepare = proc.prepare
         self.stdout, self.stderr = proc.stdout, proc.stderr
         results = proc.results
+        self.generator_returns = results.generator_returns
         self.stream = results.stream
+        self.stream_async = results.stream_async
         self.finish_values = results.finish_values
         self.finish_error = results.finish_error
         self.cancelled_error = results.cancelled_error
@@ -119,6 +139,23 @@ class ActorHost:
             self.handle = self.call_threaded
         else:
             self.handle = self.call_sync
+
+    def construct(self, args: list, kwargs: dict) -> None:
+        """Build the instance (main thread). An async actor's ``__init__``, ``async def``
+        or not, runs on its event loop, as in Ray: what it schedules there (a server, a
+        background task) runs from then on."""
+        if self.mode is not ActorMode.ASYNC:
+            self.instance = self.cls(*args, **kwargs)
+            return
+        proc = self.proc
+
+        async def build():
+            try:
+                return await _construct_on_loop(self.cls, args, kwargs)
+            except SystemExit as e:  # it would stop the loop, and this wait with it
+                proc.system_exit(e)
+
+        self.instance = asyncio.run_coroutine_threadsafe(build(), self.loop).result()
 
     def start_loop(self, conc: int) -> None:
         self.loop = asyncio.new_event_loop()
@@ -150,11 +187,13 @@ class ActorHost:
         self.prepare(spec, msg.gpu_ids)
         try:
             result = getattr(self.instance, spec.fid)(*args, **kwargs)
-            if spec.num_returns == P.STREAMING:
-                self.stream(spec, result)
-                return
-            outs = split_returns(spec, result)
-        except ActorExit:
+            if spec.num_returns < 0:  # a generator: streamed, or stored item by item
+                outs = self.generator_returns(spec, result)
+                if outs is None:
+                    return
+            else:
+                outs = split_returns(spec, result)
+        except (ActorExit, SystemExit):
             raise  # no reply: the broker fails this call with ActorDiedError on our exit
         except BaseException as e:  # noqa: B036 - user code may raise anything
             self.finish_error(spec, e)
@@ -179,9 +218,16 @@ class ActorHost:
     def run_in_thread(self, spec: P.TaskSpec, method, args, kwargs) -> None:
         try:
             result = method(*args, **kwargs)
-            outs = split_returns(spec, result)
+            if spec.num_returns < 0:
+                outs = self.generator_returns(spec, result)
+                if outs is None:
+                    return
+            else:
+                outs = split_returns(spec, result)
         except ActorExit:
             self.proc.exit_actor()
+        except SystemExit as e:
+            self.proc.system_exit(e)
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
             return
@@ -201,11 +247,21 @@ class ActorHost:
 
         async def run():
             async with self.async_sem:
-                if inspect.iscoroutinefunction(method):
-                    return await method(*args, **kwargs)
-                if inspect.isasyncgenfunction(method):
-                    return [v async for v in method(*args, **kwargs)]
-                return method(*args, **kwargs)
+                try:
+                    if inspect.iscoroutinefunction(method):
+                        return await method(*args, **kwargs)
+                    result = method(*args, **kwargs)
+                    if spec.num_returns == P.STREAMING:
+                        if inspect.isasyncgen(result):
+                            await self.stream_async(spec, result)
+                        else:
+                            self.stream(spec, result)
+                        return _ANSWERED
+                    if inspect.isasyncgen(result):
+                        return [v async for v in result]
+                    return result
+                except SystemExit as e:  # it would stop the loop: end the process here
+                    self.proc.system_exit(e)
 
         def start():
             t = self.loop.create_task(run())
@@ -228,9 +284,22 @@ class ActorHost:
         if exc is not None:
             self.finish_error(spec, exc)
             return
-        try:
-            outs = split_returns(spec, t.result())
+        result = t.result()
+        if result is _ANSWERED:
+            return
+        try:  # (a generator runs here: DYNAMIC, or a sync one for a count of returns)
+            if spec.num_returns < 0:  # DYNAMIC (a stream was answered as it ran)
+                outs = self.generator_returns(spec, result)
+            else:
+                outs = split_returns(spec, result)
+        except ActorExit:
+            self.proc.exit_actor()
+        except SystemExit as e:
+            self.proc.system_exit(e)
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
             return
         self.finish_values(spec, outs)
+
+
+_ANSWERED = object()  # an async call's result when it already sent its reply (a stream)

@@ -40,8 +40,10 @@ run on (see workerd/actors.py).
 
 Exit: EXIT or SHUTDOWN from the broker, losing the broker, or SIGTERM from
 the node agent ends the serve loop after the current call; ActorExit (``exit_actor()``) ends the
-process at once with ``ACTOR_EXIT_CODE``. ``zray._runtime.executor`` is this
-process's ``ExecutorProcess``.
+process at once with ``ACTOR_EXIT_CODE``, and so does ``sys.exit(0)`` in an actor;
+any other ``sys.exit()`` in user code ends it with another code (``system_exit``:
+a crash, as Ray sees it). ``zray._runtime.executor`` is this process's
+``ExecutorProcess``.
 """
 
 from __future__ import annotations
@@ -183,19 +185,35 @@ class ExecutorProcess:
                     create_actor(self, msg, frames)
             except ActorExit:
                 self.exit_actor()
+            except SystemExit as e:
+                self.system_exit(e)
             except Exception:
                 log.exception("executor failure")
             if self.client.forked:  # user code forked and the child got back here
                 exit_forked_child()
         self.client.close()
 
-    def exit_actor(self):
-        """Leave now (any thread): the broker sees ACTOR_EXIT_CODE and restarts nothing."""
+    def exit_actor(self, code: int = P.ACTOR_EXIT_CODE):
+        """Leave now (any thread). With ACTOR_EXIT_CODE the broker restarts nothing; the
+        call that exited gets no reply (the broker fails it when it learns of the exit)."""
         self.results.exiting = True  # calls still running on other threads fail with us
         self.stdout.flush()
         self.stderr.flush()
         self.client.close()
-        os._exit(P.ACTOR_EXIT_CODE)
+        os._exit(code)
+
+    def system_exit(self, e: SystemExit):
+        """``sys.exit()`` in user code ends the process, as in Ray: a task fails as if
+        its worker crashed (WorkerCrashedError, retried per max_retries); an actor dies,
+        intentionally (no restart) only for ``sys.exit(0)`` (Ray: exit code None or
+        non-zero is a system error, so max_restarts applies)."""
+        code = e.code
+        log.warning("sys.exit(%r) in %s: the executor exits", code,
+                    "an actor" if self.client.current_actor_id else "a task")
+        if code == 0 and self.client.current_actor_id:
+            self.exit_actor(P.ACTOR_EXIT_CODE)
+        self.exit_actor(code if type(code) is int and code not in (0, P.ACTOR_EXIT_CODE)
+                        else 1)
 
     # ------------------------------------------------- per call, main thread
     def load_fn(self, fid: bytes):
@@ -255,16 +273,16 @@ class ExecutorProcess:
         client.driver_cid = spec.driver
         self.logs.driver = spec.driver
         env_vars = spec.options.get("env_vars")
-        if spec.kind != P.ACTOR_CALL:  # (an actor keeps what it was created with)
+        if spec.kind != P.ACTOR_CALL:  # an actor keeps what it was created with, GPUs too
             # What this task runs with, its children inherit (Ray: runtime_env is inherited).
             _runtime.job_runtime_env = {"env_vars": env_vars} if env_vars else _NO_ENV
+            self.gpu_ids = gpu_ids
         if env_vars:
             os.environ.update(env_vars)
             self.env_dirty = True
         if gpu_ids:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
             self.env_dirty = True
-        self.gpu_ids = gpu_ids
 
     def restore(self) -> None:
         """After a task (or a failed actor creation): flush its output, undo ``prepare``.

@@ -6,7 +6,9 @@
                                  large: written to this node's store -----+
                                                                           v
         owner on this node <--OBJ (PUSH)-- push_results          DONE + frames --> broker
-    generator items --serialize--> YIELD + frames --> broker ... then an empty DONE
+    generator items (STREAMING) --serialize--> YIELD + frames --> broker ... then an empty DONE
+    generator items (DYNAMIC) --put--> objects of their own; the one return value is a
+                                       DynamicObjectRefGenerator of their refs
     an exception --task_error--> DONE: one ERROR per return, retryable? --> broker
 
 Every call ends in exactly one DONE to the broker, which keeps the books and
@@ -29,6 +31,7 @@ the client's out socket locks itself.
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 import cloudpickle
 
@@ -36,7 +39,9 @@ from zray import _protocol as P
 from zray import exceptions
 from zray._client import Client
 from zray._procutil import exit_forked_child
-from zray._serialization import serialize, task_error
+from zray._refs import DynamicObjectRefGenerator, ObjectRef
+from zray._serialization import deserialize, serialize, task_error
+from zray.actor import ActorExit
 
 
 def split_returns(spec: P.TaskSpec, result) -> list:
@@ -65,6 +70,29 @@ class ResultSender:
         # actor send nothing, so they fail with ActorDiedError like the calls queued behind
         self.exiting = False
 
+    def generator_returns(self, spec: P.TaskSpec, result) -> Optional[list]:
+        """A generator call's result (``num_returns`` < 0). STREAMING: send its items
+        now and return None (the call is answered). DYNAMIC: store each item as an
+        object of its own and return the one value, a DynamicObjectRefGenerator of
+        their refs; an error the generator raises is its last item, as in Ray."""
+        if spec.num_returns == P.STREAMING:
+            self.stream(spec, result)
+            return None
+        client = self.client
+        refs = []
+        try:
+            for value in result:
+                refs.append(client.put(value, ObjectRef))
+        except (ActorExit, SystemExit):
+            raise
+        except BaseException as e:  # noqa: B036 - user code may raise anything
+            refs.append(client.put(self.error_value(spec, e), ObjectRef, P.ERROR))
+        return [DynamicObjectRefGenerator(refs)]
+
+    def error_value(self, spec: P.TaskSpec, exc: BaseException) -> BaseException:
+        """``exc`` as the RayTaskError a caller's get() raises."""
+        return deserialize(task_error(exc, spec.name, self.pid)[0])
+
     def stream(self, spec: P.TaskSpec, gen) -> None:
         """Send each item of a generator task as a YIELD, then an empty DONE."""
         task_id = spec.task_id
@@ -72,13 +100,32 @@ class ResultSender:
         try:
             for value in gen:
                 i += 1
-                frames, nested = serialize(value)
-                self.client.send(P.encode(P.Yield(task_id, i, P.VALUE, len(frames), nested)),
-                                 frames)
+                self.send_item(task_id, i, value)
+        except (ActorExit, SystemExit):
+            raise  # the executor ends the process; the broker ends the stream
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
             return
         self.client.send(P.encode(P.Done(task_id, [], [], False, [], "")))
+
+    async def stream_async(self, spec: P.TaskSpec, agen) -> None:
+        """``stream`` for an async generator (an async actor's method, on its loop)."""
+        task_id = spec.task_id
+        i = 0
+        try:
+            async for value in agen:
+                i += 1
+                self.send_item(task_id, i, value)
+        except (ActorExit, SystemExit):
+            raise
+        except BaseException as e:  # noqa: B036 - a cancel (CancelledError) included
+            self.finish_error(spec, e)
+            return
+        self.client.send(P.encode(P.Done(task_id, [], [], False, [], "")))
+
+    def send_item(self, task_id: bytes, index: int, value) -> None:
+        frames, nested = serialize(value)
+        self.client.send(P.encode(P.Yield(task_id, index, P.VALUE, len(frames), nested)), frames)
 
     def finish_values(self, spec: P.TaskSpec, values: list) -> None:
         """Send DONE with ``values``, pushing them to a local owner first where possible."""

@@ -10,6 +10,8 @@
                           restore: flush output, env, GPUs, context
                                                           |
         value(s) / generator / exception --> ResultSender --> DONE / YIELD...
+        sys.exit() --> the serve loop ends the process: the broker fails or retries
+                       the task as a crash (WorkerCrashedError), as Ray does
 
 The task runs on the main thread so that a cancel can interrupt it anywhere,
 ``time.sleep`` and blocking I/O included: ``ExecutorProcess`` marks the task
@@ -46,7 +48,7 @@ class TaskRunner:
         self.prepare = proc.prepare
         self.restore = proc.restore
         results = proc.results
-        self.stream = results.stream
+        self.generator_returns = results.generator_returns
         self.finish_values = results.finish_values
         self.finish_error = results.finish_error
         self.cancelled_error = results.cancelled_error
@@ -67,14 +69,16 @@ class TaskRunner:
             proc.running_task = task_id
             try:
                 result = fn(*args, **kwargs)
-                if spec.num_returns == P.STREAMING:
-                    self.stream(spec, result)
-                    return
-                outs = split_returns(spec, result)
+                if spec.num_returns < 0:  # a generator: streamed, or stored item by item
+                    outs = self.generator_returns(spec, result)
+                    if outs is None:
+                        return
+                else:
+                    outs = split_returns(spec, result)
             finally:
                 proc.running_task = b""
-        except ActorExit:
-            raise  # the serve loop exits the process, as exit_actor() does
+        except (ActorExit, SystemExit):
+            raise  # the serve loop ends the process (sys.exit: a crash, as in Ray)
         except BaseException as e:  # noqa: B036 - user code may raise anything
             self.finish_error(spec, e)
             return

@@ -31,7 +31,7 @@ from zray._api import (
     wait,
 )
 from zray._ids import ActorID, JobID, NodeID, TaskID, WorkerID
-from zray._refs import ObjectRef, ObjectRefGenerator
+from zray._refs import DynamicObjectRefGenerator, ObjectRef, ObjectRefGenerator
 from zray.actor import ActorClass, ActorHandle, exit_actor, method
 
 ObjectID = ObjectRef  # Ray's name for the id of an object is its ObjectRef class
@@ -42,8 +42,9 @@ _sys.modules.setdefault(__name__ + ".cloudpickle", cloudpickle)
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActorClass", "ActorHandle", "ActorID", "JobID", "NodeID", "ObjectID", "ObjectRef",
-    "ObjectRefGenerator", "RuntimeContext", "TaskID", "WorkerID", "cloudpickle", "util",
+    "ActorClass", "ActorHandle", "ActorID", "DynamicObjectRefGenerator", "JobID", "NodeID",
+    "ObjectID", "ObjectRef", "ObjectRefGenerator", "RuntimeContext", "TaskID", "WorkerID",
+    "cloudpickle", "util",
     "available_resources", "cancel", "cluster_resources", "exceptions", "exit_actor", "get",
     "get_actor", "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "kill",
     "memory_summary", "method", "nodes", "put", "remote", "shutdown", "timeline", "wait", "__version__",

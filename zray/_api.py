@@ -246,13 +246,24 @@ def put(value: Any, *, _owner=None) -> ObjectRef:
     return client.put(value, ObjectRef)
 
 
-def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
+def wait(object_refs: Sequence[ObjectRef | ObjectRefGenerator], *, num_returns: int = 1,
          timeout: Optional[float] = None, fetch_local: bool = True):
-    """Return (ready, not_ready) once ``num_returns`` refs are ready or ``timeout`` passes."""
-    if isinstance(object_refs, ObjectRef) or not isinstance(object_refs, (list, tuple)):
-        raise TypeError(f"wait() expected a list of ObjectRef, got {type(object_refs).__name__}")
-    _check_refs(object_refs, "wait()")
-    if len(set(r.id for r in object_refs)) != len(object_refs):
+    """Return (ready, not_ready) once ``num_returns`` refs are ready or ``timeout`` passes.
+
+    A generator (ObjectRefGenerator) counts as ready when ``next()`` on it would not
+    wait: its next item is ready, or it has ended."""
+    if isinstance(object_refs, (ObjectRef, ObjectRefGenerator)) or not isinstance(
+            object_refs, (list, tuple)):
+        raise TypeError(f"wait() expected a list of ObjectRef or ObjectRefGenerator, got "
+                        f"{type(object_refs).__name__}")
+    with_generators = False
+    for r in object_refs:
+        if not isinstance(r, ObjectRef):
+            if not isinstance(r, ObjectRefGenerator):
+                raise TypeError(f"wait() expects ObjectRefs or ObjectRefGenerators, got "
+                                f"{type(r).__name__}: {r!r}")
+            with_generators = True
+    if len(set(object_refs)) != len(object_refs):
         raise ValueError("Wait requires a list of unique object refs.")
     if not isinstance(num_returns, int) or num_returns < 0:
         raise ValueError(f"Invalid number of objects to return {num_returns}.")
@@ -262,6 +273,8 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
         raise ValueError(f"The 'timeout' argument must be >= 0, got {timeout}")
     client = _runtime.require_client()
     refs = list(object_refs)
+    if with_generators:
+        return _wait_with_generators(client, refs, num_returns, timeout)
     try:
         client.wait_objects(refs, num_returns, timeout, fetch=False)
     except exceptions.GetTimeoutError:
@@ -275,10 +288,27 @@ def wait(object_refs: Sequence[ObjectRef], *, num_returns: int = 1,
     return ready, not_ready
 
 
+def _wait_with_generators(client, items: list, num_returns: int, timeout):
+    """wait() over refs and generators (the slow path: generators are rare in wait)."""
+    def is_ready(x) -> bool:
+        return x._wait_ready() if type(x) is ObjectRefGenerator else client.is_ready(x.id)
+
+    refs = [x for x in items if type(x) is not ObjectRefGenerator and not is_ready(x)]
+    client.wait_for(lambda: sum(1 for x in items if is_ready(x)) >= num_returns, timeout,
+                    subscribe=refs)
+    ready, not_ready = [], []
+    for x in items:
+        if len(ready) < num_returns and is_ready(x):
+            ready.append(x)
+        else:
+            not_ready.append(x)
+    return ready, not_ready
+
+
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
     """Cancel the task that produces ``object_ref`` (see Ray's ray.cancel)."""
     if isinstance(object_ref, ObjectRefGenerator):
-        object_ref = ObjectRef(object_ref._task_id + b"\1\0\0\0", object_ref._owner)
+        object_ref = object_ref.completed()
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"ray.cancel() only supported for object refs. For actors, try "
                         f"ray.kill(). Got: {type(object_ref).__name__}.")

@@ -504,19 +504,20 @@ class Client:
                     rec.state = AWAITING_PUSH
 
     # ------------------------------------------------------------ objects
-    def put(self, value, owner_ref_cls) -> object:
+    def put(self, value, owner_ref_cls, kind: int = P.VALUE) -> object:
+        """Store ``value`` (kind ERROR: an error that get() raises) and return its ref."""
         oid = P.object_id(self.next_task_id(), 0)
         frames, nested = serialize(value)
         ref = owner_ref_cls(oid, self.cid, self)
-        stored = self.store_frames(oid, P.VALUE, frames)
+        stored = self.store_frames(oid, kind, frames)
         if stored is not None:
-            self._set_value(oid, STORED, (P.VALUE, IN_STORE))
-            self.send(P.encode(P.Put(oid, P.VALUE, nested, *stored)))
+            self._set_value(oid, STORED, (kind, IN_STORE))
+            self.send(P.encode(P.Put(oid, kind, nested, *stored)))
             return ref
         # Small: copy buffers once so later changes to the caller's arrays don't leak in.
         frames = [frames[0]] + [bytes(f) for f in frames[1:]]
-        self._set_value(oid, LOCAL, (P.VALUE, frames))
-        self.send(P.encode(P.Put(oid, P.VALUE, nested, None, 0)), frames)
+        self._set_value(oid, LOCAL, (kind, frames))
+        self.send(P.encode(P.Put(oid, kind, nested, None, 0)), frames)
         return ref
 
     def _set_value(self, oid: bytes, state: ObjectState, value: tuple) -> None:
@@ -593,10 +594,7 @@ class Client:
         if len(refs) - len(missing) >= num_ready:
             return
         self._subscribe(missing)
-        blocked = self.kind == "executor" and bool(self.current_task_id)
-        if blocked:
-            returned = self.on_block() if self.on_block is not None else []
-            self.send(P.encode(P.Block(self.current_task_id, returned)))
+        blocked = self._block()
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             need_all = num_ready >= len(refs)
@@ -630,9 +628,47 @@ class Client:
                         self.cond.wait(remaining)
         finally:
             if blocked:
-                if self.on_unblock is not None:
-                    self.on_unblock()
-                self.send(P.encode(P.Unblock(self.current_task_id)))
+                self._unblock()
+
+    def _block(self) -> bool:
+        """An executor's task is about to wait: lend its CPU (BLOCK). True if it did."""
+        if self.kind != "executor" or not self.current_task_id:
+            return False
+        returned = self.on_block() if self.on_block is not None else []
+        self.send(P.encode(P.Block(self.current_task_id, returned)))
+        return True
+
+    def _unblock(self) -> None:
+        if self.on_unblock is not None:
+            self.on_unblock()
+        self.send(P.encode(P.Unblock(self.current_task_id)))
+
+    def wait_for(self, ready: Callable[[], bool], timeout: Optional[float],
+                 subscribe=()) -> bool:
+        """Block until ``ready()`` (checked after each batch of messages) or ``timeout``;
+        False on timeout. ``subscribe``: refs whose values we must ask the broker for."""
+        if ready():
+            return True
+        self._subscribe(subscribe)
+        blocked = self._block()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self.cond:
+                while not ready():
+                    if self.broker_gone:
+                        raise exceptions.RaySystemError(
+                            f"lost contact with the zray broker at {self.address}")
+                    if deadline is None:
+                        self.cond.wait(1.0)
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self.cond.wait(remaining)
+                return True
+        finally:
+            if blocked:
+                self._unblock()
 
     def get_values(self, refs, timeout: Optional[float]) -> list:
         self.wait_objects(refs, len(refs), timeout)
@@ -688,6 +724,20 @@ class Client:
                 rec = records.get(oid)
                 if rec is not None and rec.refcount == 0:
                     del records[oid]
+
+    def stream_item_ready(self, task_id: bytes, index: int) -> bool:
+        """Would taking item ``index`` of the stream return at once (the item is ready,
+        or the stream ended before it)?"""
+        rec = self.records.get(P.object_id(task_id, index))
+        if rec is not None and rec.state in _READY:
+            return True
+        stream = self._streams.get(task_id)
+        return stream is not None and stream.end is not None and index > stream.end
+
+    def stream_end(self, task_id: bytes) -> Optional[int]:
+        """The number of items of an open stream, once it ended; else None."""
+        stream = self._streams.get(task_id)
+        return None if stream is None else stream.end
 
     def next_stream_item(self, task_id: bytes, index: int, timeout) -> Optional[bytes]:
         oid = P.object_id(task_id, index)

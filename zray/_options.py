@@ -47,10 +47,9 @@ def validate(options: dict, allowed: set, what: str) -> dict:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"resources[{k!r}] must be a number >= 0, got {v!r}")
     nr = options.get("num_returns")
-    if nr is not None and nr != "streaming" and not (isinstance(nr, int) and nr >= 0):
-        if nr == "dynamic":
-            raise ValueError("num_returns='dynamic' is not supported; use num_returns='streaming'")
-        raise ValueError(f"num_returns must be an int >= 0 or 'streaming', got {nr!r}")
+    if nr is not None and nr not in ("streaming", "dynamic") and not (
+            isinstance(nr, int) and nr >= 0):
+        raise ValueError(f"num_returns must be an int >= 0, 'streaming' or 'dynamic', got {nr!r}")
     mr = options.get("max_retries")
     if mr is not None and (not isinstance(mr, int) or mr < -1):
         raise ValueError(f"max_retries must be an int >= -1, got {mr!r}")

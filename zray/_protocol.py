@@ -59,7 +59,8 @@ C->B  DONE       task_id, returns [[kind, nframes, node_id, size]...], nested, r
                  pushed[i]: the executor already sent return i to its owner (below)
 E->C  OBJ        on PUSH -> the owner's PULL at ipc://<node store dir>/c-<cid>: an executor
                  hands a result straight to an owner on its node (3 hops instead of 4)
-C->B  YIELD      task_id, index, kind, nframes, nested + frames   a streamed item
+C->B  YIELD      task_id, index, kind, nframes, nested + frames   a streamed item (index 1..);
+                 the stream ends with a DONE without returns (or with the error it raised)
 C->B  LOG        driver_cid, prefix, text                       remote stdout/stderr
 B->C  PRINT      prefix, text                                   ... forwarded to the driver
 C->B  REQ        req_id, op, args                               a query (cluster info, actors...)
@@ -71,7 +72,7 @@ B->C  OBJ        oid, kind, node_id, codec + frames: an object is ready. node_id
 B->C  EXEC       spec, fn_included, n_args, deps [[nframes, node_id|nil]...], gpu_ids
                  + ([blob] if fn_included) + arg frames + dep frames (inline deps);
                  may arrive while the previous task runs: a prefetch
-B->C  STREAM_END task_id, count
+B->C  STREAM_END task_id, count   after the stream's items and its completion object (OBJ)
 B->C  EXIT       -   (C->B EXIT: a driver or CLI leaves)
 N->B  NODE_HELLO version, node_id, info {resources, gpu_ids, hostname, pid, labels,
                  address, prestart, store_limit}
@@ -101,7 +102,9 @@ from typing import Any, NamedTuple, Optional
 
 import msgpack
 
-VERSION = 2  # 2: role-prefixed identities, one layout per message, CANCEL/INTERRUPT, LOG/PRINT split
+# 2: role-prefixed identities, one layout per message, CANCEL/INTERRUPT, LOG/PRINT split
+# 3: a streaming task has a completion object (index 0); num_returns DYNAMIC
+VERSION = 3
 HEARTBEAT_S = 1.0
 NODE_TIMEOUT_S = 10.0
 BROKER_TIMEOUT_S = 15.0  # a client that hears nothing for this long gives the broker up
@@ -122,12 +125,19 @@ ACTOR_CALL = 2
 # an object that must cross nodes: ZRAY_MAX_MSG_BYTES overrides it.
 MAX_MESSAGE_BYTES = 4 << 30
 MAX_RETURNS_LIMIT = 10000  # num_returns of one task (each return is a directory entry)
-STREAMING = -1  # TaskSpec.num_returns of a generator task
+# TaskSpec.num_returns of a generator task: STREAMING sends each item as a YIELD and
+# ends with an empty DONE; its one return is the completion object at index 0 (None, or
+# the error of a task that failed other than by raising: a crash, a cancel, a dead actor).
+# DYNAMIC runs the generator to its end, stores each item as an object of its own and
+# returns one value, a DynamicObjectRefGenerator of their refs (Ray's num_returns="dynamic").
+STREAMING = -1
+DYNAMIC = -2
 UNIT = 10000  # resources travel as integers of 1/10000 unit
 
 # Ids. A client id (cid) and a node id are 8 random bytes; a task id is its
 # submitter's cid and a 4-byte counter; an object id is its task's id and a
-# 4-byte index: 1..n for returns and stream items, 0 for put() and large arguments.
+# 4-byte index: 1..n for returns and stream items, 0 for put(), large arguments, an
+# actor's handle object and a streaming task's completion object.
 ID_LEN = 8
 TASK_ID_LEN = 12
 OBJECT_ID_LEN = 16
@@ -178,7 +188,8 @@ class ProtocolError(ValueError):
 
 # ------------------------------------------------------------------ ids
 def object_id(task_id: bytes, index: int) -> bytes:
-    """The id of return (or stream item) ``index`` of ``task_id``; 0 names a put."""
+    """The id of return (or stream item) ``index`` of ``task_id``; 0 names a put (or a
+    streaming task's completion object)."""
     return task_id + index.to_bytes(4, "little")
 
 
@@ -356,7 +367,7 @@ class TaskSpec(NamedTuple):
     kind: int  # TASK, ACTOR_CREATE, ACTOR_CALL
     fid: Any  # function id (TASK), class id (ACTOR_CREATE): bytes; method name (ACTOR_CALL): str
     name: str  # function, class or method name, for logs and errors
-    num_returns: int  # or STREAMING
+    num_returns: int  # or STREAMING, DYNAMIC
     resources: dict  # {name: units}, units in 1/UNIT
     deps: list  # [[arg index | kwarg name | -1 (all args, stored), oid], ...]
     nested: list  # oids of refs pickled inside the arguments
@@ -378,7 +389,7 @@ class TaskSpec(NamedTuple):
         if (type(task_id) is bytes and len(task_id) == TASK_ID_LEN
                 and type(fid) is (str if kind == ACTOR_CALL else bytes)
                 and (kind == TASK or kind == ACTOR_CREATE or kind == ACTOR_CALL)
-                and type(name) is str and type(nret) is int and STREAMING <= nret <= MAX_RETURNS
+                and type(name) is str and type(nret) is int and DYNAMIC <= nret <= MAX_RETURNS
                 and type(resources) is dict and type(deps) is list and type(nested) is list
                 and type(options) is dict and type(actor_id) is bytes and type(owner) is bytes
                 and type(driver) is bytes and type(job) is bytes and type(parent) is bytes):
@@ -403,7 +414,7 @@ class TaskSpec(NamedTuple):
             _bytes(spec.fid)
         _str(spec.name)
         nret = spec.num_returns
-        if type(nret) is not int or not (STREAMING <= nret <= MAX_RETURNS):
+        if type(nret) is not int or not (DYNAMIC <= nret <= MAX_RETURNS):
             raise ProtocolError(f"task spec: num_returns {nret!r} out of range")
         _dict(spec.resources)
         for r, u in spec.resources.items():
@@ -424,9 +435,13 @@ class TaskSpec(NamedTuple):
         return spec
 
     def return_ids(self) -> list:
-        """Object ids of this task's returns (none for streaming; see ``object_id``)."""
+        """Object ids of this task's returns (see ``object_id``): 1..n; DYNAMIC: 1;
+        STREAMING: the completion object, 0 (its items get ids as they come)."""
         tid = self.task_id
-        return [tid + i.to_bytes(4, "little") for i in range(1, self.num_returns + 1)]
+        n = self.num_returns
+        if n < 0:
+            return [tid + (b"\1\0\0\0" if n == DYNAMIC else b"\0\0\0\0")]
+        return [tid + i.to_bytes(4, "little") for i in range(1, n + 1)]
 
 
 _SPEC_LEN = len(TaskSpec._fields)

@@ -1,8 +1,10 @@
-"""ObjectRef and ObjectRefGenerator: handles to values that may not exist yet."""
+"""ObjectRef, ObjectRefGenerator and DynamicObjectRefGenerator: handles to values that
+may not exist yet, one at a time or as a generator task yields them."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import os
 
@@ -137,37 +139,95 @@ class ObjectRef(BaseID):
 
 
 class ObjectRefGenerator:
-    """Iterator of refs yielded by a ``num_returns="streaming"`` task, as they come."""
+    """The refs a generator task yields, as they come (``num_returns="streaming"``, the
+    default for a generator function or method): iterate it, or ``async for`` over it.
+
+    Each item is an ObjectRef; an error the generator raised is its last item (``get``
+    raises it), then iteration stops. ``completed()`` is a ref that is ready when the
+    task is done: None, or the error when the task failed other than by raising (a
+    crash, a cancel, a dead actor). Not thread-safe, and it cannot be pickled (Ray's
+    rules).
+    """
 
     def __init__(self, task_id: bytes, owner: bytes, client):
         self._task_id = task_id
         self._owner = owner
         self._client = client
-        self._index = 0
+        self._index = 0  # items taken
         client.open_stream(task_id)
+        self._completed = ObjectRef(P.object_id(task_id, 0), owner, client)
+        client.expect_push((self._completed.id,))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> ObjectRef:
-        return self._next(timeout=None)
+        ref = self._next(None)
+        if ref is None:
+            raise StopIteration
+        return ref
 
     def _next(self, timeout):
-        self._index += 1
-        oid = self._client.next_stream_item(self._task_id, self._index, timeout)
+        """The next item's ref, or None at the end (GetTimeoutError after ``timeout``)."""
+        index = self._index + 1
+        oid = self._client.next_stream_item(self._task_id, index, timeout)
         if oid is None:
-            raise StopIteration
+            return None
+        self._index = index
         return ObjectRef(oid, self._owner, self._client)
 
     def __aiter__(self):
         return self
 
     async def __anext__(self) -> ObjectRef:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(None, self._next, None)
-        except StopIteration:
-            raise StopAsyncIteration from None
+        if self._client.stream_item_ready(self._task_id, self._index + 1):
+            ref = self._next(None)  # there: no need for a thread
+        else:
+            ref = await asyncio.get_running_loop().run_in_executor(None, self._next, None)
+        if ref is None:
+            raise StopAsyncIteration
+        return ref
+
+    def completed(self) -> ObjectRef:
+        """A ref that is ready once the task is done (None; the error if it crashed)."""
+        return self._completed
+
+    def next_ready(self) -> bool:
+        """True if ``next()`` returns a ready item at once; False when it would wait, or
+        when the generator is finished (see ``is_finished``)."""
+        return not self.is_finished() and self._client.stream_item_ready(
+            self._task_id, self._index + 1)
+
+    def is_finished(self) -> bool:
+        """True once the task ended and every item (its error included) was taken."""
+        end = self._client.stream_end(self._task_id)
+        return end is not None and self._index >= end
+
+    def _wait_ready(self) -> bool:
+        """For wait(): the next item is ready, or the stream ended (next() returns at once)."""
+        return self._client.stream_item_ready(self._task_id, self._index + 1)
+
+    def send(self, value):
+        raise NotImplementedError("`gen.send` is not supported.")
+
+    def throw(self, *args):
+        raise NotImplementedError("`gen.throw` is not supported.")
+
+    def close(self):
+        raise NotImplementedError("`gen.close` is not supported.")
+
+    async def asend(self, value):
+        raise NotImplementedError("`gen.asend` is not supported.")
+
+    async def athrow(self, *args):
+        raise NotImplementedError("`gen.athrow` is not supported.")
+
+    async def aclose(self):
+        raise NotImplementedError("`gen.aclose` is not supported.")
+
+    def __reduce__(self):
+        raise TypeError("You cannot return or pass a generator to other task. "
+                        "Serializing a ObjectRefGenerator is not allowed.")
 
     def __del__(self):
         try:
@@ -177,3 +237,21 @@ class ObjectRefGenerator:
 
     def __repr__(self):
         return f"ObjectRefGenerator({self._task_id.hex()})"
+
+
+class DynamicObjectRefGenerator:
+    """The value of a ``num_returns="dynamic"`` task: the refs of the items its
+    generator yielded (an error it raised is the last one), each taken once."""
+
+    def __init__(self, refs):
+        self._refs = collections.deque(refs)
+
+    def __iter__(self):
+        while self._refs:
+            yield self._refs.popleft()
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __repr__(self):
+        return f"DynamicObjectRefGenerator({len(self._refs)} refs)"

@@ -8,6 +8,7 @@ only a small spec plus its pickled arguments.
 from __future__ import annotations
 
 import hashlib
+import inspect
 
 from zray import _options, _runtime
 from zray import _protocol as P
@@ -89,8 +90,10 @@ def make_spec(client, kind, fid, name, nret, resources, opts, deps, nested,
 
 
 def return_refs(client, task_id: bytes, nret):
-    if nret == P.STREAMING:
-        return ObjectRefGenerator(task_id, client.cid, client)
+    if nret < 0:
+        if nret == P.STREAMING:
+            return ObjectRefGenerator(task_id, client.cid, client)
+        nret = 1  # DYNAMIC: one ref, whose value is a DynamicObjectRefGenerator
     cid = client.cid
     refs = [ObjectRef(P.object_id(task_id, i), cid, client) for i in range(1, nret + 1)]
     client.expect_push(r.id for r in refs)  # the broker pushes these to us
@@ -99,14 +102,28 @@ def return_refs(client, task_id: bytes, nret):
     return refs if nret else None
 
 
+def wire_num_returns(nr) -> int:
+    """``num_returns`` as TaskSpec carries it: a count, STREAMING or DYNAMIC."""
+    if nr == "streaming":
+        return P.STREAMING
+    if nr == "dynamic":
+        return P.DYNAMIC
+    return nr
+
+
+def is_generator_function(fn) -> bool:
+    """A generator (or async generator) function: it streams unless told otherwise
+    (Ray's default since 2.8)."""
+    return inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+
+
 class _Prepared:
     """Options resolved to their wire form, cached per (function, options)."""
 
     __slots__ = ("nret", "resources", "opts")
 
     def __init__(self, options: dict):
-        nr = options.get("num_returns", 1)
-        self.nret = P.STREAMING if nr == "streaming" else nr
+        self.nret = wire_num_returns(options.get("num_returns", 1))
         self.resources = _options.resource_units(options, 1)
         self.opts = _options.wire_options(options, _runtime.job_env_vars())
 
@@ -117,6 +134,8 @@ class RemoteFunction:
     def __init__(self, fn, options: dict):
         self._function = fn
         self._options = _options.validate(dict(options), _options.TASK_OPTIONS, "remote functions")
+        if "num_returns" not in self._options and is_generator_function(fn):
+            self._options["num_returns"] = "streaming"
         self._name = getattr(fn, "__qualname__", getattr(fn, "__name__", "task"))
         self._def = _Definition(fn)
         self._prepared = None

@@ -75,15 +75,26 @@ def serialize(value, copy_buffers: bool = False) -> tuple[list, list]:
 
 
 def deserialize(frames: list):
-    """Rebuild a value from ``[pickle_bytes, *buffers]`` (bytes or zmq Frames)."""
+    """Rebuild a value from ``[pickle_bytes, *buffers]`` (bytes or zmq Frames).
+
+    Buffers are handed to pickle read-only and uncopied, as Ray hands them over: a
+    numpy array in a value (an argument, a ``get`` result) is a read-only view onto
+    the message frame or the store's mapping, whatever its size."""
     if len(frames) == 1:
         return pickle.loads(_buf(frames[0]))
-    return pickle.loads(_buf(frames[0]), buffers=[_buf(f) for f in frames[1:]])
+    return pickle.loads(_buf(frames[0]), buffers=[_readonly(f) for f in frames[1:]])
 
 
 def _buf(frame):
     # zmq.Frame exposes .buffer; bytes and memoryviews are used as they are.
     return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def _readonly(frame):
+    # A zmq Frame's buffer is writable; bytes and store views are read-only already.
+    if type(frame) is bytes:
+        return frame
+    return memoryview(_buf(frame)).toreadonly()
 
 
 def serialize_error(exc: BaseException) -> list:

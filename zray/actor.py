@@ -9,7 +9,14 @@ import cloudpickle
 from zray import _options, _runtime
 from zray import _protocol as P
 from zray._refs import ObjectRef
-from zray._remote import _Definition, make_spec, return_refs, serialize_args
+from zray._remote import (
+    _Definition,
+    is_generator_function,
+    make_spec,
+    return_refs,
+    serialize_args,
+    wire_num_returns,
+)
 from zray.exceptions import ActorAlreadyExistsError
 
 
@@ -68,8 +75,8 @@ def _method_meta(cls) -> dict:
     meta = {}
     for name, fn in inspect.getmembers(cls, predicate=lambda m: inspect.isfunction(m) or inspect.ismethod(m)):
         opts = dict(getattr(fn, "__zray_method_options__", {}))
-        if inspect.isgeneratorfunction(fn) and "num_returns" not in opts:
-            opts.setdefault("num_returns", 1)
+        if "num_returns" not in opts and is_generator_function(fn):
+            opts["num_returns"] = "streaming"  # Ray's default for generator methods
         meta[name] = opts
     return meta
 
@@ -234,8 +241,7 @@ class ActorMethod:
         self._handle = handle
         self._name = name
         self._options = options
-        nr = options.get("num_returns", 1)
-        self._nret = P.STREAMING if nr == "streaming" else nr
+        self._nret = wire_num_returns(options.get("num_returns", 1))
         self._qualname = f"{handle._class_name}.{name}" if handle is not None else name
 
     def __call__(self, *args, **kwargs):
