@@ -50,6 +50,7 @@ from brokerd.queries import Queries
 from zray import _protocol as P
 from zray._protocol import Msg
 from zray._security import ServerAuth, create_key_file, needs_curve
+from zray._transport import recv_parts
 
 log = logging.getLogger("zray.broker")
 
@@ -83,6 +84,7 @@ class Broker:
         self.engine = TaskEngine(self.out)
         self.queries = Queries(self.engine, self.address, time.time(), self.stats)
         self.running = True
+        self.header = None  # the header frame of the message being handled
         self.dropped = 0  # messages dropped as malformed or sent by the wrong role
         self.drop_reasons: set = set()  # each kind of bad message is logged once
         e = self.engine
@@ -94,7 +96,7 @@ class Broker:
             (inbox, Msg.HEARTBEAT): self.on_client_heartbeat,
             (out, Msg.READY): lambda cid, m, f: e.executor_ready(cid),
             (out, Msg.FN): self.on_fn,
-            (out, Msg.SUBMIT): e.submit,
+            (out, Msg.SUBMIT): self.on_submit,
             (out, Msg.PUT): e.put,
             (out, Msg.SUB): lambda cid, m, f: e.objects.subscribe(cid, m.oids),
             (out, Msg.RELEASE): lambda cid, m, f: e.objects.refs(cid, [(o, -1) for o in m.oids]),
@@ -128,11 +130,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poll = poller.poll
-        # The backend's recv with plain ints, and Frame.more instead of getsockopt: pyzmq
-        # turns every option and flag into an enum member in Python code otherwise (it
-        # was ~7 enum calls per task). One zmq.Again ends each drain.
-        recv, Again = zmq.backend.Socket.recv, zmq.Again
-        NOBLOCK = int(zmq.NOBLOCK)
+        Again = zmq.Again  # one zmq.Again ends each drain
         roles: dict = {}  # identity -> (role, peer id): role_of once per peer
         while self.running:
             ready = poll(50 if placement.queues else 1000)
@@ -142,13 +140,9 @@ class Broker:
             if ready:
                 for _ in range(DRAIN_MAX):
                     try:
-                        f = recv(sock, NOBLOCK, False, False)
+                        msg = recv_parts(sock)
                     except Again:
                         break
-                    msg = [f]
-                    while f.more:
-                        f = recv(sock, NOBLOCK, False, False)
-                        msg.append(f)
                     if len(msg) < 2:
                         self.drop(msg[0].bytes, "a message without a header frame")
                         continue
@@ -175,6 +169,7 @@ class Broker:
                         # Nothing from a peer that has not said HELLO is kept.
                         self.drop(ident, f"{m.TYPE.name} before HELLO")
                         continue
+                    self.header = msg[1]
                     try:
                         handler(peer, m, msg[2:])
                     except P.ProtocolError as e:
@@ -248,6 +243,9 @@ class Broker:
     def on_node_heartbeat(self, node_id, m, frames):
         if self.engine.nodes.seen(node_id):
             self.out.send(P.node_ident(node_id), P.encode(P.Heartbeat()))
+
+    def on_submit(self, cid, m: P.Submit, frames):
+        self.engine.submit(cid, m, frames, P.submit_spec_bytes(self.header.buffer))
 
     def on_fn(self, cid, m: P.Fn, frames):
         if len(frames) != 1:

@@ -176,7 +176,7 @@ class TaskEngine:
                 self.driver_gone(c)
 
     # ================================================================ tasks
-    def submit(self, cid: bytes, m: P.Submit, frames) -> None:
+    def submit(self, cid: bytes, m: P.Submit, frames, spec_bytes=None) -> None:
         spec = m.spec
         task_id, kind, opts = spec.task_id, spec.kind, spec.options
         if task_id in self.tasks:
@@ -192,6 +192,7 @@ class TaskEngine:
         task = Task(task_id, kind, spec, frames, resources, hold,
                     (tuple(sorted(resources.items())), strategy_key(opts)), returns,
                     retries_left=_int(opts.get("max_retries")))
+        task.spec_bytes = spec_bytes
         self.tasks[task_id] = task
         for oid in returns:
             self.objects.create(oid, spec.owner)
@@ -305,8 +306,11 @@ class TaskEngine:
             else:
                 frames.extend(obj.frames)
                 layout.append((len(obj.frames), None))
-        header = P.encode(P.Exec(task.spec, has_fn, len(task.frames), layout,
-                                 self.nodes.gpu_ids(task) if task.gpu_alloc else []))
+        gpu_ids = self.nodes.gpu_ids(task) if task.gpu_alloc else []
+        if task.spec_bytes is not None:  # forwarded as it came: never packed twice
+            header = P.encode_exec(task.spec_bytes, has_fn, len(task.frames), layout, gpu_ids)
+        else:
+            header = P.encode(P.Exec(task.spec, has_fn, len(task.frames), layout, gpu_ids))
         return header, frames
 
     def _send_exec(self, task: Task, ex: Executor) -> bool:

@@ -22,13 +22,9 @@ import logging
 
 import zmq
 
+from zray._transport import send_parts
+
 log = logging.getLogger("zray.broker")
-
-
-# pyzmq's sugar send_multipart ORs Flag enums per frame (Python-level enum code, about
-# half the cost of a small message here); the backend's send takes plain ints.
-_send = zmq.backend.Socket.send
-_SNDMORE = int(zmq.SNDMORE)
 
 
 class Outbox:
@@ -38,16 +34,8 @@ class Outbox:
         self.sent = 0
 
     def send(self, ident: bytes, header: bytes, frames=()) -> None:
-        sock = self.sock
         try:
-            _send(sock, ident, _SNDMORE, True, False)  # EHOSTUNREACH here: nothing queued
-            if frames:
-                _send(sock, header, _SNDMORE, True, False)
-                last = len(frames) - 1
-                for i, f in enumerate(frames):  # payloads zero-copy
-                    _send(sock, f, _SNDMORE if i < last else 0, False, False)
-            else:
-                _send(sock, header, 0, True, False)
+            send_parts(self.sock, ident, header, frames)  # EHOSTUNREACH: nothing queued
             self.sent += 1
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:

@@ -114,6 +114,7 @@ class Task:
     force_cancel: bool = False
     streamed: int = 0
     actor: Optional["Actor"] = None
+    spec_bytes: Optional[bytes] = None  # the spec as packed in SUBMIT, forwarded in EXEC
     deps: list = field(default_factory=list)  # top-level argument oids, pinned by this task
     holds: list = field(default_factory=list)  # oids pickled inside its arguments, pinned too
 

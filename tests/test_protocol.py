@@ -162,3 +162,23 @@ def test_a_message_from_the_wrong_role_is_dropped(ray_local, broker_address):
 
     assert ray_local.get(f.remote(), timeout=20) == 1
     assert ray_local.cluster_resources()["CPU"] == 4  # the forged node hello took no effect
+
+
+@pytest.mark.timeout(10)
+def test_exec_from_forwarded_spec_bytes_is_the_same_message():
+    """The broker forwards a SUBMIT's packed spec into EXEC without re-packing it."""
+    sub = _sample(P.Submit)
+    raw = P.submit_spec_bytes(P.encode(sub))
+    for args in [(True, 2, [[1, None]], [0]), (False, 0, [], [])]:
+        assert P.encode_exec(raw, *args) == P.encode(P.Exec(sub.spec, *args))
+        assert P.decode(P.encode_exec(raw, *args)) == P.Exec(sub.spec, *args)
+    assert P.submit_spec_bytes(P.encode(P.Heartbeat())) is None
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("cls", P.MESSAGES, ids=lambda c: c.TYPE.name)
+def test_the_clients_light_decode_reads_the_same_messages(cls):
+    msg = _sample(cls)
+    assert P.decode_from_broker(P.encode(msg)) == msg
+    with pytest.raises(P.ProtocolError):
+        P.decode_from_broker(msgpack.packb([cls.TYPE] + [None] * (len(cls._fields) + 1)))

@@ -46,6 +46,7 @@ process's ``ExecutorProcess``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -285,6 +286,9 @@ def main():
     setup_logging("executor", None, stderr=True, level=logging.WARNING)
     ex = ExecutorProcess()
     _runtime.executor = ex
+    # Everything imported so far lives as long as the process: keep it out of every
+    # collection (user code's own garbage is still collected as usual).
+    gc.freeze()
     prof = os.environ.get("ZRAY_PROFILE_EXECUTOR")
     if prof:  # cProfile the main loop; stats land in PATH.<pid> at exit
         import cProfile

@@ -83,6 +83,7 @@ from zray._protocol import Msg
 from zray._security import await_reply, secure_client, watch_handshake
 from zray._serialization import deserialize, load_error, serialize
 from zray._store import INLINE_MAX, ObjectStore, parse_blob
+from zray._transport import NOBLOCK, recv_parts, send_parts
 
 IN_STORE = "in store"  # LocalObject.value's frames when the value is in this node's store
 
@@ -266,11 +267,7 @@ class Client:
             if sock is None:
                 return False
             try:
-                if frames:
-                    sock.send(header, zmq.SNDMORE | zmq.NOBLOCK)
-                    sock.send_multipart(frames, copy=False)
-                else:
-                    sock.send(header, zmq.NOBLOCK)
+                send_parts(sock, header, None, frames, NOBLOCK)
                 return True
             except zmq.Again:
                 return False  # not connected (yet): the broker pushes it
@@ -288,11 +285,7 @@ class Client:
                 # giver of a ref free it); releases wait for a batch or the timer.
                 if self._pending_addref or len(self._pending_refs) >= RELEASE_BATCH:
                     self._flush_refs_locked()
-                if frames:
-                    self._out.send(header, zmq.SNDMORE)
-                    self._out.send_multipart(frames, copy=False)
-                else:
-                    self._out.send(header)
+                send_parts(self._out, header, None, frames)
         finally:
             if self.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -324,7 +317,7 @@ class Client:
                             self.last_broker = time.monotonic()
                         while True:
                             try:
-                                batch.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                                batch.append(recv_parts(sock))
                             except zmq.Again:
                                 break
                     self._handle_batch(batch)
@@ -361,7 +354,7 @@ class Client:
         decoded = []  # decoded before taking the lock: user threads wait on it less
         for msg in batch:
             try:
-                decoded.append((P.decode(msg[0].buffer), msg))
+                decoded.append((P.decode_from_broker(msg[0].buffer), msg))
             except P.ProtocolError as e:
                 log.warning("dropping malformed message from broker: %s", e)
         try:
