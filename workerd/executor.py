@@ -207,6 +207,8 @@ class ExecutorProcess:
         its worker crashed (WorkerCrashedError, retried per max_retries); an actor dies,
         intentionally (no restart) only for ``sys.exit(0)`` (Ray: exit code None or
         non-zero is a system error, so max_restarts applies)."""
+        if self.client.forked:  # the child of a task's os.fork(): end it as Python would
+            exit_forked_child(e)
         code = e.code
         log.warning("sys.exit(%r) in %s: the executor exits", code,
                     "an actor" if self.client.current_actor_id else "a task")

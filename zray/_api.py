@@ -271,6 +271,10 @@ def wait(object_refs: Sequence[ObjectRef | ObjectRefGenerator], *, num_returns: 
         raise ValueError("num_returns cannot be greater than the number of objects provided.")
     if timeout is not None and timeout < 0:
         raise ValueError(f"The 'timeout' argument must be >= 0, got {timeout}")
+    plain = [r for r in object_refs if isinstance(r, ObjectRef)]
+    if any(r.id == _NIL_OID for r in plain):
+        _nil_error("wait()")
+    check_session(plain)  # a ref of a shut-down session: raise, never auto-init
     client = _runtime.require_client()
     refs = list(object_refs)
     if with_generators:
