@@ -86,6 +86,7 @@ def test_retry_after_an_application_error_and_after_a_crash(ray_local, tmp_path)
 
     ref = dies_once.remote()
     assert zray.get(ref, timeout=30) == "survived"
+    settled(ref, "finished")  # the result may reach us before the broker has the DONE
     h = history(ref)
     assert [to for _, to, _ in h] == ["queued", "running", "queued", "running", "finished"]
     assert "exit code 3" in h[2][2], h

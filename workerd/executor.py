@@ -40,7 +40,13 @@ run on (see workerd/actors.py).
 
 Exit: EXIT or SHUTDOWN from the broker, losing the broker, or SIGTERM from
 the node agent ends the serve loop after the current call; ActorExit (``exit_actor()``) ends the
-process at once with ``ACTOR_EXIT_CODE``. ``zray._runtime.executor`` is this
+process at once with ``ACTOR_EXIT_CODE``. A function with ``max_calls`` retires
+the process after its Nth call here (``calls``, ``retire``): the DONE of that
+call, then EXIT to the broker on the same socket (so the broker has the result
+before it learns we leave, and queues again whatever it had sent us ahead);
+the broker answers EXIT, and only then the process exits 0, so the node's
+EXEC_DIED can never reach the broker first. EXECs still in the queue are never
+started. ``zray._runtime.executor`` is this
 process's ``ExecutorProcess``.
 """
 
@@ -52,6 +58,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 import cloudpickle
@@ -83,6 +90,7 @@ class ExecutorProcess:
         self.pid = os.getpid()
         self.queue: queue.SimpleQueue = queue.SimpleQueue()  # (msg, frames) for the main thread
         self.fns: dict = {}  # fid -> pickled blob, or the function once loaded
+        self.calls: dict = {}  # fid -> calls run here, for functions with max_calls
         self.main_thread = threading.main_thread().ident
         self.running_task = b""  # the plain task on the main thread: SIGUSR1 cancels it
         self.cancelled: set = set()
@@ -173,7 +181,10 @@ class ExecutorProcess:
             try:
                 kind = msg.spec.kind
                 if kind == task:
-                    run_task(msg, frames)
+                    if run_task(msg, frames) and msg.spec.options.get("max_calls"):
+                        if self.count_call(msg.spec):
+                            self.retire()
+                            break
                 elif kind == actor_call:
                     self.actor.handle(msg, frames)
                 else:
@@ -183,6 +194,30 @@ class ExecutorProcess:
             except Exception:
                 log.exception("executor failure")
         self.client.close()
+
+    def count_call(self, spec: P.TaskSpec) -> bool:
+        """Count a finished call of a function with ``max_calls``; True when this process
+        has run it that many times and must be replaced (as Ray does)."""
+        n = self.calls[spec.fid] = self.calls.get(spec.fid, 0) + 1
+        limit = spec.options["max_calls"]
+        return type(limit) is int and n >= limit
+
+    def retire(self) -> None:
+        """Leave the pool after max_calls: EXIT (after the last DONE, same socket), then
+        wait for the broker's EXIT back; EXECs that arrive meanwhile were sent ahead and the
+        broker queues them again, so they are dropped here."""
+        self.client.send(P.encode(P.Exit()))
+        deadline = time.monotonic() + P.BROKER_TIMEOUT_S
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                msg, _ = self.queue.get(timeout=left)
+            except queue.Empty:
+                return
+            if msg.TYPE != Msg.EXEC:
+                return
 
     def exit_actor(self):
         """Leave now (any thread): the broker sees ACTOR_EXIT_CODE and restarts nothing."""

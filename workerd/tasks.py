@@ -51,11 +51,12 @@ class TaskRunner:
         self.finish_error = results.finish_error
         self.cancelled_error = results.cancelled_error
 
-    def run(self, msg: P.Exec, frames: list) -> None:
-        """Run one task to its end and send its results or its error (main thread)."""
+    def run(self, msg: P.Exec, frames: list) -> bool:
+        """Run one task to its end and send its results or its error (main thread).
+        Returns whether the function was called (``max_calls`` counts those)."""
         loaded = self.load_call(msg, frames)
         if loaded is None:
-            return
+            return False
         args, kwargs = loaded
         spec = msg.spec
         task_id = spec.task_id
@@ -69,7 +70,7 @@ class TaskRunner:
                 result = fn(*args, **kwargs)
                 if spec.num_returns == P.STREAMING:
                     self.stream(spec, result)
-                    return
+                    return True
                 outs = split_returns(spec, result)
             finally:
                 proc.running_task = b""
@@ -77,10 +78,11 @@ class TaskRunner:
             raise  # the serve loop exits the process, as exit_actor() does
         except BaseException as e:  # noqa: B036 - user code may raise anything
             self.finish_error(spec, e)
-            return
+            return True
         finally:
             self.restore()
         if task_id in self.cancelled:
             self.cancelled_error(spec)
-            return
+            return True
         self.finish_values(spec, outs)
+        return True

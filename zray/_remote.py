@@ -112,7 +112,12 @@ class RemoteFunction:
 
     def __init__(self, fn, options: dict):
         self._function = fn
-        self._options = _options.validate(dict(options), _options.TASK_OPTIONS, "remote functions")
+        options = _options.validate_task(dict(options), in_options=False)
+        if options.get("num_gpus") and options.get("max_calls") is None:
+            # As in Ray: a GPU function's process is replaced after each call, so that
+            # GPU memory a library keeps is given back (max_calls=0 turns this off).
+            options["max_calls"] = 1
+        self._options = options
         self._name = getattr(fn, "__qualname__", getattr(fn, "__name__", "task"))
         self._def = _Definition(fn)
         self._prepared = None
@@ -131,7 +136,7 @@ class RemoteFunction:
                         f"'{self.__name__}()', try '{self.__name__}.remote()'.")
 
     def options(self, **options) -> "_BoundOptions":
-        _options.validate(options, _options.TASK_OPTIONS, "remote functions")
+        _options.validate_task(options, in_options=True)
         merged = dict(self._options)
         merged.update(options)
         return _BoundOptions(self, merged)
@@ -179,4 +184,5 @@ class _BoundOptions:
         return self._fn._submit(client, self._prep, name, args, kwargs)
 
     def options(self, **options):
-        return self._fn.options(**{**self._options, **options})
+        _options.validate_task(options, in_options=True)
+        return _BoundOptions(self._fn, {**self._options, **options})
