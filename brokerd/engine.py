@@ -82,12 +82,14 @@ class TaskEngine:
             self.executors[cid] = ex
         return {"store_limit": node.store_limit if node else 0}
 
-    def register_job(self, cid: bytes, namespace: str) -> None:
-        """A driver names its job's namespace (tasks and actors of the job look it up)."""
+    def register_job(self, cid: bytes, namespace: str, log_to_driver: bool = True) -> None:
+        """A driver names its job's namespace (tasks and actors of the job look it up)
+        and says whether it wants its job's remote output."""
         c = self.clients.get(cid)
         if c is None or c.kind != "driver":
             raise PermissionError("only a driver registers a job")
         self.jobs[c.job_id] = {"namespace": namespace, "driver": cid}
+        c.logs = log_to_driver
 
     def client_seen(self, cid: bytes) -> bool:
         c = self.clients.get(cid)
@@ -140,8 +142,13 @@ class TaskEngine:
 
     def client_left(self, cid: bytes) -> None:
         c = self.clients.get(cid)
-        if c is not None and c.kind in ("driver", "cli"):
+        if c is None:
+            return
+        if c.kind in ("driver", "cli"):
             self.driver_gone(c)
+        elif c.kind == "executor":
+            self.executor_retired(cid)
+            self.out.send(P.inbox_ident(cid), P.encode(P.Exit()))  # now it may exit
 
     def driver_gone(self, c: ClientInfo) -> None:
         self.clients.pop(c.cid, None)
@@ -189,6 +196,10 @@ class TaskEngine:
             if not isinstance(hold, dict) or not all(
                     type(k) is str and type(v) is int and v >= 0 for k, v in hold.items()):
                 raise P.ProtocolError("SUBMIT: options.hold must map names to units")
+        sel = opts.get("label_selector")
+        if sel is not None and not (type(sel) is dict and all(
+                type(k) is str and type(v) is str for k, v in sel.items())):
+            raise P.ProtocolError("SUBMIT: options.label_selector must map str to str")
         returns = spec.return_ids()
         task = Task(task_id, kind, spec, frames, resources, hold,
                     (tuple(sorted(resources.items())), strategy_key(opts)), returns,
@@ -215,7 +226,8 @@ class TaskEngine:
                     exceptions.ActorDiedError(msg, spec.actor_id.hex())), reason="actor dead")
                 return
             task.actor = actor
-            task.retries_left = actor.max_task_retries
+            mtr = opts.get("max_task_retries")  # the method's own, else the actor's
+            task.retries_left = mtr if type(mtr) is int else actor.max_task_retries
         for _, oid in spec.deps:
             obj = self.objects.get(oid)
             if obj is None:
@@ -357,6 +369,15 @@ class TaskEngine:
         if task.kind == P.ACTOR_CALL:
             actor = task.actor
             actor.inflight.pop(task_id, None)
+            if retryable and task.retries_left != 0 and not task.cancel_requested:
+                # The method's retry_exceptions covers the error: call it again.
+                task.retries_left -= 1
+                log.info("retrying %s after an application error", task.spec.name)
+                task.executor = None
+                self.moves.move(task, TaskState.QUEUED, "application error, retrying")
+                actor.queue.append(task)
+                self._pump(actor)
+                return
             if actor.exit_when_idle and not actor.inflight and not actor.queue:
                 self._end_unreferenced(actor)
         elif task.kind == P.TASK:
@@ -610,6 +631,30 @@ class TaskEngine:
                     self.fail_task(node.actor_spawns.popleft(), err, reason="no process")
         self.nodes.freed = True
 
+    def executor_retired(self, cid: bytes) -> None:
+        """A pool executor leaves on purpose (EXIT after its last DONE: ``max_calls``):
+        not a crash. A task the broker had already given it (prefetched, or promoted to
+        RUNNING when the last DONE came) never started there: it is queued again, its
+        retries untouched. The node's EXEC_DIED for it is then ignored."""
+        ex = self.executors.get(cid)
+        if ex is None or ex.state == ExecState.DEAD or ex.actor is not None:
+            return
+        for task in (ex.task, ex.prefetch):
+            if task is None or task.executor is not ex:
+                continue
+            if task.state == TaskState.RUNNING:
+                self.nodes.release(task)
+            elif task.state != TaskState.ASSIGNED:
+                continue
+            if task.cancel_requested:
+                self.finish_cancelled(task)
+            else:
+                self._requeue(task, "its executor retired before it started")
+        ex.task = ex.prefetch = None
+        self.reaped.add(cid)
+        self.executor_dead(ex, 0, reason=f"the executor process (pid {ex.pid}) retired "
+                                         "after max_calls calls")
+
     def executor_unreachable(self, cid: bytes) -> None:
         ex = self.executors.get(cid)
         if ex is not None:
@@ -750,8 +795,18 @@ class TaskEngine:
 
     # ================================================================= logs
     def forward_log(self, m: P.Log) -> None:
-        if m.driver in self.clients:
+        c = self.clients.get(m.driver)
+        if c is not None and c.logs:  # (init(log_to_driver=False): not wanted)
             self.out.send(P.inbox_ident(m.driver), P.encode(P.Print(m.prefix, m.text)))
+
+    def pending_calls(self, cid: bytes, actor_id: bytes) -> int:
+        """How many calls client ``cid`` submitted to the actor are not finished yet
+        (``max_pending_calls``; asked only when the caller's own count hits the limit)."""
+        actor = self.actors.get(actor_id)
+        if actor is None:
+            return 0
+        n = sum(1 for t in actor.queue if t.spec.owner == cid)
+        return n + sum(1 for t in actor.inflight.values() if t.spec.owner == cid)
 
 
 def _int(v) -> int:

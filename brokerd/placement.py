@@ -14,6 +14,12 @@ one. The resources of every decision are taken (``NodeTable.acquire``) as it
 is made, so the next decision in the same pass sees them gone; the engine
 then moves the tasks to their new states and sends them.
 
+A task with a ``label_selector`` only considers nodes whose labels match it
+(``labels_match``); when none does it waits, like any task no node can fit,
+until a node that matches joins. The selector is part of the queue key, so
+such a task never holds up tasks that may run elsewhere, and is never
+prefetched.
+
 Owns: ``queues`` and the set of tasks already warned about as infeasible.
 Reads: node table, object locations (to prefer nodes holding a task's
 arguments), executors' current tasks (to pipeline). Writes node resources
@@ -125,9 +131,14 @@ class Placement:
         but has no idle executor; (None, None, None) if no node fits right now;
         (None, None, error text) if it can never run as asked."""
         need = task.resources
-        strategy = task.spec.options.get("strategy")
+        opts = task.spec.options
+        strategy = opts.get("strategy")
         table = self.nodes
-        nodes = [n for n in table.nodes.values() if n.alive]
+        selector = opts.get("label_selector")
+        if selector:
+            nodes = [n for n in table.nodes.values() if n.alive and labels_match(n.labels, selector)]
+        else:
+            nodes = [n for n in table.nodes.values() if n.alive]
         if strategy is not None and strategy != "DEFAULT":
             if strategy == "SPREAD":
                 nodes.sort(key=lambda n: n.running)
@@ -137,7 +148,10 @@ class Placement:
                 except (KeyError, TypeError, ValueError):
                     return None, None, f"bad node affinity strategy {strategy!r:.80}"
                 if target is not None and target.alive:
-                    if table.fits(target, need) or not strategy.get("soft"):
+                    if target not in nodes:  # its labels do not match: never there
+                        if not strategy.get("soft"):
+                            nodes = []
+                    elif table.fits(target, need) or not strategy.get("soft"):
                         nodes = [target]
                 elif not strategy.get("soft"):
                     return None, None, (f"node {strategy['node_id']} of a hard "
@@ -162,8 +176,9 @@ class Placement:
                 spawn_node = node
         if not any_feasible and task.task_id not in self.infeasible_warned:
             self.infeasible_warned.add(task.task_id)
-            log.warning("task %s needs %s: no node has that; it waits for one to join",
-                        task.spec.name, P.from_units(need))
+            log.warning("task %s needs %s%s: no node has that; it waits for one to join",
+                        task.spec.name, P.from_units(need),
+                        f" on a node with labels {selector}" if selector else "")
         return spawn_node, None, None
 
     def forget(self, task: Task) -> None:
@@ -171,9 +186,34 @@ class Placement:
 
 
 def strategy_key(opts: dict):
+    """The part of a task's queue key beyond its resources: its strategy and label
+    selector (None for the common case, which is the only one prefetched)."""
     s = opts.get("strategy")
-    if s is None or isinstance(s, str):
-        return s
     if isinstance(s, dict):
-        return tuple(sorted((k, repr(v)) for k, v in s.items()))
-    return repr(s)
+        s = tuple(sorted((k, repr(v)) for k, v in s.items()))
+    elif s is not None and not isinstance(s, str):
+        s = repr(s)
+    selector = opts.get("label_selector")
+    if selector:
+        return (s, tuple(sorted((str(k), str(v)) for k, v in selector.items())))
+    return s
+
+
+def labels_match(labels: dict, selector: dict) -> bool:
+    """Whether a node's ``labels`` satisfy a label selector (Ray's syntax): ``"v"`` the
+    label equals v; ``"in(a, b)"`` it is one of them; a leading ``!`` negates (a node
+    without the label satisfies a negated condition)."""
+    for key, cond in selector.items():
+        if type(cond) is not str:
+            return False
+        negate = cond.startswith("!")
+        if negate:
+            cond = cond[1:]
+        if cond.startswith("in(") and cond.endswith(")"):
+            values = {v.strip() for v in cond[3:-1].split(",")}
+        else:
+            values = (cond,)
+        have = labels.get(key)
+        if (have is not None and have in values) == negate:
+            return False
+    return True

@@ -76,8 +76,15 @@ class Queries:
         ns = args.get("namespace")
         if not isinstance(ns, str) or len(ns) > 1024:
             raise ValueError("namespace must be a string")
-        self.engine.register_job(cid, ns)
+        self.engine.register_job(cid, ns, args.get("log_to_driver") is not False)
         return True
+
+    def req_pending_calls(self, cid, args):
+        """How many of the caller's calls on an actor are unfinished (max_pending_calls)."""
+        actor_id = args.get("actor_id")
+        if not isinstance(actor_id, bytes):
+            raise ValueError("pending_calls needs an actor_id (bytes)")
+        return self.engine.pending_calls(cid, actor_id)
 
     def req_job_info(self, cid, args):
         """A job's namespace, for its tasks and actors (the caller must belong to it)."""

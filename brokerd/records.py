@@ -173,3 +173,4 @@ class ClientInfo:
     job_id: bytes
     last_seen: float = 0.0
     holds: set = field(default_factory=set)  # oids it borrowed (holds refs it does not own)
+    logs: bool = True  # a driver that wants its job's remote output (init log_to_driver)

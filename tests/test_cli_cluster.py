@@ -2,12 +2,13 @@
 
     zray broker --host 127.0.0.1 --port PORT                        (foreground)
     zray worker --address tcp://127.0.0.1:PORT --num-cpus 2 \\
-                --resources '{"nodeA": 1}'                            (foreground)
+                --resources '{"nodeA": 1}' --labels pool=a            (foreground)
     zray status --address tcp://127.0.0.1:PORT
 
 The driver (this test process) connects with
 ``zray.init(address="tcp://127.0.0.1:PORT")``; tasks pinned with custom
-resources and tasks with the SPREAD strategy must run on both nodes. At the
+resources, tasks with the SPREAD strategy and tasks with a label_selector must
+run where they ask to. At the
 end SIGTERM stops the broker and workers, and no process they started may be
 left.
 """
@@ -103,9 +104,10 @@ def test_two_node_cluster_via_cli(tmp_path):
     try:
         procs.start("broker", ["broker", "--host", "127.0.0.1", "--port", str(port)])
         procs.start("workerA", ["worker", "--address", address, "--num-cpus", "2",
-                                "--resources", json.dumps({"nodeA": 1})])
+                                "--resources", json.dumps({"nodeA": 1}), "--labels", "pool=a"])
         procs.start("workerB", ["worker", "--address", address, "--num-cpus", "2",
-                                "--resources", json.dumps({"nodeB": 1})])
+                                "--resources", json.dumps({"nodeB": 1}),
+                                "--labels", json.dumps({"pool": "b", "disk": "ssd"})])
 
         def connected():
             procs.check_running()
@@ -146,6 +148,16 @@ def test_two_node_cluster_via_cli(tmp_path):
                             timeout=60)
             assert set(on_a) == {node_a}
             assert set(on_b) == {node_b}
+
+            # node labels from `zray worker --labels`, and label_selector
+            labels = {n["NodeID"]: n["Labels"] for n in zray.nodes()}
+            assert labels[node_a]["pool"] == "a" and labels[node_b]["disk"] == "ssd", labels
+            by_label = zray.get([where.options(label_selector=sel).remote()
+                                 for sel in ({"pool": "b"}, {"pool": "!b"}, {"disk": "ssd"},
+                                             {"pool": "in(a, c)"})], timeout=60)
+            assert by_label == [node_b, node_a, node_b, node_a], by_label
+            nowhere = where.options(label_selector={"pool": "c"}).remote()
+            assert zray.wait([nowhere], timeout=0.5)[0] == []  # waits for such a node
 
             spread = zray.get([where.options(scheduling_strategy="SPREAD").remote(0.3)
                                for _ in range(8)], timeout=60)
@@ -192,3 +204,13 @@ def test_two_node_cluster_via_cli(tmp_path):
         raise
     finally:
         procs.kill_all()
+
+
+@pytest.mark.timeout(60)
+def test_worker_refuses_bad_labels(tmp_path):
+    out = subprocess.run(_zray_cmd() + ["worker", "--address", "tcp://127.0.0.1:9",
+                                        "--labels", "pool=not ok!"],
+                         capture_output=True, text=True, timeout=50,
+                         env=driver_env(ZRAY_TMPDIR=str(tmp_path / "zray-tmp")))
+    assert out.returncode != 0
+    assert "--labels" in out.stderr and "not ok!" in out.stderr, out.stderr

@@ -1089,3 +1089,29 @@ def test_broker_drops_malformed_messages_and_keeps_working(ray_local):
         return x * 2
 
     assert zray.get(still_fine.remote(21), timeout=30) == 42
+
+
+def test_accelerator_type_names_and_label_selectors_read_as_in_ray():
+    # zray worker advertises accelerator_type:<name> for the GPU model the driver reports;
+    # the names are Ray's, so that accelerator_type="H100" means the same on both.
+    from brokerd.placement import labels_match
+    from zray._options import check_label_selector, check_node_labels
+    from zray._procutil import accelerator_type_of
+
+    for model, name in [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA A100-SXM4-80GB", "A100"),
+                        ("Tesla V100-SXM2-16GB", "V100"), ("NVIDIA H200", "H200"),
+                        ("NVIDIA RTX PRO 6000 Blackwell Server Edition", "RTX-PRO-6000"),
+                        ("NVIDIA GeForce RTX 4090", "GeForce-RTX-4090"), ("Tesla T4", "T4")]:
+        assert accelerator_type_of(model) == name, model
+    labels = {"zone": "a", "disk": "ssd"}
+    for selector, match in [({"zone": "a"}, True), ({"zone": "!a"}, False),
+                            ({"zone": "in(b, a)"}, True), ({"zone": "!in(b,c)"}, True),
+                            ({"gpu": "!x"}, True), ({"gpu": "x"}, False),
+                            ({"zone": "a", "disk": "hdd"}, False)]:
+        check_label_selector(selector)
+        assert labels_match(labels, selector) is match, selector
+    for bad in ({"zone": "a b"}, {"-zone": "a"}, {"zone": "in()"}, {"zone": 1}, ["zone"]):
+        with pytest.raises(ValueError, match="label_selector"):
+            check_label_selector(bad)
+    with pytest.raises(ValueError, match="reserved"):
+        check_node_labels({"ray.io/node-id": "x"})

@@ -29,6 +29,16 @@ on the loop; with ``num_returns="dynamic"`` its items are stored one by one.
 
 A call that raises ActorExit sends no reply: the broker fails it with
 ActorDiedError when the process exits, and does not restart the actor.
+
+Concurrency groups (``@remote(concurrency_groups={"io": 2})``, a method's
+``concurrency_group``, carried by each call in its spec's options): as in Ray,
+each group runs its calls apart from the others, at most its own max
+concurrency at once: on a thread pool of that size (SYNC and THREADED actors),
+or on an event loop thread of its own with a semaphore of that size (ASYNC).
+Calls of no group run as above (the default group), except that a SYNC
+actor's run on a one-thread pool, in order, so that the main thread stays
+free to start other groups' calls. ``call_grouped`` routes them; an actor
+without groups never goes through it.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import functools
 import inspect
 import threading
 from typing import TYPE_CHECKING, Optional
@@ -80,7 +91,8 @@ def create_actor(proc: ExecutorProcess, msg: P.Exec, frames: list) -> None:
         proc.logs.prefix = f"({getattr(cls, '__name__', 'Actor')} pid={proc.pid})"
         proc.client.current_actor_id = spec.actor_id
         proc.actor_spec = spec
-        host = ActorHost(proc, cls, spec.options.get("max_concurrency"))
+        host = ActorHost(proc, cls, spec.options.get("max_concurrency"),
+                         spec.options.get("concurrency_groups"))
         try:
             host.construct(args, kwargs)
         finally:
@@ -110,7 +122,8 @@ async def _construct_on_loop(cls: type, args, kwargs):
 class ActorHost:
     """This process's actor instance, and how its calls run (``mode``)."""
 
-    def __init__(self, proc: ExecutorProcess, cls: type, max_concurrency: Optional[int]):
+    def __init__(self, proc: ExecutorProcess, cls: type, max_concurrency: Optional[int],
+                 groups: Optional[dict] = None):
         self.proc = proc
         self.instance = None  # built by construct()
         self.mode = ActorMode.of(cls, max_concurrency)
@@ -131,14 +144,29 @@ class ActorHost:
         self.async_tasks: dict = {}  # task id -> asyncio.Task of an ASYNC call in flight
         self.async_sem: Optional[asyncio.Semaphore] = None
         if self.mode is ActorMode.ASYNC:
-            self.start_loop(max_concurrency or 1000)
+            self.loop, self.async_sem = self.start_loop(max_concurrency or 1000)
             self.handle = self.call_async
-        elif self.mode is ActorMode.THREADED:
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency,
+        elif self.mode is ActorMode.THREADED or groups:
+            # With concurrency groups even a one-at-a-time actor runs its default group on
+            # a thread of its own (in order): the main thread must stay free to start the
+            # other groups' calls.
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency or 1,
                                                               thread_name_prefix="zray-actor")
             self.handle = self.call_threaded
         else:
             self.handle = self.call_sync
+        self.groups: dict = {}  # concurrency group name -> how its calls start
+        if groups:
+            for name, conc in groups.items():
+                if self.mode is ActorMode.ASYNC:
+                    loop, sem = self.start_loop(conc, f"zray-actor-loop-{name}")
+                    self.groups[name] = functools.partial(self.call_async, loop=loop, sem=sem)
+                else:
+                    pool = concurrent.futures.ThreadPoolExecutor(
+                        conc, thread_name_prefix=f"zray-actor-{name}")
+                    self.groups[name] = functools.partial(self.call_threaded, pool=pool)
+            self.call_default = self.handle
+            self.handle = self.call_grouped
 
     def construct(self, args: list, kwargs: dict) -> None:
         """Build the instance (main thread). An async actor's ``__init__``, ``async def``
@@ -157,24 +185,34 @@ class ActorHost:
 
         self.instance = asyncio.run_coroutine_threadsafe(build(), self.loop).result()
 
-    def start_loop(self, conc: int) -> None:
-        self.loop = asyncio.new_event_loop()
+    @staticmethod
+    def start_loop(conc: int, name: str = "zray-actor-loop") -> tuple:
+        """An event loop on a thread of its own, and the semaphore (of ``conc``) that
+        bounds the calls running on it."""
+        loop = asyncio.new_event_loop()
         ready = threading.Event()
+        sem = []
 
         def run():
-            asyncio.set_event_loop(self.loop)
-            self.async_sem = asyncio.Semaphore(conc)
+            asyncio.set_event_loop(loop)
+            sem.append(asyncio.Semaphore(conc))
             ready.set()
-            self.loop.run_forever()
+            loop.run_forever()
 
-        threading.Thread(target=run, name="zray-actor-loop", daemon=True).start()
+        threading.Thread(target=run, name=name, daemon=True).start()
         ready.wait()
+        return loop, sem[0]
 
     def cancel(self, task_id: bytes) -> None:
         """I/O thread: interrupt a call if it can be (an ASYNC call in flight)."""
         fut = self.async_tasks.get(task_id)
         if fut is not None:
-            self.loop.call_soon_threadsafe(fut.cancel)
+            fut.get_loop().call_soon_threadsafe(fut.cancel)
+
+    def call_grouped(self, msg: P.Exec, frames: list) -> None:
+        """Start a call in its concurrency group (main thread); no group: the default."""
+        start = self.groups.get(msg.spec.options.get("concurrency_group"))
+        (start or self.call_default)(msg, frames)
 
     # ------------------------------------------------------- one call, by mode
     def call_sync(self, msg: P.Exec, frames: list) -> None:
@@ -206,14 +244,15 @@ class ActorHost:
             return
         self.finish_values(spec, outs)
 
-    def call_threaded(self, msg: P.Exec, frames: list) -> None:
-        """Hand one call to the thread pool (main thread)."""
+    def call_threaded(self, msg: P.Exec, frames: list, pool=None) -> None:
+        """Hand one call to the thread pool, or a concurrency group's (main thread)."""
         loaded = self.load_call(msg, frames)
         if loaded is None:
             return
         args, kwargs = loaded
         spec = msg.spec
-        self.pool.submit(self.run_in_thread, spec, getattr(self.instance, spec.fid), args, kwargs)
+        (pool or self.pool).submit(self.run_in_thread, spec, getattr(self.instance, spec.fid),
+                                   args, kwargs)
 
     def run_in_thread(self, spec: P.TaskSpec, method, args, kwargs) -> None:
         try:
@@ -235,8 +274,9 @@ class ActorHost:
             self.stdout.flush()
         self.finish_values(spec, outs)
 
-    def call_async(self, msg: P.Exec, frames: list) -> None:
-        """Start one call as a task on the event loop (main thread)."""
+    def call_async(self, msg: P.Exec, frames: list, loop=None, sem=None) -> None:
+        """Start one call as a task on the event loop, or on a concurrency group's (main
+        thread)."""
         loaded = self.load_call(msg, frames)
         if loaded is None:
             return
@@ -244,9 +284,11 @@ class ActorHost:
         spec = msg.spec
         method = getattr(self.instance, spec.fid)
         task_id = spec.task_id
+        if loop is None:
+            loop, sem = self.loop, self.async_sem
 
         async def run():
-            async with self.async_sem:
+            async with sem:
                 try:
                     if inspect.iscoroutinefunction(method):
                         return await method(*args, **kwargs)
@@ -264,13 +306,13 @@ class ActorHost:
                     self.proc.system_exit(e)
 
         def start():
-            t = self.loop.create_task(run())
+            t = loop.create_task(run())
             self.async_tasks[task_id] = t
             if task_id in self.cancelled:
                 t.cancel()
             t.add_done_callback(lambda t: self.async_done(spec, t))
 
-        self.loop.call_soon_threadsafe(start)
+        loop.call_soon_threadsafe(start)
 
     def async_done(self, spec: P.TaskSpec, t: asyncio.Task) -> None:
         self.async_tasks.pop(spec.task_id, None)

@@ -42,8 +42,13 @@ Exit: EXIT or SHUTDOWN from the broker, losing the broker, or SIGTERM from
 the node agent ends the serve loop after the current call; ActorExit (``exit_actor()``) ends the
 process at once with ``ACTOR_EXIT_CODE``, and so does ``sys.exit(0)`` in an actor;
 any other ``sys.exit()`` in user code ends it with another code (``system_exit``:
-a crash, as Ray sees it). ``zray._runtime.executor`` is this process's
-``ExecutorProcess``.
+a crash, as Ray sees it). A function with ``max_calls`` retires the process after
+its Nth call here (``calls``, ``retire``): the DONE of that call, then EXIT to the
+broker on the same socket (so the broker has the result before it learns we leave,
+and queues again whatever it had sent us ahead); the broker answers EXIT, and only
+then the process exits 0, so the node's EXEC_DIED can never reach the broker first.
+EXECs still in the queue are never started. ``zray._runtime.executor`` is this
+process's ``ExecutorProcess``.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 import cloudpickle
@@ -86,6 +92,7 @@ class ExecutorProcess:
         self.pid = os.getpid()
         self.queue: queue.SimpleQueue = queue.SimpleQueue()  # (msg, frames) for the main thread
         self.fns: dict = {}  # fid -> pickled blob, or the function once loaded
+        self.calls: dict = {}  # fid -> calls run here, for functions with max_calls
         self.main_thread = threading.main_thread().ident
         self.running_task = b""  # the plain task on the main thread: SIGUSR1 cancels it
         self.cancelled: set = set()
@@ -178,7 +185,10 @@ class ExecutorProcess:
             try:
                 kind = msg.spec.kind
                 if kind == task:
-                    run_task(msg, frames)
+                    if run_task(msg, frames) and msg.spec.options.get("max_calls"):
+                        if self.count_call(msg.spec):
+                            self.retire()
+                            break
                 elif kind == actor_call:
                     self.actor.handle(msg, frames)
                 else:
@@ -192,6 +202,30 @@ class ExecutorProcess:
             if self.client.forked:  # user code forked and the child got back here
                 exit_forked_child()
         self.client.close()
+
+    def count_call(self, spec: P.TaskSpec) -> bool:
+        """Count a finished call of a function with ``max_calls``; True when this process
+        has run it that many times and must be replaced (as Ray does)."""
+        n = self.calls[spec.fid] = self.calls.get(spec.fid, 0) + 1
+        limit = spec.options["max_calls"]
+        return type(limit) is int and n >= limit
+
+    def retire(self) -> None:
+        """Leave the pool after max_calls: EXIT (after the last DONE, same socket), then
+        wait for the broker's EXIT back; EXECs that arrive meanwhile were sent ahead and the
+        broker queues them again, so they are dropped here."""
+        self.client.send(P.encode(P.Exit()))
+        deadline = time.monotonic() + P.BROKER_TIMEOUT_S
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                msg, _ = self.queue.get(timeout=left)
+            except queue.Empty:
+                return
+            if msg.TYPE != Msg.EXEC:
+                return
 
     def exit_actor(self, code: int = P.ACTOR_EXIT_CODE):
         """Leave now (any thread). With ACTOR_EXIT_CODE the broker restarts nothing; the

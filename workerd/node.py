@@ -5,7 +5,10 @@
     broker --SPAWN/KILL_EXEC/SHUTDOWN--> node agent --fork/exec--> executor processes
     broker <--NODE_HELLO/EXEC_DIED/HEARTBEAT-- node agent <--waitpid-- (exits)
 
-It advertises the node's capacity (CPU, GPU ids, memory, custom resources),
+It advertises the node's capacity (CPU, GPU ids, memory, object store memory,
+custom resources, and as in Ray ``accelerator_type:<type>`` of its NVIDIA GPUs)
+and its labels (``--labels``, plus ``ray.io/node-id`` and, with GPUs,
+``ray.io/accelerator-type``),
 keeps a warm pool of executor processes (``prestart``, default one per CPU),
 starts more when the broker asks, kills one when the broker says so (force
 cancel, ``zray.kill``) and reports every executor exit with its exit code so
@@ -31,6 +34,7 @@ import psutil
 import zmq
 
 from zray import _protocol as P
+from zray._procutil import detect_accelerator_type
 from zray._protocol import Msg
 from zray._security import secure_client, watch_handshake
 from zray._store import ObjectStore
@@ -53,15 +57,20 @@ class NodeAgent:
         if gpu_ids:
             res["GPU"] = float(len(gpu_ids))
         res["memory"] = float(memory if memory is not None else psutil.virtual_memory().total * 0.7)
+        total_mem = psutil.virtual_memory().total
+        self.store_limit = int(object_store_memory or total_mem * 0.3)
+        res["object_store_memory"] = float(self.store_limit)  # what actors may ask for
+        self.labels = {"ray.io/node-id": self.node_id.hex(), **(labels or {})}
+        accelerator = detect_accelerator_type() if gpu_ids else None
+        if accelerator:
+            res[f"accelerator_type:{accelerator}"] = 1.0
+            self.labels["ray.io/accelerator-type"] = accelerator
         res.update({k: float(v) for k, v in (resources or {}).items()})
         res[f"node:{self._ip()}"] = 1.0
         self.resources = res
         self.gpu_ids = list(gpu_ids)
-        self.labels = labels or {}
         self.prestart = int(num_cpus) if prestart is None else prestart
         self.prestart = max(0, min(self.prestart, 64))
-        total_mem = psutil.virtual_memory().total
-        self.store_limit = int(object_store_memory or total_mem * 0.3)
         self.store = ObjectStore(self.node_id, self.store_limit)
         self.store.create_dirs()
         self.ctx = zmq.Context()

@@ -14,7 +14,9 @@
 Every call ends in exactly one DONE to the broker, which keeps the books and
 frees the call's resources. A result holding no refs is also pushed straight
 to its owner when the owner runs on this node (``Client.push_direct``): three
-hops instead of four. ``Done.pushed`` tells the broker which results went
+hops instead of four (not for a call ``counted`` against its actor's
+``max_pending_calls``: the caller may only see it finished after the broker
+has). ``Done.pushed`` tells the broker which results went
 that way; it forwards the others. A result holding refs goes only through the
 broker, which must learn of those refs (PUTs sent on the same socket before
 this DONE) before the owner can use them.
@@ -157,8 +159,8 @@ class ResultSender:
         """Hand the results straight to an owner on this node (one hop instead of two
         through the broker, which still gets DONE for its books). Returns, per result,
         whether it went; the broker pushes the others."""
-        if spec.kind == P.ACTOR_CREATE or spec.num_returns <= 0:
-            return []
+        if spec.kind == P.ACTOR_CREATE or spec.num_returns <= 0 or "counted" in spec.options:
+            return []  # ("counted": a max_pending_calls call, see zray/actor.py)
         owner = spec.owner
         pushed, pos = [], 0
         for i, (kind, n, node_id, _) in enumerate(layout, 1):

@@ -53,11 +53,12 @@ class TaskRunner:
         self.finish_error = results.finish_error
         self.cancelled_error = results.cancelled_error
 
-    def run(self, msg: P.Exec, frames: list) -> None:
-        """Run one task to its end and send its results or its error (main thread)."""
+    def run(self, msg: P.Exec, frames: list) -> bool:
+        """Run one task to its end and send its results or its error (main thread).
+        Returns whether the function was called (``max_calls`` counts those)."""
         loaded = self.load_call(msg, frames)
         if loaded is None:
-            return
+            return False
         args, kwargs = loaded
         spec = msg.spec
         task_id = spec.task_id
@@ -72,7 +73,7 @@ class TaskRunner:
                 if spec.num_returns < 0:  # a generator: streamed, or stored item by item
                     outs = self.generator_returns(spec, result)
                     if outs is None:
-                        return
+                        return True
                 else:
                     outs = split_returns(spec, result)
             finally:
@@ -81,10 +82,11 @@ class TaskRunner:
             raise  # the serve loop ends the process (sys.exit: a crash, as in Ray)
         except BaseException as e:  # noqa: B036 - user code may raise anything
             self.finish_error(spec, e)
-            return
+            return True
         finally:
             self.restore()
         if task_id in self.cancelled:
             self.cancelled_error(spec)
-            return
+            return True
         self.finish_values(spec, outs)
+        return True

@@ -45,7 +45,7 @@ class RayContext(dict):
         shutdown()
 
 
-def _resolve_address(address: Optional[str]) -> Optional[str]:
+def _resolve_address(address: Optional[str], temp_dir: Optional[str] = None) -> Optional[str]:
     if address in (None, "", "local"):
         env = os.environ.get("ZRAY_ADDRESS") if address is None else None
         return env or None
@@ -55,7 +55,9 @@ def _resolve_address(address: Optional[str]) -> Optional[str]:
             return env
         # Only trusted from a private dir: a planted address would hand our tasks
         # (and our process, through the replies we unpickle) to someone else's broker.
-        path = os.path.join(_procutil.private_dir(_procutil.user_tmp_dir()), "address")
+        base = (os.path.join(temp_dir, f"zray-{os.getuid()}") if temp_dir
+                else _procutil.user_tmp_dir())
+        path = os.path.join(_procutil.private_dir(base), "address")
         try:
             with open(path) as f:
                 return f.read().strip()
@@ -69,14 +71,89 @@ def _resolve_address(address: Optional[str]) -> Optional[str]:
     return address
 
 
+_SOCKET_PATH_MAX = 107  # bytes in a unix socket path (the broker's ipc:// socket)
+_SESSION_NAME_LEN = 64  # "/zray-UID/session_YYYYmmdd-HHMMSS_xxxxxxxx/broker.sock", a margin
+
+
+def _logging_level(level) -> int:
+    """init(logging_level=...): a level number or name, as Ray takes it."""
+    if isinstance(level, bool) or not isinstance(level, (int, str)):
+        raise ValueError(f"logging_level must be a logging level (int or name such as "
+                         f"'info'), got {level!r}")
+    if isinstance(level, str):
+        number = logging.getLevelName(level.upper())
+        if not isinstance(number, int):
+            raise ValueError(f"logging_level: unknown level {level!r}")
+        return number
+    return level
+
+
+def _set_logging_level(level: int) -> None:
+    """Set the level of zray's loggers in this process, with a stderr handler of their own
+    (Python's last-resort handler would drop everything below WARNING)."""
+    logger = logging.getLogger("zray")
+    logger.setLevel(level)
+    if not any(getattr(h, "_zray", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"))
+        handler._zray = True
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _check_init_options(kwargs: dict, local: bool) -> None:
+    """Refuse the init() options zray cannot honour, naming them (never ignore one)."""
+    if kwargs.get("local_mode"):
+        raise RuntimeError("`local_mode` is no longer supported (as in Ray). For debugging, "
+                           "run the function directly, or use a 1-CPU local cluster.")
+    if kwargs.get("include_dashboard"):
+        raise ValueError("include_dashboard=True: zray has no dashboard; leave it out or "
+                         "pass include_dashboard=False (`zray status` shows the cluster)")
+    if kwargs.get("include_dashboard") is not False:
+        if kwargs.get("dashboard_port") is not None:
+            raise ValueError("dashboard_port: zray has no dashboard to serve on it; leave "
+                             "it out (or pass include_dashboard=False)")
+        if kwargs.get("dashboard_host") not in (None, "127.0.0.1", "localhost"):
+            raise ValueError("dashboard_host: zray has no dashboard to serve on it; leave "
+                             "it out (or pass include_dashboard=False)")
+    ltd = kwargs.get("log_to_driver")
+    if ltd is not None and not isinstance(ltd, bool):
+        raise ValueError(f"log_to_driver must be a bool, got {ltd!r}")
+    if kwargs.get("logging_level") is not None:
+        _logging_level(kwargs["logging_level"])
+    temp_dir = kwargs.get("_temp_dir")
+    if temp_dir is not None:
+        if not isinstance(temp_dir, str) or not os.path.isabs(temp_dir):
+            raise ValueError(f"_temp_dir must be an absolute path, got {temp_dir!r}")
+        if local and len(os.fsencode(temp_dir)) + _SESSION_NAME_LEN > _SOCKET_PATH_MAX:
+            raise ValueError(f"_temp_dir {temp_dir!r} is too long: the cluster's socket path "
+                             f"under it would pass the {_SOCKET_PATH_MAX}-byte limit of "
+                             "unix sockets")
+    if "labels" in kwargs:
+        from zray._options import check_node_labels
+
+        check_node_labels(kwargs["labels"])
+
+
 def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
          num_gpus: Optional[float] = None, resources: Optional[dict] = None,
          namespace: Optional[str] = None, runtime_env: Optional[dict] = None,
          ignore_reinit_error: bool = False, **kwargs) -> RayContext:
-    """Connect to a cluster, or start an embedded local one when no address is given."""
+    """Connect to a cluster, or start an embedded local one when no address is given.
+
+    Of Ray's other options: ``log_to_driver=False`` keeps remote output off this
+    process's stdout/stderr; ``logging_level`` sets the level of zray's loggers here;
+    ``_temp_dir`` (absolute) holds the local cluster's session directory (or, with
+    ``address="auto"``, the address file of ``zray broker``); ``labels`` label the
+    local node. ``local_mode=True`` raises as in Ray; ``include_dashboard=True`` (and a
+    dashboard host or port) raise: zray has no dashboard.
+    """
     unknown = set(kwargs) - _RAY_INIT_KWARGS
     if unknown:
         raise TypeError(f"init() got unexpected keyword arguments {sorted(unknown)}")
+    _check_init_options(kwargs, local=address in (None, "", "local")
+                        and not (address is None and os.environ.get("ZRAY_ADDRESS")))
     if _runtime.worker_mode:
         return RayContext(_runtime.client.address, "", "")
     if _runtime.client is not None:
@@ -88,7 +165,10 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
         from zray._options import validate
 
         validate({"runtime_env": runtime_env}, {"runtime_env"}, "init")
-    resolved = _resolve_address(address)
+    if kwargs.get("logging_level") is not None:
+        _set_logging_level(_logging_level(kwargs["logging_level"]))
+    temp_dir = kwargs.get("_temp_dir")
+    resolved = _resolve_address(address, temp_dir)
     cluster = None
     if resolved is None:
         from zray._cluster import LocalCluster
@@ -106,12 +186,19 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
         if osm is not None and (not isinstance(osm, int) or osm <= 0):
             raise ValueError(f"object_store_memory must be a positive number of bytes, got {osm!r}")
         cluster = LocalCluster(cpus, gpu_ids, resources or {}, labels=kwargs.get("labels"),
-                               memory=kwargs.get("_memory"), object_store_memory=osm)
+                               memory=kwargs.get("_memory"), object_store_memory=osm,
+                               temp_dir=temp_dir)
         resolved = cluster.address
     else:
         if num_cpus is not None or num_gpus is not None or resources:
             raise ValueError("When connecting to an existing cluster, num_cpus, num_gpus and "
                              "resources must not be given: they are set by `zray worker`.")
+        if temp_dir is not None and address != "auto":
+            raise ValueError("_temp_dir applies to a local cluster that init() starts (or to "
+                             "find address='auto'), not when connecting to " + resolved)
+        if kwargs.get("labels"):
+            raise ValueError("When connecting to an existing cluster, labels must not be "
+                             "given: they are set by `zray worker --labels`.")
     from zray._client import Client
 
     try:
@@ -127,8 +214,12 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     _runtime.cluster = cluster
     _runtime.namespace = namespace or ("anon-" + client.cid.hex()[:8])
     _runtime.job_runtime_env = dict(runtime_env or {})
-    # The job's namespace, for the tasks and actors of this job to find it.
-    client.request("register_job", {"namespace": _runtime.namespace})
+    log_to_driver = kwargs.get("log_to_driver") is not False
+    client.print_logs = log_to_driver
+    # The job's namespace, for the tasks and actors of this job to find it; and whether
+    # it wants its remote output.
+    client.request("register_job", {"namespace": _runtime.namespace,
+                                    "log_to_driver": log_to_driver})
     ctx = RayContext(resolved, client.info.get("session_dir", ""), "")
     _runtime.context = ctx
     if cluster is not None:

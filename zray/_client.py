@@ -179,6 +179,10 @@ class Client:
         self.current_task_id = b""
         self.current_task_name = ""
         self.current_actor_id = b""
+        # actor id -> calls sent to it since the broker last counted those unfinished
+        # (only for actors with max_pending_calls; zray/actor.py _reserve_call)
+        self.actor_calls: dict[bytes, int] = {}
+        self.print_logs = True  # init(log_to_driver=False): drop remote output (PRINT)
         self.closed = False
         self.forked = False  # this is a forked copy: see forked_away()
         self.broker_gone = False
@@ -398,7 +402,8 @@ class Client:
                     self._replies[m.req_id] = (m.ok, m.result)
                     notify = True
                 elif mtype == Msg.PRINT:
-                    self._print_log(m.prefix, m.text)
+                    if self.print_logs:
+                        self._print_log(m.prefix, m.text)
                 elif mtype == Msg.INTERRUPT:
                     if self._on_cancel is not None:
                         self._on_cancel(m.task_id, m.force)

@@ -1,5 +1,7 @@
 """The embedded local cluster: a broker and one node agent as child processes.
 
+The session directory is made under init's ``_temp_dir`` when given.
+
 Both children get ``ZRAY_EXIT_WITH_PARENT`` so they ask the kernel for
 SIGKILL when the driver dies (even by SIGKILL); the node agent's executors die
 with the agent the same way. The broker listens on an ``ipc://`` socket inside
@@ -67,10 +69,10 @@ class _Spawner:
 class LocalCluster:
     def __init__(self, num_cpus: float, gpu_ids: list, resources: dict,
                  prestart: int | None = None, labels: dict | None = None, memory=None,
-                 object_store_memory: int | None = None):
+                 object_store_memory: int | None = None, temp_dir: str | None = None):
         # Refuse a store another user could plant objects in before making anything.
         check_roots()
-        self.session_dir = new_session_dir()
+        self.session_dir = new_session_dir(temp_dir)
         self.node_id = os.urandom(8)  # the driver shares this node's object store
         self.address = f"ipc://{self.session_dir}/broker.sock"
         env = dict(os.environ)

@@ -168,9 +168,49 @@ def detect_gpus() -> list:
         return []
 
 
-def new_session_dir() -> str:
-    """A new private (0700) directory for this cluster's sockets and logs."""
-    base = private_dir(user_tmp_dir())
+def detect_accelerator_type() -> str | None:
+    """The type of this machine's NVIDIA GPUs as Ray names it (``"NVIDIA H100 80GB HBM3"``
+    -> ``"H100"``, ``"NVIDIA GeForce RTX 4090"`` -> ``"GeForce-RTX-4090"``), from the
+    driver's /proc entry of the first GPU; None without one."""
+    try:
+        first = sorted(os.listdir("/proc/driver/nvidia/gpus"))[0]
+        with open(f"/proc/driver/nvidia/gpus/{first}/information") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("Model:")), "")
+    except (OSError, IndexError):
+        return None
+    return accelerator_type_of(model)
+
+
+def accelerator_type_of(model: str) -> str | None:
+    """Ray's accelerator type for a GPU model name: after the vendor word, the all-capital
+    words up to and including the first token with a digit (its leading capitals and
+    digits), joined by dashes; failing that, the name without "NVIDIA", dashed."""
+    words = model.split()
+    picked = []
+    for word in words[1:]:
+        lead = word[:len(word) - len(word.lstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))]
+        if any(c.isdigit() for c in lead):
+            picked.append(lead)
+            if len("-".join(picked)) > 1:
+                return "-".join(picked)
+            break
+        if not (lead and lead == word):
+            break
+        picked.append(word)
+    rest = words[1:] if words[:1] == ["NVIDIA"] else words
+    return "-".join(rest) or None
+
+
+def new_session_dir(base: str | None = None) -> str:
+    """A new private (0700) directory for this cluster's sockets and logs: under init's
+    ``_temp_dir`` (in a private ``zray-UID`` directory there, so a shared temp dir such as
+    /tmp works and no other user can plant anything), or ``$ZRAY_TMPDIR`` / ``/tmp/zray-UID``."""
+    if base is not None:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        base = private_dir(os.path.join(base, f"zray-{os.getuid()}"))
+    else:
+        base = private_dir(user_tmp_dir())
     _prune_sessions(base)
     # mkdtemp: a fresh name, created 0700 with O_EXCL semantics (mkdir fails if it exists)
     path = tempfile.mkdtemp(prefix=time.strftime("session_%Y%m%d-%H%M%S_"), dir=base)

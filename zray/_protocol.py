@@ -73,7 +73,9 @@ B->C  EXEC       spec, fn_included, n_args, deps [[nframes, node_id|nil]...], gp
                  + ([blob] if fn_included) + arg frames + dep frames (inline deps);
                  may arrive while the previous task runs: a prefetch
 B->C  STREAM_END task_id, count   after the stream's items and its completion object (OBJ)
-B->C  EXIT       -   (C->B EXIT: a driver or CLI leaves)
+B->C  EXIT       -   (C->B EXIT: a driver or CLI leaves; an executor retires after
+                 max_calls: sent after its last DONE; the broker queues again what it had
+                 sent it ahead and answers EXIT, after which the executor exits)
 N->B  NODE_HELLO version, node_id, info {resources, gpu_ids, hostname, pid, labels,
                  address, prestart, store_limit}
 B->N  WELCOME    info   the node starts its executors only after this

@@ -133,9 +133,14 @@ class RemoteFunction:
 
     def __init__(self, fn, options: dict):
         self._function = fn
-        self._options = _options.validate(dict(options), _options.TASK_OPTIONS, "remote functions")
-        if "num_returns" not in self._options and is_generator_function(fn):
-            self._options["num_returns"] = "streaming"
+        options = _options.validate_task(dict(options), in_options=False)
+        if options.get("num_gpus") and options.get("max_calls") is None:
+            # As in Ray: a GPU function's process is replaced after each call, so that
+            # GPU memory a library keeps is given back (max_calls=0 turns this off).
+            options["max_calls"] = 1
+        if "num_returns" not in options and is_generator_function(fn):
+            options["num_returns"] = "streaming"
+        self._options = options
         self._name = getattr(fn, "__qualname__", getattr(fn, "__name__", "task"))
         self._def = _Definition(fn)
         self._prepared = None
@@ -154,7 +159,7 @@ class RemoteFunction:
                         f"'{self.__name__}()', try '{self.__name__}.remote()'.")
 
     def options(self, **options) -> "_BoundOptions":
-        _options.validate(options, _options.TASK_OPTIONS, "remote functions")
+        _options.validate_task(options, in_options=True)
         merged = dict(self._options)
         merged.update(options)
         return _BoundOptions(self, merged)
@@ -202,4 +207,5 @@ class _BoundOptions:
         return self._fn._submit(client, self._prep, name, args, kwargs)
 
     def options(self, **options):
-        return self._fn.options(**{**self._options, **options})
+        _options.validate_task(options, in_options=True)
+        return _BoundOptions(self._fn, {**self._options, **options})

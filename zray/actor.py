@@ -6,7 +6,7 @@ import inspect
 
 import cloudpickle
 
-from zray import _options, _runtime
+from zray import _options, _runtime, exceptions
 from zray import _protocol as P
 from zray._refs import ObjectRef
 from zray._remote import (
@@ -86,7 +86,7 @@ class ActorClass:
 
     def __init__(self, cls, options: dict):
         self._cls = cls
-        self._options = _options.validate(dict(options), _options.ACTOR_OPTIONS, "actors")
+        self._options = _options.validate_actor(dict(options), in_options=False)
         self._def = _Definition(_with_builtin_methods(cls))
         self._meta_cache = None
         self.__name__ = cls.__name__
@@ -108,7 +108,7 @@ class ActorClass:
                         f"'{self.__name__}()', use '{self.__name__}.remote()'.")
 
     def options(self, **options) -> "_ActorOptions":
-        _options.validate(options, _options.ACTOR_OPTIONS, "actors")
+        _options.validate_actor(options, in_options=True)
         return _ActorOptions(self, {**self._options, **options})
 
     def remote(self, *args, **kwargs) -> "ActorHandle":
@@ -128,6 +128,14 @@ class ActorClass:
                 raise ActorAlreadyExistsError(
                     f"Actor with name {name!r} already exists in namespace {namespace!r}; use "
                     f"a different name, or get_if_exists=True (or get_actor({name!r})) to get it.")
+        groups = options.get("concurrency_groups") or {}
+        methods = self._meta
+        for mname, mopts in methods.items():
+            cg = mopts.get("concurrency_group")
+            if cg is not None and cg not in groups:
+                raise ValueError(f"{self.__name__}.{mname} is in concurrency group {cg!r}, which "
+                                 f"the actor does not define (concurrency_groups: "
+                                 f"{sorted(groups) or 'none'})")
         fid = self._def.ensure(client)
         frames, deps, nested, _keep = serialize_args(args, kwargs, client)
         explicit = options.get("num_cpus")
@@ -139,12 +147,15 @@ class ActorClass:
         for key in ("max_restarts", "max_task_retries", "max_concurrency", "lifetime"):
             if options.get(key) is not None:
                 opts[key] = options[key]
+        if groups:
+            opts["concurrency_groups"] = dict(groups)
         if name:
             opts["name"] = name
         opts["namespace"] = namespace
         actor_id = client.next_task_id()
-        meta = {"actor_id": actor_id, "class_name": self.__name__, "methods": self._meta,
-                "max_task_retries": options.get("max_task_retries") or 0}
+        config = _handle_config(options)
+        meta = {"actor_id": actor_id, "class_name": self.__name__, "methods": methods,
+                "max_task_retries": options.get("max_task_retries") or 0, "config": config}
         opts["handle_meta"] = cloudpickle.dumps(meta)
         spec = make_spec(client, P.ACTOR_CREATE, fid, self.__name__, 0, place, opts,
                          deps, nested, actor_id)
@@ -154,7 +165,7 @@ class ActorClass:
         ref = None
         if options.get("lifetime") != "detached":
             ref = ObjectRef(P.object_id(actor_id, 0), client.cid, client)
-        return ActorHandle(actor_id, self.__name__, self._meta, ref)
+        return ActorHandle(actor_id, self.__name__, methods, ref, config)
 
     def bind(self, *a, **k):
         raise NotImplementedError("Ray DAG (.bind) is not supported by zray")
@@ -169,13 +180,26 @@ class _ActorOptions:
         return self._cls._create(args, kwargs, self._options)
 
 
+def _handle_config(options: dict) -> dict:
+    """What every handle of an actor checks at call time: ``max_pending_calls`` (when
+    > 0) and the names of its concurrency groups."""
+    config = {}
+    mpc = options.get("max_pending_calls")
+    if mpc is not None and mpc > 0:
+        config["max_pending_calls"] = mpc
+    if options.get("concurrency_groups"):
+        config["concurrency_groups"] = sorted(options["concurrency_groups"])
+    return config
+
+
 def _handle_from_meta(info: dict, client) -> "ActorHandle":
     meta = cloudpickle.loads(info["handle_meta"])
     ref = None
     if info.get("handle_owner"):  # not detached: this handle counts too
         ref = ObjectRef(P.object_id(meta["actor_id"], 0), info["handle_owner"], client,
                         _borrowed=True)
-    return ActorHandle(meta["actor_id"], meta["class_name"], meta["methods"], ref)
+    return ActorHandle(meta["actor_id"], meta["class_name"], meta["methods"], ref,
+                       meta.get("config"))
 
 
 def current_actor_handle(actor_id: bytes, executor) -> "ActorHandle":
@@ -186,18 +210,43 @@ def current_actor_handle(actor_id: bytes, executor) -> "ActorHandle":
     return ActorHandle(actor_id, cls.__name__, _method_meta(cls))
 
 
-def _rebuild_handle(actor_id, class_name, methods, ref=None):
-    return ActorHandle(actor_id, class_name, methods, ref)
+def _rebuild_handle(actor_id, class_name, methods, ref=None, config=None):
+    return ActorHandle(actor_id, class_name, methods, ref, config)
+
+
+def _reserve_call(client, handle: "ActorHandle", name: str) -> None:
+    """Count a call about to be submitted on an actor with ``max_pending_calls``; raise
+    PendingCallsLimitExceeded if this process has that many calls on it unfinished.
+
+    The count of calls sent since the broker last said how many are unfinished is kept
+    here; only at the limit does the broker recount (one request, sent after our
+    SUBMITs on the same socket, so it sees them all)."""
+    limit = handle._max_pending
+    counts = client.actor_calls
+    actor_id = handle._actor_id
+    n = counts.get(actor_id, 0)
+    if n >= limit:
+        n = client.request("pending_calls", {"actor_id": actor_id})
+        if n >= limit:
+            counts[actor_id] = n
+            raise exceptions.PendingCallsLimitExceeded(
+                f"The task {name} could not be submitted to {handle!r} because more than "
+                f"{limit} tasks are queued on the actor. This limit can be adjusted with the "
+                f"`max_pending_calls` actor option.")
+    counts[actor_id] = n + 1
 
 
 class ActorHandle:
     """A handle to an actor; pass it to tasks and other actors freely."""
 
-    def __init__(self, actor_id: bytes, class_name: str, methods: dict, ref=None):
+    def __init__(self, actor_id: bytes, class_name: str, methods: dict, ref=None,
+                 config: dict | None = None):
         self._actor_id = actor_id
         self._class_name = class_name
         self._methods = methods
         self._ref = ref  # keeps a non-detached actor alive (None: detached)
+        self._config = config or {}  # see _handle_config
+        self._max_pending = self._config.get("max_pending_calls", 0)
         self._cache: dict = {}
 
     def __getattr__(self, name) -> "ActorMethod":
@@ -220,7 +269,8 @@ class ActorHandle:
 
     def __reduce__(self):
         # The ref travels with the handle: the receiver becomes a borrower of it.
-        return (_rebuild_handle, (self._actor_id, self._class_name, self._methods, self._ref))
+        return (_rebuild_handle, (self._actor_id, self._class_name, self._methods, self._ref,
+                                  self._config))
 
     def __repr__(self):
         return f"Actor({self._class_name}, {self._actor_id.hex()})"
@@ -242,6 +292,7 @@ class ActorMethod:
         self._name = name
         self._options = options
         self._nret = wire_num_returns(options.get("num_returns", 1))
+        self._opts = _options.method_wire_options(options)  # concurrency group, retries
         self._qualname = f"{handle._class_name}.{name}" if handle is not None else name
 
     def __call__(self, *args, **kwargs):
@@ -251,21 +302,34 @@ class ActorMethod:
     def _bind(self, handle: ActorHandle) -> "ActorMethod":
         m = ActorMethod.__new__(ActorMethod)
         m._handle, m._name, m._options, m._nret = handle, self._name, self._options, self._nret
-        m._qualname = self._qualname
+        m._opts, m._qualname = self._opts, self._qualname
         return m
 
     def options(self, **options) -> "ActorMethod":
         _options.validate(options, _options.METHOD_OPTIONS, "actor methods")
-        return ActorMethod(self._handle, self._name, {**self._options, **options})
+        cg = options.get("concurrency_group")
+        if cg is not None:
+            groups = self._handle._config.get("concurrency_groups") or []
+            if cg not in groups:
+                raise ValueError(f"concurrency_group={cg!r}: actor {self._handle._class_name} "
+                                 f"has no such concurrency group (it has: {groups or 'none'})")
+        m = ActorMethod(self._handle, self._name, {**self._options, **options})
+        m._qualname = options.get("name") or self._qualname  # the call's name, as in Ray
+        return m
 
     def remote(self, *args, **kwargs):
         client = _runtime.require_client()
+        handle = self._handle
+        opts = self._opts
+        if handle._max_pending:
+            _reserve_call(client, handle, self._qualname)
+            # The results go through the broker (never pushed straight to us), so that it
+            # has counted the call finished before we can see it finished.
+            opts = {**opts, "counted": True}
         frames, deps, nested, _keep = serialize_args(args, kwargs, client)
         spec = make_spec(client, P.ACTOR_CALL, self._name, self._qualname, self._nret,
-                         {}, _EMPTY_OPTS, deps, nested, self._handle._actor_id)
+                         {}, opts, deps, nested, handle._actor_id)
         refs = return_refs(client, spec.task_id, self._nret)
         client.send(P.encode(P.Submit(spec)), frames)
         return refs
 
-
-_EMPTY_OPTS: dict = {}

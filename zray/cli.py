@@ -85,9 +85,12 @@ def broker(host: str, port: int, session_dir: str | None, key_file: str | None, 
 @click.option("--prestart", default=None, type=int, help="Executors to keep warm (default: one per CPU).")
 @click.option("--object-store-memory", default=None, type=int,
               help="Bytes of shared memory for the object store before spilling (default: 30% of RAM).")
+@click.option("--labels", default="",
+              help='Node labels for label_selector: "zone=a,disk=ssd" or a JSON object.')
 @click.option("--session-dir", default=None, help="Where logs go (default: a new private dir).")
 @click.option("--key-file", default=None, help="Cluster key file (default: ~/.zray/cluster.key).")
-def worker(address, num_cpus, gpus, resources, prestart, object_store_memory, session_dir, key_file):
+def worker(address, num_cpus, gpus, resources, prestart, object_store_memory, labels,
+           session_dir, key_file):
     """Run a worker daemon (node agent) in the foreground."""
     if key_file:
         os.environ["ZRAY_KEY_FILE"] = os.path.abspath(key_file)  # executors inherit it
@@ -101,6 +104,7 @@ def worker(address, num_cpus, gpus, resources, prestart, object_store_memory, se
         raise click.BadParameter(f"--resources must be a JSON object of name: number >= 0, got {resources!r}") from None
     if num_cpus is not None and num_cpus < 0:
         raise click.BadParameter("--num-cpus must be >= 0")
+    node_labels = _parse_labels(labels)
     detected = detect_gpus()
     if gpus is None:
         gpu_ids = detected
@@ -115,7 +119,28 @@ def worker(address, num_cpus, gpus, resources, prestart, object_store_memory, se
     if object_store_memory is not None and object_store_memory <= 0:
         raise click.BadParameter("--object-store-memory must be a positive number of bytes")
     run(_resolve(address), num_cpus if num_cpus is not None else os.cpu_count() or 1, gpu_ids,
-        res, session_dir, prestart=prestart, object_store_memory=object_store_memory)
+        res, session_dir, prestart=prestart, object_store_memory=object_store_memory,
+        labels=node_labels)
+
+
+def _parse_labels(text: str) -> dict:
+    """``--labels``: "key=value,key=value" (Ray's form) or a JSON object of str to str."""
+    from zray._options import check_node_labels
+
+    text = text.strip()
+    try:
+        if text.startswith("{"):
+            labels = json.loads(text)
+        else:
+            labels = {}
+            for pair in filter(None, (p.strip() for p in text.split(","))):
+                key, sep, value = pair.partition("=")
+                if not sep:
+                    raise ValueError(f"{pair!r} is not key=value")
+                labels[key.strip()] = value.strip()
+        return check_node_labels(labels)
+    except ValueError as e:
+        raise click.BadParameter(f"--labels: {e}") from None
 
 
 def cluster_options(fn):
