@@ -547,3 +547,37 @@ def test_init_temp_dir_local_mode_and_dashboard(run_driver, tmp_path):
     out = run_driver(f"import {BACKEND} as ray\n" + textwrap.dedent(body), timeout=100)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "OK" in out.stdout
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(BACKEND == "ray", reason="zray refuses options Ray carries out")
+def test_init_options_zray_does_not_carry_out_are_refused_by_name():
+    import zray
+
+    for name, value in [("logging_format", "%(message)s"), ("_system_config", {"x": 1}),
+                        ("storage", "/tmp/s"), ("job_config", object()),
+                        ("_enable_object_reconstruction", True)]:
+        with pytest.raises(ValueError, match=name):
+            zray.init(**{name: value})
+        assert not zray.is_initialized()
+
+
+@pytest.mark.timeout(120)
+def test_a_ref_rebuilt_from_hex_after_its_last_ref_died_does_not_resolve(run_driver):
+    """Ray: the object is freed (a get of the rebuilt ref times out); zray says at once
+    that it was freed (ObjectLostError). Neither returns the old value."""
+    body = """
+    import gc
+    r = ray.put(123)
+    h = r.hex()
+    del r
+    gc.collect()
+    rebuilt = ray.ObjectRef(bytes.fromhex(h))
+    try:
+        print("VALUE", ray.get(rebuilt, timeout=5))
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError) as e:
+        print("FREED", type(e).__name__)
+    """
+    out = run_driver(script(body, "num_cpus=1"), timeout=100)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "FREED" in out.stdout and "VALUE" not in out.stdout, out.stdout

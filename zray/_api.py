@@ -102,8 +102,24 @@ def _set_logging_level(level: int) -> None:
         logger.propagate = False
 
 
+# init() options of Ray that zray does not carry out: accepted only at Ray's default
+# value (so code that spells the default out runs); anything else is refused by name.
+_INIT_DEFAULT_ONLY = {
+    "logging_format": (None,), "configure_logging": (True, None), "logging_config": (None,),
+    "_system_config": (None, {}), "storage": (None,), "_node_ip_address": (None,),
+    "_plasma_directory": (None,), "enable_resource_isolation": (False, None),
+    "_redis_password": (None, "5241590000000000"), "_metrics_export_port": (None,),
+    "dashboard_agent_listen_port": (None,), "_enable_object_reconstruction": (False, None),
+    "job_config": (None,),
+}
+
+
 def _check_init_options(kwargs: dict, local: bool) -> None:
     """Refuse the init() options zray cannot honour, naming them (never ignore one)."""
+    for name, defaults in _INIT_DEFAULT_ONLY.items():
+        if name in kwargs and not any(kwargs[name] == d for d in defaults):
+            raise ValueError(f"init({name}={kwargs[name]!r}) is not supported by zray; "
+                             f"leave {name} out")
     if kwargs.get("local_mode"):
         raise RuntimeError("`local_mode` is no longer supported (as in Ray). For debugging, "
                            "run the function directly, or use a 1-CPU local cluster.")

@@ -580,6 +580,11 @@ class Client:
                     rec.state = FETCHING
                     want.append(r.id)
         if want:
+            with self._ref_lock:
+                # Releases still waiting for their batch go first: a ref rebuilt (from its
+                # hex) after our last one died must find the object freed, not resolve.
+                if any(op[1] < 0 for op in self._pending_refs):
+                    self._pending_addref = True
             self.send(P.encode(P.Sub(want)))
 
     def wait_objects(self, refs, num_ready: int, timeout: Optional[float],
