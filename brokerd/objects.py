@@ -300,6 +300,9 @@ class ObjectDirectory:
                 if client is not None:
                     client.holds.add(oid)
                 continue
+            if delta == 0:  # pickled out of band: nobody can count it any more
+                obj.escaped = True
+                continue
             obj.holders.discard(cid)
             if client is not None:
                 client.holds.discard(oid)

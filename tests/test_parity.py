@@ -581,3 +581,23 @@ def test_a_ref_rebuilt_from_hex_after_its_last_ref_died_does_not_resolve(run_dri
     out = run_driver(script(body, "num_cpus=1"), timeout=100)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "FREED" in out.stdout and "VALUE" not in out.stdout, out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_ref_pickled_out_of_band_keeps_its_object(run_driver):
+    """A ref pickled by the user (not through zray) can be loaded and read after every
+    other ref is gone: the object is pinned, as Ray pins it."""
+    body = f"""
+    import gc
+    from {BACKEND} import cloudpickle
+    r = ray.put(list(range(10)))
+    blob = cloudpickle.dumps(r)
+    del r
+    gc.collect()
+    import time
+    time.sleep(0.5)  # workload: let a (wrong) release reach the cluster
+    print("VALUE", ray.get(cloudpickle.loads(blob), timeout=10))
+    """
+    out = run_driver(script(body, "num_cpus=1"), timeout=100)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "VALUE [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -484,6 +484,15 @@ class Client:
                 self._pending_refs.append((oid, 1))
                 self._pending_addref = True
 
+    def escape(self, oid: bytes) -> None:
+        """A ref to ``oid`` was pickled out of band: ask the broker to keep the object."""
+        with self._ref_lock:
+            if not self.closed:
+                if not self._pending_refs:
+                    self._release_since = time.monotonic()
+                self._pending_refs.append((oid, 0))
+                self._pending_addref = True  # before anything else we send
+
     def decref(self, oid: bytes):
         """One ObjectRef to ``oid`` fewer; the last one deletes its record (and value)."""
         with self._ref_lock:

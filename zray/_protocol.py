@@ -46,8 +46,9 @@ C->B  PUT        oid, kind, nested, node_id, size + object frames; node_id not n
                  was written to that node's store (no frames)
 C->B  SUB        oids                                           push me these objects when ready
 C->B  RELEASE    oids                                           my last reference is gone
-C->B  REFS       [[oid, +1 | -1], ...]   in order: I now hold a ref I was given (+1, sent
+C->B  REFS       [[oid, +1 | -1 | 0], ...]   in order: I now hold a ref I was given (+1, sent
                  before anything that could end the task that gave it) / my last ref is gone
+                 (-1) / a ref was pickled out of band: keep the object for good (0)
 C->B  CANCEL     oid, force, recursive
 B->C  INTERRUPT  task_id, force                                 cancel this running task
 C->B  BLOCK      task_id, returned / UNBLOCK task_id
@@ -318,8 +319,8 @@ def _ref_ops(v):
     if type(v) is not list:
         _fail("array of [oid, +1|-1]", v)
     for op in v:
-        if type(op) is not list or len(op) != 2 or op[1] not in (1, -1):
-            raise ProtocolError(f"[oid, +1|-1] expected, got {op!r:.60}")
+        if type(op) is not list or len(op) != 2 or op[1] not in (1, -1, 0):
+            raise ProtocolError(f"[oid, +1|-1|0] expected, got {op!r:.60}")
         _oid(op[0])
     return v
 
@@ -516,7 +517,7 @@ class Release(NamedTuple):
 
 
 class Refs(NamedTuple):
-    ops: list  # [[oid, +1 | -1], ...] in order
+    ops: list  # [[oid, +1 | -1 | 0], ...] in order (0: pickled out of band, keep it)
     TYPE = Msg.REFS
     CHECKS = (_ref_ops,)
 

@@ -72,6 +72,13 @@ class ObjectRef(BaseID):
         nested = nested_collector()
         if nested is not None:
             nested.append(self.id)
+        else:
+            # Pickled outside zray (out-of-band: cloudpickle.dumps by the user): nobody
+            # can count where the bytes go, so the object is kept for the cluster's life
+            # (Ray pins such objects too).
+            client = self._client
+            if client is not None:
+                client.escape(self.id)
         return (_rebuild_ref, (self.id, self.owner))
 
     def __eq__(self, other):
