@@ -112,6 +112,7 @@ class Broker:
             (out, Msg.EXIT): lambda cid, m, f: e.client_left(cid),
             (node, Msg.NODE_HELLO): self.on_node_hello,
             (node, Msg.HEARTBEAT): self.on_node_heartbeat,
+            (node, Msg.EXEC_SPAWNED): lambda nid, m, f: e.executor_spawned(nid, m.cid, m.token),
             (node, Msg.EXEC_DIED): lambda nid, m, f: e.exec_died(nid, m.cid, m.code),
             (node, Msg.BLOB): e.objects.blob,
             (node, Msg.STORED): lambda nid, m, f: e.objects.stored(nid, m),
@@ -227,7 +228,10 @@ class Broker:
     # -------------------------------------------------------------- handlers
     def on_hello(self, cid, m: P.Hello, frames):
         info = self.engine.client_joined(cid, m)
-        info.update(session_dir=self.session_dir, address=self.address)
+        if "error" in info:
+            self.drop(P.inbox_ident(cid), f"HELLO refused: {info['error']}")
+        else:
+            info.update(session_dir=self.session_dir, address=self.address)
         self.out.send(P.inbox_ident(cid), P.encode(P.Welcome(info)))
 
     def on_client_heartbeat(self, cid, m, frames):

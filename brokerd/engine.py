@@ -24,6 +24,7 @@ INTERRUPT, STREAM_END, EXIT, PRINT, KILL_EXEC.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 
@@ -73,14 +74,31 @@ class TaskEngine:
     # ============================================================ membership
     def client_joined(self, cid: bytes, m: P.Hello) -> dict:
         """A client said HELLO: record it (an executor joins its node's pool). Returns
-        the WELCOME info."""
-        self.clients[cid] = ClientInfo(cid, m.kind, m.node_id, m.pid, m.job_id, time.monotonic())
+        the WELCOME info; {"error": ...} refuses it."""
+        if m.kind not in ("driver", "executor", "cli"):
+            return {"error": f"unknown client kind {m.kind!r:.40}"}
         node = self.nodes.nodes.get(m.node_id)
-        if m.kind == "executor" and node is not None:
+        if m.kind == "executor":
+            # Only a process its node started and vouched for (EXEC_SPAWNED) is an
+            # executor: anyone else could otherwise receive other jobs' tasks.
+            token = node.vouched.pop(cid, None) if node is not None else None
+            if token is None or not hmac.compare_digest(token, m.token):
+                return {"error": "not an executor its node started (unknown id or token)"}
+        self.clients[cid] = ClientInfo(cid, m.kind, m.node_id, m.pid, m.job_id, time.monotonic())
+        if m.kind == "executor":
             ex = Executor(cid, node, m.pid)
             node.executors[cid] = ex
             self.executors[cid] = ex
         return {"store_limit": node.store_limit if node else 0}
+
+    def executor_spawned(self, node_id: bytes, cid: bytes, token: bytes) -> None:
+        """A node vouches for an executor it starts."""
+        node = self.nodes.nodes.get(node_id)
+        if node is None or len(cid) != P.ID_LEN or len(token) < 16:
+            raise P.ProtocolError("EXEC_SPAWNED from an unknown node or with a bad id")
+        if len(node.vouched) >= 1024:  # spawns that never said HELLO: forget the oldest
+            node.vouched.pop(next(iter(node.vouched)))
+        node.vouched[cid] = token
 
     def register_job(self, cid: bytes, namespace: str, log_to_driver: bool = True) -> None:
         """A driver names its job's namespace (tasks and actors of the job look it up)

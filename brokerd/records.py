@@ -77,6 +77,7 @@ class Node:
     lru: "OrderedDict" = field(default_factory=OrderedDict)  # oid -> size, in memory, oldest first
     actor_spawns: deque = field(default_factory=deque)  # actor creations awaiting a fresh process
     spawn_failures: int = 0
+    vouched: dict = field(default_factory=dict)  # cid -> spawn token, until its HELLO
 
 
 @dataclass(eq=False)

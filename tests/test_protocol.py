@@ -25,7 +25,7 @@ def _sample(cls):
         "pushed": [True, False], "index": 1, "nframes": 1, "driver": cid, "prefix": "(f pid=1)",
         "text": "hi\n", "req_id": 7, "op": "status", "args": None, "ok": True, "result": {},
         "codec": 1, "fn_included": True, "n_args": 1, "deps": [[1, None]], "gpu_ids": [0],
-        "count": 2, "cid": cid, "code": -9, "dest": b"N" + cid, "error": "",
+        "count": 2, "cid": cid, "code": -9, "dest": b"N" + cid, "error": "", "token": b"t" * 16,
     }
     if cls is not P.Hello:
         values["kind"] = P.VALUE  # an object's kind elsewhere
@@ -182,3 +182,31 @@ def test_the_clients_light_decode_reads_the_same_messages(cls):
     assert P.decode_from_broker(P.encode(msg)) == msg
     with pytest.raises(P.ProtocolError):
         P.decode_from_broker(msgpack.packb([cls.TYPE] + [None] * (len(cls._fields) + 1)))
+
+
+@pytest.mark.timeout(30)
+def test_only_an_executor_its_node_started_is_taken_for_one(ray_local, broker_address):
+    """A peer saying HELLO as an executor of a real node (a real node id, any cid, a wrong
+    or no token) is refused and never gets a task."""
+    node_id = bytes.fromhex(ray_local.nodes()[0]["NodeID"])
+    ctx = zmq.Context()
+    try:
+        for token in (b"", os.urandom(16)):
+            cid = os.urandom(P.ID_LEN)
+            s = _dealer(ctx, broker_address, P.inbox_ident(cid))
+            s.send(P.encode(P.Hello(P.VERSION, "executor", node_id, os.getpid(), b"", token)))
+            assert s.poll(10000), "no answer to the HELLO"
+            reply = P.decode(s.recv())
+            assert reply.TYPE == P.Msg.WELCOME and "error" in reply.info, reply
+            out = _dealer(ctx, broker_address, P.out_ident(cid))
+            out.send(P.encode(P.Ready()))  # would make it an idle pool executor
+
+            @ray_local.remote
+            def f(x):
+                return x + 1
+
+            assert ray_local.get([f.remote(i) for i in range(20)], timeout=30) == list(
+                range(1, 21))
+            assert not s.poll(200), "the impostor was sent something"
+    finally:
+        ctx.destroy(linger=0)

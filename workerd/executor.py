@@ -109,7 +109,8 @@ class ExecutorProcess:
         # (the agent SIGKILLs stragglers after a grace period).
         signal.signal(signal.SIGTERM, lambda *_: self.queue.put((P.Exit(), [])))
         self.client = Client(env["ZRAY_ADDRESS"], kind="executor", node_id=self.node_id,
-                             cid=self.cid, on_exec=self._on_exec, on_cancel=self._on_cancel)
+                             cid=self.cid, on_exec=self._on_exec, on_cancel=self._on_cancel,
+                             token=bytes.fromhex(env.pop("ZRAY_EXEC_TOKEN", "")))
         self.client.on_block = self._on_block
         self.client.on_unblock = self._on_unblock
         _runtime.client = self.client

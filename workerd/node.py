@@ -110,9 +110,14 @@ class NodeAgent:
     def spawn(self, n: int = 1):
         for _ in range(n):
             cid = os.urandom(P.ID_LEN)
+            token = os.urandom(16)
+            # Vouch for it first: the broker accepts an executor's HELLO only with the
+            # token its node announced (the executor's HELLO comes after its start-up).
+            self.sock.send(P.encode(P.ExecSpawned(cid, token)))
             env = dict(os.environ)
             env.update({
                 "ZRAY_EXEC_ID": cid.hex(),
+                "ZRAY_EXEC_TOKEN": token.hex(),
                 "ZRAY_NODE_ID": self.node_id.hex(),
                 "ZRAY_ADDRESS": self.address,
                 "ZRAY_SESSION_DIR": self.session_dir,

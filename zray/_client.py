@@ -149,9 +149,11 @@ class Client:
         on_exec: Optional[Callable] = None,
         on_cancel: Optional[Callable] = None,
         connect_timeout: float = 15.0,
+        token: bytes = b"",
     ):
         self.address = address
         self.kind = kind
+        self._token = token  # an executor's spawn token (see P.Hello)
         self.cid = cid or os.urandom(P.ID_LEN)
         self.node_id = node_id
         self.job_id = job_id or self.cid[:4]
@@ -210,7 +212,7 @@ class Client:
 
     def _handshake(self, timeout: float) -> dict:
         self._inbox.send(P.encode(P.Hello(P.VERSION, self.kind, self.node_id, os.getpid(),
-                                          self.job_id)))
+                                          self.job_id, self._token)))
         try:
             answered = await_reply(self._inbox, self._watches, timeout)
         except ConnectionError:  # the broker refused our key (or its absence)

@@ -36,7 +36,9 @@ A stored *object* is ``(kind, frames)``: kind ``VALUE`` or ``ERROR``; frames are
 
 Messages (C = client, B = broker, N = node agent, E = executor; fields after the type)
 ======================================================================================
-C->B  HELLO      version, kind, node_id, pid, job_id           on the inbox; first message
+C->B  HELLO      version, kind, node_id, pid, job_id, token    on the inbox; first message.
+                 An executor's token is the one its node announced (EXEC_SPAWNED): a
+                 HELLO as an executor with an unknown cid or token is refused
 B->C  WELCOME    info {session_dir, address, store_limit} or {error}: a mismatched
                  VERSION is answered with an error naming both versions
 C->B  READY      -                                              executor: started and idle
@@ -81,6 +83,7 @@ N->B  NODE_HELLO version, node_id, info {resources, gpu_ids, hostname, pid, labe
                  address, prestart, store_limit}
 B->N  WELCOME    info   the node starts its executors only after this
 B->N  SPAWN      count                                          start more executor processes
+N->B  EXEC_SPAWNED cid, token   a process it starts: the only executor HELLO to accept for cid
 N->B  EXEC_DIED  cid, exit_code
 B->N  KILL_EXEC  cid
 B->N  FETCH      oid, dest      send me this object's blob (dest: node_ident or client_dest)
@@ -107,7 +110,7 @@ import msgpack
 
 # 2: role-prefixed identities, one layout per message, CANCEL/INTERRUPT, LOG/PRINT split
 # 3: a streaming task has a completion object (index 0); num_returns DYNAMIC
-VERSION = 3
+VERSION = 4  # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
 HEARTBEAT_S = 1.0
 NODE_TIMEOUT_S = 10.0
 BROKER_TIMEOUT_S = 15.0  # a client that hears nothing for this long gives the broker up
@@ -183,6 +186,7 @@ class Msg(enum.IntEnum):
     REFS = 34
     INTERRUPT = 35
     PRINT = 36
+    EXEC_SPAWNED = 37
 
 
 class ProtocolError(ValueError):
@@ -466,8 +470,9 @@ class Hello(NamedTuple):
     node_id: bytes  # the node whose store this client shares, or b""
     pid: int
     job_id: bytes
+    token: bytes = b""  # an executor's spawn token, vouched for by its node (EXEC_SPAWNED)
     TYPE = Msg.HELLO
-    CHECKS = (_version, _str, _bytes, _int, _bytes)
+    CHECKS = (_version, _str, _bytes, _int, _bytes, _bytes)
 
 
 class Welcome(NamedTuple):
@@ -660,6 +665,13 @@ class ExecDied(NamedTuple):
     CHECKS = (_bytes, _int)
 
 
+class ExecSpawned(NamedTuple):
+    cid: bytes
+    token: bytes  # the executor must say it in its HELLO: only then is it one of ours
+    TYPE = Msg.EXEC_SPAWNED
+    CHECKS = (_bytes, _bytes)
+
+
 class KillExec(NamedTuple):
     cid: bytes
     TYPE = Msg.KILL_EXEC
@@ -719,7 +731,7 @@ class Spill(NamedTuple):
 
 MESSAGES = (Hello, Welcome, Ready, Fn, Submit, Put, Sub, Release, Refs, Cancel, Interrupt,
             Block, Unblock, Reject, Done, Yield, Log, Print, Req, Reply, Obj, Exec, StreamEnd,
-            Exit, NodeHello, Spawn, ExecDied, KillExec, Heartbeat, Shutdown, Fetch, Blob,
+            Exit, NodeHello, Spawn, ExecSpawned, ExecDied, KillExec, Heartbeat, Shutdown, Fetch, Blob,
             Store, Stored, Free, Spill)
 _BY_TYPE = {cls.TYPE: cls for cls in MESSAGES}
 _packb = msgpack.packb  # a Packer object is not thread-safe; clients send from any thread
