@@ -254,25 +254,29 @@ class ActorHost:
         (pool or self.pool).submit(self.run_in_thread, spec, getattr(self.instance, spec.fid),
                                    args, kwargs)
 
-    def run_in_thread(self, spec: P.TaskSpec, method, args, kwargs) -> None:
+    def returns_of(self, spec: P.TaskSpec, produce) -> Optional[list]:
+        """Call ``produce()`` and make what it gives the call's returns; None when the call
+        is answered already (a stream, an error sent) or the process is ending."""
         try:
-            result = method(*args, **kwargs)
-            if spec.num_returns < 0:
-                outs = self.generator_returns(spec, result)
-                if outs is None:
-                    return
-            else:
-                outs = split_returns(spec, result)
+            result = produce()
+            if spec.num_returns < 0:  # a generator: streamed (None), or DYNAMIC
+                return self.generator_returns(spec, result)
+            return split_returns(spec, result)
         except ActorExit:
             self.proc.exit_actor()
         except SystemExit as e:
             self.proc.system_exit(e)
-        except BaseException as e:  # noqa: B036
+        except BaseException as e:  # noqa: B036 - user code may raise anything
             self.finish_error(spec, e)
-            return
+        return None
+
+    def run_in_thread(self, spec: P.TaskSpec, method, args, kwargs) -> None:
+        try:
+            outs = self.returns_of(spec, lambda: method(*args, **kwargs))
         finally:
             self.stdout.flush()
-        self.finish_values(spec, outs)
+        if outs is not None:
+            self.finish_values(spec, outs)
 
     def call_async(self, msg: P.Exec, frames: list, loop=None, sem=None) -> None:
         """Start one call as a task on the event loop, or on a concurrency group's (main
@@ -327,21 +331,12 @@ class ActorHost:
             self.finish_error(spec, exc)
             return
         result = t.result()
-        if result is _ANSWERED:
+        if result is _ANSWERED:  # a stream, answered as it ran
             return
-        try:  # (a generator runs here: DYNAMIC, or a sync one for a count of returns)
-            if spec.num_returns < 0:  # DYNAMIC (a stream was answered as it ran)
-                outs = self.generator_returns(spec, result)
-            else:
-                outs = split_returns(spec, result)
-        except ActorExit:
-            self.proc.exit_actor()
-        except SystemExit as e:
-            self.proc.system_exit(e)
-        except BaseException as e:  # noqa: B036
-            self.finish_error(spec, e)
-            return
-        self.finish_values(spec, outs)
+        # (a generator runs here: DYNAMIC, or a sync one for a count of returns)
+        outs = self.returns_of(spec, lambda: result)
+        if outs is not None:
+            self.finish_values(spec, outs)
 
 
 _ANSWERED = object()  # an async call's result when it already sent its reply (a stream)
