@@ -37,7 +37,8 @@ TASK_MOVES = {
     T.ASSIGNED: {T.RUNNING, T.QUEUED, T.FAILED, T.CANCELLED},
     # RUNNING -> QUEUED: a retry (error with retries left, executor or node death).
     T.RUNNING: {T.FINISHED, T.FAILED, T.CANCELLED, T.QUEUED},
-    T.FINISHED: set(),
+    # FINISHED -> QUEUED / WAITING_ARGS: run again to rebuild a lost result (lineage).
+    T.FINISHED: {T.QUEUED, T.WAITING_ARGS},
     T.FAILED: set(),
     T.CANCELLED: set(),
 }
