@@ -481,8 +481,37 @@ class TaskEngine:
                 obj = self.objects.get(oid)
                 if obj is not None and obj.lost and obj.lineage is task:
                     self.objects.rebuilding(obj)
+        self._args_lost({obj.oid for obj in lost})
         for task in again.values():
             self._reconstruct(task)
+
+    def _args_lost(self, lost: set) -> None:
+        """Tasks not started yet that counted an argument among the ``lost`` objects as
+        there: they wait for it again while it is rebuilt, or fail if it cannot be."""
+        for task in list(self.tasks.values()):
+            if task.state not in _WAITING or task.kind != P.TASK:
+                continue
+            hit = [oid for oid in task.deps if oid in lost]
+            if not hit:
+                continue
+            objs = [self.objects.get(oid) for oid in hit]
+            gone = next((o for o in objs if o is None or o.lost), False)
+            if gone is not False:
+                err = (self.objects.lost_error(gone) if gone is not None else
+                       serialize_error(exceptions.ObjectLostError(hit[0].hex())))
+                self.fail_task(task, err, reason="argument lost")
+                continue
+            if task.state == TaskState.QUEUED:  # out of its placement queue, waiting again
+                q = self.placement.queues.get(task.shape)
+                if q is not None:
+                    try:
+                        q.remove(task)
+                    except ValueError:
+                        pass
+                self.moves.move(task, TaskState.WAITING_ARGS, "argument lost, being rebuilt")
+            for obj in objs:
+                obj.waiting.append(task)
+                task.pending += 1
 
     def _reconstruct(self, task: Task) -> None:
         reason = "reconstructing lost object"

@@ -820,7 +820,7 @@ def test_lost_chain_of_results_is_rebuilt_from_lineage(tcp_driver):
     WAITING_ARGS). A result whose argument came from a task with max_retries=0
     cannot be rebuilt: ObjectReconstructionFailedError, naming that argument."""
     victim = tcp_driver.start_worker("workerC", {"nodeC": 1}, cpus=4)  # (room for all)
-    node_c = None
+    node_c = node_d = None
     try:
         node_c = _wait_nodes(tcp_driver, ["nodeA", "nodeB", "nodeC"])["nodeC"]
         on_c = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_c, soft=True)}
@@ -837,6 +837,11 @@ def test_lost_chain_of_results_is_rebuilt_from_lineage(tcp_driver):
         for ref in (last, bad):
             entry = _largest_entry(zray._api.memory_info(top=10), ref.hex())
             assert entry is not None and entry["nodes"] == [node_c], entry
+        # queued (no node has "later" yet) with ``last`` counted as there: after the
+        # kill it waits for the rebuilt value, and runs once a "later" node joins
+        waiter = plus_one.options(resources={"later": 1}).remote(last)
+        poll_until(lambda: any(e[1] == "queued" for e in zray._runtime.client.request(
+            "task_events", {"id": waiter.task_id().binary()})), 10, what="waiter queued")
 
         victim_tree = [psutil.Process(victim.pid)] + psutil.Process(victim.pid).children(recursive=True)
         os.kill(victim.pid, signal.SIGKILL)
@@ -873,8 +878,18 @@ def test_lost_chain_of_results_is_rebuilt_from_lineage(tcp_driver):
         assert entry is not None and node_c not in entry["nodes"], entry
         with pytest.raises(ObjectReconstructionFailedError, match=fragile_hex):
             zray.get(bad, timeout=30)
+        h = [tuple(e) for e in zray._runtime.client.request(
+            "task_events", {"id": waiter.task_id().binary()})]
+        assert ("queued", "waiting_args", "argument lost, being rebuilt") in h, h
+        _remove_worker(tcp_driver, "workerC", node_c)  # (dead: out of check_running)
+        tcp_driver.start_worker("workerD", {"later": 1}, cpus=1)
+        node_d = _wait_nodes(tcp_driver, ["later"])["later"]
+        assert (zray.get(waiter, timeout=30) == 4).all()
     finally:
-        _remove_worker(tcp_driver, "workerC", node_c)
+        if "workerC" in tcp_driver.procs:
+            _remove_worker(tcp_driver, "workerC", node_c)
+        if "workerD" in tcp_driver.procs:
+            _remove_worker(tcp_driver, "workerD", node_d)
 
 
 @zray.remote(max_retries=1)
