@@ -53,6 +53,9 @@ from zray._security import ServerAuth, create_key_file, needs_curve
 from zray._transport import recv_parts
 
 log = logging.getLogger("zray.broker")
+# How often silent nodes and drivers are looked for: a dead node is noticed at most
+# this long after NODE_TIMEOUT_S of silence.
+LIVENESS_CHECK_S = min(0.25, P.HEARTBEAT_S)
 
 DRAIN_MAX = 20000  # messages handled per turn before scheduling runs
 GC_THRESHOLD = (50_000, 20, 100)
@@ -133,8 +136,9 @@ class Broker:
         poll = poller.poll
         Again = zmq.Again  # one zmq.Again ends each drain
         roles: dict = {}  # identity -> (role, peer id): role_of once per peer
+        idle_wait = int(LIVENESS_CHECK_S * 1000)
         while self.running:
-            ready = poll(50 if placement.queues else 1000)
+            ready = poll(50 if placement.queues else idle_wait)
             # The event log's clock: one reading per turn, taken after the wait, so that
             # what this turn handles is not stamped up to a second early.
             moves.now = time.time()
@@ -189,7 +193,7 @@ class Broker:
                 if role == P.ROLE_INBOX:
                     engine.executor_unreachable(peer)
             now = time.monotonic()
-            if now - last_check >= P.HEARTBEAT_S:
+            if now - last_check >= LIVENESS_CHECK_S:
                 last_check = now
                 engine.check_liveness(now)
         self.shutdown()

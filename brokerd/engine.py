@@ -5,6 +5,7 @@
     SUBMIT --submit()--> Task WAITING_ARGS --deps ready--> QUEUED --placed--> RUNNING --DONE--> FINISHED
                                    |                         \\--prefetched--> ASSIGNED --previous DONE--> RUNNING
                                    |                         RUNNING --error/crash, retries left--> QUEUED
+                                   |                         FINISHED --result lost with its node--> QUEUED / WAITING_ARGS
                                    +------ cancel, failed dep, dead actor ------> CANCELLED / FAILED
 
     executors: STARTING --READY--> IDLE <--> BUSY;  STARTING --> ACTOR (one actor for life);  * --> DEAD
@@ -15,6 +16,15 @@ the event log). The directories own their tables and report outcomes: the
 object directory returns the tasks an object woke or failed (``_wake``), the
 placement pass returns its decisions (``_apply``), the actor directory says
 which calls to send, retry or fail (``_settle``); the engine moves the tasks.
+
+Lineage: a plain task with retries left whose results went into node stores is
+kept after it finishes (spec, argument frames, argument objects pinned) while one
+of those results lives (``ObjectDirectory.keep_lineage``/``drop_lineage``, bounded
+by ZRAY_MAX_LINEAGE_BYTES). When a node dies, the results whose last copy it held
+are rebuilt at once (``_rebuild``): their tasks run again as new attempts of the
+same task id, recursively through their own lost arguments, and the results wait
+pending meanwhile; results that cannot be rebuilt fail with
+ObjectReconstructionFailedError, put objects with ObjectLostError.
 
 Owns: ``tasks`` (unfinished tasks by id), ``children`` (task id -> tasks it
 submitted, for recursive cancel), ``executors`` and ``clients`` and every
@@ -148,7 +158,10 @@ class TaskEngine:
 
     def node_dead(self, node: Node, why: str = "") -> None:
         self.nodes.leave(node)
-        self.objects.node_lost(node.node_id)
+        lost = self.objects.node_lost(node.node_id)
+        if lost:
+            self._rebuild(lost)
+        self.objects.restart_transfers(node.node_id)
         reason = f"node {node.node_id.hex()} died" + (f" ({why})" if why else "")
         for ex in list(node.executors.values()):
             self.executor_dead(ex, -9, reason=reason)
@@ -197,7 +210,7 @@ class TaskEngine:
                         node.node_id.hex(), now - node.last_seen)
             self.node_dead(node, "missed heartbeats")
         for c in list(self.clients.values()):
-            if c.kind == "driver" and now - c.last_seen > 6 * P.NODE_TIMEOUT_S:
+            if c.kind == "driver" and now - c.last_seen > P.DRIVER_TIMEOUT_S:
                 log.warning("driver %s silent: releasing its job", c.cid.hex())
                 self.driver_gone(c)
 
@@ -258,6 +271,9 @@ class TaskEngine:
             if obj.state == ObjState.READY:
                 if obj.kind == P.ERROR:
                     self.fail_task(task, obj.frames, reason="argument is an error")
+                    return
+                if obj.lost:
+                    self.fail_task(task, self.objects.lost_error(obj), reason="argument lost")
                     return
             else:
                 obj.waiting.append(task)
@@ -417,6 +433,7 @@ class TaskEngine:
         woken = []
         objects = self.objects
         table = objects.objects
+        why = None  # (results in node stores: why they cannot be rebuilt, "" if they can)
         for i, (oid, item) in enumerate(zip(task.returns, layout, strict=False)):
             kind, n, node_id, size = item  # (errors: 1 layout item even for 0 returns)
             obj = table.get(oid)
@@ -425,6 +442,14 @@ class TaskEngine:
             if obj is not None:
                 if node_id is not None:
                     objects.add_location(obj, node_id, size)
+                    if obj.lineage is None and kind == P.VALUE:
+                        if why is None:
+                            why = self._keep_lineage(task)
+                        if why:
+                            obj.no_lineage = why
+                        else:
+                            obj.lineage = task
+                            task.lineage += 1
                 if nested and kind == P.VALUE:
                     objects.contain(obj, nested)  # refs inside the results
                 woken += objects.ready(obj, kind, part,
@@ -436,6 +461,111 @@ class TaskEngine:
         else:
             self._finished(task, TaskState.FAILED, "raised")
         self._wake(woken)
+
+    def _keep_lineage(self, task: Task) -> str:
+        """``task`` returned results into node stores: keep its lineage to rebuild them
+        if their node dies (a plain task with retries left, within the lineage budget).
+        Returns "" when kept (or already kept), else why they cannot be rebuilt."""
+        name = task.spec.name
+        if task.kind != P.TASK:
+            return f"it was returned by actor method {name}, which is not re-executed"
+        if task.lineage:
+            return ""
+        if task.retries_left == 0:
+            mr = task.spec.options.get("max_retries", 0)
+            return (f"task {name} is not retryable (max_retries=0)" if not mr else
+                    f"task {name} has no retries left (max_retries={mr})")
+        if not self.objects.keep_lineage(task):
+            return "the lineage kept by the broker was at its limit (ZRAY_MAX_LINEAGE_BYTES)"
+        return ""
+
+    def _rebuild(self, lost: list) -> None:
+        """Objects whose last copy died with a node: run the tasks that made them again
+        (as new attempts of the same task id, their results keeping their ids), those
+        tasks' own lost arguments too. Until then the objects are pending: gets and
+        tasks that need them wait. An object that cannot be rebuilt stays lost."""
+        again: dict = {}
+        for obj in lost:
+            task = obj.lineage
+            if task is None or obj.state != ObjState.READY or task.state != TaskState.FINISHED:
+                continue
+            if task.retries_left == 0:
+                mr = task.spec.options.get("max_retries", 0)
+                obj.no_lineage = f"task {task.spec.name} has no retries left (max_retries={mr})"
+                continue
+            again[task.task_id] = task
+        for task in again.values():  # all of them pending first: a rerun waits for its args
+            for oid in task.returns:
+                obj = self.objects.get(oid)
+                if obj is not None and obj.lost and obj.lineage is task:
+                    self.objects.rebuilding(obj)
+        self._args_lost({obj.oid for obj in lost})
+        for task in again.values():
+            self._reconstruct(task)
+
+    def _args_lost(self, lost: set) -> None:
+        """Tasks not started yet that counted an argument among the ``lost`` objects as
+        there: they wait for it again while it is rebuilt, or fail if it cannot be."""
+        for task in list(self.tasks.values()):
+            if task.state not in _WAITING or task.kind != P.TASK:
+                continue
+            hit = [oid for oid in task.deps if oid in lost]
+            if not hit:
+                continue
+            objs = [self.objects.get(oid) for oid in hit]
+            gone = next((o for o in objs if o is None or o.lost), False)
+            if gone is not False:
+                err = (self.objects.lost_error(gone) if gone is not None else
+                       serialize_error(exceptions.ObjectLostError(hit[0].hex())))
+                self.fail_task(task, err, reason="argument lost")
+                continue
+            if task.state == TaskState.QUEUED:  # out of its placement queue, waiting again
+                q = self.placement.queues.get(task.shape)
+                if q is not None:
+                    try:
+                        q.remove(task)
+                    except ValueError:
+                        pass
+                self.moves.move(task, TaskState.WAITING_ARGS, "argument lost, being rebuilt")
+            for obj in objs:
+                obj.waiting.append(task)
+                task.pending += 1
+
+    def _reconstruct(self, task: Task) -> None:
+        reason = "reconstructing lost object"
+        log.warning("%s: a result was lost with its node; running the task again",
+                    task.spec.name)
+        if task.retries_left > 0:
+            task.retries_left -= 1
+        task.executor = None
+        task.pending = 0
+        task.cancel_requested = task.force_cancel = False
+        self.tasks[task.task_id] = task
+        err = None
+        for oid in task.deps:
+            obj = self.objects.get(oid)  # (pinned by the lineage: still known)
+            if obj is not None and obj.state == ObjState.READY and obj.kind == P.ERROR:
+                err = obj.frames
+            elif obj is None or obj.lost:
+                ret = task.returns[0].hex() if task.returns else ""
+                err = serialize_error(exceptions.ObjectReconstructionFailedError(ret, (
+                    f"Object {ret} is lost and cannot be rebuilt: task {task.spec.name}'s "
+                    f"argument {oid.hex()} is lost too and cannot be rebuilt.")))
+            elif obj.state != ObjState.READY:
+                obj.waiting.append(task)
+                task.pending += 1
+                continue
+            else:
+                continue
+            break
+        if err is not None:
+            self.moves.move(task, TaskState.QUEUED, reason)
+            self.fail_task(task, err, reason="argument lost")
+        elif task.pending:
+            self.moves.move(task, TaskState.WAITING_ARGS, reason)
+        else:
+            self.moves.move(task, TaskState.QUEUED, reason)
+            self.placement.enqueue(task)
 
     def _executor_next(self, ex: Executor) -> None:
         """The executor finished its task: start its prefetched one, or make it idle."""
@@ -477,6 +607,8 @@ class TaskEngine:
         self.moves.move(task, state, reason)
         self.tasks.pop(task.task_id, None)
         self.children.pop(task.task_id, None)
+        if task.lineage:  # kept to rebuild its results: its arguments stay
+            return
         pinned = task.deps + task.holds
         task.deps, task.holds = [], []
         for oid in pinned:

@@ -7,6 +7,7 @@
     SUB --subscribe()--> deliver now, or when ready
     REFS / RELEASE --refs()--> holders, released --> free() when nothing refers to it
     large values: locations {node: size}; transfer() FETCH -> BLOB -> STORE -> STORED
+    node dies: node_lost() -> lost objects -> engine rebuilds (rebuilding(): PENDING again)
 
 Small values are kept here as the frames they arrived in; large ones live in
 node stores and this directory only knows where (``Obj.locations``), moving
@@ -27,6 +28,7 @@ Sends: OBJ, FETCH, STORE, FREE, SPILL (through the outbox).
 from __future__ import annotations
 
 import logging
+import os
 
 from brokerd.nodes import NodeTable
 from brokerd.outbox import Outbox
@@ -37,6 +39,10 @@ from zray._serialization import serialize_error
 
 log = logging.getLogger("zray.broker")
 
+# Lineage kept for rebuilding lost objects (task specs and argument frames), in bytes:
+# past it, new results are not rebuildable (Ray's max_lineage_bytes, 1 GB by default).
+MAX_LINEAGE_BYTES = int(os.environ.get("ZRAY_MAX_LINEAGE_BYTES") or 1 << 30)
+
 
 class ObjectDirectory:
     def __init__(self, out: Outbox, nodes: NodeTable, clients: dict):
@@ -46,6 +52,7 @@ class ObjectDirectory:
         self.objects: dict[bytes, Obj] = {}
         self.fns: dict[bytes, object] = {}
         self.released_actors: list = []  # actor ids whose handle object was freed
+        self.lineage_bytes = 0  # spec + argument bytes of the tasks kept for lineage
 
     # ------------------------------------------------------------- records
     def get(self, oid: bytes):
@@ -130,7 +137,7 @@ class ObjectDirectory:
         send = self.out.send
         if not obj.locations:
             if obj.lost:
-                send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, P.ERROR)), self.lost_error(obj.oid))
+                send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, P.ERROR)), self.lost_error(obj))
             else:
                 send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, obj.kind)), obj.frames)
             return
@@ -199,12 +206,18 @@ class ObjectDirectory:
                 obj.inflight_src[dest] = node_id
                 self.out.send(node.ident, P.encode(P.Fetch(obj.oid, dest)))
                 return
-        self.out.send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, P.ERROR)), self.lost_error(obj.oid))
+        self.out.send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, P.ERROR)), self.lost_error(obj))
 
     @staticmethod
-    def lost_error(oid: bytes):
-        return serialize_error(exceptions.ObjectLostError(
-            oid.hex(), f"Object {oid.hex()} is lost: every node that held a copy is gone."))
+    def lost_error(obj: Obj):
+        """A put object (Ray: ObjectLostError), or a task's result that cannot be rebuilt
+        (ObjectReconstructionFailedError, saying why)."""
+        oid = obj.oid.hex()
+        msg = f"Object {oid} is lost: every node that held a copy is gone"
+        if obj.no_lineage:
+            return serialize_error(exceptions.ObjectReconstructionFailedError(
+                oid, f"{msg}, and it cannot be rebuilt: {obj.no_lineage}."))
+        return serialize_error(exceptions.ObjectLostError(oid, msg + "."))
 
     def blob(self, src_node: bytes, m: P.Blob, frames) -> None:
         """A node answered FETCH: forward the blob to the node or client that wants it."""
@@ -251,15 +264,36 @@ class ObjectDirectory:
         for cid in waiting:
             self.out.send(P.inbox_ident(cid), P.encode(P.Obj(oid, obj.kind, node_id)))
 
-    def node_lost(self, node_id: bytes) -> None:
-        """A node died: its copies are gone; transfers to or from it start again from
-        another copy, or fail with ObjectLostError."""
-        dest_of_node = P.node_ident(node_id)
+    def node_lost(self, node_id: bytes) -> list:
+        """A node died: its copies are gone. Returns the objects that lost their last
+        copy (marked ``lost``); the engine rebuilds those it can (``rebuilding``) and
+        then calls ``restart_transfers``."""
+        lost = []
         for obj in self.objects.values():
             if node_id in obj.locations:
                 del obj.locations[node_id]
                 if not obj.locations:
                     obj.lost = True
+                    lost.append(obj)
+        return lost
+
+    def rebuilding(self, obj: Obj) -> None:
+        """``obj`` (lost) is being rebuilt by its task: it is pending again; clients
+        waiting for a transfer of it wait for the new value instead."""
+        obj.state = ObjState.PENDING
+        obj.lost = False
+        obj.frames = []
+        for dest in list(obj.inflight):
+            obj.inflight_src.pop(dest, None)
+            for cid in obj.inflight.pop(dest):
+                if cid not in obj.subscribers:
+                    obj.subscribers.append(cid)
+
+    def restart_transfers(self, node_id: bytes) -> None:
+        """Transfers to or from a dead node start again from another copy, or fail
+        with the object's lost error."""
+        dest_of_node = P.node_ident(node_id)
+        for obj in self.objects.values():
             if obj.inflight_src:
                 for dest in [d for d, src in obj.inflight_src.items()
                              if src == node_id or d == dest_of_node]:
@@ -321,6 +355,30 @@ class ObjectDirectory:
             obj.released = True
             self.maybe_free(obj)
 
+    # ------------------------------------------------------------- lineage
+    def keep_lineage(self, task) -> bool:
+        """Keep ``task`` (finished, retryable, some results in node stores) to rebuild
+        its results: its spec, argument frames and argument objects stay while one of
+        them lives. False when the lineage budget is spent."""
+        cost = len(task.spec_bytes or b"") + sum(len(f) for f in task.frames)
+        if self.lineage_bytes + cost > MAX_LINEAGE_BYTES:
+            return False
+        task.lineage_cost = cost
+        self.lineage_bytes += cost
+        return True
+
+    def drop_lineage(self, task) -> None:
+        """The last result of ``task`` kept for lineage is freed: let its arguments go
+        (unless it is running again, when the engine lets them go at its end)."""
+        self.lineage_bytes -= task.lineage_cost
+        task.lineage_cost = 0
+        if task.state not in (TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED):
+            return
+        pinned = task.deps + task.holds
+        task.deps, task.holds, task.frames = [], [], []
+        for oid in pinned:
+            self.unpin(oid)
+
     def maybe_free(self, obj: Obj) -> None:
         if (obj.released and obj.pins <= 0 and not obj.holders and not obj.escaped
                 and obj.state == ObjState.READY):
@@ -330,6 +388,11 @@ class ObjectDirectory:
         self.objects.pop(obj.oid, None)
         if obj.actor:
             self.released_actors.append(obj.actor)
+        if obj.lineage is not None:
+            task, obj.lineage = obj.lineage, None
+            task.lineage -= 1
+            if task.lineage == 0:
+                self.drop_lineage(task)
         contained, obj.contained = obj.contained, []
         for oid in contained:
             self.unpin(oid)

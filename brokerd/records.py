@@ -118,6 +118,10 @@ class Task:
     spec_bytes: Optional[bytes] = None  # the spec as packed in SUBMIT, forwarded in EXEC
     deps: list = field(default_factory=list)  # top-level argument oids, pinned by this task
     holds: list = field(default_factory=list)  # oids pickled inside its arguments, pinned too
+    # > 0: its lineage is kept (spec, frames, deps and holds stay pinned) for this many
+    # of its store-resident returns that still live, to rebuild them if their node dies
+    lineage: int = 0
+    lineage_cost: int = 0  # its bytes in ObjectDirectory.lineage_bytes
 
 
 @dataclass(eq=False)
@@ -140,6 +144,8 @@ class Obj:
     inflight_src: dict = field(default_factory=dict)  # transfer dest -> source node id
     lost: bool = False
     actor: bytes = b""  # the handle object of this (non-detached) actor: freed -> actor ends
+    lineage: Optional["Task"] = None  # the finished task that can rebuild it (store objects)
+    no_lineage: str = ""  # a task's result that cannot be rebuilt: why ("" for put objects)
 
 
 @dataclass(eq=False)

@@ -32,12 +32,14 @@ T, A, E = TaskState, ActorState, ExecState
 
 TASK_MOVES = {
     T.WAITING_ARGS: {T.QUEUED, T.FAILED, T.CANCELLED},
-    T.QUEUED: {T.RUNNING, T.ASSIGNED, T.FAILED, T.CANCELLED},
+    # QUEUED -> WAITING_ARGS: an argument was lost with its node and is being rebuilt.
+    T.QUEUED: {T.RUNNING, T.ASSIGNED, T.FAILED, T.CANCELLED, T.WAITING_ARGS},
     # ASSIGNED: sent ahead to a busy executor; it starts when that executor is free.
     T.ASSIGNED: {T.RUNNING, T.QUEUED, T.FAILED, T.CANCELLED},
     # RUNNING -> QUEUED: a retry (error with retries left, executor or node death).
     T.RUNNING: {T.FINISHED, T.FAILED, T.CANCELLED, T.QUEUED},
-    T.FINISHED: set(),
+    # FINISHED -> QUEUED / WAITING_ARGS: run again to rebuild a lost result (lineage).
+    T.FINISHED: {T.QUEUED, T.WAITING_ARGS},
     T.FAILED: set(),
     T.CANCELLED: set(),
 }

@@ -34,7 +34,13 @@ import pytest
 from conftest import describe, driver_env, is_alive, poll_until, wait_gone
 
 import zray
-from zray.exceptions import GetTimeoutError, ObjectLostError, ObjectStoreFullError
+from zray import _protocol as P
+from zray.exceptions import (
+    GetTimeoutError,
+    ObjectLostError,
+    ObjectReconstructionFailedError,
+    ObjectStoreFullError,
+)
 from zray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 SHM_ROOT = os.path.join(os.environ.get("ZRAY_SHM_DIR") or "/dev/shm", f"zray-{os.getuid()}")
@@ -731,15 +737,17 @@ def test_future_of_a_result_left_in_a_node_store_completes(tcp_driver):
 @pytest.mark.timeout(90)
 @_logs_on_failure
 def test_object_lost_when_its_only_node_dies(tcp_driver):
-    """Two 5 MB objects live only on node C; its agent is SIGKILLed. ``inflight``
-    is fetched at once (the broker still believes C alive and asks it for the
-    blob); ``late`` is fetched only after the broker declared C dead. Both gets
-    must end in ObjectLostError within 30 s of the kill."""
+    """Two 5 MB results of a task that is not retryable (max_retries=0) live only on
+    node C; its agent is SIGKILLed. ``inflight`` is fetched at once (the broker still
+    believes C alive and asks it for the blob); ``late`` is fetched only after the
+    broker declared C dead (within NODE_TIMEOUT_S and a little). Both gets must end
+    in ObjectReconstructionFailedError (an ObjectLostError) within 30 s of the kill:
+    they cannot be rebuilt."""
     victim = tcp_driver.start_worker("workerC", {"nodeC": 1}, cpus=1)
     node_c = None
     try:
         node_c = _wait_nodes(tcp_driver, ["nodeA", "nodeB", "nodeC"])["nodeC"]
-        on_c = {"resources": {"nodeC": 0.01}}
+        on_c = {"resources": {"nodeC": 0.01}, "max_retries": 0}
         inflight = ones_f64.options(**on_c).remote(5 * MB // 8)
         late = ones_f64.options(**on_c).remote(5 * MB // 8)
         ready, _ = zray.wait([inflight, late], num_returns=2, timeout=30, fetch_local=False)
@@ -762,12 +770,17 @@ def test_object_lost_when_its_only_node_dies(tcp_driver):
             except GetTimeoutError:
                 return None
             except ObjectLostError as e:
+                assert isinstance(e, ObjectReconstructionFailedError), repr(e)
+                assert "not retryable" in str(e), str(e)
                 return "lost", e
 
         first = get_outcome(inflight, 0.5)  # a fetch from C is now in flight
         poll_until(lambda: node_c not in [n["NodeID"] for n in zray.nodes() if n["Alive"]], 30,
                    interval=0.2, what="the broker to declare node C dead")
         declared_after = time.monotonic() - killed_at
+        assert declared_after < P.NODE_TIMEOUT_S + 3, (
+            f"node C declared dead {declared_after:.1f} s after SIGKILL "
+            f"(NODE_TIMEOUT_S={P.NODE_TIMEOUT_S})")
 
         outcome = get_outcome(late, 10)
         assert outcome is not None and outcome[0] == "lost", (
@@ -788,6 +801,95 @@ def test_object_lost_when_its_only_node_dies(tcp_driver):
                         timeout=30)[4] == tcp_driver.node_ids["nodeB"]
     finally:
         _remove_worker(tcp_driver, "workerC", node_c)
+
+
+@zray.remote
+def plus_one(x):
+    return x + 1
+
+
+@pytest.mark.timeout(120)
+@_logs_on_failure
+def test_lost_chain_of_results_is_rebuilt_from_lineage(tcp_driver):
+    """A chain of three tasks (retryable, Ray's default max_retries=3) whose 400 KB
+    results live only in node C's store; only the last ref is held. C's agent is
+    SIGKILLed and ``get`` of the last result starts at once (while the broker still
+    believes C alive): the broker reruns the three tasks elsewhere (the lineage of the
+    freed intermediate results is kept while the last one lives) and the get returns
+    the right value; the tasks' histories show the rebuild (FINISHED -> QUEUED or
+    WAITING_ARGS). A result whose argument came from a task with max_retries=0
+    cannot be rebuilt: ObjectReconstructionFailedError, naming that argument."""
+    victim = tcp_driver.start_worker("workerC", {"nodeC": 1}, cpus=4)  # (room for all)
+    node_c = node_d = None
+    try:
+        node_c = _wait_nodes(tcp_driver, ["nodeA", "nodeB", "nodeC"])["nodeC"]
+        on_c = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_c, soft=True)}
+        first = ones_f64.options(**on_c).remote(50_000)
+        last = plus_one.options(**on_c).remote(plus_one.options(**on_c).remote(first))
+        first_task = first.task_id().binary()
+        del first
+        fragile = ones_f64.options(max_retries=0, **on_c).remote(50_000)
+        fragile_hex = fragile.hex()
+        bad = plus_one.options(**on_c).remote(fragile)
+        del fragile
+        ready, _ = zray.wait([last, bad], num_returns=2, timeout=30, fetch_local=False)
+        assert len(ready) == 2
+        for ref in (last, bad):
+            entry = _largest_entry(zray._api.memory_info(top=10), ref.hex())
+            assert entry is not None and entry["nodes"] == [node_c], entry
+        # queued (no node has "later" yet) with ``last`` counted as there: after the
+        # kill it waits for the rebuilt value, and runs once a "later" node joins
+        waiter = plus_one.options(resources={"later": 1}).remote(last)
+        poll_until(lambda: any(e[1] == "queued" for e in zray._runtime.client.request(
+            "task_events", {"id": waiter.task_id().binary()})), 10, what="waiter queued")
+
+        victim_tree = [psutil.Process(victim.pid)] + psutil.Process(victim.pid).children(recursive=True)
+        os.kill(victim.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        victim.wait(10)
+        outcome = {}
+
+        def get_last():
+            try:
+                outcome["value"] = zray.get(last, timeout=60)
+            except BaseException as e:  # reported by the main thread
+                outcome["error"] = e
+            outcome["after"] = time.monotonic() - killed_at
+
+        getter = threading.Thread(target=get_last, daemon=True)
+        getter.start()
+        assert wait_gone(victim_tree, 10) == []
+        poll_until(lambda: node_c not in [n["NodeID"] for n in zray.nodes() if n["Alive"]], 30,
+                   interval=0.2, what="the broker to declare node C dead")
+        declared_after = time.monotonic() - killed_at
+        getter.join(70)
+        assert not getter.is_alive() and "error" not in outcome, outcome
+        value, rebuilt_after = outcome["value"], outcome["after"]
+        print(f"\n[measure] node C declared dead {declared_after:.1f} s after SIGKILL; "
+              f"chain rebuilt and fetched {rebuilt_after:.1f} s after it")
+        assert value.shape == (50_000,) and (value == 3).all()
+        assert declared_after < P.NODE_TIMEOUT_S + 3
+        for tid in (first_task, last.task_id().binary()):
+            h = [tuple(e) for e in zray._runtime.client.request("task_events", {"id": tid})]
+            rebuilt = [e for e in h if e[0] == "finished"]
+            assert len(rebuilt) == 1 and rebuilt[0][2] == "reconstructing lost object", h
+            assert h[-1][1] == "finished", h
+        entry = _largest_entry(zray._api.memory_info(top=10), last.hex())
+        assert entry is not None and node_c not in entry["nodes"], entry
+        with pytest.raises(ObjectReconstructionFailedError, match=fragile_hex):
+            zray.get(bad, timeout=30)
+        h = [tuple(e) for e in zray._runtime.client.request(
+            "task_events", {"id": waiter.task_id().binary()})]
+        assert ("queued", "waiting_args", "argument lost, being rebuilt") in h, h
+        _remove_worker(tcp_driver, "workerC", node_c)  # (dead: out of check_running)
+        tcp_driver.start_worker("workerD", {"later": 1}, cpus=1)
+        node_d = _wait_nodes(tcp_driver, ["later"])["later"]
+        assert (zray.get(waiter, timeout=30) == 4).all()
+    finally:
+        if "workerC" in tcp_driver.procs:
+            _remove_worker(tcp_driver, "workerC", node_c)
+        if "workerD" in tcp_driver.procs:
+            _remove_worker(tcp_driver, "workerD", node_d)
 
 
 @zray.remote(max_retries=1)

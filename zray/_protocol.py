@@ -104,6 +104,7 @@ receiver drops the message and logs it.
 from __future__ import annotations
 
 import enum
+import os
 from typing import Any, NamedTuple, Optional
 
 import msgpack
@@ -112,7 +113,11 @@ import msgpack
 # 3: a streaming task has a completion object (index 0); num_returns DYNAMIC
 VERSION = 4  # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
 HEARTBEAT_S = 1.0
-NODE_TIMEOUT_S = 10.0
+# A node silent this long is declared dead (its store's objects are lost, or rebuilt
+# from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
+NODE_TIMEOUT_S = float(os.environ.get("ZRAY_NODE_TIMEOUT_S") or 5.0)
+# A driver silent this long is gone (its job released): not tied to a short node timeout.
+DRIVER_TIMEOUT_S = max(60.0, 6 * NODE_TIMEOUT_S)
 BROKER_TIMEOUT_S = 15.0  # a client that hears nothing for this long gives the broker up
 ACTOR_EXIT_CODE = 13  # an executor leaving through exit_actor(): the actor is not restarted
 
