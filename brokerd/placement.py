@@ -171,7 +171,9 @@ class Placement:
                 continue
             any_feasible = True
             if node.idle:
-                return node, node.idle.pop(), None
+                ex = take_idle(node.idle, env_of(opts), task.kind == P.TASK)
+                if ex is not None:
+                    return node, ex, None
             if spawn_node is None:
                 spawn_node = node
         if not any_feasible and task.task_id not in self.infeasible_warned:
@@ -185,9 +187,37 @@ class Placement:
         self.infeasible_warned.discard(task.task_id)
 
 
+def env_of(opts: dict) -> str:
+    """The runtime_env key of a task ("" for none; checked at SUBMIT)."""
+    renv = opts.get("renv")
+    return renv["key"] if renv else ""
+
+
+def take_idle(idle: list, env: str, bind: bool):
+    """Take the most recently idle executor of environment ``env``, or else one not yet
+    bound to any (``bind``: it is bound to ``env`` from now on); None if there is none.
+    Executors of different runtime_envs never share a process."""
+    for i in range(len(idle) - 1, -1, -1):
+        ex = idle[i]
+        if ex.env == env or ex.env is None:
+            del idle[i]
+            if bind:
+                ex.env = env
+            return ex
+    return None
+
+
 def strategy_key(opts: dict):
     """The part of a task's queue key beyond its resources: its strategy and label
-    selector (None for the common case, which is the only one prefetched)."""
+    selector (None for the common case, which is the only one prefetched), and its
+    runtime_env (so a queue holds one environment's tasks)."""
+    renv = opts.get("renv")
+    if renv:
+        return (_strategy_key(opts), "renv", renv["key"])
+    return _strategy_key(opts)
+
+
+def _strategy_key(opts: dict):
     s = opts.get("strategy")
     if isinstance(s, dict):
         s = tuple(sorted((k, repr(v)) for k, v in s.items()))

@@ -108,8 +108,8 @@ def serialize_error(exc: BaseException) -> list:
 def task_error(exc: BaseException, function_name: str, pid: int, ip: str = "") -> tuple:
     """Wrap an exception raised by user code: (RayTaskError frames, its text). The text
     travels in the DONE header so that the broker never has to unpickle an error."""
-    if isinstance(exc, exceptions.RayTaskError):
-        err = exc
+    if isinstance(exc, (exceptions.RayTaskError, exceptions.RuntimeEnvSetupError)):
+        err = exc  # a failed runtime_env is raised as it is, as in Ray
     else:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         cause = exc
