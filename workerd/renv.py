@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -253,7 +254,7 @@ class RuntimeEnvSetup:
             os.chdir(wd)
         hook = wire.get("hook")
         if hook is not None:
-            self._run_hook(hook)
+            self._run_hook(hook, deadline)
 
     # ------------------------------------------------------------- packages
     def _package(self, parent: str, item, deadline: _Deadline) -> str:
@@ -357,8 +358,15 @@ class RuntimeEnvSetup:
         if check:
             self._run([python, "-m", "pip", "check", "--disable-pip-version-check"],
                       "pip check", deadline)
-        log.info("runtime_env: %s installed %s in %.1fs", installer, packages,
-                 time.monotonic() - t0)
+        took = time.monotonic() - t0
+        log.info("runtime_env: %s installed %s in %.1fs", installer, packages, took)
+        # The node's record of what it installed, when and how long it took.
+        fd = os.open(os.path.join(os.path.dirname(os.path.dirname(path)), "install.log"),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(json.dumps({"time": time.time(), "pid": os.getpid(), "venv": path,
+                                "installer": installer, "packages": packages,
+                                "seconds": round(took, 3)}) + "\n")
 
     @staticmethod
     def _run(cmd: list, what: str, deadline: _Deadline) -> None:
@@ -380,7 +388,16 @@ class RuntimeEnvSetup:
 
     # ----------------------------------------------------------------- hook
     @staticmethod
-    def _run_hook(hook) -> None:
+    def _run_hook(hook, deadline: _Deadline) -> None:
+        """Run the hook on the main thread; past the deadline, SIGALRM interrupts it."""
+        left = deadline.left()
+
+        def overran(signum, frame):
+            raise _HookTimeout()
+
+        old = signal.signal(signal.SIGALRM, overran) if left is not None else None
+        if left is not None:
+            signal.setitimer(signal.ITIMER_REAL, left)
         try:
             if isinstance(hook, str):
                 import importlib
@@ -394,9 +411,21 @@ class RuntimeEnvSetup:
             else:
                 raise ValueError(f"bad hook {hook!r:.40}")
             func()
+        except _HookTimeout:
+            raise RuntimeEnvSetupError(
+                f"worker_process_setup_hook did not finish within setup_timeout_seconds="
+                f"{deadline.seconds} (runtime_env config)") from None
         except Exception as e:
             raise RuntimeEnvSetupError(
                 f"worker_process_setup_hook failed: {type(e).__name__}: {e}") from None
+        finally:
+            if left is not None:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, old)
+
+
+class _HookTimeout(BaseException):
+    """Raised in the setup hook when it overruns setup_timeout_seconds."""
 
 
 def _site_packages(venv: str) -> str:

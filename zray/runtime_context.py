@@ -195,9 +195,14 @@ class RuntimeContext:
         """The runtime_env of the current job, task or actor as a JSON string."""
         spec = _actor_spec() or _spec()
         if spec is None:
-            return json.dumps(_runtime.job_runtime_env or {})
+            return json.dumps(_runtime.job_runtime_env or {}, default=repr)
+        from zray._renv import user_view
+
+        out = user_view(spec.options.get("renv"))
         env = spec.options.get("env_vars")
-        return json.dumps({"env_vars": env} if env else {})
+        if env:
+            out["env_vars"] = env
+        return json.dumps(out)
 
     def get_node_labels(self) -> dict:
         """The labels of this process's node ({} for a driver on no node)."""
