@@ -20,7 +20,7 @@ The cache lives in the node's private session directory
 (``runtime_resources/``, 0700) and is shared by the node's executors: each
 entry is made under an exclusive ``flock`` of ``<entry>.lock`` by the first
 process that needs it (concurrent first uses wait for it: one install, one
-download) and marked ready by a ``<entry>/.zray-ready`` file; every process
+download) and marked ready by a ``<entry>.ready`` file beside it; every process
 using an entry holds a shared lock on it for life. When the cache passes its
 bounds (``ZRAY_RUNTIME_ENV_CACHE_MB`` of packages, ``ZRAY_RUNTIME_ENV_MAX_VENVS``
 environments) the least recently used entries that no process holds are deleted.
@@ -59,7 +59,7 @@ from zray.exceptions import RuntimeEnvSetupError
 
 log = logging.getLogger("zray.runtime_env")
 
-READY = ".zray-ready"
+READY = ".ready"  # <entry>.ready, beside the entry (never inside the user's folder)
 CACHE_MB = float(os.environ.get("ZRAY_RUNTIME_ENV_CACHE_MB", str(10 * 1024)))
 MAX_VENVS = int(os.environ.get("ZRAY_RUNTIME_ENV_MAX_VENVS", "10"))
 _DEFAULT_TIMEOUT_S = 600
@@ -96,7 +96,7 @@ class _Entry:
         self.fd = -1
 
     def ready(self) -> bool:
-        return os.path.exists(os.path.join(self.path, READY))
+        return os.path.exists(self.path + READY)
 
     def _lock(self, how: int, deadline: _Deadline) -> None:
         delay = 0.01
@@ -118,14 +118,14 @@ class _Entry:
             while True:
                 self._lock(fcntl.LOCK_SH, deadline)
                 if self.ready():
-                    os.utime(os.path.join(self.path, READY))  # recently used (LRU)
+                    os.utime(self.path + READY)  # recently used (LRU)
                     return
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
                 self._lock(fcntl.LOCK_EX, deadline)
                 if not self.ready():
                     shutil.rmtree(self.path, ignore_errors=True)
                     size = make(self.path)
-                    with open(os.path.join(self.path, READY), "w") as f:
+                    with open(self.path + READY, "w") as f:
                         f.write(str(size))
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
         except BaseException:
@@ -137,8 +137,11 @@ class _Entry:
 def _evict(parent: str, max_bytes: Optional[float], max_count: Optional[int]) -> None:
     """Delete the least recently used ready entries no process holds until within bounds."""
     entries = []
-    for name in os.listdir(parent):
-        marker = os.path.join(parent, name, READY)
+    for marker_name in os.listdir(parent):
+        if not marker_name.endswith(READY):
+            continue
+        name = marker_name[:-len(READY)]
+        marker = os.path.join(parent, marker_name)
         try:
             st = os.stat(marker)
             with open(marker) as f:
@@ -160,7 +163,7 @@ def _evict(parent: str, max_bytes: Optional[float], max_count: Optional[int]) ->
             os.close(fd)
             continue  # in use
         try:
-            os.unlink(os.path.join(path, READY))
+            os.unlink(path + READY)
             shutil.rmtree(path, ignore_errors=True)
             log.info("runtime_env cache: removed %s (%d bytes)", name, size)
         finally:
@@ -288,7 +291,7 @@ class RuntimeEnvSetup:
         self.held.append(entry)
         path = entry.path
         if single:
-            subs = [n for n in os.listdir(path) if n != READY]
+            subs = os.listdir(path)
             if len(subs) == 1 and os.path.isdir(os.path.join(path, subs[0])):
                 path = os.path.join(path, subs[0])
         return path
