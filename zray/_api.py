@@ -231,10 +231,10 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     _runtime.namespace = namespace or ("anon-" + client.cid.hex()[:8])
     _runtime.job_runtime_env = dict(runtime_env or {})
     if runtime_env:  # the job's working_dir / py_modules are packed and uploaded now
-        from zray import _renv
+        from zray import _renv_job
 
         try:
-            _renv.start_job(runtime_env)
+            _renv_job.start_job(runtime_env)
         except BaseException:
             shutdown()
             raise

@@ -405,9 +405,9 @@ def _upload(path, what: str, excludes, client) -> list:
         _packed[cache_key] = (sig, sha, single)
         ref = _uploaded.get(sha)
         if ref is None or ref._client is not client:
-            from zray import _api
+            from zray._refs import ObjectRef
 
-            ref = _api.put(pkg.data)
+            ref = client.put(pkg.data, ObjectRef)
             _uploaded[sha] = ref
             log.info("uploaded %s %s as pkg_%s (%d bytes)", what, path, sha[:16], len(pkg.data))
     return [sha, _uploaded[sha].id.hex(), single]
@@ -496,29 +496,3 @@ def user_view(wire: Optional[dict]) -> dict:
         out["config"] = {"setup_timeout_seconds": wire["timeout"]}
     return out
 
-
-def _eager_setup():
-    """The no-op task that sets a job's environment up on a node ahead of its tasks."""
-    return None
-
-
-def start_job(runtime_env) -> None:
-    """init(runtime_env=...): pack and upload the job's packages now (as Ray does) and
-    keep the wire form its tasks and actors inherit; with ``eager_install`` (the
-    default) a no-op task per node starts setting the environment up at once."""
-    from zray import _runtime
-
-    renv = check(runtime_env)
-    wire = to_wire(renv, None, _runtime.client)
-    _runtime.job_renv = wire
-    if wire is None or not (renv.get("config") or {}).get("eager_install", True):
-        return
-    from zray import _api
-    from zray._remote import RemoteFunction
-    from zray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    for node in _api.nodes():
-        if node.get("Alive"):
-            strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            RemoteFunction(_eager_setup, {"num_cpus": 0, "max_retries": 0,
-                                          "scheduling_strategy": strategy}).remote()
