@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import psutil
 import pytest
@@ -296,7 +297,7 @@ zray.init(num_cpus=2, runtime_env={"working_dir": os.path.join(base, "wd_job"),
 def probe():
     import importlib
     mods = {}
-    for name in ("job_mod", "task_mod", "extra", "single"):
+    for name in ("job_mod", "task_mod", "extra", "single", "whl_mod"):
         try:
             mods[name] = importlib.import_module(name).WHO
         except ImportError:
@@ -311,10 +312,14 @@ def nested():
 
 res = {}
 res["job"] = zray.get(probe.remote(), timeout=120)
+# a key set to None is not set: the job's working_dir stays (as in Ray)
+res["none"] = zray.get(probe.options(runtime_env={"working_dir": None,
+                                                  "env_vars": {"B": "x"}}).remote(), timeout=120)
 res["nested"] = zray.get(nested.remote(), timeout=120)
 task_env = RuntimeEnv(working_dir=os.path.join(base, "wd_task"), env_vars={"B": "task"},
                       py_modules=[os.path.join(base, "mods", "extra"),
-                                  os.path.join(base, "mods", "single.py")])
+                                  os.path.join(base, "mods", "single.py"),
+                                  os.path.join(base, "whl_mod-1.0-py3-none-any.whl")])
 res["task"] = zray.get(probe.options(runtime_env=task_env).remote(), timeout=120)
 # a task's runtime_env is inherited by what it starts
 res["task_nested"] = zray.get(nested.options(runtime_env=task_env).remote(), timeout=120)
@@ -347,11 +352,16 @@ def test_job_and_task_envs_merge_and_are_inherited(run_driver, tmp_path):
         "mods/extra/__init__.py": "WHO = 'extra'",
         "mods/single.py": "WHO = 'single'",
     })
+    with zipfile.ZipFile(tmp_path / "envs" / "whl_mod-1.0-py3-none-any.whl", "w") as whl:
+        whl.writestr("whl_mod/__init__.py", "WHO = 'wheel'\n")
+        whl.writestr("whl_mod-1.0.dist-info/METADATA", "Name: whl_mod\nVersion: 1.0\n")
     script = MERGE_DRIVER.replace("sys.argv[1]", repr(str(tmp_path / "envs")))
     out = run_driver(script, timeout=220, ZRAY_IDLE_EXECUTOR_S="1")
     assert out.returncode == 0, (out.stdout, out.stderr)
     res = json.loads(out.stdout.split("RESULT ", 1)[1])
-    none = {"job_mod": None, "task_mod": None, "extra": None, "single": None}
+    none = {"job_mod": None, "task_mod": None, "extra": None, "single": None, "whl_mod": None}
+    assert res["none"]["mods"] == {**none, "job_mod": "job"}, res["none"]
+    assert (res["none"]["A"], res["none"]["B"]) == ("job", "x")
     for key in ("job", "nested"):
         assert res[key]["cwd"].startswith("pkg_"), res[key]
         assert res[key]["mods"] == {**none, "job_mod": "job"}, res[key]
@@ -359,9 +369,9 @@ def test_job_and_task_envs_merge_and_are_inherited(run_driver, tmp_path):
     for key in ("task", "task_nested"):
         # working_dir replaced, py_modules added, env_vars merged key by key
         assert res[key]["mods"] == {**none, "task_mod": "task", "extra": "extra",
-                                    "single": "single"}, res[key]
+                                    "single": "single", "whl_mod": "wheel"}, res[key]
         assert (res[key]["A"], res[key]["B"]) == ("job", "task"), res[key]
-        assert "working_dir" in res[key]["env"] and len(res[key]["env"]["py_modules"]) == 2
+        assert "working_dir" in res[key]["env"] and len(res[key]["env"]["py_modules"]) == 3
     assert res["actor"]["mods"] == {**none, "job_mod": "job", "extra": "extra"}, res["actor"]
     assert res["disjoint"] and res["reaped"], res
 

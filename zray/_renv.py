@@ -74,7 +74,8 @@ def check(renv) -> dict:
         return {}
     if not isinstance(renv, dict):
         raise ValueError(f"runtime_env must be a dict or a RuntimeEnv, got {type(renv).__name__}")
-    renv = dict(renv)
+    # A key set to None is not set (as in Ray): the parent's value is inherited.
+    renv = {k: v for k, v in renv.items() if v is not None}
     for key in renv:
         if key in REFUSED_KEYS:
             raise ValueError(f"runtime_env[{key!r}]: {REFUSED_KEYS[key]}")
@@ -423,35 +424,24 @@ def to_wire(renv: dict, parent: Optional[dict], client) -> Optional[dict]:
     """The wire form of a checked runtime_env ``renv`` merged over the ``parent``'s wire
     form (the job's, or the running task's), or None when it needs no process of its own.
 
-    Ray's merge: each key the child gives replaces the parent's (``env_vars`` are merged
-    elsewhere, key by key)."""
+    Ray's merge: each key the child gives (not None) replaces the parent's (``env_vars``
+    are merged elsewhere, key by key)."""
     out = {k: v for k, v in (parent or {}).items() if k != "key"}
-    if "working_dir" in renv:
-        if renv["working_dir"] is None:
-            out.pop("working_dir", None)
-        else:
-            out["working_dir"] = _upload(renv["working_dir"], "working_dir",
-                                         renv.get("excludes"), client)
-    if "py_modules" in renv:
-        if renv["py_modules"]:
-            out["py_modules"] = [_upload(_module_path(m), "py_modules", renv.get("excludes"),
-                                         client) for m in renv["py_modules"]]
-        else:
-            out.pop("py_modules", None)
+    if renv.get("working_dir") is not None:
+        out["working_dir"] = _upload(renv["working_dir"], "working_dir", renv.get("excludes"),
+                                     client)
+    if renv.get("py_modules") is not None:
+        out["py_modules"] = [_upload(_module_path(m), "py_modules", renv.get("excludes"),
+                                     client) for m in renv["py_modules"]]
+        if not out["py_modules"]:
+            del out["py_modules"]
     for key in ("pip", "uv"):
-        if key in renv:
-            if renv[key] is None:
-                if out.get("pip", {}).get("installer") == key:
-                    out.pop("pip", None)
-            else:
-                out["pip"] = {"packages": list(renv[key]["packages"]),
-                              "pip_check": renv[key].get("pip_check", False), "installer": key}
-    if "worker_process_setup_hook" in renv:
-        hook = renv["worker_process_setup_hook"]
-        if hook is None:
-            out.pop("hook", None)
-        else:
-            out["hook"] = hook if isinstance(hook, str) else cloudpickle.dumps(hook)
+        if renv.get(key) is not None:
+            out["pip"] = {"packages": list(renv[key]["packages"]),
+                          "pip_check": renv[key].get("pip_check", False), "installer": key}
+    hook = renv.get("worker_process_setup_hook")
+    if hook is not None:
+        out["hook"] = hook if isinstance(hook, str) else cloudpickle.dumps(hook)
     if renv.get("config") is not None:
         out["timeout"] = renv["config"]["setup_timeout_seconds"]
     if not any(k in out for k in ("working_dir", "py_modules", "pip", "hook")):
