@@ -20,6 +20,12 @@ until a node that matches joins. The selector is part of the queue key, so
 such a task never holds up tasks that may run elsewhere, and is never
 prefetched.
 
+Runtime environments: a task's runtime_env key (``options["renv"]``, see
+zray/_renv.py) is part of its queue key too, and an idle executor is taken for a
+task only if it is bound to that environment or to none yet (``take_idle``: the
+task binds it); so executors of different environments never share a process,
+and a prefetched task goes only to an executor running the same queue's task.
+
 Owns: ``queues`` and the set of tasks already warned about as infeasible.
 Reads: node table, object locations (to prefer nodes holding a task's
 arguments), executors' current tasks (to pipeline). Writes node resources
@@ -101,7 +107,8 @@ class Placement:
                 q.popleft()
                 nodes.acquire(task, node)
                 d.run.append((task, node, ex))
-            if (q and task is not None and shape[1] is None and task.kind == P.TASK
+            if (q and task is not None and (shape[1] is None or shape[1][0:2] == (None, "renv"))
+                    and task.kind == P.TASK
                     and "GPU" not in task.resources):
                 # GPU tasks are never prefetched: their GPU ids are only known at start.
                 self._prefetch(shape, q, d, picked)
