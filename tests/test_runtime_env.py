@@ -297,7 +297,7 @@ zray.init(num_cpus=2, runtime_env={"working_dir": os.path.join(base, "wd_job"),
 def probe():
     import importlib
     mods = {}
-    for name in ("job_mod", "task_mod", "extra", "single", "whl_mod"):
+    for name in ("job_mod", "task_mod", "extra", "single", "whl_mod", "zip_mod"):
         try:
             mods[name] = importlib.import_module(name).WHO
         except ImportError:
@@ -321,6 +321,9 @@ task_env = RuntimeEnv(working_dir=os.path.join(base, "wd_task"), env_vars={"B": 
                                   os.path.join(base, "mods", "single.py"),
                                   os.path.join(base, "whl_mod-1.0-py3-none-any.whl")])
 res["task"] = zray.get(probe.options(runtime_env=task_env).remote(), timeout=120)
+# a zip file as working_dir: its single top-level folder is the working directory
+res["zip"] = zray.get(probe.options(runtime_env={"working_dir": os.path.join(base, "wd.zip")}
+                                    ).remote(), timeout=120)
 # a task's runtime_env is inherited by what it starts
 res["task_nested"] = zray.get(nested.options(runtime_env=task_env).remote(), timeout=120)
 
@@ -355,11 +358,15 @@ def test_job_and_task_envs_merge_and_are_inherited(run_driver, tmp_path):
     with zipfile.ZipFile(tmp_path / "envs" / "whl_mod-1.0-py3-none-any.whl", "w") as whl:
         whl.writestr("whl_mod/__init__.py", "WHO = 'wheel'\n")
         whl.writestr("whl_mod-1.0.dist-info/METADATA", "Name: whl_mod\nVersion: 1.0\n")
+    with zipfile.ZipFile(tmp_path / "envs" / "wd.zip", "w") as wz:
+        wz.writestr("wdzip/zip_mod.py", "WHO = 'zip'\n")
     script = MERGE_DRIVER.replace("sys.argv[1]", repr(str(tmp_path / "envs")))
     out = run_driver(script, timeout=220, ZRAY_IDLE_EXECUTOR_S="1")
     assert out.returncode == 0, (out.stdout, out.stderr)
     res = json.loads(out.stdout.split("RESULT ", 1)[1])
-    none = {"job_mod": None, "task_mod": None, "extra": None, "single": None, "whl_mod": None}
+    none = {"job_mod": None, "task_mod": None, "extra": None, "single": None, "whl_mod": None,
+            "zip_mod": None}
+    assert res["zip"]["cwd"] == "wdzip" and res["zip"]["mods"] == {**none, "zip_mod": "zip"}
     assert res["none"]["mods"] == {**none, "job_mod": "job"}, res["none"]
     assert (res["none"]["A"], res["none"]["B"]) == ("job", "x")
     for key in ("job", "nested"):
@@ -460,3 +467,41 @@ def test_size_limit_and_bounded_cache(run_driver, tmp_path):
     assert res["first"] != res["second"]
     # the first package was evicted once no process used it; the one in use stays
     assert res["second_left"] and not res["first_left"], res
+
+
+MIXED_DRIVER = """
+import json, os, sys
+import zray
+
+zray.init(num_cpus=2)
+
+@zray.remote
+def who(i):
+    try:
+        import marker_mod  # only in the environment's py_modules
+        has = True
+    except ImportError:
+        has = False
+    return i, os.getpid(), has
+
+env = {"py_modules": [sys.argv[1]]}
+refs = [who.options(runtime_env=env).remote(i) if i % 2 else who.remote(i) for i in range(60)]
+print("RESULT " + json.dumps(zray.get(refs, timeout=120)))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_environments_never_share_a_process(run_driver, tmp_path):
+    """Interleaved tasks of an environment and of none, queued and prefetched together:
+    each runs in a process of its own environment only."""
+    (tmp_path / "mods").mkdir()  # not the driver's folder (executors start there)
+    (tmp_path / "mods" / "marker_mod.py").write_text("X = 1\n")
+    marker = str(tmp_path / "mods" / "marker_mod.py")
+    out = run_driver(MIXED_DRIVER.replace("sys.argv[1]", repr(marker)),
+                     timeout=160)
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    res = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert [has for i, _, has in res] == [bool(i % 2) for i, _, _ in res]
+    env_pids = {pid for i, pid, _ in res if i % 2}
+    plain_pids = {pid for i, pid, _ in res if not i % 2}
+    assert env_pids and plain_pids and not env_pids & plain_pids, (env_pids, plain_pids)
