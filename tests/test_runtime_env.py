@@ -6,6 +6,7 @@ driver's folder, and fresh local clusters (``run_driver``) for the rest. The
 pip cases install a small pure-Python package (six) from the package index.
 """
 
+import io
 import json
 import os
 import signal
@@ -505,3 +506,23 @@ def test_environments_never_share_a_process(run_driver, tmp_path):
     env_pids = {pid for i, pid, _ in res if i % 2}
     plain_pids = {pid for i, pid, _ in res if not i % 2}
     assert env_pids and plain_pids and not env_pids & plain_pids, (env_pids, plain_pids)
+
+
+def test_excludes_and_gitignore_decide_what_is_packed(tmp_path):
+    """What a working_dir uploads: excludes (gitignore-style, from the root), and the
+    folder's own .gitignore files, each for the folder it is in; same files, same id."""
+    from zray import _renv
+
+    files = {"a.py": "", "b.log": "", "keep/x.py": "", "keep/y.tmp": "", "sub/z.dat": "",
+             "sub/w.py": "", "build/o.bin": "", "deep/build/q.py": "", "deep/n.log": "",
+             ".gitignore": "*.tmp\n/build/\n", "sub/.gitignore": "*.dat\n"}
+    write_tree(tmp_path / "wd", files)
+    pkg = _renv.pack(tmp_path / "wd", "working_dir", ["*.log", "!deep/n.log"])
+    with zipfile.ZipFile(io.BytesIO(pkg.data)) as zf:
+        names = sorted(zf.namelist())
+    assert names == [".gitignore", "a.py", "deep/build/q.py", "deep/n.log", "keep/x.py",
+                     "sub/.gitignore", "sub/w.py"], names
+    again = _renv.pack(tmp_path / "wd", "working_dir", ["*.log", "!deep/n.log"])
+    assert again.sha == pkg.sha and len(pkg.sha) == 64
+    (tmp_path / "wd" / "a.py").write_text("changed")
+    assert _renv.pack(tmp_path / "wd", "working_dir", ["*.log"]).sha != pkg.sha

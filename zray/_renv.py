@@ -286,23 +286,43 @@ def _limit_error(what: str, path: str, size: int) -> ValueError:
 
 
 def _walk(root: str, rules: list, top: str = "") -> list:
-    """[(relative posix path, absolute path)] of the files to pack, sorted."""
+    """[(relative posix path, absolute path)] of the files to pack, sorted. ``rules``
+    (the user's excludes) apply from the root; as in Ray, the ``.gitignore`` and
+    ``.rayignore`` files in the folder apply too, each to the folder it is in
+    (``ZRAY_RUNTIME_ENV_IGNORE_GITIGNORE=1``: not the .gitignore files)."""
+    names = [".rayignore"]
+    if os.environ.get("ZRAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") in ("", "0"):
+        names.insert(0, ".gitignore")
+    scoped = {"": [("", rules)]}  # relative dir -> [(prefix, rules)] in force below it
+
+    def out(rel: str, is_dir: bool, in_force: list) -> bool:
+        return any(excluded(r, rel[len(prefix):], is_dir) for prefix, r in in_force)
+
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        in_force = list(scoped.pop(rel_dir, None) or [("", rules)])
+        for name in names:
+            if name in filenames:
+                try:
+                    with open(os.path.join(dirpath, name)) as f:
+                        in_force.append((rel_dir, compile_excludes(f.read().splitlines())))
+                except (OSError, UnicodeDecodeError, ValueError):
+                    log.warning("runtime_env: ignoring unreadable %s in %s", name, dirpath)
         keep = []
         for d in sorted(dirnames):
-            if d == "__pycache__" or excluded(rules, rel_dir + d, True):
+            if d == "__pycache__" or out(rel_dir + d, True, in_force):
                 continue
             if os.path.islink(os.path.join(dirpath, d)):
                 continue
             keep.append(d)
+            scoped[rel_dir + d + "/"] = in_force
         dirnames[:] = keep
         for f in filenames:
             rel = rel_dir + f
             full = os.path.join(dirpath, f)
-            if excluded(rules, rel, False) or f.endswith(".pyc"):
+            if out(rel, False, in_force) or f.endswith(".pyc"):
                 continue
             try:
                 st = os.stat(full)
