@@ -526,3 +526,37 @@ def test_excludes_and_gitignore_decide_what_is_packed(tmp_path):
     assert again.sha == pkg.sha and len(pkg.sha) == 64
     (tmp_path / "wd" / "a.py").write_text("changed")
     assert _renv.pack(tmp_path / "wd", "working_dir", ["*.log"]).sha != pkg.sha
+
+
+VENV_BOUND_DRIVER = """
+import json, os, time
+import psutil
+import zray
+
+zray.init(num_cpus=1)
+
+@zray.remote
+def six_venv():
+    import six
+    return six.__version__, os.environ["VIRTUAL_ENV"], os.getpid()
+
+old = zray.get(six_venv.options(runtime_env={"pip": ["six==1.16.0"]}).remote(), timeout=240)
+deadline = time.monotonic() + 60
+while psutil.pid_exists(old[2]) and time.monotonic() < deadline:  # reaped when idle
+    time.sleep(0.2)
+new = zray.get(six_venv.options(runtime_env={"pip": ["six==1.15.0"]}).remote(), timeout=240)
+print("RESULT " + json.dumps({"old": old, "new": new, "old_left": os.path.exists(old[1]),
+                              "new_left": os.path.exists(new[1])}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_pip_environments_are_bounded(run_driver):
+    """Past ZRAY_RUNTIME_ENV_MAX_VENVS the least recently used environment no process
+    uses is deleted."""
+    out = run_driver(VENV_BOUND_DRIVER, timeout=280, ZRAY_IDLE_EXECUTOR_S="1",
+                     ZRAY_RUNTIME_ENV_MAX_VENVS="1")
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    res = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert res["old"][0] == "1.16.0" and res["new"][0] == "1.15.0", res
+    assert res["new_left"] and not res["old_left"], res
