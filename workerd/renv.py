@@ -376,6 +376,9 @@ class RuntimeEnvSetup:
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)  # the venv sees the worker's packages through its .pth
         env.pop("VIRTUAL_ENV", None)
+        if sys.platform.startswith("linux"):
+            # The installer dies with this executor (PDEATHSIG survives the exec).
+            cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
         try:
             p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, timeout=deadline.left(), env=env)
@@ -429,6 +432,13 @@ class RuntimeEnvSetup:
 
 class _HookTimeout(BaseException):
     """Raised in the setup hook when it overruns setup_timeout_seconds."""
+
+
+# argv: the parent's pid, then the command to exec once the kernel will SIGKILL it
+# when its parent goes (and it exits at once if the parent is already gone).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9, 0, 0, 0); "
+    "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execv(sys.argv[2], sys.argv[2:])")
 
 
 def _site_packages(venv: str) -> str:
