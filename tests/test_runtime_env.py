@@ -181,6 +181,13 @@ def install_log():
     with open(path) as f:
         return [json.loads(line) for line in f]
 
+@zray.remote(runtime_env=ENV)
+def in_subprocess():  # `python` on PATH is the environment's, over the worker's packages
+    import subprocess
+    out = subprocess.run(["python", "-c", "import six, zray; print(six.__version__)"],
+                         capture_output=True, text=True, timeout=60)
+    return out.stdout.strip(), out.stderr[-2000:]
+
 t = time.monotonic()
 first = zray.get([use_six.remote(), use_six.remote()], timeout=240)  # two first uses at once
 t_first = time.monotonic() - t
@@ -188,7 +195,8 @@ t = time.monotonic()
 again = zray.get(use_six.remote(), timeout=60)
 t_again = time.monotonic() - t
 base = [zray.get(plain.remote(), timeout=60) for _ in range(3)]
-print("RESULT " + json.dumps({"first": first, "again": again, "base": base,
+sub = zray.get(in_subprocess.remote(), timeout=120)
+print("RESULT " + json.dumps({"first": first, "again": again, "base": base, "sub": sub,
                               "log": zray.get(install_log.remote(), timeout=60),
                               "t_first": t_first, "t_again": t_again}))
 """
@@ -205,6 +213,7 @@ def test_pip_installs_once_per_node_and_is_reused(run_driver):
     (six_file,) = files
     assert "runtime_resources/venvs/venv_" in six_file, six_file
     assert [v for v, _, _ in res["first"]] == ["1.16.0", "1.16.0"]
+    assert res["sub"][0] == "1.16.0", res["sub"]
     assert len(res["log"]) == 1, res["log"]  # concurrent first uses installed it once
     assert res["log"][0]["packages"] == ["six==1.16.0"]
     # tasks without the environment never see it and never share its processes

@@ -349,8 +349,10 @@ class RuntimeEnvSetup:
         # The worker's own packages (pip among them) come after the venv's.
         base = [p for p in site.getsitepackages() + [site.getusersitepackages()]
                 if os.path.isdir(p)]
+        # (addsitedir, not a plain path line: the worker's own .pth files count too, e.g.
+        # editable installs, for the venv's python in a subprocess)
         with open(os.path.join(_site_packages(path), "_zray_worker_site.pth"), "w") as f:
-            f.write("\n".join(base) + "\n")
+            f.write("".join(f"import site; site.addsitedir({p!r})\n" for p in base))
         python = os.path.join(path, "bin", "python")
         if uv is not None:
             cmd = [uv, "pip", "install", "--python", python, *packages]
