@@ -314,7 +314,8 @@ def probe():
             mods[name] = None
     return {"cwd": os.path.basename(os.getcwd()), "mods": mods, "A": os.environ.get("A"),
             "B": os.environ.get("B"), "pid": os.getpid(),
-            "env": json.loads(zray.get_runtime_context().get_runtime_env_string())}
+            "env": json.loads(zray.get_runtime_context().get_runtime_env_string()),
+            "env_obj": type(zray.get_runtime_context().runtime_env).__name__}
 
 @zray.remote
 def nested():
@@ -389,6 +390,8 @@ def test_job_and_task_envs_merge_and_are_inherited(run_driver, tmp_path):
                                     "single": "single", "whl_mod": "wheel"}, res[key]
         assert (res[key]["A"], res[key]["B"]) == ("job", "task"), res[key]
         assert "working_dir" in res[key]["env"] and len(res[key]["env"]["py_modules"]) == 3
+        assert res[key]["env"]["env_vars"] == {"A": "job", "B": "task"}
+        assert res[key]["env_obj"] == "RuntimeEnv"
     assert res["actor"]["mods"] == {**none, "job_mod": "job", "extra": "extra"}, res["actor"]
     assert res["disjoint"] and res["reaped"], res
 

@@ -191,6 +191,14 @@ class RuntimeContext:
                             if t is current), b"")
         return bool(task_id) and task_id in ex.cancelled
 
+    @property
+    def runtime_env(self):
+        """The runtime_env of the current job, task or actor, as a RuntimeEnv (packages
+        appear as ``pkg_<sha256>.zip``, as Ray shows its URIs)."""
+        from zray.runtime_env import RuntimeEnv
+
+        return RuntimeEnv._view(json.loads(self.get_runtime_env_string()))
+
     def get_runtime_env_string(self) -> str:
         """The runtime_env of the current job, task or actor as a JSON string."""
         spec = _actor_spec() or _spec()

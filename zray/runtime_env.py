@@ -30,7 +30,6 @@ class RuntimeEnvConfig(dict):
     def to_dict(self) -> dict:
         return dict(self)
 
-
 class RuntimeEnv(dict):
     """A runtime environment for a job, task or actor (Ray's ``RuntimeEnv``)."""
 
@@ -45,3 +44,11 @@ class RuntimeEnv(dict):
 
     def to_dict(self) -> dict:
         return dict(self)
+
+    @classmethod
+    def _view(cls, values: dict) -> "RuntimeEnv":
+        """A RuntimeEnv of what a running task has (not checked: its folders are
+        packages on the cluster, not local paths)."""
+        env = cls.__new__(cls)
+        dict.update(env, values)
+        return env
