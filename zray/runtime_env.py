@@ -30,6 +30,7 @@ class RuntimeEnvConfig(dict):
     def to_dict(self) -> dict:
         return dict(self)
 
+
 class RuntimeEnv(dict):
     """A runtime environment for a job, task or actor (Ray's ``RuntimeEnv``)."""
 
