@@ -536,6 +536,10 @@ def test_excludes_and_gitignore_decide_what_is_packed(tmp_path):
                      "sub/.gitignore", "sub/w.py"], names
     again = _renv.pack(tmp_path / "wd", "working_dir", ["*.log", "!deep/n.log"])
     assert again.sha == pkg.sha and len(pkg.sha) == 64
+    # a node checks that what it fetched is the package it is named after
+    assert _renv.package_matches(pkg.sha, pkg.data)
+    assert not _renv.package_matches(pkg.sha, _renv.pack(tmp_path / "wd" / "keep",
+                                                          "working_dir").data)
     (tmp_path / "wd" / "a.py").write_text("changed")
     assert _renv.pack(tmp_path / "wd", "working_dir", ["*.log"]).sha != pkg.sha
 

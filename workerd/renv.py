@@ -55,6 +55,7 @@ from typing import Optional
 import cloudpickle
 
 from zray._procutil import private_dir, user_tmp_dir
+from zray._renv import package_matches
 from zray.exceptions import RuntimeEnvSetupError
 
 log = logging.getLogger("zray.runtime_env")
@@ -271,6 +272,10 @@ class RuntimeEnvSetup:
 
         def make(path: str) -> int:
             data = self._fetch(bytes.fromhex(oid_hex), sha, deadline)
+            # The cache is the node's, by content: what goes in must be what it is named.
+            if not package_matches(sha, data):
+                raise RuntimeEnvSetupError(f"package pkg_{sha[:16]} (object {oid_hex}) does "
+                                           "not match its sha256")
             tmp = path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             os.mkdir(tmp, 0o700)

@@ -334,6 +334,28 @@ def _walk(root: str, rules: list, top: str = "") -> list:
     return files
 
 
+def _hash_file(h, rel: str, mode: int, data: bytes) -> None:
+    h.update(rel.encode() + b"\0" + str(mode).encode() + b"\0" + str(len(data)).encode()
+             + b"\0")
+    h.update(data)
+
+
+def package_matches(sha: str, data: bytes) -> bool:
+    """Whether ``data`` (a package's zip) is the package named ``sha``: the sha256 of
+    the file (a user's .zip or .whl) or of the files packed in it (``pack``)."""
+    if hashlib.sha256(data).hexdigest() == sha:
+        return True
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for info in zf.infolist():
+                _hash_file(h, info.filename, (info.external_attr >> 16) & 0o777,
+                           zf.read(info))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+    return h.hexdigest() == sha
+
+
 def _zip_files(files: list, what: str, shown: str) -> Package:
     limit = MAX_PACKAGE_MB * 2**20
     h = hashlib.sha256()
@@ -347,9 +369,7 @@ def _zip_files(files: list, what: str, shown: str) -> Package:
             if total > limit:
                 raise _limit_error(what, shown, total)
             mode = os.stat(full).st_mode & 0o777
-            h.update(rel.encode() + b"\0" + str(mode).encode() + b"\0"
-                     + str(len(data)).encode() + b"\0")
-            h.update(data)
+            _hash_file(h, rel, mode, data)
             info = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = (0o100000 | mode) << 16
             zf.writestr(info, data)
