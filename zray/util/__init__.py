@@ -2,5 +2,6 @@
 (as ``import ray`` does), so ``zray.util.scheduling_strategies`` needs no import of its own."""
 
 from zray.util import scheduling_strategies
+from zray.util.actor_pool import ActorPool
 
-__all__ = ["scheduling_strategies"]
+__all__ = ["scheduling_strategies", "ActorPool"]
