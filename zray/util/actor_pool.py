@@ -25,8 +25,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-import zray
-from zray import exceptions
+from zray import _api, exceptions
 
 _TIMEOUT_TEXT = "Timed out waiting for result"
 
@@ -108,7 +107,7 @@ class ActorPool:
         ready = True
         if timeout is not None:
             refs = _refs(ref)
-            ready = len(zray.wait(refs, num_returns=len(refs), timeout=timeout)[0]) == len(refs)
+            ready = len(_api.wait(refs, num_returns=len(refs), timeout=timeout)[0]) == len(refs)
             if not ready and not ignore_if_timedout:
                 raise TimeoutError(_TIMEOUT_TEXT)
         del self._by_index[self._returned]
@@ -147,13 +146,13 @@ class ActorPool:
         singles = [k for k in self._busy if not isinstance(k, tuple)]
         groups = [k for k in self._busy if isinstance(k, tuple)]
         if not groups:
-            ready, _ = zray.wait(singles, num_returns=1, timeout=timeout)
+            ready, _ = _api.wait(singles, num_returns=1, timeout=timeout)
             return ready[0] if ready else None
         # fn returned several refs: a submission is done when all of them are.
         every = [r for k in self._busy for r in _refs(k)]
         deadline_wait = timeout
         while True:
-            ready, _ = zray.wait(every, num_returns=len(every), timeout=0)
+            ready, _ = _api.wait(every, num_returns=len(every), timeout=0)
             done = set(ready)
             for k in self._busy:
                 if all(r in done for r in _refs(k)):
@@ -161,14 +160,14 @@ class ActorPool:
             if deadline_wait is not None and deadline_wait <= 0:
                 return None
             step = 0.05 if deadline_wait is None else min(0.05, deadline_wait)
-            zray.wait(every, num_returns=min(len(done) + 1, len(every)), timeout=step)
+            _api.wait(every, num_returns=min(len(done) + 1, len(every)), timeout=step)
             if deadline_wait is not None:
                 deadline_wait -= step
 
     def _take(self, ref, actor):
         alive = True
         try:
-            return zray.get(ref)
+            return _api.get(ref)
         except exceptions.ActorDiedError:
             alive = False
             raise

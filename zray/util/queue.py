@@ -26,7 +26,7 @@ import queue as _stdlib_queue
 from collections.abc import Iterable
 from typing import Any, Optional
 
-import zray
+from zray import _api
 
 
 class Empty(_stdlib_queue.Empty):
@@ -118,14 +118,14 @@ class Queue:
             raise TypeError("'actor_options' must be a dict of actor options, got "
                             f"{type(actor_options).__name__}")
         self.maxsize = maxsize
-        self.actor = zray.remote(_QueueActor).options(**(actor_options or {})).remote(maxsize)
+        self.actor = _api.remote(_QueueActor).options(**(actor_options or {})).remote(maxsize)
 
     def __len__(self) -> int:
         return self.size()
 
     def size(self) -> int:
         """The number of items in the queue."""
-        return zray.get(self._actor().qsize.remote())
+        return _api.get(self._actor().qsize.remote())
 
     def qsize(self) -> int:
         """The number of items in the queue."""
@@ -133,17 +133,17 @@ class Queue:
 
     def empty(self) -> bool:
         """Whether the queue has no item."""
-        return zray.get(self._actor().empty.remote())
+        return _api.get(self._actor().empty.remote())
 
     def full(self) -> bool:
         """Whether the queue holds ``maxsize`` items."""
-        return zray.get(self._actor().full.remote())
+        return _api.get(self._actor().full.remote())
 
     def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
         """Add ``item``; if the queue is full, wait up to ``timeout`` s (None: forever)
         for room when ``block``, else raise ``Full`` at once."""
         try:
-            zray.get(self._put_ref(item, block, timeout))
+            _api.get(self._put_ref(item, block, timeout))
         except Full:  # raised in the actor: the caller sees a plain Full, as in Ray
             raise Full from None
 
@@ -159,7 +159,7 @@ class Queue:
         """Remove and return the oldest item; if there is none, wait up to ``timeout``
         s (None: forever) when ``block``, else raise ``Empty`` at once."""
         try:
-            return zray.get(self._get_ref(block, timeout))
+            return _api.get(self._get_ref(block, timeout))
         except Empty:  # raised in the actor: the caller sees a plain Empty, as in Ray
             raise Empty from None
 
@@ -178,7 +178,7 @@ class Queue:
         """Add all ``items`` in order, or none of them (``Full``) if they do not fit."""
         if not isinstance(items, Iterable):
             raise TypeError("Argument 'items' must be an Iterable")
-        zray.get(self._actor().put_nowait_batch.remote(list(items)))
+        _api.get(self._actor().put_nowait_batch.remote(list(items)))
 
     def get_nowait(self) -> Any:
         """``get(block=False)``: ``Empty`` if there is no item."""
@@ -191,7 +191,7 @@ class Queue:
             raise TypeError("Argument 'num_items' must be an int")
         if num_items < 0:
             raise ValueError("'num_items' must be nonnegative")
-        return zray.get(self._actor().get_nowait_batch.remote(num_items))
+        return _api.get(self._actor().get_nowait_batch.remote(num_items))
 
     def shutdown(self, force: bool = False, grace_period_s: int = 5) -> None:
         """End the queue's actor (its items are gone): at once with ``force``, else
@@ -199,12 +199,12 @@ class Queue:
         if self.actor is None:
             return
         if force:
-            zray.kill(self.actor, no_restart=True)
+            _api.kill(self.actor, no_restart=True)
         else:
             done = self.actor.__ray_terminate__.remote()
-            ready, _ = zray.wait([done], timeout=grace_period_s)
+            ready, _ = _api.wait([done], timeout=grace_period_s)
             if not ready:
-                zray.kill(self.actor, no_restart=True)
+                _api.kill(self.actor, no_restart=True)
         self.actor = None
 
     def _actor(self):

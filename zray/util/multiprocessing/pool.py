@@ -32,7 +32,7 @@ import threading
 from multiprocessing import TimeoutError
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-import zray
+from zray import _api
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class AsyncResult:
             if self._done:
                 return
             try:
-                chunks = zray.get(self._refs)
+                chunks = _api.get(self._refs)
             except Exception as exc:  # the worker itself failed (died, was killed)
                 self._error, self._done = exc, True
                 return
@@ -127,13 +127,13 @@ class AsyncResult:
         """Whether the result is in (finished or failed)."""
         if self._done or not self._refs:
             return True
-        ready, _ = zray.wait(self._refs, num_returns=len(self._refs), timeout=0)
+        ready, _ = _api.wait(self._refs, num_returns=len(self._refs), timeout=0)
         return len(ready) == len(self._refs)
 
     def wait(self, timeout: Optional[float] = None) -> None:
         """Wait until the result is in or ``timeout`` seconds pass (no error either way)."""
         if self._refs and not self._done:
-            zray.wait(self._refs, num_returns=len(self._refs), timeout=timeout)
+            _api.wait(self._refs, num_returns=len(self._refs), timeout=timeout)
 
     def get(self, timeout: Optional[float] = None):
         """The result (a list for the map variants); raises the first task's exception,
@@ -203,12 +203,12 @@ class IMapIterator:
                 continue
             if not self._in_flight:
                 raise StopIteration
-            ready, _ = zray.wait(list(self._in_flight), num_returns=1, timeout=timeout)
+            ready, _ = _api.wait(list(self._in_flight), num_returns=1, timeout=timeout)
             if not ready:
                 raise TimeoutError
             for ref in ready:
                 number, worker = self._in_flight.pop(ref)
-                pairs = zray.get(ref)
+                pairs = _api.get(ref)
                 if self._ordered:
                     self._finished[number] = pairs
                 else:
@@ -244,14 +244,14 @@ class Pool:
             raise TypeError("initializer must be a callable")
         if ray_remote_args is not None and not isinstance(ray_remote_args, dict):
             raise TypeError("ray_remote_args must be a dict of actor options")
-        if not zray.is_initialized():
-            zray.init(address=ray_address)
+        if not _api.is_initialized():
+            _api.init(address=ray_address)
         if processes is None:
-            processes = max(1, int(zray.cluster_resources().get("CPU", 1)))
+            processes = max(1, int(_api.cluster_resources().get("CPU", 1)))
         self._initializer = initializer
         self._initargs = tuple(initargs or ())
         self._maxtasks = maxtasksperchild
-        self._actor_class = zray.remote(_PoolWorker).options(
+        self._actor_class = _api.remote(_PoolWorker).options(
             **{"num_cpus": 1, **(ray_remote_args or {})})
         self._state = _RUN
         self._workers: list = []  # [actor, items given]
@@ -288,7 +288,7 @@ class Pool:
             ref = slot[0].run_chunk.remote(func, items, star)
             self._outstanding.append(ref)
             if len(self._outstanding) >= 2 * self._prune_at:  # forget finished chunks
-                self._outstanding = zray.wait(self._outstanding,
+                self._outstanding = _api.wait(self._outstanding,
                                               num_returns=len(self._outstanding),
                                               timeout=0)[1]
                 self._prune_at = max(256, len(self._outstanding))
@@ -378,9 +378,9 @@ class Pool:
             return
         self._state = _TERMINATE
         for actor, _ in self._workers:
-            zray.kill(actor)
+            _api.kill(actor)
         for actor, _ in self._retired:
-            zray.kill(actor)
+            _api.kill(actor)
         self._outstanding = []
 
     def join(self) -> None:
@@ -389,10 +389,10 @@ class Pool:
             raise ValueError("Pool is still running")
         if self._state == _CLOSE:
             if self._outstanding:
-                zray.wait(self._outstanding, num_returns=len(self._outstanding))
+                _api.wait(self._outstanding, num_returns=len(self._outstanding))
             exits = [ref for _, ref in self._retired]
             if exits:
-                zray.wait(exits, num_returns=len(exits))
+                _api.wait(exits, num_returns=len(exits))
             self._outstanding = []
 
     def __enter__(self) -> "Pool":
