@@ -53,6 +53,13 @@ class Doubler:
         os._exit(1)
 
 
+def _started(*actors):
+    """The actors, once each has started (so that which one answers first depends on
+    the work given to it, not on how long a loaded machine took to start it)."""
+    ray.get([a.pid.remote() for a in actors], timeout=60)
+    return list(actors)
+
+
 def test_import_path_is_rays():
     assert from_util.ActorPool is ActorPool
     assert ray.util.ActorPool is ActorPool
@@ -69,7 +76,7 @@ def test_map_keeps_order_and_uses_every_actor(cluster):
 
 
 def test_map_unordered_gives_every_result(cluster):
-    pool = ActorPool([Doubler.remote() for _ in range(2)])
+    pool = ActorPool(_started(Doubler.remote(), Doubler.remote()))
     out = list(pool.map_unordered(lambda a, v: a.double.remote(v, 1.0 if v == 1 else 0),
                                   [1, 2, 3, 4]))
     assert sorted(out) == [2, 4, 6, 8]
@@ -114,7 +121,7 @@ def test_get_next_ignore_if_timedout_skips_the_result(cluster):
 
 
 def test_get_next_unordered_timeout_and_order(cluster):
-    pool = ActorPool([Doubler.remote(), Doubler.remote()])
+    pool = ActorPool(_started(Doubler.remote(), Doubler.remote()))
     pool.submit(lambda a, v: a.double.remote(v, 2.0), 1)
     pool.submit(lambda a, v: a.double.remote(v), 2)
     assert pool.get_next_unordered(timeout=60) == 4
@@ -131,7 +138,7 @@ def test_get_next_unordered_timeout_and_order(cluster):
 
 
 def test_get_next_after_an_in_order_unordered_read(cluster):
-    pool = ActorPool([Doubler.remote(), Doubler.remote()])
+    pool = ActorPool(_started(Doubler.remote(), Doubler.remote()))
     pool.submit(lambda a, v: a.double.remote(v), 1)
     pool.submit(lambda a, v: a.double.remote(v, 1.0), 2)
     assert pool.get_next_unordered(timeout=60) == 2

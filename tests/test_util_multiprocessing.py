@@ -158,10 +158,11 @@ def test_imap_and_imap_unordered(cluster):
     with Pool(processes=2) as pool:
         assert list(pool.imap(square, range(7))) == [x * x for x in range(7)]
         assert list(pool.imap(square, range(7), chunksize=3)) == [x * x for x in range(7)]
-        out = list(pool.imap_unordered(slow_identity, [1.5, 0.0, 0.0, 0.0]))
-        assert sorted(out) == [0.0, 0.0, 0.0, 1.5]
+        assert len(set(pool.map(pid_of, range(2), chunksize=1))) == 2  # both workers up
+        out = list(pool.imap_unordered(slow_identity, [2.0, 0.0, 0.0, 0.0]))
+        assert sorted(out) == [0.0, 0.0, 0.0, 2.0]
         if BACKEND == "zray":  # the free worker takes the next chunk: the slow one is last
-            assert out[-1] == 1.5
+            assert out[-1] == 2.0
         it = pool.imap(slow_identity, [3.0])
         with pytest.raises(mp.TimeoutError):
             it.next(timeout=0.1)
