@@ -199,3 +199,45 @@ def test_register_serializer_checks_its_arguments():
         util.register_serializer(Unpicklable, serializer=to_value, deserializer=None)
     with pytest.raises(TypeError, match="needs a class"):
         util.register_serializer(Unpicklable(1), serializer=to_value, deserializer=from_value)
+
+
+# -- what `import zray` makes available, and Pool(ray_address=...) ---------------
+
+@pytest.mark.skipif(BACKEND == "ray", reason="Ray 2.60's `import ray` does not import "
+                    "ray.util.queue / ray.util.multiprocessing; zray's does, as asked of it")
+def test_import_makes_the_toolbox_attributes(run_driver):
+    out = run_driver(
+        "import zray\n"
+        "print(zray.util.ActorPool.__name__, zray.util.queue.Queue.__name__,\n"
+        "      zray.util.queue.Empty.__name__, zray.util.multiprocessing.Pool.__name__,\n"
+        "      zray.util.inspect_serializability.__name__)\n"
+        "from zray.dag import InputNode, MultiOutputNode\n"
+        "print(InputNode.__name__, MultiOutputNode.__name__)\n", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ActorPool", "Queue", "Empty", "Pool",
+                                  "inspect_serializability", "InputNode", "MultiOutputNode"]
+
+
+def _cluster_address() -> str:
+    if BACKEND == "ray":
+        return ray.get_runtime_context().gcs_address
+    return ray._runtime.client.address
+
+
+def test_pool_ray_address_joins_that_cluster(cluster, run_driver):
+    """A second driver that is not connected yet: Pool(ray_address=...) connects it to
+    this cluster (same node) and its workers run there."""
+    node_ids = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    out = run_driver(
+        f"import {BACKEND} as ray\n"
+        f"from {BACKEND}.util.multiprocessing import Pool\n"
+        "def square(x):\n"
+        "    return x * x\n"
+        f"pool = Pool(processes=1, ray_address={_cluster_address()!r})\n"
+        "print(pool.map(square, [1, 2, 3]))\n"
+        "print(sorted(n['NodeID'] for n in ray.nodes() if n['Alive']))\n"
+        "pool.terminate()\n", timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "[1, 4, 9]"
+    assert lines[-1] == str(node_ids)
