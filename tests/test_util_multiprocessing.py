@@ -217,6 +217,8 @@ def test_close_join_and_terminate(cluster):
 def test_bad_arguments(cluster):
     with pytest.raises(ValueError):
         Pool(processes=0)
+    with pytest.raises(ValueError, match="only 2 CPUs"):
+        Pool(processes=3)  # more workers than the cluster has CPUs
     if BACKEND == "ray":  # Ray 2.60 accepts maxtasksperchild=0, asserts on chunksize=0
         return
     with pytest.raises(ValueError, match="maxtasksperchild"):
@@ -232,6 +234,19 @@ def test_context_is_refused(cluster):
 
     with pytest.raises(ValueError, match="context"):
         Pool(processes=1, context=multiprocessing.get_context("spawn"))
+
+
+def test_pool_starts_a_local_cluster_sized_for_it(run_driver):
+    out = run_driver(
+        f"import {BACKEND} as ray\n"
+        f"from {BACKEND}.util.multiprocessing import Pool\n"
+        "def square(x):\n"
+        "    return x * x\n"
+        "with Pool(processes=3) as pool:\n"
+        "    print(pool.map(square, range(4)))\n"
+        "    print(int(ray.cluster_resources()['CPU']))\n", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[0, 1, 4, 9]", "3"]
 
 
 def test_default_processes_is_the_cluster_cpus(cluster):

@@ -12,8 +12,8 @@
 
 Work is cut into chunks (``chunksize`` items; for ``map`` by default about four
 chunks per worker, as ``multiprocessing`` does) and the chunks are dealt round-robin
-to the workers, which are actors (one CPU each unless ``ray_remote_args`` say
-otherwise). A chunk's result is a list of ``(ok, value)`` pairs, so one item that
+to the workers, which are actors (holding no CPU unless ``ray_remote_args`` say
+so, as in Ray; a pool may not have more workers than the cluster has CPUs). A chunk's result is a list of ``(ok, value)`` pairs, so one item that
 raises does not lose the others; the caller sees the first item's exception, as with
 ``multiprocessing``. With ``maxtasksperchild`` a worker that has been given that many
 items is told to exit once its queued calls are done (``__ray_terminate__``) and a
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from multiprocessing import TimeoutError
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -223,12 +224,13 @@ class IMapIterator:
 class Pool:
     """A pool of worker processes (actors) on the cluster, with ``multiprocessing``'s API.
 
-    ``processes`` defaults to the cluster's CPU count; ``initializer(*initargs)`` runs
-    once in each worker; ``maxtasksperchild`` replaces a worker after that many items;
-    ``ray_address`` is the cluster to connect to if this process is not connected yet
-    (None: ``ZRAY_ADDRESS``, else a new local cluster); ``ray_remote_args`` are the
-    workers' actor options (default ``{"num_cpus": 1}``). ``context`` (a
-    ``multiprocessing`` start-method context) has no meaning for actors and is refused.
+    ``processes`` defaults to the cluster's CPU count (more than it has is an error);
+    ``initializer(*initargs)`` runs once in each worker; ``maxtasksperchild`` replaces a
+    worker after that many items; ``ray_address`` is the cluster to connect to if this
+    process is not connected yet (None: ``ZRAY_ADDRESS``, else a new local cluster with
+    ``processes`` CPUs); ``ray_remote_args`` are the workers' actor options (default
+    ``{"num_cpus": 0}``). ``context`` (a ``multiprocessing`` start-method context) has
+    no meaning for actors and is refused.
     """
 
     def __init__(self, processes: Optional[int] = None, initializer: Optional[Callable] = None,
@@ -245,14 +247,25 @@ class Pool:
         if ray_remote_args is not None and not isinstance(ray_remote_args, dict):
             raise TypeError("ray_remote_args must be a dict of actor options")
         if not _api.is_initialized():
-            _api.init(address=ray_address)
+            # ray_address, else ZRAY_ADDRESS, else a new local cluster sized for the pool
+            if ray_address in (None, "local") and (ray_address == "local"
+                                                   or not os.environ.get("ZRAY_ADDRESS")):
+                _api.init(address=ray_address, num_cpus=processes)
+            else:
+                _api.init(address=ray_address)
+        cpus = int(_api.cluster_resources().get("CPU", 0))
         if processes is None:
-            processes = max(1, int(_api.cluster_resources().get("CPU", 1)))
+            processes = max(1, cpus)
+        elif cpus < processes:
+            raise ValueError(f"Tried to start a pool with {processes} processes on a cluster "
+                             f"that has only {cpus} CPUs")
         self._initializer = initializer
         self._initargs = tuple(initargs or ())
         self._maxtasks = maxtasksperchild
+        # As in Ray, a worker holds no CPU unless ray_remote_args say so: the pool is
+        # sized by ``processes`` (checked against the cluster's CPUs above).
         self._actor_class = _api.remote(_PoolWorker).options(
-            **{"num_cpus": 1, **(ray_remote_args or {})})
+            **{"num_cpus": 0, **(ray_remote_args or {})})
         self._state = _RUN
         self._workers: list = []  # [actor, items given]
         self._retired: list = []  # workers told to exit (maxtasksperchild) or closed
