@@ -86,6 +86,7 @@ def test_map_starmap_apply(cluster):
         assert pool.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
         assert pool.apply(add, (1, 2)) == 3
         assert pool.apply(add, (1,), {"b": 5}) == 6
+        assert pool.apply(add, (1,), kwargs={"b": 6}) == 7  # Ray's name for kwds
         assert len(set(pool.map(pid_of, range(20), chunksize=1))) == 2
 
 

@@ -324,16 +324,21 @@ class Pool:
 
     # -- the multiprocessing API ---------------------------------------------
 
-    def apply(self, func: Callable, args: tuple = (), kwds: Optional[dict] = None):
-        """``func(*args, **kwds)`` in a worker; waits for and returns the result."""
-        return self.apply_async(func, args, kwds).get()
+    def apply(self, func: Callable, args: tuple = (), kwds: Optional[dict] = None, *,
+              kwargs: Optional[dict] = None):
+        """``func(*args, **kwds)`` in a worker; waits for and returns the result.
+        (``kwargs=`` is Ray's name for ``kwds``.)"""
+        return self.apply_async(func, args, kwds, kwargs=kwargs).get()
 
     def apply_async(self, func: Callable, args: tuple = (), kwds: Optional[dict] = None,
                     callback: Optional[Callable] = None,
-                    error_callback: Optional[Callable] = None) -> AsyncResult:
+                    error_callback: Optional[Callable] = None, *,
+                    kwargs: Optional[dict] = None) -> AsyncResult:
         """``func(*args, **kwds)`` in a worker; an AsyncResult for it."""
         self._check_running()
-        call = _Call(func, kwds or {})
+        if kwds is not None and kwargs is not None:
+            raise TypeError("give the keyword arguments as kwds= or kwargs=, not both")
+        call = _Call(func, kwds if kwds is not None else (kwargs or {}))
         ref = self._submit(call, [tuple(args or ())], star=True)
         return AsyncResult([ref], True, callback, error_callback)
 
