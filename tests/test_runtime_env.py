@@ -9,6 +9,7 @@ pip cases install a small pure-Python package (six) from the package index.
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -576,3 +577,26 @@ def test_pip_environments_are_bounded(run_driver):
     res = json.loads(out.stdout.split("RESULT ", 1)[1])
     assert res["old"][0] == "1.16.0" and res["new"][0] == "1.15.0", res
     assert res["new_left"] and not res["old_left"], res
+
+
+UV_DRIVER = """
+import json, zray
+zray.init(num_cpus=1)
+
+@zray.remote(runtime_env={"uv": {"packages": ["six==1.16.0"]}})
+def use_six():
+    import six
+    return six.__version__, six.__file__
+
+print("RESULT " + json.dumps([zray.get(use_six.remote(), timeout=240) for _ in range(2)]))
+"""
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not on PATH (its absence is "
+                    "tested in test_setup_failures_are_runtime_env_setup_errors)")
+@pytest.mark.timeout(300)
+def test_uv_installs_into_a_cached_environment(run_driver):
+    out = run_driver(UV_DRIVER, timeout=280)
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    (v1, f1), (v2, f2) = json.loads(out.stdout.split("RESULT ", 1)[1])
+    assert v1 == v2 == "1.16.0" and f1 == f2 and "runtime_resources/venvs/venv_" in f1
