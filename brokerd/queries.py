@@ -157,3 +157,66 @@ class Queries:
         a = self.engine.actors.get(args.get("actor_id"))
         return None if a is None else {"state": a.state.value, "restarts": a.restarts,
                                        "death": a.death}
+
+    # ---------------------------------------------------------------- dashboard
+    # Read-only views for the dashboard process (zray/dashboard/): each is a slice
+    # or a walk of tables the engine keeps anyway, so that a dashboard refreshing
+    # every second costs the loop little (measured: benchmarks/dashboard_load.py).
+
+    def req_recent_events(self, cid, args):
+        """The newest ``limit`` (<= 20000) entries of the event log, newest first:
+        [[time, kind, id, from, to, reason, node id|nil, name], ...]."""
+        limit = args.get("limit", 5000)
+        if not isinstance(limit, int) or not 0 < limit <= 20000:
+            raise ValueError("recent_events: limit must be an int in 1..20000")
+        out = []
+        for e in reversed(self.engine.moves.events):
+            out.append(list(e))
+            if len(out) >= limit:
+                break
+        return out
+
+    def req_actors(self, cid, args):
+        """Every actor the broker knows, with its state and restarts."""
+        out = []
+        for a in self.engine.actors.actors.values():
+            ex = a.executor
+            out.append({"actor_id": a.actor_id.hex(), "class_name": a.class_name,
+                        "name": a.name, "namespace": a.namespace, "state": a.state.value,
+                        "restarts": a.restarts, "max_restarts": a.max_restarts,
+                        "death": a.death, "detached": a.detached, "job_id": a.job_id.hex(),
+                        "node_id": ex.node.node_id.hex() if ex is not None else "",
+                        "pid": ex.pid if ex is not None else 0})
+        return out
+
+    def req_jobs(self, cid, args):
+        """Connected drivers' jobs: [{job_id, namespace, driver_pid}, ...]."""
+        clients = self.engine.clients
+        return [{"job_id": j.hex(), "namespace": info["namespace"],
+                 "driver_pid": clients[info["driver"]].pid if info["driver"] in clients else 0}
+                for j, info in self.engine.jobs.items()]
+
+    def req_metrics_report(self, cid, args):
+        """A process's user metrics (zray.util.metrics), checked field by field."""
+        from brokerd.metrics import check_report
+
+        c = self.engine.clients.get(cid)
+        if c is None or c.kind not in ("driver", "executor"):
+            raise PermissionError("only drivers and executors report metrics")
+        self.user_metrics.put(cid, check_report(args.get("series")))
+        return True
+
+    def req_metrics(self, cid, args):
+        """Built-in cluster metrics and every process's last user metrics report."""
+        from brokerd.metrics import cluster_metrics
+
+        return {"cluster": cluster_metrics(self.engine), "user": self.user_metrics.all()}
+
+    @property
+    def user_metrics(self):
+        store = self.__dict__.get("_user_metrics")
+        if store is None:
+            from brokerd.metrics import UserMetrics
+
+            store = self.__dict__["_user_metrics"] = UserMetrics()
+        return store

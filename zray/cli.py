@@ -224,5 +224,29 @@ def microbenchmark(filter_, repeat):
     sys.exit(run_bench(filter_, repeat))
 
 
+@main.command()
+@cluster_options
+@click.option("--dashboard-host", default="127.0.0.1", show_default=True,
+              help="Interface to serve on (0.0.0.0: every interface).")
+@click.option("--port", "--dashboard-port", "port", default=None, type=int,
+              help="HTTP port (default: $ZRAY_DASHBOARD_PORT or 8265; 0: any free one).")
+@click.option("--session-dir", default=None, help="Where its logs and job logs go.")
+def dashboard(address, key_file, dashboard_host, port, session_dir):
+    """Serve the read-only web dashboard, its JSON API (/api/) and /metrics, and run
+    submitted jobs (`zray job`), in the foreground."""
+    from zray.dashboard import default_port
+    from zray.dashboard.server import main as serve
+
+    if key_file:
+        if not os.path.isfile(key_file):
+            raise click.BadParameter(f"no key file at {key_file}", param_hint="--key-file")
+        os.environ["ZRAY_KEY_FILE"] = os.path.abspath(key_file)
+    argv = ["--address", _resolve(address), "--dashboard-host", dashboard_host,
+            "--port", str(default_port() if port is None else port)]
+    if session_dir:
+        argv += ["--session-dir", session_dir]
+    sys.exit(serve(argv))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,148 @@
+"""What the dashboard knows of the cluster: broker REQ answers, cached, and shaped
+into the JSON of the ``/api/`` routes (nodes, tasks, actors, objects, jobs, logs)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from zray import _protocol as P
+
+TASK_EVENTS = 20000  # newest event-log entries read to list tasks
+
+
+class ClusterView:
+    """Broker queries with a short cache; safe to call from many threads."""
+
+    def __init__(self, client, ttl: float = 0.5):
+        self.client = client
+        self.ttl = ttl
+        self._cache: dict = {}
+        self._locks: dict = {}
+        self._lock = threading.Lock()
+
+    def ask(self, op: str, args: dict | None = None):
+        key = (op, tuple(sorted((args or {}).items())))
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:  # one request per key in flight; the others wait and share its answer
+            hit = self._cache.get(key)
+            if hit is not None and time.monotonic() - hit[0] < self.ttl:
+                return hit[1]
+            value = self.client.request(op, args, timeout=15)
+            self._cache[key] = (time.monotonic(), value)
+            return value
+
+    def close(self):
+        try:
+            self.client.send(P.encode(P.Exit()))
+        except Exception:
+            pass
+        self.client.close()
+
+    # ------------------------------------------------------------- pages
+    def nodes(self) -> list:
+        mem = {n["node_id"]: n for n in self.ask("memory", {"top": 0})["nodes"]}
+        out = []
+        for n in self.ask("nodes"):
+            res, av = n["Resources"], n["Available"]
+            m = mem.get(n["NodeID"], {})
+            out.append({
+                "node_id": n["NodeID"], "alive": n["Alive"], "hostname": n["NodeManagerHostname"],
+                "address": n["NodeManagerAddress"], "pid": n["Pid"], "labels": n["Labels"],
+                "resources_total": res, "resources_available": av,
+                "cpu": {"total": res.get("CPU", 0), "used": res.get("CPU", 0) - av.get("CPU", 0)},
+                "gpu": {"total": res.get("GPU", 0), "used": res.get("GPU", 0) - av.get("GPU", 0)},
+                "memory": {"total": res.get("memory", 0),
+                           "used": res.get("memory", 0) - av.get("memory", 0)},
+                "store": {"used": m.get("bytes_in_memory", 0), "limit": n["StoreLimit"],
+                          "spilled": m.get("bytes_spilled", 0), "objects": m.get("objects", 0)},
+                "executors": n["Executors"], "running_tasks": n["Running"],
+            })
+        return out
+
+    def cluster(self) -> dict:
+        st = self.ask("status")
+        return {k: st[k] for k in st if k != "nodes"}
+
+    def tasks(self, state: str | None = None, limit: int = 1000) -> dict:
+        """Tasks seen in the newest event-log entries, newest first, with their state,
+        node, how long they ran (or have been running) and a failed task's error."""
+        events = self.ask("recent_events", {"limit": TASK_EVENTS})
+        now = time.time()
+        tasks: dict = {}
+        for t, kind, rid, _old, new, reason, node, name in reversed(events):  # oldest first
+            if kind != "task":
+                continue
+            rec = tasks.get(rid)
+            if rec is None:
+                rec = tasks[rid] = {"task_id": rid.hex(), "name": name, "state": new,
+                                    "node_id": "", "submitted": t, "start_time": None,
+                                    "end_time": None, "error": "", "attempts": 0}
+            rec["state"] = new
+            if node:
+                rec["node_id"] = node.hex()
+            if new == "running":
+                rec["start_time"] = t
+                rec["attempts"] += 1
+            elif new in ("finished", "failed", "cancelled"):
+                rec["end_time"] = t
+                if new != "finished":
+                    rec["error"] = reason
+        counts: dict = {}
+        rows = []
+        for rec in tasks.values():
+            counts[rec["state"]] = counts.get(rec["state"], 0) + 1
+            start = rec["start_time"]
+            rec["duration_s"] = None if start is None else (rec["end_time"] or now) - start
+            if state is None or rec["state"] == state:
+                rows.append(rec)
+        rows.sort(key=lambda r: r["submitted"], reverse=True)
+        return {"counts": counts, "tasks": rows[:limit], "total": len(rows)}
+
+    def actors(self) -> list:
+        return self.ask("actors")
+
+    def objects(self, top: int = 100) -> dict:
+        return self.ask("memory", {"top": top})
+
+    def jobs(self) -> list:
+        return self.ask("jobs")
+
+    def placement_groups(self) -> list:
+        # The broker has no placement groups yet (no REQ op lists them): none to show.
+        return []
+
+
+class LogFiles:
+    """Log files of the processes on this host: the broker's session dir (an
+    embedded cluster's node and executors log there too) and this dashboard's jobs."""
+
+    def __init__(self, dirs: list):
+        self.dirs = [d for d in dirs if d]
+
+    def list(self) -> list:
+        out = []
+        for d in self.dirs:
+            try:
+                names = sorted(os.listdir(d))
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(d, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    out.append({"name": name, "dir": d, "size": os.path.getsize(path)})
+        return out
+
+    def read(self, name: str, tail: int = 65536) -> str:
+        """The last ``tail`` bytes of a listed file (by its name only: no paths)."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad log file name {name!r}")
+        for d in self.dirs:
+            path = os.path.join(d, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    f.seek(max(0, os.path.getsize(path) - tail))
+                    return f.read().decode("utf-8", "replace")
+        raise FileNotFoundError(f"no log file {name!r}")
