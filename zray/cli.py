@@ -241,8 +241,12 @@ def dashboard(address, key_file, dashboard_host, port, session_dir):
         if not os.path.isfile(key_file):
             raise click.BadParameter(f"no key file at {key_file}", param_hint="--key-file")
         os.environ["ZRAY_KEY_FILE"] = os.path.abspath(key_file)
+    try:
+        port = default_port() if port is None else port
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
     argv = ["--address", _resolve(address), "--dashboard-host", dashboard_host,
-            "--port", str(default_port() if port is None else port)]
+            "--port", str(port)]
     if session_dir:
         argv += ["--session-dir", session_dir]
     sys.exit(serve(argv))
