@@ -7,8 +7,11 @@ Built-in names follow Ray's: ``ray_tasks{State}``, ``ray_actors{State}``,
 ``ray_executors{NodeId}`` and ``ray_objects``. User metrics keep the name given to
 ``zray.util.metrics`` (Ray adds a ``ray_`` prefix: so does zray). A process's
 reports replace each other; the same series from several processes is summed
-(counters and histograms) or shows the most recent report (gauges), each with a
-``WorkerId`` tag removed, as Ray's per-node aggregation does.
+(counters and histograms) or shows the most recent report (gauges).
+
+``ray_tasks`` and ``ray_actors`` count what the broker holds now: a finished
+task leaves its tables, so FINISHED and FAILED stay near 0 (the dashboard's task
+page reads the event log for those).
 """
 
 from __future__ import annotations
