@@ -171,6 +171,11 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
             return _runtime.context
         raise RuntimeError("Maybe you called zray.init twice by accident? Call zray.shutdown() "
                            "first, or pass ignore_reinit_error=True.")
+    if runtime_env is None and os.environ.get("ZRAY_JOB_RUNTIME_ENV"):
+        # a job's driver (zray job submit): the job's runtime_env, as Ray applies it
+        import json
+
+        runtime_env = json.loads(os.environ["ZRAY_JOB_RUNTIME_ENV"])
     if runtime_env:
         from zray._options import validate
 

@@ -252,5 +252,10 @@ def dashboard(address, key_file, dashboard_host, port, session_dir):
     sys.exit(serve(argv))
 
 
+from zray._job_cli import job  # noqa: E402  (zray job ...)
+
+main.add_command(job)
+
+
 if __name__ == "__main__":
     sys.exit(main())
