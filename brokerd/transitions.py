@@ -9,8 +9,9 @@
 The tables below list the legal moves, as Dask's scheduler lists its
 transitions: a move that is not in them is a bug somewhere in the broker, and
 applying it anyway would hide that bug behind a corrupt record. The event log
-(record kind, id, from, to, reason, time, node, name) is what the ``task_events``
-query, the state API, the timeline and the tests read.
+(time, record kind, id, from, to, reason, node, name, task spec) is what the
+``task_events`` query, the state API (``brokerd/state.py``), the timeline and the
+tests read. It is bounded: ``dropped`` counts the events that fell off its old end.
 
 Owns: the move tables, the event log and the illegal-move counter. Touches
 only the ``state`` field of the records it is given.
@@ -19,6 +20,7 @@ only the ``state`` field of the records it is given.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from typing import Optional
@@ -61,7 +63,19 @@ EXEC_MOVES = {
     E.DEAD: set(),
 }
 
-EVENT_LOG_LEN = 100_000
+def _log_len() -> int:
+    """ZRAY_EVENT_LOG_LEN: how many events the log keeps (default 100,000)."""
+    text = os.environ.get("ZRAY_EVENT_LOG_LEN") or "100000"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"ZRAY_EVENT_LOG_LEN must be a positive integer, got {text!r}")
+    return n
+
+
+EVENT_LOG_LEN = _log_len()
 
 
 def _fast(table: dict) -> dict:
@@ -79,7 +93,9 @@ class Transitions:
     def __init__(self, maxlen: int = EVENT_LOG_LEN):
         # (time, kind, id, from, to, reason, node id, name): kind "task" | "actor" |
         # "executor"; name: a task's or actor's name, for the timeline
+        # + spec: a task's TaskSpec (what the state API lists once the task is gone), or None
         self.events: deque = deque(maxlen=maxlen)
+        self.appended = 0  # events ever logged: appended - len(events) fell off the log
         self.illegal = 0
         self.now = time.time()  # set by the broker once per loop turn (time.time per move cost)
 
@@ -89,17 +105,18 @@ class Transitions:
         cls = type(rec)
         if cls is Task:
             table, kind, rid = (_CREATE if rec.kind == P.ACTOR_CREATE else _TASK), "task", rec.task_id
-            name = rec.spec.name
+            spec = rec.spec
+            name = spec.name
             if node_id is None:
                 if rec.node is not None:
                     node_id = rec.node.node_id
                 elif rec.actor is not None and rec.actor.executor is not None:  # a call
                     node_id = rec.actor.executor.node.node_id
         elif cls is Executor:
-            table, kind, rid, name = _EXEC, "executor", rec.cid, ""
+            table, kind, rid, name, spec = _EXEC, "executor", rec.cid, "", None
             node_id = rec.node.node_id
         elif cls is Actor:
-            table, kind, rid, name = _ACTOR, "actor", rec.actor_id, rec.class_name
+            table, kind, rid, name, spec = _ACTOR, "actor", rec.actor_id, rec.class_name, None
         else:
             raise TypeError(f"no state machine for {cls.__name__}")
         if new not in table[old]:
@@ -108,8 +125,14 @@ class Transitions:
                       kind, old, new._value_, rid.hex(), reason)
             return False
         rec.state = new
-        self.events.append((self.now, kind, rid, old, new._value_, reason, node_id, name))
+        self.events.append((self.now, kind, rid, old, new._value_, reason, node_id, name, spec))
+        self.appended += 1
         return True
+
+    @property
+    def dropped(self) -> int:
+        """Events that fell off the old end of the bounded log."""
+        return self.appended - len(self.events)
 
     def history(self, rid: bytes) -> list:
         """[(from, to, reason), ...] of one record, oldest first (while still in the log)."""
