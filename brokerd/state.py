@@ -37,13 +37,14 @@ ACTOR_STATE = {"pending": "PENDING_CREATION", "alive": "ALIVE", "restarting": "R
 TASK_TYPE = {P.TASK: "NORMAL_TASK", P.ACTOR_CREATE: "ACTOR_CREATION_TASK",
              P.ACTOR_CALL: "ACTOR_TASK"}
 
-# Why a task failed (the reason of its last move) -> Ray's ErrorType name; first match wins.
+# Why a task failed (the reason of its last move: its start) -> Ray's ErrorType name; the
+# first match wins. A reason that matches none is an executor or node loss.
 _ERROR_TYPES = (
-    ("cancel", "TASK_CANCELLED"), ("raised", "TASK_EXECUTION_EXCEPTION"),
-    ("actor", "ACTOR_DIED"), ("unschedulable", "TASK_UNSCHEDULABLE_ERROR"),
+    ("raised", "TASK_EXECUTION_EXCEPTION"), ("constructor raised", "TASK_EXECUTION_EXCEPTION"),
+    ("cancel", "TASK_CANCELLED"), ("actor", "ACTOR_DIED"),
+    ("unschedulable", "TASK_UNSCHEDULABLE_ERROR"),
     ("argument is an error", "DEPENDENCY_RESOLUTION_FAILED"),
-    ("argument lost", "OBJECT_UNRECONSTRUCTABLE"), ("node", "NODE_DIED"),
-    ("no process", "ACTOR_CREATION_FAILED"),
+    ("argument lost", "OBJECT_UNRECONSTRUCTABLE"), ("no process", "ACTOR_CREATION_FAILED"),
 )
 
 SUMMARY_RESOURCES = ("tasks", "actors", "objects")
@@ -122,12 +123,13 @@ class StateView:
         """Tasks in the order they were first seen: every task whose moves are still in the
         log, and every live task (a task waiting for its arguments has made no move yet)."""
         rows: dict = {}
-        for t, kind, rid, _old, new, reason, node_id, _name, spec in self.engine.moves.events:
+        specs = self.engine.moves.specs
+        for t, kind, rid, _old, new, reason, node_id, name in self.engine.moves.events:
             if kind != "task":
                 continue
             r = rows.get(rid)
             if r is None:
-                r = rows[rid] = _task_row(spec, t)
+                r = rows[rid] = _task_row(specs.get(rid), t, rid, name)
             r["events"].append({"state": TASK_STATE[new], "created_ms": _ms(t)})
             r["state"] = TASK_STATE[new]
             if node_id:
@@ -147,7 +149,7 @@ class StateView:
         for task in list(self.engine.tasks.values()):
             r = rows.get(task.task_id)
             if r is None:
-                r = rows[task.task_id] = _task_row(task.spec, 0.0)
+                r = rows[task.task_id] = _task_row(task.spec, 0.0, task.task_id, "")
                 r["state"] = TASK_STATE[task.state._value_]
             ex = task.executor
             if ex is None and task.actor is not None:
@@ -250,24 +252,30 @@ def _node_row(n, head: bool) -> dict:
     }
 
 
-def _task_row(spec, t: float) -> dict:
-    return {
-        "task_id": spec.task_id.hex(), "attempt_number": 0,
-        "name": spec.name, "state": "NIL", "job_id": spec.job.hex(),
-        "actor_id": _hex(spec.actor_id), "type": TASK_TYPE.get(spec.kind, "NORMAL_TASK"),
-        "func_or_class_name": spec.name, "parent_task_id": _hex(spec.parent),
-        "node_id": None, "worker_id": None, "worker_pid": None, "error_type": None,
-        "error_message": None, "required_resources": P.from_units(spec.resources),
+def _task_row(spec, t: float, task_id: bytes, name: str) -> dict:
+    """A task's row from its spec; without one (forgotten: a very old task), what its
+    events say."""
+    row = {
+        "task_id": task_id.hex(), "attempt_number": 0, "name": name, "state": "NIL",
+        "job_id": None, "actor_id": None, "type": None, "func_or_class_name": name,
+        "parent_task_id": None, "node_id": None, "worker_id": None, "worker_pid": None,
+        "error_type": None, "error_message": None, "required_resources": None,
         "creation_time_ms": _ms(t), "start_time_ms": None, "end_time_ms": None,
         "events": [], "language": "PYTHON",
     }
+    if spec is not None:
+        row.update(name=spec.name, func_or_class_name=spec.name, job_id=spec.job.hex(),
+                   actor_id=_hex(spec.actor_id), type=TASK_TYPE.get(spec.kind, "NORMAL_TASK"),
+                   parent_task_id=_hex(spec.parent),
+                   required_resources=P.from_units(spec.resources))
+    return row
 
 
 def _error_type(reason: str) -> str:
     for text, name in _ERROR_TYPES:
-        if text in reason:
+        if reason.startswith(text):
             return name
-    return "WORKER_DIED"
+    return "NODE_DIED" if "node" in reason else "WORKER_DIED"
 
 
 def _count(d: dict, key) -> None:

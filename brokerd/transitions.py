@@ -9,9 +9,11 @@
 The tables below list the legal moves, as Dask's scheduler lists its
 transitions: a move that is not in them is a bug somewhere in the broker, and
 applying it anyway would hide that bug behind a corrupt record. The event log
-(time, record kind, id, from, to, reason, node, name, task spec) is what the
-``task_events`` query, the state API (``brokerd/state.py``), the timeline and the
-tests read. It is bounded: ``dropped`` counts the events that fell off its old end.
+(time, record kind, id, from, to, reason, node, name) is what the ``task_events``
+query, the state API (``brokerd/state.py``), the timeline, the dashboard and the tests
+read. It is bounded: ``dropped`` counts the events that fell off its old end. Beside
+it, ``specs`` keeps the spec of each task seen (bounded too, oldest tasks forgotten
+first), so that the state API can still say what a finished task was.
 
 Owns: the move tables, the event log and the illegal-move counter. Touches
 only the ``state`` field of the records it is given.
@@ -93,8 +95,11 @@ class Transitions:
     def __init__(self, maxlen: int = EVENT_LOG_LEN):
         # (time, kind, id, from, to, reason, node id, name): kind "task" | "actor" |
         # "executor"; name: a task's or actor's name, for the timeline
-        # + spec: a task's TaskSpec (what the state API lists once the task is gone), or None
         self.events: deque = deque(maxlen=maxlen)
+        # task id -> TaskSpec, in the order tasks were first seen; at 2 * maxlen the older
+        # half goes (the log holds at most maxlen tasks' events)
+        self.specs: dict = {}
+        self.spec_cap = 2 * maxlen
         self.appended = 0  # events ever logged: appended - len(events) fell off the log
         self.illegal = 0
         self.now = time.time()  # set by the broker once per loop turn (time.time per move cost)
@@ -107,16 +112,20 @@ class Transitions:
             table, kind, rid = (_CREATE if rec.kind == P.ACTOR_CREATE else _TASK), "task", rec.task_id
             spec = rec.spec
             name = spec.name
+            specs = self.specs
+            specs[rid] = spec
+            if len(specs) > self.spec_cap:
+                self._forget_specs()
             if node_id is None:
                 if rec.node is not None:
                     node_id = rec.node.node_id
                 elif rec.actor is not None and rec.actor.executor is not None:  # a call
                     node_id = rec.actor.executor.node.node_id
         elif cls is Executor:
-            table, kind, rid, name, spec = _EXEC, "executor", rec.cid, "", None
+            table, kind, rid, name = _EXEC, "executor", rec.cid, ""
             node_id = rec.node.node_id
         elif cls is Actor:
-            table, kind, rid, name, spec = _ACTOR, "actor", rec.actor_id, rec.class_name, None
+            table, kind, rid, name = _ACTOR, "actor", rec.actor_id, rec.class_name
         else:
             raise TypeError(f"no state machine for {cls.__name__}")
         if new not in table[old]:
@@ -125,9 +134,14 @@ class Transitions:
                       kind, old, new._value_, rid.hex(), reason)
             return False
         rec.state = new
-        self.events.append((self.now, kind, rid, old, new._value_, reason, node_id, name, spec))
+        self.events.append((self.now, kind, rid, old, new._value_, reason, node_id, name))
         self.appended += 1
         return True
+
+    def _forget_specs(self) -> None:
+        specs = self.specs
+        keep = list(specs.items())[len(specs) - self.spec_cap // 2:]
+        self.specs = dict(keep)
 
     @property
     def dropped(self) -> int:

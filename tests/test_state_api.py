@@ -217,7 +217,7 @@ zray.init(num_cpus=1)
 def f(i):
     return i
 
-zray.get([f.remote(i) for i in range(40)])
+zray.get([f.remote(i) for i in range(80)])
 try:
     state.list_tasks()
     print("NO RAISE")
@@ -226,7 +226,7 @@ except RayStateApiException as e:
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     rows = state.list_tasks(raise_on_missing_output=False, limit=1000)
-    print("ROWS", 0 < len(rows) < 40, any("dropped" in str(x.message) for x in w))
+    print("ROWS", 0 < len(rows) < 80, any("dropped" in str(x.message) for x in w))
 print("SUMMARY", state.summarize_tasks(raise_on_missing_output=False)["cluster"]["dropped_events"] > 0)
 zray.shutdown()
 """, timeout=120, ZRAY_EVENT_LOG_LEN="30")

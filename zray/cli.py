@@ -224,5 +224,10 @@ def microbenchmark(filter_, repeat):
     sys.exit(run_bench(filter_, repeat))
 
 
+from zray import _cli_state  # noqa: E402  (list, get, summary, timeline)
+
+_cli_state.add_commands(main, cluster_options)
+
+
 if __name__ == "__main__":
     sys.exit(main())
