@@ -220,3 +220,24 @@ class Queries:
 
             store = self.__dict__["_user_metrics"] = UserMetrics()
         return store
+
+    # ------------------------------------------------ state API (brokerd/state.py)
+    def req_state_list(self, cid, args):
+        """Rows of one resource for ``zray.util.state.list_*``: {rows, total,
+        dropped_events}."""
+        from brokerd.state import StateView
+
+        return StateView(self.engine).list(args)
+
+    def req_state_summary(self, cid, args):
+        """Counts by name and state for ``zray.util.state.summarize_*``."""
+        from brokerd.state import StateView
+
+        return StateView(self.engine).summary(args)
+
+    def req_event_log(self, cid, args):
+        """The bounded transition log's size, capacity and drop count."""
+        moves = self.engine.moves
+        return {"events": len(moves.events), "capacity": moves.events.maxlen,
+                "dropped": moves.dropped}
+

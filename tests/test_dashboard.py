@@ -98,6 +98,15 @@ def test_tasks_by_state_with_errors_and_actors(dash, tmp_path):
     actors = [a for a in dash.get("/api/actors") if a["name"] == "dash-counter"]
     assert len(actors) == 1 and actors[0]["state"] == "alive", actors
     assert actors[0]["class_name"].endswith("Counter") and actors[0]["restarts"] == 0
+    # the state API's rows (Ray's names) under /api/v0/, with filters
+    failed_rows = dash.get("/api/v0/tasks?filter=state=FAILED&filter=name=explode&detail=1")
+    assert failed_rows["rows"] and all(r["state"] == "FAILED" for r in failed_rows["rows"])
+    assert "the reactor is on fire" in failed_rows["rows"][0]["error_message"]
+    actor_rows = dash.get("/api/v0/actors?filter=name=dash-counter")["rows"]
+    assert [r["state"] for r in actor_rows] == ["ALIVE"]
+    assert dash.get("/api/v0/tasks/summarize")["cluster"]["total_tasks"] >= 2
+    status, body = http_error(dash.url + "/api/v0/tasks?filter=colour=blue")
+    assert status == 400 and "colour" in body["error"]
     open(flag, "w").close()
     assert zray.get(running, timeout=60) == "released"
     zray.kill(counter)

@@ -256,6 +256,14 @@ from zray._job_cli import job  # noqa: E402  (zray job ...)
 
 main.add_command(job)
 
+from zray import _cli_state  # noqa: E402  (list, get, summary, timeline)
+
+_cli_state.add_commands(main, cluster_options)
+
+from zray import _cli_start  # noqa: E402  (start, stop)
+
+_cli_start.add_commands(main, _parse_labels)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -211,6 +211,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(view.placement_groups())
             if path == "/api/objects":
                 return self._json(view.objects(_int(q, "top", 100)))
+            if path.startswith("/api/v0/"):
+                return self._state(path[len("/api/v0/"):].strip("/"), url.query)
             if path == "/api/drivers":
                 return self._json(view.jobs())
             if path == "/api/logs":
@@ -227,6 +229,26 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # the broker is gone or slow: say so, keep serving
             log.warning("%s %s failed: %s", method, path, e)
             return self._error(503, f"{type(e).__name__}: {e}")
+
+    def _state(self, rest: str, query: str):
+        """Ray's state routes: /api/v0/<resource>?limit=&detail=&filter=key=value
+        (repeatable; key!=value too), /api/v0/<resource>/summarize."""
+        view = self.dash.view
+        parts = rest.split("/")
+        if len(parts) == 2 and parts[1] == "summarize":
+            return self._json(view.summary(parts[0]))
+        if len(parts) != 1:
+            return self._error(404, f"no route /api/v0/{rest}")
+        q = parse_qs(query)
+        filters = []
+        for f in q.get("filter", []):
+            key, op, value = f.partition("!=") if "!=" in f else f.partition("=")
+            if not op or not key:
+                raise ValueError(f"filter {f!r}: use key=value or key!=value")
+            filters.append([key, op, value])
+        limit = _int({k: v[-1] for k, v in q.items()}, "limit", 100)
+        detail = (q.get("detail") or ["false"])[-1].lower() in ("1", "true", "yes")
+        return self._json(view.state(parts[0], filters, limit, detail))
 
     def _static(self, name: str, ctype: str):
         with open(os.path.join(STATIC, name), "rb") as f:

@@ -3,6 +3,7 @@ into the JSON of the ``/api/`` routes (nodes, tasks, actors, objects, jobs, logs
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -23,7 +24,7 @@ class ClusterView:
         self._lock = threading.Lock()
 
     def ask(self, op: str, args: dict | None = None):
-        key = (op, tuple(sorted((args or {}).items())))
+        key = (op, json.dumps(args, sort_keys=True))
         with self._lock:
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:  # one request per key in flight; the others wait and share its answer
@@ -111,8 +112,16 @@ class ClusterView:
         return self.ask("jobs")
 
     def placement_groups(self) -> list:
-        # The broker has no placement groups yet (no REQ op lists them): none to show.
-        return []
+        return self.ask("state_list", {"resource": "placement_groups", "limit": 10000,
+                                       "detail": True})["rows"]
+
+    def state(self, resource: str, filters: list, limit: int, detail: bool) -> dict:
+        """``zray.util.state``'s rows (Ray's field names), for /api/v0/<resource>."""
+        return self.ask("state_list", {"resource": resource, "filters": filters,
+                                       "limit": limit, "detail": detail})
+
+    def summary(self, resource: str) -> dict:
+        return self.ask("state_summary", {"resource": resource})
 
 
 class LogFiles:
