@@ -164,17 +164,25 @@ class Queries:
     # every second costs the loop little (measured: benchmarks/dashboard_load.py).
 
     def req_recent_events(self, cid, args):
-        """The newest ``limit`` (<= 20000) entries of the event log, newest first:
-        [[time, kind, id, from, to, reason, node id|nil, name], ...]."""
+        """Event-log entries appended since ``since`` (a ``next`` from an earlier answer;
+        0: from the start), at most the newest ``limit`` (<= 20000), newest first:
+        {events: [[time, kind, id, from, to, reason, node id|nil, name], ...], next}.
+        Only the new entries are walked, so a dashboard polling it costs little."""
         limit = args.get("limit", 5000)
-        if not isinstance(limit, int) or not 0 < limit <= 20000:
+        since = args.get("since", 0)
+        if type(limit) is not int or not 0 < limit <= 20000:
             raise ValueError("recent_events: limit must be an int in 1..20000")
+        if type(since) is not int or since < 0:
+            raise ValueError("recent_events: since must be an int >= 0")
+        moves = self.engine.moves
+        events = moves.events
+        want = min(limit, len(events), max(0, moves.appended - since))
         out = []
-        for e in reversed(self.engine.moves.events):
-            out.append(list(e))
-            if len(out) >= limit:
+        for e in reversed(events):
+            if len(out) >= want:
                 break
-        return out
+            out.append(list(e))
+        return {"events": out, "next": moves.appended}
 
     def req_actors(self, cid, args):
         """Every actor the broker knows, with its state and restarts."""

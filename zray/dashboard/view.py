@@ -7,10 +7,12 @@ import json
 import os
 import threading
 import time
+from collections import OrderedDict
 
 from zray import _protocol as P
 
-TASK_EVENTS = 20000  # newest event-log entries read to list tasks
+TASK_EVENTS = 20000  # at most this many new event-log entries read per refresh
+MAX_TASKS = 20000  # tasks the dashboard remembers (the oldest forgotten first)
 
 
 class ClusterView:
@@ -22,6 +24,10 @@ class ClusterView:
         self._cache: dict = {}
         self._locks: dict = {}
         self._lock = threading.Lock()
+        self._tasks: OrderedDict = OrderedDict()  # task id -> row, in first-seen order
+        self._tasks_lock = threading.Lock()
+        self._tasks_at = float("-inf")
+        self._since = 0  # the event log's append count at the last look
 
     def ask(self, op: str, args: dict | None = None):
         key = (op, json.dumps(args, sort_keys=True))
@@ -67,40 +73,54 @@ class ClusterView:
         st = self.ask("status")
         return {k: st[k] for k in st if k != "nodes"}
 
+    def _refresh_tasks(self) -> None:
+        """Fold the event-log entries appended since the last look into the task table."""
+        with self._tasks_lock:
+            if time.monotonic() - self._tasks_at < self.ttl:
+                return
+            r = self.client.request("recent_events", {"since": self._since,
+                                                      "limit": TASK_EVENTS}, timeout=15)
+            tasks = self._tasks
+            for t, kind, rid, _old, new, reason, node, name in reversed(r["events"]):
+                if kind != "task":
+                    continue
+                rec = tasks.get(rid)
+                if rec is None:
+                    rec = tasks[rid] = {"task_id": rid.hex(), "name": name, "state": new,
+                                        "node_id": "", "submitted": t, "start_time": None,
+                                        "end_time": None, "error": "", "attempts": 0}
+                rec["state"] = new
+                if node:
+                    rec["node_id"] = node.hex()
+                if new == "running":
+                    rec["start_time"] = t
+                    rec["attempts"] += 1
+                elif new in ("finished", "failed", "cancelled"):
+                    rec["end_time"] = t
+                    if new != "finished":
+                        rec["error"] = reason
+            while len(tasks) > MAX_TASKS:
+                tasks.popitem(last=False)
+            self._since = r["next"]
+            self._tasks_at = time.monotonic()
+
     def tasks(self, state: str | None = None, limit: int = 1000) -> dict:
-        """Tasks seen in the newest event-log entries, newest first, with their state,
-        node, how long they ran (or have been running) and a failed task's error."""
-        events = self.ask("recent_events", {"limit": TASK_EVENTS})
+        """Tasks the dashboard has seen in the event log (the newest ``MAX_TASKS``),
+        newest first, with their state, node, how long they ran (or have been running)
+        and a failed task's error."""
+        self._refresh_tasks()
         now = time.time()
-        tasks: dict = {}
-        for t, kind, rid, _old, new, reason, node, name in reversed(events):  # oldest first
-            if kind != "task":
-                continue
-            rec = tasks.get(rid)
-            if rec is None:
-                rec = tasks[rid] = {"task_id": rid.hex(), "name": name, "state": new,
-                                    "node_id": "", "submitted": t, "start_time": None,
-                                    "end_time": None, "error": "", "attempts": 0}
-            rec["state"] = new
-            if node:
-                rec["node_id"] = node.hex()
-            if new == "running":
-                rec["start_time"] = t
-                rec["attempts"] += 1
-            elif new in ("finished", "failed", "cancelled"):
-                rec["end_time"] = t
-                if new != "finished":
-                    rec["error"] = reason
         counts: dict = {}
         rows = []
-        for rec in tasks.values():
-            counts[rec["state"]] = counts.get(rec["state"], 0) + 1
-            start = rec["start_time"]
-            rec["duration_s"] = None if start is None else (rec["end_time"] or now) - start
-            if state is None or rec["state"] == state:
-                rows.append(rec)
-        rows.sort(key=lambda r: r["submitted"], reverse=True)
-        return {"counts": counts, "tasks": rows[:limit], "total": len(rows)}
+        with self._tasks_lock:
+            for rec in reversed(self._tasks.values()):
+                counts[rec["state"]] = counts.get(rec["state"], 0) + 1
+                if (state is None or rec["state"] == state) and len(rows) < limit:
+                    start = rec["start_time"]
+                    rows.append({**rec, "duration_s": None if start is None
+                                 else (rec["end_time"] or now) - start})
+        return {"counts": counts, "tasks": rows,
+                "total": counts.get(state, 0) if state else sum(counts.values())}
 
     def actors(self) -> list:
         return self.ask("actors")
