@@ -197,6 +197,11 @@ class Queries:
                         "pid": ex.pid if ex is not None else 0})
         return out
 
+    def req_node_logs(self, cid, args):
+        """Where each node logs, on its own host: [{node_id, hostname, log_dir}, ...]."""
+        return [{"node_id": n.node_id.hex(), "hostname": n.hostname, "log_dir": n.log_dir,
+                 "alive": n.alive} for n in self.engine.nodes.nodes.values()]
+
     def req_jobs(self, cid, args):
         """Connected drivers' jobs: [{job_id, namespace, driver_pid}, ...]."""
         clients = self.engine.clients

@@ -49,6 +49,12 @@ def explode():
 
 
 @zray.remote
+def shout(text):
+    print(text, flush=True)
+    return zray.get_runtime_context().get_node_id()
+
+
+@zray.remote
 class Counter:
     def __init__(self):
         self.n = 0
@@ -119,8 +125,25 @@ def test_objects_drivers_logs_and_bad_requests(dash):
     assert ref.hex() in {o["object_id"] for o in top["largest"]}, top
     assert any(d["driver_pid"] == os.getpid() for d in dash.get("/api/drivers"))
     logs = dash.get("/api/logs")
-    assert "broker.log" in {f["name"] for f in logs}
-    assert "broker" in dash.get("/api/logs?name=broker.log")["text"]
+    assert "broker.log" in {f["name"] for f in logs if f["source"] == "head"}
+    assert "broker" in dash.get("/api/logs?source=head&name=broker.log")["text"]
+    # each node's agent and executor logs (the nodes run on this host)
+    marker = f"printed-by-a-task-{os.getpid()}"
+    node_id = zray.get(shout.remote(marker), timeout=60)
+    node_logs = [f for f in logs if f["source"] == f"node:{node_id}"]
+    assert any(f["name"] == "node.log" for f in node_logs), logs
+
+    def printed():
+        for f in dash.get("/api/logs"):
+            if f["source"] == f"node:{node_id}" and f["name"].startswith("executor-"):
+                q = f"/api/logs?source=node:{node_id}&name={f['name']}"
+                if marker in dash.get(q)["text"]:
+                    return f["name"]
+        return None
+
+    poll_until(printed, 30, interval=0.2, what="the task's line in its executor's log")
+    status, body = http_error(dash.url + "/api/logs?source=nowhere&name=x.log")
+    assert status == 404 and "nowhere" in body["error"]
     status, body = http_error(dash.url + "/api/logs?name=../../etc/passwd")
     assert status == 400 and "bad log file name" in body["error"]
     status, body = http_error(dash.url + "/api/nope")

@@ -104,6 +104,7 @@ class NodeAgent:
             "labels": self.labels,
             "prestart": self.prestart,
             "store_limit": self.store_limit,
+            "log_dir": self.log_dir,  # the dashboard on this host lists its logs
         }
         self.sock.send(P.encode(P.NodeHello(P.VERSION, self.node_id, info)))
 

@@ -78,9 +78,10 @@ class DashboardServer:
         broker_dir = self.client.info.get("session_dir", "")
         self.session_dir = private_dir(session_dir) if session_dir else new_session_dir()
         self.jobs = JobManager(address, os.path.join(self.session_dir, "jobs"))
-        dirs = [os.path.join(broker_dir, "logs") if broker_dir else "",
-                os.path.join(self.session_dir, "logs"), self.jobs.dir]
-        self.logs = LogFiles(list(dict.fromkeys(dirs)))
+        head = os.path.join(broker_dir, "logs") if broker_dir else ""
+        own = os.path.join(self.session_dir, "logs")
+        self.logs = LogFiles(self.view, {"head": head, "dashboard": "" if own == head else own,
+                                         "jobs": self.jobs.dir})
         handler = type("Handler", (_Handler,), {"dash": self})
         try:
             self.httpd = _PooledHTTPServer((host, port), handler, POOL)
@@ -219,8 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
                 name = q.get("name")
                 if name is None:
                     return self._json(self.dash.logs.list())
-                return self._json({"name": name,
-                                   "text": self.dash.logs.read(name, _int(q, "tail", 65536))})
+                source = q.get("source", "head")
+                return self._json({"source": source, "name": name, "text": self.dash.logs.read(
+                    source, name, _int(q, "tail", 65536))})
             return self._error(404, f"no route {path}")
         except (JobError, ValueError) as e:
             return self._error(400, str(e))

@@ -144,34 +144,78 @@ class ClusterView:
         return self.ask("state_summary", {"resource": resource})
 
 
-class LogFiles:
-    """Log files of the processes on this host: the broker's session dir (an
-    embedded cluster's node and executors log there too) and this dashboard's jobs."""
+LOG_SUFFIXES = (".log", ".out", ".err")
 
-    def __init__(self, dirs: list):
-        self.dirs = [d for d in dirs if d]
+
+class LogFiles:
+    """Log files this host holds, by source: ``head`` (the broker's session: an
+    embedded cluster's node and executors log there too), ``dashboard``, ``jobs``,
+    and each node whose log dir is on this host (``node:<id>``: its agent's and
+    executors' logs). Nodes on other hosts are listed with ``remote: true`` and no
+    files: reading them needs the node's host.
+
+    A node says where it logs (NODE_HELLO); a dir is read only if it is a real
+    directory named ``logs``, owned by this user and private to it (as zray makes
+    them), and only files ending in .log/.out/.err, by name (no paths).
+    """
+
+    def __init__(self, view, fixed: dict):
+        self.view = view
+        self.fixed = {k: v for k, v in fixed.items() if v}
+
+    def sources(self) -> dict:
+        out = dict(self.fixed)
+        try:
+            nodes = self.view.ask("node_logs")
+        except Exception:
+            nodes = []
+        for n in nodes:
+            d = n["log_dir"]
+            out[f"node:{n['node_id']}"] = d if _private_log_dir(d) else None
+        return out
 
     def list(self) -> list:
-        out = []
-        for d in self.dirs:
+        rows = []
+        for source, d in self.sources().items():
+            if d is None:
+                rows.append({"source": source, "name": None, "size": None, "remote": True})
+                continue
             try:
                 names = sorted(os.listdir(d))
             except OSError:
                 continue
             for name in names:
                 path = os.path.join(d, name)
-                if os.path.isfile(path) and not os.path.islink(path):
-                    out.append({"name": name, "dir": d, "size": os.path.getsize(path)})
-        return out
+                if name.endswith(LOG_SUFFIXES) and os.path.isfile(path) \
+                        and not os.path.islink(path):
+                    rows.append({"source": source, "name": name,
+                                 "size": os.path.getsize(path), "remote": False})
+        return rows
 
-    def read(self, name: str, tail: int = 65536) -> str:
-        """The last ``tail`` bytes of a listed file (by its name only: no paths)."""
-        if not name or "/" in name or name.startswith("."):
+    def read(self, source: str, name: str, tail: int = 65536) -> str:
+        """The last ``tail`` bytes of one listed file."""
+        if (not name or "/" in name or name.startswith(".")
+                or not name.endswith(LOG_SUFFIXES)):
             raise ValueError(f"bad log file name {name!r}")
-        for d in self.dirs:
-            path = os.path.join(d, name)
-            if os.path.isfile(path) and not os.path.islink(path):
-                with open(path, "rb") as f:
-                    f.seek(max(0, os.path.getsize(path) - tail))
-                    return f.read().decode("utf-8", "replace")
-        raise FileNotFoundError(f"no log file {name!r}")
+        d = self.sources().get(source)
+        if d is None:
+            raise FileNotFoundError(f"no log source {source!r} on this host")
+        path = os.path.join(d, name)
+        if not os.path.isfile(path) or os.path.islink(path):
+            raise FileNotFoundError(f"no log file {name!r} in {source}")
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - tail))
+            return f.read().decode("utf-8", "replace")
+
+
+def _private_log_dir(d: str) -> bool:
+    import stat
+
+    if not d or os.path.basename(d) != "logs":
+        return False
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & 0o077)
