@@ -171,3 +171,24 @@ def test_job_cli(dash, tmp_path):
     assert out.returncode == 1 and "FAILED" in out.stderr
     out = zray_job("status", "--address", dash.url, "no-such-job")
     assert out.returncode != 0 and "does not exist" in out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_dashboard_stops_with_the_broker_and_takes_its_jobs(tmp_path):
+    c = DashCluster(tmp_path, workers=0)
+    try:
+        c.start()
+        client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
+        flag = tmp_path / "started"
+        sid = client.submit_job(entrypoint=f"python -c 'import time; open(\"{flag}\", \"w\")"
+                                           ".close(); time.sleep(600)'")
+        poll_until(flag.exists, 60, what="the job to start")
+        job = psutil.Process(int(client.get_job_info(sid).driver_info["pid"]))
+        dashboard = c.procs.procs["dashboard"]
+        c.procs.procs["broker"].terminate()
+        poll_until(lambda: dashboard.poll() is not None, 60, what="the dashboard to exit")
+        poll_until(lambda: not job.is_running() or job.status() == psutil.STATUS_ZOMBIE, 30,
+                   what="the job to be killed")
+        assert "the broker at" in (tmp_path / "dashboard.log").read_text()
+    finally:
+        c.stop()

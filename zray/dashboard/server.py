@@ -74,6 +74,7 @@ class DashboardServer:
         from zray._procutil import new_session_dir, private_dir, write_private_file
 
         self.client = Client(address, kind="cli", connect_timeout=10)
+        self._stopped = threading.Event()
         self.view = ClusterView(self.client, ttl)
         broker_dir = self.client.info.get("session_dir", "")
         self.session_dir = private_dir(session_dir) if session_dir else new_session_dir()
@@ -102,7 +103,18 @@ class DashboardServer:
         return f"http://{host}:{self.port}"
 
     def serve_forever(self):
+        threading.Thread(target=self._watch_broker, name="dashboard-broker-watch",
+                         daemon=True).start()
         self.httpd.serve_forever(poll_interval=0.2)
+
+    def _watch_broker(self):
+        """The broker shut down or went silent: stop serving (and kill the jobs), as
+        the broker's other clients do; ``zray start`` or ``init()`` starts a new one."""
+        while not self.client.broker_gone:
+            if self._stopped.wait(0.25):
+                return
+        log.error("the broker at %s is gone: the dashboard stops", self.client.address)
+        self.stop()
 
     def start(self) -> threading.Thread:
         t = threading.Thread(target=self.serve_forever, name="dashboard", daemon=True)
@@ -110,6 +122,7 @@ class DashboardServer:
         return t
 
     def stop(self):
+        self._stopped.set()
         threading.Thread(target=self.httpd.shutdown, daemon=True).start()
 
     def close(self):
@@ -330,6 +343,9 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: dash.stop())
     signal.signal(signal.SIGINT, lambda *_: dash.stop())
     print(f"zray dashboard at {dash.url}", flush=True)
+    if dash.host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"WARNING: --dashboard-host {args.dashboard_host}: anyone who can reach this "
+              "port can read the cluster's state, tasks' errors and logs", flush=True)
     try:
         dash.serve_forever()
     finally:
