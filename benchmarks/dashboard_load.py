@@ -62,8 +62,9 @@ def _wait(pred, timeout, what):
 
 
 class Poller:
-    def __init__(self, url: str, threads: int, period: float):
+    def __init__(self, url: str, token: str, threads: int, period: float):
         self.url, self.threads, self.period = url, threads, period
+        self.headers = {"Authorization": f"Bearer {token}"}
         self.stop = threading.Event()
         self.requests = 0
         self.workers = []
@@ -72,7 +73,8 @@ class Poller:
         while not self.stop.is_set():
             t0 = time.monotonic()
             for r in ROUTES:
-                with urllib.request.urlopen(self.url + r, timeout=30) as resp:
+                req = urllib.request.Request(self.url + r, headers=self.headers)
+                with urllib.request.urlopen(req, timeout=30) as resp:
                     resp.read()
                 self.requests += 1
             if self.period:
@@ -135,8 +137,11 @@ def main() -> int:
 
         for _ in range(max(1, 60000 // a.tasks)):  # fill the event log (and warm up)
             rate()
-        modes = {"idle": lambda: Poller(dash, 0, 0), "page": lambda: Poller(dash, 1, 1.0),
-                 "hammer": lambda: Poller(dash, 4, 0)}
+        token = re.search(r"\?token=(\S+)",
+                          open(os.path.join(tmp, "dashboard.log")).read()).group(1)
+        modes = {"idle": lambda: Poller(dash, token, 0, 0),
+                 "page": lambda: Poller(dash, token, 1, 1.0),
+                 "hammer": lambda: Poller(dash, token, 4, 0)}
         import psutil
 
         broker, dashboard = psutil.Process(procs[0].pid), psutil.Process(procs[2].pid)

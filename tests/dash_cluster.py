@@ -60,14 +60,17 @@ class DashCluster:
             zray.shutdown()
         zray.init(address=self.address)
 
+    def _open(self, path: str) -> bytes:
+        req = urllib.request.Request(self.url + path,
+                                     headers={"Authorization": f"Bearer {self.token()}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read()
+
     def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            body = r.read()
-        return json.loads(body) if path != "/metrics" else body.decode()
+        return json.loads(self._open(path))
 
     def text(self, path: str) -> str:
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return r.read().decode()
+        return self._open(path).decode()
 
     def token(self) -> str:
         port = int(self.url.rsplit(":", 1)[1])
@@ -81,8 +84,12 @@ class DashCluster:
         self.procs.kill_all()
 
 
-def http_error(url: str, method: str = "GET", body: bytes | None = None, headers=None):
-    """(status, JSON body) of a request expected to fail."""
+def http_error(url: str, method: str = "GET", body: bytes | None = None, headers=None,
+               token: str | None = None):
+    """(status, JSON body) of a request expected to fail (with ``token``: authorized)."""
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:

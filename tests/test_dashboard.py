@@ -111,7 +111,7 @@ def test_tasks_by_state_with_errors_and_actors(dash, tmp_path):
     actor_rows = dash.get("/api/v0/actors?filter=name=dash-counter")["rows"]
     assert [r["state"] for r in actor_rows] == ["ALIVE"]
     assert dash.get("/api/v0/tasks/summarize")["cluster"]["total_tasks"] >= 2
-    status, body = http_error(dash.url + "/api/v0/tasks?filter=colour=blue")
+    status, body = http_error(dash.url + "/api/v0/tasks?filter=colour=blue", token=dash.token())
     assert status == 400 and "colour" in body["error"]
     open(flag, "w").close()
     assert zray.get(running, timeout=60) == "released"
@@ -142,15 +142,34 @@ def test_objects_drivers_logs_and_bad_requests(dash):
         return None
 
     poll_until(printed, 30, interval=0.2, what="the task's line in its executor's log")
-    status, body = http_error(dash.url + "/api/logs?source=nowhere&name=x.log")
+    status, body = http_error(dash.url + "/api/logs?source=nowhere&name=x.log", token=dash.token())
     assert status == 404 and "nowhere" in body["error"]
-    status, body = http_error(dash.url + "/api/logs?name=../../etc/passwd")
+    status, body = http_error(dash.url + "/api/logs?name=../../etc/passwd", token=dash.token())
     assert status == 400 and "bad log file name" in body["error"]
-    status, body = http_error(dash.url + "/api/nope")
+    status, body = http_error(dash.url + "/api/nope", token=dash.token())
     assert status == 404 and "no route" in body["error"]
-    status, body = http_error(dash.url + "/api/tasks?limit=many")
+    status, body = http_error(dash.url + "/api/tasks?limit=many", token=dash.token())
     assert status == 400 and "limit" in body["error"]
     assert dash.get("/api/placement_groups") == []
+
+
+@pytest.mark.timeout(60)
+def test_everything_but_the_page_needs_the_token(dash):
+    import urllib.request
+
+    with urllib.request.urlopen(dash.url + "/", timeout=30) as r:
+        assert r.status == 200 and b"zray" in r.read()
+    for path in ("/api/nodes", "/api/logs?source=head&name=broker.log", "/metrics",
+                 "/api/v0/tasks", "/api/jobs/"):
+        status, body = http_error(dash.url + path)
+        assert status == 401 and "token" in body["error"], (path, body)
+        status, body = http_error(dash.url + path, headers={"Authorization": "Bearer nope"})
+        assert status == 401, path
+    status, body = http_error(dash.url + "/?token=nope")
+    assert status == 401 and "wrong dashboard token" in body["error"]
+    status, body = http_error(dash.url + "/api/nodes",
+                              headers={"Cookie": f"zray_dashboard_token={dash.token()}"})
+    assert status == 200 and len(body) == 2
 
 
 @pytest.mark.timeout(60)
@@ -185,7 +204,8 @@ def test_page_in_headless_chromium(dash, tmp_path):
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 page.on("console", lambda m: m.type == "error" and errors.append(m.text))
                 page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(dash.url + "/", wait_until="load")
+                page.goto(f"{dash.url}/?token={dash.token()}", wait_until="load")
+                assert page.url == dash.url + "/"  # the token became a cookie
                 page.wait_for_function("document.querySelectorAll('tr.node-row').length == 2",
                                        timeout=60_000)
                 page.screenshot(path=str(tmp_path / "cluster.png"), full_page=True)
@@ -223,10 +243,16 @@ def test_init_include_dashboard_serves_the_local_cluster(run_driver, tmp_path):
         import zray
         ctx = zray.init(num_cpus=1, include_dashboard=True, dashboard_port={port})
         assert ctx.dashboard_url == "127.0.0.1:{port}", ctx.dashboard_url
+        from zray.dashboard.server import read_token
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen("http://127.0.0.1:{port}/api/nodes", timeout=5) as r:
+                token = read_token({port})  # written owner-only once it listens
+                if token is None:
+                    raise OSError("no token file yet")
+                req = urllib.request.Request("http://127.0.0.1:{port}/api/nodes",
+                                             headers={{"Authorization": "Bearer " + token}})
+                with urllib.request.urlopen(req, timeout=5) as r:
                     nodes = json.loads(r.read())
                 break
             except OSError:

@@ -7,16 +7,21 @@ address would then also bind port 8265, so two local clusters on one machine
 more Python process on start. Ask for it, or run ``zray dashboard``.
 
 It starts in the background: ``init()`` does not wait for it to listen (its
-start-up stays that of the broker and node). Its output goes to
+start-up stays that of the broker and node). Its token is made here (and logged
+with its URL at INFO), so init() need not wait to learn it. Its output goes to
 ``<session>/logs/dashboard.out``; it stops with the cluster and dies with the
 driver (``ZRAY_EXIT_WITH_PARENT``), like the broker and the node agent.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import subprocess
 import sys
+
+log = logging.getLogger("zray")
 
 
 def check_dashboard_options(kwargs: dict, local: bool) -> None:
@@ -56,11 +61,14 @@ def start_dashboard(cluster, kwargs: dict) -> str:
     host = kwargs.get("dashboard_host") or "127.0.0.1"
     port = kwargs.get("dashboard_port")
     port = default_port() if port is None else port
+    token = secrets.token_urlsafe(24)
     env = dict(os.environ)
-    env.update({"ZRAY_EXIT_WITH_PARENT": str(os.getpid()), "PYTHONPATH": _pythonpath()})
+    env.update({"ZRAY_EXIT_WITH_PARENT": str(os.getpid()), "PYTHONPATH": _pythonpath(),
+                "ZRAY_DASHBOARD_TOKEN": token})
     cmd = [sys.executable, "-m", "zray.dashboard", "--address", cluster.address,
            "--dashboard-host", host, "--port", str(port), "--session-dir", cluster.session_dir]
     with open(os.path.join(cluster.session_dir, "logs", "dashboard.out"), "ab") as out:
         cluster.procs.append(_Spawner.popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT, close_fds=True))
+    log.info("zray dashboard starting at http://%s:%s/?token=%s", host, port, token)
     return f"{host}:{port}"

@@ -99,6 +99,7 @@ class JobManager:
                     "PATH": os.pathsep.join([os.path.dirname(sys.executable),
                                              env.get("PATH", os.defpath)])})
         env.pop("ZRAY_JOB_RUNTIME_ENV", None)
+        env.pop("ZRAY_DASHBOARD_TOKEN", None)  # the job is code, not a dashboard client
         if env_rest:
             env["ZRAY_JOB_RUNTIME_ENV"] = json.dumps(env_rest)
         for k, v in (runtime_env.get("env_vars") or {}).items():

@@ -2,12 +2,15 @@
 and the job routes (Ray's job REST API: ``/api/jobs/...``).
 
 Requests are served by a bounded pool of threads (``POOL``); broker answers come
-through ``ClusterView``'s cache. Routes that change something (submitting,
-stopping, deleting a job) need the dashboard's token in an ``Authorization:
-Bearer`` header: running a job is running code on the head, so only whoever can
-read the token file (owner-only, written at start) may do it. Reading is open to
-whoever can reach the port, which is loopback unless ``--dashboard-host`` says
-otherwise.
+through ``ClusterView``'s cache.
+
+Every route but the bare page needs the dashboard's token, as the broker needs the
+cluster key: loopback is reachable by every local user, the API shows tasks' errors
+and logs, and a job runs code on the head. The token is random per start, written
+owner-only to ``token_path(port)`` (or given in ``$ZRAY_DASHBOARD_TOKEN``), and
+sent as ``Authorization: Bearer <token>`` (the CLI, ``JobSubmissionClient``,
+Prometheus' ``authorization.credentials_file``) or, for a browser, as a cookie set
+by opening ``/?token=<token>`` once (the URL the dashboard prints).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from zray.dashboard.view import ClusterView, LogFiles
 log = logging.getLogger("zray.dashboard")
 
 POOL = 8
+COOKIE = "zray_dashboard_token"
 MAX_BODY = 1 << 20
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -90,7 +94,7 @@ class DashboardServer:
             self.view.close()
             raise
         self.host, self.port = self.httpd.server_address[:2]
-        self.token = secrets.token_urlsafe(24)
+        self.token = os.environ.get("ZRAY_DASHBOARD_TOKEN") or secrets.token_urlsafe(24)
         self.token_file = token_path(self.port)
         write_private_file(self.token_file, self.token)
         from zray.dashboard.metrics_export import registry_for
@@ -172,13 +176,29 @@ class _Handler(BaseHTTPRequestHandler):
             raise JobError("the request body is not JSON") from None
 
     def _authorized(self) -> bool:
+        token = self.dash.token.encode()
         got = self.headers.get("Authorization", "")
-        want = "Bearer " + self.dash.token
-        if hmac.compare_digest(got.encode(), want.encode()):
+        if hmac.compare_digest(got.encode(), b"Bearer " + token):
             return True
-        self._error(401, "this route changes the cluster: send 'Authorization: Bearer <token>' "
-                         f"(the token is in {self.dash.token_file} on the head)")
+        for part in self.headers.get("Cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == COOKIE and hmac.compare_digest(value.encode(), token):
+                return True
+        self._error(401, "this dashboard needs its token: send 'Authorization: Bearer <token>'"
+                         f" (the token is in {self.dash.token_file} on the head), or open "
+                         "the URL it printed (/?token=...) in the browser")
         return False
+
+    def _login(self, token: str):
+        """``/?token=...``: a right token becomes a cookie, and the page loads without it."""
+        if not hmac.compare_digest(token.encode(), self.dash.token.encode()):
+            return self._error(401, "wrong dashboard token")
+        self.send_response(303)
+        self.send_header("Location", "/")
+        self.send_header("Set-Cookie", f"{COOKIE}={self.dash.token}; HttpOnly; "
+                                       "SameSite=Strict; Path=/")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     # ------------------------------------------------------------ routing
     def do_HEAD(self):
@@ -199,7 +219,11 @@ class _Handler(BaseHTTPRequestHandler):
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         try:
             if method == "GET" and path in ("/", "/index.html"):
+                if "token" in q:
+                    return self._login(q["token"])
                 return self._static("index.html", "text/html; charset=utf-8")
+            if not self._authorized():
+                return
             if method == "GET" and path == "/metrics":
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -275,8 +299,6 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and not parts:
             return self._json(jobs.list())
         if method == "POST" and not parts:
-            if not self._authorized():
-                return
             sid = jobs.submit(self._body())
             return self._json({"job_id": sid, "submission_id": sid})
         sid = parts[0] if parts else ""
@@ -288,13 +310,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json({"logs": text, "offset": nxt,
                                    "status": jobs.get(sid)["status"]})
             if method == "POST" and len(parts) == 2 and parts[1] == "stop":
-                if self._authorized():
-                    self._json({"stopped": jobs.stop(sid)})
-                return
+                return self._json({"stopped": jobs.stop(sid)})
             if method == "DELETE" and len(parts) == 1:
-                if self._authorized():
-                    self._json({"deleted": jobs.delete(sid)})
-                return
+                return self._json({"deleted": jobs.delete(sid)})
         except KeyError:
             return self._error(404, f"Job {sid} does not exist")
         return self._error(404, f"no route {method} /api/jobs/{rest}")
@@ -343,6 +361,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: dash.stop())
     signal.signal(signal.SIGINT, lambda *_: dash.stop())
     print(f"zray dashboard at {dash.url}", flush=True)
+    print(f"  open {dash.url}/?token={dash.token}  (token in {dash.token_file})", flush=True)
     if dash.host not in ("127.0.0.1", "::1", "localhost"):
         print(f"WARNING: --dashboard-host {args.dashboard_host}: anyone who can reach this "
               "port can read the cluster's state, tasks' errors and logs", flush=True)
