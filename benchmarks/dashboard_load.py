@@ -175,6 +175,14 @@ def main() -> int:
                   + ", ".join(f"{x:.0f}" for x in results[m]) + ")")
         zray.shutdown()
         return 0
+    except BaseException:
+        for name in ("broker", "worker", "dashboard"):
+            try:
+                text = open(os.path.join(tmp, name + ".log"), errors="replace").read()
+            except OSError:
+                continue
+            print(f"--- {name} log (tail) ---\n{text[-3000:]}", file=sys.stderr)
+        raise
     finally:
         for p in reversed(procs):
             try:

@@ -165,6 +165,8 @@ def test_job_cli(dash, tmp_path):
     assert out.returncode == 0 and "submitted" in out.stderr, out.stderr
     out = zray_job("logs", "--address", dash.url, "--follow", "cli-2")
     assert "from cli-2" in out.stdout, out.stdout + out.stderr
+    # on the head, without $ZRAY_DASHBOARD_TOKEN, the CLI reads the owner-only token file
+    env.pop("ZRAY_DASHBOARD_TOKEN")
     listed = [json.loads(line) for line in zray_job("list", "--address", dash.url).stdout.splitlines()]
     assert {"cli-1", "cli-2"} <= {j["submission_id"] for j in listed}
     out = zray_job("submit", "--address", dash.url, "--", "python", "-c", "raise SystemExit(2)")
