@@ -86,6 +86,7 @@ class Broker:
         self.out = Outbox(self.sock)
         self.engine = TaskEngine(self.out)
         self.queries = Queries(self.engine, self.address, time.time(), self.stats)
+        self.queries.session_dir = session_dir
         self.running = True
         self.header = None  # the header frame of the message being handled
         self.dropped = 0  # messages dropped as malformed or sent by the wrong role

@@ -7,6 +7,7 @@ Owns nothing. Reads the engine and its directories.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from brokerd.engine import TaskEngine
@@ -178,3 +179,18 @@ class Queries:
         return {"events": len(moves.events), "capacity": moves.events.maxlen,
                 "dropped": moves.dropped}
 
+
+    session_dir = ""  # the broker's session dir (set by the Broker), for req_log_dirs
+
+    def req_log_dirs(self, cid, args):
+        """Where logs are, for `zray logs`: the broker's and each node's log directory,
+        with the host it is on (paths on that host)."""
+        import socket
+
+        return {
+            "broker": {"host": socket.gethostname(), "pid": os.getpid(),
+                       "log_dir": os.path.join(self.session_dir, "logs")
+                       if self.session_dir else ""},
+            "nodes": [{"node_id": n.node_id.hex(), "host": n.hostname, "pid": n.pid,
+                       "log_dir": n.log_dir} for n in self.engine.nodes.nodes.values()],
+        }

@@ -232,6 +232,10 @@ from zray import _cli_start  # noqa: E402  (start, stop)
 
 _cli_start.add_commands(main, _parse_labels)
 
+from zray import _cli_logs  # noqa: E402  (logs)
+
+_cli_logs.add_commands(main, cluster_options)
+
 
 if __name__ == "__main__":
     sys.exit(main())
