@@ -195,6 +195,12 @@ def status(address, key_file):
                f"arguments, {tasks.get('running', 0)} running")
     click.echo(f"Actors: {st['actors']} alive   Objects: {st['objects']} "
                f"({st['object_bytes'] / 1e6:.1f} MB)")
+    if "fd_limit" in st:
+        click.echo(f"File descriptors: {st['fd_open']} open of {st['fd_limit']} (broker)")
+        if st["accept_failed_no_fds"]:
+            click.echo(f"WARNING: the broker ran out of file descriptors and refused "
+                       f"{st['accept_failed_no_fds']} connection(s): raise its limit "
+                       f"(LimitNOFILE= in systemd, ulimit -n) and restart it")
 
 
 @main.command()
