@@ -51,7 +51,7 @@ class NodeTable:
         node.spawning = max(0, min(_int(info.get("prestart")), 64))
         node.store_limit = max(0, _int(info.get("store_limit")))
         log_dir = info.get("log_dir")
-        node.log_dir = log_dir if isinstance(log_dir, str) and len(log_dir) < 4096 else ""
+        node.log_dir = log_dir if isinstance(log_dir, str) and len(log_dir) <= 4096 else ""
         self.nodes[node_id] = node
         log.info("node %s joined: %s", node_id.hex(), P.from_units(total))
         self.freed = True

@@ -7,6 +7,7 @@ Owns nothing. Reads the engine and its directories.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from brokerd.engine import TaskEngine
@@ -197,11 +198,6 @@ class Queries:
                         "pid": ex.pid if ex is not None else 0})
         return out
 
-    def req_node_logs(self, cid, args):
-        """Where each node logs, on its own host: [{node_id, hostname, log_dir}, ...]."""
-        return [{"node_id": n.node_id.hex(), "hostname": n.hostname, "log_dir": n.log_dir,
-                 "alive": n.alive} for n in self.engine.nodes.nodes.values()]
-
     def req_jobs(self, cid, args):
         """Connected drivers' jobs: [{job_id, namespace, driver_pid}, ...]."""
         clients = self.engine.clients
@@ -254,3 +250,18 @@ class Queries:
         return {"events": len(moves.events), "capacity": moves.events.maxlen,
                 "dropped": moves.dropped}
 
+
+    session_dir = ""  # the broker's session dir (set by the Broker), for req_log_dirs
+
+    def req_log_dirs(self, cid, args):
+        """Where logs are, for `zray logs`: the broker's and each node's log directory,
+        with the host it is on (paths on that host)."""
+        import socket
+
+        return {
+            "broker": {"host": socket.gethostname(), "pid": os.getpid(),
+                       "log_dir": os.path.join(self.session_dir, "logs")
+                       if self.session_dir else ""},
+            "nodes": [{"node_id": n.node_id.hex(), "host": n.hostname, "pid": n.pid,
+                       "log_dir": n.log_dir} for n in self.engine.nodes.nodes.values()],
+        }

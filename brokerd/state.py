@@ -249,6 +249,7 @@ def _node_row(n, head: bool) -> dict:
         "resources_total": P.from_units(n.total), "labels": dict(n.labels),
         "resources_available": P.from_units(n.avail), "pid": n.pid,
         "executors": len(n.executors), "store_limit": n.store_limit, "end_time_ms": None,
+        "log_dir": n.log_dir,
     }
 
 

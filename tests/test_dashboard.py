@@ -121,8 +121,9 @@ def test_tasks_by_state_with_errors_and_actors(dash, tmp_path):
 @pytest.mark.timeout(60)
 def test_objects_drivers_logs_and_bad_requests(dash):
     ref = zray.put(b"x" * 300_000)
-    top = dash.get("/api/objects?top=500")
-    assert ref.hex() in {o["object_id"] for o in top["largest"]}, top
+    poll_until(lambda: ref.hex() in {o["object_id"] for o in
+                                     dash.get("/api/objects?top=500")["largest"]},
+               30, interval=0.2, what="the put object on /api/objects")
     assert any(d["driver_pid"] == os.getpid() for d in dash.get("/api/drivers"))
     logs = dash.get("/api/logs")
     assert "broker.log" in {f["name"] for f in logs if f["source"] == "head"}

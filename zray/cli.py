@@ -195,6 +195,12 @@ def status(address, key_file):
                f"arguments, {tasks.get('running', 0)} running")
     click.echo(f"Actors: {st['actors']} alive   Objects: {st['objects']} "
                f"({st['object_bytes'] / 1e6:.1f} MB)")
+    if "fd_limit" in st:
+        click.echo(f"File descriptors: {st['fd_open']} open of {st['fd_limit']} (broker)")
+        if st["accept_failed_no_fds"]:
+            click.echo(f"WARNING: the broker ran out of file descriptors and refused "
+                       f"{st['accept_failed_no_fds']} connection(s): raise its limit "
+                       f"(LimitNOFILE= in systemd, ulimit -n) and restart it")
 
 
 @main.command()
@@ -263,6 +269,10 @@ _cli_state.add_commands(main, cluster_options)
 from zray import _cli_start  # noqa: E402  (start, stop)
 
 _cli_start.add_commands(main, _parse_labels)
+
+from zray import _cli_logs  # noqa: E402  (logs)
+
+_cli_logs.add_commands(main, cluster_options)
 
 
 if __name__ == "__main__":

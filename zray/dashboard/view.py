@@ -166,7 +166,7 @@ class LogFiles:
     def sources(self) -> dict:
         out = dict(self.fixed)
         try:
-            nodes = self.view.ask("node_logs")
+            nodes = self.view.ask("log_dirs")["nodes"]
         except Exception:
             nodes = []
         for n in nodes:
