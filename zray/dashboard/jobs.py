@@ -7,7 +7,8 @@
       --> JobManager.submit: checks every field, then starts
             /bin/sh -c ENTRYPOINT   (cwd: runtime_env working_dir, a local dir on this host;
                                      env: ZRAY_ADDRESS/RAY_ADDRESS = the cluster,
-                                     ZRAY_JOB_RUNTIME_ENV = the rest of runtime_env)
+                                     ZRAY_JOB_RUNTIME_ENV = the rest of runtime_env, and working_dir
+                                     itself where runtime_env supports it)
           stdout+stderr --> <jobs dir>/job-<submission_id>.log (owner-only)
       --> a waiter thread per job: PENDING -> RUNNING -> SUCCEEDED | FAILED | STOPPED
 
@@ -144,6 +145,10 @@ class JobManager:
             if not os.path.isdir(wd):
                 raise JobError(f"runtime_env working_dir {wd!r} is not a directory on the head")
             cwd = os.path.abspath(wd)
+            if _runtime_env_takes("working_dir", cwd):
+                # this zray ships runtime_env working_dirs (zray/_renv.py): the driver's
+                # init() packs it for the job's tasks and actors too, as in Ray
+                rest["working_dir"] = cwd
         env_vars = rest.get("env_vars")
         if env_vars is not None and (not isinstance(env_vars, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())):
@@ -255,6 +260,18 @@ class JobManager:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _runtime_env_takes(key: str, value) -> bool:
+    """Whether this zray's runtime_env accepts ``key`` (working_dir comes with runtime_env
+    support for it; without it a job's working_dir is its driver's cwd only)."""
+    from zray._options import validate
+
+    try:
+        validate({"runtime_env": {key: value}}, {"runtime_env"}, "job submission")
+        return True
+    except (ValueError, TypeError):
+        return False
 
 
 def _signal_group(proc, sig):
