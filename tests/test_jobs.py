@@ -32,6 +32,12 @@ SCRIPT = textwrap.dedent("""
     print("squares", zray.get([square.remote(i) for i in range(4)]))
     print("cwd", os.path.basename(os.getcwd()))
     print("argv", os.environ.get("ZRAY_JOB_SUBMISSION_ID"))
+
+    @zray.remote
+    def sees_script():
+        return os.path.exists("script.py")
+
+    print("task sees the working_dir:", zray.get(sees_script.remote()))
 """)
 
 
@@ -69,6 +75,11 @@ def test_submit_runs_a_driver_on_the_cluster(dash, client, tmp_path):
     logs = client.get_job_logs(sid)
     assert "squares [(0, 'teal'), (1, 'teal'), (4, 'teal'), (9, 'teal')]" in logs, logs
     assert "cwd project" in logs and "argv job-ok-1" in logs
+    from zray.dashboard.jobs import _runtime_env_takes
+
+    # with runtime_env working_dir support, the job's tasks run in it too (as in Ray)
+    if _runtime_env_takes("working_dir", str(wd)):
+        assert "task sees the working_dir: True" in logs, logs
     info = client.get_job_info(sid)
     assert info.status == JobStatus.SUCCEEDED and info.driver_exit_code == 0
     assert info.metadata == {"owner": "test"} and info.entrypoint == "python script.py"
