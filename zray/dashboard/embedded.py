@@ -6,8 +6,8 @@ address would then also bind port 8265, so two local clusters on one machine
 (test suites, several notebooks) would fight over it, and each would pay for one
 more Python process on start. Ask for it, or run ``zray dashboard``.
 
-It starts in the background: ``init()`` does not wait for it to listen (its
-start-up stays that of the broker and node). Its token is made here (and logged
+It starts in the background: ``init()`` waits neither for the process to be
+forked nor for it to listen (its start-up stays that of the broker and node). Its token is made here (and logged
 with its URL at INFO), so init() need not wait to learn it. Its output goes to
 ``<session>/logs/dashboard.out``; it stops with the cluster and dies with the
 driver (``ZRAY_EXIT_WITH_PARENT``), like the broker and the node agent.
@@ -20,6 +20,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 
 log = logging.getLogger("zray")
 
@@ -67,8 +68,15 @@ def start_dashboard(cluster, kwargs: dict) -> str:
                 "ZRAY_DASHBOARD_TOKEN": token})
     cmd = [sys.executable, "-m", "zray.dashboard", "--address", cluster.address,
            "--dashboard-host", host, "--port", str(port), "--session-dir", cluster.session_dir]
-    with open(os.path.join(cluster.session_dir, "logs", "dashboard.out"), "ab") as out:
-        cluster.procs.append(_Spawner.popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                            stderr=subprocess.STDOUT, close_fds=True))
+    def spawn():
+        with open(os.path.join(cluster.session_dir, "logs", "dashboard.out"), "ab") as out:
+            proc = _Spawner.popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT, close_fds=True)
+        cluster.procs.append(proc)  # LocalCluster.stop() stops it with the others
+        if len(cluster.procs) == 1 or not cluster.alive():  # the cluster stopped meanwhile
+            proc.kill()
+            proc.wait()
+
+    threading.Thread(target=spawn, name="zray-dashboard-start", daemon=True).start()
     log.info("zray dashboard starting at http://%s:%s/?token=%s", host, port, token)
     return f"{host}:{port}"
