@@ -95,6 +95,11 @@ def test_user_metrics_from_tasks_and_actors_reach_metrics(dash):
 
 
 @zray.remote
+def noop():
+    return None
+
+
+@zray.remote
 def hold(path):
     import os
     import time
@@ -105,6 +110,7 @@ def hold(path):
 
 @pytest.mark.timeout(120)
 def test_builtin_cluster_metrics(dash, tmp_path):
+    assert zray.get([noop.remote() for _ in range(3)], timeout=60) == [None] * 3
     flag = str(tmp_path / "go")
     ref = hold.remote(flag)
     try:
@@ -120,6 +126,7 @@ def test_builtin_cluster_metrics(dash, tmp_path):
             assert sample(text, "ray_object_store_memory", NodeId=node) is not None
             assert sample(text, "ray_spill_manager_spilled_bytes", NodeId=node) == 0
         assert sample(text, "ray_scheduler_queue_depth") is not None
+        assert sample(text, "ray_tasks", State="FINISHED") >= 3
     finally:
         open(flag, "w").close()
     zray.get(ref, timeout=60)

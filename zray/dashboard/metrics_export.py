@@ -9,9 +9,10 @@ Built-in names follow Ray's: ``ray_tasks{State}``, ``ray_actors{State}``,
 reports replace each other; the same series from several processes is summed
 (counters and histograms) or shows the most recent report (gauges).
 
-``ray_tasks`` and ``ray_actors`` count what the broker holds now: a finished
-task leaves its tables, so FINISHED and FAILED stay near 0 (the dashboard's task
-page reads the event log for those).
+``ray_tasks{State}`` counts the broker's live tasks by state, and, for FINISHED,
+FAILED and CANCELLED, the tasks the dashboard saw end in the event log (from as
+far back as the log reached when it first looked); ``ray_actors`` counts the
+actor directory (dead actors stay in it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ class ClusterCollector:
 
     def collect(self):
         m = self.view.ask("metrics")
-        yield from _cluster(m["cluster"])
+        c = m["cluster"]
+        # a task that ended has left the broker's tables: its end state is counted from
+        # the event log the dashboard folds in
+        c["tasks"] = {**c["tasks"], **self.view.ended_tasks()}
+        yield from _cluster(c)
         yield from _user(m["user"])
 
 

@@ -28,6 +28,9 @@ class ClusterView:
         self._tasks_lock = threading.Lock()
         self._tasks_at = float("-inf")
         self._since = 0  # the event log's append count at the last look
+        # tasks that ended, by end state, counted as their events are folded in (from
+        # as far back as the event log reached when the dashboard first looked)
+        self.ended = {"finished": 0, "failed": 0, "cancelled": 0}
 
     def ask(self, op: str, args: dict | None = None):
         key = (op, json.dumps(args, sort_keys=True))
@@ -97,12 +100,19 @@ class ClusterView:
                     rec["attempts"] += 1
                 elif new in ("finished", "failed", "cancelled"):
                     rec["end_time"] = t
+                    self.ended[new] += 1
                     if new != "finished":
                         rec["error"] = reason
             while len(tasks) > MAX_TASKS:
                 tasks.popitem(last=False)
             self._since = r["next"]
             self._tasks_at = time.monotonic()
+
+    def ended_tasks(self) -> dict:
+        """{finished, failed, cancelled}: tasks that ended, as far as the dashboard saw."""
+        self._refresh_tasks()
+        with self._tasks_lock:
+            return dict(self.ended)
 
     def tasks(self, state: str | None = None, limit: int = 1000) -> dict:
         """Tasks the dashboard has seen in the event log (the newest ``MAX_TASKS``),
