@@ -171,11 +171,16 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
             return _runtime.context
         raise RuntimeError("Maybe you called zray.init twice by accident? Call zray.shutdown() "
                            "first, or pass ignore_reinit_error=True.")
-    if runtime_env is None and os.environ.get("ZRAY_JOB_RUNTIME_ENV"):
-        # a job's driver (zray job submit): the job's runtime_env, as Ray applies it
+    if os.environ.get("ZRAY_JOB_RUNTIME_ENV"):
+        # a job's driver (zray job submit): the job's runtime_env, under init's own
         import json
 
-        runtime_env = json.loads(os.environ["ZRAY_JOB_RUNTIME_ENV"])
+        job_env = json.loads(os.environ["ZRAY_JOB_RUNTIME_ENV"])
+        both = sorted(set(job_env) & set(runtime_env or {}))
+        if both:
+            log.warning("runtime_env %s given both to the job and to init(): init's is used",
+                        both)
+        runtime_env = {**job_env, **(runtime_env or {})}
     if runtime_env:
         from zray._options import validate
 
