@@ -122,6 +122,7 @@ class Broker:
             (node, Msg.NODE_HELLO): self.on_node_hello,
             (node, Msg.HEARTBEAT): self.on_node_heartbeat,
             (node, Msg.EXEC_SPAWNED): lambda nid, m, f: e.executor_spawned(nid, m.cid, m.token),
+            (node, Msg.LOG_DATA): lambda nid, m, f: self.queries.log_data(nid, m),
             (node, Msg.EXEC_DIED): lambda nid, m, f: e.exec_died(nid, m.cid, m.code),
             (node, Msg.BLOB): e.objects.blob,
             (node, Msg.STORED): lambda nid, m, f: e.objects.stored(nid, m),
@@ -268,7 +269,9 @@ class Broker:
         self.engine.objects.register_fn(m.fid, frames[0], m.nested)
 
     def on_req(self, cid, m: P.Req, frames):
-        self.out.send(P.inbox_ident(cid), P.encode(self.queries.answer(cid, m)))
+        reply = self.queries.answer(cid, m)
+        if reply is not None:  # None: answered later (a node's log files, relayed)
+            self.out.send(P.inbox_ident(cid), P.encode(reply))
 
 
 def run(address: str, session_dir: str = "") -> None:

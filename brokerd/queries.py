@@ -16,6 +16,7 @@ from zray import _protocol as P
 
 log = logging.getLogger("zray.broker")
 
+DEFERRED = object()  # a handler's result: the reply is sent later, not by answer()
 _OPEN = (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING)
 
 
@@ -26,13 +27,17 @@ class Queries:
         self.started = started
         self.stats = stats  # () -> {"dropped": n, ...} from the broker loop
 
-    def answer(self, cid: bytes, m: P.Req) -> P.Reply:
+    def answer(self, cid: bytes, m: P.Req) -> P.Reply | None:
         handler = getattr(self, "req_" + m.op, None)
         if handler is None:
             return P.Reply(m.req_id, False, f"unknown request {m.op!r:.40}")
         args = m.args if isinstance(m.args, dict) else {}
+        self.req_id = m.req_id  # the REQ being answered (a deferred answer needs it)
         try:
-            return P.Reply(m.req_id, True, handler(cid, args))
+            result = handler(cid, args)
+            if result is DEFERRED:  # answered later (node_logs: when the node answers)
+                return None
+            return P.Reply(m.req_id, True, result)
         except Exception as e:
             return P.Reply(m.req_id, False, f"{type(e).__name__}: {e}")
 
@@ -265,3 +270,53 @@ class Queries:
             "nodes": [{"node_id": n.node_id.hex(), "host": n.hostname, "pid": n.pid,
                        "log_dir": n.log_dir} for n in self.engine.nodes.nodes.values()],
         }
+
+    # ------------------------------------------- log files, relayed to nodes (zray logs)
+    req_id = 0
+
+    @property
+    def relays(self) -> dict:
+        """relay id -> (asking cid, its req_id, node id, time asked): LOG_READs in flight."""
+        if "_relays" not in self.__dict__:
+            self._relays, self._next_relay = {}, 0
+        return self._relays
+
+    def req_node_logs(self, cid, args):
+        """Read log files: of a node (``node_id`` hex: relayed as LOG_READ, answered when
+        the node sends LOG_DATA) or of the broker itself (``node_id`` ""); ``op`` and
+        ``args`` as ``zray._logfiles.serve`` takes them."""
+        from zray import _logfiles
+
+        node_hex, op, largs = args.get("node_id"), args.get("op"), args.get("args") or {}
+        if not isinstance(node_hex, str) or not isinstance(op, str) or not isinstance(largs,
+                                                                                      dict):
+            raise ValueError("node_logs needs node_id (hex str), op (str) and args (dict)")
+        if node_hex == "":
+            return _logfiles.serve(os.path.join(self.session_dir, "logs")
+                                   if self.session_dir else "", op, largs)
+        try:
+            node = self.engine.nodes.nodes.get(bytes.fromhex(node_hex))
+        except ValueError:
+            node = None
+        if node is None:
+            raise ValueError(f"no node {node_hex[:40]} in the cluster")
+        now = time.monotonic()
+        relays = self.relays
+        if len(relays) > 1000:  # answers that never came (the node died): forget them
+            for k in [k for k, v in relays.items() if now - v[3] > 60]:
+                del relays[k]
+        self._next_relay += 1
+        relay = self._next_relay
+        relays[relay] = (cid, self.req_id, node.node_id, now)
+        self.engine.out.send(node.ident, P.encode(P.LogRead(relay, op, largs)))
+        return DEFERRED
+
+    def log_data(self, node_id: bytes, m: P.LogData) -> None:
+        """A node's answer to LOG_READ: the REPLY of the REQ it was relayed for."""
+        asked = self.relays.get(m.req_id)
+        if asked is None or asked[2] != node_id:
+            raise P.ProtocolError("LOG_DATA that answers nothing asked of this node")
+        del self.relays[m.req_id]
+        cid, req_id = asked[0], asked[1]
+        if cid in self.engine.clients:
+            self.engine.out.send(P.inbox_ident(cid), P.encode(P.Reply(req_id, m.ok, m.result)))

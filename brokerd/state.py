@@ -44,7 +44,7 @@ _ERROR_TYPES = (
     ("cancel", "TASK_CANCELLED"), ("actor", "ACTOR_DIED"),
     ("unschedulable", "TASK_UNSCHEDULABLE_ERROR"),
     ("argument is an error", "DEPENDENCY_RESOLUTION_FAILED"),
-    ("argument lost", "OBJECT_UNRECONSTRUCTABLE"), ("no process", "ACTOR_CREATION_FAILED"),
+    ("argument lost", "OBJECT_LOST"), ("no process", "ACTOR_CREATION_FAILED"),
 )
 
 SUMMARY_RESOURCES = ("tasks", "actors", "objects")
@@ -154,6 +154,8 @@ class StateView:
             ex = task.executor
             if ex is None and task.actor is not None:
                 ex = task.actor.executor
+            if task.blocked and task.state._value_ == "running":
+                r["state"] = "RUNNING_IN_RAY_GET"  # its code waits in get()
             if ex is not None and task.state._value_ in ("running", "assigned"):
                 r["worker_id"] = ex.cid.hex()
                 r["worker_pid"] = ex.pid

@@ -107,9 +107,9 @@ zray.shutdown()
     assert res.returncode == 0, res.stderr
     assert "NODES 1" in res.stdout and "SUM 45" in res.stdout, res.stdout
 
-    tasks = zray_cli("list", "tasks", "-f", "state=FINISHED", "--limit", "100",
-                     "--format", "json").stdout
-    assert len(json.loads(tasks)) >= 11
+    poll_until(lambda: len(json.loads(zray_cli("list", "tasks", "-f", "state=FINISHED",
+                                               "--limit", "100", "--format", "json").stdout))
+               >= 11, 60, interval=0.5, what="the driver's 11 tasks to be FINISHED")
     table = zray_cli("list", "tasks", "--filter", "name=where").stdout
     assert "TASK_ID" in table and "FINISHED" in table and "where" in table, table
     summary = zray_cli("summary", "tasks").stdout

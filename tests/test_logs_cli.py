@@ -4,10 +4,12 @@ reads them; log rotation and ``log_to_driver=False`` with real executors.
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import kill_tree, poll_until
@@ -82,6 +84,7 @@ def test_logs_by_task_actor_pid_and_name(cluster, tmp_path):
     listing = cluster("logs").stdout
     for name in ("broker.log", "node.log", "executors.tsv", "executor-"):
         assert name in listing, listing
+    assert len(re.findall(r"^node \w+ ", listing, re.M)) == 1, listing
 
     lines = cluster("logs", "--task-id", task).stdout
     assert "task line 1" in lines and "task err 1" in lines, lines
@@ -105,7 +108,7 @@ def test_logs_by_task_actor_pid_and_name(cluster, tmp_path):
         assert bad.returncode != 0 and text in bad.stderr, (args, bad.stderr)
 
     # every log file is the owner's only
-    logs_dir = [x for x in listing.splitlines() if x.startswith("broker: ")][0].split(": ", 1)[1]
+    logs_dir = re.search(r"^node \w+ \([^:]+: (.+)\)$", listing, re.M).group(1)
     for name in os.listdir(logs_dir):
         mode = stat.S_IMODE(os.stat(os.path.join(logs_dir, name)).st_mode)
         assert mode & 0o077 == 0, (name, oct(mode))
@@ -222,3 +225,85 @@ def test_rotation_settings_are_checked(tmp_path):
         assert "ZRAY_ROTATION_MAX_BYTES must be an integer" in res.stderr, res.stderr
     finally:
         z.cleanup()
+
+
+def test_logs_of_a_second_node_through_the_broker(cluster, tmp_path):
+    port = [e for e in cluster.started() if e["role"] == "broker"][0]["argv"][4]
+    cluster("start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1",
+            "--resources", '{"second": 1}')
+    script = tmp_path / "second.py"
+    script.write_text("""
+import os, zray
+zray.init(address="auto")
+
+@zray.remote(resources={"second": 1})
+def there():
+    print("printed on the second node", flush=True)
+    return os.getpid(), zray.get_runtime_context().get_node_id()
+
+print("WHERE", *zray.get(there.remote()))
+zray.shutdown()
+""")
+    out = subprocess.run([sys.executable, str(script)], env=cluster.env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    pid, node = [x for x in out.stdout.splitlines() if x.startswith("WHERE ")][0].split()[1:]
+    listing = cluster("logs").stdout
+    assert len(re.findall(r"^node \w+ ", listing, re.M)) == 2, listing
+    only = cluster("logs", "--node", node[:8]).stdout
+    assert only.count("node.log") == 1 and f"node {node}" in only, only
+    assert "printed on the second node" in cluster("logs", "--pid", pid).stdout
+    assert "printed on the second node" in cluster("logs", "executor-*", "--node", node).stdout
+
+
+def test_only_the_asked_node_answers_a_log_read(ray_local):
+    """LOG_DATA is forwarded only as the answer to a LOG_READ the broker sent that very
+    node: an unasked or mis-numbered answer is dropped and counted."""
+    import threading
+
+    import zmq
+
+    from zray import _protocol as P
+
+    client = ray_local._runtime.client
+    ctx = zmq.Context()
+    node_id = os.urandom(P.ID_LEN)
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IDENTITY, P.node_ident(node_id))
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(client.address)
+    try:
+        s.send(P.encode(P.NodeHello(P.VERSION, node_id, {"resources": {}, "hostname": "fake",
+                                                          "log_dir": "/nowhere"})))
+
+        def dropped():
+            return client.request("status")["dropped_messages"]
+
+        poll_until(lambda: any(n["NodeID"] == node_id.hex() for n in ray_local.nodes()), 30,
+                   what="the fake node to join")
+        before = dropped()
+        s.send(P.encode(P.LogData(1, True, "forged")))  # nothing was asked
+        poll_until(lambda: dropped() > before, 30, what="the unasked answer to be dropped")
+
+        answer = {}
+        asker = threading.Thread(target=lambda: answer.update(r=client.request(
+            "node_logs", {"node_id": node_id.hex(), "op": "list", "args": {}}, timeout=30)))
+        asker.start()
+        deadline = time.monotonic() + 30
+        read = None
+        while read is None and time.monotonic() < deadline:
+            if s.poll(1000):
+                m = P.decode(s.recv())
+                if m.TYPE == P.Msg.LOG_READ:
+                    read = m
+        assert read is not None and read.op == "list"
+        before = dropped()
+        s.send(P.encode(P.LogData(read.req_id + 1, True, "wrong number")))
+        poll_until(lambda: dropped() > before, 30, what="the mis-numbered answer dropped")
+        s.send(P.encode(P.LogData(read.req_id, True, {"files": [["a.log", 1]],
+                                                       "executors": []})))
+        asker.join(30)
+        assert answer["r"] == {"files": [["a.log", 1]], "executors": []}
+    finally:
+        s.close()
+        ctx.term()

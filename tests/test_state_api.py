@@ -70,9 +70,10 @@ def test_list_tasks_fields_states_and_filters(ray_local, tmp_path):
     assert row["worker_pid"] and row["node_id"] and row["worker_id"]
     assert row["job_id"] == zray.get_runtime_context().get_job_id()
 
-    tasks = state.list_tasks(limit=1000)
-    squares = [t for t in tasks if t["func_or_class_name"] == "square"]
-    assert len(squares) >= 3 and all(t["state"] == "FINISHED" for t in squares)
+    def squares_finished():  # (a DONE may reach the broker after the value its owner)
+        rows = [t for t in state.list_tasks(limit=1000) if t["func_or_class_name"] == "square"]
+        return len(rows) >= 3 and all(t["state"] == "FINISHED" for t in rows) and rows
+    squares = poll_until(squares_finished, 30, what="the squares to be FINISHED")
     assert "error_message" not in squares[0]  # a detail column
     failed = state.list_tasks(filters=[("state", "=", "failed")])  # case-insensitive
     assert [t["task_id"] for t in failed] == [bad.task_id().hex()]
@@ -90,8 +91,10 @@ def test_list_tasks_fields_states_and_filters(ray_local, tmp_path):
 
     open(flag, "w").close()
     assert zray.get(blocked, timeout=60) is True
-    done = state.get_task(blocked)
-    assert done["state"] == "FINISHED" and done["worker_pid"] is None
+    # the value can reach its owner before the executor's DONE reaches the broker
+    done = poll_until(lambda: (t := state.get_task(blocked))["state"] == "FINISHED" and t, 30,
+                      what="the task to be FINISHED")
+    assert done["worker_pid"] is None
     json.dumps(state.list_tasks(detail=True, limit=1000))  # plain JSON
 
 
@@ -130,8 +133,10 @@ def test_actors_listed_got_killed_and_summarized(ray_local):
     summary = state.summarize_actors()["cluster"]
     assert summary["summary"]["Counter"]["state_counts"].get("DEAD", 0) >= 1
     assert summary["total_actors"] >= 1
-    tasks = state.summarize_tasks()["cluster"]
-    assert tasks["summary"]["Counter.incr"]["state_counts"]["FINISHED"] >= 3
+    def calls_finished():
+        c = state.summarize_tasks()["cluster"]
+        return c["summary"]["Counter.incr"]["state_counts"].get("FINISHED", 0) >= 3 and c
+    tasks = poll_until(calls_finished, 30, what="the calls to be FINISHED")
     assert tasks["summary"]["Counter.incr"]["type"] == "ACTOR_TASK"
     assert tasks["dropped_events"] == 0
 

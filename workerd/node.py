@@ -209,6 +209,12 @@ class NodeAgent:
                     self.store.spill(oid)
                 except OSError:
                     log.exception("spilling %s failed", oid.hex())
+        elif t == Msg.LOG_READ:  # a client reads our log files through the broker
+            try:
+                result, ok = _logfiles.serve(self.log_dir, m.op, m.args), True
+            except (OSError, ValueError) as e:
+                result, ok = f"{type(e).__name__}: {e}", False
+            self.sock.send(P.encode(P.LogData(m.req_id, ok, result)))
         elif t == Msg.SHUTDOWN:
             log.info("broker asked this node to shut down")
             self.running = False

@@ -1,25 +1,26 @@
 """``zray logs``: list and read the log files of a running cluster's broker, nodes and
-executors (see ``zray._logfiles`` for the layout).
+executors, on any host (see ``zray._logfiles`` for the layout).
 
 ::
 
-    zray logs                              the log files of every node on this host
+    zray logs                              the log files of the broker and every node
     zray logs 'node*.log' [--node ID]      files by name (a glob); the last --tail lines
     zray logs --actor-id ID | --pid PID    one actor's / process's log
     zray logs --task-id ID                 the lines one task printed
     ... --follow                           then keep printing what is appended (rotation
                                            followed), until Ctrl-C
 
-The broker says where each node keeps its logs (REQ log_dirs); the files are read
-here, so a node's files can be read on that node's host only (the command says which
-host when asked for a node elsewhere).
+    zray logs --REQ log_dirs-->  broker: where each node keeps its logs
+              --REQ node_logs--> broker --LOG_READ--> node: _logfiles.serve(op, args)
+              <--REPLY---------- broker <--LOG_DATA-- node   (the broker's own: it answers)
+
+A node reads its own files and sends text: nothing is unpickled, only names directly in
+its log directory are read, an answer holds at most 1 MiB.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
-import socket
 import sys
 import time
 
@@ -28,76 +29,87 @@ import click
 from zray import _logfiles
 
 
-def _tail_lines(paths: list, n: int) -> list:
-    """The last ``n`` lines (all for n < 0) of the concatenation of ``paths``."""
-    out: list = []
-    for path in reversed(paths):
-        need = None if n < 0 else n - len(out)
-        if need is not None and need <= 0:
-            break
-        out = _tail_of(path, need) + out
-    return out
+class _Cluster:
+    """The log files of the broker and the nodes, asked through one connection."""
 
+    def __init__(self, address, key_file, node: str | None):
+        from zray import _protocol as P
 
-def _tail_of(path: str, n) -> list:
-    try:
-        with open(path, "rb") as f:
-            if n is None:
-                data = f.read()
-            else:
-                f.seek(0, os.SEEK_END)
-                end = f.tell()
-                pos, data = end, b""
-                while pos > 0 and data.count(b"\n") <= n:
-                    step = min(65536, pos)
-                    pos -= step
-                    f.seek(pos)
-                    data = f.read(step) + data
-    except OSError:
-        return []
-    lines = data.decode(errors="replace").splitlines(keepends=True)
-    return lines if n is None else lines[-n:] if n else []
+        self.P = P
+        self.c = _HOOKS["client"](address, key_file)
+        info = self.ask_broker("log_dirs")
+        b = info["broker"]
+        nodes = [n for n in info["nodes"]
+                 if not node or n["node_id"].startswith(node.lower())]
+        if node and not nodes:
+            self.close()
+            raise click.ClickException(f"no node {node} in the cluster")
+        # (label, target: node id hex or "" for the broker, daemon pid, daemon log)
+        self.targets = [(f"node {n['node_id']} ({n['host']}: {n['log_dir']})", n["node_id"],
+                         n["pid"], "node.log") for n in nodes if n["log_dir"]]
+        shared = {(n["host"], n["log_dir"]) for n in nodes}
+        if not node and b["log_dir"] and (b["host"], b["log_dir"]) not in shared:
+            self.targets.insert(0, (f"broker ({b['host']}: {b['log_dir']})", "", b["pid"],
+                                    "broker.log"))
+        self.broker_pid = b["pid"]
+        self.broker_shared = next((t for _, t, _, _ in self.targets
+                                   if (b["host"], b["log_dir"]) in shared
+                                   and any(n["node_id"] == t and n["log_dir"] == b["log_dir"]
+                                           for n in nodes)), None)
 
+    def ask_broker(self, op: str, args=None):
+        try:
+            return self.c.request(op, args, timeout=30)
+        except ValueError as e:
+            raise click.ClickException(str(e).removeprefix("ValueError: ")) from None
 
-def _follow(path: str, keep, stop_after: float | None = None) -> None:
-    """Print what is appended to ``path`` (lines ``keep`` accepts), across rotations,
-    until Ctrl-C (or ``stop_after`` seconds, for tests)."""
-    f = open(path, "rb")
-    f.seek(0, os.SEEK_END)
-    ident = os.fstat(f.fileno()).st_ino
-    start = time.monotonic()
-    buf = b""
-    try:
-        while stop_after is None or time.monotonic() - start < stop_after:
-            chunk = f.read(65536)
-            if chunk:
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    text = line.decode(errors="replace") + "\n"
-                    if keep(text):
-                        sys.stdout.write(text)
-                sys.stdout.flush()
-                continue
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                st = None
-            if st is not None and (st.st_ino != ident or st.st_size < f.tell()):
-                # rotated (or truncated): finish the old file, go on with the new one
-                rest = f.read()
-                if rest:
-                    buf += rest
+    def ask(self, target: str, op: str, **args):
+        return self.ask_broker("node_logs", {"node_id": target, "op": op, "args": args})
+
+    def close(self):
+        try:
+            self.c.send(self.P.encode(self.P.Exit()))
+        finally:
+            self.c.close()
+
+    def pid_log(self, pid: int):
+        """(target, file name) of a process's log: the broker, a node, or an executor."""
+        if pid == self.broker_pid:
+            target = self.broker_shared if self.broker_shared is not None else ""
+            return target, "broker.log"
+        for _label, target, daemon_pid, daemon_log in self.targets:
+            if pid == daemon_pid:
+                return target, daemon_log
+        for _label, target, _pid, _log in self.targets:
+            for epid, cid in self.ask(target, "list")["executors"]:
+                if epid == pid:
+                    return target, f"executor-{cid}.log"
+        return None
+
+    def follow(self, target: str, name: str, keep, stop_after: float | None) -> None:
+        """Print what is appended to a file (lines ``keep`` accepts), across rotations,
+        until Ctrl-C (or ``stop_after`` seconds, for tests)."""
+        now = self.ask(target, "tail", name=name, lines=0)
+        ino, offset = now["ino"], now["size"]
+        start = time.monotonic()
+        buf = ""
+        try:
+            while stop_after is None or time.monotonic() - start < stop_after:
+                got = self.ask(target, "read", name=name, offset=offset, ino=ino)
+                if got["ino"] != ino:
+                    ino = got["ino"]
+                offset = got["offset"]
+                if got["text"]:
+                    buf += got["text"]
+                    *lines, buf = buf.split("\n")
+                    for line in lines:
+                        if keep(line + "\n"):
+                            sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
                     continue
-                f.close()
-                f = open(path, "rb")
-                ident = os.fstat(f.fileno()).st_ino
-                continue
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        f.close()
+                time.sleep(0.3)
+        except KeyboardInterrupt:
+            pass
 
 
 def _task_filter(task_hex: str):
@@ -114,49 +126,13 @@ def _task_filter(task_hex: str):
     return keep
 
 
-def _dirs(address, key_file, node: str | None) -> list:
-    """[(label, daemon pid, log dir, daemon log name)] on this host (the broker says where);
-    a node elsewhere is an error when asked for, a note otherwise."""
-    from zray import _protocol as P
-    from zray.cli import _client
-
-    c = _client(address, key_file)
-    try:
-        info = c.request("log_dirs")
-        c.send(P.encode(P.Exit()))
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    finally:
-        c.close()
-    here = socket.gethostname()
-    found, elsewhere, seen = [], [], set()
-    b = info["broker"]
-    for n in info["nodes"]:
-        if node and not n["node_id"].startswith(node.lower()):
-            continue
-        if n["host"] != here:
-            elsewhere.append(n)
-            continue
-        if n["log_dir"] and n["log_dir"] not in seen:
-            seen.add(n["log_dir"])
-            found.append((f"node {n['node_id']}", n["pid"], n["log_dir"], "node.log"))
-    if not node and b["host"] == here and b["log_dir"]:
-        found.insert(0, ("broker", b["pid"], b["log_dir"], "broker.log"))
-    if node and not found:
-        if elsewhere:
-            n = elsewhere[0]
-            raise click.ClickException(f"node {n['node_id']} runs on host {n['host']}: its "
-                                       f"logs are in {n['log_dir']} there (run zray logs "
-                                       f"on that host)")
-        raise click.ClickException(f"no node {node} in the cluster")
-    for n in elsewhere:
-        click.echo(f"(node {n['node_id']} is on host {n['host']}: run zray logs there)",
-                   err=True)
-    return found
+_HOOKS: dict = {}  # from zray.cli (which imports this module): client
 
 
-def add_commands(main: click.Group, cluster_options) -> None:
-    """Add ``logs`` to the ``zray`` command group."""
+def add_commands(main: click.Group, cluster_options, client) -> None:
+    """Add ``logs`` to the ``zray`` command group; ``client(address, key_file)`` connects
+    to the cluster as the CLI does."""
+    _HOOKS["client"] = client
 
     @main.command()
     @click.argument("glob", required=False)
@@ -172,7 +148,7 @@ def add_commands(main: click.Group, cluster_options) -> None:
                   help="Print the last N lines first (-1: all).")
     @click.option("--_stop-after", "stop_after", default=None, type=float, hidden=True)
     def logs(glob, address, key_file, node, actor_id, task_id, pid, follow, tail, stop_after):
-        """List the cluster's log files on this host, or print one of them."""
+        """List the cluster's log files (broker, nodes, executors), or print one of them."""
         chosen = [x for x in (glob and "GLOB", actor_id and "--actor-id",
                               task_id and "--task-id", pid is not None and "--pid") if x]
         if len(chosen) > 1:
@@ -180,7 +156,6 @@ def add_commands(main: click.Group, cluster_options) -> None:
                                    f"{', '.join(chosen)})")
         if tail < -1:
             raise click.BadParameter("must be >= -1", param_hint="--tail")
-        keep = None
         if actor_id or task_id:
             from zray._cli_state import _call
             from zray.util import state
@@ -200,68 +175,62 @@ def add_commands(main: click.Group, cluster_options) -> None:
                                                f"broker's event log)")
                 node = node or row.get("node_id")
                 task_id = row["task_id"]
-        dirs = _dirs(address, key_file, node)
-        unique = list(dict.fromkeys(d for _, _, d, _ in dirs))
-        if pid is not None:
-            path = _pid_log(dirs, pid)
-            if path is None:
-                raise click.ClickException(f"no log of pid {pid} on this host")
-            paths = [path]
-        elif task_id:
-            paths = [p for d in unique for p in _logfiles.files_with_task(d, task_id)]
-            if not paths:
-                raise click.ClickException(f"task {task_id} printed nothing (no output of it "
-                                           f"in the executor logs on this host)")
-            keep = _task_filter(task_id)
-        elif glob:
-            paths = [os.path.join(d, name) for d in unique for name in sorted(os.listdir(d))
-                     if fnmatch.fnmatch(name, glob) and os.path.isfile(os.path.join(d, name))]
-            if not paths:
-                raise click.ClickException(f"no log file matches {glob!r}")
+        cluster = _Cluster(address, key_file, node)
+        try:
+            _show(cluster, glob, task_id, pid, follow, tail, stop_after)
+        finally:
+            cluster.close()
+
+
+def _show(cluster: _Cluster, glob, task_id, pid, follow, tail, stop_after) -> None:
+    if pid is not None:
+        found = cluster.pid_log(pid)
+        if found is None:
+            raise click.ClickException(f"no log of pid {pid} in the cluster")
+        files = [found]
+    elif task_id:
+        for _label, target, _pid, _log in cluster.targets:
+            got = cluster.ask(target, "task", task_id=task_id)
+            if got["files"]:
+                break
         else:
-            if follow:
-                raise click.UsageError("--follow needs a file: GLOB, --actor-id, --task-id "
-                                       "or --pid")
-            shown = set()
-            for label, _, d, _ in dirs:
-                click.echo(f"{label}: {d}")
-                if d in shown:
-                    click.echo("  (the files above)")
-                    continue
-                shown.add(d)
-                for name in sorted(os.listdir(d)):
-                    try:
-                        size = os.path.getsize(os.path.join(d, name))
-                    except OSError:
-                        continue
-                    click.echo(f"  {name:<48} {size:>12,d} B")
-            return
-        if follow and len(paths) != 1:
-            raise click.UsageError(f"--follow needs exactly one file; {len(paths)} match: "
-                                   f"{', '.join(os.path.basename(p) for p in paths)}")
-        for path in paths:
-            if len(paths) > 1:
-                click.echo(f"==> {path} <==")
-            if keep is not None:
-                lines = _logfiles.task_lines(_logfiles.with_backups(path), task_id)
-                lines = lines if tail < 0 else lines[-tail:] if tail else []
-            else:
-                lines = _tail_lines(_logfiles.with_backups(path), tail)
-            sys.stdout.write("".join(lines))
+            raise click.ClickException(f"task {task_id} printed nothing (no output of it in "
+                                       f"the executor logs)")
+        if got["truncated"]:
+            click.echo("(older output of the task left out: 1 MiB shown)", err=True)
+        text = got["text"].splitlines(keepends=True)
+        sys.stdout.write("".join(text if tail < 0 else text[-tail:] if tail else []))
         sys.stdout.flush()
         if follow:
-            if keep is not None:  # where the file ends now, are we inside the task's lines?
-                for line in _tail_lines([paths[0]], -1):
-                    keep(line)
-            _follow(paths[0], keep or (lambda line: True), stop_after)
-
-
-def _pid_log(dirs: list, pid: int):
-    """The log file of a process: an executor (by its node's index), a node or the broker."""
-    for _label, daemon_pid, d, daemon_log in dirs:
-        if pid == daemon_pid:
-            return os.path.join(d, daemon_log)
-        cid = _logfiles.executor_index(d).get(pid)
-        if cid:
-            return _logfiles.executor_log(d, cid)
-    return None
+            keep = _task_filter(task_id)
+            keep(f"{_logfiles.MARKER}{task_id}\n")  # we are past its marker
+            cluster.follow(target, got["files"][-1], keep, stop_after)
+        return
+    elif glob:
+        files = [(target, name) for _l, target, _p, _d in cluster.targets
+                 for name, _size in cluster.ask(target, "list")["files"]
+                 if fnmatch.fnmatch(name, glob)]
+        if not files:
+            raise click.ClickException(f"no log file matches {glob!r}")
+    else:
+        if follow:
+            raise click.UsageError("--follow needs a file: GLOB, --actor-id, --task-id or --pid")
+        for label, target, _pid, _log in cluster.targets:
+            click.echo(label)
+            for name, size in cluster.ask(target, "list")["files"]:
+                click.echo(f"  {name:<48} {size:>12,d} B")
+        return
+    if follow and len(files) != 1:
+        raise click.UsageError(f"--follow needs exactly one file; {len(files)} match: "
+                               f"{', '.join(name for _, name in files)}")
+    for target, name in files:
+        if len(files) > 1:
+            click.echo(f"==> {target or 'broker'}: {name} <==")
+        got = cluster.ask(target, "tail", name=name, lines=tail)
+        if got["truncated"]:
+            click.echo(f"({name}: older output left out, 1 MiB shown)", err=True)
+        sys.stdout.write(got["text"])
+    sys.stdout.flush()
+    if follow:
+        target, name = files[0]
+        cluster.follow(target, name, lambda line: True, stop_after)

@@ -135,10 +135,8 @@ def _wait(what: str, check, procs: dict, session_dir: str, timeout: float):
 
 def _broker_address(port: int, since: float):
     """The address the new broker wrote to the address file (it writes it once it listens)."""
-    from zray.cli import _address_file
-
     try:
-        path = _address_file()
+        path = _HOOKS["address_file"]()
         if os.stat(path).st_mtime < since - 1:
             return None
         with open(path) as f:
@@ -165,8 +163,13 @@ def _node_of(address: str, pid: int):
     return nodes[0] if nodes else None
 
 
-def add_commands(main: click.Group, parse_labels) -> None:
-    """Add start and stop to the ``zray`` command group."""
+_HOOKS: dict = {}  # from zray.cli (which imports this module): address_file
+
+
+def add_commands(main: click.Group, parse_labels, address_file) -> None:
+    """Add start and stop to the ``zray`` command group; ``parse_labels`` checks --labels,
+    ``address_file()`` is where a broker writes its address."""
+    _HOOKS["address_file"] = address_file
 
     @main.command()
     @click.option("--head", is_flag=True, help="Start the head: broker, a worker, the dashboard.")
@@ -270,6 +273,8 @@ def add_commands(main: click.Group, parse_labels) -> None:
             _stop_entries([p.pid for p in procs.values()], force=False, grace=10)
             raise
 
+        if head and host in ("0.0.0.0", "*", "::"):  # listening everywhere: say where to reach it
+            address = address.replace(f"//{host}:", f"//{node['node_ip']}:")
         click.echo(f"zray {'head' if head else 'worker'} started (session {session_dir})")
         if head:
             click.echo(f"  broker:    {address} (pid {procs['broker'].pid})")
@@ -327,8 +332,6 @@ def _stop_entries(pids: list, force: bool, grace: float) -> tuple:
     running, pids that would not die)."""
     import psutil
 
-    from zray.cli import _address_file
-
     with _started_table() as table:
         chosen = [e for e in table if e.get("pid") in pids]
         table[:] = [e for e in table if e.get("pid") not in pids]
@@ -359,7 +362,7 @@ def _stop_entries(pids: list, force: bool, grace: float) -> tuple:
     _, alive = psutil.wait_procs(alive, timeout=5)
     for e, _p in running:
         if e.get("role") == "broker":
-            _forget_address(_address_file(), e)
+            _forget_address(_HOOKS["address_file"](), e)
     return len(running), [p.pid for p in alive]
 
 

@@ -227,3 +227,139 @@ def files_with_task(log_dir: str, task_id_hex: str) -> list:
         except (OSError, ValueError):
             continue
     return found
+
+
+# ------------------------------------------------ reading for others (LOG_READ, REQ)
+MAX_ANSWER_BYTES = 1 << 20  # text in one answer
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _file(log_dir: str, name) -> str:
+    """The path of a file directly in ``log_dir``; a name with a path in it is refused."""
+    if (not isinstance(name, str) or not name or len(name) > 255 or name[0] == "."
+            or not set(name) <= _NAME_OK):
+        raise ValueError(f"not a log file name: {name!r:.80}")
+    return os.path.join(log_dir, name)
+
+
+def _read(path: str, offset: int, limit: int) -> tuple:
+    """(bytes from ``offset``, at most ``limit``; the file's stat) of a regular file,
+    never through a symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        import stat
+
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{os.path.basename(path)} is not a regular file")
+        return os.pread(fd, limit, offset) if limit > 0 else b"", st
+    finally:
+        os.close(fd)
+
+
+def tail_text(paths: list, n: int, limit: int = MAX_ANSWER_BYTES) -> tuple:
+    """(the last ``n`` lines (all for -1) of ``paths`` joined, at most ``limit`` bytes of
+    them: the newest; whether older wanted output was left out for the limit)."""
+    chunks: list = []
+    lines = size = 0
+    stopped = False  # by the limit, with more before
+    for path in reversed(paths):
+        try:
+            end = os.stat(path).st_size
+        except OSError:
+            continue
+        while end > 0 and not (n >= 0 and lines > n):
+            if size >= limit:
+                stopped = True
+                break
+            step = min(65536, end)
+            data, _ = _read(path, end - step, step)
+            end -= step
+            chunks.insert(0, data)
+            lines += data.count(b"\n")
+            size += len(data)
+        if stopped or (n >= 0 and lines > n):
+            break
+    text = b"".join(chunks)
+    if len(text) > limit:
+        text, stopped = text[-limit:], True
+    out = text.decode(errors="replace").splitlines(keepends=True)
+    if n >= 0:
+        truncated = stopped and len(out) <= n
+        out = out[-n:] if n else []
+    else:
+        truncated = stopped
+    if truncated and out:
+        out = out[1:]  # its first line is cut
+    return "".join(out), truncated
+
+
+def serve(log_dir: str, op: str, args: dict) -> dict:
+    """Answer a log query about ``log_dir`` (a node's, or the broker's):
+
+    * ``list``: {} -> {files: [[name, size], ...], executors: [[pid, cid hex], ...]}
+    * ``tail``: {name, lines} -> {text, truncated, ino, size}: the last ``lines`` lines
+      (-1: all) of the file and its rotated backups, at most MAX_ANSWER_BYTES of them
+    * ``read``: {name, offset, ino} -> {text, ino, offset}: what follows ``offset``; if
+      the file was rotated since (its inode is not ``ino``), the rest of the old file
+      (now ``name.1``) and then {ino: the new one's, offset: 0}
+    * ``task``: {task_id} -> {files, text, truncated}: the lines a task printed
+    """
+    if not log_dir or not os.path.isdir(log_dir):
+        raise ValueError("no log directory here")
+    if op == "list":
+        files = []
+        for name in sorted(os.listdir(log_dir)):
+            try:
+                st = os.stat(os.path.join(log_dir, name), follow_symlinks=False)
+            except OSError:
+                continue
+            import stat
+
+            if stat.S_ISREG(st.st_mode):
+                files.append([name, st.st_size])
+        return {"files": files,
+                "executors": [[pid, cid] for pid, cid in executor_index(log_dir).items()]}
+    if op == "tail":
+        path = _file(log_dir, args.get("name"))
+        n = args.get("lines", 1000)
+        if type(n) is not int or n < -1:
+            raise ValueError("lines must be an int >= -1")
+        st = os.stat(path)
+        text, truncated = tail_text(with_backups(path), n)
+        return {"text": text, "truncated": truncated, "ino": st.st_ino, "size": st.st_size}
+    if op == "read":
+        path = _file(log_dir, args.get("name"))
+        offset, ino = args.get("offset", 0), args.get("ino")
+        if type(offset) is not int or offset < 0 or (ino is not None and type(ino) is not int):
+            raise ValueError("offset must be an int >= 0 and ino an int")
+        st = os.stat(path)
+        if ino is not None and st.st_ino != ino:  # rotated: finish the old file first
+            try:
+                old = os.stat(path + ".1")
+                if old.st_ino == ino and old.st_size > offset:
+                    data, _ = _read(path + ".1", offset, MAX_ANSWER_BYTES)
+                    return {"text": data.decode(errors="replace"), "ino": ino,
+                            "offset": offset + len(data)}
+            except OSError:
+                pass
+            offset = 0
+        elif offset > st.st_size:  # truncated
+            offset = 0
+        data, st = _read(path, offset, MAX_ANSWER_BYTES)
+        return {"text": data.decode(errors="replace"), "ino": st.st_ino,
+                "offset": offset + len(data)}
+    if op == "task":
+        task = args.get("task_id")
+        if not isinstance(task, str) or len(task) > 64 or not all(
+                c in "0123456789abcdef" for c in task):
+            raise ValueError("task_id must be a hex string")
+        files = files_with_task(log_dir, task)
+        lines = []
+        for path in files:
+            lines += task_lines(with_backups(path), task)
+        text = "".join(lines)
+        truncated = len(text) > MAX_ANSWER_BYTES
+        return {"files": [os.path.basename(p) for p in files],
+                "text": text[-MAX_ANSWER_BYTES:], "truncated": truncated}
+    raise ValueError(f"unknown log operation {op!r:.40}")

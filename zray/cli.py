@@ -268,11 +268,11 @@ _cli_state.add_commands(main, cluster_options)
 
 from zray import _cli_start  # noqa: E402  (start, stop)
 
-_cli_start.add_commands(main, _parse_labels)
+_cli_start.add_commands(main, _parse_labels, _address_file)
 
 from zray import _cli_logs  # noqa: E402  (logs)
 
-_cli_logs.add_commands(main, cluster_options)
+_cli_logs.add_commands(main, cluster_options, _client)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class DashboardServer:
         self.jobs = JobManager(address, os.path.join(self.session_dir, "jobs"))
         head = os.path.join(broker_dir, "logs") if broker_dir else ""
         own = os.path.join(self.session_dir, "logs")
-        self.logs = LogFiles(self.view, {"head": head, "dashboard": "" if own == head else own,
+        self.logs = LogFiles(self.view, {"dashboard": "" if own == head else own,
                                          "jobs": self.jobs.dir})
         handler = type("Handler", (_Handler,), {"dash": self})
         try:

@@ -155,41 +155,47 @@ class ClusterView:
 
 
 LOG_SUFFIXES = (".log", ".out", ".err")
+TAIL_LINES = 2000
 
 
 class LogFiles:
-    """Log files this host holds, by source: ``head`` (the broker's session: an
-    embedded cluster's node and executors log there too), ``dashboard``, ``jobs``,
-    and each node whose log dir is on this host (``node:<id>``: its agent's and
-    executors' logs). Nodes on other hosts are listed with ``remote: true`` and no
-    files: reading them needs the node's host.
+    """Log files by source: ``head`` (the broker's log dir, read by the broker),
+    ``node:<id>`` (a node's agent and executor logs, read by that node through the
+    broker: REQ node_logs, relayed as LOG_READ, so nodes on other hosts too), and
+    this dashboard's own ``dashboard`` and ``jobs`` dirs, read here.
 
-    A node says where it logs (NODE_HELLO); a dir is read only if it is a real
-    directory named ``logs``, owned by this user and private to it (as zray makes
-    them), and only files ending in .log/.out/.err, by name (no paths).
+    Names only (no paths); the reading side (``zray._logfiles.serve``) takes regular
+    files directly in its log dir.
     """
 
-    def __init__(self, view, fixed: dict):
+    def __init__(self, view, local: dict):
         self.view = view
-        self.fixed = {k: v for k, v in fixed.items() if v}
+        self.local = {k: v for k, v in local.items() if v}
 
-    def sources(self) -> dict:
-        out = dict(self.fixed)
+    def _remote(self) -> dict:
+        """source -> node id hex ("" for the broker itself)."""
+        out = {"head": ""}
         try:
-            nodes = self.view.ask("log_dirs")["nodes"]
+            for n in self.view.ask("nodes"):
+                if n["Alive"]:
+                    out[f"node:{n['NodeID']}"] = n["NodeID"]
         except Exception:
-            nodes = []
-        for n in nodes:
-            d = n["log_dir"]
-            out[f"node:{n['node_id']}"] = d if _private_log_dir(d) else None
+            pass
         return out
 
     def list(self) -> list:
         rows = []
-        for source, d in self.sources().items():
-            if d is None:
-                rows.append({"source": source, "name": None, "size": None, "remote": True})
+        for source, node in self._remote().items():
+            try:
+                files = self.view.ask("node_logs", {"node_id": node, "op": "list",
+                                                    "args": {}})["files"]
+            except Exception as e:  # a node that cannot answer: say so, list the rest
+                rows.append({"source": source, "name": None, "size": None,
+                             "error": str(e)[:200]})
                 continue
+            rows += [{"source": source, "name": name, "size": size}
+                     for name, size in files if name.endswith(LOG_SUFFIXES)]
+        for source, d in self.local.items():
             try:
                 names = sorted(os.listdir(d))
             except OSError:
@@ -199,33 +205,26 @@ class LogFiles:
                 if name.endswith(LOG_SUFFIXES) and os.path.isfile(path) \
                         and not os.path.islink(path):
                     rows.append({"source": source, "name": name,
-                                 "size": os.path.getsize(path), "remote": False})
+                                 "size": os.path.getsize(path)})
         return rows
 
     def read(self, source: str, name: str, tail: int = 65536) -> str:
-        """The last ``tail`` bytes of one listed file."""
-        if (not name or "/" in name or name.startswith(".")
+        """The end of one listed file (at most ``tail`` bytes, ``TAIL_LINES`` lines)."""
+        if (not isinstance(name, str) or not name or "/" in name or name.startswith(".")
                 or not name.endswith(LOG_SUFFIXES)):
             raise ValueError(f"bad log file name {name!r}")
-        d = self.sources().get(source)
-        if d is None:
-            raise FileNotFoundError(f"no log source {source!r} on this host")
-        path = os.path.join(d, name)
-        if not os.path.isfile(path) or os.path.islink(path):
-            raise FileNotFoundError(f"no log file {name!r} in {source}")
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - tail))
-            return f.read().decode("utf-8", "replace")
-
-
-def _private_log_dir(d: str) -> bool:
-    import stat
-
-    if not d or os.path.basename(d) != "logs":
-        return False
-    try:
-        st = os.lstat(d)
-    except OSError:
-        return False
-    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
-            and not st.st_mode & 0o077)
+        if source in self.local:
+            path = os.path.join(self.local[source], name)
+            if not os.path.isfile(path) or os.path.islink(path):
+                raise FileNotFoundError(f"no log file {name!r} in {source}")
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - tail))
+                return f.read().decode("utf-8", "replace")
+        node = self._remote().get(source)
+        if node is None:
+            raise FileNotFoundError(f"no log source {source!r}")
+        text = self.view.client.request("node_logs", {"node_id": node, "op": "tail",
+                                                      "args": {"name": name,
+                                                               "lines": TAIL_LINES}},
+                                        timeout=15)["text"]
+        return text[-tail:]
