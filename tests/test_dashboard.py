@@ -225,6 +225,7 @@ def test_page_in_headless_chromium(dash, tmp_path):
                 page.click("a[data-page='logs']")
                 page.click("a[data-log='broker.log']")
                 page.wait_for_selector("pre.log", timeout=30_000)
+                page.screenshot(path=str(tmp_path / "logs.png"), full_page=False)
             finally:
                 browser.close()
     finally:
