@@ -80,7 +80,7 @@ B->C  EXIT       -   (C->B EXIT: a driver or CLI leaves; an executor retires aft
                  max_calls: sent after its last DONE; the broker queues again what it had
                  sent it ahead and answers EXIT, after which the executor exits)
 N->B  NODE_HELLO version, node_id, info {resources, gpu_ids, hostname, pid, labels,
-                 address, prestart, store_limit}
+                 address, prestart, store_limit, log_dir}
 B->N  WELCOME    info   the node starts its executors only after this
 B->N  SPAWN      count                                          start more executor processes
 N->B  EXEC_SPAWNED cid, token   a process it starts: the only executor HELLO to accept for cid
