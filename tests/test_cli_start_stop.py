@@ -21,10 +21,24 @@ from test_cli_cluster import _free_port, _zray_cmd
 pytestmark = pytest.mark.timeout(240)
 
 
+def adopt_daemons(on: bool = True) -> None:
+    """While a test runs, make this test process the parent of the daemons ``zray start``
+    leaves behind (PR_SET_CHILD_SUBREAPER), so that on a machine shared with other test
+    runs they do not look like orphans that another run's leak check may kill. Turned off
+    again at clean-up: later tests see orphans go to init as usual."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, int(on), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _Zray:
     """Runs ``zray ...`` with this test's private ZRAY_TMPDIR."""
 
     def __init__(self, tmp_path):
+        adopt_daemons()
         self.env = driver_env(ZRAY_TMPDIR=str(tmp_path / "zt"))
         self.table = tmp_path / "zt" / "started.json"
 
@@ -53,9 +67,12 @@ class _Zray:
         return found
 
     def cleanup(self):
-        self("stop", "--force", check=False, timeout=60)
-        for e in self.started():
-            kill_tree(e["pid"])
+        try:
+            self("stop", "--force", check=False, timeout=60)
+            for e in self.started():
+                kill_tree(e["pid"])
+        finally:
+            adopt_daemons(False)
 
 
 @pytest.fixture

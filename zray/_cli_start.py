@@ -352,18 +352,37 @@ def _stop_entries(pids: list, force: bool, grace: float) -> tuple:
         if e.get("role") == "worker" and not force:
             # Executors go with their worker; a broker stopped first would leave the
             # worker reconnecting. Give each worker a moment before the broker.
-            psutil.wait_procs([p], timeout=min(grace, 5))
-    _, alive = psutil.wait_procs(everything, timeout=grace)
+            _wait_gone([p], min(grace, 5))
+    alive = _wait_gone(everything, grace)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(alive, timeout=5)
+    alive = _wait_gone(alive, 5)
     for e, _p in running:
         if e.get("role") == "broker":
             _forget_address(_HOOKS["address_file"](), e)
     return len(running), [p.pid for p in alive]
+
+
+def _wait_gone(procs: list, timeout: float) -> list:
+    """Poll until every process has exited (a zombie has: only its parent can reap it);
+    return those still running."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if running(p)]
+    return alive
 
 
 def _forget_address(path: str, entry: dict) -> None:
