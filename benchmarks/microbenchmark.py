@@ -162,7 +162,9 @@ def _fmt(x):
 
 
 def _emit(line):
-    print(line, flush=True)
+    from zray.experimental.tqdm_ray import safe_print  # written above the progress bar
+
+    safe_print(line, flush=True)
 
 
 def _short(exc):
@@ -188,8 +190,10 @@ def main(filter_="", repeat=3, *, num_cpus=2, duration=1.0, warmup=0.5, settle=1
           "trial(s) of >= %g s (startup rows: %d fresh process(es))"
           % (num_cpus, os.cpu_count() or 0, repeat, duration, repeat), file=sys.stderr)
     status = 0
+    from zray.experimental.tqdm_ray import tqdm
 
     fresh = [c for c in wanted if c["phase"] == "startup"]
+    progress = tqdm(total=len(wanted), desc="microbenchmark", unit="case", flush_interval_s=0)
     if fresh:
         runs, error = [], None
         for _ in range(repeat):
@@ -210,6 +214,7 @@ def main(filter_="", repeat=3, *, num_cpus=2, duration=1.0, warmup=0.5, settle=1
                 last = runs[-1]
                 _emit("%s %s +- %s MB (summed %s, %d processes)"
                       % (c["title"], _fmt(mean), _fmt(sd), last["metric"], last["processes"]))
+            progress.update(1)
 
     steady = [c for c in wanted if c["phase"] == "steady"]
     if steady:
@@ -235,8 +240,10 @@ def main(filter_="", repeat=3, *, num_cpus=2, duration=1.0, warmup=0.5, settle=1
                     if os.environ.get("ZRAY_BENCH_TRACE"):
                         traceback.print_exc()
                     status = 1
+                progress.update(1)
         finally:
             zray.shutdown()
+    progress.close()
 
     for title in unsupported:
         _emit("%s not supported (zray has no placement groups)" % title)

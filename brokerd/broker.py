@@ -29,6 +29,8 @@ Module map (each module's docstring says what it owns):
   * ``actors.py``      ActorDirectory: actors, names, call queues, restarts.
   * ``queries.py``     REQ answers for the API and CLI.
   * ``outbox.py``      the one way out.
+  * ``state.py``       rows for the state API (zray list/get/summary).
+  * ``fdwatch.py``     the descriptor limit, raised at start; running out is loud.
 
 This module owns the socket, the loop, the dispatch table and the bad-message
 counters. See ``zray._protocol`` for the frames.
@@ -45,6 +47,7 @@ import time
 import zmq
 
 from brokerd.engine import TaskEngine
+from brokerd.fdwatch import FdWatch, raise_nofile_limit
 from brokerd.outbox import Outbox
 from brokerd.queries import Queries
 from zray import _protocol as P
@@ -65,6 +68,7 @@ class Broker:
     def __init__(self, address: str, session_dir: str = ""):
         self.address = address
         self.session_dir = session_dir
+        raise_nofile_limit()  # thousands of clients, two connections each
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -86,6 +90,8 @@ class Broker:
         self.out = Outbox(self.sock)
         self.engine = TaskEngine(self.out)
         self.queries = Queries(self.engine, self.address, time.time(), self.stats)
+        self.queries.session_dir = session_dir
+        self.fdwatch = FdWatch(self.sock)  # running out of descriptors is loud (fdwatch.py)
         self.running = True
         self.header = None  # the header frame of the message being handled
         self.dropped = 0  # messages dropped as malformed or sent by the wrong role
@@ -116,6 +122,7 @@ class Broker:
             (node, Msg.NODE_HELLO): self.on_node_hello,
             (node, Msg.HEARTBEAT): self.on_node_heartbeat,
             (node, Msg.EXEC_SPAWNED): lambda nid, m, f: e.executor_spawned(nid, m.cid, m.token),
+            (node, Msg.LOG_DATA): lambda nid, m, f: self.queries.log_data(nid, m),
             (node, Msg.EXEC_DIED): lambda nid, m, f: e.exec_died(nid, m.cid, m.code),
             (node, Msg.BLOB): e.objects.blob,
             (node, Msg.STORED): lambda nid, m, f: e.objects.stored(nid, m),
@@ -227,7 +234,8 @@ class Broker:
         self.drop(ident, str(e))
 
     def stats(self) -> dict:
-        return {"dropped_messages": self.dropped, "sent_messages": self.out.sent}
+        return {"dropped_messages": self.dropped, "sent_messages": self.out.sent,
+                **self.fdwatch.report()}
 
     # -------------------------------------------------------------- handlers
     def on_hello(self, cid, m: P.Hello, frames):
@@ -261,7 +269,9 @@ class Broker:
         self.engine.objects.register_fn(m.fid, frames[0], m.nested)
 
     def on_req(self, cid, m: P.Req, frames):
-        self.out.send(P.inbox_ident(cid), P.encode(self.queries.answer(cid, m)))
+        reply = self.queries.answer(cid, m)
+        if reply is not None:  # None: answered later (a node's log files, relayed)
+            self.out.send(P.inbox_ident(cid), P.encode(reply))
 
 
 def run(address: str, session_dir: str = "") -> None:

@@ -463,7 +463,8 @@ class TaskEngine:
         elif task.cancel_requested:
             self._finished(task, TaskState.CANCELLED, "cancelled while running")
         else:
-            self._finished(task, TaskState.FAILED, "raised")
+            # the error text's tail goes in the event log: the dashboard shows it
+            self._finished(task, TaskState.FAILED, f"raised: {error[-1000:]}" if error else "raised")
         self._wake(woken)
 
     def _keep_lineage(self, task: Task) -> str:

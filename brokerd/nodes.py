@@ -10,7 +10,7 @@
 Resources are integers in 1/UNIT (see ``zray._protocol``). A GPU request of
 whole units takes whole free GPUs; a fraction takes part of one GPU.
 
-Owns: ``nodes`` and every field of a Node record (free resources, GPU slots,
+Owns: ``nodes``, ``gone`` (the nodes that left, for the state API) and every field of a Node record (free resources, GPU slots,
 idle executor stack, spawn counters, store accounting is the object
 directory's). Sends: SPAWN, KILL_EXEC, EXIT to idle executors (through the outbox).
 """
@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import time
+from collections import deque
 
 from brokerd.outbox import Outbox
 from brokerd.records import Executor, Node, Task
@@ -36,6 +37,7 @@ class NodeTable:
     def __init__(self, out: Outbox):
         self.out = out
         self.nodes: dict[bytes, Node] = {}
+        self.gone: deque = deque(maxlen=1000)  # (node, time it left): list_nodes shows DEAD
         self.freed = False  # resources came back since the last scheduling pass
 
     # ------------------------------------------------------------ membership
@@ -48,6 +50,8 @@ class NodeTable:
                     str(info.get("address", "")), last_seen=time.monotonic())
         node.spawning = max(0, min(_int(info.get("prestart")), 64))
         node.store_limit = max(0, _int(info.get("store_limit")))
+        log_dir = info.get("log_dir")
+        node.log_dir = log_dir if isinstance(log_dir, str) and len(log_dir) <= 4096 else ""
         self.nodes[node_id] = node
         log.info("node %s joined: %s", node_id.hex(), P.from_units(total))
         self.freed = True
@@ -55,7 +59,8 @@ class NodeTable:
 
     def leave(self, node: Node) -> None:
         node.alive = False
-        self.nodes.pop(node.node_id, None)
+        if self.nodes.pop(node.node_id, None) is not None:
+            self.gone.append((node, time.time()))
 
     def seen(self, node_id: bytes) -> bool:
         node = self.nodes.get(node_id)

@@ -7,6 +7,7 @@ Owns nothing. Reads the engine and its directories.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from brokerd.engine import TaskEngine
@@ -15,6 +16,7 @@ from zray import _protocol as P
 
 log = logging.getLogger("zray.broker")
 
+DEFERRED = object()  # a handler's result: the reply is sent later, not by answer()
 _OPEN = (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING)
 
 
@@ -25,13 +27,17 @@ class Queries:
         self.started = started
         self.stats = stats  # () -> {"dropped": n, ...} from the broker loop
 
-    def answer(self, cid: bytes, m: P.Req) -> P.Reply:
+    def answer(self, cid: bytes, m: P.Req) -> P.Reply | None:
         handler = getattr(self, "req_" + m.op, None)
         if handler is None:
             return P.Reply(m.req_id, False, f"unknown request {m.op!r:.40}")
         args = m.args if isinstance(m.args, dict) else {}
+        self.req_id = m.req_id  # the REQ being answered (a deferred answer needs it)
         try:
-            return P.Reply(m.req_id, True, handler(cid, args))
+            result = handler(cid, args)
+            if result is DEFERRED:  # answered later (node_logs: when the node answers)
+                return None
+            return P.Reply(m.req_id, True, result)
         except Exception as e:
             return P.Reply(m.req_id, False, f"{type(e).__name__}: {e}")
 
@@ -157,3 +163,160 @@ class Queries:
         a = self.engine.actors.get(args.get("actor_id"))
         return None if a is None else {"state": a.state.value, "restarts": a.restarts,
                                        "death": a.death}
+
+    # ---------------------------------------------------------------- dashboard
+    # Read-only views for the dashboard process (zray/dashboard/): each is a slice
+    # or a walk of tables the engine keeps anyway, so that a dashboard refreshing
+    # every second costs the loop little (measured: benchmarks/dashboard_load.py).
+
+    def req_recent_events(self, cid, args):
+        """Event-log entries appended since ``since`` (a ``next`` from an earlier answer;
+        0: from the start), at most the newest ``limit`` (<= 20000), newest first:
+        {events: [[time, kind, id, from, to, reason, node id|nil, name], ...], next}.
+        Only the new entries are walked, so a dashboard polling it costs little."""
+        limit = args.get("limit", 5000)
+        since = args.get("since", 0)
+        if type(limit) is not int or not 0 < limit <= 20000:
+            raise ValueError("recent_events: limit must be an int in 1..20000")
+        if type(since) is not int or since < 0:
+            raise ValueError("recent_events: since must be an int >= 0")
+        moves = self.engine.moves
+        events = moves.events
+        want = min(limit, len(events), max(0, moves.appended - since))
+        out = []
+        for e in reversed(events):
+            if len(out) >= want:
+                break
+            out.append(list(e))
+        return {"events": out, "next": moves.appended}
+
+    def req_actors(self, cid, args):
+        """Every actor the broker knows, with its state and restarts."""
+        out = []
+        for a in self.engine.actors.actors.values():
+            ex = a.executor
+            out.append({"actor_id": a.actor_id.hex(), "class_name": a.class_name,
+                        "name": a.name, "namespace": a.namespace, "state": a.state.value,
+                        "restarts": a.restarts, "max_restarts": a.max_restarts,
+                        "death": a.death, "detached": a.detached, "job_id": a.job_id.hex(),
+                        "node_id": ex.node.node_id.hex() if ex is not None else "",
+                        "pid": ex.pid if ex is not None else 0})
+        return out
+
+    def req_jobs(self, cid, args):
+        """Connected drivers' jobs: [{job_id, namespace, driver_pid}, ...]."""
+        clients = self.engine.clients
+        return [{"job_id": j.hex(), "namespace": info["namespace"],
+                 "driver_pid": clients[info["driver"]].pid if info["driver"] in clients else 0}
+                for j, info in self.engine.jobs.items()]
+
+    def req_metrics_report(self, cid, args):
+        """A process's user metrics (zray.util.metrics), checked field by field."""
+        from brokerd.metrics import check_report
+
+        c = self.engine.clients.get(cid)
+        if c is None or c.kind not in ("driver", "executor"):
+            raise PermissionError("only drivers and executors report metrics")
+        self.user_metrics.put(cid, check_report(args.get("series")))
+        return True
+
+    def req_metrics(self, cid, args):
+        """Built-in cluster metrics and every process's last user metrics report."""
+        from brokerd.metrics import cluster_metrics
+
+        return {"cluster": cluster_metrics(self.engine), "user": self.user_metrics.all()}
+
+    @property
+    def user_metrics(self):
+        store = self.__dict__.get("_user_metrics")
+        if store is None:
+            from brokerd.metrics import UserMetrics
+
+            store = self.__dict__["_user_metrics"] = UserMetrics()
+        return store
+
+    # ------------------------------------------------ state API (brokerd/state.py)
+    def req_state_list(self, cid, args):
+        """Rows of one resource for ``zray.util.state.list_*``: {rows, total,
+        dropped_events}."""
+        from brokerd.state import StateView
+
+        return StateView(self.engine).list(args)
+
+    def req_state_summary(self, cid, args):
+        """Counts by name and state for ``zray.util.state.summarize_*``."""
+        from brokerd.state import StateView
+
+        return StateView(self.engine).summary(args)
+
+    def req_event_log(self, cid, args):
+        """The bounded transition log's size, capacity and drop count."""
+        moves = self.engine.moves
+        return {"events": len(moves.events), "capacity": moves.events.maxlen,
+                "dropped": moves.dropped}
+
+
+    session_dir = ""  # the broker's session dir (set by the Broker), for req_log_dirs
+
+    def req_log_dirs(self, cid, args):
+        """Where logs are, for `zray logs`: the broker's and each node's log directory,
+        with the host it is on (paths on that host)."""
+        import socket
+
+        return {
+            "broker": {"host": socket.gethostname(), "pid": os.getpid(),
+                       "log_dir": os.path.join(self.session_dir, "logs")
+                       if self.session_dir else ""},
+            "nodes": [{"node_id": n.node_id.hex(), "host": n.hostname, "pid": n.pid,
+                       "log_dir": n.log_dir} for n in self.engine.nodes.nodes.values()],
+        }
+
+    # ------------------------------------------- log files, relayed to nodes (zray logs)
+    req_id = 0
+
+    @property
+    def relays(self) -> dict:
+        """relay id -> (asking cid, its req_id, node id, time asked): LOG_READs in flight."""
+        if "_relays" not in self.__dict__:
+            self._relays, self._next_relay = {}, 0
+        return self._relays
+
+    def req_node_logs(self, cid, args):
+        """Read log files: of a node (``node_id`` hex: relayed as LOG_READ, answered when
+        the node sends LOG_DATA) or of the broker itself (``node_id`` ""); ``op`` and
+        ``args`` as ``zray._logfiles.serve`` takes them."""
+        from zray import _logfiles
+
+        node_hex, op, largs = args.get("node_id"), args.get("op"), args.get("args") or {}
+        if not isinstance(node_hex, str) or not isinstance(op, str) or not isinstance(largs,
+                                                                                      dict):
+            raise ValueError("node_logs needs node_id (hex str), op (str) and args (dict)")
+        if node_hex == "":
+            return _logfiles.serve(os.path.join(self.session_dir, "logs")
+                                   if self.session_dir else "", op, largs)
+        try:
+            node = self.engine.nodes.nodes.get(bytes.fromhex(node_hex))
+        except ValueError:
+            node = None
+        if node is None:
+            raise ValueError(f"no node {node_hex[:40]} in the cluster")
+        now = time.monotonic()
+        relays = self.relays
+        if len(relays) > 1000:  # answers that never came (the node died): forget them
+            for k in [k for k, v in relays.items() if now - v[3] > 60]:
+                del relays[k]
+        self._next_relay += 1
+        relay = self._next_relay
+        relays[relay] = (cid, self.req_id, node.node_id, now)
+        self.engine.out.send(node.ident, P.encode(P.LogRead(relay, op, largs)))
+        return DEFERRED
+
+    def log_data(self, node_id: bytes, m: P.LogData) -> None:
+        """A node's answer to LOG_READ: the REPLY of the REQ it was relayed for."""
+        asked = self.relays.get(m.req_id)
+        if asked is None or asked[2] != node_id:
+            raise P.ProtocolError("LOG_DATA that answers nothing asked of this node")
+        del self.relays[m.req_id]
+        cid, req_id = asked[0], asked[1]
+        if cid in self.engine.clients:
+            self.engine.out.send(P.inbox_ident(cid), P.encode(P.Reply(req_id, m.ok, m.result)))

@@ -9,8 +9,11 @@
 The tables below list the legal moves, as Dask's scheduler lists its
 transitions: a move that is not in them is a bug somewhere in the broker, and
 applying it anyway would hide that bug behind a corrupt record. The event log
-(record kind, id, from, to, reason, time, node, name) is what the ``task_events``
-query, the state API, the timeline and the tests read.
+(time, record kind, id, from, to, reason, node, name) is what the ``task_events``
+query, the state API (``brokerd/state.py``), the timeline, the dashboard and the tests
+read. It is bounded: ``dropped`` counts the events that fell off its old end. Beside
+it, ``specs`` keeps the spec of each task seen (bounded too, oldest tasks forgotten
+first), so that the state API can still say what a finished task was.
 
 Owns: the move tables, the event log and the illegal-move counter. Touches
 only the ``state`` field of the records it is given.
@@ -19,6 +22,7 @@ only the ``state`` field of the records it is given.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from typing import Optional
@@ -61,7 +65,19 @@ EXEC_MOVES = {
     E.DEAD: set(),
 }
 
-EVENT_LOG_LEN = 100_000
+def _log_len() -> int:
+    """ZRAY_EVENT_LOG_LEN: how many events the log keeps (default 100,000)."""
+    text = os.environ.get("ZRAY_EVENT_LOG_LEN") or "100000"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"ZRAY_EVENT_LOG_LEN must be a positive integer, got {text!r}")
+    return n
+
+
+EVENT_LOG_LEN = _log_len()
 
 
 def _fast(table: dict) -> dict:
@@ -80,6 +96,11 @@ class Transitions:
         # (time, kind, id, from, to, reason, node id, name): kind "task" | "actor" |
         # "executor"; name: a task's or actor's name, for the timeline
         self.events: deque = deque(maxlen=maxlen)
+        # task id -> TaskSpec, in the order tasks were first seen; at 2 * maxlen the older
+        # half goes (the log holds at most maxlen tasks' events)
+        self.specs: dict = {}
+        self.spec_cap = 2 * maxlen
+        self.appended = 0  # events ever logged: appended - len(events) fell off the log
         self.illegal = 0
         self.now = time.time()  # set by the broker once per loop turn (time.time per move cost)
 
@@ -89,7 +110,12 @@ class Transitions:
         cls = type(rec)
         if cls is Task:
             table, kind, rid = (_CREATE if rec.kind == P.ACTOR_CREATE else _TASK), "task", rec.task_id
-            name = rec.spec.name
+            spec = rec.spec
+            name = spec.name
+            specs = self.specs
+            specs[rid] = spec
+            if len(specs) > self.spec_cap:
+                self._forget_specs()
             if node_id is None:
                 if rec.node is not None:
                     node_id = rec.node.node_id
@@ -109,7 +135,18 @@ class Transitions:
             return False
         rec.state = new
         self.events.append((self.now, kind, rid, old, new._value_, reason, node_id, name))
+        self.appended += 1
         return True
+
+    def _forget_specs(self) -> None:
+        specs = self.specs
+        keep = list(specs.items())[len(specs) - self.spec_cap // 2:]
+        self.specs = dict(keep)
+
+    @property
+    def dropped(self) -> int:
+        """Events that fell off the old end of the bounded log."""
+        return self.appended - len(self.events)
 
     def history(self, rid: bytes) -> list:
         """[(from, to, reason), ...] of one record, oldest first (while still in the log)."""

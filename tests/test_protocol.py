@@ -29,6 +29,8 @@ def _sample(cls):
     }
     if cls is not P.Hello:
         values["kind"] = P.VALUE  # an object's kind elsewhere
+    if cls is P.LogRead:
+        values["args"] = {"name": "node.log"}  # a dict, checked as one
     return cls(*[values[f] for f in cls._fields])
 
 

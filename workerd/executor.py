@@ -119,8 +119,8 @@ class ExecutorProcess:
         _runtime.client = self.client
         _runtime.worker_mode = True
         self.logs = LogForwarder(self.client)
-        self.stdout = TaskStream(self.logs.forward, sys.stdout, False)
-        self.stderr = TaskStream(self.logs.forward, sys.stderr, True)
+        self.stdout = TaskStream(self.logs.forward, sys.stdout, False, self.logs.mark)
+        self.stderr = TaskStream(self.logs.forward, sys.stderr, True, self.logs.mark)
         sys.stdout, sys.stderr = self.stdout, self.stderr
         self.results = ResultSender(self.client, self.cancelled, self.pid)
         self.tasks = TaskRunner(self)
@@ -335,6 +335,7 @@ class ExecutorProcess:
         client.job_id = spec.job
         client.driver_cid = spec.driver
         self.logs.driver = spec.driver
+        self.logs.task = spec
         env_vars = spec.options.get("env_vars")
         if spec.kind != P.ACTOR_CALL:  # an actor keeps what it was created with, GPUs too
             # What this task runs with, its children inherit (Ray: runtime_env is inherited).

@@ -14,7 +14,10 @@ The executor flushes both streams when a call ends, so a partial last line
 reaches the driver with the call, not with the next one.
 
 ``LogForwarder.driver`` and ``prefix`` are set per call by the executor (the
-driver in ``prepare``, the prefix by the task runner or at actor creation).
+driver and ``task`` in ``prepare``, the prefix by the task runner or at actor creation).
+Before the first output of each call, the log file gets a marker line
+``:task_name:<task id hex> <name>`` (never forwarded): ``zray logs --task-id`` finds
+a task's lines by it. A call that prints nothing costs no marker.
 Threaded and async actors write from several threads: each stream's buffer is
 locked; the client's out socket locks itself.
 """
@@ -26,6 +29,7 @@ from typing import Callable
 
 from zray import _protocol as P
 from zray._client import Client
+from zray._logfiles import MARKER
 
 
 class LogForwarder:
@@ -35,6 +39,18 @@ class LogForwarder:
         self.client = client
         self.driver = b""  # cid of the driver at the root of the current call; b"": keep local
         self.prefix = ""  # "(name pid=N)": the task or actor class that prints
+        self.task = None  # the spec of the current call (set in prepare)
+        self.marked = None  # the spec whose marker the log file got last
+
+    def mark(self, raw) -> None:
+        """Write the current call's marker to the log file before its first output."""
+        spec = self.task
+        if spec is not self.marked and spec is not None:
+            self.marked = spec
+            try:
+                raw.write(f"{MARKER}{spec.task_id.hex()} {spec.name}\n")
+            except Exception:
+                pass
 
     def forward(self, text: str, is_err: bool) -> None:
         driver = self.driver
@@ -49,8 +65,10 @@ class LogForwarder:
 class TaskStream:
     """sys.stdout/err replacement: writes go to the raw stream, whole lines to ``forward``."""
 
-    def __init__(self, forward: Callable[[str, bool], None], raw, is_err: bool):
+    def __init__(self, forward: Callable[[str, bool], None], raw, is_err: bool,
+                 mark: Callable[[object], None] | None = None):
         self.forward = forward
+        self.mark = mark
         self.raw = raw
         self.is_err = is_err
         self.buf = []
@@ -59,6 +77,8 @@ class TaskStream:
     def write(self, s):
         if not s:
             return 0
+        if self.mark is not None:
+            self.mark(self.raw)
         try:
             self.raw.write(s)
         except Exception:

@@ -33,6 +33,7 @@ import time
 import psutil
 import zmq
 
+from zray import _logfiles
 from zray import _protocol as P
 from zray._procutil import detect_accelerator_type
 from zray._protocol import Msg
@@ -104,6 +105,7 @@ class NodeAgent:
             "labels": self.labels,
             "prestart": self.prestart,
             "store_limit": self.store_limit,
+            "log_dir": self.log_dir,  # where `zray logs` finds this node's files
         }
         self.sock.send(P.encode(P.NodeHello(P.VERSION, self.node_id, info)))
 
@@ -125,16 +127,22 @@ class NodeAgent:
                 "PYTHONUNBUFFERED": "1",
             })
             out = subprocess.DEVNULL
-            if self.log_dir:
-                out = open(os.path.join(self.log_dir, f"executor-{cid.hex()}.log"), "ab")
+            if self.log_dir:  # owner-only, appended to (rotated by the executor itself)
+                out = os.open(_logfiles.executor_log(self.log_dir, cid.hex()),
+                              os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
             try:
                 p = subprocess.Popen([sys.executable, "-m", "workerd.executor"], env=env,
                                      stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                      close_fds=True)
             finally:
                 if out is not subprocess.DEVNULL:
-                    out.close()
+                    os.close(out)
             self.procs[cid] = p
+            if self.log_dir:
+                try:
+                    _logfiles.record_executor(self.log_dir, cid.hex(), p.pid)
+                except OSError as e:
+                    log.warning("cannot record executor %s in the log index: %s", cid.hex(), e)
 
     def fetch(self, oid: bytes, dest: bytes):
         """Send an object's blob to the broker, which forwards it to ``dest``."""
@@ -201,6 +209,12 @@ class NodeAgent:
                     self.store.spill(oid)
                 except OSError:
                     log.exception("spilling %s failed", oid.hex())
+        elif t == Msg.LOG_READ:  # a client reads our log files through the broker
+            try:
+                result, ok = _logfiles.serve(self.log_dir, m.op, m.args), True
+            except (OSError, ValueError) as e:
+                result, ok = f"{type(e).__name__}: {e}", False
+            self.sock.send(P.encode(P.LogData(m.req_id, ok, result)))
         elif t == Msg.SHUTDOWN:
             log.info("broker asked this node to shut down")
             self.running = False

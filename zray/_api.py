@@ -123,16 +123,9 @@ def _check_init_options(kwargs: dict, local: bool) -> None:
     if kwargs.get("local_mode"):
         raise RuntimeError("`local_mode` is no longer supported (as in Ray). For debugging, "
                            "run the function directly, or use a 1-CPU local cluster.")
-    if kwargs.get("include_dashboard"):
-        raise ValueError("include_dashboard=True: zray has no dashboard; leave it out or "
-                         "pass include_dashboard=False (`zray status` shows the cluster)")
-    if kwargs.get("include_dashboard") is not False:
-        if kwargs.get("dashboard_port") is not None:
-            raise ValueError("dashboard_port: zray has no dashboard to serve on it; leave "
-                             "it out (or pass include_dashboard=False)")
-        if kwargs.get("dashboard_host") not in (None, "127.0.0.1", "localhost"):
-            raise ValueError("dashboard_host: zray has no dashboard to serve on it; leave "
-                             "it out (or pass include_dashboard=False)")
+    from zray.dashboard.embedded import check_dashboard_options
+
+    check_dashboard_options(kwargs, local)
     ltd = kwargs.get("log_to_driver")
     if ltd is not None and not isinstance(ltd, bool):
         raise ValueError(f"log_to_driver must be a bool, got {ltd!r}")
@@ -162,8 +155,9 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     process's stdout/stderr; ``logging_level`` sets the level of zray's loggers here;
     ``_temp_dir`` (absolute) holds the local cluster's session directory (or, with
     ``address="auto"``, the address file of ``zray broker``); ``labels`` label the
-    local node. ``local_mode=True`` raises as in Ray; ``include_dashboard=True`` (and a
-    dashboard host or port) raise: zray has no dashboard.
+    local node. ``local_mode=True`` raises as in Ray. ``include_dashboard=True`` starts
+    the dashboard beside a local cluster (``dashboard_host``, ``dashboard_port``,
+    ``$ZRAY_DASHBOARD_PORT``) without waiting for it; see zray/dashboard/embedded.py.
     """
     unknown = set(kwargs) - _RAY_INIT_KWARGS
     if unknown:
@@ -177,6 +171,16 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
             return _runtime.context
         raise RuntimeError("Maybe you called zray.init twice by accident? Call zray.shutdown() "
                            "first, or pass ignore_reinit_error=True.")
+    if os.environ.get("ZRAY_JOB_RUNTIME_ENV"):
+        # a job's driver (zray job submit): the job's runtime_env, under init's own
+        import json
+
+        job_env = json.loads(os.environ["ZRAY_JOB_RUNTIME_ENV"])
+        both = sorted(set(job_env) & set(runtime_env or {}))
+        if both:
+            log.warning("runtime_env %s given both to the job and to init(): init's is used",
+                        both)
+        runtime_env = {**job_env, **(runtime_env or {})}
     if runtime_env:
         from zray._options import validate
 
@@ -245,6 +249,10 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     client.request("register_job", {"namespace": _runtime.namespace,
                                     "log_to_driver": log_to_driver})
     ctx = RayContext(resolved, client.info.get("session_dir", ""), "")
+    if cluster is not None and kwargs.get("include_dashboard"):
+        from zray.dashboard.embedded import start_dashboard
+
+        ctx.dashboard_url = ctx["dashboard_url"] = start_dashboard(cluster, kwargs)
     _runtime.context = ctx
     if cluster is not None:
         log.info("Started a local zray instance at %s", resolved)

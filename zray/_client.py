@@ -458,6 +458,15 @@ class Client:
     @staticmethod
     def _print_log(prefix: str, text: str):
         out = sys.stderr if prefix.endswith("!") else sys.stdout
+        if "__zray_tqdm__:" in text or "zray.experimental.tqdm_ray" in sys.modules:
+            from zray.experimental import tqdm_ray  # progress bars: drawn, not printed
+
+            if "__zray_tqdm__:" in text or tqdm_ray.active():
+                try:
+                    tqdm_ray.driver_print(prefix.rstrip("!"), text, out)
+                except Exception:
+                    pass
+                return
         prefix = prefix.rstrip("!")
         lines = text.splitlines()
         try:

@@ -224,9 +224,12 @@ def setup_logging(name: str, log_dir: str | None, level: int = logging.INFO, std
     handlers: list = []
     if stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
+    from zray import _logfiles
+
     if log_dir:
         private_dir(log_dir)
-        handlers.append(logging.FileHandler(os.path.join(log_dir, f"{name}.log")))
+        handlers.append(_logfiles.PrivateRotatingFileHandler(os.path.join(log_dir, f"{name}.log")))
+    _logfiles.rotate_stdio()  # stdout/stderr into a file (daemon .out, executor log): rotated
     fmt = logging.Formatter(f"%(asctime)s %(levelname)s {name} %(process)d -- %(message)s")
     root = logging.getLogger()
     for h in handlers:

@@ -80,7 +80,7 @@ B->C  EXIT       -   (C->B EXIT: a driver or CLI leaves; an executor retires aft
                  max_calls: sent after its last DONE; the broker queues again what it had
                  sent it ahead and answers EXIT, after which the executor exits)
 N->B  NODE_HELLO version, node_id, info {resources, gpu_ids, hostname, pid, labels,
-                 address, prestart, store_limit}
+                 address, prestart, store_limit, log_dir}
 B->N  WELCOME    info   the node starts its executors only after this
 B->N  SPAWN      count                                          start more executor processes
 N->B  EXEC_SPAWNED cid, token   a process it starts: the only executor HELLO to accept for cid
@@ -91,6 +91,10 @@ N->B  BLOB       oid, dest, codec + [blob]   codec RAW/LZ4; -1 (no frame): not h
 B->N  STORE      oid, codec + [blob]            write this blob into your store
 N->B  STORED     oid, size                      (size -1: failed)
 B->N  FREE       oids  /  SPILL oids            delete / move to disk
+B->N  LOG_READ   req_id, op, args   read this node's log files for a client's REQ node_logs
+                 (op list | tail | read | task; zray._logfiles.serve says what args hold)
+N->B  LOG_DATA   req_id, ok, result   the answer: the broker forwards it as that REQ's REPLY
+                 (only to the client that asked, only from the node it asked)
 *<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker;
                  a node silent for NODE_TIMEOUT_S is dead; a client that hears nothing
                  for BROKER_TIMEOUT_S fails its waiters (executors exit)
@@ -192,6 +196,8 @@ class Msg(enum.IntEnum):
     INTERRUPT = 35
     PRINT = 36
     EXEC_SPAWNED = 37
+    LOG_READ = 38
+    LOG_DATA = 39
 
 
 class ProtocolError(ValueError):
@@ -652,7 +658,7 @@ class Exit(NamedTuple):
 class NodeHello(NamedTuple):
     version: int
     node_id: bytes
-    info: dict  # resources, gpu_ids, hostname, pid, labels, address, prestart, store_limit
+    info: dict  # resources, gpu_ids, hostname, pid, labels, address, prestart, store_limit, log_dir
     TYPE = Msg.NODE_HELLO
     CHECKS = (_version, _bytes, _dict)
 
@@ -734,10 +740,26 @@ class Spill(NamedTuple):
     CHECKS = (_oids,)
 
 
+class LogRead(NamedTuple):
+    req_id: int  # the broker's relay id (not the client's)
+    op: str
+    args: dict
+    TYPE = Msg.LOG_READ
+    CHECKS = (_int, _str, _dict)
+
+
+class LogData(NamedTuple):
+    req_id: int
+    ok: bool
+    result: Any  # plain data (msgpack): never unpickled
+    TYPE = Msg.LOG_DATA
+    CHECKS = (_int, _bool, _any)
+
+
 MESSAGES = (Hello, Welcome, Ready, Fn, Submit, Put, Sub, Release, Refs, Cancel, Interrupt,
             Block, Unblock, Reject, Done, Yield, Log, Print, Req, Reply, Obj, Exec, StreamEnd,
             Exit, NodeHello, Spawn, ExecSpawned, ExecDied, KillExec, Heartbeat, Shutdown, Fetch, Blob,
-            Store, Stored, Free, Spill)
+            Store, Stored, Free, Spill, LogRead, LogData)
 _BY_TYPE = {cls.TYPE: cls for cls in MESSAGES}
 _packb = msgpack.packb  # a Packer object is not thread-safe; clients send from any thread
 

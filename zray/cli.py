@@ -195,6 +195,12 @@ def status(address, key_file):
                f"arguments, {tasks.get('running', 0)} running")
     click.echo(f"Actors: {st['actors']} alive   Objects: {st['objects']} "
                f"({st['object_bytes'] / 1e6:.1f} MB)")
+    if "fd_limit" in st:
+        click.echo(f"File descriptors: {st['fd_open']} open of {st['fd_limit']} (broker)")
+        if st["accept_failed_no_fds"]:
+            click.echo(f"WARNING: the broker ran out of file descriptors and refused "
+                       f"{st['accept_failed_no_fds']} connection(s): raise its limit "
+                       f"(LimitNOFILE= in systemd, ulimit -n) and restart it")
 
 
 @main.command()
@@ -222,6 +228,51 @@ def microbenchmark(filter_, repeat):
     from benchmarks.microbenchmark import main as run_bench
 
     sys.exit(run_bench(filter_, repeat))
+
+
+@main.command()
+@cluster_options
+@click.option("--dashboard-host", default="127.0.0.1", show_default=True,
+              help="Interface to serve on (0.0.0.0: every interface).")
+@click.option("--port", "--dashboard-port", "port", default=None, type=int,
+              help="HTTP port (default: $ZRAY_DASHBOARD_PORT or 8265; 0: any free one).")
+@click.option("--session-dir", default=None, help="Where its logs and job logs go.")
+def dashboard(address, key_file, dashboard_host, port, session_dir):
+    """Serve the read-only web dashboard, its JSON API (/api/) and /metrics, and run
+    submitted jobs (`zray job`), in the foreground."""
+    from zray.dashboard import default_port
+    from zray.dashboard.server import main as serve
+
+    if key_file:
+        if not os.path.isfile(key_file):
+            raise click.BadParameter(f"no key file at {key_file}", param_hint="--key-file")
+        os.environ["ZRAY_KEY_FILE"] = os.path.abspath(key_file)
+    try:
+        port = default_port() if port is None else port
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    argv = ["--address", _resolve(address), "--dashboard-host", dashboard_host,
+            "--port", str(port)]
+    if session_dir:
+        argv += ["--session-dir", session_dir]
+    sys.exit(serve(argv))
+
+
+from zray._job_cli import job  # noqa: E402  (zray job ...)
+
+main.add_command(job)
+
+from zray import _cli_state  # noqa: E402  (list, get, summary, timeline)
+
+_cli_state.add_commands(main, cluster_options)
+
+from zray import _cli_start  # noqa: E402  (start, stop)
+
+_cli_start.add_commands(main, _parse_labels, _address_file)
+
+from zray import _cli_logs  # noqa: E402  (logs)
+
+_cli_logs.add_commands(main, cluster_options, _client)
 
 
 if __name__ == "__main__":

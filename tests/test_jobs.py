@@ -1,0 +1,207 @@
+"""Jobs as a user runs them: ``zray job submit -- python script.py`` and Ray's
+``JobSubmissionClient`` against ``zray dashboard`` beside a CLI-started cluster.
+
+The job's driver runs on the head (spawned by the dashboard), joins the cluster
+through ZRAY_ADDRESS/RAY_ADDRESS, runs remote tasks, and its output lands in
+the job's log.
+"""
+
+import asyncio
+import json
+import subprocess
+import textwrap
+
+import psutil
+import pytest
+from conftest import poll_until
+from dash_cluster import DashCluster, http_error
+from test_cli_cluster import _zray_cmd
+
+from zray.job_submission import JobStatus, JobSubmissionClient
+
+SCRIPT = textwrap.dedent("""
+    import os
+    import zray
+
+    zray.init()
+
+    @zray.remote
+    def square(x):
+        return x * x, os.environ.get("JOB_COLOUR")
+
+    print("squares", zray.get([square.remote(i) for i in range(4)]))
+    print("cwd", os.path.basename(os.getcwd()))
+    print("argv", os.environ.get("ZRAY_JOB_SUBMISSION_ID"))
+
+    @zray.remote
+    def sees_script():
+        return os.path.exists("script.py")
+
+    print("task sees the working_dir:", zray.get(sees_script.remote()))
+""")
+
+
+@pytest.fixture(scope="module")
+def dash(tmp_path_factory):
+    c = DashCluster(tmp_path_factory.mktemp("jobs"), workers=1)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def client(dash):
+    return JobSubmissionClient(dash.url, headers={"Authorization": f"Bearer {dash.token()}"})
+
+
+def wait_status(client, sid, timeout=90):
+    return poll_until(lambda: (s := client.get_job_status(sid)).is_terminal() and s, timeout,
+                      interval=0.2, what=f"job {sid} to end")
+
+
+@pytest.mark.timeout(150)
+def test_submit_runs_a_driver_on_the_cluster(dash, client, tmp_path):
+    wd = tmp_path / "project"
+    wd.mkdir()
+    (wd / "script.py").write_text(SCRIPT)
+    sid = client.submit_job(entrypoint="python script.py",
+                            runtime_env={"working_dir": str(wd),
+                                         "env_vars": {"JOB_COLOUR": "teal"}},
+                            metadata={"owner": "test"}, submission_id="job-ok-1")
+    assert sid == "job-ok-1"
+    assert wait_status(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
+    logs = client.get_job_logs(sid)
+    assert "squares [(0, 'teal'), (1, 'teal'), (4, 'teal'), (9, 'teal')]" in logs, logs
+    assert "cwd project" in logs and "argv job-ok-1" in logs
+    from zray.dashboard.jobs import _runtime_env_takes
+
+    # with runtime_env working_dir support, the job's tasks run in it too (as in Ray)
+    if _runtime_env_takes("working_dir", str(wd)):
+        assert "task sees the working_dir: True" in logs, logs
+    info = client.get_job_info(sid)
+    assert info.status == JobStatus.SUCCEEDED and info.driver_exit_code == 0
+    assert info.metadata == {"owner": "test"} and info.entrypoint == "python script.py"
+    assert info.start_time <= info.end_time
+    assert sid in {j.submission_id for j in client.list_jobs()}
+    with pytest.raises(RuntimeError, match="already exists"):
+        client.submit_job(entrypoint="true", submission_id=sid)
+
+
+@pytest.mark.timeout(120)
+def test_failed_and_stopped_jobs(dash, client, tmp_path):
+    sid = client.submit_job(entrypoint="python -c 'import sys; print(\"bye\"); sys.exit(3)'")
+    assert wait_status(client, sid) == JobStatus.FAILED
+    info = client.get_job_info(sid)
+    assert info.driver_exit_code == 3 and "exit code 3" in info.message
+    assert "bye" in client.get_job_logs(sid)
+
+    flag = tmp_path / "started"
+    sid = client.submit_job(entrypoint=f"python -c 'import time; open(\"{flag}\", \"w\").close(); "
+                                       "time.sleep(600)'")
+    poll_until(flag.exists, 60, what="the long job to start")
+    pid = int(client.get_job_info(sid).driver_info["pid"])
+    proc = psutil.Process(pid)
+    assert client.stop_job(sid) is True
+    assert wait_status(client, sid) == JobStatus.STOPPED
+    poll_until(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 30,
+               what="the stopped job's process to exit")
+    assert client.stop_job(sid) is False
+    assert client.delete_job(sid) is True
+    with pytest.raises(RuntimeError, match="does not exist"):
+        client.get_job_status(sid)
+
+
+@pytest.mark.timeout(120)
+def test_tail_job_logs_follows_until_the_end(dash, client):
+    sid = client.submit_job(entrypoint="python -u -c 'import time\nfor i in range(5):\n"
+                                       "    print(\"line\", i, flush=True); time.sleep(0.2)'")
+
+    async def tail():
+        return "".join([chunk async for chunk in client.tail_job_logs(sid)])
+
+    text = asyncio.run(asyncio.wait_for(tail(), 60))
+    assert [f"line {i}" for i in range(5)] == [ln for ln in text.splitlines() if ln.startswith("line")]
+    assert client.get_job_status(sid) == JobStatus.SUCCEEDED
+
+
+@pytest.mark.timeout(60)
+def test_bad_submissions_and_auth(dash, client, tmp_path):
+    for kwargs, match in [({"entrypoint_num_cpus": 1}, "entrypoint_num_cpus"),
+                          ({"runtime_env": {"conda": "env"}}, "conda"),
+                          ({"runtime_env": {"working_dir": str(tmp_path / "nope")}},
+                           "not a directory"),
+                          ({"runtime_env": {"env_vars": {"A": 1}}}, "env_vars"),
+                          ({"submission_id": "../x"}, "submission_id")]:
+        with pytest.raises(RuntimeError, match=match):
+            client.submit_job(entrypoint="true", **kwargs)
+    with pytest.raises(RuntimeError, match="entrypoint"):
+        client.submit_job(entrypoint="  ")
+    body = json.dumps({"entrypoint": "touch /tmp/should-not-run"}).encode()
+    status, err = http_error(dash.url + "/api/jobs/", "POST", body)
+    assert status == 401 and "token" in err["error"]
+    status, err = http_error(dash.url + "/api/jobs/", "POST", body,
+                             {"Authorization": "Bearer wrong"})
+    assert status == 401
+    with pytest.raises(ValueError, match="create_cluster_if_needed"):
+        JobSubmissionClient(dash.url, create_cluster_if_needed=True)
+    with pytest.raises(ConnectionError):
+        JobSubmissionClient("http://127.0.0.1:9")
+
+
+@pytest.mark.timeout(150)
+def test_job_cli(dash, tmp_path):
+    wd = tmp_path / "cliproj"
+    wd.mkdir()
+    (wd / "script.py").write_text(SCRIPT)
+    env = dict(dash.procs.env, ZRAY_DASHBOARD_TOKEN=dash.token())
+
+    def zray_job(*args, timeout=90):
+        return subprocess.run(_zray_cmd() + ["job", *args], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    out = zray_job("submit", "--address", dash.url, "--working-dir", str(wd),
+                   "--runtime-env-json", json.dumps({"env_vars": {"JOB_COLOUR": "red"}}),
+                   "--submission-id", "cli-1", "--", "python", "script.py")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(9, 'red')" in out.stdout and "cwd cliproj" in out.stdout
+    assert "Job 'cli-1' SUCCEEDED" in out.stderr
+    out = zray_job("status", "--address", dash.url, "cli-1")
+    assert "SUCCEEDED" in out.stdout, out.stderr
+    out = zray_job("logs", "--address", dash.url, "cli-1")
+    assert "squares" in out.stdout
+    out = zray_job("submit", "--address", dash.url, "--no-wait", "--submission-id", "cli-2",
+                   "--", "python", "-c", "print('from cli-2')")
+    assert out.returncode == 0 and "submitted" in out.stderr, out.stderr
+    out = zray_job("logs", "--address", dash.url, "--follow", "cli-2")
+    assert "from cli-2" in out.stdout, out.stdout + out.stderr
+    # on the head, without $ZRAY_DASHBOARD_TOKEN, the CLI reads the owner-only token file
+    env.pop("ZRAY_DASHBOARD_TOKEN")
+    listed = [json.loads(line) for line in zray_job("list", "--address", dash.url).stdout.splitlines()]
+    assert {"cli-1", "cli-2"} <= {j["submission_id"] for j in listed}
+    out = zray_job("submit", "--address", dash.url, "--", "python", "-c", "raise SystemExit(2)")
+    assert out.returncode == 1 and "FAILED" in out.stderr
+    out = zray_job("status", "--address", dash.url, "no-such-job")
+    assert out.returncode != 0 and "does not exist" in out.stderr
+
+
+@pytest.mark.timeout(120)
+def test_dashboard_stops_with_the_broker_and_takes_its_jobs(tmp_path):
+    c = DashCluster(tmp_path, workers=0)
+    try:
+        c.start()
+        client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
+        flag = tmp_path / "started"
+        sid = client.submit_job(entrypoint=f"python -c 'import time; open(\"{flag}\", \"w\")"
+                                           ".close(); time.sleep(600)'")
+        poll_until(flag.exists, 60, what="the job to start")
+        job = psutil.Process(int(client.get_job_info(sid).driver_info["pid"]))
+        dashboard = c.procs.procs["dashboard"]
+        c.procs.procs["broker"].terminate()
+        poll_until(lambda: dashboard.poll() is not None, 60, what="the dashboard to exit")
+        poll_until(lambda: not job.is_running() or job.status() == psutil.STATUS_ZOMBIE, 30,
+                   what="the job to be killed")
+        assert "the broker at" in (tmp_path / "dashboard.log").read_text()
+    finally:
+        c.stop()

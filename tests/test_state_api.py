@@ -1,0 +1,251 @@
+"""The state API (``zray.util.state``) against real clusters: an embedded one for tasks,
+actors, objects and jobs; a CLI-started two-node cluster for nodes (one leaves) and for
+an explicit ``address``; a driver whose broker keeps a tiny event log for the
+``raise_on_missing_output`` contract.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+
+import pytest
+from conftest import poll_until, wait_gone
+
+import zray
+from zray.util import state
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@zray.remote
+def square(x):
+    return x * x
+
+
+@zray.remote
+def explode():
+    raise ValueError("boom")
+
+
+@zray.remote
+def wait_for_file(path):
+    import time
+
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.path.exists(path)
+
+
+@zray.remote
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def incr(self):
+        self.n += 1
+        return self.n
+
+
+def test_list_tasks_fields_states_and_filters(ray_local, tmp_path):
+    assert zray.get([square.remote(i) for i in range(3)]) == [0, 1, 4]
+    bad = explode.remote()
+    with pytest.raises(zray.exceptions.RayTaskError):
+        zray.get(bad)
+    flag = str(tmp_path / "go")
+    blocked = wait_for_file.remote(flag)
+
+    def running():
+        rows = state.list_tasks(filters=[("state", "=", "RUNNING"),
+                                         ("func_or_class_name", "=", "wait_for_file")])
+        return rows
+    rows = poll_until(running, 60, what="wait_for_file to be RUNNING")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["task_id"] == blocked.task_id().hex()
+    assert row["type"] == "NORMAL_TASK" and row["name"] == "wait_for_file"
+    assert row["worker_pid"] and row["node_id"] and row["worker_id"]
+    assert row["job_id"] == zray.get_runtime_context().get_job_id()
+
+    def squares_finished():  # (a DONE may reach the broker after the value its owner)
+        rows = [t for t in state.list_tasks(limit=1000) if t["func_or_class_name"] == "square"]
+        return len(rows) >= 3 and all(t["state"] == "FINISHED" for t in rows) and rows
+    squares = poll_until(squares_finished, 30, what="the squares to be FINISHED")
+    assert "error_message" not in squares[0]  # a detail column
+    failed = state.list_tasks(filters=[("state", "=", "failed")])  # case-insensitive
+    assert [t["task_id"] for t in failed] == [bad.task_id().hex()]
+    assert failed[0]["error_type"] == "TASK_EXECUTION_EXCEPTION"
+    not_failed = state.list_tasks(filters=[("state", "!=", "FAILED")], limit=1000)
+    assert bad.task_id().hex() not in {t["task_id"] for t in not_failed}
+
+    # get_task by ObjectRef or hex id: every column, with its state history
+    got = state.get_task(bad)
+    assert got == state.get_task(bad.task_id().hex())
+    assert got["state"] == "FAILED" and got["required_resources"] == {"CPU": 1.0}
+    assert [e["state"] for e in got["events"]][-2:] == ["RUNNING", "FAILED"]
+    assert got["start_time_ms"] <= got["end_time_ms"]
+    assert state.get_task("00" * 12) is None
+
+    open(flag, "w").close()
+    assert zray.get(blocked, timeout=60) is True
+    # the value can reach its owner before the executor's DONE reaches the broker
+    done = poll_until(lambda: (t := state.get_task(blocked))["state"] == "FINISHED" and t, 30,
+                      what="the task to be FINISHED")
+    assert done["worker_pid"] is None
+    json.dumps(state.list_tasks(detail=True, limit=1000))  # plain JSON
+
+
+def test_limit_warns_and_bad_arguments_name_the_problem(ray_local):
+    zray.get([square.remote(i) for i in range(5)])
+    with pytest.warns(UserWarning, match="Limit last 2 entries"):
+        rows = state.list_tasks(limit=2)
+    assert len(rows) == 2
+    with pytest.raises(ValueError, match="'colour' is not a column of tasks"):
+        state.list_tasks(filters=[("colour", "=", "red")])
+    with pytest.raises(ValueError, match="predicate"):
+        state.list_tasks(filters=[("state", ">", "RUNNING")])
+    with pytest.raises(ValueError, match="limit"):
+        state.list_actors(limit=0)
+    with pytest.raises(ValueError, match="not a hex string"):
+        state.get_actor("not-an-id")
+    with pytest.raises(ValueError, match="timeout"):
+        state.list_nodes(timeout=-1)
+
+
+def test_actors_listed_got_killed_and_summarized(ray_local):
+    c = Counter.options(name="state_counter").remote()
+    assert zray.get([c.incr.remote() for _ in range(3)]) == [1, 2, 3]
+    actor_id = c._actor_id.hex()
+    rows = state.list_actors(filters=[("class_name", "=", "Counter")])
+    assert [r["actor_id"] for r in rows] == [actor_id]
+    assert rows[0]["state"] == "ALIVE" and rows[0]["name"] == "state_counter"
+    assert rows[0]["pid"] > 0 and rows[0]["node_id"]
+    calls = state.list_tasks(filters=[("actor_id", "=", actor_id), ("type", "=", "ACTOR_TASK")])
+    assert len(calls) == 3 and {t["name"] for t in calls} == {"Counter.incr"}
+
+    zray.kill(c)
+    dead = poll_until(lambda: (a := state.get_actor(actor_id)) and a["state"] == "DEAD" and a,
+                      30, what="the actor to be DEAD")
+    assert dead["death_cause"]["actor_died_error_context"]["error_message"]
+    summary = state.summarize_actors()["cluster"]
+    assert summary["summary"]["Counter"]["state_counts"].get("DEAD", 0) >= 1
+    assert summary["total_actors"] >= 1
+    def calls_finished():
+        c = state.summarize_tasks()["cluster"]
+        return c["summary"]["Counter.incr"]["state_counts"].get("FINISHED", 0) >= 3 and c
+    tasks = poll_until(calls_finished, 30, what="the calls to be FINISHED")
+    assert tasks["summary"]["Counter.incr"]["type"] == "ACTOR_TASK"
+    assert tasks["dropped_events"] == 0
+
+
+def test_objects_and_jobs(ray_local):
+    big = zray.put(b"x" * 300_000)
+    small = zray.put(7)
+    rows = {r["object_id"]: r for r in state.list_objects(limit=10_000, detail=True)}
+    assert rows[big.hex()]["object_size"] >= 300_000
+    assert rows[big.hex()]["type"] == "DRIVER" and rows[big.hex()]["pid"] == os.getpid()
+    assert rows[big.hex()]["locations"]  # a store object lives on a node
+    assert small.hex() in rows
+    summary = state.summarize_objects()["cluster"]
+    assert summary["total_objects"] >= 2 and summary["total_size_mb"] >= 0.3
+    jobs = state.list_jobs()
+    me = zray.get_runtime_context().get_job_id()
+    assert [j for j in jobs if j["job_id"] == me][0]["status"] == "RUNNING"
+    assert state.list_placement_groups() == []  # placement groups are not implemented yet
+
+
+def test_rows_are_json_and_warning_free(ray_local):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fn in (state.list_nodes, state.list_actors, state.list_objects, state.list_jobs):
+            json.dumps(fn(detail=True, limit=10_000))
+    for fn in (state.summarize_tasks, state.summarize_actors, state.summarize_objects):
+        json.dumps(fn())
+
+
+def test_nodes_on_a_cli_cluster_with_explicit_address(tmp_path):
+    from test_cli_cluster import _free_port, _Procs
+
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    procs = _Procs(tmp_path)
+    try:
+        procs.start("broker", ["broker", "--host", "127.0.0.1", "--port", str(port)])
+        procs.start("a", ["worker", "--address", address, "--num-cpus", "1",
+                          "--resources", '{"nodeA": 1}'])
+        procs.start("b", ["worker", "--address", address, "--num-cpus", "1"])
+
+        def two():
+            procs.check_running()
+            try:
+                rows = state.list_nodes(address=address, timeout=5)
+            except ConnectionError:
+                return None
+            return rows if len(rows) == 2 else None
+
+        nodes = poll_until(two, 60, interval=0.2, what="two nodes")
+        assert {n["state"] for n in nodes} == {"ALIVE"}
+        assert sum(n["is_head_node"] for n in nodes) == 1
+        node_a = [n for n in nodes if n["resources_total"].get("nodeA")][0]
+        assert state.get_node(node_a["node_id"], address=address)["resources_available"]
+        assert state.list_nodes(address=address, filters=[("state", "=", "DEAD")]) == []
+        gone = procs.descendants()
+        procs.procs["a"].send_signal(signal.SIGTERM)
+        procs.procs["a"].wait(30)
+        dead = poll_until(lambda: state.list_nodes(address=address,
+                                                   filters=[("state", "=", "DEAD")]),
+                          60, interval=0.2, what="node A to be DEAD")
+        assert [n["node_id"] for n in dead] == [node_a["node_id"]]
+        assert state.get_node(node_a["node_id"], address=address)["end_time_ms"] > 0
+        assert len(state.list_nodes(address=address)) == 2
+        for p in procs.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs.procs.values():
+            p.wait(30)
+        assert not wait_gone(gone, 15)
+    finally:
+        procs.kill_all()
+
+
+def test_dropped_events_raise_unless_missing_output_is_accepted(run_driver):
+    out = run_driver("""
+import warnings, zray
+from zray.util import state
+from zray.util.state import RayStateApiException
+zray.init(num_cpus=1)
+
+@zray.remote
+def f(i):
+    return i
+
+zray.get([f.remote(i) for i in range(80)])
+try:
+    state.list_tasks()
+    print("NO RAISE")
+except RayStateApiException as e:
+    print("RAISED", "raise_on_missing_output=False" in str(e))
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    rows = state.list_tasks(raise_on_missing_output=False, limit=1000)
+    print("ROWS", 0 < len(rows) < 80, any("dropped" in str(x.message) for x in w))
+print("SUMMARY", state.summarize_tasks(raise_on_missing_output=False)["cluster"]["dropped_events"] > 0)
+zray.shutdown()
+""", timeout=120, ZRAY_EVENT_LOG_LEN="30")
+    assert out.returncode == 0, out.stderr
+    assert "RAISED True" in out.stdout, out.stdout
+    assert "ROWS True True" in out.stdout, out.stdout
+    assert "SUMMARY True" in out.stdout, out.stdout
+
+
+def test_state_calls_need_a_cluster(tmp_path):
+    env = {"ZRAY_TMPDIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "from zray.util import state\n"
+         "try:\n state.list_nodes()\nexcept ConnectionError as e:\n print('ERR', e)\n"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert "ERR" in out.stdout and "no running zray cluster" in out.stdout, out

@@ -1,0 +1,5 @@
+import sys
+
+from zray.dashboard.server import main
+
+sys.exit(main())

@@ -1,0 +1,220 @@
+"""Jobs, as Ray's ``ray.job_submission``: ``JobSubmissionClient`` and ``JobStatus``.
+
+The client speaks the dashboard's HTTP job API (zray/dashboard/jobs.py); the
+job's driver runs on the head, spawned by the dashboard, with its output in a
+log file and ``ZRAY_ADDRESS``/``RAY_ADDRESS`` set so ``zray.init()`` inside joins
+the cluster.
+
+Submitting or stopping a job runs code on the head, so it needs the dashboard's
+token: read from ``$ZRAY_DASHBOARD_TOKEN``, else from the dashboard's owner-only
+token file on this host (``<zray tmp dir>/dashboard-<port>.token``), unless
+``headers`` carry an ``Authorization`` of their own. Reading is open.
+
+``runtime_env``: ``working_dir`` must be a directory on the head (the job runs in
+it; nothing is uploaded); ``env_vars`` are set for the driver; the rest is applied
+by the driver's ``zray.init()`` to the job's tasks and actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+from urllib.parse import urlsplit
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+class JobStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def is_terminal(self) -> bool:
+        """True once the job will not change any more."""
+        return self.value in ("STOPPED", "SUCCEEDED", "FAILED")
+
+
+@dataclass
+class JobDetails:
+    """What the dashboard knows of one submitted job (Ray's JobDetails fields)."""
+
+    type: str
+    status: JobStatus
+    entrypoint: str
+    submission_id: Optional[str] = None
+    job_id: Optional[str] = None
+    message: Optional[str] = None
+    error_type: Optional[str] = None
+    start_time: Optional[int] = None
+    end_time: Optional[int] = None
+    metadata: dict = field(default_factory=dict)
+    runtime_env: dict = field(default_factory=dict)
+    driver_info: Optional[dict] = None
+    driver_exit_code: Optional[int] = None
+
+
+JobInfo = JobDetails
+
+
+def _details(d: dict) -> JobDetails:
+    known = {k: d.get(k) for k in JobDetails.__dataclass_fields__ if k in d}
+    known["status"] = JobStatus(d["status"])
+    return JobDetails(**known)
+
+
+class JobSubmissionClient:
+    """Submit and manage jobs through a cluster's dashboard."""
+
+    def __init__(self, address: Optional[str] = None, create_cluster_if_needed: bool = False,
+                 cookies: Optional[dict] = None, metadata: Optional[dict] = None,
+                 headers: Optional[dict] = None, verify: Any = True):
+        if create_cluster_if_needed:
+            raise ValueError("create_cluster_if_needed=True is not supported by zray: start "
+                             "the cluster and `zray dashboard` first")
+        if cookies:
+            raise ValueError("cookies are not supported by zray's dashboard; leave them out")
+        if verify is not True:
+            raise ValueError("verify: zray's dashboard serves plain HTTP (no TLS to verify); "
+                             "leave it out")
+        address = address or os.environ.get("ZRAY_DASHBOARD_ADDRESS") or _ray_address()
+        if "://" not in address:
+            address = "http://" + address
+        parts = urlsplit(address)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"address must be the dashboard's http://host:port, got {address!r}")
+        self.address = address.rstrip("/")
+        self.metadata = dict(metadata or {})
+        self.headers = dict(headers or {})
+        if not any(k.lower() == "authorization" for k in self.headers):
+            token = os.environ.get("ZRAY_DASHBOARD_TOKEN") or _local_token(parts.port or 80)
+            if token:
+                self.headers["Authorization"] = f"Bearer {token}"
+        self._call("GET", "/api/version")  # fail now if nothing listens there
+
+    # ------------------------------------------------------------ HTTP
+    def _call(self, method: str, path: str, body: Optional[dict] = None):
+        data = None if body is None else json.dumps(body).encode()
+        headers = dict(self.headers)
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.address + path, data=data, method=method,
+                                     headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read()).get("error", "")
+            except ValueError:
+                msg = e.reason
+            raise RuntimeError(f"Request failed with status code {e.code}: {msg}") from None
+        except urllib.error.URLError as e:
+            raise ConnectionError(f"Failed to connect to the dashboard at {self.address}: "
+                                  f"{e.reason}") from None
+
+    # ------------------------------------------------------------ Ray's API
+    def submit_job(self, *, entrypoint: str, job_id: Optional[str] = None,
+                   runtime_env: Optional[dict] = None, metadata: Optional[dict] = None,
+                   submission_id: Optional[str] = None,
+                   entrypoint_num_cpus: Optional[float] = None,
+                   entrypoint_num_gpus: Optional[float] = None,
+                   entrypoint_memory: Optional[int] = None,
+                   entrypoint_resources: Optional[dict] = None) -> str:
+        """Start ``entrypoint`` (a shell command) on the head; returns its submission id."""
+        runtime_env = dict(runtime_env or {})
+        wd = runtime_env.get("working_dir")
+        if isinstance(wd, str) and "://" not in wd:
+            runtime_env["working_dir"] = os.path.abspath(wd)
+        body = {"entrypoint": entrypoint, "runtime_env": runtime_env,
+                "metadata": {**self.metadata, **(metadata or {})},
+                "submission_id": submission_id or job_id}
+        for name, v in (("entrypoint_num_cpus", entrypoint_num_cpus),
+                        ("entrypoint_num_gpus", entrypoint_num_gpus),
+                        ("entrypoint_memory", entrypoint_memory),
+                        ("entrypoint_resources", entrypoint_resources)):
+            if v is not None:
+                body[name] = v
+        return self._call("POST", "/api/jobs/", body)["submission_id"]
+
+    def stop_job(self, job_id: str) -> bool:
+        """Stop a running job (SIGTERM, then SIGKILL); False if it was not running."""
+        return self._call("POST", f"/api/jobs/{_id(job_id)}/stop", {})["stopped"]
+
+    def delete_job(self, job_id: str) -> bool:
+        """Forget a finished job and its logs."""
+        return self._call("DELETE", f"/api/jobs/{_id(job_id)}")["deleted"]
+
+    def get_job_info(self, job_id: str) -> JobDetails:
+        return _details(self._call("GET", f"/api/jobs/{_id(job_id)}"))
+
+    def list_jobs(self) -> list:
+        return [_details(d) for d in self._call("GET", "/api/jobs/")]
+
+    def get_job_status(self, job_id: str) -> JobStatus:
+        return self.get_job_info(job_id).status
+
+    def get_job_logs(self, job_id: str) -> str:
+        """Everything the job's driver printed so far (stdout and stderr)."""
+        return self._call("GET", f"/api/jobs/{_id(job_id)}/logs")["logs"]
+
+    async def tail_job_logs(self, job_id: str) -> AsyncIterator[str]:
+        """Yield the job's output as it comes, until the job ends."""
+        offset = 0
+        while True:
+            r = await asyncio.to_thread(self._call, "GET",
+                                        f"/api/jobs/{_id(job_id)}/logs?offset={offset}")
+            if r["logs"]:
+                yield r["logs"]
+            offset = r["offset"]
+            if JobStatus(r["status"]).is_terminal() and not r["logs"]:
+                return
+            if not r["logs"]:
+                await asyncio.sleep(0.2)
+
+    def follow_logs(self, job_id: str):
+        """``tail_job_logs`` without asyncio: yields output until the job ends."""
+        offset = 0
+        while True:
+            r = self._call("GET", f"/api/jobs/{_id(job_id)}/logs?offset={offset}")
+            if r["logs"]:
+                yield r["logs"]
+            offset = r["offset"]
+            if JobStatus(r["status"]).is_terminal() and not r["logs"]:
+                return
+            if not r["logs"]:
+                time.sleep(0.2)
+
+
+def _id(job_id) -> str:
+    if not isinstance(job_id, str) or not job_id or "/" in job_id or "?" in job_id:
+        raise ValueError(f"bad job id {job_id!r}")
+    return job_id
+
+
+def _ray_address() -> str:
+    a = os.environ.get("RAY_ADDRESS", "")
+    return a if a.startswith("http://") else DEFAULT_ADDRESS
+
+
+def _local_token(port: int) -> Optional[str]:
+    from zray.dashboard.server import read_token
+
+    try:
+        return read_token(port)
+    except OSError:
+        return None
+
+
+__all__ = ["JobDetails", "JobInfo", "JobStatus", "JobSubmissionClient"]
