@@ -247,11 +247,17 @@ def _prune_sessions(base: str, keep: int = 20, min_age_s: float = 3600.0) -> Non
         entries = [e for e in os.scandir(base) if e.name.startswith("session_") and e.is_dir()]
     except OSError:
         return
-    entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    def mtime(e) -> float:  # another process may be pruning the same dir right now
+        try:
+            return e.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    entries.sort(key=mtime, reverse=True)
     now = time.time()
     for e in entries[keep:]:
         try:
-            if now - e.stat().st_mtime <= min_age_s:
+            if now - mtime(e) <= min_age_s:
                 continue
             with open(os.path.join(e.path, ".pid")) as f:
                 pid = int(f.read().strip() or 0)
