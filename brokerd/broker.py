@@ -119,6 +119,7 @@ class Broker:
             (node, Msg.EXEC_DIED): lambda nid, m, f: e.exec_died(nid, m.cid, m.code),
             (node, Msg.BLOB): e.objects.blob,
             (node, Msg.STORED): lambda nid, m, f: e.objects.stored(nid, m),
+            (out, Msg.NEED_SPACE): lambda cid, m, f: e.objects.need_space(cid, m.nbytes),
         }
 
     # ------------------------------------------------------------------ loop

@@ -557,11 +557,16 @@ class Client:
                 f"Object of {size / 1e6:.1f} MB does not fit in the node's object store "
                 f"({limit / 1e6:.1f} MB, set with --object-store-memory / object_store_memory).")
         try:
-            size = self.store.write(oid, kind, frames)
+            self.store.limit = limit  # the broker's WELCOME says it; puts wait above it
+            size = self.store.write(oid, kind, frames, self._need_space)
         except OSError as e:
             raise exceptions.ObjectStoreFullError(
                 f"Could not write a {size / 1e6:.1f} MB object to the object store: {e}") from e
         return self.node_id, size
+
+    def _need_space(self, nbytes: int) -> None:
+        """A put waits for room in this node's store: ask the broker to spill."""
+        self.send(P.encode(P.NeedSpace(nbytes)))
 
     def read_local(self, oid: bytes):
         """(kind, frames) of an object that is here (LOCAL or STORED)."""

@@ -91,6 +91,8 @@ N->B  BLOB       oid, dest, codec + [blob]   codec RAW/LZ4; -1 (no frame): not h
 B->N  STORE      oid, codec + [blob]            write this blob into your store
 N->B  STORED     oid, size                      (size -1: failed)
 B->N  FREE       oids  /  SPILL oids            delete / move to disk
+C->B  NEED_SPACE nbytes   a put waits for room in its node's store (over its limit): spill
+                 at least this many more bytes there (sent at most every NEED_SPACE_S)
 *<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker;
                  a node silent for NODE_TIMEOUT_S is dead; a client that hears nothing
                  for BROKER_TIMEOUT_S fails its waiters (executors exit)
@@ -192,6 +194,7 @@ class Msg(enum.IntEnum):
     INTERRUPT = 35
     PRINT = 36
     EXEC_SPAWNED = 37
+    NEED_SPACE = 60  # numbered apart from the others' additions
 
 
 class ProtocolError(ValueError):
@@ -734,10 +737,25 @@ class Spill(NamedTuple):
     CHECKS = (_oids,)
 
 
+def _nbytes(v):
+    if type(v) is not int or not 0 <= v < 1 << 62:
+        raise ProtocolError(f"a byte count expected, got {v!r:.40}")
+    return v
+
+
+class NeedSpace(NamedTuple):
+    nbytes: int
+    TYPE = Msg.NEED_SPACE
+    CHECKS = (_nbytes,)
+
+
+NEED_SPACE_S = 0.2
+
+
 MESSAGES = (Hello, Welcome, Ready, Fn, Submit, Put, Sub, Release, Refs, Cancel, Interrupt,
             Block, Unblock, Reject, Done, Yield, Log, Print, Req, Reply, Obj, Exec, StreamEnd,
             Exit, NodeHello, Spawn, ExecSpawned, ExecDied, KillExec, Heartbeat, Shutdown, Fetch, Blob,
-            Store, Stored, Free, Spill)
+            Store, Stored, Free, Spill, NeedSpace)
 _BY_TYPE = {cls.TYPE: cls for cls in MESSAGES}
 _packb = msgpack.packb  # a Packer object is not thread-safe; clients send from any thread
 
