@@ -1,0 +1,195 @@
+"""Broker throughput: tiny tasks from many clients onto many one-CPU worker daemons.
+
+::
+
+    zray broker (tcp, CURVE)  <--  M x `zray worker --num-cpus 1`
+             ^
+             +---- N client processes, each submitting TASKS tiny tasks in batches
+
+Prints, per run, the tasks per second (all clients' tasks over the wall time
+from the first client's start signal to the last client's last result) and the
+broker process's CPU (user + system, psutil) per task over that window.
+
+Give several source trees with ``--tree`` to compare them side by side: the
+runs alternate between the trees (ABAB...), so the machine's load hits each
+alike, and the summary is the median per tree and the ratio to the first tree.
+
+    python benchmarks/broker_throughput.py --tree /work/main --tree . --rounds 3
+
+Each run starts a fresh cluster from that tree (``PYTHONPATH=<tree>``) in a
+temporary dir of its own and stops every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+CLIENT = r"""
+import json, os, sys, time
+import zray
+
+address, n, batch, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+zray.init(address=address)
+
+@zray.remote
+def tiny(i):
+    return i
+
+zray.get([tiny.remote(i) for i in range(50)])  # warm: function registered, executors up
+print("READY", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.01)
+t0 = time.time()
+done = 0
+while done < n:
+    k = min(batch, n - done)
+    out = zray.get([tiny.remote(i) for i in range(k)])
+    assert out == list(range(k))
+    done += k
+print("RESULT " + json.dumps({"start": t0, "end": time.time(), "tasks": n}), flush=True)
+zray.shutdown()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive_nodes(env, address) -> int:
+    code = ("import zray,sys; zray.init(address=sys.argv[1]); "
+            "print(sum(n['Alive'] for n in zray.nodes())); zray.shutdown()")
+    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True,
+                         text=True, timeout=60)
+    try:
+        return int(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return 0
+
+
+def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
+             profile: str = "") -> dict:
+    tmp = tempfile.mkdtemp(prefix="zbt-", dir="/tmp")
+    env = dict(os.environ)
+    env.pop("ZRAY_ADDRESS", None)
+    env.update(PYTHONPATH=os.path.abspath(tree), ZRAY_TMPDIR=tmp, PYTHONUNBUFFERED="1",
+               ZRAY_KEY_FILE=os.path.join(tmp, "cluster.key"))
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    cli = [sys.executable, "-m", "zray.cli"]
+    procs = []
+
+    def start(args, **kw):
+        p = subprocess.Popen(args, env=env, start_new_session=True, stdin=subprocess.DEVNULL, **kw)
+        procs.append(p)
+        return p
+
+    try:
+        log = open(os.path.join(tmp, "cluster.log"), "wb")
+        prof = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "zray.cli"]
+        broker = start((prof if profile else cli) + ["broker", "--host", "127.0.0.1", "--port", str(port)],
+                       stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(env["ZRAY_KEY_FILE"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(workers):
+            start(cli + ["worker", "--address", address, "--num-cpus", "1"],
+                  stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 120
+        while _alive_nodes(env, address) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{workers} workers did not join; see {tmp}/cluster.log")
+            time.sleep(0.2)
+        go = os.path.join(tmp, "go")
+        script = os.path.join(tmp, "client.py")
+        with open(script, "w") as f:
+            f.write(CLIENT)
+        cs = [start([sys.executable, script, address, str(tasks), str(batch), go],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(clients)]
+        for c in cs:  # each prints READY once warm
+            line = c.stdout.readline()
+            if not line.startswith("READY"):
+                raise RuntimeError(f"client failed: {line}{c.stderr.read()[-2000:]}")
+        bp = psutil.Process(broker.pid)
+        c0 = bp.cpu_times()
+        open(go, "w").close()
+        results = []
+        for c in cs:
+            out, err = c.communicate(timeout=600)
+            lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+            if c.returncode != 0 or not lines:
+                raise RuntimeError(f"client failed (rc={c.returncode}): {err[-2000:]}")
+            results.append(json.loads(lines[-1][7:]))
+        c1 = bp.cpu_times()
+        total = sum(r["tasks"] for r in results)
+        wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+        cpu = (c1.user - c0.user) + (c1.system - c0.system)
+        return {"tasks_per_s": total / wall, "broker_us_per_task": cpu / total * 1e6,
+                "tasks": total, "wall_s": wall}
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tree", action="append", help="source tree to run (repeat to compare); "
+                    "default: the one this script is in")
+    ap.add_argument("--workers", type=int, default=4, help="`zray worker --num-cpus 1` daemons")
+    ap.add_argument("--clients", type=int, default=4, help="client processes")
+    ap.add_argument("--tasks", type=int, default=5000, help="tasks per client")
+    ap.add_argument("--batch", type=int, default=500, help="tasks in flight per client")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per tree (median reported)")
+    ap.add_argument("--profile", default="", help="run the broker under cProfile, writing "
+                    "PROFILE-<round>-<tree index> (CPU figures then include the profiler)")
+    args = ap.parse_args(argv)
+    trees = args.tree or [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    runs: dict = {t: [] for t in trees}
+    for r in range(args.rounds):
+        for i, t in enumerate(trees):
+            prof = f"{os.path.abspath(args.profile)}-{r + 1}-{i}" if args.profile else ""
+            res = run_once(t, args.workers, args.clients, args.tasks, args.batch, prof)
+            runs[t].append(res)
+            print(f"round {r + 1} {t}: {res['tasks_per_s']:.0f} tasks/s, "
+                  f"broker {res['broker_us_per_task']:.1f} us CPU/task", flush=True)
+    base = None
+    print(f"\nmedians of {args.rounds} ({args.workers} workers x 1 CPU, {args.clients} clients x "
+          f"{args.tasks} tasks in batches of {args.batch}):")
+    for t in trees:
+        tps = statistics.median(x["tasks_per_s"] for x in runs[t])
+        us = statistics.median(x["broker_us_per_task"] for x in runs[t])
+        if base is None:
+            base = (tps, us)
+        print(f"  {t}: {tps:.0f} tasks/s ({tps / base[0]:.2f}x), broker {us:.1f} us CPU/task "
+              f"({us / base[1]:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
