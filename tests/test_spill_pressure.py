@@ -11,8 +11,11 @@ Each run is a driver script in its own session (``_run_script``); a thread in
 the driver samples the bytes of the node's shared-memory dir while it puts.
 """
 
+import msgpack
 import pytest
 from test_objects import _run_script
+
+from zray import _protocol as P
 
 MB = 1_000_000
 
@@ -108,3 +111,11 @@ def test_issue_spill_run_10000_puts_of_1mb_into_2gb(tmp_path):
     limit, n, size = 2000 * MB, 10_000, MB
     res = _run_script(tmp_path, SCRIPT.format(limit=limit, n=n, size=size), timeout=1700)
     _check(res, limit, n, size)
+
+
+@pytest.mark.timeout(10)
+def test_need_space_takes_only_a_byte_count():
+    assert P.decode(P.encode(P.NeedSpace(5 * MB))) == P.NeedSpace(5 * MB)
+    for bad in (-1, 1 << 62, True, 1.5, b"1", None):
+        with pytest.raises(P.ProtocolError):
+            P.decode(msgpack.packb([P.Msg.NEED_SPACE, bad]))
