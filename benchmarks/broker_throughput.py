@@ -8,7 +8,8 @@
 
 Prints, per run, the tasks per second (all clients' tasks over the wall time
 from the first client's start signal to the last client's last result) and the
-broker process's CPU (user + system, psutil) per task over that window.
+broker process's CPU (user + system, psutil) per task over that window, in all
+and on its main thread (the rest: libzmq's I/O thread, CURVE's auth thread).
 
 Give several source trees with ``--tree`` to compare them side by side: the
 runs alternate between the trees (ABAB...), so the machine's load hits each
@@ -93,7 +94,8 @@ def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
     procs = []
 
     def start(args, **kw):
-        p = subprocess.Popen(args, env=env, start_new_session=True, stdin=subprocess.DEVNULL, **kw)
+        p = subprocess.Popen(args, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                             cwd=tmp, **kw)  # cwd: `-m` must not import this tree
         procs.append(p)
         return p
 
@@ -118,28 +120,44 @@ def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
         script = os.path.join(tmp, "client.py")
         with open(script, "w") as f:
             f.write(CLIENT)
-        cs = [start([sys.executable, script, address, str(tasks), str(batch), go],
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-              for _ in range(clients)]
-        for c in cs:  # each prints READY once warm
-            line = c.stdout.readline()
-            if not line.startswith("READY"):
-                raise RuntimeError(f"client failed: {line}{c.stderr.read()[-2000:]}")
+        outs = [os.path.join(tmp, f"client{i}.out") for i in range(clients)]
+        cs = []
+        for path in outs:
+            with open(path, "wb") as f:
+                cs.append(start([sys.executable, script, address, str(tasks), str(batch), go],
+                                stdout=f, stderr=subprocess.STDOUT))
+
+        def lines(path, word):
+            with open(path, errors="replace") as f:
+                return [x for x in f.read().splitlines() if x.startswith(word)]
+
+        deadline = time.monotonic() + 120
+        while not all(lines(p, "READY") for p in outs):  # each prints READY once warm
+            failed = [p for c, p in zip(cs, outs, strict=True) if c.poll() is not None]
+            if failed or time.monotonic() > deadline:
+                raise RuntimeError(f"client not ready: {open((failed or outs)[0]).read()[-3000:]}")
+            time.sleep(0.05)
         bp = psutil.Process(broker.pid)
-        c0 = bp.cpu_times()
+        c0, t0 = bp.cpu_times(), {t.id: t for t in bp.threads()}
         open(go, "w").close()
         results = []
-        for c in cs:
-            out, err = c.communicate(timeout=600)
-            lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
-            if c.returncode != 0 or not lines:
-                raise RuntimeError(f"client failed (rc={c.returncode}): {err[-2000:]}")
-            results.append(json.loads(lines[-1][7:]))
-        c1 = bp.cpu_times()
+        for c, path in zip(cs, outs, strict=True):
+            try:
+                c.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"client hung: {open(path).read()[-3000:]}") from None
+            got = lines(path, "RESULT ")
+            if c.returncode != 0 or not got:
+                raise RuntimeError(f"client failed (rc={c.returncode}): {open(path).read()[-3000:]}")
+            results.append(json.loads(got[-1][7:]))
+        c1, t1 = bp.cpu_times(), bp.threads()
+        main_cpu = sum(t.user_time + t.system_time - t0[t.id].user_time - t0[t.id].system_time
+                       for t in t1 if t.id == broker.pid and t.id in t0)
         total = sum(r["tasks"] for r in results)
         wall = max(r["end"] for r in results) - min(r["start"] for r in results)
         cpu = (c1.user - c0.user) + (c1.system - c0.system)
         return {"tasks_per_s": total / wall, "broker_us_per_task": cpu / total * 1e6,
+                "main_us_per_task": main_cpu / total * 1e6,
                 "tasks": total, "wall_s": wall}
     finally:
         for p in reversed(procs):
@@ -169,6 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="", help="run the broker under cProfile, writing "
                     "PROFILE-<round>-<tree index> (CPU figures then include the profiler)")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the clusters on the way out
     trees = args.tree or [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
     runs: dict = {t: [] for t in trees}
     for r in range(args.rounds):
@@ -177,17 +196,20 @@ def main(argv=None) -> int:
             res = run_once(t, args.workers, args.clients, args.tasks, args.batch, prof)
             runs[t].append(res)
             print(f"round {r + 1} {t}: {res['tasks_per_s']:.0f} tasks/s, "
-                  f"broker {res['broker_us_per_task']:.1f} us CPU/task", flush=True)
+                  f"broker {res['broker_us_per_task']:.1f} us CPU/task "
+                  f"(main thread {res['main_us_per_task']:.1f})", flush=True)
     base = None
     print(f"\nmedians of {args.rounds} ({args.workers} workers x 1 CPU, {args.clients} clients x "
           f"{args.tasks} tasks in batches of {args.batch}):")
     for t in trees:
         tps = statistics.median(x["tasks_per_s"] for x in runs[t])
         us = statistics.median(x["broker_us_per_task"] for x in runs[t])
+        main_us = statistics.median(x["main_us_per_task"] for x in runs[t])
         if base is None:
             base = (tps, us)
         print(f"  {t}: {tps:.0f} tasks/s ({tps / base[0]:.2f}x), broker {us:.1f} us CPU/task "
-              f"({us / base[1]:.2f}x)")
+              f"({us / base[1]:.2f}x), of which main thread {main_us:.1f} us, libzmq/other "
+              f"threads {us - main_us:.1f} us")
     return 0
 
 

@@ -189,6 +189,7 @@ class Broker:
                     engine.schedule()
                 except Exception:  # a bug here must not take the cluster down
                     log.exception("scheduling pass failed")
+            self.out.flush()  # a turn's messages for a client go out as one
             for ident in self.out.take_unreachable():
                 role, peer = role_of(ident)
                 if role == P.ROLE_INBOX:
@@ -197,6 +198,7 @@ class Broker:
             if now - last_check >= LIVENESS_CHECK_S:
                 last_check = now
                 engine.check_liveness(now)
+                self.out.flush()
         self.shutdown()
 
     def stop(self, *_):
@@ -207,6 +209,7 @@ class Broker:
             self.out.send(node.ident, P.encode(P.Shutdown()))
         for cid in list(self.engine.clients):
             self.out.send(P.inbox_ident(cid), P.encode(P.Shutdown()))
+        self.out.flush()
         self.sock.close(linger=200)  # linger: the SHUTDOWN frames still leave
         if self.auth is not None:
             self.auth.stop()

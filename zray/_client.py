@@ -323,9 +323,16 @@ class Client:
                             self.last_broker = time.monotonic()
                         while True:
                             try:
-                                batch.append(recv_parts(sock))
+                                parts = recv_parts(sock)
                             except zmq.Again:
                                 break
+                            if sock is inbox:  # the broker's turn may come as one BATCH
+                                try:
+                                    batch.extend(P.unbatch(parts))
+                                except P.ProtocolError as e:
+                                    log.warning("dropping malformed message from broker: %s", e)
+                            else:
+                                batch.append(parts)
                     self._handle_batch(batch)
                 now = time.monotonic()
                 if self._pending_refs and now - self._release_since >= RELEASE_DELAY_MS / 1000:

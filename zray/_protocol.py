@@ -91,6 +91,9 @@ N->B  BLOB       oid, dest, codec + [blob]   codec RAW/LZ4; -1 (no frame): not h
 B->N  STORE      oid, codec + [blob]            write this blob into your store
 N->B  STORED     oid, size                      (size -1: failed)
 B->N  FREE       oids  /  SPILL oids            delete / move to disk
+B->C  BATCH      counts + the frames of len(counts) messages, message i being the next
+                 counts[i] frames (its header first): what the broker sends a client in one
+                 turn of its loop, as one ZeroMQ message (one wake-up, not one per message)
 C->B  NEED_SPACE nbytes   a put waits for room in its node's store (over its limit): spill
                  at least this many more bytes there (sent at most every NEED_SPACE_S)
 *<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker;
@@ -195,6 +198,7 @@ class Msg(enum.IntEnum):
     PRINT = 36
     EXEC_SPAWNED = 37
     NEED_SPACE = 60  # numbered apart from the others' additions
+    BATCH = 61
 
 
 class ProtocolError(ValueError):
@@ -750,12 +754,28 @@ class NeedSpace(NamedTuple):
 
 
 NEED_SPACE_S = 0.2
+BATCH_MAX = 1024  # messages in one BATCH
+
+
+def _batch_counts(v):
+    if type(v) is not list or not 1 <= len(v) <= BATCH_MAX:
+        raise ProtocolError("BATCH: a list of 1..BATCH_MAX frame counts expected")
+    for n in v:
+        if type(n) is not int or not 1 <= n <= 1 << 20:
+            raise ProtocolError(f"BATCH: a frame count of 1 or more expected, got {n!r:.20}")
+    return v
+
+
+class Batch(NamedTuple):
+    counts: list
+    TYPE = Msg.BATCH
+    CHECKS = (_batch_counts,)
 
 
 MESSAGES = (Hello, Welcome, Ready, Fn, Submit, Put, Sub, Release, Refs, Cancel, Interrupt,
             Block, Unblock, Reject, Done, Yield, Log, Print, Req, Reply, Obj, Exec, StreamEnd,
             Exit, NodeHello, Spawn, ExecSpawned, ExecDied, KillExec, Heartbeat, Shutdown, Fetch, Blob,
-            Store, Stored, Free, Spill, NeedSpace)
+            Store, Stored, Free, Spill, NeedSpace, Batch)
 _BY_TYPE = {cls.TYPE: cls for cls in MESSAGES}
 _packb = msgpack.packb  # a Packer object is not thread-safe; clients send from any thread
 
@@ -868,3 +888,34 @@ def decode(buf):
             raise
         raise ProtocolError(f"{cls.TYPE.name}: {e}") from None
 
+
+
+_BATCH_PREFIX = _packb((Msg.BATCH, None))[:2]  # fixarray(2), BATCH
+
+
+def encode_batch(msgs: list) -> list:
+    """[header, *frames] of one BATCH carrying ``msgs`` [(header, frames)...]."""
+    counts, out = [], [b""]
+    for header, frames in msgs:
+        counts.append(1 + len(frames))
+        out.append(header)
+        out.extend(frames)
+    out[0] = encode(Batch(counts))
+    return out
+
+
+def unbatch(parts: list) -> list:
+    """The messages [[header, *frames]...] in ``parts`` (one received message, Frames or
+    bytes): itself if it is not a BATCH. Raises ProtocolError for a bad BATCH."""
+    head = parts[0]
+    buf = head.buffer if hasattr(head, "buffer") else memoryview(head)
+    if buf[:2] != _BATCH_PREFIX:
+        return [parts]
+    counts = decode(buf).counts
+    if sum(counts) != len(parts) - 1:
+        raise ProtocolError("BATCH: frame counts do not add up to the frames")
+    out, i = [], 1
+    for n in counts:
+        out.append(parts[i:i + n])
+        i += n
+    return out
