@@ -16,6 +16,7 @@ runs alternate between the trees (ABAB...), so the machine's load hits each
 alike, and the summary is the median per tree and the ratio to the first tree.
 
     python benchmarks/broker_throughput.py --tree /work/main --tree . --rounds 3
+    python benchmarks/broker_throughput.py --tree /work/main --tree . --idle 20 --workers 40
 
 Each run starts a fresh cluster from that tree (``PYTHONPATH=<tree>``) in a
 temporary dir of its own and stops every process it started.
@@ -82,7 +83,7 @@ def _alive_nodes(env, address) -> int:
 
 
 def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
-             profile: str = "") -> dict:
+             profile: str = "", idle: float = 0.0) -> dict:
     tmp = tempfile.mkdtemp(prefix="zbt-", dir="/tmp")
     env = dict(os.environ)
     env.pop("ZRAY_ADDRESS", None)
@@ -108,14 +109,22 @@ def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
         while not os.path.exists(env["ZRAY_KEY_FILE"]) and time.monotonic() < deadline:
             time.sleep(0.05)
         for _ in range(workers):
-            start(cli + ["worker", "--address", address, "--num-cpus", "1"],
-                  stdout=log, stderr=subprocess.STDOUT)
+            start(cli + ["worker", "--address", address, "--num-cpus", "1"]
+                  + (["--prestart", "0"] if idle else []), stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 120
         while _alive_nodes(env, address) < workers:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{workers} workers did not join; see {tmp}/cluster.log")
             time.sleep(0.2)
+        if idle:  # an idle cluster: the broker's CPU for heartbeats and liveness checks
+            bp = psutil.Process(broker.pid)
+            time.sleep(2)  # let the joins settle
+            c0, w0 = bp.cpu_times(), time.monotonic()
+            time.sleep(idle)
+            c1, wall = bp.cpu_times(), time.monotonic() - w0
+            cpu = (c1.user - c0.user) + (c1.system - c0.system)
+            return {"cpu_pct": 100 * cpu / wall, "us_per_node_s": cpu / wall / workers * 1e6}
         go = os.path.join(tmp, "go")
         script = os.path.join(tmp, "client.py")
         with open(script, "w") as f:
@@ -184,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=int, default=5000, help="tasks per client")
     ap.add_argument("--batch", type=int, default=500, help="tasks in flight per client")
     ap.add_argument("--rounds", type=int, default=3, help="runs per tree (median reported)")
+    ap.add_argument("--idle", type=float, default=0.0, help="instead: measure the broker's "
+                    "CPU over this many seconds of an idle cluster (workers --prestart 0)")
     ap.add_argument("--profile", default="", help="run the broker under cProfile, writing "
                     "PROFILE-<round>-<tree index> (CPU figures then include the profiler)")
     args = ap.parse_args(argv)
@@ -193,11 +204,22 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for i, t in enumerate(trees):
             prof = f"{os.path.abspath(args.profile)}-{r + 1}-{i}" if args.profile else ""
-            res = run_once(t, args.workers, args.clients, args.tasks, args.batch, prof)
+            res = run_once(t, args.workers, args.clients, args.tasks, args.batch, prof, args.idle)
             runs[t].append(res)
+            if args.idle:
+                print(f"round {r + 1} {t}: idle broker {res['cpu_pct']:.2f}% CPU, "
+                      f"{res['us_per_node_s']:.0f} us CPU per node per second", flush=True)
+                continue
             print(f"round {r + 1} {t}: {res['tasks_per_s']:.0f} tasks/s, "
                   f"broker {res['broker_us_per_task']:.1f} us CPU/task "
                   f"(main thread {res['main_us_per_task']:.1f})", flush=True)
+    if args.idle:
+        print(f"\nmedians of {args.rounds} ({args.workers} idle workers, {args.idle:.0f} s):")
+        for t in trees:
+            pct = statistics.median(x["cpu_pct"] for x in runs[t])
+            us = statistics.median(x["us_per_node_s"] for x in runs[t])
+            print(f"  {t}: broker {pct:.2f}% CPU, {us:.0f} us CPU per node per second")
+        return 0
     base = None
     print(f"\nmedians of {args.rounds} ({args.workers} workers x 1 CPU, {args.clients} clients x "
           f"{args.tasks} tasks in batches of {args.batch}):")

@@ -96,7 +96,8 @@ B->C  BATCH      counts + the frames of len(counts) messages, message i being th
                  turn of its loop, as one ZeroMQ message (one wake-up, not one per message)
 C->B  NEED_SPACE nbytes   a put waits for room in its node's store (over its limit): spill
                  at least this many more bytes there (sent at most every NEED_SPACE_S)
-*<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker;
+*<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker
+                 (at most every few seconds per peer: brokerd.broker.HEARTBEAT_REPLY_S);
                  a node silent for NODE_TIMEOUT_S is dead; a client that hears nothing
                  for BROKER_TIMEOUT_S fails its waiters (executors exit)
 B->*  SHUTDOWN   -
