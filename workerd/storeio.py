@@ -51,7 +51,8 @@ class StoreIO:
         self._out.setsockopt(zmq.LINGER, 0)
         self._out.setsockopt(zmq.SNDHWM, 0)
         self._out.connect(addr)
-        self.spilled = 0  # objects spilled so far (read by tests through logs)
+        self.spilled = 0  # objects spilled so far
+        self.stopping = False
         self.thread = threading.Thread(target=self._run, name="zray-store-io", daemon=True)
         self.thread.start()
 
@@ -71,16 +72,22 @@ class StoreIO:
             sock.send_multipart(frames, copy=False)
 
     def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread: jobs not started yet are dropped (the node is going away)."""
+        self.stopping = True
         self.jobs.put(_STOP)
         self.thread.join(timeout)
-        if self.thread.is_alive():
+        if self.thread.is_alive():  # in one long job: it closes its socket when done
             log.warning("store I/O thread still busy at shutdown")
-            return  # its socket stays open: closing it under the thread is unsafe
-        self._out.close()
         self.pipe.close()
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._out.close()  # by this thread, which owns it (the context waits for it)
+
+    def _serve(self) -> None:
         while True:
             batch = [self.jobs.get()]
             while True:
@@ -90,7 +97,7 @@ class StoreIO:
                     break
             spilled = freed = 0
             for job in batch:
-                if job is _STOP:
+                if job is _STOP or self.stopping:
                     return
                 try:
                     n = self._do(job)
@@ -111,6 +118,8 @@ class StoreIO:
         if op == "spill":
             n = 0
             for oid in job[1]:
+                if self.stopping:
+                    break
                 try:
                     if store.spill(oid):
                         n += 1
