@@ -117,7 +117,8 @@ import msgpack
 
 # 2: role-prefixed identities, one layout per message, CANCEL/INTERRUPT, LOG/PRINT split
 # 3: a streaming task has a completion object (index 0); num_returns DYNAMIC
-VERSION = 4  # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
+VERSION = 5  # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
+# 5: B->C BATCH (a client must split it), C->B NEED_SPACE
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
