@@ -175,9 +175,18 @@ class ObjectDirectory:
         if node.store_limit and node.store_used > node.store_limit:
             self.spill(node)
 
-    def spill(self, node: Node) -> None:
-        """Move the least recently used objects of a full store to disk."""
-        target = int(node.store_limit * 0.8)
+    def need_space(self, cid: bytes, nbytes: int) -> None:
+        """A client's put waits for room in its node's store (NEED_SPACE): spill ``nbytes``
+        more there than the limit asks (the store holds writes the broker has not heard of)."""
+        c = self.clients.get(cid)
+        node = self.nodes.nodes.get(c.node_id) if c is not None else None
+        if node is not None and node.store_limit:
+            self.spill(node, nbytes)
+
+    def spill(self, node: Node, extra: int = 0) -> None:
+        """Move the least recently used objects of a full store to disk (``extra``: bytes
+        more than the limit asks, for a put that waits for room)."""
+        target = min(int(node.store_limit * 0.8), node.store_used - extra)
         victims = []
         while node.lru and node.store_used > target:
             oid, size = node.lru.popitem(last=False)

@@ -15,6 +15,10 @@ cancel, ``zray.kill``) and reports every executor exit with its exit code so
 the broker can retry tasks or restart actors. Executors connect to the broker
 themselves; task traffic never passes through this process.
 
+Store work the broker asks for (SPILL, FREE, FETCH, STORE) runs on a thread of
+its own (``workerd.storeio``) so that a node spilling gigabytes keeps its
+heartbeats; its replies go out through this loop.
+
 Executors die with the agent (PR_SET_PDEATHSIG); on SIGTERM the agent
 terminates them and exits. With ``--exit-with-parent`` (the embedded local
 cluster) the agent itself dies with the driver that started it.
@@ -33,6 +37,7 @@ import time
 import psutil
 import zmq
 
+from workerd.storeio import StoreIO
 from zray import _logfiles
 from zray import _protocol as P
 from zray._procutil import detect_accelerator_type
@@ -87,6 +92,7 @@ class NodeAgent:
         self.welcomed = False
         self.errors = 0  # messages whose handling raised
         self.refusal = ""  # why the broker refused this node, if it did
+        self.io = StoreIO(self.store, self.ctx)  # spills, frees, blobs: off this loop
 
     @staticmethod
     def _ip() -> str:
@@ -144,23 +150,6 @@ class NodeAgent:
                 except OSError as e:
                     log.warning("cannot record executor %s in the log index: %s", cid.hex(), e)
 
-    def fetch(self, oid: bytes, dest: bytes):
-        """Send an object's blob to the broker, which forwards it to ``dest``."""
-        try:
-            codec, data = self.store.blob(oid)
-        except OSError:
-            self.sock.send(P.encode(P.Blob(oid, dest, -1)))
-            return
-        self.sock.send_multipart([P.encode(P.Blob(oid, dest, codec)), data], copy=False)
-
-    def store_blob(self, oid: bytes, codec: int, payload: bytes):
-        try:
-            size = self.store.put_blob(oid, codec, payload)
-        except OSError:
-            log.exception("storing %s failed", oid.hex())
-            size = -1
-        self.sock.send(P.encode(P.Stored(oid, size)))
-
     def kill(self, cid: bytes):
         p = self.procs.get(cid)
         if p is not None and p.poll() is None:
@@ -197,18 +186,13 @@ class NodeAgent:
         elif t == Msg.KILL_EXEC:
             self.kill(m.cid)
         elif t == Msg.FETCH:
-            self.fetch(m.oid, m.dest)
+            self.io.submit("fetch", m.oid, m.dest)
         elif t == Msg.STORE and len(msg) == 2:
-            self.store_blob(m.oid, m.codec, msg[1])
+            self.io.submit("store", m.oid, m.codec, msg[1])
         elif t == Msg.FREE:
-            for oid in m.oids:
-                self.store.delete(oid)
+            self.io.submit("free", m.oids)
         elif t == Msg.SPILL:
-            for oid in m.oids:
-                try:
-                    self.store.spill(oid)
-                except OSError:
-                    log.exception("spilling %s failed", oid.hex())
+            self.io.submit("spill", m.oids)
         elif t == Msg.LOG_READ:  # a client reads our log files through the broker
             try:
                 result, ok = _logfiles.serve(self.log_dir, m.op, m.args), True
@@ -224,10 +208,16 @@ class NodeAgent:
         last_hb = time.monotonic()
         log.info("node %s up: %s, %d executors prestarted", self.node_id.hex(),
                  self.resources, self.prestart)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.io.pipe, zmq.POLLIN)
         while self.running:
             if self.watch is not None and self.refused():
                 break
-            if self.sock.poll(200):
+            ready = dict(poller.poll(200))
+            if self.io.pipe in ready:
+                self.io.forward(self.sock)
+            if self.sock in ready:
                 while True:
                     try:
                         msg = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -284,6 +274,7 @@ class NodeAgent:
                 p.kill()
         if self.watch is not None:
             self.watch.close()
+        self.io.close()
         self.sock.close(linger=100)
         self.ctx.term()
         self.store.destroy()

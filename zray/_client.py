@@ -323,9 +323,16 @@ class Client:
                             self.last_broker = time.monotonic()
                         while True:
                             try:
-                                batch.append(recv_parts(sock))
+                                parts = recv_parts(sock)
                             except zmq.Again:
                                 break
+                            if sock is inbox:  # the broker's turn may come as one BATCH
+                                try:
+                                    batch.extend(P.unbatch(parts))
+                                except P.ProtocolError as e:
+                                    log.warning("dropping malformed message from broker: %s", e)
+                            else:
+                                batch.append(parts)
                     self._handle_batch(batch)
                 now = time.monotonic()
                 if self._pending_refs and now - self._release_since >= RELEASE_DELAY_MS / 1000:
@@ -566,11 +573,16 @@ class Client:
                 f"Object of {size / 1e6:.1f} MB does not fit in the node's object store "
                 f"({limit / 1e6:.1f} MB, set with --object-store-memory / object_store_memory).")
         try:
-            size = self.store.write(oid, kind, frames)
+            self.store.limit = limit  # the broker's WELCOME says it; puts wait above it
+            size = self.store.write(oid, kind, frames, self._need_space)
         except OSError as e:
             raise exceptions.ObjectStoreFullError(
                 f"Could not write a {size / 1e6:.1f} MB object to the object store: {e}") from e
         return self.node_id, size
+
+    def _need_space(self, nbytes: int) -> None:
+        """A put waits for room in this node's store: ask the broker to spill."""
+        self.send(P.encode(P.NeedSpace(nbytes)))
 
     def read_local(self, oid: bytes):
         """(kind, frames) of an object that is here (LOCAL or STORED)."""

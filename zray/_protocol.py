@@ -95,7 +95,13 @@ B->N  LOG_READ   req_id, op, args   read this node's log files for a client's RE
                  (op list | tail | read | task; zray._logfiles.serve says what args hold)
 N->B  LOG_DATA   req_id, ok, result   the answer: the broker forwards it as that REQ's REPLY
                  (only to the client that asked, only from the node it asked)
-*<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker;
+B->C  BATCH      counts + the frames of len(counts) messages, message i being the next
+                 counts[i] frames (its header first): what the broker sends a client in one
+                 turn of its loop, as one ZeroMQ message (one wake-up, not one per message)
+C->B  NEED_SPACE nbytes   a put waits for room in its node's store (over its limit): spill
+                 at least this many more bytes there (sent at most every NEED_SPACE_S)
+*<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker
+                 (at most every few seconds per peer: brokerd.broker.HEARTBEAT_REPLY_S);
                  a node silent for NODE_TIMEOUT_S is dead; a client that hears nothing
                  for BROKER_TIMEOUT_S fails its waiters (executors exit)
 B->*  SHUTDOWN   -
@@ -115,7 +121,8 @@ import msgpack
 
 # 2: role-prefixed identities, one layout per message, CANCEL/INTERRUPT, LOG/PRINT split
 # 3: a streaming task has a completion object (index 0); num_returns DYNAMIC
-VERSION = 4  # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
+VERSION = 5  # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
+# 5: B->C BATCH (a client must split it), C->B NEED_SPACE
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
@@ -198,6 +205,8 @@ class Msg(enum.IntEnum):
     EXEC_SPAWNED = 37
     LOG_READ = 38
     LOG_DATA = 39
+    NEED_SPACE = 60  # numbered apart from the others' additions
+    BATCH = 61
 
 
 class ProtocolError(ValueError):
@@ -754,12 +763,41 @@ class LogData(NamedTuple):
     result: Any  # plain data (msgpack): never unpickled
     TYPE = Msg.LOG_DATA
     CHECKS = (_int, _bool, _any)
+def _nbytes(v):
+    if type(v) is not int or not 0 <= v < 1 << 62:
+        raise ProtocolError(f"a byte count expected, got {v!r:.40}")
+    return v
+
+
+class NeedSpace(NamedTuple):
+    nbytes: int
+    TYPE = Msg.NEED_SPACE
+    CHECKS = (_nbytes,)
+
+
+NEED_SPACE_S = 0.2
+BATCH_MAX = 1024  # messages in one BATCH
+
+
+def _batch_counts(v):
+    if type(v) is not list or not 1 <= len(v) <= BATCH_MAX:
+        raise ProtocolError("BATCH: a list of 1..BATCH_MAX frame counts expected")
+    for n in v:
+        if type(n) is not int or not 1 <= n <= 1 << 20:
+            raise ProtocolError(f"BATCH: a frame count of 1 or more expected, got {n!r:.20}")
+    return v
+
+
+class Batch(NamedTuple):
+    counts: list
+    TYPE = Msg.BATCH
+    CHECKS = (_batch_counts,)
 
 
 MESSAGES = (Hello, Welcome, Ready, Fn, Submit, Put, Sub, Release, Refs, Cancel, Interrupt,
             Block, Unblock, Reject, Done, Yield, Log, Print, Req, Reply, Obj, Exec, StreamEnd,
             Exit, NodeHello, Spawn, ExecSpawned, ExecDied, KillExec, Heartbeat, Shutdown, Fetch, Blob,
-            Store, Stored, Free, Spill, LogRead, LogData)
+            Store, Stored, Free, Spill, LogRead, LogData, NeedSpace, Batch)
 _BY_TYPE = {cls.TYPE: cls for cls in MESSAGES}
 _packb = msgpack.packb  # a Packer object is not thread-safe; clients send from any thread
 
@@ -872,3 +910,34 @@ def decode(buf):
             raise
         raise ProtocolError(f"{cls.TYPE.name}: {e}") from None
 
+
+
+_BATCH_PREFIX = _packb((Msg.BATCH, None))[:2]  # fixarray(2), BATCH
+
+
+def encode_batch(msgs: list) -> list:
+    """[header, *frames] of one BATCH carrying ``msgs`` [(header, frames)...]."""
+    counts, out = [], [b""]
+    for header, frames in msgs:
+        counts.append(1 + len(frames))
+        out.append(header)
+        out.extend(frames)
+    out[0] = encode(Batch(counts))
+    return out
+
+
+def unbatch(parts: list) -> list:
+    """The messages [[header, *frames]...] in ``parts`` (one received message, Frames or
+    bytes): itself if it is not a BATCH. Raises ProtocolError for a bad BATCH."""
+    head = parts[0]
+    buf = head.buffer if hasattr(head, "buffer") else memoryview(head)
+    if buf[:2] != _BATCH_PREFIX:
+        return [parts]
+    counts = decode(buf).counts
+    if sum(counts) != len(parts) - 1:
+        raise ProtocolError("BATCH: frame counts do not add up to the frames")
+    out, i = [], 1
+    for n in counts:
+        out.append(parts[i:i + n])
+        i += n
+    return out

@@ -31,16 +31,32 @@ to would let them run code as the cluster's user. The node agent checks the
 dirs when it creates them; every other process checks them before its first
 read or write (``check_dirs``).
 
+Back-pressure: ``<store>/.usage`` holds the bytes of the store's files (objects,
+recycled files, files being written) as one little-endian i64 under an
+exclusive ``flock``. A writer reserves its object's size there before it
+writes; when that would pass the limit it first unlinks recycled files, then
+asks for spilling (``on_full``: the client sends NEED_SPACE to the broker) and
+waits until the node agent's spills bring the count down (at most
+``PUT_WAIT_S``, then the put fails with ObjectStoreFullError). Spills and
+deletes (node agent) subtract what they unlink. So a burst of puts is slowed
+to the speed of spilling instead of overrunning the store; what can pass the
+limit is one object per concurrent writer and blobs the node agent receives
+from other nodes (it never waits).
+
 Between nodes an object travels as one blob (the file's bytes), lz4-compressed
 when a sample shows that compression pays.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import mmap
 import os
 import struct
+import threading
+import time
 
 import lz4.frame
 import msgpack
@@ -54,6 +70,12 @@ RAW = 0
 LZ4 = 1
 POOL_FRACTION = 0.2  # of the store limit, kept as recycled files
 POOL_MAX_FILES = 64
+USAGE = ".usage"  # the store's byte count (back-pressure, see above)
+# How long a put waits for spilling to make room before ObjectStoreFullError.
+PUT_WAIT_S = float(os.environ.get("ZRAY_PUT_WAIT_S") or 120.0)
+_I64 = struct.Struct("<q")
+
+log = logging.getLogger("zray.store")
 
 
 class _Mapping(mmap.mmap):
@@ -86,6 +108,8 @@ class ObjectStore:
         self.dir, self.spill_dir = (os.path.join(r, *sub, node) for r, sub in self.roots)
         self.free_dir = os.path.join(self.dir, "free")
         self.checked = False  # this process has made sure the dirs are private
+        self._usage_fd = -1
+        self._usage_lock = threading.Lock()
 
     def create_dirs(self):
         """Create this node's dirs (private: see ``private_dir``), first removing
@@ -99,6 +123,7 @@ class ObjectStore:
         for d in (self.dir, self.spill_dir):
             write_private_file(os.path.join(d, ".pid"), str(os.getpid()))
         self.checked = True
+        self.adjust(-self.usage())  # a fresh store holds nothing
 
     def check_dirs(self):
         """Make sure (once per process) that this node's dirs are private before
@@ -112,8 +137,9 @@ class ObjectStore:
         return os.path.join(self.dir, oid.hex())
 
     # -------------------------------------------------------------- write
-    def write(self, oid: bytes, kind: int, frames: list) -> int:
-        """Store frames as object ``oid``; returns its size in bytes."""
+    def write(self, oid: bytes, kind: int, frames: list, on_full=None) -> int:
+        """Store frames as object ``oid``; returns its size in bytes. Waits while the
+        store is over its limit (``on_full(nbytes)`` asks for spilling; see ``reserve``)."""
         self.check_dirs()
         lens = [memoryview(f).nbytes for f in frames]
         header = msgpack.packb([kind, lens])
@@ -125,7 +151,14 @@ class ObjectStore:
             pos += n
         total = pos
         tmp = self.path(oid) + ".tmp"
-        fd = self._recycled(tmp, total)
+        fd, have = self._recycled(tmp, total)
+        try:
+            self.reserve(total - have, on_full)
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+                self._unlink_counted(tmp, have)
+            raise
         if fd is None:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
@@ -138,36 +171,32 @@ class ObjectStore:
                     done += os.pwrite(fd, mv[done:], off + done)
         except OSError:
             os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            self._unlink_counted(tmp, total)
             raise
         os.close(fd)
         os.rename(tmp, self.path(oid))
         return total
 
     def _recycled(self, tmp: str, size: int):
-        """Take over a freed file of about ``size`` bytes (its pages are warm), or None."""
+        """Take over a freed file of about ``size`` bytes (its pages are warm): (fd, its
+        size), or (None, 0). The caller truncates it to ``size``."""
         try:
             names = os.listdir(self.free_dir)
         except OSError:
-            return None
+            return None, 0
         best = None
         for name in names:
             have = int(name.split("-", 1)[0])
             if size <= have <= 2 * size + 65536 and (best is None or have < best[0]):
                 best = (have, name)
         if best is None:
-            return None
+            return None, 0
         try:
             os.rename(os.path.join(self.free_dir, best[1]), tmp)  # atomic claim
         except OSError:
-            return None  # another writer took it
+            return None, 0  # another writer took it
         fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
-        if best[0] != size:
-            os.ftruncate(fd, size)
-        return fd
+        return fd, best[0]
 
     # --------------------------------------------------------------- read
     def read(self, oid: bytes):
@@ -209,7 +238,12 @@ class ObjectStore:
         data = lz4.frame.decompress(payload) if codec == LZ4 else payload
         self.check_dirs()
         tmp = self.path(oid) + ".tmp"
-        write_private_file(tmp, data)
+        self.adjust(len(data))  # the node agent never waits: it may pass the limit
+        try:
+            write_private_file(tmp, data)
+        except OSError:
+            self._unlink_counted(tmp, len(data))
+            raise
         os.rename(tmp, self.path(oid))
         return len(data)
 
@@ -226,7 +260,7 @@ class ObjectStore:
         dst = os.path.join(self.spill_dir, oid.hex())
         write_private_file(dst + ".tmp", lz4.frame.compress(data, compression_level=0))
         os.rename(dst + ".tmp", dst)
-        os.unlink(src)
+        self._unlink_counted(src, len(data))
         return len(data)
 
     def delete(self, oid: bytes) -> None:
@@ -234,9 +268,10 @@ class ObjectStore:
         path = self.path(oid)
         if not self._recycle(path):
             try:
-                os.unlink(path)
+                size = os.lstat(path).st_size
             except FileNotFoundError:
-                pass
+                size = 0
+            self._unlink_counted(path, size)
         try:
             os.unlink(os.path.join(self.spill_dir, oid.hex()))
         except FileNotFoundError:
@@ -261,6 +296,89 @@ class ObjectStore:
             return False
         finally:
             os.close(fd)
+
+    # ---------------------------------------------- usage (back-pressure)
+    def _usage(self) -> int:
+        if self._usage_fd < 0:
+            self.check_dirs()
+            self._usage_fd = os.open(os.path.join(self.dir, USAGE),
+                                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        return self._usage_fd
+
+    def usage(self) -> int:
+        """Bytes of this node's store files in memory (objects, recycled, being written)."""
+        with self._usage_lock:
+            data = os.pread(self._usage(), 8, 0)
+        return _I64.unpack(data)[0] if len(data) == 8 else 0
+
+    def adjust(self, delta: int, limit: int = 0) -> bool:
+        """Add ``delta`` to the usage count; with ``limit``, only if the count stays
+        within it (or the store is empty). Returns whether it added."""
+        with self._usage_lock:  # flock excludes other processes, not our other threads
+            fd = self._usage()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                data = os.pread(fd, 8, 0)
+                used = _I64.unpack(data)[0] if len(data) == 8 else 0
+                if limit and delta > 0 and used > 0 and used + delta > limit:
+                    return False
+                os.pwrite(fd, _I64.pack(max(0, used + delta)), 0)
+                return True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def reserve(self, nbytes: int, on_full=None, wait: float | None = None) -> None:
+        """Count ``nbytes`` about to be written; while that would pass the limit, unlink
+        recycled files, call ``on_full(bytes over)`` (every NEED_SPACE_S at most) and wait
+        for spills. Raises OSError(ENOSPC) after ``wait`` (PUT_WAIT_S) seconds."""
+        if not self.limit or nbytes <= 0:
+            self.adjust(nbytes)
+            return
+        if self.adjust(nbytes, self.limit):
+            return
+        from zray._protocol import NEED_SPACE_S
+
+        wait = PUT_WAIT_S if wait is None else wait
+        deadline = time.monotonic() + wait
+        asked = 0.0
+        pause = 0.001
+        while not self.adjust(nbytes, self.limit):
+            if self._drop_recycled():
+                continue
+            now = time.monotonic()
+            if now > deadline:
+                raise OSError(errno.ENOSPC, f"the object store stayed over its limit of "
+                              f"{self.limit / 1e6:.1f} MB for {wait:.0f} s (ZRAY_PUT_WAIT_S) "
+                              "while waiting for spilling")
+            if on_full is not None and now - asked >= NEED_SPACE_S:
+                asked = now
+                on_full(max(nbytes, self.usage() + nbytes - self.limit))
+            time.sleep(pause)  # back-pressure: a put waits for the spills
+            pause = min(pause * 2, 0.02)
+
+    def _drop_recycled(self) -> bool:
+        """Unlink one recycled file to make room; False if there is none."""
+        try:
+            names = os.listdir(self.free_dir)
+        except OSError:
+            return False
+        for name in names:
+            claim = os.path.join(self.free_dir, name)
+            try:
+                size = int(name.split("-", 1)[0])
+                os.unlink(claim)  # fails if another process took it first
+            except (OSError, ValueError):
+                continue
+            self.adjust(-size)
+            return True
+        return False
+
+    def _unlink_counted(self, path: str, size: int) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        self.adjust(-size)
 
     def destroy(self) -> None:
         import shutil

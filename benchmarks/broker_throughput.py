@@ -1,0 +1,239 @@
+"""Broker throughput: tiny tasks from many clients onto many one-CPU worker daemons.
+
+::
+
+    zray broker (tcp, CURVE)  <--  M x `zray worker --num-cpus 1`
+             ^
+             +---- N client processes, each submitting TASKS tiny tasks in batches
+
+Prints, per run, the tasks per second (all clients' tasks over the wall time
+from the first client's start signal to the last client's last result) and the
+broker process's CPU (user + system, psutil) per task over that window, in all
+and on its main thread (the rest: libzmq's I/O thread, CURVE's auth thread).
+
+Give several source trees with ``--tree`` to compare them side by side: the
+runs alternate between the trees (ABAB...), so the machine's load hits each
+alike, and the summary is the median per tree and the ratio to the first tree.
+
+    python benchmarks/broker_throughput.py --tree /work/main --tree . --rounds 3
+    python benchmarks/broker_throughput.py --tree /work/main --tree . --idle 20 --workers 40
+
+Each run starts a fresh cluster from that tree (``PYTHONPATH=<tree>``) in a
+temporary dir of its own and stops every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+CLIENT = r"""
+import json, os, sys, time
+import zray
+
+address, n, batch, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+zray.init(address=address)
+
+@zray.remote
+def tiny(i):
+    return i
+
+zray.get([tiny.remote(i) for i in range(50)])  # warm: function registered, executors up
+print("READY", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.01)
+t0 = time.time()
+done = 0
+while done < n:
+    k = min(batch, n - done)
+    out = zray.get([tiny.remote(i) for i in range(k)])
+    assert out == list(range(k))
+    done += k
+print("RESULT " + json.dumps({"start": t0, "end": time.time(), "tasks": n}), flush=True)
+zray.shutdown()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive_nodes(env, address) -> int:
+    code = ("import zray,sys; zray.init(address=sys.argv[1]); "
+            "print(sum(n['Alive'] for n in zray.nodes())); zray.shutdown()")
+    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True,
+                         text=True, timeout=60)
+    try:
+        return int(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return 0
+
+
+def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
+             profile: str = "", idle: float = 0.0) -> dict:
+    tmp = tempfile.mkdtemp(prefix="zbt-", dir="/tmp")
+    env = dict(os.environ)
+    env.pop("ZRAY_ADDRESS", None)
+    env.update(PYTHONPATH=os.path.abspath(tree), ZRAY_TMPDIR=tmp, PYTHONUNBUFFERED="1",
+               ZRAY_KEY_FILE=os.path.join(tmp, "cluster.key"))
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    cli = [sys.executable, "-m", "zray.cli"]
+    procs = []
+
+    def start(args, **kw):
+        p = subprocess.Popen(args, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                             cwd=tmp, **kw)  # cwd: `-m` must not import this tree
+        procs.append(p)
+        return p
+
+    try:
+        log = open(os.path.join(tmp, "cluster.log"), "wb")
+        prof = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "zray.cli"]
+        broker = start((prof if profile else cli) + ["broker", "--host", "127.0.0.1", "--port", str(port)],
+                       stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(env["ZRAY_KEY_FILE"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(workers):
+            start(cli + ["worker", "--address", address, "--num-cpus", "1"]
+                  + (["--prestart", "0"] if idle else []), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 120
+        while _alive_nodes(env, address) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{workers} workers did not join; see {tmp}/cluster.log")
+            time.sleep(0.2)
+        if idle:  # an idle cluster: the broker's CPU for heartbeats and liveness checks
+            bp = psutil.Process(broker.pid)
+            time.sleep(2)  # let the joins settle
+            c0, w0 = bp.cpu_times(), time.monotonic()
+            time.sleep(idle)
+            c1, wall = bp.cpu_times(), time.monotonic() - w0
+            cpu = (c1.user - c0.user) + (c1.system - c0.system)
+            return {"cpu_pct": 100 * cpu / wall, "us_per_node_s": cpu / wall / workers * 1e6}
+        go = os.path.join(tmp, "go")
+        script = os.path.join(tmp, "client.py")
+        with open(script, "w") as f:
+            f.write(CLIENT)
+        outs = [os.path.join(tmp, f"client{i}.out") for i in range(clients)]
+        cs = []
+        for path in outs:
+            with open(path, "wb") as f:
+                cs.append(start([sys.executable, script, address, str(tasks), str(batch), go],
+                                stdout=f, stderr=subprocess.STDOUT))
+
+        def lines(path, word):
+            with open(path, errors="replace") as f:
+                return [x for x in f.read().splitlines() if x.startswith(word)]
+
+        deadline = time.monotonic() + 120
+        while not all(lines(p, "READY") for p in outs):  # each prints READY once warm
+            failed = [p for c, p in zip(cs, outs, strict=True) if c.poll() is not None]
+            if failed or time.monotonic() > deadline:
+                raise RuntimeError(f"client not ready: {open((failed or outs)[0]).read()[-3000:]}")
+            time.sleep(0.05)
+        bp = psutil.Process(broker.pid)
+        c0, t0 = bp.cpu_times(), {t.id: t for t in bp.threads()}
+        open(go, "w").close()
+        results = []
+        for c, path in zip(cs, outs, strict=True):
+            try:
+                c.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"client hung: {open(path).read()[-3000:]}") from None
+            got = lines(path, "RESULT ")
+            if c.returncode != 0 or not got:
+                raise RuntimeError(f"client failed (rc={c.returncode}): {open(path).read()[-3000:]}")
+            results.append(json.loads(got[-1][7:]))
+        c1, t1 = bp.cpu_times(), bp.threads()
+        main_cpu = sum(t.user_time + t.system_time - t0[t.id].user_time - t0[t.id].system_time
+                       for t in t1 if t.id == broker.pid and t.id in t0)
+        total = sum(r["tasks"] for r in results)
+        wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+        cpu = (c1.user - c0.user) + (c1.system - c0.system)
+        return {"tasks_per_s": total / wall, "broker_us_per_task": cpu / total * 1e6,
+                "main_us_per_task": main_cpu / total * 1e6,
+                "tasks": total, "wall_s": wall}
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tree", action="append", help="source tree to run (repeat to compare); "
+                    "default: the one this script is in")
+    ap.add_argument("--workers", type=int, default=4, help="`zray worker --num-cpus 1` daemons")
+    ap.add_argument("--clients", type=int, default=4, help="client processes")
+    ap.add_argument("--tasks", type=int, default=5000, help="tasks per client")
+    ap.add_argument("--batch", type=int, default=500, help="tasks in flight per client")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per tree (median reported)")
+    ap.add_argument("--idle", type=float, default=0.0, help="instead: measure the broker's "
+                    "CPU over this many seconds of an idle cluster (workers --prestart 0)")
+    ap.add_argument("--profile", default="", help="run the broker under cProfile, writing "
+                    "PROFILE-<round>-<tree index> (CPU figures then include the profiler)")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the clusters on the way out
+    trees = args.tree or [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    runs: dict = {t: [] for t in trees}
+    for r in range(args.rounds):
+        for i, t in enumerate(trees):
+            prof = f"{os.path.abspath(args.profile)}-{r + 1}-{i}" if args.profile else ""
+            res = run_once(t, args.workers, args.clients, args.tasks, args.batch, prof, args.idle)
+            runs[t].append(res)
+            if args.idle:
+                print(f"round {r + 1} {t}: idle broker {res['cpu_pct']:.2f}% CPU, "
+                      f"{res['us_per_node_s']:.0f} us CPU per node per second", flush=True)
+                continue
+            print(f"round {r + 1} {t}: {res['tasks_per_s']:.0f} tasks/s, "
+                  f"broker {res['broker_us_per_task']:.1f} us CPU/task "
+                  f"(main thread {res['main_us_per_task']:.1f})", flush=True)
+    if args.idle:
+        print(f"\nmedians of {args.rounds} ({args.workers} idle workers, {args.idle:.0f} s):")
+        for t in trees:
+            pct = statistics.median(x["cpu_pct"] for x in runs[t])
+            us = statistics.median(x["us_per_node_s"] for x in runs[t])
+            print(f"  {t}: broker {pct:.2f}% CPU, {us:.0f} us CPU per node per second")
+        return 0
+    base = None
+    print(f"\nmedians of {args.rounds} ({args.workers} workers x 1 CPU, {args.clients} clients x "
+          f"{args.tasks} tasks in batches of {args.batch}):")
+    for t in trees:
+        tps = statistics.median(x["tasks_per_s"] for x in runs[t])
+        us = statistics.median(x["broker_us_per_task"] for x in runs[t])
+        main_us = statistics.median(x["main_us_per_task"] for x in runs[t])
+        if base is None:
+            base = (tps, us)
+        print(f"  {t}: {tps:.0f} tasks/s ({tps / base[0]:.2f}x), broker {us:.1f} us CPU/task "
+              f"({us / base[1]:.2f}x), of which main thread {main_us:.1f} us, libzmq/other "
+              f"threads {us - main_us:.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
