@@ -42,6 +42,7 @@ from brokerd.actors import ActorDirectory, Death
 from brokerd.nodes import NodeTable
 from brokerd.objects import ObjectDirectory
 from brokerd.outbox import Outbox
+from brokerd.pgroups import PlacementGroupTable, owner_gone, pg_strategy, schedule_groups
 from brokerd.placement import Decisions, Placement, strategy_key
 from brokerd.records import (
     Actor,
@@ -75,6 +76,7 @@ class TaskEngine:
         self.objects = ObjectDirectory(out, self.nodes, self.clients)
         self.placement = Placement(self.nodes, self.objects)
         self.actors = ActorDirectory(out, self.moves)
+        self.pgroups = PlacementGroupTable(self.nodes)  # placement groups (brokerd/pgroups.py)
         self.tasks: dict[bytes, Task] = {}
         self.children: dict[bytes, list] = {}
         self.executors: dict[bytes, Executor] = {}
@@ -158,6 +160,7 @@ class TaskEngine:
 
     def node_dead(self, node: Node, why: str = "") -> None:
         self.nodes.leave(node)
+        self.pgroups.node_lost(node.node_id)
         lost = self.objects.node_lost(node.node_id)
         if lost:
             self._rebuild(lost)
@@ -194,6 +197,7 @@ class TaskEngine:
                 self.finish_cancelled(task)
         self.objects.drop_client(c.cid, c.holds)
         self.jobs.pop(c.job_id, None)
+        owner_gone(self, c.cid)
 
     def check_liveness(self, now: float) -> None:
         for node in list(self.nodes.nodes.values()):
@@ -231,6 +235,15 @@ class TaskEngine:
         if sel is not None and not (type(sel) is dict and all(
                 type(k) is str and type(v) is str for k, v in sel.items())):
             raise P.ProtocolError("SUBMIT: options.label_selector must map str to str")
+        pg_error = None
+        if pg_strategy(opts) is not None:  # a member of a placement group: its resources
+            try:
+                resources = self.pgroups.task_resources(opts["strategy"], resources)
+                hold = self.pgroups.task_resources(opts["strategy"], hold)
+            except (LookupError, ValueError) as e:
+                if isinstance(e, P.ProtocolError):
+                    raise
+                pg_error = str(e)
         returns = spec.return_ids()
         task = Task(task_id, kind, spec, frames, resources, hold,
                     (tuple(sorted(resources.items())), strategy_key(opts)), returns,
@@ -278,6 +291,11 @@ class TaskEngine:
             else:
                 obj.waiting.append(task)
                 task.pending += 1
+        if pg_error is not None:
+            self.fail_task(task, serialize_error(exceptions.TaskUnschedulableError(
+                f"{spec.name} cannot run in its placement group: {pg_error}")),
+                reason="placement group")
+            return
         if kind == P.ACTOR_CALL:
             task.actor.queue.append(task)
             if task.pending == 0:
@@ -303,6 +321,8 @@ class TaskEngine:
                 self.fail_task(task, err, reason="argument is an error")
 
     def schedule(self) -> None:
+        if self.pgroups.pending:
+            schedule_groups(self)
         self.placement.dirty = self.nodes.freed = False
         self._apply(self.placement.schedule())
 
@@ -938,6 +958,7 @@ class TaskEngine:
 
     def _owner_gone(self, cid: bytes, why: str) -> None:
         """Non-detached actors die with the process that created them (Ray's fate sharing)."""
+        owner_gone(self, cid)  # and placement groups
         for actor in list(self.actors.actors.values()):
             if actor.owner == cid and not actor.detached and actor.state != ActorState.DEAD:
                 self._settle(actor, self.actors.kill(

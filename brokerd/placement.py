@@ -174,7 +174,8 @@ class Placement:
                 return node, node.idle.pop(), None
             if spawn_node is None:
                 spawn_node = node
-        if not any_feasible and task.task_id not in self.infeasible_warned:
+        if (not any_feasible and task.task_id not in self.infeasible_warned
+                and not (isinstance(strategy, dict) and strategy.get("type") == "placement_group")):
             self.infeasible_warned.add(task.task_id)
             log.warning("task %s needs %s%s: no node has that; it waits for one to join",
                         task.spec.name, P.from_units(need),

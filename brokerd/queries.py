@@ -10,6 +10,7 @@ import logging
 import time
 
 from brokerd.engine import TaskEngine
+from brokerd.pgroups import PlacementGroupQueries
 from brokerd.records import ActorState, ObjState, TaskState
 from zray import _protocol as P
 
@@ -18,7 +19,7 @@ log = logging.getLogger("zray.broker")
 _OPEN = (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING)
 
 
-class Queries:
+class Queries(PlacementGroupQueries):
     def __init__(self, engine: TaskEngine, address: str, started: float, stats):
         self.engine = engine
         self.address = address

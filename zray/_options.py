@@ -256,7 +256,10 @@ def wire_options(options: dict, merged_env: dict | None) -> dict:
     mc = options.get("max_calls")
     if mc:
         out["max_calls"] = mc
-    strategy = strategy_to_wire(options.get("scheduling_strategy"))
+    from zray.util.placement_group import strategy_from_options
+
+    legacy = strategy_from_options(options)  # the deprecated placement_group= spelling
+    strategy = strategy_to_wire(legacy or options.get("scheduling_strategy"))
     if strategy is not None:
         out["strategy"] = strategy
     if options.get("label_selector"):
