@@ -77,6 +77,7 @@ class TaskEngine:
         self.placement = Placement(self.nodes, self.objects)
         self.actors = ActorDirectory(out, self.moves)
         self.pgroups = PlacementGroupTable(self.nodes)  # placement groups (brokerd/pgroups.py)
+        self.placement.groups = self.pgroups
         self.tasks: dict[bytes, Task] = {}
         self.children: dict[bytes, list] = {}
         self.executors: dict[bytes, Executor] = {}
@@ -327,6 +328,10 @@ class TaskEngine:
         self._apply(self.placement.schedule())
 
     def _apply(self, d: Decisions) -> None:
+        for task, text in d.warnings:  # infeasible work: one warning per shape to its driver
+            c = self.clients.get(task.spec.driver)
+            if c is not None and c.logs:
+                self.out.send(P.inbox_ident(task.spec.driver), P.encode(P.Print("(scheduler)!", text)))
         for task, err in d.failed:
             self.fail_task(task, serialize_error(exceptions.TaskUnschedulableError(err)),
                            reason="unschedulable")

@@ -37,6 +37,7 @@ class NodeTable:
         self.out = out
         self.nodes: dict[bytes, Node] = {}
         self.freed = False  # resources came back since the last scheduling pass
+        self.changed: set = set()  # nodes whose resources changed: placement re-indexes them
 
     # ------------------------------------------------------------ membership
     def join(self, node_id: bytes, info: dict) -> Node:
@@ -49,6 +50,7 @@ class NodeTable:
         node.spawning = max(0, min(_int(info.get("prestart")), 64))
         node.store_limit = max(0, _int(info.get("store_limit")))
         self.nodes[node_id] = node
+        self.changed.add(node)
         log.info("node %s joined: %s", node_id.hex(), P.from_units(total))
         self.freed = True
         return node
@@ -56,6 +58,7 @@ class NodeTable:
     def leave(self, node: Node) -> None:
         node.alive = False
         self.nodes.pop(node.node_id, None)
+        self.changed.add(node)
 
     def seen(self, node_id: bytes) -> bool:
         node = self.nodes.get(node_id)
@@ -124,6 +127,7 @@ class NodeTable:
             task.gpu_alloc = self.gpu_alloc(node, g) or []
         task.node = node
         node.running += 1
+        self.changed.add(node)
 
     def release(self, task: Task) -> None:
         node = task.node
@@ -142,6 +146,7 @@ class NodeTable:
         task.gpu_alloc = []
         node.running -= 1
         self.freed = True
+        self.changed.add(node)
 
     def lend_cpu(self, task: Task, lend: bool) -> None:
         """A task waits in get() (lend) or resumes: its CPU is free meanwhile."""
@@ -152,6 +157,7 @@ class NodeTable:
         if cpu:
             node.avail["CPU"] = node.avail.get("CPU", 0) + (cpu if lend else -cpu)
             self.freed = self.freed or lend
+            self.changed.add(node)
         task.blocked = lend
 
     def gpu_ids(self, task: Task) -> list:

@@ -275,6 +275,7 @@ class PlacementGroupTable:
         return plan
 
     def _take(self, node, pg: PlacementGroup, i: int) -> None:
+        self.nodes.changed.add(node)
         h = pg.pg_id.hex()
         total, avail = node.total, node.avail
         for r, u in pg.bundles[i].items():
@@ -285,6 +286,7 @@ class PlacementGroupTable:
                 avail[key] = avail.get(key, 0) + u
 
     def _give_back(self, node, pg: PlacementGroup, i: int) -> None:
+        self.nodes.changed.add(node)
         h = pg.pg_id.hex()
         total, avail = node.total, node.avail
         for r, u in pg.bundles[i].items():
@@ -487,3 +489,21 @@ class PlacementGroupQueries:
         if pg is None:
             return None
         return {"pg_id": pg.pg_id, "bundles": [P.from_units(b) for b in pg.bundles]}
+
+    def req_demand(self, cid, args):
+        """What waits to be placed, for `zray status`: queued tasks by resource shape
+        (infeasible: no live node has that much in total) and the groups not placed."""
+        e = self.engine
+        alive = [n for n in e.nodes.nodes.values() if n.alive]
+        shapes = []
+        for (res, strategy), q in e.placement.queues.items():
+            n = sum(1 for t in q if t.state.value == "queued")
+            if not n:
+                continue
+            need = dict(res)
+            feasible = any(e.nodes.feasible(node, need) for node in alive)
+            shapes.append({"shape": P.from_units(need), "strategy": repr(strategy)
+                           if strategy is not None else "", "count": n,
+                           "infeasible": not feasible})
+        groups = [e.pgroups.row(pg) for pg in e.pgroups.pending.values()]
+        return {"tasks": shapes, "placement_groups": groups}

@@ -29,9 +29,11 @@ only through ``NodeTable``.
 from __future__ import annotations
 
 import logging
+import random
 from collections import deque
 from dataclasses import dataclass, field
 
+from brokerd.nodeindex import NodeIndex
 from brokerd.nodes import NodeTable
 from brokerd.records import ExecState, Task, TaskState
 from zray import _protocol as P
@@ -45,6 +47,7 @@ class Decisions:
     actors: list = field(default_factory=list)
     prefetch: list = field(default_factory=list)
     failed: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # (task, text): tell its driver
 
 
 class Placement:
@@ -53,6 +56,11 @@ class Placement:
         self.objects = objects  # ObjectDirectory, read only: where arguments are
         self.queues: dict[tuple, deque] = {}
         self.infeasible_warned: set = set()
+        self.warned_shapes: set = set()  # (driver, shape, selector) told once
+        self.warnings: list = []  # (task, text) for its driver, taken by schedule()
+        self._feasible: dict = {}  # (shape, membership) -> whether any node could hold it
+        self.index = NodeIndex(nodes)
+        self.groups = None  # PlacementGroupTable, set by the engine
         self.dirty = False  # something was queued since the last pass
 
     def enqueue(self, task: Task, front: bool = False) -> None:
@@ -107,6 +115,8 @@ class Placement:
                 self._prefetch(shape, q, d, picked)
             if not q:
                 del self.queues[shape]
+        if self.warnings:
+            d.warnings, self.warnings = self.warnings, []
         return d
 
     def _prefetch(self, shape, q, d: Decisions, picked: set) -> None:
@@ -129,7 +139,62 @@ class Placement:
     def place(self, task: Task):
         """(node, executor, None) to run ``task`` now; (node, None, None) if a node fits
         but has no idle executor; (None, None, None) if no node fits right now;
-        (None, None, error text) if it can never run as asked."""
+        (None, None, error text) if it can never run as asked.
+
+        DEFAULT, SPREAD, placement-group members and zero-resource actors are decided
+        from the indexes (brokerd/nodeindex.py) in O(log nodes); a label selector or a
+        node affinity looks at the nodes it names (``_place_scan``)."""
+        need = task.resources
+        opts = task.spec.options
+        strategy = opts.get("strategy")
+        table = self.nodes
+        index = self.index
+        index.refresh()
+        group = None
+        if strategy is not None and strategy != "DEFAULT":
+            if isinstance(strategy, dict) and strategy.get("type") == "placement_group":
+                group = strategy
+            elif strategy != "SPREAD" or opts.get("label_selector"):
+                return self._place_scan(task)
+        elif opts.get("label_selector"):
+            return self._place_scan(task)
+        run = spawn = None
+        if group is not None:  # only the nodes holding its group's bundles can run it
+            pg = self.groups.groups.get(group.get("pg_id")) if self.groups else None
+            for nid in dict.fromkeys(pg.nodes if pg is not None else ()):
+                node = table.nodes.get(nid) if nid is not None else None
+                if node is not None and node.alive and table.fits(node, need):
+                    if node.idle:
+                        run = node
+                        break
+                    spawn = spawn or node
+            if run is None and spawn is None:
+                return None, None, None  # it waits for its group (placed, or with room)
+        elif strategy == "SPREAD":
+            run, spawn = index.spread.first_fit(need, table.fits)
+        else:
+            if task.deps:  # DEFAULT: the node that holds most of its arguments' bytes
+                local = self.objects.bytes_by_node(task.deps)
+                if local:
+                    best = table.nodes.get(max(local, key=local.__getitem__))
+                    if best is not None and best.alive and table.fits(best, need):
+                        return best, (best.idle.pop() if best.idle else None), None
+            names = tuple(sorted(r for r, u in need.items() if u > 0))
+            if not names and task.kind == P.ACTOR_CREATE and index.alive:
+                # An actor that needs nothing goes to a random node (as in Ray).
+                order = index.spread.order
+                node = index.spread.by_id[order[random.randrange(len(order))][2]]
+                return node, None, None
+            run, spawn = index.score_index(names).pick(need, index.alive, table.fits)
+        if run is not None:
+            return run, run.idle.pop(), None
+        if spawn is not None:
+            return spawn, None, None
+        self._infeasible(task, need, None)
+        return None, None, None
+
+    def _place_scan(self, task: Task):
+        """Label selectors and node affinity: the nodes they allow, looked at one by one."""
         need = task.resources
         opts = task.spec.options
         strategy = opts.get("strategy")
@@ -139,29 +204,24 @@ class Placement:
             nodes = [n for n in table.nodes.values() if n.alive and labels_match(n.labels, selector)]
         else:
             nodes = [n for n in table.nodes.values() if n.alive]
-        if strategy is not None and strategy != "DEFAULT":
-            if strategy == "SPREAD":
-                nodes.sort(key=lambda n: n.running)
-            elif isinstance(strategy, dict) and strategy.get("type") == "node_affinity":
-                try:
-                    target = table.nodes.get(bytes.fromhex(strategy["node_id"]))
-                except (KeyError, TypeError, ValueError):
-                    return None, None, f"bad node affinity strategy {strategy!r:.80}"
-                if target is not None and target.alive:
-                    if target not in nodes:  # its labels do not match: never there
-                        if not strategy.get("soft"):
-                            nodes = []
-                    elif table.fits(target, need) or not strategy.get("soft"):
-                        nodes = [target]
-                elif not strategy.get("soft"):
-                    return None, None, (f"node {strategy['node_id']} of a hard "
-                                        "NodeAffinitySchedulingStrategy is not alive")
+        if strategy == "SPREAD":
+            nodes.sort(key=lambda n: n.running)
+        elif isinstance(strategy, dict) and strategy.get("type") == "node_affinity":
+            try:
+                target = table.nodes.get(bytes.fromhex(strategy["node_id"]))
+            except (KeyError, TypeError, ValueError):
+                return None, None, f"bad node affinity strategy {strategy!r:.80}"
+            if target is not None and target.alive:
+                if target not in nodes:  # its labels do not match: never there
+                    if not strategy.get("soft"):
+                        nodes = []
+                elif table.fits(target, need) or not strategy.get("soft"):
+                    nodes = [target]
+            elif not strategy.get("soft"):
+                return None, None, (f"node {strategy['node_id']} of a hard "
+                                    "NodeAffinitySchedulingStrategy is not alive")
         elif len(nodes) > 1:
-            local = self.objects.bytes_by_node(task.deps)
-            if local:  # prefer the node that already holds the task's large arguments
-                nodes.sort(key=lambda n: (-local.get(n.node_id, 0), table.score(n, need)))
-            else:
-                nodes.sort(key=lambda n: table.score(n, need))
+            nodes.sort(key=lambda n: table.score(n, need))
         spawn_node = None
         any_feasible = False
         for node in nodes:
@@ -174,13 +234,37 @@ class Placement:
                 return node, node.idle.pop(), None
             if spawn_node is None:
                 spawn_node = node
-        if (not any_feasible and task.task_id not in self.infeasible_warned
-                and not (isinstance(strategy, dict) and strategy.get("type") == "placement_group")):
-            self.infeasible_warned.add(task.task_id)
-            log.warning("task %s needs %s%s: no node has that; it waits for one to join",
-                        task.spec.name, P.from_units(need),
-                        f" on a node with labels {selector}" if selector else "")
+        if not any_feasible:
+            self._infeasible(task, need, selector, checked=True)
         return spawn_node, None, None
+
+    def _infeasible(self, task: Task, need: dict, selector, checked: bool = False) -> None:
+        """Nothing fits now: if no live node could ever hold it, say so once per task in
+        the log and once per shape to its driver (Ray's warning)."""
+        if task.task_id in self.infeasible_warned:
+            return
+        if not checked:
+            key = (tuple(sorted(need.items())), self.index.next_rank, self.index.alive)
+            feasible = self._feasible.get(key)
+            if feasible is None:
+                if len(self._feasible) > 10000:
+                    self._feasible.clear()
+                feasible = self._feasible[key] = any(
+                    n.alive and self.nodes.feasible(n, need) for n in self.nodes.nodes.values())
+            if feasible:
+                return
+        self.infeasible_warned.add(task.task_id)
+        where = f" on a node with labels {selector}" if selector else ""
+        log.warning("task %s needs %s%s: no node has that; it waits for one to join",
+                    task.spec.name, P.from_units(need), where)
+        shape = (task.spec.driver, tuple(sorted(need.items())), repr(selector))
+        if shape not in self.warned_shapes:
+            self.warned_shapes.add(shape)
+            self.warnings.append((task, (
+                f"Warning: {'actor' if task.kind == P.ACTOR_CREATE else 'task'} "
+                f"{task.spec.name} needs {P.from_units(need)}{where}, and no node in the "
+                "cluster has that. It is infeasible for now and waits until a node that fits "
+                "joins (`zray status` lists pending demand).")))
 
     def forget(self, task: Task) -> None:
         self.infeasible_warned.discard(task.task_id)
