@@ -165,10 +165,12 @@ class NodeIndex:
 
     def __init__(self, table):
         self.table = table
-        self.ranks: dict = {}
+        self.ranks: dict = {}  # node id -> join order
         self.next_rank = 0
         self.by_names: dict = {}  # names tuple -> ScoreIndex
-        self.spread = SpreadIndex(self.ranks)
+        self._spread = None  # SpreadIndex, built when a SPREAD task first asks
+        self.live: list = []  # live nodes, in no order (a random one: O(1))
+        self.live_pos: dict = {}  # node id -> its index in ``live``
 
     def refresh(self) -> None:
         changed = self.table.changed
@@ -179,13 +181,36 @@ class NodeIndex:
             if node.node_id not in self.ranks:
                 self.ranks[node.node_id] = self.next_rank
                 self.next_rank += 1
-            self.spread.update(node)
+            nid = node.node_id
+            pos = self.live_pos.get(nid)
+            if node.alive and pos is None:
+                self.live_pos[nid] = len(self.live)
+                self.live.append(node)
+            elif not node.alive and pos is not None:
+                last = self.live.pop()  # swap the last one into its place
+                del self.live_pos[nid]
+                if last is not node:
+                    self.live[pos] = last
+                    self.live_pos[last.node_id] = pos
+            if self._spread is not None:
+                self._spread.update(node)
             for idx in self.by_names.values():
                 idx.update(node)
 
     @property
     def alive(self) -> int:
-        return len(self.spread.order)
+        return len(self.live)
+
+    def random_live(self):
+        return self.live[random.randrange(len(self.live))] if self.live else None
+
+    @property
+    def spread(self) -> SpreadIndex:
+        if self._spread is None:
+            self._spread = SpreadIndex(self.ranks)
+            for node in self.live:
+                self._spread.update(node)
+        return self._spread
 
     def score_index(self, names: tuple) -> ScoreIndex:
         idx = self.by_names.get(names)

@@ -29,7 +29,6 @@ only through ``NodeTable``.
 from __future__ import annotations
 
 import logging
-import random
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -60,6 +59,7 @@ class Placement:
         self.warnings: list = []  # (task, text) for its driver, taken by schedule()
         self._feasible: dict = {}  # (shape, membership) -> whether any node could hold it
         self.index = NodeIndex(nodes)
+        self.running: dict = {}  # shape -> pool executors started on it (prefetch candidates)
         self.groups = None  # PlacementGroupTable, set by the engine
         self.dirty = False  # something was queued since the last pass
 
@@ -109,6 +109,11 @@ class Placement:
                 q.popleft()
                 nodes.acquire(task, node)
                 d.run.append((task, node, ex))
+                if shape[1] is None:  # a prefetch candidate once it runs
+                    run = self.running.get(shape)
+                    if run is None:
+                        run = self.running[shape] = set()
+                    run.add(ex)
             if (q and task is not None and shape[1] is None and task.kind == P.TASK
                     and "GPU" not in task.resources):
                 # GPU tasks are never prefetched: their GPU ids are only known at start.
@@ -121,20 +126,33 @@ class Placement:
 
     def _prefetch(self, shape, q, d: Decisions, picked: set) -> None:
         """Pipeline: give each busy pool executor running this shape its next task now,
-        so it starts the moment the current one is done (no broker round trip idle)."""
-        for node in self.nodes.nodes.values():
-            for ex in node.executors.values():
-                cur = ex.task
-                if (ex.state != ExecState.BUSY or ex.prefetch is not None or ex.blocked
-                        or cur is None or cur.shape != shape or cur.state != TaskState.RUNNING
-                        or ex in picked):
-                    continue
-                while q and q[0].state != TaskState.QUEUED:
-                    q.popleft()
-                if not q:
-                    return
-                picked.add(ex)
-                d.prefetch.append((q.popleft(), ex))
+        so it starts the moment the current one is done (no broker round trip idle).
+        Only the executors this pass or an earlier one started on the shape are looked
+        at (``running``); those that moved on are dropped from it here."""
+        execs = self.running.get(shape)
+        if not execs:
+            return
+        stale = []
+        for ex in execs:
+            cur = ex.task
+            state = ex.state
+            if state in (ExecState.DEAD, ExecState.ACTOR) or (
+                    cur is not None and cur.shape != shape):
+                stale.append(ex)  # (one started in this pass is still IDLE: kept)
+                continue
+            if (state != ExecState.BUSY or cur is None or ex.prefetch is not None
+                    or ex.blocked or cur.state != TaskState.RUNNING or ex in picked):
+                continue
+            while q and q[0].state != TaskState.QUEUED:
+                q.popleft()
+            if not q:
+                break
+            picked.add(ex)
+            d.prefetch.append((q.popleft(), ex))
+        for ex in stale:
+            execs.discard(ex)
+        if not execs:
+            del self.running[shape]
 
     def place(self, task: Task):
         """(node, executor, None) to run ``task`` now; (node, None, None) if a node fits
@@ -182,9 +200,7 @@ class Placement:
             names = tuple(sorted(r for r, u in need.items() if u > 0))
             if not names and task.kind == P.ACTOR_CREATE and index.alive:
                 # An actor that needs nothing goes to a random node (as in Ray).
-                order = index.spread.order
-                node = index.spread.by_id[order[random.randrange(len(order))][2]]
-                return node, None, None
+                return index.random_live(), None, None
             run, spawn = index.score_index(names).pick(need, index.alive, table.fits)
         if run is not None:
             return run, run.idle.pop(), None
