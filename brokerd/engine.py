@@ -43,7 +43,7 @@ from brokerd.nodes import NodeTable
 from brokerd.objects import ObjectDirectory
 from brokerd.outbox import Outbox
 from brokerd.pgroups import PlacementGroupTable, owner_gone, pg_strategy, schedule_groups
-from brokerd.placement import Decisions, Placement, strategy_key
+from brokerd.placement import Decisions, Placement, check_strategy_options, strategy_key
 from brokerd.records import (
     Actor,
     ActorState,
@@ -236,6 +236,7 @@ class TaskEngine:
         if sel is not None and not (type(sel) is dict and all(
                 type(k) is str and type(v) is str for k, v in sel.items())):
             raise P.ProtocolError("SUBMIT: options.label_selector must map str to str")
+        check_strategy_options(opts)
         pg_error = None
         if pg_strategy(opts) is not None:  # a member of a placement group: its resources
             try:

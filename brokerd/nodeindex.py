@@ -97,31 +97,29 @@ class ScoreIndex:
         e = z[i] if i < len(z) else self.busy[i - len(z)]
         return self.by_id[e[-1]]
 
-    def pick(self, need: dict, alive: int, fits=fits, want_idle: bool = True):
-        """DEFAULT's node for ``need``: (node with an idle executor or None, first node
-        that fits or None). Random among the top k, then in order."""
+    def pick(self, need: dict, alive: int, fits=fits):
+        """DEFAULT's node for ``need``: (node to run on now or None, node chosen or None).
+        At random among the top k (a few tries, preferring one with an idle executor);
+        if none of those fits, the first node in order that does."""
         n = len(self)
         if not n:
             return None, None
         k = min(n, max(int(alive * TOP_K_FRACTION), TOP_K_ABSOLUTE, 1))
-        first = None
+        chosen = None
         for _ in range(PICK_TRIES if k > 1 else 1):
             node = self.at(random.randrange(k) if k > 1 else 0)
             if fits(node, need):
-                if node.idle or not want_idle:
+                if node.idle:
                     return node, node
-                if first is None:
-                    first = node
-        for i in range(n):  # walk on in order (rare: the top k is full, or busy)
+                if chosen is None:
+                    chosen = node
+        if chosen is not None:
+            return None, chosen  # an executor is started there
+        for i in range(n):  # the top k is full: walk on in order (rare)
             node = self.at(i)
             if fits(node, need):
-                if node.idle or not want_idle:
-                    return node, first or node
-                if first is None:
-                    first = node
-                    if i >= k:  # beyond the top k: do not walk every node for an idle one
-                        break
-        return None, first
+                return (node if node.idle else None), node
+        return None, None
 
 
 class SpreadIndex:

@@ -173,9 +173,9 @@ class Placement:
             if isinstance(strategy, dict) and strategy.get("type") == "placement_group":
                 group = strategy
             elif strategy != "SPREAD" or opts.get("label_selector"):
-                return self._place_scan(task)
-        elif opts.get("label_selector"):
-            return self._place_scan(task)
+                return self._place_labels(task)
+        elif opts.get("label_selector") or opts.get("fallback_strategy"):
+            return self._place_labels(task)
         run = spawn = None
         if group is not None:  # only the nodes holding its group's bundles can run it
             pg = self.groups.groups.get(group.get("pg_id")) if self.groups else None
@@ -209,13 +209,26 @@ class Placement:
         self._infeasible(task, need, None)
         return None, None, None
 
-    def _place_scan(self, task: Task):
-        """Label selectors and node affinity: the nodes they allow, looked at one by one."""
+    def _place_labels(self, task: Task):
+        """A label selector, then each of the task's ``fallback_strategy`` selectors in
+        order, until one of them finds a node (Ray's fallback_strategy)."""
+        opts = task.spec.options
+        fallbacks = opts.get("fallback_strategy") or ()
+        found = self._place_scan(task, opts.get("label_selector"), warn=not fallbacks)
+        for i, fb in enumerate(fallbacks):
+            if found[0] is not None or found[2] is not None:
+                break
+            found = self._place_scan(task, fb.get("label_selector"),
+                                     warn=i == len(fallbacks) - 1)
+        return found
+
+    def _place_scan(self, task: Task, selector, warn: bool = True):
+        """Label selectors, node labels and node affinity: the nodes they allow, looked at
+        one by one."""
         need = task.resources
         opts = task.spec.options
         strategy = opts.get("strategy")
         table = self.nodes
-        selector = opts.get("label_selector")
         if selector:
             nodes = [n for n in table.nodes.values() if n.alive and labels_match(n.labels, selector)]
         else:
@@ -236,6 +249,11 @@ class Placement:
             elif not strategy.get("soft"):
                 return None, None, (f"node {strategy['node_id']} of a hard "
                                     "NodeAffinitySchedulingStrategy is not alive")
+        elif isinstance(strategy, dict) and strategy.get("type") == "node_label":
+            nodes = [n for n in nodes if label_exprs_match(n.labels, strategy["hard"])]
+            soft = strategy["soft"]  # preferred, not required: matching nodes first
+            nodes.sort(key=lambda n: (bool(soft) and not label_exprs_match(n.labels, soft),
+                                      table.score(n, need)))
         elif len(nodes) > 1:
             nodes.sort(key=lambda n: table.score(n, need))
         spawn_node = None
@@ -250,8 +268,8 @@ class Placement:
                 return node, node.idle.pop(), None
             if spawn_node is None:
                 spawn_node = node
-        if not any_feasible:
-            self._infeasible(task, need, selector, checked=True)
+        if not any_feasible and warn:
+            self._infeasible(task, need, selector or strategy, checked=True)
         return spawn_node, None, None
 
     def _infeasible(self, task: Task, need: dict, selector, checked: bool = False) -> None:
@@ -295,8 +313,10 @@ def strategy_key(opts: dict):
     elif s is not None and not isinstance(s, str):
         s = repr(s)
     selector = opts.get("label_selector")
-    if selector:
-        return (s, tuple(sorted((str(k), str(v)) for k, v in selector.items())))
+    fallback = opts.get("fallback_strategy")
+    if selector or fallback:
+        return (s, tuple(sorted((str(k), str(v)) for k, v in (selector or {}).items())),
+                repr(fallback) if fallback else None)
     return s
 
 
@@ -318,3 +338,45 @@ def labels_match(labels: dict, selector: dict) -> bool:
         if (have is not None and have in values) == negate:
             return False
     return True
+
+
+LABEL_OPS = ("in", "not_in", "exists", "does_not_exist")
+
+
+def label_exprs_match(labels: dict, exprs: list) -> bool:
+    """NodeLabelSchedulingStrategy's expressions, [[key, op, [values]], ...]: all hold."""
+    for key, op, values in exprs:
+        have = labels.get(key)
+        if op == "in":
+            ok = have is not None and have in values
+        elif op == "not_in":
+            ok = have is None or have not in values
+        elif op == "exists":
+            ok = have is not None
+        else:
+            ok = have is None
+        if not ok:
+            return False
+    return True
+
+
+def check_strategy_options(opts: dict) -> None:
+    """The scheduling options of a SUBMIT, checked field by field (ProtocolError)."""
+    s = opts.get("strategy")
+    if isinstance(s, dict) and s.get("type") == "node_label":
+        for part in ("hard", "soft"):
+            exprs = s.get(part)
+            if type(exprs) is not list or not all(
+                    type(e) is list and len(e) == 3 and type(e[0]) is str and e[1] in LABEL_OPS
+                    and type(e[2]) is list and all(type(v) is str for v in e[2])
+                    for e in exprs):
+                raise P.ProtocolError(f"SUBMIT: node_label strategy {part} must be "
+                                      "[[key, op, [values]], ...]")
+    fb = opts.get("fallback_strategy")
+    if fb is not None and not (type(fb) is list and len(fb) <= 64 and all(
+            type(f) is dict and set(f) <= {"label_selector"} and type(
+                f.get("label_selector", {})) is dict and all(
+                type(k) is str and type(v) is str for k, v in f.get("label_selector", {}).items())
+            for f in fb)):
+        raise P.ProtocolError("SUBMIT: options.fallback_strategy must be a list of "
+                              "{'label_selector': {str: str}}")

@@ -62,3 +62,75 @@ class PlacementGroupSchedulingStrategy:
                 f"placement_group_bundle_index={self.placement_group_bundle_index}, "
                 f"placement_group_capture_child_tasks="
                 f"{self.placement_group_capture_child_tasks})")
+
+
+def _check_values(values, op: str) -> list:
+    if not values:
+        raise ValueError(f"{op} needs at least one value")
+    for v in values:
+        if not isinstance(v, str):
+            raise ValueError(f"The values of {op} must be str, got {v!r} of type {type(v)}.")
+    return list(values)
+
+
+class In:
+    """The label's value is one of ``values``."""
+
+    def __init__(self, *values):
+        self.values = _check_values(values, "In")
+
+
+class NotIn:
+    """The node has no such label, or its value is none of ``values``."""
+
+    def __init__(self, *values):
+        self.values = _check_values(values, "NotIn")
+
+
+class Exists:
+    """The node has the label."""
+
+
+class DoesNotExist:
+    """The node does not have the label."""
+
+
+_OPS = {In: "in", NotIn: "not_in", Exists: "exists", DoesNotExist: "does_not_exist"}
+
+
+def _expressions(exprs, param: str) -> list:
+    if exprs is None:
+        return []
+    if not isinstance(exprs, dict):
+        raise ValueError(f'The {param} parameter must be a map (e.g. {{"key1": In("value1")}}) '
+                         f"but got type {type(exprs)}.")
+    out = []
+    for key, op in exprs.items():
+        if not isinstance(key, str):
+            raise ValueError(f"The map key of the {param} parameter must be of type str, got "
+                             f"{key!r} of type {type(key)}.")
+        kind = _OPS.get(type(op))
+        if kind is None:
+            raise ValueError(f"The map value for key {key} of the {param} parameter must be "
+                             f"one of the `In`, `NotIn`, `Exists` or `DoesNotExist` operator "
+                             f"but got {op!r} of type {type(op)}.")
+        out.append([key, kind, list(getattr(op, "values", []))])
+    return out
+
+
+class NodeLabelSchedulingStrategy:
+    """Run on a node whose labels satisfy every ``hard`` expression, preferring nodes
+    that satisfy the ``soft`` ones: ``{"zone": In("a", "b"), "gpu": Exists()}``."""
+
+    def __init__(self, hard, *, soft=None):
+        self.hard = _expressions(hard, "hard")
+        self.soft = _expressions(soft, "soft")
+        if not (self.hard or self.soft):
+            raise ValueError("The `hard` and `soft` parameter of NodeLabelSchedulingStrategy "
+                             "cannot both be empty.")
+
+    def _to_wire(self) -> dict:
+        return {"type": "node_label", "hard": self.hard, "soft": self.soft}
+
+    def __repr__(self):
+        return f"NodeLabelSchedulingStrategy(hard={self.hard}, soft={self.soft})"
