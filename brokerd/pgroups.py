@@ -43,6 +43,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -57,6 +58,7 @@ MAX_BUNDLES = 10000
 BUNDLE = "bundle"  # the resource every bundle offers, and every member asks 0.001 of
 BUNDLE_UNITS = 1000 * P.UNIT
 MEMBER_UNITS = P.UNIT // 1000  # 0.001 of the bundle resource
+MAX_REMOVED_KEPT = 1000  # removed groups placement_group_table() still shows
 
 
 class PGState(enum.Enum):
@@ -93,6 +95,7 @@ class PlacementGroupTable:
         self.groups: dict[bytes, PlacementGroup] = {}
         self.named: dict[tuple, bytes] = {}  # (namespace, name) -> pg id
         self.pending: dict[bytes, PlacementGroup] = {}  # waiting for nodes, oldest first
+        self.removed: deque = deque()  # ids of removed groups, still listed (a bounded number)
 
     # ------------------------------------------------------------- requests
     def create(self, pg_id, bundles, strategy, name, namespace, lifetime, owner: bytes,
@@ -147,6 +150,9 @@ class PlacementGroupTable:
                 self._give_back(node, pg, i)
             pg.nodes[i] = None
         self.nodes.freed = True
+        self.removed.append(pg.pg_id)
+        while len(self.removed) > MAX_REMOVED_KEPT:
+            self.groups.pop(self.removed.popleft(), None)
 
     def owned_by(self, cid: bytes) -> list:
         """The groups that fate-share with client ``cid`` (not detached, not removed)."""
@@ -459,13 +465,20 @@ class PlacementGroupQueries:
     def req_pg_ready(self, cid, args):
         """Make object ``oid`` (an id of the caller's own) the ready ref of a group."""
         self._pg_client(cid, True)
-        pg = self._pg(args)
         oid = args.get("oid")
         e = self.engine
         if (type(oid) is not bytes or len(oid) != P.OBJECT_ID_LEN or oid[:P.ID_LEN] != cid
                 or oid in e.objects.objects):
             raise ValueError("pg_ready: oid must be a new object id of the caller's")
-        e.objects.create(oid, cid)
+        obj = e.objects.create(oid, cid)
+        try:
+            pg = self._pg(args)
+        except ValueError as err:  # the caller does not wait for this reply: fail the ref
+            from zray import exceptions
+            from zray._serialization import serialize_error
+            e._wake(e.objects.ready(obj, P.ERROR, serialize_error(
+                exceptions.RaySystemError(str(err)))))
+            raise
         pg.waiters.append(oid)
         if pg.state in (PGState.CREATED, PGState.RESCHEDULING):
             resolve_ready(e, pg)

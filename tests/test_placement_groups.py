@@ -291,3 +291,36 @@ def test_cli_status_lists_groups(cluster):
         poll_until(listed, 30, interval=0.5, what="zray status to list the pending group")
     finally:
         remove_placement_group(pg)
+
+
+def test_groups_die_with_their_driver_unless_detached(cluster, tmp_path):
+    import sys
+
+    from conftest import driver_env
+
+    script = tmp_path / "creator.py"
+    script.write_text(
+        "import zray\n"
+        "from zray.util.placement_group import placement_group\n"
+        f"zray.init(address={cluster.address!r})\n"
+        "a = placement_group([{'CPU': 1}], name='mine')\n"
+        "b = placement_group([{'CPU': 1}], name='kept', lifetime='detached')\n"
+        "zray.get([a.ready(), b.ready()], timeout=60)\n"
+        "print('CREATED', flush=True)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, env=driver_env(**{
+                             k: v for k, v in cluster.procs.env.items()
+                             if k.startswith("ZRAY_")}))
+    assert "CREATED" in out.stdout, out.stderr
+
+    def states():
+        rows = {r["name"]: r["state"] for r in placement_group_table().values()
+                if r["name"] in ("mine", "kept")}
+        return rows if rows.get("mine") == "REMOVED" else None
+
+    assert poll_until(states, 60, what="the driver's group to be removed") == {
+        "mine": "REMOVED", "kept": "CREATED"}
+    kept = [r for r in placement_group_table().values() if r["name"] == "kept"][0]
+    from zray.util.placement_group import PlacementGroup
+    remove_placement_group(PlacementGroup(kept["placement_group_id"]))
+    _cpus_back()

@@ -95,7 +95,9 @@ class PlacementGroup:
         oid = P.object_id(client.next_task_id(), 1)
         client.expect_push([oid])
         ref = ObjectRef(oid, client.cid, client)
-        client.request("pg_ready", {"pg_id": self.id.binary(), "oid": oid})
+        # No round trip: the broker resolves the object (with an error if the group is
+        # unknown), requests keep their order.
+        client.request_nowait("pg_ready", {"pg_id": self.id.binary(), "oid": oid})
         return ref
 
     def wait(self, timeout_seconds: float = 30) -> bool:
@@ -191,7 +193,9 @@ def remove_placement_group(placement_group: PlacementGroup) -> None:
     if not isinstance(placement_group, PlacementGroup):
         raise TypeError(f"remove_placement_group expects a PlacementGroup, got "
                         f"{type(placement_group).__name__}")
-    _runtime.require_client().request("pg_remove", {"pg_id": placement_group.id.binary()})
+    # Asynchronous, as in Ray: the broker removes it in the order requests were sent.
+    _runtime.require_client().request_nowait("pg_remove",
+                                              {"pg_id": placement_group.id.binary()})
 
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:
