@@ -123,6 +123,8 @@ class NodeTable:
         for r, u in task.hold.items():
             avail[r] = avail.get(r, 0) - u
         g = task.hold.get("GPU")
+        if g is None and len(task.hold) > 1:  # in a placement group: its bundle's GPUs
+            g = next((u for r, u in task.hold.items() if r.startswith("GPU_group_")), None)
         if g:
             task.gpu_alloc = self.gpu_alloc(node, g) or []
         task.node = node
@@ -136,7 +138,7 @@ class NodeTable:
         task.node = None
         avail = node.avail
         for r, u in task.hold.items():
-            if r == "CPU" and task.blocked:
+            if task.blocked and (r == "CPU" or r.startswith("CPU_group_")):
                 continue  # lent while the task waited in get()
             avail[r] = avail.get(r, 0) + u
         task.blocked = False
@@ -153,11 +155,12 @@ class NodeTable:
         node = task.node
         if node is None or task.blocked == lend:
             return
-        cpu = task.hold.get("CPU", 0)
-        if cpu:
-            node.avail["CPU"] = node.avail.get("CPU", 0) + (cpu if lend else -cpu)
-            self.freed = self.freed or lend
-            self.changed.add(node)
+        avail = node.avail
+        for r, cpu in task.hold.items():  # its CPUs (in a placement group: its group's)
+            if cpu and (r == "CPU" or r.startswith("CPU_group_")):
+                avail[r] = avail.get(r, 0) + (cpu if lend else -cpu)
+                self.freed = self.freed or lend
+                self.changed.add(node)
         task.blocked = lend
 
     def gpu_ids(self, task: Task) -> list:

@@ -20,8 +20,10 @@ of ``n``'s free resources and gives ``n`` new ones, Ray's names:
 ``<R>_group_<i>_<G>`` and ``<R>_group_<G>`` for each resource R of the bundle,
 and ``bundle_group_<i>_<G>``, ``bundle_group_<G>`` (1000 each). A task or actor
 with a PlacementGroupSchedulingStrategy asks for the group's resources
-instead of its own (``task_resources``: bundle index -1 any bundle, i that
-bundle) plus 0.001 of the bundle resource, so that the ordinary placement
+instead of its own (``task_resources``: ``<R>_group_<G>``, and with a bundle
+index also ``<R>_group_<i>_<G>``) plus 0.001 of the bundle resource, so that
+members with and without an index share one count per node and never
+overdraw what the group holds there; the ordinary placement
 pass (brokerd/placement.py) runs it where its bundle is, and it waits while the
 group is pending.
 
@@ -330,8 +332,12 @@ class PlacementGroupTable:
                              f"into {'any bundle' if index < 0 else f'bundle {index}'} of "
                              f"placement group {pg_id.hex()}")
         h = pg_id.hex()
-        out = {group_resource(r, h, index): u for r, u in resources.items() if u > 0}
-        out[group_resource(BUNDLE, h, index)] = MEMBER_UNITS
+        out = {}
+        for r, u in list(resources.items()) + [(BUNDLE, MEMBER_UNITS)]:
+            if u > 0:
+                out[group_resource(r, h)] = u  # the node's share of the whole group
+                if index >= 0:  # and of its bundle: both count, so neither is overdrawn
+                    out[group_resource(r, h, index)] = u
         return out
 
     # ---------------------------------------------------------------- views

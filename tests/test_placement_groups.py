@@ -41,8 +41,9 @@ class Cluster:
         self.procs.env["ZRAY_NODE_TIMEOUT_S"] = "2"  # node death noticed quickly
         self.node_of = {}  # worker name -> node id (hex)
 
-    def add_worker(self, name, cpus=2, zone="a"):
+    def add_worker(self, name, cpus=2, zone="a", gpus=0):
         self.procs.start(name, ["worker", "--address", self.address, "--num-cpus", str(cpus),
+                                "--gpus", str(gpus),
                                 "--resources", json.dumps({name: 1}), "--labels",
                                 json.dumps({"zone": zone})])
 
@@ -189,6 +190,44 @@ def test_child_tasks_captured_and_current_group(cluster):
     assert get_current_placement_group() is None  # a driver is in no group
     remove_placement_group(pg)
     _cpus_back()
+    # A parent waiting in get() lends its bundle's CPU to the children it captured.
+    small = placement_group([{"CPU": 1}])
+    zray.get(small.ready(), timeout=60)
+    cur, _, children = zray.get(
+        parent.options(scheduling_strategy=_in(small, 0, capture=True)).remote(), timeout=60)
+    assert cur == small and set(children) == set(_bundle_nodes(small))
+    remove_placement_group(small)
+    _cpus_back()
+
+
+def test_gpu_bundles_give_their_members_gpu_ids(cluster, tmp_path):
+    node = cluster.add_worker("wgpu", cpus=2, gpus=2)
+    try:
+        pg = placement_group([{"GPU": 1, "wgpu": 0.1}, {"GPU": 1}], strategy="STRICT_PACK")
+        zray.get(pg.ready(), timeout=60)
+        assert _bundle_nodes(pg) == [node, node]
+
+        @zray.remote(num_gpus=1, num_cpus=0)
+        def gpus(release):
+            import os
+            while not os.path.exists(release):  # both hold their GPU at once
+                time.sleep(0.02)
+            return zray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+        release = str(tmp_path / "release")
+        refs = [gpus.options(scheduling_strategy=_in(pg, i)).remote(release) for i in range(2)]
+        poll_until(lambda: zray.available_resources().get(f"GPU_group_{pg.id.hex()}", 0) == 0,
+                   60, what="both members to hold their bundle's GPU")
+        open(release, "w").close()
+        got = zray.get(refs, timeout=60)
+        ids = [g[0] for g in got]
+        assert all(len(i) == 1 for i in ids) and ids[0] != ids[1], got
+        assert [g[1] for g in got] == [str(i[0]) for i in ids], got
+        remove_placement_group(pg)
+    finally:
+        cluster.kill_worker("wgpu")
+        poll_until(lambda: not any(n["Alive"] and n["NodeID"] == node for n in zray.nodes()),
+                   30, what="wgpu to be declared dead")
 
 
 def test_remove_kills_tasks_and_actors_and_frees_resources(cluster):
