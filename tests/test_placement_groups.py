@@ -292,7 +292,7 @@ def test_deprecated_placement_group_options_and_bad_input(cluster):
     assert any(issubclass(w.category, DeprecationWarning) and "placement_group" in
                str(w.message) for w in caught), [str(w.message) for w in caught]
     with pytest.raises(ValueError, match="bundle index 2"):
-        PlacementGroupSchedulingStrategy(pg, 2)
+        where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 2)).remote()
     with pytest.raises(ValueError, match="cannot fit"):
         where.options(num_cpus=2, scheduling_strategy=_in(pg)).remote()
     with pytest.raises(ValueError, match="strategy"):

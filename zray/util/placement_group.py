@@ -273,15 +273,22 @@ def strategy_from_options(options: dict):
 
 
 def check_fits(options: dict, resources: dict, what: str) -> None:
-    """Raise ValueError, as Ray does at submit, when a task's ``resources`` (units) fit in
-    no bundle (or not in the bundle it names) of its placement group."""
+    """Raise ValueError, as Ray does at submit, when a task names a bundle its placement
+    group does not have, or its ``resources`` (units) fit in no bundle (or not in the
+    bundle it names)."""
     s = options.get("scheduling_strategy")
     if s is None:
         s = strategy_from_options(options)
     pg = getattr(s, "placement_group", None)
-    if pg is None or pg.is_empty or not pg.bundle_cache:
+    index = getattr(s, "placement_group_bundle_index", -1)
+    if pg is None or pg.is_empty:
+        if index != -1:
+            raise ValueError("If placement group is not set, the value of bundle index "
+                             "must be -1.")
         return
-    index = s.placement_group_bundle_index
+    if not -1 <= index < pg.bundle_count:
+        raise ValueError(f"placement group bundle index {index} is invalid. Valid placement "
+                         f"group indexes: 0-{pg.bundle_count}")
     bundles = pg.bundle_cache if index < 0 else [pg.bundle_cache[index]]
     need = P.from_units({r: u for r, u in resources.items() if u})
     if not any(all(b.get(r, 0) >= v for r, v in need.items()) for b in bundles):

@@ -37,14 +37,7 @@ class PlacementGroupSchedulingStrategy:
         if type(placement_group_bundle_index) is not int:
             raise ValueError(f"placement_group_bundle_index must be an int, got "
                              f"{placement_group_bundle_index!r}")
-        if placement_group is None or placement_group.is_empty:
-            if placement_group_bundle_index != -1:
-                raise ValueError("If placement group is not set, the value of bundle "
-                                 "index must be -1.")
-        elif not -1 <= placement_group_bundle_index < placement_group.bundle_count:
-            raise ValueError(f"placement group bundle index {placement_group_bundle_index} "
-                             f"is invalid. Valid placement group indexes: "
-                             f"0-{placement_group.bundle_count}")
+        # (the index is checked against the group's bundles at .remote(), as in Ray)
         self.placement_group = placement_group
         self.placement_group_bundle_index = placement_group_bundle_index
         self.placement_group_capture_child_tasks = placement_group_capture_child_tasks
