@@ -1,9 +1,14 @@
 """Placement groups created and removed per second, zray beside Ray, on this machine.
 
-One cycle: ``placement_group([{"CPU": 1}])``, ``get(pg.ready())``,
-``remove_placement_group(pg)``; each backend runs BATCHES batches of CYCLES cycles
-on a local cluster of 4 CPUs (``init(num_cpus=4)``), in its own process; the
-backends take turns, ROUNDS rounds, and the medians of all batches are printed.
+Two measures, each backend on a local cluster of 4 CPUs (``init(num_cpus=4)``)
+in its own process; the backends take turns, ROUNDS rounds, medians printed:
+
+* create/remove: ``placement_group([{"CPU": 1}])`` then ``remove_placement_group``,
+  CYCLES times per batch (creation returns before the group is placed, in Ray as in
+  zray); the batch ends when placement_group_table() shows the last group REMOVED.
+* create/ready/remove: the same with ``get(pg.ready())`` in between, READY_CYCLES
+  per batch (Ray runs a task in the group to answer ready(), and removing the group
+  kills that task's worker process, so Ray starts a process per cycle).
 
     python benchmarks/pg_create_remove.py [--ray-python /work/rayvenv/bin/python]
 """
@@ -18,32 +23,55 @@ import subprocess
 import sys
 import time
 
-CYCLES, BATCHES, ROUNDS = 300, 3, 3
+CYCLES, READY_CYCLES, BATCHES, ROUNDS = 500, 20, 3, 3
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def child(backend: str) -> list:
+def child(backend: str) -> dict:
     if backend == "ray":
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.placement_group import (
+            placement_group,
+            placement_group_table,
+            remove_placement_group,
+        )
     else:
         import zray as ray
-        from zray.util.placement_group import placement_group, remove_placement_group
+        from zray.util.placement_group import (
+            placement_group,
+            placement_group_table,
+            remove_placement_group,
+        )
     ray.init(num_cpus=4)
+
+    def removed(pg):
+        deadline = time.monotonic() + 120
+        while placement_group_table(pg)["state"] != "REMOVED":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not removed: {placement_group_table(pg)}")
+            time.sleep(0.001)
+
     try:
-        for _ in range(200):  # warm up (and let the executors the node starts settle)
+        for _ in range(500):  # warm up (and let the processes the node starts settle)
             pg = placement_group([{"CPU": 1}])
-            ray.get(pg.ready())
             remove_placement_group(pg)
-        rates = []
+        removed(pg)
+        out = {"create_remove": [], "create_ready_remove": []}
         for _ in range(BATCHES):
             t0 = time.perf_counter()
             for _ in range(CYCLES):
                 pg = placement_group([{"CPU": 1}])
-                ray.get(pg.ready())
                 remove_placement_group(pg)
-            rates.append(CYCLES / (time.perf_counter() - t0))
-        return rates
+            removed(pg)  # the last removal is done (they are done in order)
+            out["create_remove"].append(CYCLES / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for _ in range(READY_CYCLES):
+                pg = placement_group([{"CPU": 1}])
+                ray.get(pg.ready(), timeout=120)
+                remove_placement_group(pg)
+            removed(pg)
+            out["create_ready_remove"].append(READY_CYCLES / (time.perf_counter() - t0))
+        return out
     finally:
         ray.shutdown()
 
@@ -58,18 +86,23 @@ def main() -> None:
         print(json.dumps(child(args.child)))
         return
     pythons = {"zray": sys.executable, "ray": args.ray_python}
-    rates: dict = {"zray": [], "ray": []}
+    rates: dict = {b: {"create_remove": [], "create_ready_remove": []} for b in pythons}
     for _ in range(args.rounds):
         for backend, python in pythons.items():  # interleaved: zray, ray, zray, ...
             out = subprocess.run([python, __file__, "--child", backend], capture_output=True,
-                                 text=True, timeout=600, cwd=HERE)
+                                 text=True, timeout=900, cwd=HERE)
             if out.returncode:
                 raise SystemExit(f"{backend} failed:\n{out.stderr[-3000:]}")
-            rates[backend].extend(json.loads(out.stdout.strip().splitlines()[-1]))
-    z, r = statistics.median(rates["zray"]), statistics.median(rates["ray"])
-    print(f"placement group create + ready + remove cycles per second (median of "
-          f"{len(rates['zray'])} batches of {CYCLES}): zray {z:.0f}/s, Ray {r:.0f}/s, "
-          f"zray/Ray {z / r:.2f}x")
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            for key, values in got.items():
+                rates[backend][key].extend(values)
+    for key, what in (("create_remove", f"create + remove ({CYCLES} per batch)"),
+                      ("create_ready_remove", f"create + get(ready()) + remove "
+                                              f"({READY_CYCLES} per batch)")):
+        z = statistics.median(rates["zray"][key])
+        r = statistics.median(rates["ray"][key])
+        print(f"{what}, median of {len(rates['zray'][key])} batches: zray {z:.0f}/s, "
+              f"Ray {r:.1f}/s, zray/Ray {z / r:.1f}x")
 
 
 if __name__ == "__main__":
