@@ -36,8 +36,12 @@ total resources) is infeasible: it waits, is logged once and is listed by
 Owns: ``groups`` (PlacementGroup records: plain data, ids, bundles, strategy,
 name, lifetime, state, bundle -> node id, so they can be stored as rows),
 ``named`` and ``pending``. Writes node resources (total and free) for the
-bundles it commits and gives back; the engine kills members on removal
-(``remove_members``) and resolves ready objects (``resolve_ready``).
+bundles it commits and gives back. The engine glue at the end (``remove_group``,
+``resolve_ready``, ``owner_gone``) kills members on removal, resolves the
+objects of ``pg.ready()``, and removes groups that are not detached when their
+creator (a driver, or the task or actor that made them) is gone. The REQ
+handlers (``PlacementGroupQueries``: pg_create, pg_remove, pg_ready, pg_table,
+pg_get, demand) are mixed into brokerd/queries.py.
 """
 
 from __future__ import annotations
@@ -50,7 +54,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from brokerd.nodes import NodeTable
+from brokerd.records import ActorState, ExecState, ObjState, TaskState
 from zray import _protocol as P
+from zray import exceptions
+from zray._serialization import serialize, serialize_error
 
 log = logging.getLogger("zray.broker")
 
@@ -368,9 +375,7 @@ def pg_strategy(opts: dict) -> Optional[dict]:
 
 def resolve_ready(engine, pg: PlacementGroup, error: Optional[str] = None) -> None:
     """pg.ready() refs become ready: the PlacementGroup (or, removed first, an error)."""
-    from zray import exceptions
-    from zray._serialization import serialize, serialize_error
-    from zray.util.placement_group import PlacementGroup as ClientPG
+    from zray.util.placement_group import PlacementGroup as ClientPG  # (its pickle only)
 
     if not pg.waiters:
         return
@@ -382,7 +387,7 @@ def resolve_ready(engine, pg: PlacementGroup, error: Optional[str] = None) -> No
     waiters, pg.waiters = pg.waiters, []
     for oid in waiters:
         obj = engine.objects.get(oid)
-        if obj is not None and obj.state.value == "pending":
+        if obj is not None and obj.state == ObjState.PENDING:
             engine._wake(engine.objects.ready(obj, kind, frames))
 
 
@@ -394,9 +399,6 @@ def schedule_groups(engine) -> None:
 def remove_group(engine, pg: PlacementGroup, why: str = "removed") -> None:
     """Remove a group as Ray does: its tasks fail with TaskPlacementGroupRemoved (running
     ones are killed), its actors die, then its reservation is given back."""
-    from brokerd.records import ActorState, TaskState
-    from zray import exceptions
-    from zray._serialization import serialize_error
 
     if pg.state == PGState.REMOVED:
         return
@@ -422,7 +424,7 @@ def remove_group(engine, pg: PlacementGroup, why: str = "removed") -> None:
         engine._settle(actor, engine.actors.kill(
             actor, no_restart=True,
             reason="The placement group corresponding to this Actor has been removed."))
-        if ex is not None and ex.state.value != "dead":
+        if ex is not None and ex.state != ExecState.DEAD:
             engine.out.send(ex.node.ident, P.encode(P.KillExec(ex.cid)))
     resolve_ready(engine, pg, f"placement group {pg.pg_id.hex()} was removed before it "
                               "was ready")
@@ -480,8 +482,6 @@ class PlacementGroupQueries:
         try:
             pg = self._pg(args)
         except ValueError as err:  # the caller does not wait for this reply: fail the ref
-            from zray import exceptions
-            from zray._serialization import serialize_error
             e._wake(e.objects.ready(obj, P.ERROR, serialize_error(
                 exceptions.RaySystemError(str(err)))))
             raise
@@ -516,10 +516,10 @@ class PlacementGroupQueries:
         alive = [n for n in e.nodes.nodes.values() if n.alive]
         shapes = []
         for (res, strategy), q in e.placement.queues.items():
-            n = sum(1 for t in q if t.state.value == "queued")
+            n = sum(1 for t in q if t.state == TaskState.QUEUED)
             if not n:
                 continue
-            need = dict(res)
+            need = dict(res)  # (n counts TaskState.QUEUED)
             feasible = any(e.nodes.feasible(node, need) for node in alive)
             shapes.append({"shape": P.from_units(need), "strategy": repr(strategy)
                            if strategy is not None else "", "count": n,

@@ -7,6 +7,25 @@
                                                                                   .actors:   (creation task, node): start a fresh process
                                                                                   .prefetch: (task, busy executor): send ahead
                                                                                   .failed:   (task, error text)
+                                                                                  .warnings: (task, text): infeasible, tell its driver
+
+Where a task goes (``place``), by strategy:
+
+* DEFAULT: the node holding most of its arguments' bytes if it fits; else the
+  seed's 3.5.2 policy read from an index (brokerd/nodeindex.py, O(log nodes)):
+  nodes under half used first in a stable order (packing), then the least used
+  (spreading), at random among the top k = max(20% of nodes, 1). An actor
+  that needs no resources goes to a random node.
+* SPREAD: the node running fewest tasks (an index too).
+* placement group member: the nodes holding its group's bundles (brokerd/pgroups.py
+  renamed its resources to the group's).
+* label_selector (then each ``fallback_strategy`` selector in order),
+  NodeLabelSchedulingStrategy, NodeAffinitySchedulingStrategy: the nodes they
+  allow, looked at one by one (``_place_scan``).
+
+A chosen node with no idle executor gets one started and the task waits for it.
+Work that no live node could hold (by total resources) is infeasible: logged
+once per task, told to its driver once per shape, and it waits for a node to join.
 
 A pass of ``schedule`` walks each queue head-first and stops at the first
 task that does not fit, so tasks that cannot run are never rescanned one by
@@ -20,7 +39,8 @@ until a node that matches joins. The selector is part of the queue key, so
 such a task never holds up tasks that may run elsewhere, and is never
 prefetched.
 
-Owns: ``queues`` and the set of tasks already warned about as infeasible.
+Owns: ``queues``, the node indexes, the executors started per shape (prefetch
+candidates) and the tasks and shapes already warned about as infeasible.
 Reads: node table, object locations (to prefer nodes holding a task's
 arguments), executors' current tasks (to pipeline). Writes node resources
 only through ``NodeTable``.

@@ -6,7 +6,14 @@ in a spec's ``options`` (``wire_options``, ``method_wire_options``):
 
 * tasks: ``max_retries``, ``retry_exceptions`` (True or a pickled tuple),
   ``max_calls`` (the executor process exits after that many calls of the
-  function), ``strategy``, ``label_selector``, ``env_vars``;
+  function), ``strategy``, ``label_selector``, ``fallback_strategy``
+  ([{"label_selector": ...}, ...]), ``env_vars``;
+
+``strategy`` is "SPREAD" or a dict: ``{"type": "node_affinity", "node_id", "soft"}``,
+``{"type": "node_label", "hard", "soft"}`` (lists of [key, op, values]) or
+``{"type": "placement_group", "pg_id", "bundle_index", "capture"}`` (also what the
+deprecated ``placement_group=`` options mean, and what a child inherits from a
+parent that captures child tasks: zray/util/placement_group.py);
 * actor creations: the above that apply, plus what ``zray/actor.py`` adds
   (``concurrency_groups``, ``max_concurrency``, ...);
 * actor calls: ``concurrency_group``, ``max_task_retries``, ``retry_exceptions``
