@@ -1,7 +1,9 @@
 """Placement groups created and removed per second, zray beside Ray, on this machine.
 
-Two measures, each backend on a local cluster of 4 CPUs (``init(num_cpus=4)``)
-in its own process; the backends take turns, ROUNDS rounds, medians printed:
+Two measures, each backend on a fresh local cluster of 4 CPUs (``init(num_cpus=4)``)
+in its own process per measure (Ray, after a burst of create/remove, was seen to
+keep CPUs reserved and leave a later ready() hanging); the backends take turns,
+ROUNDS rounds, medians printed:
 
 * create/remove: ``placement_group([{"CPU": 1}])`` then ``remove_placement_group``,
   CYCLES times per batch (creation returns before the group is placed, in Ray as in
@@ -27,7 +29,7 @@ CYCLES, READY_CYCLES, BATCHES, ROUNDS = 500, 20, 3, 3
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def child(backend: str) -> dict:
+def child(backend: str, measure: str) -> list:
     if backend == "ray":
         import ray
         from ray.util.placement_group import (
@@ -52,25 +54,28 @@ def child(backend: str) -> dict:
             time.sleep(0.001)
 
     try:
-        for _ in range(500):  # warm up (and let the processes the node starts settle)
+        for _ in range(500 if measure == "create_remove" else 3):  # warm up
             pg = placement_group([{"CPU": 1}])
+            if measure != "create_remove":
+                ray.get(pg.ready(), timeout=120)
             remove_placement_group(pg)
         removed(pg)
-        out = {"create_remove": [], "create_ready_remove": []}
+        out = []
         for _ in range(BATCHES):
             t0 = time.perf_counter()
-            for _ in range(CYCLES):
-                pg = placement_group([{"CPU": 1}])
-                remove_placement_group(pg)
-            removed(pg)  # the last removal is done (they are done in order)
-            out["create_remove"].append(CYCLES / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            for _ in range(READY_CYCLES):
-                pg = placement_group([{"CPU": 1}])
-                ray.get(pg.ready(), timeout=120)
-                remove_placement_group(pg)
-            removed(pg)
-            out["create_ready_remove"].append(READY_CYCLES / (time.perf_counter() - t0))
+            if measure == "create_remove":
+                for _ in range(CYCLES):
+                    pg = placement_group([{"CPU": 1}])
+                    remove_placement_group(pg)
+                removed(pg)  # the last removal is done (they are done in order)
+                out.append(CYCLES / (time.perf_counter() - t0))
+            else:
+                for _ in range(READY_CYCLES):
+                    pg = placement_group([{"CPU": 1}])
+                    ray.get(pg.ready(), timeout=120)
+                    remove_placement_group(pg)
+                removed(pg)
+                out.append(READY_CYCLES / (time.perf_counter() - t0))
         return out
     finally:
         ray.shutdown()
@@ -78,24 +83,23 @@ def child(backend: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--child")
+    ap.add_argument("--child", nargs=2)
     ap.add_argument("--ray-python", default="/work/rayvenv/bin/python")
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child)))
+        print(json.dumps(child(*args.child)))
         return
     pythons = {"zray": sys.executable, "ray": args.ray_python}
     rates: dict = {b: {"create_remove": [], "create_ready_remove": []} for b in pythons}
     for _ in range(args.rounds):
-        for backend, python in pythons.items():  # interleaved: zray, ray, zray, ...
-            out = subprocess.run([python, __file__, "--child", backend], capture_output=True,
-                                 text=True, timeout=900, cwd=HERE)
-            if out.returncode:
-                raise SystemExit(f"{backend} failed:\n{out.stderr[-3000:]}")
-            got = json.loads(out.stdout.strip().splitlines()[-1])
-            for key, values in got.items():
-                rates[backend][key].extend(values)
+        for key in ("create_remove", "create_ready_remove"):  # a fresh cluster for each
+            for backend, python in pythons.items():  # interleaved: zray, ray, zray, ...
+                out = subprocess.run([python, __file__, "--child", backend, key],
+                                     capture_output=True, text=True, timeout=900, cwd=HERE)
+                if out.returncode:
+                    raise SystemExit(f"{backend} failed:\n{out.stderr[-3000:]}")
+                rates[backend][key].extend(json.loads(out.stdout.strip().splitlines()[-1]))
     for key, what in (("create_remove", f"create + remove ({CYCLES} per batch)"),
                       ("create_ready_remove", f"create + get(ready()) + remove "
                                               f"({READY_CYCLES} per batch)")):

@@ -105,6 +105,7 @@ class PlacementGroupTable:
         self.named: dict[tuple, bytes] = {}  # (namespace, name) -> pg id
         self.pending: dict[bytes, PlacementGroup] = {}  # waiting for nodes, oldest first
         self.removed: deque = deque()  # ids of removed groups, still listed (a bounded number)
+        self.newly_infeasible: list = []  # groups to tell their driver about (once each)
 
     # ------------------------------------------------------------- requests
     def create(self, pg_id, bundles, strategy, name, namespace, lifetime, owner: bytes,
@@ -192,6 +193,7 @@ class PlacementGroupTable:
             if plan is None:
                 if not pg.infeasible and self._plan(pg, use_total=True) is None:
                     pg.infeasible = True
+                    self.newly_infeasible.append(pg)
                     log.warning("placement group %s (%s, bundles %s) cannot be placed on "
                                 "the nodes in the cluster: it waits for nodes to join",
                                 pg.pg_id.hex(), pg.strategy,
@@ -392,8 +394,19 @@ def resolve_ready(engine, pg: PlacementGroup, error: Optional[str] = None) -> No
 
 
 def schedule_groups(engine) -> None:
-    for pg in engine.pgroups.schedule():
+    table = engine.pgroups
+    for pg in table.schedule():
         resolve_ready(engine, pg)
+    for pg in table.newly_infeasible:  # reported like infeasible tasks: to its driver, once
+        driver = (engine.jobs.get(pg.job) or {}).get("driver")
+        c = engine.clients.get(driver) if driver is not None else None
+        if c is not None and c.logs:
+            engine.out.send(P.inbox_ident(driver), P.encode(P.Print("(scheduler)!", (
+                f"Warning: placement group {pg.name or pg.pg_id.hex()} ({pg.strategy}, "
+                f"bundles {[P.from_units(b) for b in pg.bundles]}) cannot be placed on the "
+                "nodes in the cluster. It is infeasible for now and waits until nodes that "
+                "fit join (`zray status` lists it)."))))
+    table.newly_infeasible = []
 
 
 def remove_group(engine, pg: PlacementGroup, why: str = "removed") -> None:

@@ -142,11 +142,13 @@ def test_each_strategy_places_bundles_and_members_run_there(cluster, strategy):
     _cpus_back()
 
 
-def test_strict_pack_group_larger_than_any_node_waits_until_one_joins(cluster):
+def test_strict_pack_group_larger_than_any_node_waits_until_one_joins(cluster, capfd):
     pg = placement_group([{"CPU": 2}, {"CPU": 1}], strategy="STRICT_PACK", name="big")
     assert pg.wait(1) is False  # every node has 2 CPUs: no node holds 3
     row = placement_group_table(pg)
     assert row["state"] == "PENDING" and row["infeasible"], row
+    err = poll_until(lambda: capfd.readouterr().err, 30, what="the driver's warning")
+    assert "big" in err and "infeasible" in err, err
     assert get_placement_group("big") == pg
     ready = pg.ready()
     node = cluster.add_worker("w3", cpus=4)
