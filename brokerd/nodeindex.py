@@ -63,32 +63,34 @@ class ScoreIndex:
 
     def update(self, node) -> None:
         nid = node.node_id
-        old = self.entry.pop(nid, None)
+        e = None
+        if node.alive:
+            total, avail = node.total, node.avail
+            util = 0.0
+            for r in self.names:
+                t = total.get(r, 0)
+                if t <= 0:  # it lacks one of them: not in this index
+                    util = -1.0
+                    break
+                u = 1 - avail.get(r, 0) / t
+                if u > util:
+                    util = u
+            if util >= 0:
+                rank = self.ranks[nid]
+                e = (rank, nid) if util < SPREAD_THRESHOLD else (util, rank, nid)
+        old = self.entry.get(nid)
+        if old == e:  # (a node under the threshold keeps its place: nothing to move)
+            return
         if old is not None:
+            del self.entry[nid]
             lst = self.zero if len(old) == 2 else self.busy
             i = bisect_left(lst, old)
             if i < len(lst) and lst[i] == old:
                 del lst[i]
-        if not node.alive:
+        if e is None:
             self.by_id.pop(nid, None)
             return
-        total, avail = node.total, node.avail
-        util = 0.0
-        for r in self.names:
-            t = total.get(r, 0)
-            if t <= 0:
-                self.by_id.pop(nid, None)
-                return
-            u = 1 - avail.get(r, 0) / t
-            if u > util:
-                util = u
-        rank = self.ranks[nid]
-        if util < SPREAD_THRESHOLD:
-            e = (rank, nid)
-            insort(self.zero, e)
-        else:
-            e = (util, rank, nid)
-            insort(self.busy, e)
+        insort(self.zero if len(e) == 2 else self.busy, e)
         self.entry[nid] = e
         self.by_id[nid] = node
 
