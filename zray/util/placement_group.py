@@ -102,10 +102,14 @@ class PlacementGroup:
 
     def wait(self, timeout_seconds: float = 30) -> bool:
         """True once the group is created, False if ``timeout_seconds`` pass first."""
-        from zray._api import wait
+        from zray import exceptions
 
-        ready, _ = wait([self.ready()], timeout=timeout_seconds)
-        return bool(ready)
+        client = _runtime.require_client()
+        try:
+            client.wait_objects([self.ready()], 1, timeout_seconds, fetch=False)
+        except exceptions.GetTimeoutError:
+            return False
+        return True
 
     @property
     def bundle_specs(self) -> list:
@@ -218,11 +222,11 @@ def placement_group_table(placement_group: Optional[PlacementGroup] = None) -> d
 
 def _current_strategy() -> Optional[dict]:
     """The placement-group strategy of the running task or actor, or None."""
-    if _runtime.executor is None:
+    ex = _runtime.executor
+    if ex is None:
         return None
-    from zray.runtime_context import _actor_spec, _spec
-
-    spec = _actor_spec() or _spec()
+    # An actor is in the group it was created in; a task in its own.
+    spec = getattr(ex, "actor_spec", None) or getattr(ex, "spec", None)
     s = spec.options.get("strategy") if spec is not None else None
     return s if isinstance(s, dict) and s.get("type") == "placement_group" else None
 

@@ -29,9 +29,9 @@ class PlacementGroupSchedulingStrategy:
 
     def __init__(self, placement_group, placement_group_bundle_index: int = -1,
                  placement_group_capture_child_tasks=None):
-        from zray.util.placement_group import PlacementGroup
-
-        if placement_group is not None and not isinstance(placement_group, PlacementGroup):
+        # (duck-typed: zray.util.placement_group imports this module, not the reverse)
+        if placement_group is not None and not (
+                hasattr(placement_group, "id") and hasattr(placement_group, "is_empty")):
             raise ValueError(f"placement_group must be a PlacementGroup, got "
                              f"{type(placement_group).__name__}")
         if type(placement_group_bundle_index) is not int:
