@@ -103,6 +103,7 @@ class Placement:
         for shape in list(self.queues):
             q = self.queues[shape]
             task = None
+            starting = False  # a node that fits waits for an executor to start
             while q:
                 task = q[0]
                 if task.state != TaskState.QUEUED:
@@ -125,6 +126,7 @@ class Placement:
                 if ex is None:
                     if node is not None:
                         nodes.request_spawn(node)
+                        starting = True
                     break
                 q.popleft()
                 nodes.acquire(task, node)
@@ -134,8 +136,10 @@ class Placement:
                     if run is None:
                         run = self.running[shape] = set()
                     run.add(ex)
-            if (q and task is not None and shape[1] is None and task.kind == P.TASK
-                    and "GPU" not in task.resources):
+            # Sent ahead only when no node has room: never behind a long task while a
+            # node with free resources is starting an executor for it.
+            if (q and task is not None and not starting and shape[1] is None
+                    and task.kind == P.TASK and "GPU" not in task.resources):
                 # GPU tasks are never prefetched: their GPU ids are only known at start.
                 self._prefetch(shape, q, d, picked)
             if not q:

@@ -85,21 +85,31 @@ def _used():
 
 
 def _wait_used(expected_sorted, what):
-    return poll_until(lambda: (u := _used()) and sorted(u.values()) == expected_sorted and u,
-                      60, interval=0.05, what=what)
+    last = {}
+
+    def reached():
+        last["used"] = u = _used()
+        return u if sorted(u.values()) == expected_sorted else None
+
+    try:
+        return poll_until(reached, 120, interval=0.05, what=what)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; CPUs used by node: {last.get('used')}") from None
 
 
 def test_default_packs_below_the_threshold_then_spreads(cluster, tmp_path):
     _wait_used([0, 0, 0], "an idle cluster")
     release = str(tmp_path / "release")
-    refs = [hold.remote(release) for _ in range(2)]
-    used = _wait_used([0, 0, 2], "two tasks on one node (packed: 0.5 of 4 CPUs)")
-    first = max(used, key=used.get)
-    refs += [hold.remote(release) for _ in range(4)]
-    _wait_used([2, 2, 2], "each node filled to the threshold in turn")
-    refs += [hold.remote(release) for _ in range(3)]
-    _wait_used([3, 3, 3], "above the threshold: the least used node each time")
-    open(release, "w").close()
+    try:
+        refs = [hold.remote(release) for _ in range(2)]
+        used = _wait_used([0, 0, 2], "two tasks on one node (packed: 0.5 of 4 CPUs)")
+        first = max(used, key=used.get)
+        refs += [hold.remote(release) for _ in range(4)]
+        _wait_used([2, 2, 2], "each node filled to the threshold in turn")
+        refs += [hold.remote(release) for _ in range(3)]
+        _wait_used([3, 3, 3], "above the threshold: the least used node each time")
+    finally:
+        open(release, "w").close()
     ran = zray.get(refs, timeout=60)
     assert ran[:2] == [first, first]
     assert len(set(ran)) == 3
@@ -108,9 +118,11 @@ def test_default_packs_below_the_threshold_then_spreads(cluster, tmp_path):
 def test_spread_uses_every_node(cluster, tmp_path):
     _wait_used([0, 0, 0], "an idle cluster")
     release = str(tmp_path / "release")
-    refs = [hold.options(scheduling_strategy="SPREAD").remote(release) for _ in range(3)]
-    _wait_used([1, 1, 1], "one task on each node")
-    open(release, "w").close()
+    try:
+        refs = [hold.options(scheduling_strategy="SPREAD").remote(release) for _ in range(3)]
+        _wait_used([1, 1, 1], "one task on each node")
+    finally:
+        open(release, "w").close()
     assert set(zray.get(refs, timeout=60)) == {cluster.node_of[w] for w in ("w0", "w1", "w2")}
 
 
