@@ -462,11 +462,18 @@ class PlacementGroupQueries:
 
     def req_pg_create(self, cid, args):
         c = self._pg_client(cid, True)
-        pg = self.engine.pgroups.create(
+        e = self.engine
+        owner, job = cid, c.job_id
+        ex = e.executors.get(cid)
+        if ex is not None and ex.actor is None and ex.task is not None:
+            # Made by a task: it belongs to the task's job, and dies with its driver.
+            job = ex.task.spec.job
+            owner = (e.jobs.get(job) or {}).get("driver", cid)
+        pg = e.pgroups.create(
             args.get("pg_id"), args.get("bundles"), args.get("strategy"),
             args.get("name", ""), args.get("namespace", ""), args.get("lifetime"),
-            cid, c.job_id)
-        self.engine.placement.dirty = True  # a pass soon places it
+            owner, job)
+        e.placement.dirty = True  # a pass soon places it
         return pg.pg_id
 
     def _pg(self, args) -> PlacementGroup:

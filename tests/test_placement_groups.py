@@ -347,20 +347,29 @@ def test_groups_die_with_their_driver_unless_detached(cluster, tmp_path):
         "a = placement_group([{'CPU': 1}], name='mine')\n"
         "b = placement_group([{'CPU': 1}], name='kept', lifetime='detached')\n"
         "zray.get([a.ready(), b.ready()], timeout=60)\n"
+        "@zray.remote(num_cpus=0)\n"
+        "def make():\n"
+        "    p = placement_group([{'CPU': 1}], name='by_task')\n"
+        "    return zray.get(p.ready(), timeout=60) is not None\n"
+        "assert zray.get(make.remote(), timeout=60)\n"
+        "from zray.util.placement_group import get_placement_group, placement_group_table\n"
+        "print(placement_group_table(get_placement_group('by_task'))['state'])\n"
         "print('CREATED', flush=True)\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=120, env=driver_env(**{
                              k: v for k, v in cluster.procs.env.items()
                              if k.startswith("ZRAY_")}))
-    assert "CREATED" in out.stdout, out.stderr
+    # a group a task made outlives the task (it belongs to the task's job)...
+    assert out.stdout.split() == ["CREATED", "CREATED"], out.stdout + out.stderr
 
     def states():
         rows = {r["name"]: r["state"] for r in placement_group_table().values()
-                if r["name"] in ("mine", "kept")}
-        return rows if rows.get("mine") == "REMOVED" else None
+                if r["name"] in ("mine", "kept", "by_task")}
+        return rows if rows.get("mine") == rows.get("by_task") == "REMOVED" else None
 
-    assert poll_until(states, 60, what="the driver's group to be removed") == {
-        "mine": "REMOVED", "kept": "CREATED"}
+    # ... and ends with the job's driver, as the driver's own does; a detached one stays
+    assert poll_until(states, 60, what="the driver's groups to be removed") == {
+        "mine": "REMOVED", "by_task": "REMOVED", "kept": "CREATED"}
     kept = [r for r in placement_group_table().values() if r["name"] == "kept"][0]
     from zray.util.placement_group import PlacementGroup
     remove_placement_group(PlacementGroup(kept["placement_group_id"]))
