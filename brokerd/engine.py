@@ -236,6 +236,10 @@ class TaskEngine:
         if sel is not None and not (type(sel) is dict and all(
                 type(k) is str and type(v) is str for k, v in sel.items())):
             raise P.ProtocolError("SUBMIT: options.label_selector must map str to str")
+        renv = opts.get("renv")
+        if renv is not None and not (type(renv) is dict and type(renv.get("key")) is str
+                                     and len(renv["key"]) == 64):
+            raise P.ProtocolError("SUBMIT: options.renv must be a dict with a 64-char key")
         check_strategy_options(opts)
         pg_error = None
         if pg_strategy(opts) is not None:  # a member of a placement group: its resources

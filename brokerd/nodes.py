@@ -194,6 +194,11 @@ class NodeTable:
         returned (a burst of blocked nested tasks grows the pool; it should not stay grown)."""
         keep = max(1, int(node.total.get("CPU", 0) // P.UNIT))
         out = []
+        # Executors of a runtime_env go when idle that long whatever the pool's size:
+        # their environment may never be asked for again.
+        for ex in [e for e in node.idle if e.env and now - e.idle_since > IDLE_REAP_S]:
+            node.idle.remove(ex)
+            out.append(ex)
         while len(node.idle) > keep and now - node.idle[0].idle_since > IDLE_REAP_S:
             out.append(node.idle.pop(0))  # the longest idle (the stack's bottom)
         return out

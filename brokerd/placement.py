@@ -39,6 +39,12 @@ until a node that matches joins. The selector is part of the queue key, so
 such a task never holds up tasks that may run elsewhere, and is never
 prefetched.
 
+Runtime environments: a task's runtime_env key (``options["renv"]``, see
+zray/_renv.py) is part of its queue key too, and an idle executor is taken for a
+task only if it is bound to that environment or to none yet (``take_idle``: the
+task binds it); so executors of different environments never share a process,
+and a prefetched task goes only to an executor running the same queue's task.
+
 Owns: ``queues``, the node indexes, the executors started per shape (prefetch
 candidates) and the tasks and shapes already warned about as infeasible.
 Reads: node table, object locations (to prefer nodes holding a task's
@@ -131,14 +137,14 @@ class Placement:
                 q.popleft()
                 nodes.acquire(task, node)
                 d.run.append((task, node, ex))
-                if shape[1] is None:  # a prefetch candidate once it runs
+                if _prefetchable(shape):  # a prefetch candidate once it runs
                     run = self.running.get(shape)
                     if run is None:
                         run = self.running[shape] = set()
                     run.add(ex)
             # Sent ahead only when no node has room: never behind a long task while a
             # node with free resources is starting an executor for it.
-            if (q and task is not None and not starting and shape[1] is None
+            if (q and task is not None and not starting and _prefetchable(shape)
                     and task.kind == P.TASK and "GPU" not in task.resources):
                 # GPU tasks are never prefetched: their GPU ids are only known at start.
                 self._prefetch(shape, q, d, picked)
@@ -209,7 +215,7 @@ class Placement:
                     if node.idle:
                         run = node
                         break
-                    spawn = spawn or node
+                    spawn = spawn or node  # (take_idle below may still find none)
             if run is None and spawn is None:
                 return None, None, None  # it waits for its group (placed, or with room)
         elif strategy == "SPREAD":
@@ -220,14 +226,17 @@ class Placement:
                 if local:
                     best = table.nodes.get(max(local, key=local.__getitem__))
                     if best is not None and best.alive and table.fits(best, need):
-                        return best, (best.idle.pop() if best.idle else None), None
+                        return best, take_idle(best.idle, env_of(opts), task.kind == P.TASK), None
             names = tuple(sorted(r for r, u in need.items() if u > 0))
             if not names and task.kind == P.ACTOR_CREATE and index.alive:
                 # An actor that needs nothing goes to a random node (as in Ray).
                 return index.random_live(), None, None
             run, spawn = index.score_index(names).pick(need, index.alive, table.fits)
         if run is not None:
-            return run, run.idle.pop(), None
+            ex = take_idle(run.idle, env_of(opts), task.kind == P.TASK)
+            if ex is not None:
+                return run, ex, None
+            return run, None, None  # its idle executors belong to other runtime_envs
         if spawn is not None:
             return spawn, None, None
         self._infeasible(task, need, None)
@@ -289,7 +298,9 @@ class Placement:
                 continue
             any_feasible = True
             if node.idle:
-                return node, node.idle.pop(), None
+                ex = take_idle(node.idle, env_of(opts), task.kind == P.TASK)
+                if ex is not None:
+                    return node, ex, None
             if spawn_node is None:
                 spawn_node = node
         if not any_feasible and warn:
@@ -328,9 +339,42 @@ class Placement:
         self.infeasible_warned.discard(task.task_id)
 
 
+def _prefetchable(shape) -> bool:
+    """Tasks of this queue may be sent ahead: the default strategy, any runtime_env."""
+    return shape[1] is None or shape[1][0:2] == (None, "renv")
+
+
+def env_of(opts: dict) -> str:
+    """The runtime_env key of a task ("" for none; checked at SUBMIT)."""
+    renv = opts.get("renv")
+    return renv["key"] if renv else ""
+
+
+def take_idle(idle: list, env: str, bind: bool):
+    """Take the most recently idle executor of environment ``env``, or else one not yet
+    bound to any (``bind``: it is bound to ``env`` from now on); None if there is none.
+    Executors of different runtime_envs never share a process."""
+    for i in range(len(idle) - 1, -1, -1):
+        ex = idle[i]
+        if ex.env == env or ex.env is None:
+            del idle[i]
+            if bind:
+                ex.env = env
+            return ex
+    return None
+
+
 def strategy_key(opts: dict):
-    """The part of a task's queue key beyond its resources: its strategy and label
-    selector (None for the common case, which is the only one prefetched)."""
+    """The part of a task's queue key beyond its resources: its strategy, label
+    selector and fallbacks (None for the common case, which is the only one
+    prefetched), and its runtime_env (so a queue holds one environment's tasks)."""
+    renv = opts.get("renv")
+    if renv:
+        return (_strategy_key(opts), "renv", renv["key"])
+    return _strategy_key(opts)
+
+
+def _strategy_key(opts: dict):
     s = opts.get("strategy")
     if isinstance(s, dict):
         s = tuple(sorted((k, repr(v)) for k, v in s.items()))

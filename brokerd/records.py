@@ -92,6 +92,9 @@ class Executor:
     prefetch: Optional["Task"] = None  # next task, sent ahead; starts when `task` is DONE
     blocked: bool = False  # its task waits in get(): no prefetching
     idle_since: float = 0.0
+    # The runtime_env key (zray/_renv.py) of the tasks it runs: None until its first
+    # task binds it ("" for none); it never runs another environment's tasks.
+    env: Optional[str] = None
 
 
 @dataclass(eq=False)

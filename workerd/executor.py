@@ -67,6 +67,7 @@ import cloudpickle
 
 from workerd.actors import ActorHost, create_actor
 from workerd.logs import LogForwarder, TaskStream
+from workerd.renv import RuntimeEnvSetup
 from workerd.results import ResultSender
 from workerd.tasks import TaskRunner
 from zray import _protocol as P
@@ -104,6 +105,8 @@ class ExecutorProcess:
         self.actor_spec: Optional[P.TaskSpec] = None  # the creation of the actor hosted here
         self.block_lock = threading.Lock()
         self.blocked = False
+        self.renv: Optional[RuntimeEnvSetup] = None  # this process's runtime_env, once set up
+        self.retiring = False  # leave the pool after this call (its runtime_env failed)
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
         # SIGTERM from the node agent: leave the loop after the current task
         # (the agent SIGKILLs stragglers after a grace period).
@@ -190,6 +193,9 @@ class ExecutorProcess:
                         if self.count_call(msg.spec):
                             self.retire()
                             break
+                    elif self.retiring:  # its runtime_env failed: a later task tries anew
+                        self.retire()
+                        break
                 elif kind == actor_call:
                     self.actor.handle(msg, frames)
                 else:
@@ -271,6 +277,15 @@ class ExecutorProcess:
         if spec.task_id in self.cancelled:
             self.results.cancelled_error(spec)
             return None
+        renv = spec.options.get("renv")
+        if renv is not None and spec.kind != P.ACTOR_CALL:
+            # Before the arguments and the function are unpickled: they may need its modules.
+            try:
+                self.setup_env(renv)
+            except BaseException as e:  # noqa: B036 - reported to the caller
+                self.results.finish_error(spec, e)
+                self.retiring = spec.kind == P.TASK
+                return None
         try:
             n_args = msg.n_args
             if n_args:
@@ -300,6 +315,17 @@ class ExecutorProcess:
             return None
         return args, kwargs
 
+    def setup_env(self, wire) -> None:
+        """Set this process up for the runtime_env ``wire`` (once; see workerd/renv.py)."""
+        setup = self.renv
+        if setup is None:
+            setup = self.renv = RuntimeEnvSetup(self.client)
+        elif setup.error is None and type(wire) is dict and setup.key == wire.get("key"):
+            return
+        updates = setup.apply(wire)
+        os.environ.update(updates)
+        self.base_env.update(updates)
+
     def prepare(self, spec: P.TaskSpec, gpu_ids: list) -> None:
         """Set the context, env_vars and GPUs a call runs under."""
         self.spec = spec
@@ -312,7 +338,10 @@ class ExecutorProcess:
         env_vars = spec.options.get("env_vars")
         if spec.kind != P.ACTOR_CALL:  # an actor keeps what it was created with, GPUs too
             # What this task runs with, its children inherit (Ray: runtime_env is inherited).
-            _runtime.job_runtime_env = {"env_vars": env_vars} if env_vars else _NO_ENV
+            renv = spec.options.get("renv")
+            _runtime.job_renv = renv
+            _runtime.job_runtime_env = ({"env_vars": env_vars} if env_vars else {}) if (
+                env_vars or renv) else _NO_ENV
             self.gpu_ids = gpu_ids
         if env_vars:
             os.environ.update(env_vars)

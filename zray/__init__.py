@@ -9,7 +9,7 @@ import sys as _sys
 
 import cloudpickle
 
-from zray import exceptions, util
+from zray import exceptions, runtime_env, util
 from zray._api import (
     RuntimeContext,
     available_resources,
@@ -44,7 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActorClass", "ActorHandle", "ActorID", "DynamicObjectRefGenerator", "JobID", "NodeID",
     "ObjectID", "ObjectRef", "ObjectRefGenerator", "RuntimeContext", "TaskID", "WorkerID",
-    "cloudpickle", "util",
+    "cloudpickle", "util", "runtime_env",
     "available_resources", "cancel", "cluster_resources", "exceptions", "exit_actor", "get",
     "get_actor", "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "kill",
     "memory_summary", "method", "nodes", "put", "remote", "shutdown", "timeline", "wait", "__version__",

@@ -230,6 +230,14 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     _runtime.cluster = cluster
     _runtime.namespace = namespace or ("anon-" + client.cid.hex()[:8])
     _runtime.job_runtime_env = dict(runtime_env or {})
+    if runtime_env:  # the job's working_dir / py_modules are packed and uploaded now
+        from zray import _renv_job
+
+        try:
+            _renv_job.start_job(runtime_env)
+        except BaseException:
+            shutdown()
+            raise
     log_to_driver = kwargs.get("log_to_driver") is not False
     client.print_logs = log_to_driver
     # The job's namespace, for the tasks and actors of this job to find it; and whether
@@ -297,6 +305,10 @@ def shutdown() -> None:
     client, cluster = _runtime.client, _runtime.cluster
     _runtime.client = None
     _runtime.cluster = None
+    _runtime.job_renv = None
+    from zray import _renv
+
+    _renv.forget_uploads()
     if client is not None:
         try:
             client.send(P.encode(P.Exit()))

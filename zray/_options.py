@@ -7,7 +7,9 @@ in a spec's ``options`` (``wire_options``, ``method_wire_options``):
 * tasks: ``max_retries``, ``retry_exceptions`` (True or a pickled tuple),
   ``max_calls`` (the executor process exits after that many calls of the
   function), ``strategy``, ``label_selector``, ``fallback_strategy``
-  ([{"label_selector": ...}, ...]), ``env_vars``;
+  ([{"label_selector": ...}, ...]), ``env_vars``; ``renv``, the runtime
+  environment a process must have to run it, merged over the job's or the running
+  task's (zray/_renv.py);
 
 ``strategy`` is "SPREAD" or a dict: ``{"type": "node_affinity", "node_id", "soft"}``,
 ``{"type": "node_label", "hard", "soft"}`` (lists of [key, op, values]) or
@@ -37,6 +39,7 @@ import warnings
 import cloudpickle
 
 from zray import _protocol as P
+from zray import _renv, _runtime
 
 _COMMON = {
     "num_cpus", "num_gpus", "resources", "memory", "accelerator_type", "scheduling_strategy",
@@ -51,7 +54,6 @@ ACTOR_OPTIONS = (_COMMON - {"max_retries", "retry_exceptions"}) | {
 }
 METHOD_OPTIONS = {"num_returns", "concurrency_group", "max_task_retries", "retry_exceptions",
                   "name", "enable_task_events", "_generator_backpressure_num_objects"}
-_RUNTIME_ENV_KEYS = {"env_vars"}
 ACCELERATOR_PREFIX = "accelerator_type:"  # the resource a node with that accelerator offers
 
 # Label syntax (Kubernetes', as Ray's): a name or value is up to 63 characters,
@@ -107,15 +109,7 @@ def validate(options: dict, allowed: set, what: str) -> dict:
         raise ValueError(f"lifetime must be 'detached' or 'non_detached', got {lt!r}")
     renv = options.get("runtime_env")
     if renv:
-        if not isinstance(renv, dict):
-            raise ValueError("runtime_env must be a dict")
-        unknown = set(renv) - _RUNTIME_ENV_KEYS
-        if unknown:
-            raise ValueError(f"runtime_env keys {sorted(unknown)} are not supported by zray yet "
-                             f"(supported: {sorted(_RUNTIME_ENV_KEYS)})")
-        ev = renv.get("env_vars") or {}
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in ev.items()):
-            raise ValueError("runtime_env['env_vars'] must map str to str")
+        _renv.check(renv)
     nm = options.get("name")
     if nm is not None and not isinstance(nm, str):
         raise ValueError(f"name must be a str, got {nm!r}")
@@ -292,6 +286,14 @@ def wire_options(options: dict, merged_env: dict | None) -> dict:
     env.update(((options.get("runtime_env") or {}).get("env_vars")) or {})
     if env:
         out["env_vars"] = env
+    renv = options.get("runtime_env")
+    parent = _runtime.job_renv
+    if renv and set(renv) - {"env_vars"}:
+        wire = _renv.to_wire(_renv.check(renv), parent, _runtime.client)
+    else:
+        wire = parent
+    if wire:
+        out["renv"] = wire
     return out
 
 

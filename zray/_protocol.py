@@ -383,7 +383,7 @@ class TaskSpec(NamedTuple):
     resources: dict  # {name: units}, units in 1/UNIT
     deps: list  # [[arg index | kwarg name | -1 (all args, stored), oid], ...]
     nested: list  # oids of refs pickled inside the arguments
-    options: dict  # max_retries, retry_exceptions, strategy, env_vars, ...
+    options: dict  # max_retries, retry_exceptions, strategy, env_vars, renv (zray/_renv.py), ...
     actor_id: bytes  # b"" for plain tasks
     owner: bytes  # cid that owns the returns
     driver: bytes  # cid of the driver at the root of the call tree (for logs)

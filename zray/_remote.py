@@ -197,7 +197,10 @@ class RemoteFunction:
         return refs
 
     def bind(self, *args, **kwargs):
-        raise NotImplementedError("Ray DAG (.bind) is not supported by zray")
+        """A DAG node for this task (``zray.dag``); ``.execute()`` submits it."""
+        from zray.dag import bind_function
+
+        return bind_function(self, args, kwargs)
 
 
 class _BoundOptions:
@@ -220,3 +223,9 @@ class _BoundOptions:
     def options(self, **options):
         _options.validate_task(options, in_options=True)
         return _BoundOptions(self._fn, {**self._options, **options})
+
+    def bind(self, *args, **kwargs):
+        """A DAG node for this task with these options (``zray.dag``)."""
+        from zray.dag import bind_function
+
+        return bind_function(self, args, kwargs)

@@ -30,6 +30,9 @@ namespace = ""
 context = None
 # init(runtime_env=...): its env_vars go with every task and actor of the job.
 job_runtime_env: dict = {}
+# The wire form of the runtime_env tasks and actors inherit (zray/_renv.py): the job's
+# (init), or in an executor the running task's; None when there is nothing to set up.
+job_renv: Optional[dict] = None
 # Connects this process when something needs a client and none is connected
 # (Ray initialises on first use): zray._api.init, registered by zray/_api.py
 # at import; None where the API was never imported.

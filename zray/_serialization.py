@@ -8,10 +8,19 @@ never copied into the pickle stream and land as views on the receiving side.
 Plain ``pickle`` is tried first (it is several times faster than cloudpickle's
 pure-Python reducer hooks); cloudpickle takes over for what pickle cannot do
 by reference (lambdas, closures, classes defined in ``__main__``).
+
+``register_serializer`` (``zray.util``) adds a reducer for one class to this process's
+table (``_reducers``): while the table is not empty, values are pickled by Picklers
+whose dispatch table has those reducers first. The reducer writes the deserializer and
+the serializer's output into the stream, so whoever unpickles needs no registration of
+its own (as in Ray, registrations are per process: a task that returns such values
+registers the serializer itself).
 """
 
 from __future__ import annotations
 
+import collections
+import copyreg
 import io
 import pickle
 import threading
@@ -44,7 +53,42 @@ class _CollectRefs:
         _local.nested = self.prev
 
 
+# class -> reducer, from zray.util.register_serializer (this process only)
+_reducers: dict = {}
+
+
+class _PicklerWithReducers(pickle.Pickler):
+    @property
+    def dispatch_table(self):  # read once, when the pickler is made
+        return collections.ChainMap(_reducers, copyreg.dispatch_table)
+
+
+class _CloudPicklerWithReducers(cloudpickle.Pickler):
+    @property
+    def dispatch_table(self):
+        return collections.ChainMap(_reducers, cloudpickle.Pickler.dispatch_table)
+
+
+def _pickle_with(pickler_class, value, buffers: list) -> bytes:
+    out = io.BytesIO()
+    pickler_class(out, protocol=5, buffer_callback=buffers.append).dump(value)
+    return out.getvalue()
+
+
+def _dumps_with_reducers(value, buffers: list) -> bytes:
+    try:
+        data = _pickle_with(_PicklerWithReducers, value, buffers)
+        if b"__main__" not in data:
+            return data
+    except Exception:
+        pass
+    buffers.clear()
+    return _pickle_with(_CloudPicklerWithReducers, value, buffers)
+
+
 def _dumps(value, buffers: list) -> bytes:
+    if _reducers:  # register_serializer was used in this process
+        return _dumps_with_reducers(value, buffers)
     try:
         data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
         if b"__main__" not in data:
@@ -108,8 +152,8 @@ def serialize_error(exc: BaseException) -> list:
 def task_error(exc: BaseException, function_name: str, pid: int, ip: str = "") -> tuple:
     """Wrap an exception raised by user code: (RayTaskError frames, its text). The text
     travels in the DONE header so that the broker never has to unpickle an error."""
-    if isinstance(exc, exceptions.RayTaskError):
-        err = exc
+    if isinstance(exc, (exceptions.RayTaskError, exceptions.RuntimeEnvSetupError)):
+        err = exc  # a failed runtime_env is raised as it is, as in Ray
     else:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         cause = exc

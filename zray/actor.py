@@ -175,8 +175,11 @@ class ActorClass:
             ref = ObjectRef(P.object_id(actor_id, 0), client.cid, client)
         return ActorHandle(actor_id, self.__name__, methods, ref, config)
 
-    def bind(self, *a, **k):
-        raise NotImplementedError("Ray DAG (.bind) is not supported by zray")
+    def bind(self, *args, **kwargs):
+        """A DAG node that makes this actor (``zray.dag``); bind its methods on it."""
+        from zray.dag import bind_class
+
+        return bind_class(self, args, kwargs)
 
 
 class _ActorOptions:
@@ -186,6 +189,12 @@ class _ActorOptions:
 
     def remote(self, *args, **kwargs) -> "ActorHandle":
         return self._cls._create(args, kwargs, self._options)
+
+    def bind(self, *args, **kwargs):
+        """A DAG node that makes this actor with these options (``zray.dag``)."""
+        from zray.dag import bind_class
+
+        return bind_class(self, args, kwargs)
 
 
 def _handle_config(options: dict) -> dict:
@@ -324,6 +333,12 @@ class ActorMethod:
         m = ActorMethod(self._handle, self._name, {**self._options, **options})
         m._qualname = options.get("name") or self._qualname  # the call's name, as in Ray
         return m
+
+    def bind(self, *args, **kwargs):
+        """A DAG node that calls this method of this actor (``zray.dag``)."""
+        from zray.dag import bind_method
+
+        return bind_method(self, args, kwargs)
 
     def remote(self, *args, **kwargs):
         client = _runtime.require_client()

@@ -194,13 +194,26 @@ class RuntimeContext:
                             if t is current), b"")
         return bool(task_id) and task_id in ex.cancelled
 
+    @property
+    def runtime_env(self):
+        """The runtime_env of the current job, task or actor, as a RuntimeEnv (packages
+        appear as ``pkg_<sha256>.zip``, as Ray shows its URIs)."""
+        from zray.runtime_env import RuntimeEnv
+
+        return RuntimeEnv._view(json.loads(self.get_runtime_env_string()))
+
     def get_runtime_env_string(self) -> str:
         """The runtime_env of the current job, task or actor as a JSON string."""
         spec = _actor_spec() or _spec()
         if spec is None:
-            return json.dumps(_runtime.job_runtime_env or {})
+            return json.dumps(_runtime.job_runtime_env or {}, default=repr)
+        from zray._renv import user_view
+
+        out = user_view(spec.options.get("renv"))
         env = spec.options.get("env_vars")
-        return json.dumps({"env_vars": env} if env else {})
+        if env:
+            out["env_vars"] = env
+        return json.dumps(out)
 
     def get_node_labels(self) -> dict:
         """The labels of this process's node ({} for a driver on no node)."""
