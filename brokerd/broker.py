@@ -199,7 +199,7 @@ class Broker:
                         log.exception("error handling %s", m.TYPE.name)
             if engine.objects.released_actors:
                 engine.release_actors()
-            if placement.dirty or (nodes.freed and placement.queues):
+            if placement.dirty or (nodes.freed and (placement.queues or engine.pgroups.pending)):
                 try:
                     engine.schedule()
                 except Exception:  # a bug here must not take the cluster down

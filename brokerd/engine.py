@@ -42,7 +42,8 @@ from brokerd.actors import ActorDirectory, Death
 from brokerd.nodes import NodeTable
 from brokerd.objects import ObjectDirectory
 from brokerd.outbox import Outbox
-from brokerd.placement import Decisions, Placement, strategy_key
+from brokerd.pgroups import PlacementGroupTable, owner_gone, pg_strategy, schedule_groups
+from brokerd.placement import Decisions, Placement, check_strategy_options, strategy_key
 from brokerd.records import (
     Actor,
     ActorState,
@@ -75,6 +76,8 @@ class TaskEngine:
         self.objects = ObjectDirectory(out, self.nodes, self.clients)
         self.placement = Placement(self.nodes, self.objects)
         self.actors = ActorDirectory(out, self.moves)
+        self.pgroups = PlacementGroupTable(self.nodes)  # placement groups (brokerd/pgroups.py)
+        self.placement.groups = self.pgroups
         self.tasks: dict[bytes, Task] = {}
         self.children: dict[bytes, list] = {}
         self.executors: dict[bytes, Executor] = {}
@@ -158,6 +161,7 @@ class TaskEngine:
 
     def node_dead(self, node: Node, why: str = "") -> None:
         self.nodes.leave(node)
+        self.pgroups.node_lost(node.node_id)
         lost = self.objects.node_lost(node.node_id)
         if lost:
             self._rebuild(lost)
@@ -194,6 +198,7 @@ class TaskEngine:
                 self.finish_cancelled(task)
         self.objects.drop_client(c.cid, c.holds)
         self.jobs.pop(c.job_id, None)
+        owner_gone(self, c.cid)
 
     def check_liveness(self, now: float) -> None:
         for node in list(self.nodes.nodes.values()):
@@ -235,6 +240,16 @@ class TaskEngine:
         if renv is not None and not (type(renv) is dict and type(renv.get("key")) is str
                                      and len(renv["key"]) == 64):
             raise P.ProtocolError("SUBMIT: options.renv must be a dict with a 64-char key")
+        check_strategy_options(opts)
+        pg_error = None
+        if pg_strategy(opts) is not None:  # a member of a placement group: its resources
+            try:
+                resources = self.pgroups.task_resources(opts["strategy"], resources)
+                hold = self.pgroups.task_resources(opts["strategy"], hold)
+            except (LookupError, ValueError) as e:
+                if isinstance(e, P.ProtocolError):
+                    raise
+                pg_error = str(e)
         returns = spec.return_ids()
         task = Task(task_id, kind, spec, frames, resources, hold,
                     (tuple(sorted(resources.items())), strategy_key(opts)), returns,
@@ -282,6 +297,11 @@ class TaskEngine:
             else:
                 obj.waiting.append(task)
                 task.pending += 1
+        if pg_error is not None:
+            self.fail_task(task, serialize_error(exceptions.TaskUnschedulableError(
+                f"{spec.name} cannot run in its placement group: {pg_error}")),
+                reason="placement group")
+            return
         if kind == P.ACTOR_CALL:
             task.actor.queue.append(task)
             if task.pending == 0:
@@ -307,10 +327,16 @@ class TaskEngine:
                 self.fail_task(task, err, reason="argument is an error")
 
     def schedule(self) -> None:
+        if self.pgroups.pending:
+            schedule_groups(self)
         self.placement.dirty = self.nodes.freed = False
         self._apply(self.placement.schedule())
 
     def _apply(self, d: Decisions) -> None:
+        for task, text in d.warnings:  # infeasible work: one warning per shape to its driver
+            c = self.clients.get(task.spec.driver)
+            if c is not None and c.logs:
+                self.out.send(P.inbox_ident(task.spec.driver), P.encode(P.Print("(scheduler)!", text)))
         for task, err in d.failed:
             self.fail_task(task, serialize_error(exceptions.TaskUnschedulableError(err)),
                            reason="unschedulable")
@@ -943,6 +969,7 @@ class TaskEngine:
 
     def _owner_gone(self, cid: bytes, why: str) -> None:
         """Non-detached actors die with the process that created them (Ray's fate sharing)."""
+        owner_gone(self, cid)  # and placement groups
         for actor in list(self.actors.actors.values()):
             if actor.owner == cid and not actor.detached and actor.state != ActorState.DEAD:
                 self._settle(actor, self.actors.kill(

@@ -39,6 +39,7 @@ class NodeTable:
         self.nodes: dict[bytes, Node] = {}
         self.gone: deque = deque(maxlen=1000)  # (node, time it left): list_nodes shows DEAD
         self.freed = False  # resources came back since the last scheduling pass
+        self.changed: set = set()  # nodes whose resources changed: placement re-indexes them
 
     # ------------------------------------------------------------ membership
     def join(self, node_id: bytes, info: dict) -> Node:
@@ -53,6 +54,7 @@ class NodeTable:
         log_dir = info.get("log_dir")
         node.log_dir = log_dir if isinstance(log_dir, str) and len(log_dir) <= 4096 else ""
         self.nodes[node_id] = node
+        self.changed.add(node)
         log.info("node %s joined: %s", node_id.hex(), P.from_units(total))
         self.freed = True
         return node
@@ -61,6 +63,7 @@ class NodeTable:
         node.alive = False
         if self.nodes.pop(node.node_id, None) is not None:
             self.gone.append((node, time.time()))
+        self.changed.add(node)
 
     def seen(self, node_id: bytes) -> bool:
         node = self.nodes.get(node_id)
@@ -125,10 +128,13 @@ class NodeTable:
         for r, u in task.hold.items():
             avail[r] = avail.get(r, 0) - u
         g = task.hold.get("GPU")
+        if g is None and len(task.hold) > 1:  # in a placement group: its bundle's GPUs
+            g = next((u for r, u in task.hold.items() if r.startswith("GPU_group_")), None)
         if g:
             task.gpu_alloc = self.gpu_alloc(node, g) or []
         task.node = node
         node.running += 1
+        self.changed.add(node)
 
     def release(self, task: Task) -> None:
         node = task.node
@@ -137,7 +143,7 @@ class NodeTable:
         task.node = None
         avail = node.avail
         for r, u in task.hold.items():
-            if r == "CPU" and task.blocked:
+            if task.blocked and (r == "CPU" or r.startswith("CPU_group_")):
                 continue  # lent while the task waited in get()
             avail[r] = avail.get(r, 0) + u
         task.blocked = False
@@ -147,16 +153,19 @@ class NodeTable:
         task.gpu_alloc = []
         node.running -= 1
         self.freed = True
+        self.changed.add(node)
 
     def lend_cpu(self, task: Task, lend: bool) -> None:
         """A task waits in get() (lend) or resumes: its CPU is free meanwhile."""
         node = task.node
         if node is None or task.blocked == lend:
             return
-        cpu = task.hold.get("CPU", 0)
-        if cpu:
-            node.avail["CPU"] = node.avail.get("CPU", 0) + (cpu if lend else -cpu)
-            self.freed = self.freed or lend
+        avail = node.avail
+        for r, cpu in task.hold.items():  # its CPUs (in a placement group: its group's)
+            if cpu and (r == "CPU" or r.startswith("CPU_group_")):
+                avail[r] = avail.get(r, 0) + (cpu if lend else -cpu)
+                self.freed = self.freed or lend
+                self.changed.add(node)
         task.blocked = lend
 
     def gpu_ids(self, task: Task) -> list:

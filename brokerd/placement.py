@@ -7,6 +7,25 @@
                                                                                   .actors:   (creation task, node): start a fresh process
                                                                                   .prefetch: (task, busy executor): send ahead
                                                                                   .failed:   (task, error text)
+                                                                                  .warnings: (task, text): infeasible, tell its driver
+
+Where a task goes (``place``), by strategy:
+
+* DEFAULT: the node holding most of its arguments' bytes if it fits; else the
+  seed's 3.5.2 policy read from an index (brokerd/nodeindex.py, O(log nodes)):
+  nodes under half used first in a stable order (packing), then the least used
+  (spreading), at random among the top k = max(20% of nodes, 1). An actor
+  that needs no resources goes to a random node.
+* SPREAD: the node running fewest tasks (an index too).
+* placement group member: the nodes holding its group's bundles (brokerd/pgroups.py
+  renamed its resources to the group's).
+* label_selector (then each ``fallback_strategy`` selector in order),
+  NodeLabelSchedulingStrategy, NodeAffinitySchedulingStrategy: the nodes they
+  allow, looked at one by one (``_place_scan``).
+
+A chosen node with no idle executor gets one started and the task waits for it.
+Work that no live node could hold (by total resources) is infeasible: logged
+once per task, told to its driver once per shape, and it waits for a node to join.
 
 A pass of ``schedule`` walks each queue head-first and stops at the first
 task that does not fit, so tasks that cannot run are never rescanned one by
@@ -26,7 +45,8 @@ task only if it is bound to that environment or to none yet (``take_idle``: the
 task binds it); so executors of different environments never share a process,
 and a prefetched task goes only to an executor running the same queue's task.
 
-Owns: ``queues`` and the set of tasks already warned about as infeasible.
+Owns: ``queues``, the node indexes, the executors started per shape (prefetch
+candidates) and the tasks and shapes already warned about as infeasible.
 Reads: node table, object locations (to prefer nodes holding a task's
 arguments), executors' current tasks (to pipeline). Writes node resources
 only through ``NodeTable``.
@@ -38,6 +58,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from brokerd.nodeindex import NodeIndex
 from brokerd.nodes import NodeTable
 from brokerd.records import ExecState, Task, TaskState
 from zray import _protocol as P
@@ -51,6 +72,7 @@ class Decisions:
     actors: list = field(default_factory=list)
     prefetch: list = field(default_factory=list)
     failed: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # (task, text): tell its driver
 
 
 class Placement:
@@ -59,6 +81,12 @@ class Placement:
         self.objects = objects  # ObjectDirectory, read only: where arguments are
         self.queues: dict[tuple, deque] = {}
         self.infeasible_warned: set = set()
+        self.warned_shapes: set = set()  # (driver, shape, selector) told once
+        self.warnings: list = []  # (task, text) for its driver, taken by schedule()
+        self._feasible: dict = {}  # (shape, membership) -> whether any node could hold it
+        self.index = NodeIndex(nodes)
+        self.running: dict = {}  # shape -> pool executors started on it (prefetch candidates)
+        self.groups = None  # PlacementGroupTable, set by the engine
         self.dirty = False  # something was queued since the last pass
 
     def enqueue(self, task: Task, front: bool = False) -> None:
@@ -81,6 +109,7 @@ class Placement:
         for shape in list(self.queues):
             q = self.queues[shape]
             task = None
+            starting = False  # a node that fits waits for an executor to start
             while q:
                 task = q[0]
                 if task.state != TaskState.QUEUED:
@@ -103,72 +132,163 @@ class Placement:
                 if ex is None:
                     if node is not None:
                         nodes.request_spawn(node)
+                        starting = True
                     break
                 q.popleft()
                 nodes.acquire(task, node)
                 d.run.append((task, node, ex))
-            if (q and task is not None and (shape[1] is None or shape[1][0:2] == (None, "renv"))
-                    and task.kind == P.TASK
-                    and "GPU" not in task.resources):
+                if _prefetchable(shape):  # a prefetch candidate once it runs
+                    run = self.running.get(shape)
+                    if run is None:
+                        run = self.running[shape] = set()
+                    run.add(ex)
+            # Sent ahead only when no node has room: never behind a long task while a
+            # node with free resources is starting an executor for it.
+            if (q and task is not None and not starting and _prefetchable(shape)
+                    and task.kind == P.TASK and "GPU" not in task.resources):
                 # GPU tasks are never prefetched: their GPU ids are only known at start.
                 self._prefetch(shape, q, d, picked)
             if not q:
                 del self.queues[shape]
+        if self.warnings:
+            d.warnings, self.warnings = self.warnings, []
         return d
 
     def _prefetch(self, shape, q, d: Decisions, picked: set) -> None:
         """Pipeline: give each busy pool executor running this shape its next task now,
-        so it starts the moment the current one is done (no broker round trip idle)."""
-        for node in self.nodes.nodes.values():
-            for ex in node.executors.values():
-                cur = ex.task
-                if (ex.state != ExecState.BUSY or ex.prefetch is not None or ex.blocked
-                        or cur is None or cur.shape != shape or cur.state != TaskState.RUNNING
-                        or ex in picked):
-                    continue
-                while q and q[0].state != TaskState.QUEUED:
-                    q.popleft()
-                if not q:
-                    return
-                picked.add(ex)
-                d.prefetch.append((q.popleft(), ex))
+        so it starts the moment the current one is done (no broker round trip idle).
+        Only the executors this pass or an earlier one started on the shape are looked
+        at (``running``); those that moved on are dropped from it here."""
+        execs = self.running.get(shape)
+        if not execs:
+            return
+        stale = []
+        for ex in execs:
+            cur = ex.task
+            state = ex.state
+            if state in (ExecState.DEAD, ExecState.ACTOR) or (
+                    cur is not None and cur.shape != shape):
+                stale.append(ex)  # (one started in this pass is still IDLE: kept)
+                continue
+            if (state != ExecState.BUSY or cur is None or ex.prefetch is not None
+                    or ex.blocked or cur.state != TaskState.RUNNING or ex in picked):
+                continue
+            while q and q[0].state != TaskState.QUEUED:
+                q.popleft()
+            if not q:
+                break
+            picked.add(ex)
+            d.prefetch.append((q.popleft(), ex))
+        for ex in stale:
+            execs.discard(ex)
+        if not execs:
+            del self.running[shape]
 
     def place(self, task: Task):
         """(node, executor, None) to run ``task`` now; (node, None, None) if a node fits
         but has no idle executor; (None, None, None) if no node fits right now;
-        (None, None, error text) if it can never run as asked."""
+        (None, None, error text) if it can never run as asked.
+
+        DEFAULT, SPREAD, placement-group members and zero-resource actors are decided
+        from the indexes (brokerd/nodeindex.py) in O(log nodes); a label selector or a
+        node affinity looks at the nodes it names (``_place_scan``)."""
         need = task.resources
         opts = task.spec.options
         strategy = opts.get("strategy")
         table = self.nodes
-        selector = opts.get("label_selector")
+        index = self.index
+        index.refresh()
+        group = None
+        if strategy is not None and strategy != "DEFAULT":
+            if isinstance(strategy, dict) and strategy.get("type") == "placement_group":
+                group = strategy
+            elif strategy != "SPREAD" or opts.get("label_selector"):
+                return self._place_labels(task)
+        elif opts.get("label_selector") or opts.get("fallback_strategy"):
+            return self._place_labels(task)
+        run = spawn = None
+        if group is not None:  # only the nodes holding its group's bundles can run it
+            pg = self.groups.groups.get(group.get("pg_id")) if self.groups else None
+            for nid in dict.fromkeys(pg.nodes if pg is not None else ()):
+                node = table.nodes.get(nid) if nid is not None else None
+                if node is not None and node.alive and table.fits(node, need):
+                    if node.idle:
+                        run = node
+                        break
+                    spawn = spawn or node  # (take_idle below may still find none)
+            if run is None and spawn is None:
+                return None, None, None  # it waits for its group (placed, or with room)
+        elif strategy == "SPREAD":
+            run, spawn = index.spread.first_fit(need, table.fits)
+        else:
+            if task.deps:  # DEFAULT: the node that holds most of its arguments' bytes
+                local = self.objects.bytes_by_node(task.deps)
+                if local:
+                    best = table.nodes.get(max(local, key=local.__getitem__))
+                    if best is not None and best.alive and table.fits(best, need):
+                        return best, take_idle(best.idle, env_of(opts), task.kind == P.TASK), None
+            names = tuple(sorted(r for r, u in need.items() if u > 0))
+            if not names and task.kind == P.ACTOR_CREATE and index.alive:
+                # An actor that needs nothing goes to a random node (as in Ray).
+                return index.random_live(), None, None
+            run, spawn = index.score_index(names).pick(need, index.alive, table.fits)
+        if run is not None:
+            ex = take_idle(run.idle, env_of(opts), task.kind == P.TASK)
+            if ex is not None:
+                return run, ex, None
+            return run, None, None  # its idle executors belong to other runtime_envs
+        if spawn is not None:
+            return spawn, None, None
+        self._infeasible(task, need, None)
+        return None, None, None
+
+    def _place_labels(self, task: Task):
+        """A label selector, then each of the task's ``fallback_strategy`` selectors in
+        order, until one of them finds a node (Ray's fallback_strategy)."""
+        opts = task.spec.options
+        fallbacks = opts.get("fallback_strategy") or ()
+        found = self._place_scan(task, opts.get("label_selector"), warn=not fallbacks)
+        for i, fb in enumerate(fallbacks):
+            if found[0] is not None or found[2] is not None:
+                break
+            found = self._place_scan(task, fb.get("label_selector"),
+                                     warn=i == len(fallbacks) - 1)
+        return found
+
+    def _place_scan(self, task: Task, selector, warn: bool = True):
+        """Label selectors, node labels and node affinity: the nodes they allow, looked at
+        one by one."""
+        need = task.resources
+        opts = task.spec.options
+        strategy = opts.get("strategy")
+        table = self.nodes
         if selector:
             nodes = [n for n in table.nodes.values() if n.alive and labels_match(n.labels, selector)]
         else:
             nodes = [n for n in table.nodes.values() if n.alive]
-        if strategy is not None and strategy != "DEFAULT":
-            if strategy == "SPREAD":
-                nodes.sort(key=lambda n: n.running)
-            elif isinstance(strategy, dict) and strategy.get("type") == "node_affinity":
-                try:
-                    target = table.nodes.get(bytes.fromhex(strategy["node_id"]))
-                except (KeyError, TypeError, ValueError):
-                    return None, None, f"bad node affinity strategy {strategy!r:.80}"
-                if target is not None and target.alive:
-                    if target not in nodes:  # its labels do not match: never there
-                        if not strategy.get("soft"):
-                            nodes = []
-                    elif table.fits(target, need) or not strategy.get("soft"):
-                        nodes = [target]
-                elif not strategy.get("soft"):
-                    return None, None, (f"node {strategy['node_id']} of a hard "
-                                        "NodeAffinitySchedulingStrategy is not alive")
+        if strategy == "SPREAD":
+            nodes.sort(key=lambda n: n.running)
+        elif isinstance(strategy, dict) and strategy.get("type") == "node_affinity":
+            try:
+                target = table.nodes.get(bytes.fromhex(strategy["node_id"]))
+            except (KeyError, TypeError, ValueError):
+                return None, None, f"bad node affinity strategy {strategy!r:.80}"
+            if target is not None and target.alive:
+                if target not in nodes:  # its labels do not match: never there
+                    if not strategy.get("soft"):
+                        nodes = []
+                elif table.fits(target, need) or not strategy.get("soft"):
+                    nodes = [target]
+            elif not strategy.get("soft"):
+                return None, None, (f"node {strategy['node_id']} of a hard "
+                                    "NodeAffinitySchedulingStrategy is not alive")
+        elif isinstance(strategy, dict) and strategy.get("type") == "node_label":
+            nodes = [n for n in nodes if label_exprs_match(n.labels, strategy["hard"])]
+            soft = strategy["soft"]  # preferred, not required: matching nodes first
+            nodes.sort(key=lambda n: (bool(soft) and not label_exprs_match(n.labels, soft),
+                                      table.score(n, need)))
         elif len(nodes) > 1:
-            local = self.objects.bytes_by_node(task.deps)
-            if local:  # prefer the node that already holds the task's large arguments
-                nodes.sort(key=lambda n: (-local.get(n.node_id, 0), table.score(n, need)))
-            else:
-                nodes.sort(key=lambda n: table.score(n, need))
+            nodes.sort(key=lambda n: table.score(n, need))
         spawn_node = None
         any_feasible = False
         for node in nodes:
@@ -183,15 +303,45 @@ class Placement:
                     return node, ex, None
             if spawn_node is None:
                 spawn_node = node
-        if not any_feasible and task.task_id not in self.infeasible_warned:
-            self.infeasible_warned.add(task.task_id)
-            log.warning("task %s needs %s%s: no node has that; it waits for one to join",
-                        task.spec.name, P.from_units(need),
-                        f" on a node with labels {selector}" if selector else "")
+        if not any_feasible and warn:
+            self._infeasible(task, need, selector or strategy, checked=True)
         return spawn_node, None, None
+
+    def _infeasible(self, task: Task, need: dict, selector, checked: bool = False) -> None:
+        """Nothing fits now: if no live node could ever hold it, say so once per task in
+        the log and once per shape to its driver (Ray's warning)."""
+        if task.task_id in self.infeasible_warned:
+            return
+        if not checked:
+            key = (tuple(sorted(need.items())), self.index.next_rank, self.index.alive)
+            feasible = self._feasible.get(key)
+            if feasible is None:
+                if len(self._feasible) > 10000:
+                    self._feasible.clear()
+                feasible = self._feasible[key] = any(
+                    n.alive and self.nodes.feasible(n, need) for n in self.nodes.nodes.values())
+            if feasible:
+                return
+        self.infeasible_warned.add(task.task_id)
+        where = f" on a node with labels {selector}" if selector else ""
+        log.warning("task %s needs %s%s: no node has that; it waits for one to join",
+                    task.spec.name, P.from_units(need), where)
+        shape = (task.spec.driver, tuple(sorted(need.items())), repr(selector))
+        if shape not in self.warned_shapes:
+            self.warned_shapes.add(shape)
+            self.warnings.append((task, (
+                f"Warning: {'actor' if task.kind == P.ACTOR_CREATE else 'task'} "
+                f"{task.spec.name} needs {P.from_units(need)}{where}, and no node in the "
+                "cluster has that. It is infeasible for now and waits until a node that fits "
+                "joins (`zray status` lists pending demand).")))
 
     def forget(self, task: Task) -> None:
         self.infeasible_warned.discard(task.task_id)
+
+
+def _prefetchable(shape) -> bool:
+    """Tasks of this queue may be sent ahead: the default strategy, any runtime_env."""
+    return shape[1] is None or shape[1][0:2] == (None, "renv")
 
 
 def env_of(opts: dict) -> str:
@@ -215,9 +365,9 @@ def take_idle(idle: list, env: str, bind: bool):
 
 
 def strategy_key(opts: dict):
-    """The part of a task's queue key beyond its resources: its strategy and label
-    selector (None for the common case, which is the only one prefetched), and its
-    runtime_env (so a queue holds one environment's tasks)."""
+    """The part of a task's queue key beyond its resources: its strategy, label
+    selector and fallbacks (None for the common case, which is the only one
+    prefetched), and its runtime_env (so a queue holds one environment's tasks)."""
     renv = opts.get("renv")
     if renv:
         return (_strategy_key(opts), "renv", renv["key"])
@@ -231,8 +381,10 @@ def _strategy_key(opts: dict):
     elif s is not None and not isinstance(s, str):
         s = repr(s)
     selector = opts.get("label_selector")
-    if selector:
-        return (s, tuple(sorted((str(k), str(v)) for k, v in selector.items())))
+    fallback = opts.get("fallback_strategy")
+    if selector or fallback:
+        return (s, tuple(sorted((str(k), str(v)) for k, v in (selector or {}).items())),
+                repr(fallback) if fallback else None)
     return s
 
 
@@ -254,3 +406,45 @@ def labels_match(labels: dict, selector: dict) -> bool:
         if (have is not None and have in values) == negate:
             return False
     return True
+
+
+LABEL_OPS = ("in", "not_in", "exists", "does_not_exist")
+
+
+def label_exprs_match(labels: dict, exprs: list) -> bool:
+    """NodeLabelSchedulingStrategy's expressions, [[key, op, [values]], ...]: all hold."""
+    for key, op, values in exprs:
+        have = labels.get(key)
+        if op == "in":
+            ok = have is not None and have in values
+        elif op == "not_in":
+            ok = have is None or have not in values
+        elif op == "exists":
+            ok = have is not None
+        else:
+            ok = have is None
+        if not ok:
+            return False
+    return True
+
+
+def check_strategy_options(opts: dict) -> None:
+    """The scheduling options of a SUBMIT, checked field by field (ProtocolError)."""
+    s = opts.get("strategy")
+    if isinstance(s, dict) and s.get("type") == "node_label":
+        for part in ("hard", "soft"):
+            exprs = s.get(part)
+            if type(exprs) is not list or not all(
+                    type(e) is list and len(e) == 3 and type(e[0]) is str and e[1] in LABEL_OPS
+                    and type(e[2]) is list and all(type(v) is str for v in e[2])
+                    for e in exprs):
+                raise P.ProtocolError(f"SUBMIT: node_label strategy {part} must be "
+                                      "[[key, op, [values]], ...]")
+    fb = opts.get("fallback_strategy")
+    if fb is not None and not (type(fb) is list and len(fb) <= 64 and all(
+            type(f) is dict and set(f) <= {"label_selector"} and type(
+                f.get("label_selector", {})) is dict and all(
+                type(k) is str and type(v) is str for k, v in f.get("label_selector", {}).items())
+            for f in fb)):
+        raise P.ProtocolError("SUBMIT: options.fallback_strategy must be a list of "
+                              "{'label_selector': {str: str}}")

@@ -11,6 +11,7 @@ import os
 import time
 
 from brokerd.engine import TaskEngine
+from brokerd.pgroups import PlacementGroupQueries
 from brokerd.records import ActorState, ObjState, TaskState
 from zray import _protocol as P
 
@@ -20,7 +21,7 @@ DEFERRED = object()  # a handler's result: the reply is sent later, not by answe
 _OPEN = (TaskState.WAITING_ARGS, TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING)
 
 
-class Queries:
+class Queries(PlacementGroupQueries):
     def __init__(self, engine: TaskEngine, address: str, started: float, stats):
         self.engine = engine
         self.address = address

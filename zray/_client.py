@@ -177,6 +177,7 @@ class Client:
         self._pending_addref = False
         self._release_since = 0.0
         self._replies: dict = {}
+        self._unawaited: set = set()  # ids of requests sent with request_nowait
         self._streams: dict[bytes, _Stream] = {}  # task_id -> its open stream
         self.current_task_id = b""
         self.current_task_name = ""
@@ -408,7 +409,12 @@ class Client:
                     if self._on_exec is not None:
                         self._on_exec(m, msg[1:])
                 elif mtype == Msg.REPLY:
-                    self._replies[m.req_id] = (m.ok, m.result)
+                    if m.req_id in self._unawaited:  # (request_nowait): only errors matter
+                        self._unawaited.discard(m.req_id)
+                        if not m.ok:
+                            log.warning("the broker refused a request: %s", m.result)
+                    else:
+                        self._replies[m.req_id] = (m.ok, m.result)
                     notify = True
                 elif mtype == Msg.PRINT:
                     if self.print_logs:
@@ -802,6 +808,12 @@ class Client:
                 self.cond.wait(1.0)
 
     # ------------------------------------------------------------ requests
+    def request_nowait(self, op: str, args=None) -> None:
+        """Send a request whose answer nobody waits for (a refusal is logged)."""
+        req_id = next(self._ids)
+        self._unawaited.add(req_id)
+        self.send(P.encode(P.Req(req_id, op, args)))
+
     def request(self, op: str, args=None, timeout: float = 30.0):
         req_id = next(self._ids)
         self.send(P.encode(P.Req(req_id, op, args)))

@@ -6,9 +6,16 @@ in a spec's ``options`` (``wire_options``, ``method_wire_options``):
 
 * tasks: ``max_retries``, ``retry_exceptions`` (True or a pickled tuple),
   ``max_calls`` (the executor process exits after that many calls of the
-  function), ``strategy``, ``label_selector``, ``env_vars``; ``renv``, the runtime
+  function), ``strategy``, ``label_selector``, ``fallback_strategy``
+  ([{"label_selector": ...}, ...]), ``env_vars``; ``renv``, the runtime
   environment a process must have to run it, merged over the job's or the running
   task's (zray/_renv.py);
+
+``strategy`` is "SPREAD" or a dict: ``{"type": "node_affinity", "node_id", "soft"}``,
+``{"type": "node_label", "hard", "soft"}`` (lists of [key, op, values]) or
+``{"type": "placement_group", "pg_id", "bundle_index", "capture"}`` (also what the
+deprecated ``placement_group=`` options mean, and what a child inherits from a
+parent that captures child tasks: zray/util/placement_group.py);
 * actor creations: the above that apply, plus what ``zray/actor.py`` adds
   (``concurrency_groups``, ``max_concurrency``, ...);
 * actor calls: ``concurrency_group``, ``max_task_retries``, ``retry_exceptions``
@@ -38,7 +45,7 @@ _COMMON = {
     "num_cpus", "num_gpus", "resources", "memory", "accelerator_type", "scheduling_strategy",
     "runtime_env", "name", "max_retries", "retry_exceptions", "placement_group",
     "placement_group_bundle_index", "placement_group_capture_child_tasks", "label_selector",
-    "enable_task_events", "object_store_memory", "_labels",
+    "enable_task_events", "object_store_memory", "_labels", "fallback_strategy",
 }
 TASK_OPTIONS = _COMMON | {"num_returns", "max_calls", "_generator_backpressure_num_objects"}
 ACTOR_OPTIONS = (_COMMON - {"max_retries", "retry_exceptions"}) | {
@@ -121,6 +128,20 @@ def validate(options: dict, allowed: set, what: str) -> dict:
     if at is not None and (not isinstance(at, str) or not at):
         raise ValueError(f"accelerator_type must be a non-empty str, got {at!r}")
     check_label_selector(options.get("label_selector"))
+    fb = options.get("fallback_strategy")
+    if fb is not None:
+        if not isinstance(fb, list):
+            raise ValueError(f"fallback_strategy must be a list of dicts, got {type(fb).__name__}")
+        for f in fb:
+            if not isinstance(f, dict) or not f:
+                raise ValueError("Each element in fallback_strategy must be a non-empty "
+                                 "dictionary.")
+            for key in f:
+                if key != "label_selector":
+                    raise ValueError(f"Unsupported option found in fallback_strategy: "
+                                     f"{key!r}. Only ['label_selector'] is currently "
+                                     "supported.")
+            check_label_selector(f["label_selector"])
     groups = options.get("concurrency_groups")
     if groups is not None:
         if not isinstance(groups, dict):
@@ -250,11 +271,17 @@ def wire_options(options: dict, merged_env: dict | None) -> dict:
     mc = options.get("max_calls")
     if mc:
         out["max_calls"] = mc
-    strategy = strategy_to_wire(options.get("scheduling_strategy"))
+    from zray.util.placement_group import strategy_from_options
+
+    legacy = strategy_from_options(options)  # the deprecated placement_group= spelling
+    strategy = strategy_to_wire(legacy or options.get("scheduling_strategy"))
     if strategy is not None:
         out["strategy"] = strategy
     if options.get("label_selector"):
         out["label_selector"] = dict(options["label_selector"])
+    if options.get("fallback_strategy"):
+        out["fallback_strategy"] = [{"label_selector": dict(f["label_selector"])}
+                                    for f in options["fallback_strategy"]]
     env = dict(merged_env or {})
     env.update(((options.get("runtime_env") or {}).get("env_vars")) or {})
     if env:

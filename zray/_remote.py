@@ -14,6 +14,8 @@ from zray import _options, _runtime
 from zray import _protocol as P
 from zray._refs import ObjectRef, ObjectRefGenerator, check_session
 from zray._serialization import _CollectRefs, dumps_function, serialize
+from zray.util.placement_group import check_fits as pg_check_fits
+from zray.util.placement_group import inherited_strategy as pg_inherited_strategy
 
 
 class _Definition:
@@ -120,12 +122,16 @@ def is_generator_function(fn) -> bool:
 class _Prepared:
     """Options resolved to their wire form, cached per (function, options)."""
 
-    __slots__ = ("nret", "resources", "opts")
+    __slots__ = ("nret", "resources", "opts", "inherit")
 
     def __init__(self, options: dict):
         self.nret = wire_num_returns(options.get("num_returns", 1))
         self.resources = _options.resource_units(options, 1)
         self.opts = _options.wire_options(options, _runtime.job_env_vars())
+        # No strategy of its own: it joins a placement group that captures child tasks.
+        self.inherit = "strategy" not in self.opts and options.get(
+            "scheduling_strategy") is None and options.get("placement_group") in (None, "default")
+        pg_check_fits(options, self.resources, "the task")
 
 
 class RemoteFunction:
@@ -179,8 +185,13 @@ class RemoteFunction:
     def _submit(self, client, prep, name, args, kwargs):
         fid = self._def.ensure(client)
         frames, deps, nested, _keep = serialize_args(args, kwargs, client)
+        opts = prep.opts
+        if prep.inherit and _runtime.executor is not None:
+            inherited = pg_inherited_strategy()
+            if inherited is not None:
+                opts = {**opts, "strategy": inherited}
         spec = make_spec(client, P.TASK, fid, name, prep.nret, prep.resources,
-                         prep.opts, deps, nested)
+                         opts, deps, nested)
         refs = return_refs(client, spec.task_id, prep.nret)
         client.send(P.encode(P.Submit(spec)), frames)
         return refs

@@ -18,6 +18,8 @@ from zray._remote import (
     wire_num_returns,
 )
 from zray.exceptions import ActorAlreadyExistsError
+from zray.util.placement_group import check_fits as pg_check_fits
+from zray.util.placement_group import inherited_strategy as pg_inherited_strategy
 
 
 def method(*args, **kwargs):
@@ -143,6 +145,12 @@ class ActorClass:
         hold = _options.resource_units(options, 0 if explicit is None else explicit)
         opts = _options.wire_options(options, _runtime.job_env_vars())
         opts.pop("max_retries", None)
+        pg_check_fits(options, place, self.__name__)
+        if ("strategy" not in opts and options.get("scheduling_strategy") is None
+                and options.get("placement_group") in (None, "default")):
+            inherited = pg_inherited_strategy()  # a parent capturing child tasks
+            if inherited is not None:
+                opts["strategy"] = inherited
         opts["hold"] = hold
         for key in ("max_restarts", "max_task_retries", "max_concurrency", "lifetime"):
             if options.get(key) is not None:

@@ -174,6 +174,7 @@ def status(address, key_file):
     c = _client(address, key_file)
     try:
         st = c.request("status")
+        demand = c.request("demand")
         c.send(P.encode(P.Exit()))
     finally:
         c.close()
@@ -201,6 +202,23 @@ def status(address, key_file):
             click.echo(f"WARNING: the broker ran out of file descriptors and refused "
                        f"{st['accept_failed_no_fds']} connection(s): raise its limit "
                        f"(LimitNOFILE= in systemd, ulimit -n) and restart it")
+    _print_demand(demand)
+
+
+def _print_demand(demand: dict) -> None:
+    """Pending demand: queued tasks by shape and placement groups not placed yet."""
+    if demand["tasks"]:
+        click.echo("Pending demand:")
+        for d in demand["tasks"]:
+            click.echo(f"  {d['shape']}{' ' + d['strategy'] if d['strategy'] else ''}: "
+                       f"{d['count']} task(s)"
+                       f"{'  (infeasible: no node has that; waiting for one)' if d['infeasible'] else ''}")
+    if demand["placement_groups"]:
+        click.echo("Pending placement groups:")
+        for g in demand["placement_groups"]:
+            click.echo(f"  {g['placement_group_id']}  {g['name'] or '-'}  {g['state']}  "
+                       f"{g['strategy']}  {list(g['bundles'].values())}"
+                       f"{'  (infeasible: no set of nodes can hold it)' if g['infeasible'] else ''}")
 
 
 @main.command()

@@ -100,8 +100,11 @@ class RuntimeContext:
         return _runtime.current_namespace()
 
     def get_placement_group_id(self) -> Optional[str]:
-        """None: zray has no placement groups yet."""
-        return None
+        """The id (hex) of the placement group this task or actor runs in, else None."""
+        from zray.util.placement_group import get_current_placement_group
+
+        pg = get_current_placement_group()
+        return pg.id.hex() if pg is not None else None
 
     @property
     def namespace(self) -> str:
