@@ -241,7 +241,21 @@ class StateView:
         return rows
 
     def _placement_groups(self) -> list:
-        return []  # placement groups are not implemented yet
+        """Ray's PlacementGroupState rows: removed groups too, while the table keeps them."""
+        t = self.engine.pgroups
+        rows = []
+        for pg in list(t.groups.values()):
+            r = t.row(pg)
+            rows.append({"placement_group_id": r["placement_group_id"], "name": r["name"],
+                         "creator_job_id": pg.job.hex() if pg.job else None,
+                         "state": r["state"], "strategy": r["strategy"],
+                         "is_detached": r["is_detached"], "stats": r["stats"],
+                         "bundles": [{"bundle_id": {"placement_group_id": r["placement_group_id"],
+                                                    "bundle_index": i},
+                                      "unit_resources": res,
+                                      "node_id": r["bundles_to_node_id"].get(i)}
+                                     for i, res in r["bundles"].items()]})
+        return rows
 
 
 def _node_row(n, head: bool) -> dict:

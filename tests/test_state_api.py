@@ -154,7 +154,26 @@ def test_objects_and_jobs(ray_local):
     jobs = state.list_jobs()
     me = zray.get_runtime_context().get_job_id()
     assert [j for j in jobs if j["job_id"] == me][0]["status"] == "RUNNING"
-    assert state.list_placement_groups() == []  # placement groups are not implemented yet
+
+
+def test_placement_groups_listed_with_state_and_bundles(ray_local):
+    from zray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([{"CPU": 1}], strategy="PACK", name="state-api-pg")
+    zray.get(pg.ready(), timeout=60)
+    pg_hex = pg.id.hex()
+    rows = state.list_placement_groups(filters=[("placement_group_id", "=", pg_hex)])
+    assert [(r["name"], r["state"]) for r in rows] == [("state-api-pg", "CREATED")]
+    assert set(rows[0]) == {"placement_group_id", "name", "creator_job_id", "state"}
+    assert rows[0]["creator_job_id"] == zray.get_runtime_context().get_job_id()
+    detail = state.list_placement_groups(filters=[("name", "=", "state-api-pg")], detail=True)
+    bundle = detail[0]["bundles"][0]
+    assert bundle["unit_resources"] == {"CPU": 1.0} and bundle["node_id"]
+    assert detail[0]["strategy"] == "PACK" and detail[0]["is_detached"] is False
+    json.dumps(detail)
+    remove_placement_group(pg)
+    poll_until(lambda: [r["state"] for r in state.list_placement_groups(
+        filters=[("placement_group_id", "=", pg_hex)])] == ["REMOVED"], 30, what="REMOVED row")
 
 
 def test_rows_are_json_and_warning_free(ray_local):

@@ -14,8 +14,7 @@ short-lived connection (with the cluster key, as the CLI does).
 Task history comes from the broker's bounded transition log: a task whose every event
 fell off it is no longer listed. When events were dropped, ``list_tasks`` and
 ``summarize_tasks`` raise ``RayStateApiException`` with ``raise_on_missing_output=True``
-(Ray's default) and warn otherwise. ``list_placement_groups`` returns [] until placement
-groups are implemented.
+(Ray's default) and warn otherwise.
 """
 
 from __future__ import annotations
@@ -138,7 +137,7 @@ list_nodes = _lister("nodes", "Nodes: those in the cluster, then those that left
 list_objects = _lister("objects", "Objects the cluster holds a record of.")
 list_jobs = _lister("jobs", "Jobs of the drivers connected now (type DRIVER, status RUNNING).")
 list_placement_groups = _lister("placement_groups",
-                                "Placement groups: [] until placement groups are implemented.")
+                                "Placement groups, removed ones too while the broker keeps them.")
 
 
 def _get(resource: str, key: str, id_hex: str, address, timeout, _explain) -> List[dict]:

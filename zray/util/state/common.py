@@ -29,7 +29,7 @@ COLUMNS = {
                 ("state", "locations", "spilled")),
     "jobs": (("job_id", "type", "status", "namespace", "driver_info"), ()),
     "placement_groups": (("placement_group_id", "name", "creator_job_id", "state"),
-                         ("bundles", "is_detached", "stats")),
+                         ("bundles", "is_detached", "stats", "strategy")),
 }
 MAX_LIMIT = 10_000  # rows per reply (Ray's RAY_MAX_LIMIT_FROM_DATA_SOURCE default)
 DEFAULT_LIMIT = 100
