@@ -8,6 +8,8 @@ the job's log.
 
 import asyncio
 import json
+import logging
+import os
 import subprocess
 import textwrap
 
@@ -74,7 +76,9 @@ def test_submit_runs_a_driver_on_the_cluster(dash, client, tmp_path):
     assert wait_status(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
     logs = client.get_job_logs(sid)
     assert "squares [(0, 'teal'), (1, 'teal'), (4, 'teal'), (9, 'teal')]" in logs, logs
-    assert "cwd project" in logs and "argv job-ok-1" in logs
+    assert "argv job-ok-1" in logs
+    # the folder was uploaded: the job ran in the head's unpacked copy of it
+    assert "cwd project" not in logs and "cwd " in logs
     from zray.dashboard.jobs import _runtime_env_takes
 
     # with runtime_env working_dir support, the job's tasks run in it too (as in Ray)
@@ -83,6 +87,7 @@ def test_submit_runs_a_driver_on_the_cluster(dash, client, tmp_path):
     info = client.get_job_info(sid)
     assert info.status == JobStatus.SUCCEEDED and info.driver_exit_code == 0
     assert info.metadata == {"owner": "test"} and info.entrypoint == "python script.py"
+    assert info.runtime_env["working_dir"].startswith("gcs://_ray_pkg_"), info.runtime_env
     assert info.start_time <= info.end_time
     assert sid in {j.submission_id for j in client.list_jobs()}
     with pytest.raises(RuntimeError, match="already exists"):
@@ -130,14 +135,16 @@ def test_tail_job_logs_follows_until_the_end(dash, client):
 def test_bad_submissions_and_auth(dash, client, tmp_path):
     for kwargs, match in [({"entrypoint_num_cpus": 1}, "entrypoint_num_cpus"),
                           ({"runtime_env": {"conda": "env"}}, "conda"),
-                          ({"runtime_env": {"working_dir": str(tmp_path / "nope")}},
-                           "not a directory"),
+                          ({"runtime_env": {"working_dir": "gcs://_ray_pkg_" + "0" * 64
+                                                           + ".zip"}}, "no such package"),
                           ({"runtime_env": {"env_vars": {"A": 1}}}, "env_vars"),
                           ({"submission_id": "../x"}, "submission_id")]:
         with pytest.raises(RuntimeError, match=match):
             client.submit_job(entrypoint="true", **kwargs)
     with pytest.raises(RuntimeError, match="entrypoint"):
         client.submit_job(entrypoint="  ")
+    with pytest.raises(ValueError, match="not a local directory"):
+        client.submit_job(entrypoint="true", runtime_env={"working_dir": str(tmp_path / "nope")})
     body = json.dumps({"entrypoint": "touch /tmp/should-not-run"}).encode()
     status, err = http_error(dash.url + "/api/jobs/", "POST", body)
     assert status == 401 and "token" in err["error"]
@@ -165,7 +172,7 @@ def test_job_cli(dash, tmp_path):
                    "--runtime-env-json", json.dumps({"env_vars": {"JOB_COLOUR": "red"}}),
                    "--submission-id", "cli-1", "--", "python", "script.py")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "(9, 'red')" in out.stdout and "cwd cliproj" in out.stdout
+    assert "(9, 'red')" in out.stdout and "task sees the working_dir: True" in out.stdout
     assert "Job 'cli-1' SUCCEEDED" in out.stderr
     out = zray_job("status", "--address", dash.url, "cli-1")
     assert "SUCCEEDED" in out.stdout, out.stderr
@@ -205,3 +212,105 @@ def test_dashboard_stops_with_the_broker_and_takes_its_jobs(tmp_path):
         assert "the broker at" in (tmp_path / "dashboard.log").read_text()
     finally:
         c.stop()
+
+
+HELPER_SCRIPT = textwrap.dedent("""
+    import os
+    import zray
+
+    zray.init()
+
+    @zray.remote
+    def use_helper(text):
+        import helper  # only in the uploaded working_dir
+
+        return helper.shout(text), os.path.exists("big.bin")
+
+    print("helper says", zray.get(use_helper.remote("hello from a task")))
+    print("job cwd", os.getcwd())
+""")
+
+
+@pytest.mark.timeout(180)
+def test_working_dir_is_uploaded_from_the_client(dash, client, tmp_path, caplog):
+    """The client's folder does not exist on the head: `zray job submit --working-dir`
+    packs and uploads it; a second submit of the same files uploads nothing."""
+    src = tmp_path / "laptop" / "proj"
+    src.mkdir(parents=True)
+    (src / "helper.py").write_text("def shout(s):\n    return s.upper() + '!'\n")
+    (src / "main.py").write_text(HELPER_SCRIPT)
+    (src / ".gitignore").write_text("big.bin\n")
+    (src / "big.bin").write_bytes(b"x" * 4096)
+    env = dict(dash.procs.env, ZRAY_DASHBOARD_TOKEN=dash.token())
+    # run the CLI from a folder without the files, as a client elsewhere would
+    out = subprocess.run(_zray_cmd() + ["job", "submit", "--address", dash.url, "--working-dir",
+                                        str(src), "--submission-id", "upload-1", "--",
+                                        "python", "main.py"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "helper says ('HELLO FROM A TASK!', False)" in out.stdout, out.stdout
+    logs = client.get_job_logs("upload-1")
+    assert "helper says ('HELLO FROM A TASK!', False)" in logs
+    cwd = next(ln.split(" ", 2)[2] for ln in logs.splitlines() if ln.startswith("job cwd "))
+    assert not cwd.startswith(str(src)) and os.path.isfile(os.path.join(cwd, "helper.py"))
+    assert not os.path.exists(os.path.join(cwd, "big.bin"))  # .gitignore'd: not uploaded
+    assert os.stat(cwd).st_mode & 0o077 == 0  # the head's copy is owner-only
+    uri = client.get_job_info("upload-1").runtime_env["working_dir"]
+    assert uri.startswith("gcs://_ray_pkg_") and uri.endswith(".zip")
+
+    # the same files from another path: the dashboard has them, nothing is uploaded
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    caplog.set_level(logging.INFO, logger="zray.job_submission")
+    sid = client.submit_job(entrypoint="python main.py", runtime_env={"working_dir": str(moved)})
+    assert wait_status(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
+    assert client.get_job_info(sid).runtime_env["working_dir"] == uri
+    assert "on the cluster already" in caplog.text and "uploaded working_dir" not in caplog.text
+    assert "HELLO FROM A TASK!" in client.get_job_logs(sid)
+
+
+@pytest.mark.timeout(60)
+def test_package_uploads_are_checked(dash, tmp_path):
+    """A package must be what its name says, and unpacks only plain files inside its folder."""
+    import hashlib
+    import io
+    import zipfile
+
+    token = dash.token()
+
+    def put(name, data):
+        return http_error(f"{dash.url}/api/packages/gcs/{name}", "PUT", data, token=token)
+
+    def zip_of(entries):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for name, data, mode in entries:
+                info = zipfile.ZipInfo(name)
+                info.external_attr = mode << 16
+                zf.writestr(info, data)
+        return buf.getvalue()
+
+    def named(data):
+        return f"_ray_pkg_{hashlib.sha256(data).hexdigest()}.zip"
+
+    ok = zip_of([("a.py", b"x = 1\n", 0o100644)])
+    status, body = put("_ray_pkg_not-a-hash.zip", ok)
+    assert status == 400 and "bad package name" in body["error"]
+    status, body = put("_ray_pkg_" + "1" * 64 + ".zip", ok)
+    assert status == 400 and "content hash" in body["error"]
+    for entries, why in [([("../evil.py", b"x", 0o100644)], "plain relative path"),
+                         ([("/abs.py", b"x", 0o100644)], "plain relative path"),
+                         ([("link", b"/etc/passwd", 0o120777)], "symbolic links"),
+                         ([("a/b.py", b"x", 0o100644), ("a/b.py/c", b"x", 0o100644)],
+                          "both a file and a folder")]:
+        data = zip_of(entries)
+        status, body = put(named(data), data)
+        assert status == 400 and why in body["error"], (entries, body)
+        status, body = http_error(f"{dash.url}/api/packages/gcs/{named(data)}", token=token)
+        assert status == 404  # nothing of a refused package stays
+    status, body = http_error(f"{dash.url}/api/packages/gcs/{named(ok)}", "PUT", ok)
+    assert status == 401  # uploads need the token
+    status, body = put(named(ok), ok)
+    assert status == 200 and body == {"stored": True}
+    status, body = http_error(f"{dash.url}/api/packages/gcs/{named(ok)}", token=token)
+    assert status == 200 and body == {"exists": True}

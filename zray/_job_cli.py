@@ -57,7 +57,7 @@ def job():
 @address_option
 @click.option("--submission-id", default=None, help="The job's id (default: a new one).")
 @click.option("--working-dir", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Directory (on the head) the entrypoint runs in.")
+              help="Local directory to upload; the entrypoint runs in it on the head.")
 @click.option("--runtime-env-json", default=None, help="The job's runtime_env as JSON.")
 @click.option("--metadata-json", default=None, help="Metadata (str to str) as JSON.")
 @click.option("--no-wait", is_flag=True, help="Return once submitted; do not follow the logs.")

@@ -10,9 +10,12 @@ token: read from ``$ZRAY_DASHBOARD_TOKEN``, else from the dashboard's owner-only
 token file on this host (``<zray tmp dir>/dashboard-<port>.token``), unless
 ``headers`` carry an ``Authorization`` of their own. Reading is open.
 
-``runtime_env``: ``working_dir`` must be a directory on the head (the job runs in
-it; nothing is uploaded); ``env_vars`` are set for the driver; the rest is applied
-by the driver's ``zray.init()`` to the job's tasks and actors.
+``runtime_env``: a local ``working_dir`` is packed (its ``excludes`` and
+``.gitignore`` files apply; size-limited) and uploaded to the dashboard unless it
+has that content already (``GET`` then ``PUT /api/packages/gcs/_ray_pkg_<sha>.zip``,
+as Ray does); the job runs in its unpacked copy on the head and its tasks get it
+as their working_dir. ``env_vars`` are set for the driver; the rest is applied by
+the driver's ``zray.init()`` to the job's tasks and actors.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import logging
 import os
 import time
 import urllib.error
@@ -29,6 +33,7 @@ from typing import Any, AsyncIterator, Optional
 from urllib.parse import urlsplit
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+log = logging.getLogger("zray.job_submission")
 
 
 class JobStatus(str, enum.Enum):
@@ -104,17 +109,21 @@ class JobSubmissionClient:
         self._call("GET", "/api/version")  # fail now if nothing listens there
 
     # ------------------------------------------------------------ HTTP
-    def _call(self, method: str, path: str, body: Optional[dict] = None):
-        data = None if body is None else json.dumps(body).encode()
+    def _call(self, method: str, path: str, body: Optional[dict] = None, *,
+              raw: Optional[bytes] = None, missing_ok: bool = False):
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         headers = dict(self.headers)
         if data is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = ("application/zip" if raw is not None
+                                       else "application/json")
         req = urllib.request.Request(self.address + path, data=data, method=method,
                                      headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
+            with urllib.request.urlopen(req, timeout=60 if raw is None else 600) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
+            if missing_ok and e.code == 404:
+                return None
             try:
                 msg = json.loads(e.read()).get("error", "")
             except ValueError:
@@ -135,8 +144,10 @@ class JobSubmissionClient:
         """Start ``entrypoint`` (a shell command) on the head; returns its submission id."""
         runtime_env = dict(runtime_env or {})
         wd = runtime_env.get("working_dir")
-        if isinstance(wd, str) and "://" not in wd:
-            runtime_env["working_dir"] = os.path.abspath(wd)
+        if wd is not None and not (isinstance(wd, str) and "://" in wd):
+            # a local folder: packed and uploaded to the dashboard, as Ray does
+            runtime_env["working_dir"] = self._upload_working_dir(
+                wd, runtime_env.get("excludes") or ())
         body = {"entrypoint": entrypoint, "runtime_env": runtime_env,
                 "metadata": {**self.metadata, **(metadata or {})},
                 "submission_id": submission_id or job_id}
@@ -147,6 +158,25 @@ class JobSubmissionClient:
             if v is not None:
                 body[name] = v
         return self._call("POST", "/api/jobs/", body)["submission_id"]
+
+    def _upload_working_dir(self, path, excludes) -> str:
+        """Pack a local working_dir (zray/_renv.py: excludes, .gitignore, size limit) and
+        upload it unless the dashboard has it already (by content); its package URI."""
+        from zray._renv import pack
+        from zray.dashboard.packages import PROTOCOL, package_uri
+
+        if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+            raise ValueError(f"runtime_env working_dir {path!r}: not a local directory "
+                             "(give a folder; it is uploaded to the cluster)")
+        pkg = pack(path, "working_dir", excludes)
+        uri = package_uri(pkg.sha)
+        route = f"/api/packages/{PROTOCOL}/{uri.split('://', 1)[1]}"
+        if self._call("GET", route, missing_ok=True) is not None:
+            log.info("working_dir %s is on the cluster already as %s", path, uri)
+        else:
+            self._call("PUT", route, raw=pkg.data)
+            log.info("uploaded working_dir %s as %s (%d bytes)", path, uri, len(pkg.data))
+        return uri
 
     def stop_job(self, job_id: str) -> bool:
         """Stop a running job (SIGTERM, then SIGKILL); False if it was not running."""

@@ -5,7 +5,9 @@
 
     POST /api/jobs/ {entrypoint, runtime_env, submission_id, metadata, entrypoint_*}
       --> JobManager.submit: checks every field, then starts
-            /bin/sh -c ENTRYPOINT   (cwd: runtime_env working_dir, a local dir on this host;
+            /bin/sh -c ENTRYPOINT   (cwd: runtime_env working_dir: a package the client
+                                     uploaded (gcs://_ray_pkg_<sha>.zip, packages.py),
+                                     unpacked on this host, or a dir on this host;
                                      env: ZRAY_ADDRESS/RAY_ADDRESS = the cluster,
                                      ZRAY_JOB_RUNTIME_ENV = the rest of runtime_env, and working_dir
                                      itself where runtime_env supports it)
@@ -32,6 +34,7 @@ import time
 import uuid
 
 from zray._procutil import private_dir
+from zray.dashboard.packages import is_package_uri
 
 log = logging.getLogger("zray.dashboard")
 
@@ -48,9 +51,10 @@ class JobError(ValueError):
 
 
 class JobManager:
-    def __init__(self, address: str, jobs_dir: str):
+    def __init__(self, address: str, jobs_dir: str, packages=None):
         self.address = address
         self.dir = private_dir(jobs_dir)
+        self.packages = packages  # PackageStore of uploaded working_dirs (packages.py)
         self.jobs: dict = {}  # submission_id -> info dict (Ray's JobDetails fields)
         self.procs: dict = {}
         self.lock = threading.Lock()
@@ -130,18 +134,22 @@ class JobManager:
         log.info("job %s started (pid %d): %s", sid, proc.pid, entrypoint)
         return sid
 
-    @staticmethod
-    def _check_runtime_env(runtime_env) -> tuple:
+    def _check_runtime_env(self, runtime_env) -> tuple:
         """(cwd for the driver, the runtime_env its zray.init() applies to the job)."""
         if not isinstance(runtime_env, dict):
             raise JobError("runtime_env must be a JSON object")
         rest = dict(runtime_env)
         cwd = None
         wd = rest.pop("working_dir", None)
+        if is_package_uri(wd):  # uploaded by the client (JobSubmissionClient)
+            if self.packages is None:
+                raise JobError(f"runtime_env working_dir {wd}: this dashboard keeps no packages")
+            wd = self.packages.resolve(wd)
         if wd is not None:
             if not isinstance(wd, str) or "://" in wd:
                 raise JobError(f"runtime_env working_dir {wd!r}: zray jobs take a local "
-                               "directory on the head (remote URIs are not supported)")
+                               "directory (uploaded by the client) or a directory on the "
+                               "head (remote URIs are not supported)")
             if not os.path.isdir(wd):
                 raise JobError(f"runtime_env working_dir {wd!r} is not a directory on the head")
             cwd = os.path.abspath(wd)

@@ -82,7 +82,11 @@ class DashboardServer:
         self.view = ClusterView(self.client, ttl)
         broker_dir = self.client.info.get("session_dir", "")
         self.session_dir = private_dir(session_dir) if session_dir else new_session_dir()
-        self.jobs = JobManager(address, os.path.join(self.session_dir, "jobs"))
+        from zray.dashboard.packages import PackageStore
+
+        self.state_dir = _state_dir(broker_dir, address, session_dir)
+        self.packages = PackageStore(os.path.join(self.state_dir, "packages"))
+        self.jobs = JobManager(address, os.path.join(self.state_dir, "jobs"), self.packages)
         head = os.path.join(broker_dir, "logs") if broker_dir else ""
         own = os.path.join(self.session_dir, "logs")
         self.logs = LogFiles(self.view, {"dashboard": "" if own == head else own,
@@ -213,6 +217,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._route("DELETE")
 
+    def do_PUT(self):
+        self._route("PUT")
+
     def _route(self, method: str):
         url = urlsplit(self.path)
         path = url.path
@@ -230,6 +237,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, generate_latest(self.dash.registry), CONTENT_TYPE_LATEST)
             if path.startswith("/api/jobs"):
                 return self._jobs(method, path[len("/api/jobs"):].strip("/"), q)
+            if path.startswith("/api/packages/"):
+                return self._package(method, path[len("/api/packages/"):])
             if method != "GET":
                 return self._error(405, f"{method} {path}: not allowed")
             view = self.dash.view
@@ -289,6 +298,38 @@ class _Handler(BaseHTTPRequestHandler):
         detail = (q.get("detail") or ["false"])[-1].lower() in ("1", "true", "yes")
         return self._json(view.state(parts[0], filters, limit, detail))
 
+    def _package(self, method: str, rest: str):
+        """Ray's package routes: GET (HEAD) answers 200 if the package is here, else 404;
+        PUT uploads it (the zip as the body). See zray/dashboard/packages.py."""
+        from zray.dashboard.packages import PROTOCOL, max_bytes, sha_of_name
+
+        protocol, _, name = rest.partition("/")
+        if protocol != PROTOCOL:
+            return self._error(404, f"no package protocol {protocol!r:.40}: use {PROTOCOL}")
+        sha = sha_of_name(name)
+        store = self.dash.packages
+        if method == "GET":
+            if store.has(sha):
+                return self._json({"exists": True})
+            return self._error(404, f"Package {name} does not exist")
+        if method != "PUT":
+            return self._error(405, f"{method} /api/packages: not allowed")
+        try:
+            n = int(self.headers.get("Content-Length") or -1)
+        except ValueError:
+            n = -1
+        if n < 0:
+            return self._error(411, "a package upload needs a Content-Length")
+        if n > max_bytes():
+            self.close_connection = True
+            return self._error(413, f"package of {n} bytes is over the {max_bytes()} byte "
+                                    "limit (ZRAY_RUNTIME_ENV_MAX_PACKAGE_MB)")
+        data = self.rfile.read(n)
+        if len(data) != n:
+            raise ValueError("the package upload ended early")
+        created = store.put(sha, data)
+        return self._json({"stored": created})
+
     def _static(self, name: str, ctype: str):
         with open(os.path.join(STATIC, name), "rb") as f:
             self._send(200, f.read(), ctype)
@@ -316,6 +357,29 @@ class _Handler(BaseHTTPRequestHandler):
         except KeyError:
             return self._error(404, f"Job {sid} does not exist")
         return self._error(404, f"no route {method} /api/jobs/{rest}")
+
+
+def _state_dir(broker_dir: str, address: str, session_dir) -> str:
+    """Where the dashboard keeps what outlives it (job records and logs, uploaded
+    packages): ``$ZRAY_DASHBOARD_STATE_DIR``; else ``<session>/dashboard`` when the
+    broker's session dir is this user's on this host (the dashboard beside its head,
+    so a restarted dashboard finds the jobs, as Ray's keeps them in the GCS); else
+    ``<zray tmp dir>/dashboard-state/<hash of the broker's address>``."""
+    import hashlib
+
+    from zray._procutil import UnsafePathError, private_dir, user_tmp_dir
+
+    explicit = os.environ.get("ZRAY_DASHBOARD_STATE_DIR")
+    if explicit:
+        return private_dir(explicit)
+    for base in (broker_dir, session_dir):
+        if base and os.path.isdir(base):
+            try:
+                return private_dir(base, "dashboard")
+            except (UnsafePathError, OSError):
+                pass
+    key = hashlib.sha256(address.encode()).hexdigest()[:16]
+    return private_dir(user_tmp_dir(), "dashboard-state", key)
 
 
 def _int(q: dict, key: str, default: int) -> int:
