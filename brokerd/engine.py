@@ -39,6 +39,7 @@ import logging
 import time
 
 from brokerd.actors import ActorDirectory, Death
+from brokerd.jobhistory import EndedJobs, now_ms
 from brokerd.nodes import NodeTable
 from brokerd.objects import ObjectDirectory
 from brokerd.outbox import Outbox
@@ -82,7 +83,8 @@ class TaskEngine:
         self.children: dict[bytes, list] = {}
         self.executors: dict[bytes, Executor] = {}
         self.reaped: set = set()  # executors told to exit for being idle
-        self.jobs: dict[bytes, dict] = {}  # job id -> {"namespace", "driver"}
+        self.jobs: dict[bytes, dict] = {}  # job id -> {"namespace", "driver", "start_ms"}
+        self.ended_jobs = EndedJobs()  # jobs whose driver is gone (brokerd/jobhistory.py)
 
     # ============================================================ membership
     def client_joined(self, cid: bytes, m: P.Hello) -> dict:
@@ -119,7 +121,9 @@ class TaskEngine:
         c = self.clients.get(cid)
         if c is None or c.kind != "driver":
             raise PermissionError("only a driver registers a job")
-        self.jobs[c.job_id] = {"namespace": namespace, "driver": cid}
+        self.jobs[c.job_id] = {"namespace": namespace, "driver": cid,
+                               "start_ms": (self.jobs.get(c.job_id) or {}).get("start_ms")
+                               or now_ms()}
         c.logs = log_to_driver
 
     def client_seen(self, cid: bytes) -> bool:
@@ -185,7 +189,7 @@ class TaskEngine:
             self.executor_retired(cid)
             self.out.send(P.inbox_ident(cid), P.encode(P.Exit()))  # now it may exit
 
-    def driver_gone(self, c: ClientInfo) -> None:
+    def driver_gone(self, c: ClientInfo, normal: bool = True) -> None:
         self.clients.pop(c.cid, None)
         if c.kind != "driver":
             return
@@ -197,7 +201,9 @@ class TaskEngine:
             if task.spec.job == c.job_id and task.state in _WAITING:
                 self.finish_cancelled(task)
         self.objects.drop_client(c.cid, c.holds)
-        self.jobs.pop(c.job_id, None)
+        info = self.jobs.pop(c.job_id, None)
+        if info is not None:
+            self.ended_jobs.add(c.job_id, info, c.pid, c.node_id, normal)
         owner_gone(self, c.cid)
 
     def check_liveness(self, now: float) -> None:
@@ -217,7 +223,7 @@ class TaskEngine:
         for c in list(self.clients.values()):
             if c.kind == "driver" and now - c.last_seen > P.DRIVER_TIMEOUT_S:
                 log.warning("driver %s silent: releasing its job", c.cid.hex())
-                self.driver_gone(c)
+                self.driver_gone(c, normal=False)
 
     # ================================================================ tasks
     def submit(self, cid: bytes, m: P.Submit, frames, spec_bytes=None) -> None:

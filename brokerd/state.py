@@ -10,7 +10,8 @@ field names and state names.
              there: their last move, its reason, times, node, and the spec it carried)
     actors:  the actor directory (dead actors stay in it)
     nodes:   the node table + the nodes that left it (NodeTable.gone, bounded)
-    objects: the object directory;  jobs: the drivers' registered jobs (while connected)
+    objects: the object directory;  jobs: the drivers' registered jobs (connected: RUNNING)
+             and the bounded record of ended ones (SUCCEEDED, brokerd/jobhistory.py)
 
 Every value in a row is a plain str/int/float/bool/None/list/dict (msgpack, then JSON).
 Filters arrive from the wire: their shape is checked here and a bad one is an error
@@ -237,8 +238,10 @@ class StateView:
                          "namespace": info["namespace"],
                          "driver_info": {"id": info["driver"].hex(),
                                          "pid": c.pid if c else None,
-                                         "node_id": _hex(c.node_id) if c else None}})
-        return rows
+                                         "node_id": _hex(c.node_id) if c else None},
+                         "start_time": info.get("start_ms"), "end_time": None,
+                         "message": "the driver is connected"})
+        return e.ended_jobs.rows() + rows  # ended ones (oldest first), then running
 
     def _placement_groups(self) -> list:
         """Ray's PlacementGroupState rows: removed groups too, while the table keeps them."""

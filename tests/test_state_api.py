@@ -153,7 +153,52 @@ def test_objects_and_jobs(ray_local):
     assert summary["total_objects"] >= 2 and summary["total_size_mb"] >= 0.3
     jobs = state.list_jobs()
     me = zray.get_runtime_context().get_job_id()
-    assert [j for j in jobs if j["job_id"] == me][0]["status"] == "RUNNING"
+    mine = [j for j in jobs if j["job_id"] == me][0]
+    assert mine["status"] == "RUNNING" and mine["end_time"] is None and mine["start_time"] > 0
+
+
+def test_ended_driver_jobs_are_listed_as_succeeded(ray_local):
+    """As in Ray: a driver job is RUNNING while its driver is connected, SUCCEEDED once
+    it exited, with its start and end times (ms since the epoch)."""
+    import time
+
+    from conftest import driver_env
+
+    before = int(time.time() * 1000)
+    code = ("import os, sys, zray\n"
+            "zray.init(address=sys.argv[1], namespace='gone-ns')\n"
+            "print('JOB', zray.get_runtime_context().get_job_id(), os.getpid(), flush=True)\n"
+            "zray.get(zray.remote(lambda: 1).remote())\n")
+    out = subprocess.run([sys.executable, "-c", code, zray._runtime.client.address],
+                         env=driver_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job_id, pid = [ln.split()[1:] for ln in out.stdout.splitlines() if ln.startswith("JOB ")][0]
+    # the broker handles the driver's EXIT on its own time: wait for it
+    rows = poll_until(lambda: [r for r in state.list_jobs(filters=[("job_id", "=", job_id)])
+                               if r["status"] == "SUCCEEDED"], 60, what="the job to end")
+    assert len(rows) == 1, state.list_jobs()
+    row = rows[0]
+    assert row["type"] == "DRIVER"
+    assert row["namespace"] == "gone-ns" and row["driver_info"]["pid"] == int(pid)
+    assert before <= row["start_time"] <= row["end_time"] <= int(time.time() * 1000)
+    assert row["message"] == "the driver exited"
+    assert state.list_jobs(filters=[("status", "=", "SUCCEEDED"), ("job_id", "=", job_id)])
+    me = zray.get_runtime_context().get_job_id()
+    assert [j["status"] for j in state.list_jobs() if j["job_id"] == me] == ["RUNNING"]
+    json.dumps(rows)
+
+
+def test_ended_jobs_record_is_bounded():
+    from brokerd.jobhistory import EndedJobs
+
+    ended = EndedJobs(limit=3)
+    for i in range(5):
+        ended.add(bytes([i]) * 4, {"namespace": f"ns{i}", "driver": b"d", "start_ms": i},
+                  100 + i, None, normal=i != 4)
+    rows = ended.rows()
+    assert [r["namespace"] for r in rows] == ["ns2", "ns3", "ns4"]  # the newest three
+    assert rows[-1]["message"] == "the driver fell silent; its job was released"
+    assert all(r["status"] == "SUCCEEDED" and r["end_time"] >= r["start_time"] for r in rows)
 
 
 def test_placement_groups_listed_with_state_and_bundles(ray_local):

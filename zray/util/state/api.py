@@ -135,7 +135,9 @@ list_tasks = _lister("tasks", "Tasks, actor creations and actor calls: live ones
 list_actors = _lister("actors", "Actors, dead ones included.")
 list_nodes = _lister("nodes", "Nodes: those in the cluster, then those that left (DEAD).")
 list_objects = _lister("objects", "Objects the cluster holds a record of.")
-list_jobs = _lister("jobs", "Jobs of the drivers connected now (type DRIVER, status RUNNING).")
+list_jobs = _lister("jobs", "Driver jobs (type DRIVER): RUNNING while the driver is connected, "
+                            "then SUCCEEDED (as in Ray), with start_time and end_time (ms); "
+                            "the broker keeps the newest ZRAY_MAX_ENDED_JOBS ended ones.")
 list_placement_groups = _lister("placement_groups",
                                 "Placement groups, removed ones too while the broker keeps them.")
 

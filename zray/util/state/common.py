@@ -27,7 +27,8 @@ COLUMNS = {
     "objects": (("object_id", "object_size", "task_status", "reference_type", "call_site",
                  "type", "pid", "ip"),
                 ("state", "locations", "spilled")),
-    "jobs": (("job_id", "type", "status", "namespace", "driver_info"), ()),
+    "jobs": (("job_id", "type", "status", "namespace", "driver_info", "start_time", "end_time",
+              "message"), ()),
     "placement_groups": (("placement_group_id", "name", "creator_job_id", "state"),
                          ("bundles", "is_detached", "stats", "strategy")),
 }
