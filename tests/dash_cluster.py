@@ -55,6 +55,25 @@ class DashCluster:
         poll_until(nodes, 60, interval=0.2, what=f"{self.workers} nodes on /api/nodes")
         return self
 
+    def restart_dashboard(self):
+        """SIGKILL the dashboard (its jobs die with it) and start a new one beside the
+        same broker; waits for its new URL."""
+        import signal
+
+        old = self.procs.procs["dashboard"]
+        os.kill(old.pid, signal.SIGKILL)
+        old.wait(30)
+        self.procs.start("dashboard", ["dashboard", "--address", self.address, "--port", "0"])
+
+        def url():
+            self.procs.check_running()
+            text = (self.tmp_path / "dashboard.log").read_text(errors="replace")
+            m = re.search(r"zray dashboard at (http://\S+)", text)
+            return m.group(1) if m else None
+
+        self.url = poll_until(url, 60, interval=0.1, what="the restarted dashboard's URL")
+        return self
+
     def connect(self):
         if zray.is_initialized():
             zray.shutdown()

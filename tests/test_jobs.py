@@ -314,3 +314,44 @@ def test_package_uploads_are_checked(dash, tmp_path):
     assert status == 200 and body == {"stored": True}
     status, body = http_error(f"{dash.url}/api/packages/gcs/{named(ok)}", token=token)
     assert status == 200 and body == {"exists": True}
+
+
+@pytest.mark.timeout(150)
+def test_job_records_survive_a_dashboard_restart(tmp_path):
+    """The records (and logs) outlive the dashboard; a job running when it died is FAILED."""
+    c = DashCluster(tmp_path, workers=0)
+    try:
+        c.start()
+        client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
+        done = client.submit_job(entrypoint="python -c 'print(\"finished before\")'",
+                                 submission_id="before-restart", metadata={"k": "v"})
+        assert wait_status(client, done) == JobStatus.SUCCEEDED
+        flag = tmp_path / "started"
+        running = client.submit_job(entrypoint=f"python -c 'import time; open(\"{flag}\", \"w\")"
+                                               ".close(); time.sleep(600)'")
+        poll_until(flag.exists, 60, what="the long job to start")
+        job = psutil.Process(int(client.get_job_info(running).driver_info["pid"]))
+        c.restart_dashboard()
+        poll_until(lambda: not job.is_running() or job.status() == psutil.STATUS_ZOMBIE, 30,
+                   what="the running job to die with its dashboard")
+        client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
+        jobs = {j.submission_id: j for j in client.list_jobs()}
+        assert set(jobs) == {done, running}
+        info = client.get_job_info(done)
+        assert info.status == JobStatus.SUCCEEDED and info.metadata == {"k": "v"}
+        assert info.driver_exit_code == 0 and info.start_time <= info.end_time
+        assert "finished before" in client.get_job_logs(done)
+        info = client.get_job_info(running)
+        assert info.status == JobStatus.FAILED
+        assert "dashboard stopped while the job was RUNNING" in info.message
+        assert info.end_time >= info.start_time
+        # the file is owner-only, and new jobs are recorded as before
+        records = [p for p in tmp_path.rglob("jobs.json")]
+        assert len(records) == 1 and records[0].stat().st_mode & 0o077 == 0
+        sid = client.submit_job(entrypoint="true")
+        assert wait_status(client, sid) == JobStatus.SUCCEEDED
+        assert json.loads(records[0].read_text())["jobs"][-1]["submission_id"] == sid
+        with pytest.raises(RuntimeError, match="already exists"):
+            client.submit_job(entrypoint="true", submission_id=done)
+    finally:
+        c.stop()

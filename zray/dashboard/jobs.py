@@ -18,6 +18,12 @@ A job's process is started from ``_cluster._Spawner``'s long-lived thread throug
 ``job_shim`` (the kernel kills it if the dashboard dies, even by SIGKILL). It runs
 in its own process group, which ``stop`` signals (SIGTERM, then SIGKILL after
 ``STOP_GRACE_S``) and which the dashboard kills when it exits.
+
+The records (Ray's JobDetails fields) are kept in ``<jobs dir>/jobs.json``
+(owner-only, rewritten whole at each change) beside the jobs' logs, in the
+dashboard's state dir (server.py: under the broker's session dir), so a restarted
+dashboard lists, shows and serves the logs of the jobs its predecessor ran. A job
+that was PENDING or RUNNING then died with it: it is loaded as FAILED, saying so.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ log = logging.getLogger("zray.dashboard")
 
 STOP_GRACE_S = 3.0
 TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
+STATUSES = ("PENDING", "RUNNING") + TERMINAL
+RECORDS = "jobs.json"  # the job records in the jobs dir, kept across dashboard restarts
+RECORD_FIELDS = {"type", "job_id", "submission_id", "status", "entrypoint", "message",
+                 "error_type", "start_time", "end_time", "metadata", "runtime_env",
+                 "driver_info", "driver_exit_code"}
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,128}\Z")
 SUBMIT_FIELDS = {"entrypoint", "submission_id", "runtime_env", "metadata", "job_id",
                  "entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory",
@@ -58,6 +69,56 @@ class JobManager:
         self.jobs: dict = {}  # submission_id -> info dict (Ray's JobDetails fields)
         self.procs: dict = {}
         self.lock = threading.Lock()
+        self.db = os.path.join(self.dir, RECORDS)
+        self._load()
+
+    # ------------------------------------------------------------ records on disk
+    def _load(self) -> None:
+        """The records a previous dashboard left. A job it was running died with it (its
+        process group is killed when the dashboard dies): FAILED, saying so."""
+        try:
+            with open(self.db, "rb") as f:
+                saved = json.loads(f.read())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("job records %s unreadable (%s): starting without them", self.db, e)
+            return
+        if not isinstance(saved, dict) or not isinstance(saved.get("jobs"), list):
+            log.warning("job records %s malformed: starting without them", self.db)
+            return
+        now = int(time.time() * 1000)
+        died = 0
+        for info in saved["jobs"]:
+            sid = info.get("submission_id") if isinstance(info, dict) else None
+            if (not isinstance(sid, str) or not _ID.match(sid)
+                    or info.get("status") not in STATUSES or set(info) - RECORD_FIELDS):
+                log.warning("job records %s: skipping a malformed record", self.db)
+                continue
+            info = dict(info, log_path=os.path.join(self.dir, f"job-{sid}.log"))
+            if info["status"] not in TERMINAL:
+                died += 1
+                info.update(status="FAILED", end_time=now, error_type=None,
+                            message="the dashboard stopped while the job was "
+                                    f"{info['status']}; its processes were killed with it")
+            self.jobs[sid] = info
+        if died:
+            self._save()
+        log.info("loaded %d job records from %s (%d were running: now FAILED)",
+                 len(self.jobs), self.db, died)
+
+    def _save(self) -> None:
+        """Write every record (owner-only, replaced whole). Call with ``lock`` held."""
+        from zray._procutil import write_private_file
+
+        records = [{k: v for k, v in info.items() if not k.startswith("_") and k != "log_path"}
+                   for info in self.jobs.values()]
+        tmp = f"{self.db}.{os.getpid()}.tmp"
+        try:
+            write_private_file(tmp, json.dumps({"version": 1, "jobs": records}))
+            os.replace(tmp, self.db)
+        except OSError as e:
+            log.error("could not save the job records to %s: %s", self.db, e)
 
     def submit(self, body: dict) -> str:
         if not isinstance(body, dict):
@@ -96,6 +157,7 @@ class JobManager:
                 "metadata": metadata, "runtime_env": runtime_env, "driver_info": None,
                 "driver_exit_code": None, "log_path": log_path,
             }
+            self._save()
         env = dict(os.environ)
         env.update({"ZRAY_ADDRESS": self.address, "RAY_ADDRESS": self.address,
                     "ZRAY_JOB_SUBMISSION_ID": sid, "RAY_JOB_SUBMISSION_ID": sid,
@@ -129,6 +191,7 @@ class JobManager:
                 info.update(status="RUNNING", message="running",
                             driver_info={"id": sid, "pid": str(proc.pid),
                                          "node_ip_address": "127.0.0.1"})
+                self._save()
         threading.Thread(target=self._wait, args=(sid, proc), daemon=True,
                          name=f"job-{sid}").start()
         log.info("job %s started (pid %d): %s", sid, proc.pid, entrypoint)
@@ -188,6 +251,7 @@ class JobManager:
             info.update(status=status, message=message, driver_exit_code=code,
                         end_time=int(time.time() * 1000), error_type=error_type)
             self.procs.pop(sid, None)
+            self._save()
         log.info("job %s %s (%s)", sid, status, message)
 
     def get(self, sid: str) -> dict:
@@ -251,6 +315,7 @@ class JobManager:
             if info["status"] not in TERMINAL:
                 raise JobError(f"job {sid} is {info['status']}: stop it before deleting it")
             del self.jobs[sid]
+            self._save()
         try:
             os.unlink(info["log_path"])
         except OSError:
