@@ -310,6 +310,9 @@ def test_package_uploads_are_checked(dash, tmp_path):
         assert status == 404  # nothing of a refused package stays
     status, body = http_error(f"{dash.url}/api/packages/gcs/{named(ok)}", "PUT", ok)
     assert status == 401  # uploads need the token
+    status, body = http_error(f"{dash.url}/api/packages/gcs/{named(ok)}", "PUT", b"",
+                              {"Content-Length": str(1 << 40)}, token=token)
+    assert status == 413 and "limit" in body["error"]  # refused before reading
     status, body = put(named(ok), ok)
     assert status == 200 and body == {"stored": True}
     status, body = http_error(f"{dash.url}/api/packages/gcs/{named(ok)}", token=token)
