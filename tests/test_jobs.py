@@ -358,3 +358,50 @@ def test_job_records_survive_a_dashboard_restart(tmp_path):
             client.submit_job(entrypoint="true", submission_id=done)
     finally:
         c.stop()
+
+
+@pytest.mark.timeout(150)
+def test_package_cache_evicts_least_recently_used_but_not_in_use(tmp_path):
+    """Past ZRAY_DASHBOARD_PACKAGES_MB, storing a package evicts the least recently used
+    ones, never one a running job was submitted with."""
+    c = DashCluster(tmp_path, workers=0)
+    c.procs.env["ZRAY_DASHBOARD_PACKAGES_MB"] = "0.1"  # ~100 KB: two 40 KB packages
+    try:
+        c.start()
+        client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
+        flag = tmp_path / "started"
+
+        def folder(name):
+            d = tmp_path / name
+            d.mkdir()
+            (d / "data.bin").write_bytes(name.encode() * (40_000 // len(name)))
+            return d
+
+        long = client.submit_job(
+            entrypoint=f"python -c 'import time; open(\"{flag}\", \"w\").close(); "
+                       "time.sleep(600)'", runtime_env={"working_dir": str(folder("busy"))})
+        poll_until(flag.exists, 60, what="the long job to start")
+        busy_uri = client.get_job_info(long).runtime_env["working_dir"]
+        uris = []
+        for name in ("one", "two", "three"):
+            sid = client.submit_job(entrypoint="true",
+                                    runtime_env={"working_dir": str(folder(name))})
+            assert wait_status(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
+            uris.append(client.get_job_info(sid).runtime_env["working_dir"])
+
+        def present(uri):
+            return http_error(f"{c.url}/api/packages/gcs/{uri.split('://')[1]}",
+                              token=c.token())[0] == 200
+
+        # "busy" is in use; "one" and "two" made way for the newer packages
+        assert [present(u) for u in [busy_uri] + uris] == [True, False, False, True]
+        assert client.stop_job(long)
+        assert wait_status(client, long) == JobStatus.STOPPED
+        # an evicted package is uploaded again when a job needs it
+        sid = client.submit_job(entrypoint="cat data.bin",
+                                runtime_env={"working_dir": str(tmp_path / "one")})
+        assert wait_status(client, sid) == JobStatus.SUCCEEDED
+        assert client.get_job_logs(sid).startswith("oneone")
+        assert present(uris[0])
+    finally:
+        c.stop()

@@ -71,6 +71,15 @@ class JobManager:
         self.lock = threading.Lock()
         self.db = os.path.join(self.dir, RECORDS)
         self._load()
+        if packages is not None:
+            packages.in_use = self.packages_in_use
+
+    def packages_in_use(self) -> set:
+        """The sha256s of the uploaded working_dirs of PENDING and RUNNING jobs."""
+        with self.lock:
+            uris = [(info.get("runtime_env") or {}).get("working_dir")
+                    for info in self.jobs.values() if info["status"] not in TERMINAL]
+        return {u.rsplit("_", 1)[1][:-4] for u in uris if is_package_uri(u)}
 
     # ------------------------------------------------------------ records on disk
     def _load(self) -> None:

@@ -67,12 +67,28 @@ def sha_of_name(name: str) -> str:
     return m.group(1)
 
 
-class PackageStore:
-    """Unpacked packages by sha256, under an owner-only folder."""
+def cache_limit_bytes() -> int:
+    text = os.environ.get("ZRAY_DASHBOARD_PACKAGES_MB", "10240")
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise ValueError(f"ZRAY_DASHBOARD_PACKAGES_MB must be a number >= 0, got {text!r}")
+    return int(mb * 2**20)
 
-    def __init__(self, root: str):
+
+class PackageStore:
+    """Unpacked packages by sha256, under an owner-only folder, at most
+    ``ZRAY_DASHBOARD_PACKAGES_MB`` (10 GiB) of them: past that, storing one evicts the
+    least recently used (stored or submitted with) that ``in_use()`` does not name
+    (the packages of PENDING and RUNNING jobs) and that is not the one just stored."""
+
+    def __init__(self, root: str, in_use=lambda: set()):
         self.root = private_dir(root)
         self.lock = threading.Lock()
+        self.in_use = in_use
+        self.limit = cache_limit_bytes()
 
     def path(self, sha: str) -> str:
         return os.path.join(self.root, sha)
@@ -104,7 +120,34 @@ class PackageStore:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
         log.info("package %s stored (%d bytes)", sha[:16], len(data))
+        self.evict(keep={sha})
         return True
+
+    def evict(self, keep: set) -> None:
+        """Remove least recently used packages until the rest fit the limit."""
+        with self.lock:
+            entries = []
+            for name in os.listdir(self.root):
+                if len(name) != 64 or name.startswith("."):
+                    continue
+                path = os.path.join(self.root, name)
+                size = 0
+                for dirpath, _dirs, files in os.walk(path):
+                    size += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in files)
+                entries.append((os.lstat(path).st_mtime_ns, name, size))
+            total = sum(e[2] for e in entries)
+            if total <= self.limit:
+                return
+            keep = set(keep) | set(self.in_use())
+            for _mtime, name, size in sorted(entries):
+                if total <= self.limit:
+                    break
+                if name in keep:
+                    continue
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                total -= size
+                log.info("package %s evicted (%d bytes; the cache is over %d bytes)",
+                         name[:16], size, self.limit)
 
     def resolve(self, uri: str) -> str:
         """The local folder of an uploaded package's URI."""
@@ -112,9 +155,11 @@ class PackageStore:
         if m is None:
             raise PackageError(f"bad package URI {uri!r:.100}")
         sha = sha_of_name(m.group(1))
-        if not self.has(sha):
-            raise PackageError(f"runtime_env working_dir {uri}: no such package on the "
-                               "dashboard; upload it first (JobSubmissionClient does)")
+        with self.lock:  # not evicted between here and the touch
+            if not self.has(sha):
+                raise PackageError(f"runtime_env working_dir {uri}: no such package on the "
+                                   "dashboard; upload it first (JobSubmissionClient does)")
+            os.utime(self.path(sha))  # recently used
         return self.path(sha)
 
 
