@@ -224,7 +224,10 @@ HELPER_SCRIPT = textwrap.dedent("""
     def use_helper(text):
         import helper  # only in the uploaded working_dir
 
-        return helper.shout(text), os.path.exists("big.bin")
+        import mylib  # uploaded from py_modules
+        import single
+
+        return helper.shout(text), os.path.exists("big.bin"), mylib.NAME, single.NAME
 
     print("helper says", zray.get(use_helper.remote("hello from a task")))
     print("job cwd", os.getcwd())
@@ -241,16 +244,22 @@ def test_working_dir_is_uploaded_from_the_client(dash, client, tmp_path, caplog)
     (src / "main.py").write_text(HELPER_SCRIPT)
     (src / ".gitignore").write_text("big.bin\n")
     (src / "big.bin").write_bytes(b"x" * 4096)
+    libs = tmp_path / "laptop" / "libs"
+    (libs / "mylib").mkdir(parents=True)
+    (libs / "mylib" / "__init__.py").write_text("NAME = 'mylib'\n")
+    (libs / "single.py").write_text("NAME = 'single'\n")
+    renv = json.dumps({"py_modules": [str(libs / "mylib"), str(libs / "single.py")]})
     env = dict(dash.procs.env, ZRAY_DASHBOARD_TOKEN=dash.token())
     # run the CLI from a folder without the files, as a client elsewhere would
     out = subprocess.run(_zray_cmd() + ["job", "submit", "--address", dash.url, "--working-dir",
-                                        str(src), "--submission-id", "upload-1", "--",
+                                        str(src), "--runtime-env-json", renv,
+                                        "--submission-id", "upload-1", "--",
                                         "python", "main.py"],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "helper says ('HELLO FROM A TASK!', False)" in out.stdout, out.stdout
+    assert "helper says ('HELLO FROM A TASK!', False, 'mylib', 'single')" in out.stdout, out.stdout
     logs = client.get_job_logs("upload-1")
-    assert "helper says ('HELLO FROM A TASK!', False)" in logs
+    assert "helper says ('HELLO FROM A TASK!', False, 'mylib', 'single')" in logs
     cwd = next(ln.split(" ", 2)[2] for ln in logs.splitlines() if ln.startswith("job cwd "))
     assert not cwd.startswith(str(src)) and os.path.isfile(os.path.join(cwd, "helper.py"))
     assert not os.path.exists(os.path.join(cwd, "big.bin"))  # .gitignore'd: not uploaded
@@ -262,11 +271,17 @@ def test_working_dir_is_uploaded_from_the_client(dash, client, tmp_path, caplog)
     moved = tmp_path / "moved"
     src.rename(moved)
     caplog.set_level(logging.INFO, logger="zray.job_submission")
-    sid = client.submit_job(entrypoint="python main.py", runtime_env={"working_dir": str(moved)})
+    sid = client.submit_job(entrypoint="python main.py",
+                            runtime_env={"working_dir": str(moved),
+                                         "py_modules": json.loads(renv)["py_modules"]})
     assert wait_status(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
     assert client.get_job_info(sid).runtime_env["working_dir"] == uri
-    assert "on the cluster already" in caplog.text and "uploaded working_dir" not in caplog.text
+    assert "on the cluster already" in caplog.text and "uploaded " not in caplog.text
     assert "HELLO FROM A TASK!" in client.get_job_logs(sid)
+    mods = client.get_job_info(sid).runtime_env["py_modules"]
+    assert len(mods) == 2 and all(m.startswith("gcs://_ray_pkg_") for m in mods)
+    with pytest.raises(ValueError, match="py_modules"):
+        client.submit_job(entrypoint="true", runtime_env={"py_modules": [str(tmp_path / "no")]})
 
 
 @pytest.mark.timeout(60)

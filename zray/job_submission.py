@@ -14,7 +14,8 @@ token file on this host (``<zray tmp dir>/dashboard-<port>.token``), unless
 ``.gitignore`` files apply; size-limited) and uploaded to the dashboard unless it
 has that content already (``GET`` then ``PUT /api/packages/gcs/_ray_pkg_<sha>.zip``,
 as Ray does); the job runs in its unpacked copy on the head and its tasks get it
-as their working_dir. ``env_vars`` are set for the driver; the rest is applied by
+as their working_dir. Local ``py_modules`` (folders, .py files, modules) are
+uploaded the same way. ``env_vars`` are set for the driver; the rest is applied by
 the driver's ``zray.init()`` to the job's tasks and actors.
 """
 
@@ -148,6 +149,12 @@ class JobSubmissionClient:
             # a local folder: packed and uploaded to the dashboard, as Ray does
             runtime_env["working_dir"] = self._upload_working_dir(
                 wd, runtime_env.get("excludes") or ())
+        mods = runtime_env.get("py_modules")
+        if isinstance(mods, (list, tuple)):
+            # local modules too: each folder or .py file is uploaded (remote URIs pass)
+            runtime_env["py_modules"] = [
+                m if isinstance(m, str) and "://" in m
+                else self._upload_module(m, runtime_env.get("excludes") or ()) for m in mods]
         body = {"entrypoint": entrypoint, "runtime_env": runtime_env,
                 "metadata": {**self.metadata, **(metadata or {})},
                 "submission_id": submission_id or job_id}
@@ -163,19 +170,35 @@ class JobSubmissionClient:
         """Pack a local working_dir (zray/_renv.py: excludes, .gitignore, size limit) and
         upload it unless the dashboard has it already (by content); its package URI."""
         from zray._renv import pack
-        from zray.dashboard.packages import PROTOCOL, package_uri
 
         if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
             raise ValueError(f"runtime_env working_dir {path!r}: not a local directory "
                              "(give a folder; it is uploaded to the cluster)")
-        pkg = pack(path, "working_dir", excludes)
+        return self._upload(pack(path, "working_dir", excludes), f"working_dir {path}")
+
+    def _upload_module(self, module, excludes) -> str:
+        """A local py_modules entry (a package folder, a .py file or a module object),
+        packed with its name at the root and uploaded as working_dirs are."""
+        from zray._renv import _module_path, pack
+
+        path = _module_path(module)
+        if not isinstance(path, (str, os.PathLike)) or not (
+                os.path.isdir(path) or (os.path.isfile(path) and str(path).endswith(".py"))):
+            raise ValueError(f"runtime_env py_modules entry {path!r}: a job takes a local "
+                             "package folder, .py file or module (uploaded to the cluster); "
+                             ".whl and .zip files are not supported for jobs")
+        return self._upload(pack(path, "py_modules", excludes), f"py_modules {path}")
+
+    def _upload(self, pkg, what: str) -> str:
+        from zray.dashboard.packages import PROTOCOL, package_uri
+
         uri = package_uri(pkg.sha)
         route = f"/api/packages/{PROTOCOL}/{uri.split('://', 1)[1]}"
         if self._call("GET", route, missing_ok=True) is not None:
-            log.info("working_dir %s is on the cluster already as %s", path, uri)
+            log.info("%s is on the cluster already as %s", what, uri)
         else:
             self._call("PUT", route, raw=pkg.data)
-            log.info("uploaded working_dir %s as %s (%d bytes)", path, uri, len(pkg.data))
+            log.info("uploaded %s as %s (%d bytes)", what, uri, len(pkg.data))
         return uri
 
     def stop_job(self, job_id: str) -> bool:

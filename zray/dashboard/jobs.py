@@ -75,10 +75,14 @@ class JobManager:
             packages.in_use = self.packages_in_use
 
     def packages_in_use(self) -> set:
-        """The sha256s of the uploaded working_dirs of PENDING and RUNNING jobs."""
+        """The sha256s of the uploaded packages of PENDING and RUNNING jobs."""
         with self.lock:
-            uris = [(info.get("runtime_env") or {}).get("working_dir")
-                    for info in self.jobs.values() if info["status"] not in TERMINAL]
+            uris = []
+            for info in self.jobs.values():
+                if info["status"] not in TERMINAL:
+                    renv = info.get("runtime_env") or {}
+                    uris.append(renv.get("working_dir"))
+                    uris.extend(renv.get("py_modules") or ())
         return {u.rsplit("_", 1)[1][:-4] for u in uris if is_package_uri(u)}
 
     # ------------------------------------------------------------ records on disk
@@ -229,6 +233,12 @@ class JobManager:
                 # this zray ships runtime_env working_dirs (zray/_renv.py): the driver's
                 # init() packs it for the job's tasks and actors too, as in Ray
                 rest["working_dir"] = cwd
+        mods = rest.get("py_modules")
+        if isinstance(mods, list) and any(is_package_uri(m) for m in mods):
+            if self.packages is None:
+                raise JobError("runtime_env py_modules: this dashboard keeps no packages")
+            rest["py_modules"] = [self.packages.resolve_module(m) if is_package_uri(m) else m
+                                  for m in mods]
         env_vars = rest.get("env_vars")
         if env_vars is not None and (not isinstance(env_vars, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())):

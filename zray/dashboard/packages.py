@@ -162,6 +162,16 @@ class PackageStore:
             os.utime(self.path(sha))  # recently used
         return self.path(sha)
 
+    def resolve_module(self, uri: str) -> str:
+        """The local path of an uploaded py_modules entry: the one folder or file at the
+        root of its package."""
+        root = self.resolve(uri)
+        names = os.listdir(root)
+        if len(names) != 1:
+            raise PackageError(f"runtime_env py_modules {uri}: the package holds "
+                               f"{len(names)} entries at its root, not one module")
+        return os.path.join(root, names[0])
+
 
 def _parts(name: str) -> list:
     bad = (not name or name.startswith("/") or "\\" in name or "\0" in name)
