@@ -29,6 +29,8 @@ Module map (each module's docstring says what it owns):
   * ``actors.py``      ActorDirectory: actors, names, call queues, restarts.
   * ``queries.py``     REQ answers for the API and CLI.
   * ``outbox.py``      the one way out.
+  * ``durable.py``     the durable tables (SQLite under ``--state-dir``).
+  * ``restart.py``     Recovery: what survives a broker restart, and the reconnects.
 
 This module owns the socket, the loop, the dispatch table and the bad-message
 counters. See ``zray._protocol`` for the frames.
@@ -44,9 +46,11 @@ import time
 
 import zmq
 
+from brokerd.durable import DurableStore
 from brokerd.engine import TaskEngine
 from brokerd.outbox import Outbox
 from brokerd.queries import Queries
+from brokerd.restart import Recovery
 from zray import _protocol as P
 from zray._protocol import Msg
 from zray._security import ServerAuth, create_key_file, needs_curve
@@ -62,9 +66,11 @@ GC_THRESHOLD = (50_000, 20, 100)
 
 
 class Broker:
-    def __init__(self, address: str, session_dir: str = ""):
+    def __init__(self, address: str, session_dir: str = "", state_dir: str = ""):
         self.address = address
         self.session_dir = session_dir
+        # This incarnation: clients and nodes that see it change replay their state.
+        self.epoch = os.urandom(8).hex()
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -86,6 +92,11 @@ class Broker:
         self.out = Outbox(self.sock)
         self.engine = TaskEngine(self.out)
         self.queries = Queries(self.engine, self.address, time.time(), self.stats)
+        self.recovery = None
+        if state_dir:  # durable tables: the cluster survives a restart (brokerd/restart.py)
+            self.recovery = Recovery(self.engine, DurableStore(state_dir))
+            self.engine.recovery = self.engine.actors.recovery = self.recovery
+            self.recovery.restore()
         self.running = True
         self.header = None  # the header frame of the message being handled
         self.dropped = 0  # messages dropped as malformed or sent by the wrong role
@@ -207,6 +218,8 @@ class Broker:
         for cid in list(self.engine.clients):
             self.out.send(P.inbox_ident(cid), P.encode(P.Shutdown()))
         self.sock.close(linger=200)  # linger: the SHUTDOWN frames still leave
+        if self.recovery is not None:
+            self.recovery.store.close()
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
@@ -235,22 +248,27 @@ class Broker:
         if "error" in info:
             self.drop(P.inbox_ident(cid), f"HELLO refused: {info['error']}")
         else:
-            info.update(session_dir=self.session_dir, address=self.address)
+            info.update(session_dir=self.session_dir, address=self.address, epoch=self.epoch)
         self.out.send(P.inbox_ident(cid), P.encode(P.Welcome(info)))
 
     def on_client_heartbeat(self, cid, m, frames):
         if self.engine.client_seen(cid):
             self.out.send(P.inbox_ident(cid), P.encode(P.Heartbeat()))
+        else:  # not known here (this broker restarted): it must say HELLO again
+            self.out.send(P.inbox_ident(cid), P.encode(P.Welcome({"rehello": self.epoch})))
 
     def on_node_hello(self, node_id, m: P.NodeHello, frames):
         if m.node_id != node_id:
             raise P.ProtocolError("NODE_HELLO: node id differs from the socket's identity")
         self.engine.node_joined(node_id, m.info)
-        self.out.send(P.node_ident(node_id), P.encode(P.Welcome({"address": self.address})))
+        self.out.send(P.node_ident(node_id), P.encode(P.Welcome({"address": self.address,
+                                                                   "epoch": self.epoch})))
 
     def on_node_heartbeat(self, node_id, m, frames):
         if self.engine.nodes.seen(node_id):
             self.out.send(P.node_ident(node_id), P.encode(P.Heartbeat()))
+        else:  # not known (or reconnecting) here: it must say NODE_HELLO again
+            self.out.send(P.node_ident(node_id), P.encode(P.Welcome({"rehello": self.epoch})))
 
     def on_submit(self, cid, m: P.Submit, frames):
         self.engine.submit(cid, m, frames, P.submit_spec_bytes(self.header.buffer))
@@ -264,8 +282,8 @@ class Broker:
         self.out.send(P.inbox_ident(cid), P.encode(self.queries.answer(cid, m)))
 
 
-def run(address: str, session_dir: str = "") -> None:
-    broker = Broker(address, session_dir)
+def run(address: str, session_dir: str = "", state_dir: str = "") -> None:
+    broker = Broker(address, session_dir, state_dir)
     # A long-lived server whose tables hold few cycles: move start-up objects out of the
     # collector's way and collect the young generation less often (GC_THRESHOLD, measured
     # in docs/NOTES.md).

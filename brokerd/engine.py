@@ -80,6 +80,7 @@ class TaskEngine:
         self.executors: dict[bytes, Executor] = {}
         self.reaped: set = set()  # executors told to exit for being idle
         self.jobs: dict[bytes, dict] = {}  # job id -> {"namespace", "driver"}
+        self.recovery = None  # brokerd.restart.Recovery when the broker has a state dir
 
     # ============================================================ membership
     def client_joined(self, cid: bytes, m: P.Hello) -> dict:
@@ -99,6 +100,8 @@ class TaskEngine:
             ex = Executor(cid, node, m.pid)
             node.executors[cid] = ex
             self.executors[cid] = ex
+            if self.recovery is not None:  # it may host an actor from before a restart
+                self.recovery.reattach(ex)
         return {"store_limit": node.store_limit if node else 0}
 
     def executor_spawned(self, node_id: bytes, cid: bytes, token: bytes) -> None:
@@ -118,6 +121,8 @@ class TaskEngine:
             raise PermissionError("only a driver registers a job")
         self.jobs[c.job_id] = {"namespace": namespace, "driver": cid}
         c.logs = log_to_driver
+        if self.recovery is not None:
+            self.recovery.job_saved(c.job_id, self.jobs[c.job_id])
 
     def client_seen(self, cid: bytes) -> bool:
         c = self.clients.get(cid)
@@ -147,6 +152,14 @@ class TaskEngine:
 
     def node_joined(self, node_id: bytes, info: dict) -> Node:
         old = self.nodes.nodes.get(node_id)
+        if old is not None and old.reconnecting:  # known before a broker restart
+            if self.recovery.node_back(old, info):  # the same agent: its store lives on
+                node = self.nodes.join(node_id, info)
+                node.store_used, node.spilled, node.lru = old.store_used, old.spilled, old.lru
+                self.recovery.node_saved(node)
+                return node
+            self.node_dead(old, "its agent restarted")
+            old = None
         if old is not None and old.alive:
             if info.get("pid") == old.pid:  # the same agent introduced itself again
                 self.nodes.seen(node_id)
@@ -154,10 +167,15 @@ class TaskEngine:
             # A new agent process with the old id (ZeroMQ refuses a second live peer with
             # an identity in use, so the old connection is gone): its executors are too.
             self.node_dead(old, "its agent restarted")
-        return self.nodes.join(node_id, info)
+        node = self.nodes.join(node_id, info)
+        if self.recovery is not None:
+            self.recovery.node_saved(node)
+        return node
 
     def node_dead(self, node: Node, why: str = "") -> None:
         self.nodes.leave(node)
+        if self.recovery is not None:
+            self.recovery.node_gone(node)
         lost = self.objects.node_lost(node.node_id)
         if lost:
             self._rebuild(lost)
@@ -185,15 +203,22 @@ class TaskEngine:
         self.clients.pop(c.cid, None)
         if c.kind != "driver":
             return
+        self.job_over(c.job_id)
+        self.objects.drop_client(c.cid, c.holds)
+
+    def job_over(self, job_id: bytes) -> None:
+        """A job's driver is gone: its non-detached actors end, its waiting tasks are
+        cancelled."""
         for actor in list(self.actors.actors.values()):
-            if actor.job_id == c.job_id and not actor.detached and actor.state != ActorState.DEAD:
+            if actor.job_id == job_id and not actor.detached and actor.state != ActorState.DEAD:
                 self._settle(actor, self.actors.kill(actor, no_restart=True,
                                                      reason="its driver exited"))
         for task in list(self.tasks.values()):
-            if task.spec.job == c.job_id and task.state in _WAITING:
+            if task.spec.job == job_id and task.state in _WAITING:
                 self.finish_cancelled(task)
-        self.objects.drop_client(c.cid, c.holds)
-        self.jobs.pop(c.job_id, None)
+        self.jobs.pop(job_id, None)
+        if self.recovery is not None:
+            self.recovery.job_gone(job_id)
 
     def check_liveness(self, now: float) -> None:
         for node in list(self.nodes.nodes.values()):
@@ -209,6 +234,8 @@ class TaskEngine:
             log.warning("node %s missed heartbeats for %.0fs: declared dead",
                         node.node_id.hex(), now - node.last_seen)
             self.node_dead(node, "missed heartbeats")
+        if self.recovery is not None:
+            self.recovery.tick(now)
         for c in list(self.clients.values()):
             if c.kind == "driver" and now - c.last_seen > P.DRIVER_TIMEOUT_S:
                 log.warning("driver %s silent: releasing its job", c.cid.hex())

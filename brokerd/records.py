@@ -78,6 +78,7 @@ class Node:
     actor_spawns: deque = field(default_factory=deque)  # actor creations awaiting a fresh process
     spawn_failures: int = 0
     vouched: dict = field(default_factory=dict)  # cid -> spawn token, until its HELLO
+    reconnecting: bool = False  # loaded after a broker restart; its agent has not said hello
 
 
 @dataclass(eq=False)

@@ -80,6 +80,7 @@ import zmq
 from zray import _protocol as P
 from zray import exceptions
 from zray._protocol import Msg
+from zray._reconnect import ReplayLog
 from zray._security import await_reply, secure_client, watch_handshake
 from zray._serialization import deserialize, load_error, serialize
 from zray._store import INLINE_MAX, ObjectStore, parse_blob
@@ -192,7 +193,9 @@ class Client:
         self.mask_signals = kind == "executor"
         self.on_block: Optional[Callable] = None  # executor: hand back prefetched tasks
         self.on_unblock: Optional[Callable] = None
+        self.replay = ReplayLog()  # what a restarted broker is told again (zray/_reconnect.py)
         self.info = self._handshake(connect_timeout)
+        self.epoch = self.info.get("epoch")  # the broker incarnation that welcomed us
         if self.store is not None:
             self._bind_direct()
         self._io = threading.Thread(target=self._io_loop, name="zray-io", daemon=True)
@@ -210,9 +213,42 @@ class Client:
         s.connect(self.address)
         return s
 
-    def _handshake(self, timeout: float) -> dict:
+    def _hello(self) -> None:
         self._inbox.send(P.encode(P.Hello(P.VERSION, self.kind, self.node_id, os.getpid(),
                                           self.job_id, self._token)))
+
+    def _rejoin(self, info: dict) -> None:
+        """A WELCOME after the handshake (I/O thread): the broker restarted and asks us
+        to say HELLO again ({rehello}), or took us back (a new epoch): replay our state."""
+        if "rehello" in info:
+            if self.kind == "executor" and not self.current_actor_id:
+                # A pool process: the restarted broker has a fresh pool; our owners
+                # resubmit what we ran.
+                log.warning("the zray broker restarted: this pool executor leaves")
+                self.broker_gone = True
+                if self._on_exec is not None:
+                    self._on_exec(P.Exit(), [])
+                return
+            self._hello()
+        elif "error" in info:  # e.g. our node has not vouched for us again yet: retried
+            log.info("the restarted zray broker refused us for now: %s", info["error"])
+        elif info.get("epoch") and info.get("epoch") != self.epoch:
+            self.epoch = info["epoch"]
+            self.replay.replay(self)
+
+    def send_submit(self, spec: P.TaskSpec, frames) -> None:
+        """SUBMIT a task, remembering it until its result comes (for a broker restart)."""
+        header = P.encode(P.Submit(spec))
+        self.replay.record_submit(spec, header, frames)
+        self.send(header, frames)
+
+    def send_fn(self, fid: bytes, nested: list, blob) -> None:
+        header = P.encode(P.Fn(fid, nested))
+        self.replay.record_fn(fid, header, blob)
+        self.send(header, [blob])
+
+    def _handshake(self, timeout: float) -> dict:
+        self._hello()
         try:
             answered = await_reply(self._inbox, self._watches, timeout)
         except ConnectionError:  # the broker refused our key (or its absence)
@@ -390,6 +426,7 @@ class Client:
                         lock.acquire()
                         held = True
                     stream = self._streams.get(m.task_id)
+                    self.replay.finished(m.task_id)
                     if stream is not None:
                         stream.end = m.count
                     notify = True
@@ -409,6 +446,8 @@ class Client:
                 elif mtype == Msg.INTERRUPT:
                     if self._on_cancel is not None:
                         self._on_cancel(m.task_id, m.force)
+                elif mtype == Msg.WELCOME:
+                    self._rejoin(m.info)
                 elif mtype in (Msg.EXIT, Msg.SHUTDOWN):
                     if self._on_exec is not None:
                         self._on_exec(m, [])
@@ -432,6 +471,7 @@ class Client:
                         arrived: list, fetch: list) -> None:
         """An OBJ: move ``oid``'s record to ``state`` (LOCAL, STORED or REMOTE).
         Called by the I/O thread holding ``_ref_lock``."""
+        self.replay.finished(oid[:P.TASK_ID_LEN])
         rec = self.records.get(oid)
         if rec is None:
             stream = self._streams.get(P.task_of(oid))
@@ -504,6 +544,7 @@ class Client:
                     rec.refcount -= 1
                     return
                 del self.records[oid]
+                self.replay.dropped(oid[:P.TASK_ID_LEN])
             if not self.closed:
                 if not self._pending_refs:
                     self._release_since = time.monotonic()
@@ -783,6 +824,8 @@ class Client:
     # ------------------------------------------------------------ requests
     def request(self, op: str, args=None, timeout: float = 30.0):
         req_id = next(self._ids)
+        if op == "register_job":  # said again to a restarted broker
+            self.replay.job = (op, args)
         self.send(P.encode(P.Req(req_id, op, args)))
         deadline = time.monotonic() + timeout
         with self.cond:
