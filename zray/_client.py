@@ -236,6 +236,30 @@ class Client:
             self.epoch = info["epoch"]
             self.replay.replay(self)
 
+    def held_objects(self, skip_tasks: set) -> tuple:
+        """For a restarted broker (zray/_reconnect.py): the PUTs of the values this
+        client owns and holds ([(header, frames)]: inline frames, or the node store
+        they are in), the refs it borrowed ([(oid, +1)]) and the oids it waits for.
+        Returns of the tasks in ``skip_tasks`` (resubmitted) are left out."""
+        with self._ref_lock:
+            records = list(self.records.items())
+        puts, borrowed, subs = [], [], []
+        for oid, rec in records:
+            if oid[:P.TASK_ID_LEN] in skip_tasks:
+                continue  # its task is resubmitted: the broker makes it afresh
+            state, value = rec.state, rec.value
+            if oid[:P.ID_LEN] != self.cid:
+                borrowed.append((oid, 1))
+            elif state is LOCAL and value is not None and value[1] is not IN_STORE:
+                puts.append((P.encode(P.Put(oid, value[0], [], None, 0)), list(value[1])))
+            elif state is STORED and value is not None:
+                puts.append((P.encode(P.Put(oid, value[0], [], self.node_id, 0)), []))
+            elif state in (REMOTE, FETCHING) and rec.node_id:
+                puts.append((P.encode(P.Put(oid, P.VALUE, [], rec.node_id, 0)), []))
+            if state in (SUBSCRIBED, FETCHING):
+                subs.append(oid)
+        return puts, borrowed, subs
+
     def send_submit(self, spec: P.TaskSpec, frames) -> None:
         """SUBMIT a task, remembering it until its result comes (for a broker restart)."""
         header = P.encode(P.Submit(spec))

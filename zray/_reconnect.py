@@ -73,8 +73,6 @@ class ReplayLog:
     def replay(self, client) -> dict:
         """Tell a restarted broker what this client holds and waits for. Runs on the
         client's I/O thread; sends through ``client.send`` (program order kept)."""
-        from zray._client import _HERE, FETCHING, IN_STORE, LOCAL, REMOTE, STORED, SUBSCRIBED
-
         self.replays += 1
         counts = {"fns": 0, "puts": 0, "borrowed": 0, "resubmitted": 0, "subscribed": 0}
         for header, blob in list(self.fns.values()):
@@ -85,33 +83,10 @@ class ReplayLog:
             client.send(P.encode(P.Req(next(client._ids), op, args)))
         with self.lock:
             unfinished = list(self.unfinished.items())
-        pending_tasks = {tid for tid, _ in unfinished}
-        with client._ref_lock:
-            records = list(client.records.items())
-        puts, borrowed, subs = [], [], []
-        for oid, rec in records:
-            owned = oid[:P.ID_LEN] == client.cid
-            if P.task_of(oid) in pending_tasks:
-                continue  # its task is resubmitted: the broker makes it afresh
-            state = rec.state
-            if owned and state in _HERE or owned and state in (REMOTE, FETCHING):
-                puts.append((oid, rec))
-            elif not owned:
-                borrowed.append((oid, 1))
-            if state in (SUBSCRIBED, FETCHING):
-                subs.append(oid)
-        for oid, rec in puts:
-            value = rec.value
-            if rec.state == LOCAL and value is not None and value[1] is not IN_STORE:
-                client.send(P.encode(P.Put(oid, value[0], [], None, 0)), list(value[1]))
-            elif rec.state == STORED or (value is not None and value[1] is IN_STORE):
-                client.send(P.encode(P.Put(oid, value[0] if value else P.VALUE, [],
-                                           client.node_id, 0)))
-            elif rec.node_id:
-                client.send(P.encode(P.Put(oid, P.VALUE, [], rec.node_id, 0)))
-            else:
-                continue
-            counts["puts"] += 1
+        puts, borrowed, subs = client.held_objects({tid for tid, _ in unfinished})
+        for header, frames in puts:
+            client.send(header, frames)
+        counts["puts"] = len(puts)
         if borrowed:
             client.send(P.encode(P.Refs(borrowed)))
             counts["borrowed"] = len(borrowed)
