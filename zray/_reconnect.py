@@ -2,9 +2,10 @@
 
 ::
 
-    .remote() --record_submit--> unfinished[task_id] = [header, frames, live refs]  until a
-                                 result comes or every ref to its returns is dropped
-    FN        --record_fn------> fns[fid] = (header, blob)                 (or STREAM_END)
+    .remote() --record_submit--> unfinished[task_id] = _Entry(header, frames)  until its
+                                 result came or every ref to it was dropped, and no kept
+                                 task takes its result as an argument
+    FN        --record_fn------> fns[fid] = (header, blob)
     request("register_job")  --> job = (op, args)
     I/O thread: HEARTBEAT answered by WELCOME{rehello}  --> HELLO again (same cid, token)
                 WELCOME with a new broker epoch         --> replay():
@@ -33,11 +34,25 @@ from zray import _protocol as P
 log = logging.getLogger("zray.client")
 
 
+class _Entry:
+    """One task a restarted broker may need again."""
+
+    __slots__ = ("header", "frames", "refs", "consumers", "done", "deps")
+
+    def __init__(self, header, frames, refs, deps):
+        self.header, self.frames, self.refs, self.deps = header, frames, refs, deps
+        self.consumers = 0  # kept tasks that take one of its returns as an argument
+        self.done = False  # its result came
+
+
 class ReplayLog:
     """A client's record of what a restarted broker must be told again."""
 
     def __init__(self):
-        self.unfinished: dict = {}  # task_id -> (header, frames), in submission order
+        # task_id -> _Entry, in submission order (producers before their consumers). A
+        # task is kept while its result has not come and a ref to it is held, or while a
+        # kept task needs its result (then a restarted broker runs it again: lineage).
+        self.unfinished: dict = {}
         self.fns: dict = {}  # fid -> (header, blob)
         self.job = None  # (op, args) of the driver's register_job
         self.lock = threading.Lock()
@@ -48,24 +63,48 @@ class ReplayLog:
         # never be heard of again: neither is kept.
         if spec.kind == P.ACTOR_CREATE or spec.num_returns == 0:
             return
-        with self.lock:  # [header, frames, refs to its returns still held]
-            self.unfinished[spec.task_id] = [header, list(frames), max(1, spec.num_returns)]
+        with self.lock:
+            unfinished = self.unfinished
+            deps = []
+            for oid in [d[1] for d in spec.deps] + list(spec.nested):
+                producer = unfinished.get(oid[:P.TASK_ID_LEN])
+                if producer is not None:
+                    producer.consumers += 1
+                    deps.append(oid[:P.TASK_ID_LEN])
+            unfinished[spec.task_id] = _Entry(header, list(frames), max(1, spec.num_returns),
+                                              deps)
 
     def finished(self, task_id: bytes) -> None:
-        if task_id in self.unfinished:
-            with self.lock:
-                self.unfinished.pop(task_id, None)
-
-    def dropped(self, task_id: bytes) -> None:
-        """The last ref to one of the task's returns is gone: once all are, nobody
-        waits for it and it is not resubmitted (a fire-and-forget task is not kept)."""
+        """A result of the task came."""
         if task_id in self.unfinished:
             with self.lock:
                 entry = self.unfinished.get(task_id)
                 if entry is not None:
-                    entry[2] -= 1
-                    if entry[2] <= 0:
-                        del self.unfinished[task_id]
+                    entry.done = True
+                    self._maybe_forget(task_id, entry)
+
+    def dropped(self, task_id: bytes) -> None:
+        """The last ref to one of the task's returns is gone: once all are, nobody
+        waits for it (a fire-and-forget task is not kept)."""
+        if task_id in self.unfinished:
+            with self.lock:
+                entry = self.unfinished.get(task_id)
+                if entry is not None:
+                    entry.refs -= 1
+                    self._maybe_forget(task_id, entry)
+
+    def _maybe_forget(self, task_id: bytes, entry: _Entry) -> None:
+        stack = [(task_id, entry)]
+        while stack:
+            tid, e = stack.pop()
+            if e.consumers > 0 or not (e.done or e.refs <= 0):
+                continue
+            del self.unfinished[tid]
+            for dep in e.deps:
+                producer = self.unfinished.get(dep)
+                if producer is not None:
+                    producer.consumers -= 1
+                    stack.append((dep, producer))
 
     def record_fn(self, fid: bytes, header: bytes, blob) -> None:
         self.fns[fid] = (header, blob)
@@ -90,8 +129,8 @@ class ReplayLog:
         if borrowed:
             client.send(P.encode(P.Refs(borrowed)))
             counts["borrowed"] = len(borrowed)
-        for _tid, (header, frames, _live) in unfinished:
-            client.send(header, frames)
+        for _tid, entry in unfinished:
+            client.send(entry.header, entry.frames)
             counts["resubmitted"] += 1
         if subs:
             client.send(P.encode(P.Sub(subs)))
