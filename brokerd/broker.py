@@ -213,9 +213,10 @@ class Broker:
         self.running = False
 
     def shutdown(self):
-        for node in list(self.engine.nodes.nodes.values()):
+        # With durable state a stop is a restart to come: nodes and drivers wait for it.
+        for node in list(self.engine.nodes.nodes.values()) if self.recovery is None else ():
             self.out.send(node.ident, P.encode(P.Shutdown()))
-        for cid in list(self.engine.clients):
+        for cid in list(self.engine.clients) if self.recovery is None else ():
             self.out.send(P.inbox_ident(cid), P.encode(P.Shutdown()))
         self.sock.close(linger=200)  # linger: the SHUTDOWN frames still leave
         if self.recovery is not None:
