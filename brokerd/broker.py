@@ -112,9 +112,9 @@ class Broker:
             (out, Msg.FN): self.on_fn,
             (out, Msg.SUBMIT): self.on_submit,
             (out, Msg.PUT): e.put,
-            (out, Msg.SUB): lambda cid, m, f: e.objects.subscribe(cid, m.oids),
+            (out, Msg.SUB): lambda cid, m, f: e.access.subscribe(cid, m.oids),
             (out, Msg.RELEASE): lambda cid, m, f: e.objects.refs(cid, [(o, -1) for o in m.oids]),
-            (out, Msg.REFS): lambda cid, m, f: e.objects.refs(cid, m.ops),
+            (out, Msg.REFS): lambda cid, m, f: e.access.refs(cid, m.ops),
             (out, Msg.CANCEL): lambda cid, m, f: e.cancel(P.task_of(m.oid), m.force, m.recursive),
             (out, Msg.BLOCK): lambda cid, m, f: e.block(cid, m),
             (out, Msg.UNBLOCK): lambda cid, m, f: e.unblock(cid, m),
@@ -241,7 +241,8 @@ class Broker:
         self.drop(ident, str(e))
 
     def stats(self) -> dict:
-        return {"dropped_messages": self.dropped, "sent_messages": self.out.sent}
+        return {"dropped_messages": self.dropped, "sent_messages": self.out.sent,
+                "refused_refs": self.engine.access.refused}
 
     # -------------------------------------------------------------- handlers
     def on_hello(self, cid, m: P.Hello, frames):

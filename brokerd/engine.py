@@ -38,6 +38,7 @@ import hmac
 import logging
 import time
 
+from brokerd.access import RefAccess
 from brokerd.actors import ActorDirectory, Death
 from brokerd.nodes import NodeTable
 from brokerd.objects import ObjectDirectory
@@ -73,11 +74,13 @@ class TaskEngine:
         self.clients: dict[bytes, ClientInfo] = {}
         self.nodes = NodeTable(out)
         self.objects = ObjectDirectory(out, self.nodes, self.clients)
+        self.access = self.objects.access = RefAccess(self.objects, {}, self.clients)
         self.placement = Placement(self.nodes, self.objects)
         self.actors = ActorDirectory(out, self.moves)
         self.tasks: dict[bytes, Task] = {}
         self.children: dict[bytes, list] = {}
         self.executors: dict[bytes, Executor] = {}
+        self.access.executors = self.executors
         self.reaped: set = set()  # executors told to exit for being idle
         self.jobs: dict[bytes, dict] = {}  # job id -> {"namespace", "driver"}
         self.recovery = None  # brokerd.restart.Recovery when the broker has a state dir
@@ -236,6 +239,8 @@ class TaskEngine:
             self.node_dead(node, "missed heartbeats")
         if self.recovery is not None:
             self.recovery.tick(now)
+        if self.access.parked:
+            self.access.retry(now)
         for c in list(self.clients.values()):
             if c.kind == "driver" and now - c.last_seen > P.DRIVER_TIMEOUT_S:
                 log.warning("driver %s silent: releasing its job", c.cid.hex())
@@ -268,8 +273,9 @@ class TaskEngine:
             self.objects.create(oid, spec.owner)
         if spec.parent:
             self.children.setdefault(spec.parent, []).append(task_id)
+        access = self.access
         for oid in spec.nested:  # refs inside the arguments live until the task ends
-            if self.objects.pin(oid):
+            if access.may_use(cid, oid) and self.objects.pin(oid):
                 task.holds.append(oid)
         if kind == P.ACTOR_CREATE:
             task.actor = self.actors.register(task)
@@ -288,7 +294,7 @@ class TaskEngine:
             task.retries_left = mtr if type(mtr) is int else actor.max_task_retries
         for _, oid in spec.deps:
             obj = self.objects.get(oid)
-            if obj is None:
+            if obj is None or not access.may_use(cid, oid):  # (no ref to it: as unknown)
                 self.fail_task(task, serialize_error(exceptions.ObjectLostError(
                     oid.hex(), f"Argument object {oid.hex()} was freed or never existed.")),
                     reason="argument unknown")
@@ -478,7 +484,7 @@ class TaskEngine:
                             obj.lineage = task
                             task.lineage += 1
                 if nested and kind == P.VALUE:
-                    objects.contain(obj, nested)  # refs inside the results
+                    objects.contain(obj, nested, cid)  # refs inside the results
                 woken += objects.ready(obj, kind, part,
                                        push_owner=not (i < len(pushed) and pushed[i]))
         if not (layout and layout[0][0] == P.ERROR):
@@ -687,7 +693,7 @@ class TaskEngine:
         oid = P.object_id(m.task_id, m.index)
         obj = self.objects.create(oid, task.spec.owner)
         task.streamed = max(task.streamed, m.index)
-        self.objects.contain(obj, m.nested)
+        self.objects.contain(obj, m.nested, cid)
         self._wake(self.objects.ready(obj, m.kind, frames))
 
     def _finish_stream(self, task: Task, err_frames=None, state=TaskState.FINISHED,
@@ -721,7 +727,7 @@ class TaskEngine:
         if m.node_id is not None and (frames or m.node_id not in self.nodes.nodes):
             raise P.ProtocolError("PUT: a stored value names a live node and has no frames")
         obj = self.objects.create(m.oid, cid)
-        self.objects.contain(obj, m.nested)
+        self.objects.contain(obj, m.nested, cid)
         if m.node_id is not None:
             self.objects.add_location(obj, m.node_id, m.size)
         self._wake(self.objects.ready(obj, m.kind, frames, push_owner=False))

@@ -53,6 +53,7 @@ class ObjectDirectory:
         self.fns: dict[bytes, object] = {}
         self.released_actors: list = []  # actor ids whose handle object was freed
         self.lineage_bytes = 0  # spec + argument bytes of the tasks kept for lineage
+        self.access = None  # brokerd.access.RefAccess: who may use which object
 
     # ------------------------------------------------------------- records
     def get(self, oid: bytes):
@@ -122,14 +123,18 @@ class ObjectDirectory:
         for oid in oids:
             obj = self.objects.get(oid)
             if obj is None:
-                err = serialize_error(exceptions.ObjectLostError(
-                    oid.hex(), f"Object {oid.hex()} is not known to the cluster: it was freed "
-                               "or never existed."))
-                self.out.send(P.inbox_ident(cid), P.encode(P.Obj(oid, P.ERROR)), err)
+                self.unknown(cid, oid)
             elif obj.state == ObjState.READY:
                 self.deliver(cid, obj, True)
             else:
                 obj.subscribers.append(cid)
+
+    def unknown(self, cid: bytes, oid: bytes) -> None:
+        """Answer a SUB for an object that does not exist (or that ``cid`` may not use)."""
+        err = serialize_error(exceptions.ObjectLostError(
+            oid.hex(), f"Object {oid.hex()} is not known to the cluster: it was freed "
+                       "or never existed."))
+        self.out.send(P.inbox_ident(cid), P.encode(P.Obj(oid, P.ERROR)), err)
 
     def deliver(self, cid: bytes, obj: Obj, want_data: bool) -> None:
         """Send ``obj`` to client ``cid``: inline, as "in your store", as "ready
@@ -315,11 +320,24 @@ class ObjectDirectory:
             obj.pins -= 1
             self.maybe_free(obj)
 
-    def contain(self, obj: Obj, nested) -> None:
-        """``obj``'s value holds refs to ``nested``: keep them while ``obj`` lives."""
+    def contain(self, obj: Obj, nested, cid: bytes = b"") -> None:
+        """``obj``'s value holds refs to ``nested``: keep them while ``obj`` lives.
+        ``cid`` (the sender) must be allowed to use each of them (brokerd/access.py)."""
+        if not nested:
+            return
+        access = self.access
         for oid in nested:
-            if self.pin(oid):
-                obj.contained.append(oid)
+            child = self.objects.get(oid)
+            if child is None or (cid and access is not None
+                                 and not access.may_use(cid, oid)):
+                continue
+            child.pins += 1
+            obj.contained.append(oid)
+            if child.containers is None:
+                child.containers = []
+            child.containers.append(obj.oid)
+        if access is not None:
+            access.contained()
 
     def refs(self, cid: bytes, ops) -> None:
         """A client's refs appeared (+1) / all went away (-1), in order."""

@@ -138,6 +138,7 @@ class Obj:
     pins: int = 0  # unfinished tasks using it + stored objects containing it
     holders: set = field(default_factory=set)  # clients (not the owner) holding a ref
     contained: list = field(default_factory=list)  # oids pickled inside this value, pinned
+    containers: Optional[list] = None  # oids of values this ref was pickled inside
     waiting: list = field(default_factory=list)  # tasks waiting on it
     subscribers: list = field(default_factory=list)  # cids to push it to
     locations: dict = field(default_factory=dict)  # node_id -> size: stores holding it

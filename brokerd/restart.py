@@ -153,6 +153,8 @@ class Recovery:
             self.loading = False
         if any(self.restored.values()):
             self.deadline = now + RESTART_GRACE_S
+            # The containment that proved borrowed refs is gone: clients' word for it.
+            engine.access.trust_until = self.deadline
             log.warning("restored from %s: %d nodes, %d actors, %d jobs; waiting up to %.0fs "
                         "for them to reconnect", self.store.path, self.restored["nodes"],
                         self.restored["actors"], self.restored["jobs"], RESTART_GRACE_S)

@@ -35,7 +35,9 @@ GET_BOUND_S = 120.0  # no get may take longer than this
 
 
 @zray.remote(max_retries=20)
-def leaf(i):
+def leaf(i, delay):
+    if delay:
+        time.sleep(delay)  # (keeps more tasks in flight when the chaos strikes)
     if i % 3 == 0:
         return np.full(BIG, i, dtype=np.int64)
     return i
@@ -125,7 +127,7 @@ class Chaos(threading.Thread):
                 self.broker_restarted.set()
 
 
-def _chaos(tmp_path, n_leaves, n_actor_calls, seed=1):
+def _chaos(tmp_path, n_leaves, n_actor_calls, seed=1, delay=0.0):
     if zray.is_initialized():
         zray.shutdown()
     rng = random.Random(seed)
@@ -165,7 +167,7 @@ def _chaos(tmp_path, n_leaves, n_actor_calls, seed=1):
                     chaos.worker_killed.wait(60)
                     time.sleep(6)  # (not synchronisation: the broker's node timeout)
                     chaos.kill_broker.set()
-                leaves.append(leaf.remote(i))
+                leaves.append(leaf.remote(i, delay))
                 expected.append(_leaf_value(i))
                 refs.append(leaves[-1])
                 if i:
@@ -225,4 +227,4 @@ def test_chaos_ci(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_chaos_long(tmp_path):
-    _chaos(tmp_path, n_leaves=1500, n_actor_calls=600, seed=2)
+    _chaos(tmp_path, n_leaves=4000, n_actor_calls=1500, seed=2, delay=0.005)
