@@ -39,6 +39,7 @@ log = logging.getLogger("zray.broker")
 PARK_S = 5.0  # how long a request may wait for the containment that allows it
 MAX_DEPTH = 16  # containers followed upward (refs inside refs inside ...)
 MAX_PARKED = 100_000
+MAX_VISITED = 10_000  # objects looked at for one request
 
 
 class RefAccess:
@@ -53,18 +54,31 @@ class RefAccess:
         # until then (monotonic), a REFS +1 is taken as the client says (brokerd/restart.py).
         self.trust_until = 0.0
 
-    def may_use(self, cid: bytes, oid: bytes, depth: int = 0) -> bool:
-        obj = self.objects.objects.get(oid)
+    def may_use(self, cid: bytes, oid: bytes) -> bool:
+        objects = self.objects.objects
+        obj = objects.get(oid)
         if obj is None:
             return False
-        if obj.owner == cid or cid in obj.holders or obj.escaped:
+        if obj.owner == cid or cid in obj.holders or obj.escaped:  # the common case
             return True
-        if self._task_arg(cid, oid):
-            return True
-        if depth < MAX_DEPTH:
-            for container in obj.containers or ():
-                if self.may_use(cid, container, depth + 1):
+        # Up through the values it was pickled inside, breadth first, each once.
+        seen = {oid}
+        level = [oid]
+        for _ in range(MAX_DEPTH):
+            up = []
+            for o in level:
+                x = objects.get(o)
+                if x is None:
+                    continue
+                if x.owner == cid or cid in x.holders or x.escaped or self._task_arg(cid, o):
                     return True
+                for c in x.containers or ():
+                    if c not in seen and len(seen) < MAX_VISITED:
+                        seen.add(c)
+                        up.append(c)
+            if not up:
+                return False
+            level = up
         return False
 
     def _task_arg(self, cid: bytes, oid: bytes) -> bool:

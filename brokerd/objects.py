@@ -413,6 +413,12 @@ class ObjectDirectory:
                 self.drop_lineage(task)
         contained, obj.contained = obj.contained, []
         for oid in contained:
+            child = self.objects.get(oid)
+            if child is not None and child.containers:
+                try:
+                    child.containers.remove(obj.oid)
+                except ValueError:
+                    pass
             self.unpin(oid)
         for node_id in obj.locations:
             node = self.nodes.nodes.get(node_id)
