@@ -76,6 +76,7 @@ class Recovery:
         self.store = store
         self.loading = False  # restore() replays through the engine: no writes meanwhile
         self.awaiting: dict[bytes, object] = {}  # executor cid -> actor creation Task
+        self.actor_cids: set = set()  # processes that hosted an actor before the restart
         self.deps_of: dict[bytes, bool] = {}  # actor id -> its creation had object args
         self.restored_jobs: set = set()  # job ids loaded, not yet re-registered
         self.deadline = 0.0  # monotonic time the grace period ends (0: none running)
@@ -205,6 +206,7 @@ class Recovery:
             if q is not None and task in q:
                 q.remove(task)
             self.awaiting[cid] = task
+            self.actor_cids.add(cid)
         return True
 
     # ------------------------------------------------------------ reconnects
@@ -219,7 +221,11 @@ class Recovery:
         the restart, it hosts it again, state and all."""
         task = self.awaiting.pop(ex.cid, None)
         if task is None:
+            if ex.cid in self.actor_cids:  # back too late: its actor was restarted or died
+                self.actor_cids.discard(ex.cid)
+                self.engine.out.send(ex.node.ident, P.encode(P.KillExec(ex.cid)))
             return
+        self.actor_cids.discard(ex.cid)
         engine = self.engine
         actor = task.actor
         if actor is None or actor.state == ActorState.DEAD or task.state != TaskState.QUEUED:

@@ -221,6 +221,16 @@ class Client:
         """A WELCOME after the handshake (I/O thread): the broker restarted and asks us
         to say HELLO again ({rehello}), or took us back (a new epoch): replay our state."""
         if "rehello" in info:
+            if info["rehello"] == self.epoch:
+                # The broker that welcomed us forgot us (a driver silent too long, an
+                # executor it let go): we are gone, as when the broker is.
+                log.error("the zray broker dropped this %s", self.kind)
+                self.broker_gone = True
+                if self._on_exec is not None:
+                    self._on_exec(P.Exit(), [])
+                with self.cond:
+                    self.cond.notify_all()
+                return
             if self.kind == "executor" and not self.current_actor_id:
                 # A pool process: the restarted broker has a fresh pool; our owners
                 # resubmit what we ran.
