@@ -460,7 +460,7 @@ class Client:
                         lock.acquire()
                         held = True
                     stream = self._streams.get(m.task_id)
-                    self.replay.finished(m.task_id)
+                    self.replay.finished(m.task_id, end=True)
                     if stream is not None:
                         stream.end = m.count
                     notify = True

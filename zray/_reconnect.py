@@ -37,12 +37,13 @@ log = logging.getLogger("zray.client")
 class _Entry:
     """One task a restarted broker may need again."""
 
-    __slots__ = ("header", "frames", "refs", "consumers", "done", "deps")
+    __slots__ = ("header", "frames", "refs", "consumers", "done", "deps", "stream")
 
-    def __init__(self, header, frames, refs, deps):
+    def __init__(self, header, frames, refs, deps, stream):
         self.header, self.frames, self.refs, self.deps = header, frames, refs, deps
         self.consumers = 0  # kept tasks that take one of its returns as an argument
         self.done = False  # its result came
+        self.stream = stream  # a streaming generator: done at STREAM_END, not its first item
 
 
 class ReplayLog:
@@ -72,14 +73,16 @@ class ReplayLog:
                     producer.consumers += 1
                     deps.append(oid[:P.TASK_ID_LEN])
             unfinished[spec.task_id] = _Entry(header, list(frames), max(1, spec.num_returns),
-                                              deps)
+                                              deps, spec.num_returns == P.STREAMING)
 
-    def finished(self, task_id: bytes) -> None:
-        """A result of the task came."""
+    def finished(self, task_id: bytes, end: bool = False) -> None:
+        """A result of the task came (``end``: its stream ended). A stream cut by a
+        restart runs again from its first item (items already taken arrive again and
+        are dropped unless a ref to them is made)."""
         if task_id in self.unfinished:
             with self.lock:
                 entry = self.unfinished.get(task_id)
-                if entry is not None:
+                if entry is not None and (end or not entry.stream):
                     entry.done = True
                     self._maybe_forget(task_id, entry)
 
