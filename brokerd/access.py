@@ -115,6 +115,11 @@ class RefAccess:
         for op in ops:
             oid, delta = op
             if trusted:
+                if (delta > 0 and oid not in self.objects.objects
+                        and len(self.objects.restart_holders) < 1 << 20):
+                    # Its owner may not have put it again yet: a holder when it does.
+                    self.objects.restart_holders.setdefault(oid, set()).add(cid)
+                    continue
                 out.append(op)
                 continue
             if delta > 0 and not self.may_use(cid, oid):
@@ -127,10 +132,18 @@ class RefAccess:
             self.objects.refs(cid, out)
 
     def _park(self, cid, op, oid, arg) -> None:
-        if oid not in self.objects.objects or len(self.parked) >= MAX_PARKED:
+        now = time.monotonic()
+        deadline = now + PARK_S
+        if oid not in self.objects.objects:
+            if oid in self.objects.restart_holders and now < self.trust_until:
+                deadline = self.trust_until  # its owner has until then to put it again
+            else:
+                self._settle(cid, op, oid, False)
+                return
+        if len(self.parked) >= MAX_PARKED:
             self._settle(cid, op, oid, False)
             return
-        self.parked.append((time.monotonic() + PARK_S, cid, op, oid, arg))
+        self.parked.append((deadline, cid, op, oid, arg))
 
     def contained(self) -> None:
         """Containment changed (a DONE, YIELD or PUT with refs inside): parked requests
@@ -144,7 +157,8 @@ class RefAccess:
             deadline, cid, op, oid, arg = item
             if self.may_use(cid, oid):
                 self._settle(cid, op, oid, True)
-            elif now >= deadline or oid not in self.objects.objects:
+            elif now >= deadline or (oid not in self.objects.objects
+                                     and oid not in self.objects.restart_holders):
                 self._settle(cid, op, oid, False)
             else:
                 self.parked.append(item)

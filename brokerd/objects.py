@@ -54,6 +54,9 @@ class ObjectDirectory:
         self.released_actors: list = []  # actor ids whose handle object was freed
         self.lineage_bytes = 0  # spec + argument bytes of the tasks kept for lineage
         self.access = None  # brokerd.access.RefAccess: who may use which object
+        # After a broker restart: oid -> clients that say they hold a ref to it, until its
+        # owner puts it again (then they are its holders) or the grace period ends.
+        self.restart_holders: dict = {}
 
     # ------------------------------------------------------------- records
     def get(self, oid: bytes):
@@ -61,6 +64,14 @@ class ObjectDirectory:
 
     def create(self, oid: bytes, owner: bytes) -> Obj:
         obj = self.objects[oid] = Obj(oid, owner)
+        if self.restart_holders:
+            held = self.restart_holders.pop(oid, None)
+            if held:  # borrowers said so before its owner put it again (a restart)
+                obj.holders |= held
+                for cid in held:
+                    c = self.clients.get(cid)
+                    if c is not None:
+                        c.holds.add(oid)
         return obj
 
     def ensure(self, oid: bytes, owner: bytes) -> Obj:
@@ -131,9 +142,12 @@ class ObjectDirectory:
 
     def unknown(self, cid: bytes, oid: bytes) -> None:
         """Answer a SUB for an object that does not exist (or that ``cid`` may not use)."""
-        err = serialize_error(exceptions.ObjectLostError(
-            oid.hex(), f"Object {oid.hex()} is not known to the cluster: it was freed "
-                       "or never existed."))
+        if oid in self.restart_holders:
+            why = ("was lost when the broker restarted: its value lived only in the broker "
+                   "and no client that reconnected held a copy of it")
+        else:
+            why = "is not known to the cluster: it was freed or never existed"
+        err = serialize_error(exceptions.ObjectLostError(oid.hex(), f"Object {oid.hex()} {why}."))
         self.out.send(P.inbox_ident(cid), P.encode(P.Obj(oid, P.ERROR)), err)
 
     def deliver(self, cid: bytes, obj: Obj, want_data: bool) -> None:

@@ -49,6 +49,13 @@ def whoami():
 
 
 @zray.remote
+def count_slowly(n, delay):
+    for i in range(n):
+        time.sleep(delay)
+        yield i
+
+
+@zray.remote
 class Counter:
     def __init__(self, start=0):
         self.n = start
@@ -60,6 +67,12 @@ class Counter:
 
     def where(self):
         return self.pid
+
+    def boxed(self, v, keep):
+        ref = zray.put(v)  # a ref this actor owns, handed to the caller in a value
+        if keep:
+            self.kept = ref
+        return [ref]
 
 
 def _start_broker(procs, name, port, state):
@@ -99,6 +112,10 @@ def test_broker_kill9_and_restart_keeps_the_cluster(tmp_path):
             big = big_array.remote(1_000_000)  # 8 MB: lives in the node's store
             zray.wait([big], timeout=60)
             small = zray.put(41)
+            [borrowed] = zray.get(keeper.boxed.remote("kept by the actor", True), timeout=60)
+            [dropped] = zray.get(keeper.boxed.remote("dropped by the actor", False), timeout=60)
+            gen = count_slowly.remote(5, 0.5)
+            assert zray.get(next(gen), timeout=60) == 0
             inflight = [slow_square.remote(i, 2.0) for i in range(6)]
             chained = add.remote(inflight[0], small)  # depends on an in-flight result
             # The inner ref is dropped at once: only the outer task holds it.
@@ -133,6 +150,13 @@ def test_broker_kill9_and_restart_keeps_the_cluster(tmp_path):
             arr = zray.get(big, timeout=60)
             assert arr.shape == (1_000_000,) and int(arr[-1]) == 999_999
             assert zray.get(small, timeout=30) == 41
+            # A ref the driver borrowed from the actor (which owns the object).
+            assert zray.get(borrowed, timeout=60) == "kept by the actor"
+            # One its owner let go of lived only in the old broker: a clear error.
+            with pytest.raises(zray.exceptions.ObjectLostError, match="broker restarted"):
+                zray.get(dropped, timeout=60)
+            # A stream cut by the crash runs again; the consumer goes on where it was.
+            assert [zray.get(r, timeout=60) for r in gen] == [1, 2, 3, 4]
             # The detached actor: found by name, same process, state intact.
             again = zray.get_actor("keeper")
             assert zray.get(again.incr.remote(1), timeout=60) == 106

@@ -810,6 +810,7 @@ class Client:
 
     def close_stream(self, task_id: bytes):
         """The generator is gone: drop the items that arrived and were never taken."""
+        self.replay.finished(task_id, end=True)  # nobody reads it any more
         with self._ref_lock:
             stream = self._streams.pop(task_id, None)
             if stream is None:

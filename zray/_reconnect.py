@@ -92,7 +92,7 @@ class ReplayLog:
         if task_id in self.unfinished:
             with self.lock:
                 entry = self.unfinished.get(task_id)
-                if entry is not None:
+                if entry is not None and not entry.stream:  # (a stream: until its end)
                     entry.refs -= 1
                     self._maybe_forget(task_id, entry)
 
