@@ -861,15 +861,20 @@ class Client:
         req_id = next(self._ids)
         if op == "register_job":  # said again to a restarted broker
             self.replay.job = (op, args)
-        self.send(P.encode(P.Req(req_id, op, args)))
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while req_id not in self._replies:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise exceptions.GetTimeoutError(f"broker did not answer {op!r}")
-                self.cond.wait(remaining)
-            ok, result = self._replies.pop(req_id)
+        header = P.encode(P.Req(req_id, op, args))
+        self.replay.requests[req_id] = header  # asked again if the broker restarts meanwhile
+        try:
+            self.send(header)
+            deadline = time.monotonic() + timeout
+            with self.cond:
+                while req_id not in self._replies:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise exceptions.GetTimeoutError(f"broker did not answer {op!r}")
+                    self.cond.wait(remaining)
+                ok, result = self._replies.pop(req_id)
+        finally:
+            self.replay.requests.pop(req_id, None)
         if not ok:
             raise ValueError(result)
         return result

@@ -12,7 +12,7 @@
         FN for every function, REQ register_job, PUT of every value this client owns
         and holds (inline frames, or the node store it is in), REFS +1 for refs it
         borrowed, SUBMIT of every unfinished task and actor call in submission order,
-        SUB for what it waits for.
+        SUB for what it waits for, the requests (REQ) still unanswered.
 
 An executor that hosts no actor does not replay: it leaves (its node starts
 fresh ones), and the tasks it ran are resubmitted by their owners. A task or
@@ -56,6 +56,7 @@ class ReplayLog:
         self.unfinished: dict = {}
         self.fns: dict = {}  # fid -> (header, blob)
         self.job = None  # (op, args) of the driver's register_job
+        self.requests: dict = {}  # req_id -> REQ header, while a user thread waits for it
         self.lock = threading.Lock()
         self.replays = 0
 
@@ -138,5 +139,7 @@ class ReplayLog:
         if subs:
             client.send(P.encode(P.Sub(subs)))
             counts["subscribed"] = len(subs)
+        for header in list(self.requests.values()):  # (a reply to both is harmless)
+            client.send(header)
         log.warning("the zray broker restarted: re-registered with it (%s)", counts)
         return counts
