@@ -193,7 +193,7 @@ class Client:
         self.mask_signals = kind == "executor"
         self.on_block: Optional[Callable] = None  # executor: hand back prefetched tasks
         self.on_unblock: Optional[Callable] = None
-        self.replay = ReplayLog()  # what a restarted broker is told again (zray/_reconnect.py)
+        self.replay = ReplayLog(self._ref_lock)  # what a restarted broker is told again (zray/_reconnect.py)
         self.info = self._handshake(connect_timeout)
         self.epoch = self.info.get("epoch")  # the broker incarnation that welcomed us
         if self.store is not None:

@@ -27,7 +27,6 @@ borrowed from an owner that did not come back fails with ObjectLostError.
 from __future__ import annotations
 
 import logging
-import threading
 
 from zray import _protocol as P
 
@@ -49,7 +48,7 @@ class _Entry:
 class ReplayLog:
     """A client's record of what a restarted broker must be told again."""
 
-    def __init__(self):
+    def __init__(self, lock):
         # task_id -> _Entry, in submission order (producers before their consumers). A
         # task is kept while its result has not come and a ref to it is held, or while a
         # kept task needs its result (then a restarted broker runs it again: lineage).
@@ -57,7 +56,10 @@ class ReplayLog:
         self.fns: dict = {}  # fid -> (header, blob)
         self.job = None  # (op, args) of the driver's register_job
         self.requests: dict = {}  # req_id -> REQ header, while a user thread waits for it
-        self.lock = threading.Lock()
+        # The client's _ref_lock (an RLock): decref and the arrival of a result call in
+        # holding it, and a ref freed by the garbage collector inside record_submit
+        # re-enters it; a lock of our own would deadlock against it.
+        self.lock = lock
         self.replays = 0
 
     def record_submit(self, spec: P.TaskSpec, header: bytes, frames) -> None:
