@@ -250,7 +250,8 @@ class Broker:
         if "error" in info:
             self.drop(P.inbox_ident(cid), f"HELLO refused: {info['error']}")
         else:
-            info.update(session_dir=self.session_dir, address=self.address, epoch=self.epoch)
+            info.update(session_dir=self.session_dir, address=self.address, epoch=self.epoch,
+                        nodes=list(self.engine.nodes.nodes))  # (stores a client may name)
         self.out.send(P.inbox_ident(cid), P.encode(P.Welcome(info)))
 
     def on_client_heartbeat(self, cid, m, frames):

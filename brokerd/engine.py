@@ -540,7 +540,8 @@ class TaskEngine:
         """Tasks not started yet that counted an argument among the ``lost`` objects as
         there: they wait for it again while it is rebuilt, or fail if it cannot be."""
         for task in list(self.tasks.values()):
-            if task.state not in _WAITING or task.kind != P.TASK:
+            # (an actor call not sent yet waits in its actor's queue, in order)
+            if task.state not in _WAITING or task.kind == P.ACTOR_CREATE:
                 continue
             hit = [oid for oid in task.deps if oid in lost]
             if not hit:
@@ -552,7 +553,9 @@ class TaskEngine:
                        serialize_error(exceptions.ObjectLostError(hit[0].hex())))
                 self.fail_task(task, err, reason="argument lost")
                 continue
-            if task.state == TaskState.QUEUED:  # out of its placement queue, waiting again
+            if task.state == TaskState.QUEUED and task.kind == P.ACTOR_CALL:
+                self.moves.move(task, TaskState.WAITING_ARGS, "argument lost, being rebuilt")
+            elif task.state == TaskState.QUEUED:  # out of its placement queue, waiting again
                 q = self.placement.queues.get(task.shape)
                 if q is not None:
                     try:

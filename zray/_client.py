@@ -244,7 +244,26 @@ class Client:
             log.info("the restarted zray broker refused us for now: %s", info["error"])
         elif info.get("epoch") and info.get("epoch") != self.epoch:
             self.epoch = info["epoch"]
-            self.replay.replay(self)
+            nodes = info.get("nodes")
+            self.replay.replay(self, set(nodes) if isinstance(nodes, list) else set())
+
+    def results_on_lost_nodes(self, live_nodes: set) -> set:
+        """Task ids of results this client knows to be in a node store that is not
+        among ``live_nodes`` (for a restarted broker: zray/_reconnect.py)."""
+        with self._ref_lock:
+            records = list(self.records.items())
+        gone = set()
+        for oid, rec in records:
+            state = rec.state
+            if state in (REMOTE, FETCHING):
+                node = rec.node_id
+            elif state is STORED:
+                node = self.node_id
+            else:
+                continue
+            if node not in live_nodes:
+                gone.add(oid[:P.TASK_ID_LEN])
+        return gone
 
     def held_objects(self, skip_tasks: set) -> tuple:
         """For a restarted broker (zray/_reconnect.py): the PUTs of the values this
@@ -505,7 +524,7 @@ class Client:
                         arrived: list, fetch: list) -> None:
         """An OBJ: move ``oid``'s record to ``state`` (LOCAL, STORED or REMOTE).
         Called by the I/O thread holding ``_ref_lock``."""
-        self.replay.finished(oid[:P.TASK_ID_LEN])
+        self.replay.finished(oid[:P.TASK_ID_LEN], stored=node_id is not None)
         rec = self.records.get(oid)
         if rec is None:
             stream = self._streams.get(P.task_of(oid))

@@ -36,13 +36,14 @@ log = logging.getLogger("zray.client")
 class _Entry:
     """One task a restarted broker may need again."""
 
-    __slots__ = ("header", "frames", "refs", "consumers", "done", "deps", "stream")
+    __slots__ = ("header", "frames", "refs", "consumers", "done", "deps", "stream", "lineage")
 
     def __init__(self, header, frames, refs, deps, stream):
         self.header, self.frames, self.refs, self.deps = header, frames, refs, deps
         self.consumers = 0  # kept tasks that take one of its returns as an argument
         self.done = False  # its result came
         self.stream = stream  # a streaming generator: done at STREAM_END, not its first item
+        self.lineage = False  # a result lives in a node store: rerun if that node is gone
 
 
 class ReplayLog:
@@ -78,7 +79,7 @@ class ReplayLog:
             unfinished[spec.task_id] = _Entry(header, list(frames), max(1, spec.num_returns),
                                               deps, spec.num_returns == P.STREAMING)
 
-    def finished(self, task_id: bytes, end: bool = False) -> None:
+    def finished(self, task_id: bytes, end: bool = False, stored: bool = False) -> None:
         """A result of the task came (``end``: its stream ended). A stream cut by a
         restart runs again from its first item (items already taken arrive again and
         are dropped unless a ref to them is made)."""
@@ -87,6 +88,7 @@ class ReplayLog:
                 entry = self.unfinished.get(task_id)
                 if entry is not None and (end or not entry.stream):
                     entry.done = True
+                    entry.lineage = entry.lineage or stored
                     self._maybe_forget(task_id, entry)
 
     def dropped(self, task_id: bytes) -> None:
@@ -103,7 +105,7 @@ class ReplayLog:
         stack = [(task_id, entry)]
         while stack:
             tid, e = stack.pop()
-            if e.consumers > 0 or not (e.done or e.refs <= 0):
+            if e.consumers > 0 or not (e.refs <= 0 or e.done and not e.lineage):
                 continue
             del self.unfinished[tid]
             for dep in e.deps:
@@ -115,7 +117,7 @@ class ReplayLog:
     def record_fn(self, fid: bytes, header: bytes, blob) -> None:
         self.fns[fid] = (header, blob)
 
-    def replay(self, client) -> dict:
+    def replay(self, client, live_nodes: set) -> dict:
         """Tell a restarted broker what this client holds and waits for. Runs on the
         client's I/O thread; sends through ``client.send`` (program order kept)."""
         self.replays += 1
@@ -127,7 +129,12 @@ class ReplayLog:
             op, args = self.job
             client.send(P.encode(P.Req(next(client._ids), op, args)))
         with self.lock:
-            unfinished = list(self.unfinished.items())
+            entries = list(self.unfinished.items())
+        # A finished task kept for its stored results runs again only if a store that
+        # held one is gone (not among the nodes the restarted broker knows).
+        gone = client.results_on_lost_nodes(live_nodes)
+        unfinished = [(tid, e) for tid, e in entries
+                      if not e.done or e.consumers > 0 or (e.lineage and tid in gone)]
         puts, borrowed, subs = client.held_objects({tid for tid, _ in unfinished})
         for header, frames in puts:
             client.send(header, frames)
