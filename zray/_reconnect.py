@@ -11,7 +11,9 @@
                 WELCOME with a new broker epoch         --> replay():
         FN for every function, REQ register_job, PUT of every value this client owns
         and holds (inline frames, or the node store it is in), REFS +1 for refs it
-        borrowed, SUBMIT of every unfinished task and actor call in submission order,
+        borrowed, SUBMIT of every unfinished task and actor call in submission order
+        (and of finished ones a kept task needs, or whose stored result was on a node
+        the restarted broker does not know: WELCOME lists its nodes),
         SUB for what it waits for, the requests (REQ) still unanswered.
 
 An executor that hosts no actor does not replay: it leaves (its node starts
