@@ -67,6 +67,10 @@ _NONE_FRAMES = serialize(None)[0]  # the value of a stream's completion object
 MAX_SPAWN_FAILURES = 5  # fresh processes for actors that die before READY, per node, in a row
 
 
+class ArgumentLost(Exception):
+    """A task's argument object has no copy left when its EXEC is built."""
+
+
 class TaskEngine:
     def __init__(self, out: Outbox):
         self.out = out
@@ -383,9 +387,11 @@ class TaskEngine:
                     layout.append((0, node_id))
                 else:
                     layout.append((0, next(iter(obj.locations))))
-            else:
+            elif obj.frames:
                 frames.extend(obj.frames)
                 layout.append((len(obj.frames), None))
+            else:  # no copy left (lost with its node): never send an empty argument
+                raise ArgumentLost(obj)
         gpu_ids = self.nodes.gpu_ids(task) if task.gpu_alloc else []
         if task.spec_bytes is not None:  # forwarded as it came: never packed twice
             header = P.encode_exec(task.spec_bytes, has_fn, len(task.frames), layout, gpu_ids)
@@ -396,6 +402,9 @@ class TaskEngine:
     def _send_exec(self, task: Task, ex: Executor) -> bool:
         try:
             header, frames = self._exec_message(task, ex)
+        except ArgumentLost as e:
+            self.fail_task(task, self.objects.lost_error(e.args[0]), reason="argument lost")
+            return False
         except KeyError as e:
             self.fail_task(task, serialize_error(exceptions.RaySystemError(str(e))),
                            reason="function unknown")

@@ -193,6 +193,11 @@ class Client:
         self.mask_signals = kind == "executor"
         self.on_block: Optional[Callable] = None  # executor: hand back prefetched tasks
         self.on_unblock: Optional[Callable] = None
+        # Closed from a restarted broker's rehello until our replay is sent: user threads'
+        # messages wait, so none reaches the broker between our HELLO and the replay
+        # (a task whose function or arguments it does not know yet).
+        self._gate = threading.Event()
+        self._gate.set()
         self.replay = ReplayLog(self._ref_lock)  # what a restarted broker is told again (zray/_reconnect.py)
         self.info = self._handshake(connect_timeout)
         self.epoch = self.info.get("epoch")  # the broker incarnation that welcomed us
@@ -226,6 +231,7 @@ class Client:
                 # executor it let go): we are gone, as when the broker is.
                 log.error("the zray broker dropped this %s", self.kind)
                 self.broker_gone = True
+                self._gate.set()
                 if self._on_exec is not None:
                     self._on_exec(P.Exit(), [])
                 with self.cond:
@@ -239,13 +245,17 @@ class Client:
                 if self._on_exec is not None:
                     self._on_exec(P.Exit(), [])
                 return
+            self._gate.clear()
             self._hello()
         elif "error" in info:  # e.g. our node has not vouched for us again yet: retried
             log.info("the restarted zray broker refused us for now: %s", info["error"])
         elif info.get("epoch") and info.get("epoch") != self.epoch:
             self.epoch = info["epoch"]
             nodes = info.get("nodes")
-            self.replay.replay(self, set(nodes) if isinstance(nodes, list) else set())
+            try:
+                self.replay.replay(self, set(nodes) if isinstance(nodes, list) else set())
+            finally:
+                self._gate.set()
 
     def results_on_lost_nodes(self, live_nodes: set) -> set:
         """Task ids of results this client knows to be in a node store that is not
@@ -371,6 +381,9 @@ class Client:
         """Send one message on the out socket (any thread)."""
         if self.forked:  # a forked child must never write to its parent's sockets
             return
+        if (not self._gate.is_set() and threading.current_thread() is not self._io
+                and not self.cond._is_owned()):  # (the I/O thread needs `cond` to go on)
+            self._gate.wait(P.BROKER_TIMEOUT_S)  # the broker restarted: after our replay
         if self.mask_signals:
             # An executor's cancel signal must not cut a multipart message in two.
             old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
@@ -429,6 +442,7 @@ class Client:
                         log.error("no word from the zray broker at %s for %.0fs", self.address,
                                   now - self.last_broker)
                         self.broker_gone = True
+                        self._gate.set()
                         if self._on_exec is not None:
                             self._on_exec(P.Exit(), [])
                         with self.cond:
@@ -505,6 +519,7 @@ class Client:
                     if self._on_exec is not None:
                         self._on_exec(m, [])
                     self.broker_gone = True
+                    self._gate.set()
                     notify = True
         finally:
             if held:
