@@ -373,7 +373,6 @@ class TaskEngine:
             if blob is None:
                 raise KeyError(f"function {fid.hex()} was never registered")
             frames.append(blob)
-            ex.fns.add(fid)
             has_fn = True
         frames.extend(task.frames)
         layout = []
@@ -392,6 +391,8 @@ class TaskEngine:
                 layout.append((len(obj.frames), None))
             else:  # no copy left (lost with its node): never send an empty argument
                 raise ArgumentLost(obj)
+        if has_fn:  # (only once the EXEC will go: the executor then has the function)
+            ex.fns.add(fid)
         gpu_ids = self.nodes.gpu_ids(task) if task.gpu_alloc else []
         if task.spec_bytes is not None:  # forwarded as it came: never packed twice
             header = P.encode_exec(task.spec_bytes, has_fn, len(task.frames), layout, gpu_ids)

@@ -154,6 +154,7 @@ def _chaos(tmp_path, n_leaves, n_actor_calls, seed=1, delay=0.0):
         try:
             poll_until(lambda: len([n for n in zray.nodes() if n["Alive"]]) == 2, 60,
                        interval=0.1, what="two workers")
+            first = {n["NodeID"] for n in zray.nodes() if n["Alive"]}
             scalers = [Scaler.remote(k) for k in (2, 3)]
             chaos = Chaos(procs, port, state, address, rng)
             chaos.start()
@@ -163,9 +164,12 @@ def _chaos(tmp_path, n_leaves, n_actor_calls, seed=1, delay=0.0):
             for i in range(n_leaves):
                 if i == half:
                     # The worker kill has happened and been noticed (node timeout) before
-                    # the broker restarts: lineage of the lost results is still there.
-                    chaos.worker_killed.wait(60)
-                    time.sleep(6)  # (not synchronisation: the broker's node timeout)
+                    # the broker restarts: lineage of the lost results is still there (a
+                    # node that dies while the broker is down takes its objects along).
+                    assert chaos.worker_killed.wait(60)
+                    poll_until(lambda: len(first & {n["NodeID"] for n in zray.nodes()
+                                                   if n["Alive"]}) == 1,
+                               60, interval=0.2, what="the broker to see the killed worker dead")
                     chaos.kill_broker.set()
                 leaves.append(leaf.remote(i, delay))
                 expected.append(_leaf_value(i))
