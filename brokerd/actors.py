@@ -44,6 +44,7 @@ class ActorDirectory:
         self.moves = moves
         self.actors: dict[bytes, Actor] = {}
         self.named: dict[tuple, bytes] = {}
+        self.recovery = None  # brokerd.restart.Recovery: actors are durable records
 
     def get(self, actor_id: bytes):
         return self.actors.get(actor_id)
@@ -60,6 +61,8 @@ class ActorDirectory:
         self.actors[actor.actor_id] = actor
         if actor.name:
             self.named[(actor.namespace, actor.name)] = actor.actor_id
+        if self.recovery is not None:
+            self.recovery.actor_saved(actor)
         return actor
 
     def lookup(self, namespace: str, name: str):
@@ -68,6 +71,8 @@ class ActorDirectory:
 
     def created(self, actor: Actor) -> None:
         self.moves.move(actor, ActorState.ALIVE, "constructor returned")
+        if self.recovery is not None:
+            self.recovery.actor_saved(actor)  # with the process that hosts it
 
     def next_calls(self, actor: Actor) -> list:
         """Calls to send to the actor now, in submission order (a call waiting for its
@@ -99,6 +104,8 @@ class ActorDirectory:
             return self.dead(actor, reason)
         actor.restarts += 1
         self.moves.move(actor, ActorState.RESTARTING, why)
+        if self.recovery is not None:
+            self.recovery.actor_saved(actor)
         log.warning("actor %s died (%s); restarting (%d/%s)", actor.class_name, why,
                     actor.restarts, actor.max_restarts)
         d = Death(restart=True, reason=why)
@@ -119,6 +126,8 @@ class ActorDirectory:
             return Death()
         self.moves.move(actor, ActorState.DEAD, reason)
         actor.death = reason
+        if self.recovery is not None:
+            self.recovery.actor_gone(actor)
         calls = [t for t in list(actor.inflight.values()) + list(actor.queue)
                  if t.state in _OPEN]
         actor.inflight = {}

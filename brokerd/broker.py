@@ -31,6 +31,8 @@ Module map (each module's docstring says what it owns):
   * ``outbox.py``      the one way out.
   * ``state.py``       rows for the state API (zray list/get/summary).
   * ``fdwatch.py``     the descriptor limit, raised at start; running out is loud.
+  * ``durable.py``     the durable tables (SQLite under ``--state-dir``).
+  * ``restart.py``     Recovery: what survives a broker restart, and the reconnects.
 
 This module owns the socket, the loop, the dispatch table and the bad-message
 counters. See ``zray._protocol`` for the frames.
@@ -46,10 +48,12 @@ import time
 
 import zmq
 
+from brokerd.durable import DurableStore
 from brokerd.engine import TaskEngine
 from brokerd.fdwatch import FdWatch, raise_nofile_limit
 from brokerd.outbox import Outbox
 from brokerd.queries import Queries
+from brokerd.restart import Recovery
 from zray import _protocol as P
 from zray._protocol import Msg
 from zray._security import ServerAuth, create_key_file, needs_curve
@@ -72,10 +76,12 @@ GC_THRESHOLD = (50_000, 20, 100)
 
 
 class Broker:
-    def __init__(self, address: str, session_dir: str = ""):
+    def __init__(self, address: str, session_dir: str = "", state_dir: str = ""):
         self.address = address
         self.session_dir = session_dir
         raise_nofile_limit()  # thousands of clients, two connections each
+        # This incarnation: clients and nodes that see it change replay their state.
+        self.epoch = os.urandom(8).hex()
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -99,6 +105,11 @@ class Broker:
         self.queries = Queries(self.engine, self.address, time.time(), self.stats)
         self.queries.session_dir = session_dir
         self.fdwatch = FdWatch(self.sock)  # running out of descriptors is loud (fdwatch.py)
+        self.recovery = None
+        if state_dir:  # durable tables: the cluster survives a restart (brokerd/restart.py)
+            self.recovery = Recovery(self.engine, DurableStore(state_dir))
+            self.engine.recovery = self.engine.actors.recovery = self.recovery
+            self.recovery.restore()
         self.running = True
         self.header = None  # the header frame of the message being handled
         self.dropped = 0  # messages dropped as malformed or sent by the wrong role
@@ -115,9 +126,9 @@ class Broker:
             (out, Msg.FN): self.on_fn,
             (out, Msg.SUBMIT): self.on_submit,
             (out, Msg.PUT): e.put,
-            (out, Msg.SUB): lambda cid, m, f: e.objects.subscribe(cid, m.oids),
+            (out, Msg.SUB): lambda cid, m, f: e.access.subscribe(cid, m.oids),
             (out, Msg.RELEASE): lambda cid, m, f: e.objects.refs(cid, [(o, -1) for o in m.oids]),
-            (out, Msg.REFS): lambda cid, m, f: e.objects.refs(cid, m.ops),
+            (out, Msg.REFS): lambda cid, m, f: e.access.refs(cid, m.ops),
             (out, Msg.CANCEL): lambda cid, m, f: e.cancel(P.task_of(m.oid), m.force, m.recursive),
             (out, Msg.BLOCK): lambda cid, m, f: e.block(cid, m),
             (out, Msg.UNBLOCK): lambda cid, m, f: e.unblock(cid, m),
@@ -220,12 +231,15 @@ class Broker:
         self.running = False
 
     def shutdown(self):
-        for node in list(self.engine.nodes.nodes.values()):
+        # With durable state a stop is a restart to come: nodes and drivers wait for it.
+        for node in list(self.engine.nodes.nodes.values()) if self.recovery is None else ():
             self.out.send(node.ident, P.encode(P.Shutdown()))
-        for cid in list(self.engine.clients):
+        for cid in list(self.engine.clients) if self.recovery is None else ():
             self.out.send(P.inbox_ident(cid), P.encode(P.Shutdown()))
         self.out.flush()
         self.sock.close(linger=200)  # linger: the SHUTDOWN frames still leave
+        if self.recovery is not None:
+            self.recovery.store.close()
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
@@ -247,7 +261,7 @@ class Broker:
 
     def stats(self) -> dict:
         return {"dropped_messages": self.dropped, "sent_messages": self.out.sent,
-                **self.fdwatch.report()}
+                "refused_refs": self.engine.access.refused, **self.fdwatch.report()}
 
     # -------------------------------------------------------------- handlers
     def on_hello(self, cid, m: P.Hello, frames):
@@ -255,23 +269,29 @@ class Broker:
         if "error" in info:
             self.drop(P.inbox_ident(cid), f"HELLO refused: {info['error']}")
         else:
-            info.update(session_dir=self.session_dir, address=self.address)
+            info.update(session_dir=self.session_dir, address=self.address, epoch=self.epoch,
+                        nodes=list(self.engine.nodes.nodes))  # (stores a client may name)
         self.out.send(P.inbox_ident(cid), P.encode(P.Welcome(info)))
         self.out.flush()  # the handshake reads one plain WELCOME, never a BATCH
 
     def on_client_heartbeat(self, cid, m, frames):
         if self.engine.client_seen(cid):
             self.answer_heartbeat(P.inbox_ident(cid))
+        else:  # not known here (this broker restarted): it must say HELLO again
+            self.out.send(P.inbox_ident(cid), P.encode(P.Welcome({"rehello": self.epoch})))
 
     def on_node_hello(self, node_id, m: P.NodeHello, frames):
         if m.node_id != node_id:
             raise P.ProtocolError("NODE_HELLO: node id differs from the socket's identity")
         self.engine.node_joined(node_id, m.info)
-        self.out.send(P.node_ident(node_id), P.encode(P.Welcome({"address": self.address})))
+        self.out.send(P.node_ident(node_id), P.encode(P.Welcome({"address": self.address,
+                                                                   "epoch": self.epoch})))
 
     def on_node_heartbeat(self, node_id, m, frames):
         if self.engine.nodes.seen(node_id):
             self.answer_heartbeat(P.node_ident(node_id))
+        else:  # not known (or reconnecting) here: it must say NODE_HELLO again
+            self.out.send(P.node_ident(node_id), P.encode(P.Welcome({"rehello": self.epoch})))
 
     def answer_heartbeat(self, ident: bytes) -> None:
         """Answer a peer's heartbeat if we last did HEARTBEAT_REPLY_S ago or more."""
@@ -297,8 +317,8 @@ class Broker:
             self.out.send(P.inbox_ident(cid), P.encode(reply))
 
 
-def run(address: str, session_dir: str = "") -> None:
-    broker = Broker(address, session_dir)
+def run(address: str, session_dir: str = "", state_dir: str = "") -> None:
+    broker = Broker(address, session_dir, state_dir)
     # A long-lived server whose tables hold few cycles: move start-up objects out of the
     # collector's way and collect the young generation less often (GC_THRESHOLD, measured
     # in docs/NOTES.md).

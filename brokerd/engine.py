@@ -38,6 +38,7 @@ import hmac
 import logging
 import time
 
+from brokerd.access import RefAccess
 from brokerd.actors import ActorDirectory, Death
 from brokerd.jobhistory import EndedJobs, now_ms
 from brokerd.nodes import NodeTable
@@ -68,6 +69,10 @@ _NONE_FRAMES = serialize(None)[0]  # the value of a stream's completion object
 MAX_SPAWN_FAILURES = 5  # fresh processes for actors that die before READY, per node, in a row
 
 
+class ArgumentLost(Exception):
+    """A task's argument object has no copy left when its EXEC is built."""
+
+
 class TaskEngine:
     def __init__(self, out: Outbox):
         self.out = out
@@ -75,6 +80,7 @@ class TaskEngine:
         self.clients: dict[bytes, ClientInfo] = {}
         self.nodes = NodeTable(out)
         self.objects = ObjectDirectory(out, self.nodes, self.clients)
+        self.access = self.objects.access = RefAccess(self.objects, {}, self.clients)
         self.placement = Placement(self.nodes, self.objects)
         self.actors = ActorDirectory(out, self.moves)
         self.pgroups = PlacementGroupTable(self.nodes)  # placement groups (brokerd/pgroups.py)
@@ -82,9 +88,11 @@ class TaskEngine:
         self.tasks: dict[bytes, Task] = {}
         self.children: dict[bytes, list] = {}
         self.executors: dict[bytes, Executor] = {}
+        self.access.executors = self.executors
         self.reaped: set = set()  # executors told to exit for being idle
         self.jobs: dict[bytes, dict] = {}  # job id -> {"namespace", "driver", "start_ms"}
         self.ended_jobs = EndedJobs()  # jobs whose driver is gone (brokerd/jobhistory.py)
+        self.recovery = None  # brokerd.restart.Recovery when the broker has a state dir
 
     # ============================================================ membership
     def client_joined(self, cid: bytes, m: P.Hello) -> dict:
@@ -104,6 +112,8 @@ class TaskEngine:
             ex = Executor(cid, node, m.pid)
             node.executors[cid] = ex
             self.executors[cid] = ex
+            if self.recovery is not None:  # it may host an actor from before a restart
+                self.recovery.reattach(ex)
         return {"store_limit": node.store_limit if node else 0}
 
     def executor_spawned(self, node_id: bytes, cid: bytes, token: bytes) -> None:
@@ -125,6 +135,8 @@ class TaskEngine:
                                "start_ms": (self.jobs.get(c.job_id) or {}).get("start_ms")
                                or now_ms()}
         c.logs = log_to_driver
+        if self.recovery is not None:
+            self.recovery.job_saved(c.job_id, self.jobs[c.job_id])
 
     def client_seen(self, cid: bytes) -> bool:
         c = self.clients.get(cid)
@@ -154,6 +166,14 @@ class TaskEngine:
 
     def node_joined(self, node_id: bytes, info: dict) -> Node:
         old = self.nodes.nodes.get(node_id)
+        if old is not None and old.reconnecting:  # known before a broker restart
+            if self.recovery.node_back(old, info):  # the same agent: its store lives on
+                node = self.nodes.join(node_id, info)
+                node.store_used, node.spilled, node.lru = old.store_used, old.spilled, old.lru
+                self.recovery.node_saved(node)
+                return node
+            self.node_dead(old, "its agent restarted")
+            old = None
         if old is not None and old.alive:
             if info.get("pid") == old.pid:  # the same agent introduced itself again
                 self.nodes.seen(node_id)
@@ -161,11 +181,16 @@ class TaskEngine:
             # A new agent process with the old id (ZeroMQ refuses a second live peer with
             # an identity in use, so the old connection is gone): its executors are too.
             self.node_dead(old, "its agent restarted")
-        return self.nodes.join(node_id, info)
+        node = self.nodes.join(node_id, info)
+        if self.recovery is not None:
+            self.recovery.node_saved(node)
+        return node
 
     def node_dead(self, node: Node, why: str = "") -> None:
         self.nodes.leave(node)
         self.pgroups.node_lost(node.node_id)
+        if self.recovery is not None:
+            self.recovery.node_gone(node)
         lost = self.objects.node_lost(node.node_id)
         if lost:
             self._rebuild(lost)
@@ -193,18 +218,26 @@ class TaskEngine:
         self.clients.pop(c.cid, None)
         if c.kind != "driver":
             return
+        self.job_over(c.job_id, c, normal)
+        self.objects.drop_client(c.cid, c.holds)
+        owner_gone(self, c.cid)  # its placement groups
+
+    def job_over(self, job_id: bytes, c: ClientInfo | None = None, normal: bool = True) -> None:
+        """A job's driver is gone: its non-detached actors end, its waiting tasks are
+        cancelled."""
         for actor in list(self.actors.actors.values()):
-            if actor.job_id == c.job_id and not actor.detached and actor.state != ActorState.DEAD:
+            if actor.job_id == job_id and not actor.detached and actor.state != ActorState.DEAD:
                 self._settle(actor, self.actors.kill(actor, no_restart=True,
                                                      reason="its driver exited"))
         for task in list(self.tasks.values()):
-            if task.spec.job == c.job_id and task.state in _WAITING:
+            if task.spec.job == job_id and task.state in _WAITING:
                 self.finish_cancelled(task)
-        self.objects.drop_client(c.cid, c.holds)
-        info = self.jobs.pop(c.job_id, None)
+        info = self.jobs.pop(job_id, None)
         if info is not None:
-            self.ended_jobs.add(c.job_id, info, c.pid, c.node_id, normal)
-        owner_gone(self, c.cid)
+            self.ended_jobs.add(job_id, info, c.pid if c else None, c.node_id if c else None,
+                                normal)
+        if self.recovery is not None:
+            self.recovery.job_gone(job_id)
 
     def check_liveness(self, now: float) -> None:
         for node in list(self.nodes.nodes.values()):
@@ -220,6 +253,10 @@ class TaskEngine:
             log.warning("node %s missed heartbeats for %.0fs: declared dead",
                         node.node_id.hex(), now - node.last_seen)
             self.node_dead(node, "missed heartbeats")
+        if self.recovery is not None:
+            self.recovery.tick(now)
+        if self.access.parked:
+            self.access.retry(now)
         for c in list(self.clients.values()):
             if c.kind == "driver" and now - c.last_seen > P.DRIVER_TIMEOUT_S:
                 log.warning("driver %s silent: releasing its job", c.cid.hex())
@@ -266,8 +303,9 @@ class TaskEngine:
             self.objects.create(oid, spec.owner)
         if spec.parent:
             self.children.setdefault(spec.parent, []).append(task_id)
+        access = self.access
         for oid in spec.nested:  # refs inside the arguments live until the task ends
-            if self.objects.pin(oid):
+            if access.may_use(cid, oid) and self.objects.pin(oid):
                 task.holds.append(oid)
         if kind == P.ACTOR_CREATE:
             task.actor = self.actors.register(task)
@@ -286,7 +324,7 @@ class TaskEngine:
             task.retries_left = mtr if type(mtr) is int else actor.max_task_retries
         for _, oid in spec.deps:
             obj = self.objects.get(oid)
-            if obj is None:
+            if obj is None or not access.may_use(cid, oid):  # (no ref to it: as unknown)
                 self.fail_task(task, serialize_error(exceptions.ObjectLostError(
                     oid.hex(), f"Argument object {oid.hex()} was freed or never existed.")),
                     reason="argument unknown")
@@ -372,7 +410,6 @@ class TaskEngine:
             if blob is None:
                 raise KeyError(f"function {fid.hex()} was never registered")
             frames.append(blob)
-            ex.fns.add(fid)
             has_fn = True
         frames.extend(task.frames)
         layout = []
@@ -386,9 +423,13 @@ class TaskEngine:
                     layout.append((0, node_id))
                 else:
                     layout.append((0, next(iter(obj.locations))))
-            else:
+            elif obj.frames:
                 frames.extend(obj.frames)
                 layout.append((len(obj.frames), None))
+            else:  # no copy left (lost with its node): never send an empty argument
+                raise ArgumentLost(obj)
+        if has_fn:  # (only once the EXEC will go: the executor then has the function)
+            ex.fns.add(fid)
         gpu_ids = self.nodes.gpu_ids(task) if task.gpu_alloc else []
         if task.spec_bytes is not None:  # forwarded as it came: never packed twice
             header = P.encode_exec(task.spec_bytes, has_fn, len(task.frames), layout, gpu_ids)
@@ -399,6 +440,9 @@ class TaskEngine:
     def _send_exec(self, task: Task, ex: Executor) -> bool:
         try:
             header, frames = self._exec_message(task, ex)
+        except ArgumentLost as e:
+            self.fail_task(task, self.objects.lost_error(e.args[0]), reason="argument lost")
+            return False
         except KeyError as e:
             self.fail_task(task, serialize_error(exceptions.RaySystemError(str(e))),
                            reason="function unknown")
@@ -487,7 +531,7 @@ class TaskEngine:
                             obj.lineage = task
                             task.lineage += 1
                 if nested and kind == P.VALUE:
-                    objects.contain(obj, nested)  # refs inside the results
+                    objects.contain(obj, nested, cid)  # refs inside the results
                 woken += objects.ready(obj, kind, part,
                                        push_owner=not (i < len(pushed) and pushed[i]))
         if not (layout and layout[0][0] == P.ERROR):
@@ -544,7 +588,8 @@ class TaskEngine:
         """Tasks not started yet that counted an argument among the ``lost`` objects as
         there: they wait for it again while it is rebuilt, or fail if it cannot be."""
         for task in list(self.tasks.values()):
-            if task.state not in _WAITING or task.kind != P.TASK:
+            # (an actor call not sent yet waits in its actor's queue, in order)
+            if task.state not in _WAITING or task.kind == P.ACTOR_CREATE:
                 continue
             hit = [oid for oid in task.deps if oid in lost]
             if not hit:
@@ -556,7 +601,9 @@ class TaskEngine:
                        serialize_error(exceptions.ObjectLostError(hit[0].hex())))
                 self.fail_task(task, err, reason="argument lost")
                 continue
-            if task.state == TaskState.QUEUED:  # out of its placement queue, waiting again
+            if task.state == TaskState.QUEUED and task.kind == P.ACTOR_CALL:
+                self.moves.move(task, TaskState.WAITING_ARGS, "argument lost, being rebuilt")
+            elif task.state == TaskState.QUEUED:  # out of its placement queue, waiting again
                 q = self.placement.queues.get(task.shape)
                 if q is not None:
                     try:
@@ -697,7 +744,7 @@ class TaskEngine:
         oid = P.object_id(m.task_id, m.index)
         obj = self.objects.create(oid, task.spec.owner)
         task.streamed = max(task.streamed, m.index)
-        self.objects.contain(obj, m.nested)
+        self.objects.contain(obj, m.nested, cid)
         self._wake(self.objects.ready(obj, m.kind, frames))
 
     def _finish_stream(self, task: Task, err_frames=None, state=TaskState.FINISHED,
@@ -731,7 +778,7 @@ class TaskEngine:
         if m.node_id is not None and (frames or m.node_id not in self.nodes.nodes):
             raise P.ProtocolError("PUT: a stored value names a live node and has no frames")
         obj = self.objects.create(m.oid, cid)
-        self.objects.contain(obj, m.nested)
+        self.objects.contain(obj, m.nested, cid)
         if m.node_id is not None:
             self.objects.add_location(obj, m.node_id, m.size)
         self._wake(self.objects.ready(obj, m.kind, frames, push_owner=False))

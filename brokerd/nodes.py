@@ -67,7 +67,7 @@ class NodeTable:
 
     def seen(self, node_id: bytes) -> bool:
         node = self.nodes.get(node_id)
-        if node is None:
+        if node is None or node.reconnecting:  # (unanswered: it must say hello again)
             return False
         node.last_seen = time.monotonic()
         return True

@@ -53,6 +53,10 @@ class ObjectDirectory:
         self.fns: dict[bytes, object] = {}
         self.released_actors: list = []  # actor ids whose handle object was freed
         self.lineage_bytes = 0  # spec + argument bytes of the tasks kept for lineage
+        self.access = None  # brokerd.access.RefAccess: who may use which object
+        # After a broker restart: oid -> clients that say they hold a ref to it, until its
+        # owner puts it again (then they are its holders) or the grace period ends.
+        self.restart_holders: dict = {}
 
     # ------------------------------------------------------------- records
     def get(self, oid: bytes):
@@ -60,6 +64,14 @@ class ObjectDirectory:
 
     def create(self, oid: bytes, owner: bytes) -> Obj:
         obj = self.objects[oid] = Obj(oid, owner)
+        if self.restart_holders:
+            held = self.restart_holders.pop(oid, None)
+            if held:  # borrowers said so before its owner put it again (a restart)
+                obj.holders |= held
+                for cid in held:
+                    c = self.clients.get(cid)
+                    if c is not None:
+                        c.holds.add(oid)
         return obj
 
     def ensure(self, oid: bytes, owner: bytes) -> Obj:
@@ -122,14 +134,21 @@ class ObjectDirectory:
         for oid in oids:
             obj = self.objects.get(oid)
             if obj is None:
-                err = serialize_error(exceptions.ObjectLostError(
-                    oid.hex(), f"Object {oid.hex()} is not known to the cluster: it was freed "
-                               "or never existed."))
-                self.out.send(P.inbox_ident(cid), P.encode(P.Obj(oid, P.ERROR)), err)
+                self.unknown(cid, oid)
             elif obj.state == ObjState.READY:
                 self.deliver(cid, obj, True)
             else:
                 obj.subscribers.append(cid)
+
+    def unknown(self, cid: bytes, oid: bytes) -> None:
+        """Answer a SUB for an object that does not exist (or that ``cid`` may not use)."""
+        if oid in self.restart_holders:
+            why = ("was lost when the broker restarted: its value lived only in the broker "
+                   "and no client that reconnected held a copy of it")
+        else:
+            why = "is not known to the cluster: it was freed or never existed"
+        err = serialize_error(exceptions.ObjectLostError(oid.hex(), f"Object {oid.hex()} {why}."))
+        self.out.send(P.inbox_ident(cid), P.encode(P.Obj(oid, P.ERROR)), err)
 
     def deliver(self, cid: bytes, obj: Obj, want_data: bool) -> None:
         """Send ``obj`` to client ``cid``: inline, as "in your store", as "ready
@@ -324,11 +343,24 @@ class ObjectDirectory:
             obj.pins -= 1
             self.maybe_free(obj)
 
-    def contain(self, obj: Obj, nested) -> None:
-        """``obj``'s value holds refs to ``nested``: keep them while ``obj`` lives."""
+    def contain(self, obj: Obj, nested, cid: bytes = b"") -> None:
+        """``obj``'s value holds refs to ``nested``: keep them while ``obj`` lives.
+        ``cid`` (the sender) must be allowed to use each of them (brokerd/access.py)."""
+        if not nested:
+            return
+        access = self.access
         for oid in nested:
-            if self.pin(oid):
-                obj.contained.append(oid)
+            child = self.objects.get(oid)
+            if child is None or (cid and access is not None
+                                 and not access.may_use(cid, oid)):
+                continue
+            child.pins += 1
+            obj.contained.append(oid)
+            if child.containers is None:
+                child.containers = []
+            child.containers.append(obj.oid)
+        if access is not None:
+            access.contained()
 
     def refs(self, cid: bytes, ops) -> None:
         """A client's refs appeared (+1) / all went away (-1), in order."""
@@ -404,6 +436,12 @@ class ObjectDirectory:
                 self.drop_lineage(task)
         contained, obj.contained = obj.contained, []
         for oid in contained:
+            child = self.objects.get(oid)
+            if child is not None and child.containers:
+                try:
+                    child.containers.remove(obj.oid)
+                except ValueError:
+                    pass
             self.unpin(oid)
         for node_id in obj.locations:
             node = self.nodes.nodes.get(node_id)

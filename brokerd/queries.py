@@ -50,7 +50,8 @@ class Queries(PlacementGroupQueries):
 
     def req_nodes(self, cid, args):
         return [{
-            "NodeID": n.node_id.hex(), "Alive": n.alive, "NodeManagerHostname": n.hostname,
+            "NodeID": n.node_id.hex(), "Alive": n.alive and not n.reconnecting,
+            "NodeManagerHostname": n.hostname,
             "NodeManagerAddress": n.address or n.hostname, "Resources": P.from_units(n.total),
             "Available": P.from_units(n.avail), "Labels": n.labels, "Pid": n.pid,
             "Executors": len(n.executors), "Running": n.running, "StoreLimit": n.store_limit,

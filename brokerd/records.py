@@ -79,6 +79,7 @@ class Node:
     spawn_failures: int = 0
     vouched: dict = field(default_factory=dict)  # cid -> spawn token, until its HELLO
     log_dir: str = ""  # its log directory, on its host (zray logs)
+    reconnecting: bool = False  # loaded after a broker restart; its agent has not said hello
 
 
 @dataclass(eq=False)
@@ -141,6 +142,7 @@ class Obj:
     pins: int = 0  # unfinished tasks using it + stored objects containing it
     holders: set = field(default_factory=set)  # clients (not the owner) holding a ref
     contained: list = field(default_factory=list)  # oids pickled inside this value, pinned
+    containers: Optional[list] = None  # oids of values this ref was pickled inside
     waiting: list = field(default_factory=list)  # tasks waiting on it
     subscribers: list = field(default_factory=list)  # cids to push it to
     locations: dict = field(default_factory=dict)  # node_id -> size: stores holding it

@@ -58,6 +58,8 @@ class NodeAgent:
         self.session_dir = session_dir
         self.log_dir = os.path.join(session_dir, "logs") if session_dir else ""
         self.procs: dict[bytes, subprocess.Popen] = {}
+        self.tokens: dict[bytes, bytes] = {}  # cid -> spawn token: vouched again after a restart
+        self.epoch = None  # the broker incarnation that welcomed us
         self.running = True
         res = {"CPU": float(num_cpus)}
         if gpu_ids:
@@ -122,6 +124,7 @@ class NodeAgent:
             # Vouch for it first: the broker accepts an executor's HELLO only with the
             # token its node announced (the executor's HELLO comes after its start-up).
             self.sock.send(P.encode(P.ExecSpawned(cid, token)))
+            self.tokens[cid] = token
             env = dict(os.environ)
             env.update({
                 "ZRAY_EXEC_ID": cid.hex(),
@@ -150,6 +153,16 @@ class NodeAgent:
                 except OSError as e:
                     log.warning("cannot record executor %s in the log index: %s", cid.hex(), e)
 
+    def rejoin(self):
+        """The broker does not know us (it restarted): introduce this node again and vouch
+        again for every executor still running, so actor processes can re-attach."""
+        log.warning("the broker does not know this node (it restarted?): saying hello again")
+        self.last_broker = time.monotonic()
+        self.hello()
+        for cid, p in self.procs.items():
+            if p.poll() is None and cid in self.tokens:
+                self.sock.send(P.encode(P.ExecSpawned(cid, self.tokens[cid])))
+
     def kill(self, cid: bytes):
         p = self.procs.get(cid)
         if p is not None and p.poll() is None:
@@ -163,12 +176,16 @@ class NodeAgent:
             code = p.poll()
             if code is not None:
                 del self.procs[cid]
+                self.tokens.pop(cid, None)
                 self.sock.send(P.encode(P.ExecDied(cid, code)))
 
     def handle(self, m, msg) -> None:
         """One message from the broker (``msg``: its frames, header first)."""
         t = m.TYPE
         if t == Msg.WELCOME:
+            if "rehello" in m.info:
+                self.rejoin()
+                return
             if "error" in m.info:
                 log.error("the broker refused this node: %s", m.info["error"])
                 self.running = False
@@ -181,6 +198,12 @@ class NodeAgent:
                     self.watch.close()
                     self.watch = None
                 self.spawn(self.prestart)
+            elif m.info.get("epoch") != self.epoch:
+                # A restarted broker took us back: its pool expects `prestart` fresh
+                # executors (the old pool processes exit; actor processes re-attach).
+                log.info("rejoined the restarted broker")
+                self.spawn(self.prestart)
+            self.epoch = m.info.get("epoch")
         elif t == Msg.SPAWN:
             self.spawn(max(0, min(m.count, 64)))
         elif t == Msg.KILL_EXEC:

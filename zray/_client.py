@@ -80,6 +80,7 @@ import zmq
 from zray import _protocol as P
 from zray import exceptions
 from zray._protocol import Msg
+from zray._reconnect import ReplayLog
 from zray._security import await_reply, secure_client, watch_handshake
 from zray._serialization import deserialize, load_error, serialize
 from zray._store import INLINE_MAX, ObjectStore, parse_blob
@@ -193,7 +194,14 @@ class Client:
         self.mask_signals = kind == "executor"
         self.on_block: Optional[Callable] = None  # executor: hand back prefetched tasks
         self.on_unblock: Optional[Callable] = None
+        # Closed from a restarted broker's rehello until our replay is sent: user threads'
+        # messages wait, so none reaches the broker between our HELLO and the replay
+        # (a task whose function or arguments it does not know yet).
+        self._gate = threading.Event()
+        self._gate.set()
+        self.replay = ReplayLog(self._ref_lock)  # what a restarted broker is told again (zray/_reconnect.py)
         self.info = self._handshake(connect_timeout)
+        self.epoch = self.info.get("epoch")  # the broker incarnation that welcomed us
         if self.store is not None:
             self._bind_direct()
         self._io = threading.Thread(target=self._io_loop, name="zray-io", daemon=True)
@@ -211,9 +219,100 @@ class Client:
         s.connect(self.address)
         return s
 
-    def _handshake(self, timeout: float) -> dict:
+    def _hello(self) -> None:
         self._inbox.send(P.encode(P.Hello(P.VERSION, self.kind, self.node_id, os.getpid(),
                                           self.job_id, self._token)))
+
+    def _rejoin(self, info: dict) -> None:
+        """A WELCOME after the handshake (I/O thread): the broker restarted and asks us
+        to say HELLO again ({rehello}), or took us back (a new epoch): replay our state."""
+        if "rehello" in info:
+            if info["rehello"] == self.epoch:
+                # The broker that welcomed us forgot us (a driver silent too long, an
+                # executor it let go): we are gone, as when the broker is.
+                log.error("the zray broker dropped this %s", self.kind)
+                self.broker_gone = True
+                self._gate.set()
+                if self._on_exec is not None:
+                    self._on_exec(P.Exit(), [])
+                with self.cond:
+                    self.cond.notify_all()
+                return
+            if self.kind == "executor" and not self.current_actor_id:
+                # A pool process: the restarted broker has a fresh pool; our owners
+                # resubmit what we ran.
+                log.warning("the zray broker restarted: this pool executor leaves")
+                self.broker_gone = True
+                if self._on_exec is not None:
+                    self._on_exec(P.Exit(), [])
+                return
+            self._gate.clear()
+            self._hello()
+        elif "error" in info:  # e.g. our node has not vouched for us again yet: retried
+            log.info("the restarted zray broker refused us for now: %s", info["error"])
+        elif info.get("epoch") and info.get("epoch") != self.epoch:
+            self.epoch = info["epoch"]
+            nodes = info.get("nodes")
+            try:
+                self.replay.replay(self, set(nodes) if isinstance(nodes, list) else set())
+            finally:
+                self._gate.set()
+
+    def results_on_lost_nodes(self, live_nodes: set) -> set:
+        """Task ids of results this client knows to be in a node store that is not
+        among ``live_nodes`` (for a restarted broker: zray/_reconnect.py)."""
+        with self._ref_lock:
+            records = list(self.records.items())
+        gone = set()
+        for oid, rec in records:
+            state = rec.state
+            if state in (REMOTE, FETCHING):
+                node = rec.node_id
+            elif state is STORED:
+                node = self.node_id
+            else:
+                continue
+            if node not in live_nodes:
+                gone.add(oid[:P.TASK_ID_LEN])
+        return gone
+
+    def held_objects(self, skip_tasks: set) -> tuple:
+        """For a restarted broker (zray/_reconnect.py): the PUTs of the values this
+        client owns and holds ([(header, frames)]: inline frames, or the node store
+        they are in), the refs it borrowed ([(oid, +1)]) and the oids it waits for.
+        Returns of the tasks in ``skip_tasks`` (resubmitted) are left out."""
+        with self._ref_lock:
+            records = list(self.records.items())
+        puts, borrowed, subs = [], [], []
+        for oid, rec in records:
+            if oid[:P.TASK_ID_LEN] in skip_tasks:
+                continue  # its task is resubmitted: the broker makes it afresh
+            state, value = rec.state, rec.value
+            if oid[:P.ID_LEN] != self.cid:
+                borrowed.append((oid, 1))
+            elif state is LOCAL and value is not None and value[1] is not IN_STORE:
+                puts.append((P.encode(P.Put(oid, value[0], [], None, 0)), list(value[1])))
+            elif state is STORED and value is not None:
+                puts.append((P.encode(P.Put(oid, value[0], [], self.node_id, 0)), []))
+            elif state in (REMOTE, FETCHING) and rec.node_id:
+                puts.append((P.encode(P.Put(oid, P.VALUE, [], rec.node_id, 0)), []))
+            if state in (SUBSCRIBED, FETCHING):
+                subs.append(oid)
+        return puts, borrowed, subs
+
+    def send_submit(self, spec: P.TaskSpec, frames) -> None:
+        """SUBMIT a task, remembering it until its result comes (for a broker restart)."""
+        header = P.encode(P.Submit(spec))
+        self.replay.record_submit(spec, header, frames)
+        self.send(header, frames)
+
+    def send_fn(self, fid: bytes, nested: list, blob) -> None:
+        header = P.encode(P.Fn(fid, nested))
+        self.replay.record_fn(fid, header, blob)
+        self.send(header, [blob])
+
+    def _handshake(self, timeout: float) -> dict:
+        self._hello()
         try:
             answered = await_reply(self._inbox, self._watches, timeout)
         except ConnectionError:  # the broker refused our key (or its absence)
@@ -283,6 +382,9 @@ class Client:
         """Send one message on the out socket (any thread)."""
         if self.forked:  # a forked child must never write to its parent's sockets
             return
+        if (not self._gate.is_set() and threading.current_thread() is not self._io
+                and not self.cond._is_owned()):  # (the I/O thread needs `cond` to go on)
+            self._gate.wait(P.BROKER_TIMEOUT_S)  # the broker restarted: after our replay
         if self.mask_signals:
             # An executor's cancel signal must not cut a multipart message in two.
             old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
@@ -348,6 +450,7 @@ class Client:
                         log.error("no word from the zray broker at %s for %.0fs", self.address,
                                   now - self.last_broker)
                         self.broker_gone = True
+                        self._gate.set()
                         if self._on_exec is not None:
                             self._on_exec(P.Exit(), [])
                         with self.cond:
@@ -398,6 +501,7 @@ class Client:
                         lock.acquire()
                         held = True
                     stream = self._streams.get(m.task_id)
+                    self.replay.finished(m.task_id, end=True)
                     if stream is not None:
                         stream.end = m.count
                     notify = True
@@ -422,10 +526,13 @@ class Client:
                 elif mtype == Msg.INTERRUPT:
                     if self._on_cancel is not None:
                         self._on_cancel(m.task_id, m.force)
+                elif mtype == Msg.WELCOME:
+                    self._rejoin(m.info)
                 elif mtype in (Msg.EXIT, Msg.SHUTDOWN):
                     if self._on_exec is not None:
                         self._on_exec(m, [])
                     self.broker_gone = True
+                    self._gate.set()
                     notify = True
         finally:
             if held:
@@ -445,6 +552,7 @@ class Client:
                         arrived: list, fetch: list) -> None:
         """An OBJ: move ``oid``'s record to ``state`` (LOCAL, STORED or REMOTE).
         Called by the I/O thread holding ``_ref_lock``."""
+        self.replay.finished(oid[:P.TASK_ID_LEN], stored=node_id is not None)
         rec = self.records.get(oid)
         if rec is None:
             stream = self._streams.get(P.task_of(oid))
@@ -526,6 +634,7 @@ class Client:
                     rec.refcount -= 1
                     return
                 del self.records[oid]
+                self.replay.dropped(oid[:P.TASK_ID_LEN])
             if not self.closed:
                 if not self._pending_refs:
                     self._release_since = time.monotonic()
@@ -762,6 +871,7 @@ class Client:
 
     def close_stream(self, task_id: bytes):
         """The generator is gone: drop the items that arrived and were never taken."""
+        self.replay.finished(task_id, end=True)  # nobody reads it any more
         with self._ref_lock:
             stream = self._streams.pop(task_id, None)
             if stream is None:
@@ -816,15 +926,22 @@ class Client:
 
     def request(self, op: str, args=None, timeout: float = 30.0):
         req_id = next(self._ids)
-        self.send(P.encode(P.Req(req_id, op, args)))
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while req_id not in self._replies:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise exceptions.GetTimeoutError(f"broker did not answer {op!r}")
-                self.cond.wait(remaining)
-            ok, result = self._replies.pop(req_id)
+        if op == "register_job":  # said again to a restarted broker
+            self.replay.job = (op, args)
+        header = P.encode(P.Req(req_id, op, args))
+        self.replay.requests[req_id] = header  # asked again if the broker restarts meanwhile
+        try:
+            self.send(header)
+            deadline = time.monotonic() + timeout
+            with self.cond:
+                while req_id not in self._replies:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise exceptions.GetTimeoutError(f"broker did not answer {op!r}")
+                    self.cond.wait(remaining)
+                ok, result = self._replies.pop(req_id)
+        finally:
+            self.replay.requests.pop(req_id, None)
         if not ok:
             raise ValueError(result)
         return result

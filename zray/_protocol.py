@@ -41,6 +41,11 @@ C->B  HELLO      version, kind, node_id, pid, job_id, token    on the inbox; fir
                  HELLO as an executor with an unknown cid or token is refused
 B->C  WELCOME    info {session_dir, address, store_limit} or {error}: a mismatched
                  VERSION is answered with an error naming both versions
+B->*  WELCOME    also {epoch, nodes}: the broker's incarnation and the node ids it knows;
+                 {rehello: epoch}: the answer to a HEARTBEAT from a client or node this
+                 broker does not know (it restarted): say HELLO / NODE_HELLO again (a node
+                 then re-sends EXEC_SPAWNED for its live executors; a client whose
+                 welcoming epoch it is was dropped and leaves). See brokerd/restart.py
 C->B  READY      -                                              executor: started and idle
 C->B  FN         fid, nested + [blob]                           register a pickled function/class
 C->B  SUBMIT     spec (TaskSpec) + arg frames                   a task, actor creation or call

@@ -41,7 +41,7 @@ class _Definition:
                 self.blob = dumps_function(self.obj)
             self.nested = nested
             self.fid = hashlib.blake2b(self.blob, digest_size=16).digest()
-        client.send(P.encode(P.Fn(self.fid, self.nested)), [self.blob])
+        client.send_fn(self.fid, self.nested, self.blob)
         self.client = client
         return self.fid
 
@@ -193,7 +193,7 @@ class RemoteFunction:
         spec = make_spec(client, P.TASK, fid, name, prep.nret, prep.resources,
                          opts, deps, nested)
         refs = return_refs(client, spec.task_id, prep.nret)
-        client.send(P.encode(P.Submit(spec)), frames)
+        client.send_submit(spec, frames)
         return refs
 
     def bind(self, *args, **kwargs):

@@ -167,7 +167,7 @@ class ActorClass:
         opts["handle_meta"] = cloudpickle.dumps(meta)
         spec = make_spec(client, P.ACTOR_CREATE, fid, self.__name__, 0, place, opts,
                          deps, nested, actor_id)
-        client.send(P.encode(P.Submit(spec)), frames)
+        client.send_submit(spec, frames)
         # A non-detached actor lives while a handle to it does (anywhere: the handle's
         # ref is counted like an ObjectRef's) and while its creator lives.
         ref = None
@@ -353,6 +353,6 @@ class ActorMethod:
         spec = make_spec(client, P.ACTOR_CALL, self._name, self._qualname, self._nret,
                          {}, opts, deps, nested, handle._actor_id)
         refs = return_refs(client, spec.task_id, self._nret)
-        client.send(P.encode(P.Submit(spec)), frames)
+        client.send_submit(spec, frames)
         return refs
 

@@ -34,7 +34,13 @@ def main():
 @click.option("--key-file", default=None,
               help="Cluster key file (default: ~/.zray/cluster.key, created if missing).")
 @click.option("--insecure", is_flag=True, help="No CURVE authentication/encryption (trusted networks only).")
-def broker(host: str, port: int, session_dir: str | None, key_file: str | None, insecure: bool):
+@click.option("--state-dir", default=None,
+              help="Keep the durable tables (nodes, actors, jobs) here so that the cluster "
+                   "survives a broker restart (default: $STATE_DIRECTORY under systemd, else "
+                   "none: as Ray's, a restarted broker starts an empty cluster).")
+@click.option("--no-state", is_flag=True, help="Keep nothing, even under systemd: a restart starts an empty cluster.")
+def broker(host: str, port: int, session_dir: str | None, key_file: str | None, insecure: bool,
+           state_dir: str | None = None, no_state: bool = False):
     """Run the broker in the foreground (SIGTERM/SIGINT stop it).
 
     Over TCP every connection must hold the cluster key (CURVE); copy the key
@@ -54,7 +60,16 @@ def broker(host: str, port: int, session_dir: str | None, key_file: str | None, 
 
     from brokerd.broker import Broker, run  # noqa: F401
 
-    b = Broker(f"tcp://{host}:{port}", session_dir)
+    if no_state and state_dir:
+        raise click.UsageError("--state-dir and --no-state contradict each other")
+    if not no_state and not state_dir:
+        state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if port == 0 and state_dir and not no_state:
+        raise click.UsageError("--state-dir needs a fixed --port: workers and drivers "
+                               "reconnect to the same address")
+    b = Broker(f"tcp://{host}:{port}", session_dir, "" if no_state else state_dir or "")
+    if state_dir and not no_state:
+        click.echo(f"  state (survives restarts): {state_dir}", err=True)
     write_private_file(_address_file(), b.address)
     click.echo(f"zray broker listening on {b.address}", err=True)
     if b.auth is not None:

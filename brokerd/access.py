@@ -1,0 +1,182 @@
+"""Which client may use which object: SUB, REFS +1 and task arguments are bound to refs.
+
+::
+
+    SUB oids / REFS +1 / SUBMIT deps+nested --may_use(cid, oid)?--> yes: as before
+                                                                   not yet: parked (PARK_S)
+                                                                   no: "not known" error / ignored
+
+A client may use an object (read it with SUB, pass it to a task, announce
+that it holds a ref) when it holds a ref the cluster gave it:
+
+* it owns the object (it put it, or submitted the task that returns it);
+* it announced a ref it was given (``holders``, itself checked by this rule);
+* it is an executor running a task (or hosting an actor, or running a call)
+  that has the object among its arguments or the refs pickled inside them;
+* the object's ref was pickled inside another object the client may use
+  (``contained``: the nested refs of PUT, DONE and YIELD), to any depth;
+* the ref escaped (pickled out of band, or captured by a function
+  definition): whoever unpickles it may use it, as in Ray.
+
+A client that got a value with refs inside straight from an executor on its
+node (direct push) may ask before the broker has handled that executor's
+DONE, which says what the value contains: such a request waits (parked) until
+containment changes or PARK_S passes. A SUB that is refused is answered as
+for an object that does not exist (no oracle for which ids exist); a REFS +1
+that is refused is ignored. Both are counted (``refused``).
+
+Owns: the parked requests and the refusal counter. Reads: objects, executors
+and clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("zray.broker")
+
+PARK_S = 5.0  # how long a request may wait for the containment that allows it
+MAX_DEPTH = 16  # containers followed upward (refs inside refs inside ...)
+MAX_PARKED = 100_000
+MAX_VISITED = 10_000  # objects looked at for one request
+
+
+class RefAccess:
+    def __init__(self, objects, executors: dict, clients: dict):
+        self.objects = objects  # ObjectDirectory
+        self.executors = executors  # cid -> Executor (the engine's)
+        self.clients = clients
+        self.parked: list = []  # (deadline, cid, op, oid, arg) waiting for containment
+        self.refused = 0
+        self.logged = 0
+        # After a broker restart the containment that proved borrowed refs is gone:
+        # until then (monotonic), a REFS +1 is taken as the client says (brokerd/restart.py).
+        self.trust_until = 0.0
+
+    def may_use(self, cid: bytes, oid: bytes) -> bool:
+        objects = self.objects.objects
+        obj = objects.get(oid)
+        if obj is None:
+            return False
+        if obj.owner == cid or cid in obj.holders or obj.escaped:  # the common case
+            return True
+        # Up through the values it was pickled inside, breadth first, each once.
+        seen = {oid}
+        level = [oid]
+        for _ in range(MAX_DEPTH):
+            up = []
+            for o in level:
+                x = objects.get(o)
+                if x is None:
+                    continue
+                if x.owner == cid or cid in x.holders or x.escaped or self._task_arg(cid, o):
+                    return True
+                for c in x.containers or ():
+                    if c not in seen and len(seen) < MAX_VISITED:
+                        seen.add(c)
+                        up.append(c)
+            if not up:
+                return False
+            level = up
+        return False
+
+    def _task_arg(self, cid: bytes, oid: bytes) -> bool:
+        ex = self.executors.get(cid)
+        if ex is None:
+            return False
+        tasks = [ex.task, ex.prefetch]
+        if ex.actor is not None:
+            tasks.append(ex.actor.create)
+            tasks.extend(ex.actor.inflight.values())
+        for task in tasks:
+            if task is not None and (oid in task.deps or oid in task.holds):
+                return True
+        return False
+
+    # ------------------------------------------------------------ requests
+    def subscribe(self, cid: bytes, oids: list) -> None:
+        """SUB: the objects this client may use are subscribed; the others wait for
+        containment (parked) or are answered as unknown."""
+        ok = []
+        for oid in oids:
+            if self.may_use(cid, oid):
+                ok.append(oid)
+            else:
+                self._park(cid, "sub", oid, None)
+        if ok:
+            self.objects.subscribe(cid, ok)
+
+    def refs(self, cid: bytes, ops) -> None:
+        """REFS: a +1 for an object the client may not use waits or is ignored; -1 and 0
+        are the client's own business (they only let go, or keep what it holds)."""
+        out = []
+        trusted = self.trust_until and time.monotonic() < self.trust_until
+        for op in ops:
+            oid, delta = op
+            if trusted:
+                if (delta > 0 and oid not in self.objects.objects
+                        and len(self.objects.restart_holders) < 1 << 20):
+                    # Its owner may not have put it again yet: a holder when it does.
+                    self.objects.restart_holders.setdefault(oid, set()).add(cid)
+                    continue
+                out.append(op)
+                continue
+            if delta > 0 and not self.may_use(cid, oid):
+                self._park(cid, "ref", oid, None)
+            elif delta == 0 and not self.may_use(cid, oid):
+                self._refuse(cid, oid, "REFS 0")
+            else:
+                out.append(op)
+        if out:
+            self.objects.refs(cid, out)
+
+    def _park(self, cid, op, oid, arg) -> None:
+        now = time.monotonic()
+        deadline = now + PARK_S
+        if oid not in self.objects.objects:
+            if oid in self.objects.restart_holders and now < self.trust_until:
+                deadline = self.trust_until  # its owner has until then to put it again
+            else:
+                self._settle(cid, op, oid, False)
+                return
+        if len(self.parked) >= MAX_PARKED:
+            self._settle(cid, op, oid, False)
+            return
+        self.parked.append((deadline, cid, op, oid, arg))
+
+    def contained(self) -> None:
+        """Containment changed (a DONE, YIELD or PUT with refs inside): parked requests
+        that are now allowed go through."""
+        if self.parked:
+            self.retry(time.monotonic())
+
+    def retry(self, now: float) -> None:
+        parked, self.parked = self.parked, []
+        for item in parked:
+            deadline, cid, op, oid, arg = item
+            if self.may_use(cid, oid):
+                self._settle(cid, op, oid, True)
+            elif now >= deadline or (oid not in self.objects.objects
+                                     and oid not in self.objects.restart_holders):
+                self._settle(cid, op, oid, False)
+            else:
+                self.parked.append(item)
+
+    def _settle(self, cid, op, oid, allowed: bool) -> None:
+        if allowed:
+            if op == "sub":
+                self.objects.subscribe(cid, [oid])
+            else:
+                self.objects.refs(cid, [(oid, 1)])
+            return
+        self._refuse(cid, oid, "SUB" if op == "sub" else "REFS +1")
+        if op == "sub":  # answered as for an id that does not exist
+            self.objects.unknown(cid, oid)
+
+    def _refuse(self, cid, oid, what) -> None:
+        self.refused += 1
+        if self.logged < 20:
+            self.logged += 1
+            log.warning("refused %s of object %s from client %s: it holds no ref to it",
+                        what, oid.hex(), cid.hex())
