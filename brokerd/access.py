@@ -12,7 +12,8 @@ that it holds a ref) when it holds a ref the cluster gave it:
 * it owns the object (it put it, or submitted the task that returns it);
 * it announced a ref it was given (``holders``, itself checked by this rule);
 * it is an executor running a task (or hosting an actor, or running a call)
-  that has the object among its arguments or the refs pickled inside them;
+  that has the object among its arguments or the refs pickled inside them, or
+  names it as a runtime_env package (working_dir, py_modules) to set up;
 * the object's ref was pickled inside another object the client may use
   (``contained``: the nested refs of PUT, DONE and YIELD), to any depth;
 * the ref escaped (pickled out of band, or captured by a function
@@ -90,7 +91,8 @@ class RefAccess:
             tasks.append(ex.actor.create)
             tasks.extend(ex.actor.inflight.values())
         for task in tasks:
-            if task is not None and (oid in task.deps or oid in task.holds):
+            if task is not None and (oid in task.deps or oid in task.holds
+                                     or _renv_package(task, oid)):
                 return True
         return False
 
@@ -180,3 +182,18 @@ class RefAccess:
             self.logged += 1
             log.warning("refused %s of object %s from client %s: it holds no ref to it",
                         what, oid.hex(), cid.hex())
+
+
+def _renv_package(task, oid: bytes) -> bool:
+    """Is ``oid`` a runtime_env package (working_dir, py_modules) the task names? Its
+    executor fetches it before the task runs (workerd/renv.py; wire form in zray/_renv.py:
+    ``[sha256 hex, object id hex, single_root]``)."""
+    renv = task.spec.options.get("renv")
+    if type(renv) is not dict:
+        return False
+    want = oid.hex()
+    pkgs = [renv.get("working_dir")]
+    mods = renv.get("py_modules")
+    if type(mods) is list:
+        pkgs.extend(mods)
+    return any(type(p) is list and len(p) >= 2 and p[1] == want for p in pkgs)
