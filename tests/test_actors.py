@@ -13,7 +13,6 @@ be pointed at real Ray with ``ZRAY_TEST_BACKEND=ray`` to re-check them.
 """
 
 import asyncio
-import importlib
 import os
 import subprocess
 import sys
@@ -21,19 +20,12 @@ import time
 import uuid
 
 import pytest
-
-BACKEND = os.environ.get("ZRAY_TEST_BACKEND", "zray")
-ray = importlib.import_module(BACKEND)
-
-if BACKEND == "ray":
-    from ray import cloudpickle as _cloudpickle
-else:
-    import cloudpickle as _cloudpickle
+from backend import BACKEND, pickle_by_value, ray
 
 # Executors cannot import this test module (pytest put tests/ on the path of
 # this process only), so ship the classes and functions defined here by value,
 # as they would be if this file were a driver script run as __main__.
-_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pickle_by_value(__name__)
 
 RayActorError = ray.exceptions.RayActorError
 ActorDiedError = ray.exceptions.ActorDiedError

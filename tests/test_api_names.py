@@ -9,7 +9,6 @@ timeline, ObjectRef.from_hex, which Ray 2.60 leaves unimplemented) are skipped t
 """
 
 import asyncio
-import importlib
 import json
 import os
 import subprocess
@@ -19,19 +18,14 @@ import uuid
 
 import psutil
 import pytest
+from backend import BACKEND, pickle_by_value, ray
 from conftest import driver_env, poll_until
 
-BACKEND = os.environ.get("ZRAY_TEST_BACKEND", "zray")
-ray = importlib.import_module(BACKEND)
 zray_only = pytest.mark.skipif(BACKEND != "zray", reason="a zray-only name or detail")
 
-if BACKEND == "ray":
-    from ray import cloudpickle as _cloudpickle
-else:
-    import cloudpickle as _cloudpickle
 
 # Executors cannot import this test module: ship what it defines by value.
-_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pickle_by_value(__name__)
 
 E = ray.exceptions
 

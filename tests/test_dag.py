@@ -7,34 +7,20 @@ semantics match (the tests of zray's clearer errors are zray-only, and say why).
 
 import importlib
 import os
-import sys
 
 import pytest
+from backend import BACKEND, local_cluster, pickle_by_value, ray
 
-BACKEND = os.environ.get("ZRAY_TEST_BACKEND", "zray")
-ray = importlib.import_module(BACKEND)
 dag_api = importlib.import_module(BACKEND + ".dag")
 InputNode, MultiOutputNode = dag_api.InputNode, dag_api.MultiOutputNode
 
-if BACKEND == "ray":
-    from ray import cloudpickle as _cloudpickle
-else:
-    import cloudpickle as _cloudpickle
-_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pickle_by_value(__name__)
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+cluster = local_cluster(num_cpus=2)
 
 
 @ray.remote

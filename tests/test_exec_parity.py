@@ -8,7 +8,6 @@ skipped there. Waiting is a ``get``/``wait`` with a timeout or a poll with a dea
 """
 
 import asyncio
-import importlib
 import mmap
 import os
 import socket
@@ -18,17 +17,10 @@ import time
 
 import numpy as np
 import pytest
-
-BACKEND = os.environ.get("ZRAY_TEST_BACKEND", "zray")
-ray = importlib.import_module(BACKEND)
-
-if BACKEND == "ray":
-    from ray import cloudpickle as _cloudpickle
-else:
-    import cloudpickle as _cloudpickle
+from backend import BACKEND, local_cluster, pickle_by_value, ray
 
 # Ship what this module defines by value, as if it were a driver script (see test_actors).
-_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pickle_by_value(__name__)
 
 RayActorError = ray.exceptions.RayActorError
 ActorDiedError = ray.exceptions.ActorDiedError
@@ -37,15 +29,7 @@ WorkerCrashedError = ray.exceptions.WorkerCrashedError
 RayTaskError = ray.exceptions.RayTaskError
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, num_gpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+cluster = local_cluster(num_cpus=4, num_gpus=2)
 
 
 def _wait_for_file(path: str, limit: float = 30.0) -> None:
@@ -403,7 +387,7 @@ def test_generator_errors_close_and_pickling(cluster, tmp_path):
         with pytest.raises(NotImplementedError):
             getattr(gen, name)(*([] if name == "close" else [None]))
     with pytest.raises(TypeError):
-        _cloudpickle.dumps(gen)
+        ray.cloudpickle.dumps(gen)
 
     # a crash is the last item, and completed() raises it
     gate = str(tmp_path / "gate")

@@ -7,34 +7,20 @@ than another); waiting is done with get/wait and their timeouts.
 
 import importlib
 import os
-import sys
 import time
 
 import pytest
+from backend import BACKEND, local_cluster, pickle_by_value, ray
 
-BACKEND = os.environ.get("ZRAY_TEST_BACKEND", "zray")
-ray = importlib.import_module(BACKEND)
 from_util = importlib.import_module(BACKEND + ".util")
 ActorPool = from_util.ActorPool
 
-if BACKEND == "ray":
-    from ray import cloudpickle as _cloudpickle
-else:
-    import cloudpickle as _cloudpickle
-_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pickle_by_value(__name__)
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+cluster = local_cluster(num_cpus=4)
 
 
 @ray.remote(num_cpus=0)

@@ -8,40 +8,25 @@ semantics match. Waiting is poll-with-deadline.
 
 import importlib
 import io
-import os
-import sys
 import threading
 import time
 import uuid
 
 import pytest
+from backend import BACKEND, local_cluster, pickle_by_value, ray
 
-BACKEND = os.environ.get("ZRAY_TEST_BACKEND", "zray")
-ray = importlib.import_module(BACKEND)
 util = importlib.import_module(BACKEND + ".util")
 
-if BACKEND == "ray":
-    from ray import cloudpickle as _cloudpickle
-else:
-    import cloudpickle as _cloudpickle
 # ship this module's functions by value (as a driver script's are), so that what
 # inspect_serializability sees below is what a user's __main__ would give it
-_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pickle_by_value(__name__)
 
 pytestmark = pytest.mark.timeout(120)
 
 NAMESPACE = "toolbox-test"
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, namespace=NAMESPACE)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+cluster = local_cluster(num_cpus=2, namespace=NAMESPACE)
 
 
 def _until(predicate, timeout=30.0, what="condition"):

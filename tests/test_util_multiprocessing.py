@@ -8,35 +8,21 @@ the pool's own get/next timeouts.
 
 import importlib
 import os
-import sys
 import threading
 import time
 
 import pytest
+from backend import BACKEND, local_cluster, pickle_by_value
 
-BACKEND = os.environ.get("ZRAY_TEST_BACKEND", "zray")
-ray = importlib.import_module(BACKEND)
 mp = importlib.import_module(BACKEND + ".util.multiprocessing")
 Pool = mp.Pool
 
-if BACKEND == "ray":
-    from ray import cloudpickle as _cloudpickle
-else:
-    import cloudpickle as _cloudpickle
-_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pickle_by_value(__name__)
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+cluster = local_cluster(num_cpus=2)
 
 
 def square(x):

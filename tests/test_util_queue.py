@@ -7,37 +7,22 @@ semantics match. Waiting is done with the queue's own timeouts and get/wait.
 
 import asyncio
 import importlib
-import os
 import queue as stdlib_queue
-import sys
 import time
 import uuid
 
 import pytest
+from backend import BACKEND, local_cluster, pickle_by_value, ray
 
-BACKEND = os.environ.get("ZRAY_TEST_BACKEND", "zray")
-ray = importlib.import_module(BACKEND)
 rq = importlib.import_module(BACKEND + ".util.queue")
 Queue, Empty, Full = rq.Queue, rq.Empty, rq.Full
 
-if BACKEND == "ray":
-    from ray import cloudpickle as _cloudpickle
-else:
-    import cloudpickle as _cloudpickle
-_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pickle_by_value(__name__)
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+cluster = local_cluster(num_cpus=4)
 
 
 @ray.remote
