@@ -404,6 +404,8 @@ def test_task_exception_is_ray_task_error_and_cause(ray_local):
     assert "fails_here" in text
     assert "bad value 7" in text
     assert 'raise ValueError(f"bad value {x}")' in text, text  # remote traceback
+    # where it ran, as Ray says it: the executor's pid and its node's address
+    assert re.search(r"\(pid=\d+, ip=\d+\.\d+\.\d+\.\d+\)", text), text
 
     # the same error reaches a dependent task's caller
     @zray.remote

@@ -68,9 +68,18 @@ class ResultSender:
         self.client = client
         self.cancelled = cancelled  # task ids cancelled while queued or running (shared)
         self.pid = pid
+        self._ip = None  # this node's address, for RayTaskError's (pid=, ip=)
         # exit_actor() began: calls still running on other threads of a threaded or async
         # actor send nothing, so they fail with ActorDiedError like the calls queued behind
         self.exiting = False
+
+    @property
+    def ip(self) -> str:
+        if self._ip is None:
+            from zray.util.node import get_node_ip_address
+
+            self._ip = get_node_ip_address()
+        return self._ip
 
     def generator_returns(self, spec: P.TaskSpec, result) -> Optional[list]:
         """A generator call's result (``num_returns`` < 0). STREAMING: send its items
@@ -93,7 +102,7 @@ class ResultSender:
 
     def error_value(self, spec: P.TaskSpec, exc: BaseException) -> BaseException:
         """``exc`` as the RayTaskError a caller's get() raises."""
-        return deserialize(task_error(exc, spec.name, self.pid)[0])
+        return deserialize(task_error(exc, spec.name, self.pid, self.ip)[0])
 
     def stream(self, spec: P.TaskSpec, gen) -> None:
         """Send each item of a generator task as a YIELD, then an empty DONE."""
@@ -179,7 +188,7 @@ class ResultSender:
         if task_id in self.cancelled and not isinstance(exc, exceptions.TaskCancelledError):
             exc = exceptions.TaskCancelledError(task_id.hex())
         self.cancelled.discard(task_id)
-        frames, text = task_error(exc, spec.name, self.pid)
+        frames, text = task_error(exc, spec.name, self.pid, self.ip)
         n = max(spec.num_returns, 1)
         retryable = False
         opts = spec.options
