@@ -34,7 +34,9 @@ total resources) is infeasible: it waits, is logged once and is listed by
 ``zray status``, like an infeasible task.
 
 Owns: ``groups`` (PlacementGroup records: plain data, ids, bundles, strategy,
-name, lifetime, state, bundle -> node id, so they can be stored as rows),
+name, lifetime, state, bundle -> node id, stored as rows of the durable
+"pgroups" table through ``durable`` (brokerd/restart.py) when the broker has a
+state dir: on create, placement, reschedule and remove, never per task),
 ``named`` and ``pending``. Writes node resources (total and free) for the
 bundles it commits and gives back. The engine glue at the end (``remove_group``,
 ``resolve_ready``, ``owner_gone``) kills members on removal, resolves the

@@ -6,7 +6,9 @@
     --------------                                   -----------------------------------
     actor registered/alive/restarted/dead --+        restore(): nodes   -> Node records, "reconnecting"
     node joined / left ---------------------+-> SQLite      jobs    -> engine.jobs
-    job registered / gone ------------------+   (durable)   actors  -> creation tasks: awaiting their
+    job registered / gone ------------------+   (durable)   pgroups -> groups, bundles on their old
+    group created/placed/rescheduled/removed+                          nodes (taken again on rejoin)
+                                                            actors  -> creation tasks: awaiting their
                                                                        process, or queued again
     node agents, drivers, executors: their HEARTBEAT finds a broker that does not know them;
     it answers WELCOME{rehello} and they introduce themselves again (NODE_HELLO + EXEC_SPAWNED
@@ -32,6 +34,15 @@ broker restart"):
   its driver reconnects within the grace period, as Ray ends it with its job.
 * **Jobs** (namespace, driver): a job whose driver is not back within the
   grace period is over, as if its driver had exited.
+* **Placement groups** (id, bundles, strategy, name, namespace, lifetime,
+  creator, job, state, bundle -> node). Restored before the actors that run
+  in them, with their name (``get_placement_group`` finds them at once). A
+  bundle's resources are taken on its node again when the node says
+  NODE_HELLO (``node_saved``), before the processes of its members
+  re-attach. A bundle whose node is not restored, or not back within the
+  grace period, is placed again (RESCHEDULING, as for a node death); a group
+  that is not detached is removed after the grace period if its creator has
+  not reconnected. pg.ready() refs: their clients ask again (zray/_reconnect.py).
 
 What does not survive (rebuilt by the clients themselves, zray/_reconnect.py):
 the object directory (owners re-put what they hold: inline values with their
@@ -41,8 +52,9 @@ and actor calls, in order: at-least-once, a task or call that was running
 when the broker died may run twice), pool executors (they exit; the node
 starts fresh ones), the event log and the metrics.
 
-Owns: the durable store's "nodes", "actors" and "jobs" tables and the
-``awaiting`` map (executor cid -> creation task of the actor it hosted). The
+Owns: the durable store's "nodes", "actors", "jobs" and "pgroups" tables, the
+``awaiting`` map (executor cid -> creation task of the actor it hosted) and
+``unreserved`` (node id -> restored bundles to take on it when it is back). The
 engine calls its hooks; it moves tasks and actors only through the engine.
 """
 
