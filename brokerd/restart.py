@@ -223,15 +223,20 @@ class Recovery:
         engine = self.engine
         table = engine.pgroups
         state = PGState(rec["state"])
-        nodes = [bytes(n) or None for n in rec["nodes"]]
-        bundles = [{str(r): u for r, u in dict(b).items()} for b in rec["bundles"]]
-        if state == PGState.REMOVED or len(nodes) != len(bundles):
+        nodes, owner, job = rec["nodes"], rec["owner"], rec["job"]
+        if (type(nodes) is not list or not all(type(n) is bytes for n in nodes)
+                or type(owner) is not bytes or type(job) is not bytes):
+            raise TypeError("nodes, owner and job must be bytes")
+        nodes = [n or None for n in nodes]
+        bundles = rec["bundles"]
+        if state == PGState.REMOVED or type(bundles) is not list or len(nodes) != len(bundles):
             raise ValueError("a removed group, or one whose bundles and nodes differ")
-        lifetime = str(rec.get("lifetime") or "") or None
-        pg = table.create(pg_id, bundles, rec["strategy"], str(rec.get("name", "")),
-                          str(rec.get("namespace", "")), lifetime, bytes(rec["owner"]),
-                          bytes(rec["job"]))  # (checked there, field by field)
-        pg.created_at = float(rec.get("created_at", 0.0))
+        created_at = float(rec.get("created_at", 0.0))
+        lifetime = rec.get("lifetime") or None
+        # (every other field is checked by create(), as for a pg_create request)
+        pg = table.create(pg_id, bundles, rec["strategy"], rec.get("name", ""),
+                          rec.get("namespace", ""), lifetime, owner, job)
+        pg.created_at = created_at
         for i, node_id in enumerate(nodes):
             if node_id is not None and node_id in engine.nodes.nodes:
                 pg.nodes[i] = node_id
