@@ -253,3 +253,63 @@ def test_restart_reschedules_bundles_of_a_lost_node_and_drops_orphaned_groups(tm
 def _state_of(name):
     """The states of the groups named ``name`` (in any namespace)."""
     return [row["state"] for row in placement_group_table().values() if row["name"] == name]
+
+
+def test_group_records_in_the_state_dir_are_checked_when_restored(tmp_path):
+    """A broker started on a state dir holding a group record of a node that is not
+    there any more places that group again (on the worker that joins); an unreadable
+    record is skipped, not fatal."""
+    from brokerd.durable import DurableStore
+    from zray import _protocol as P
+
+    if zray.is_initialized():
+        zray.shutdown()
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    state = tmp_path / "state"
+    good, bad = b"g" * 18, b"b" * 18
+    store = DurableStore(str(state))
+    store.put("pgroups", good, {
+        "bundles": [{"CPU": P.UNIT}], "strategy": "PACK", "name": "from_disk",
+        "namespace": "restored", "lifetime": "detached", "owner": b"o" * P.ID_LEN,
+        "job": b"j" * 4, "state": "CREATED", "nodes": [b"n" * P.ID_LEN], "created_at": 1.0})
+    store.put("pgroups", bad, {"bundles": "not a list", "strategy": "PACK", "state": "CREATED",
+                               "nodes": [], "owner": b"", "job": b""})
+    store.close()
+    procs = _Procs(tmp_path)
+    try:
+        _start_broker(procs, "broker", port, state)
+        procs.start("worker", ["worker", "--address", address, "--num-cpus", "2"])
+
+        def connected():
+            procs.check_running()
+            try:
+                zray.init(address=address, namespace="restored")
+                return True
+            except ConnectionError:
+                return False
+
+        poll_until(connected, 60, interval=0.2, what="the driver to connect to the broker")
+        try:
+            pg = get_placement_group("from_disk")
+            assert pg.id.binary() == good
+            node = poll_until(lambda: [n["NodeID"] for n in zray.nodes() if n["Alive"]], 60,
+                              interval=0.1, what="the worker to join")[0]
+            assert zray.get(pg.ready(), timeout=60) == pg
+            assert _bundle_nodes(pg) == [node]
+            assert placement_group_table(pg)["state"] == "CREATED"
+            assert bad.hex() not in placement_group_table()
+            assert zray.get(where.options(scheduling_strategy=_in(pg, 0)).remote(),
+                            timeout=60) == node
+            remove_placement_group(pg)
+            poll_until(lambda: zray.available_resources().get("CPU", 0) == 2, 60,
+                       what="the worker's CPUs to come back")
+        finally:
+            zray.shutdown()
+        procs.check_running()
+        assert "skipping an unreadable placement group record" in (
+            tmp_path / "broker.log").read_text(errors="replace")
+    finally:
+        everything = procs.descendants()
+        procs.kill_all()
+        wait_gone(everything, 20)
