@@ -154,7 +154,8 @@ class Recovery:
 
     # --------------------------------------------------------------- restore
     def restore(self) -> dict:
-        """Rebuild nodes, jobs and actors from the durable tables. Returns the counts."""
+        """Rebuild nodes, jobs, placement groups and actors from the durable tables.
+        Returns the counts."""
         engine = self.engine
         self.loading = True
         now = time.monotonic()

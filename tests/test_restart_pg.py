@@ -118,9 +118,7 @@ def test_detached_group_and_its_actor_survive_a_broker_restart(tmp_path):
             _start_broker(procs, "broker2", port, state)
 
             # Found by name at once (the broker read it from its state dir).
-            found = poll_until(lambda: get_placement_group("durable"), 60, interval=0.2,
-                               what="the group to be found by name")
-            assert found == pg
+            assert get_placement_group("durable") == pg
             row = placement_group_table(pg)
             assert row["state"] == "CREATED" and row["is_detached"], row
             assert _bundle_nodes(pg) == nodes
