@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import kill_tree, poll_until, wait_gone
@@ -117,6 +118,12 @@ def test_detached_group_and_its_actor_survive_a_broker_restart(tmp_path):
             _kill_broker(procs, "broker")
             _start_broker(procs, "broker2", port, state)
 
+            def listening():
+                procs.check_running()
+                return "listening on" in (tmp_path / "broker2.log").read_text(errors="replace")
+
+            poll_until(listening, 60, interval=0.05, what="the new broker to listen")
+            restarted = time.monotonic()
             # Found by name at once (the broker read it from its state dir).
             assert get_placement_group("durable") == pg
             row = placement_group_table(pg)
@@ -135,6 +142,8 @@ def test_detached_group_and_its_actor_survive_a_broker_restart(tmp_path):
             poll_until(lambda: zray.available_resources().get("CPU", 0) == 1, 60,
                        what="the group to hold its 2 CPUs again (1 free)")
             assert zray.cluster_resources().get(f"CPU_group_{pg.id.hex()}") == 2
+            print(f"the group's bundle was held again and used "
+                  f"{time.monotonic() - restarted:.1f}s after the new broker listened")
 
             remove_placement_group(pg)
             assert placement_group_table(pg)["state"] == "REMOVED"
