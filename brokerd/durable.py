@@ -5,16 +5,17 @@
     engine / actor directory --put(table, key, record) / delete(table, key)--> SQLite (WAL)
     broker start --load(table)--> {key: record}   (brokerd/restart.py rebuilds from them)
 
-A *table* is a name ("actors", "nodes", "jobs"; placement groups may add
-"pgroups"); a *record* is a dict of msgpack-able values (str, int, float,
-bool, bytes, lists, dicts) stored under a bytes key. Records are msgpack,
-never pickle: the broker never unpickles anything, from the wire or from disk.
+A *table* is a name ("actors", "nodes", "jobs", "pgroups"); a *record* is a
+dict of msgpack-able values (str, int, float, bool, bytes, lists, dicts)
+stored under a bytes key. Records are msgpack, never pickle: the broker never
+unpickles anything, from the wire or from disk.
 
 Written only when a durable table changes (an actor registered, alive,
-restarted or dead; a node joined or left; a job registered or gone): never
-per task. Each write is its own transaction; WAL with ``synchronous=NORMAL``
-survives a crash of the broker process (what kill -9 and systemd restarts
-are); a power cut may lose the last writes, never corrupt the file.
+restarted or dead; a node joined or left; a job registered or gone; a
+placement group created, placed, rescheduled or removed): never per task.
+Each write is its own transaction; WAL with ``synchronous=NORMAL`` survives a
+crash of the broker process (what kill -9 and systemd restarts are); a power
+cut may lose the last writes, never corrupt the file.
 
 The directory is created owner-only (0700) and the file owner-only (0600).
 """

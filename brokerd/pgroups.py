@@ -34,7 +34,9 @@ total resources) is infeasible: it waits, is logged once and is listed by
 ``zray status``, like an infeasible task.
 
 Owns: ``groups`` (PlacementGroup records: plain data, ids, bundles, strategy,
-name, lifetime, state, bundle -> node id, so they can be stored as rows),
+name, lifetime, state, bundle -> node id, stored as rows of the durable
+"pgroups" table through ``durable`` (brokerd/restart.py) when the broker has a
+state dir: on create, placement, reschedule and remove, never per task),
 ``named`` and ``pending``. Writes node resources (total and free) for the
 bundles it commits and gives back. The engine glue at the end (``remove_group``,
 ``resolve_ready``, ``owner_gone``) kills members on removal, resolves the
@@ -106,6 +108,13 @@ class PlacementGroupTable:
         self.pending: dict[bytes, PlacementGroup] = {}  # waiting for nodes, oldest first
         self.removed: deque = deque()  # ids of removed groups, still listed (a bounded number)
         self.newly_infeasible: list = []  # groups to tell their driver about (once each)
+        # brokerd.restart.Recovery when the broker has a state dir: a group's record is
+        # written when it is created, placed, loses bundles with a node, or is removed.
+        self.durable = None
+
+    def _saved(self, pg: PlacementGroup) -> None:
+        if self.durable is not None:
+            self.durable.pg_saved(pg)
 
     # ------------------------------------------------------------- requests
     def create(self, pg_id, bundles, strategy, name, namespace, lifetime, owner: bytes,
@@ -140,6 +149,7 @@ class PlacementGroupTable:
         if name:
             self.named[(namespace, name)] = pg_id
         self.pending[pg_id] = pg
+        self._saved(pg)
         return pg
 
     def lookup(self, name: str, namespace: str) -> Optional[PlacementGroup]:
@@ -156,10 +166,12 @@ class PlacementGroupTable:
             del self.named[(pg.namespace, pg.name)]
         for i, node_id in enumerate(pg.nodes):
             node = self.nodes.nodes.get(node_id) if node_id is not None else None
-            if node is not None:
+            if node is not None and not node.reconnecting:  # (reconnecting: not re-taken yet)
                 self._give_back(node, pg, i)
             pg.nodes[i] = None
         self.nodes.freed = True
+        if self.durable is not None:
+            self.durable.pg_gone(pg)
         self.removed.append(pg.pg_id)
         while len(self.removed) > MAX_REMOVED_KEPT:
             self.groups.pop(self.removed.popleft(), None)
@@ -180,6 +192,7 @@ class PlacementGroupTable:
             pg.state = PGState.RESCHEDULING
             self.pending[pg.pg_id] = pg
             hit.append(pg)
+            self._saved(pg)
             log.warning("placement group %s lost bundles with node %s: rescheduling them",
                         pg.pg_id.hex(), node_id.hex())
         return hit
@@ -206,6 +219,7 @@ class PlacementGroupTable:
             pg.infeasible = False
             del self.pending[pg.pg_id]
             self.nodes.freed = True
+            self._saved(pg)
             done.append(pg)
         return done
 
@@ -290,6 +304,13 @@ class PlacementGroupTable:
             count[n.node_id] = count.get(n.node_id, 0) + 1
             plan[i] = n
         return plan
+
+    def reserve_again(self, node, pg: PlacementGroup, i: int) -> None:
+        """After a broker restart: bundle ``i``, placed on ``node`` before it, is taken
+        there again now that the node is back (its members run on)."""
+        if pg.state != PGState.REMOVED and pg.nodes[i] == node.node_id:
+            self._take(node, pg, i)
+            self.nodes.freed = True
 
     def _take(self, node, pg: PlacementGroup, i: int) -> None:
         self.nodes.changed.add(node)

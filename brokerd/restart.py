@@ -6,7 +6,9 @@
     --------------                                   -----------------------------------
     actor registered/alive/restarted/dead --+        restore(): nodes   -> Node records, "reconnecting"
     node joined / left ---------------------+-> SQLite      jobs    -> engine.jobs
-    job registered / gone ------------------+   (durable)   actors  -> creation tasks: awaiting their
+    job registered / gone ------------------+   (durable)   pgroups -> groups, bundles on their old
+    group created/placed/rescheduled/removed+                          nodes (taken again on rejoin)
+                                                            actors  -> creation tasks: awaiting their
                                                                        process, or queued again
     node agents, drivers, executors: their HEARTBEAT finds a broker that does not know them;
     it answers WELCOME{rehello} and they introduce themselves again (NODE_HELLO + EXEC_SPAWNED
@@ -32,6 +34,15 @@ broker restart"):
   its driver reconnects within the grace period, as Ray ends it with its job.
 * **Jobs** (namespace, driver): a job whose driver is not back within the
   grace period is over, as if its driver had exited.
+* **Placement groups** (id, bundles, strategy, name, namespace, lifetime,
+  creator, job, state, bundle -> node). Restored before the actors that run
+  in them, with their name (``get_placement_group`` finds them at once). A
+  bundle's resources are taken on its node again when the node says
+  NODE_HELLO (``node_saved``), before the processes of its members
+  re-attach. A bundle whose node is not restored, or not back within the
+  grace period, is placed again (RESCHEDULING, as for a node death); a group
+  that is not detached is removed after the grace period if its creator has
+  not reconnected. pg.ready() refs: their clients ask again (zray/_reconnect.py).
 
 What does not survive (rebuilt by the clients themselves, zray/_reconnect.py):
 the object directory (owners re-put what they hold: inline values with their
@@ -41,8 +52,9 @@ and actor calls, in order: at-least-once, a task or call that was running
 when the broker died may run twice), pool executors (they exit; the node
 starts fresh ones), the event log and the metrics.
 
-Owns: the durable store's "nodes", "actors" and "jobs" tables and the
-``awaiting`` map (executor cid -> creation task of the actor it hosted). The
+Owns: the durable store's "nodes", "actors", "jobs" and "pgroups" tables, the
+``awaiting`` map (executor cid -> creation task of the actor it hosted) and
+``unreserved`` (node id -> restored bundles to take on it when it is back). The
 engine calls its hooks; it moves tasks and actors only through the engine.
 """
 
@@ -53,6 +65,7 @@ import os
 import time
 
 from brokerd.durable import DurableStore
+from brokerd.pgroups import PGState, remove_group
 from brokerd.records import Actor, ActorState, ExecState, Executor, Node, TaskState
 from zray import _protocol as P
 from zray import exceptions
@@ -80,7 +93,10 @@ class Recovery:
         self.deps_of: dict[bytes, bool] = {}  # actor id -> its creation had object args
         self.restored_jobs: set = set()  # job ids loaded, not yet re-registered
         self.deadline = 0.0  # monotonic time the grace period ends (0: none running)
-        self.restored = {"nodes": 0, "actors": 0, "jobs": 0}
+        self.restored = {"nodes": 0, "actors": 0, "jobs": 0, "placement_groups": 0}
+        self.unreserved: dict[bytes, list] = {}  # node id -> [(group, bundle index)] to take again
+        self.restored_groups: list = []  # groups loaded that die with their creator
+        engine.pgroups.durable = self
 
     # ---------------------------------------------------------------- writes
     def actor_saved(self, actor: Actor) -> None:
@@ -102,10 +118,14 @@ class Recovery:
         self.store.delete("actors", actor.actor_id)
 
     def node_saved(self, node: Node) -> None:
+        """A node joined (or, after a restart, came back: the placement group bundles
+        it held are taken on it again, before its actors' processes re-attach)."""
         self.store.put("nodes", node.node_id, {
             "total": node.total, "gpus": [g for g, _ in node.gpus], "hostname": node.hostname,
             "pid": node.pid, "labels": node.labels, "address": node.address,
             "store_limit": node.store_limit})
+        for pg, i in self.unreserved.pop(node.node_id, ()):
+            self.engine.pgroups.reserve_again(node, pg, i)
 
     def node_gone(self, node: Node) -> None:
         self.store.delete("nodes", node.node_id)
@@ -119,9 +139,23 @@ class Recovery:
     def job_gone(self, job_id: bytes) -> None:
         self.store.delete("jobs", job_id)
 
+    def pg_saved(self, pg) -> None:
+        if self.loading:
+            return
+        self.store.put("pgroups", pg.pg_id, {
+            "bundles": pg.bundles, "strategy": pg.strategy, "name": pg.name,
+            "namespace": pg.namespace, "lifetime": pg.lifetime or "", "owner": pg.owner,
+            "job": pg.job, "state": pg.state.value,
+            "nodes": [n if n is not None else b"" for n in pg.nodes],
+            "created_at": pg.created_at})
+
+    def pg_gone(self, pg) -> None:
+        self.store.delete("pgroups", pg.pg_id)
+
     # --------------------------------------------------------------- restore
     def restore(self) -> dict:
-        """Rebuild nodes, jobs and actors from the durable tables. Returns the counts."""
+        """Rebuild nodes, jobs, placement groups and actors from the durable tables.
+        Returns the counts."""
         engine = self.engine
         self.loading = True
         now = time.monotonic()
@@ -140,6 +174,15 @@ class Recovery:
                                        "driver": bytes(rec.get("driver", b""))}
                 self.restored_jobs.add(job_id)
                 self.restored["jobs"] += 1
+            for pg_id, rec in self.store.load("pgroups").items():  # (before their actors)
+                try:
+                    self._group(pg_id, rec)
+                except (TypeError, ValueError, KeyError, AttributeError):
+                    log.exception("skipping an unreadable placement group record %s",
+                                  pg_id.hex())
+                    self.store.delete("pgroups", pg_id)
+                    continue
+                self.restored["placement_groups"] += 1
             for actor_id, rec in self.store.load("actors").items():
                 try:
                     ok = self._actor(actor_id, rec)
@@ -156,9 +199,11 @@ class Recovery:
             self.deadline = now + RESTART_GRACE_S
             # The containment that proved borrowed refs is gone: clients' word for it.
             engine.access.trust_until = self.deadline
-            log.warning("restored from %s: %d nodes, %d actors, %d jobs; waiting up to %.0fs "
-                        "for them to reconnect", self.store.path, self.restored["nodes"],
-                        self.restored["actors"], self.restored["jobs"], RESTART_GRACE_S)
+            log.warning("restored from %s: %d nodes, %d actors, %d jobs, %d placement groups; "
+                        "waiting up to %.0fs for them to reconnect", self.store.path,
+                        self.restored["nodes"], self.restored["actors"],
+                        self.restored["jobs"], self.restored["placement_groups"],
+                        RESTART_GRACE_S)
         return dict(self.restored)
 
     def _node(self, node_id: bytes, rec: dict, now: float) -> Node:
@@ -172,6 +217,38 @@ class Recovery:
         # Declared dead by the usual liveness check if not back within the grace period.
         node.last_seen = now + max(0.0, RESTART_GRACE_S - P.NODE_TIMEOUT_S)
         return node
+
+    def _group(self, pg_id: bytes, rec: dict) -> None:
+        """A placement group as it was: its name taken, its bundles placed on the nodes
+        they were on (taken there again when the node is back: ``node_saved``)."""
+        engine = self.engine
+        table = engine.pgroups
+        state = PGState(rec["state"])
+        nodes, owner, job = rec["nodes"], rec["owner"], rec["job"]
+        if (type(nodes) is not list or not all(type(n) is bytes for n in nodes)
+                or type(owner) is not bytes or type(job) is not bytes):
+            raise TypeError("nodes, owner and job must be bytes")
+        nodes = [n or None for n in nodes]
+        bundles = rec["bundles"]
+        if state == PGState.REMOVED or type(bundles) is not list or len(nodes) != len(bundles):
+            raise ValueError("a removed group, or one whose bundles and nodes differ")
+        created_at = float(rec.get("created_at", 0.0))
+        lifetime = rec.get("lifetime") or None
+        # (every other field is checked by create(), as for a pg_create request)
+        pg = table.create(pg_id, bundles, rec["strategy"], rec.get("name", ""),
+                          rec.get("namespace", ""), lifetime, owner, job)
+        pg.created_at = created_at
+        for i, node_id in enumerate(nodes):
+            if node_id is not None and node_id in engine.nodes.nodes:
+                pg.nodes[i] = node_id
+                self.unreserved.setdefault(node_id, []).append((pg, i))
+        if all(n is not None for n in pg.nodes):
+            pg.state = PGState.CREATED
+            del table.pending[pg_id]
+        elif any(n is not None for n in pg.nodes) or state != PGState.PENDING:
+            pg.state = PGState.RESCHEDULING  # a node it was on is gone: placed again
+        if pg.lifetime != "detached":
+            self.restored_groups.append(pg)
 
     def _actor(self, actor_id: bytes, rec: dict) -> bool:
         engine = self.engine
@@ -271,6 +348,12 @@ class Recovery:
                           " and its constructor's object arguments did not survive"))
                 engine.fail_task(task, serialize_error(exceptions.ActorDiedError(
                     f"The actor died: {why}.", actor.actor_id.hex())), reason=why)
+        self.unreserved.clear()  # (those nodes are dead: their bundles are placed again)
+        groups, self.restored_groups = self.restored_groups, []
+        for pg in groups:
+            if pg.state != PGState.REMOVED and pg.owner not in engine.clients:
+                remove_group(engine, pg, "removed: its creator did not come back after the "
+                                         "broker restart")
         for job_id in list(self.restored_jobs):
             job = engine.jobs.get(job_id)
             if job is None:

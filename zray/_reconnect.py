@@ -14,7 +14,8 @@
         borrowed, SUBMIT of every unfinished task and actor call in submission order
         (and of finished ones a kept task needs, or whose stored result was on a node
         the restarted broker does not know: WELCOME lists its nodes),
-        SUB for what it waits for, the requests (REQ) still unanswered.
+        REQ pg_ready for the pg.ready() refs still pending, SUB for what it waits for,
+        the requests (REQ) still unanswered.
 
 An executor that hosts no actor does not replay: it leaves (its node starts
 fresh ones), and the tasks it ran are resubmitted by their owners. A task or
@@ -59,6 +60,9 @@ class ReplayLog:
         self.fns: dict = {}  # fid -> (header, blob)
         self.job = None  # (op, args) of the driver's register_job
         self.requests: dict = {}  # req_id -> REQ header, while a user thread waits for it
+        # oid -> args of the pg_ready request that makes it (pg.ready(): an object the
+        # broker resolves, so a restarted broker must be asked again while it is pending)
+        self.pg_ready: dict = {}
         # The client's _ref_lock (an RLock): decref and the arrival of a result call in
         # holding it, and a ref freed by the garbage collector inside record_submit
         # re-enters it; a lock of our own would deadlock against it.
@@ -116,6 +120,14 @@ class ReplayLog:
                     producer.consumers -= 1
                     stack.append((dep, producer))
 
+    def record_pg_ready(self, oid: bytes, args: dict, records: dict) -> None:
+        with self.lock:
+            if len(self.pg_ready) >= 64:  # forget the resolved and dropped ones
+                for old in list(self.pg_ready):
+                    if not _unresolved(records.get(old)):
+                        del self.pg_ready[old]
+            self.pg_ready[oid] = args
+
     def record_fn(self, fid: bytes, header: bytes, blob) -> None:
         self.fns[fid] = (header, blob)
 
@@ -147,6 +159,13 @@ class ReplayLog:
         for _tid, entry in unfinished:
             client.send(entry.header, entry.frames)
             counts["resubmitted"] += 1
+        with self.lock:  # pg.ready() refs still pending: asked again before we SUB them
+            ready = [(oid, args) for oid, args in self.pg_ready.items()
+                     if _unresolved(client.records.get(oid))]
+            self.pg_ready = dict(ready)
+        for _oid, args in ready:
+            client.request_nowait("pg_ready", args)
+        counts["pg_ready"] = len(ready)
         if subs:
             client.send(P.encode(P.Sub(subs)))
             counts["subscribed"] = len(subs)
@@ -154,3 +173,9 @@ class ReplayLog:
             client.send(header)
         log.warning("the zray broker restarted: re-registered with it (%s)", counts)
         return counts
+
+
+def _unresolved(rec) -> bool:
+    """A client's record of an object whose value has not come (PENDING,
+    AWAITING_PUSH or SUBSCRIBED in zray/_client.py)."""
+    return rec is not None and rec.state.name in ("PENDING", "AWAITING_PUSH", "SUBSCRIBED")

@@ -97,7 +97,9 @@ class PlacementGroup:
         ref = ObjectRef(oid, client.cid, client)
         # No round trip: the broker resolves the object (with an error if the group is
         # unknown), requests keep their order.
-        client.request_nowait("pg_ready", {"pg_id": self.id.binary(), "oid": oid})
+        args = {"pg_id": self.id.binary(), "oid": oid}
+        client.replay.record_pg_ready(oid, args, client.records)  # (for a broker restart)
+        client.request_nowait("pg_ready", args)
         return ref
 
     def wait(self, timeout_seconds: float = 30) -> bool:
