@@ -1,0 +1,137 @@
+"""What an attacker with a connection (or a local user) tried against today's surfaces,
+each on a real cluster: log reads through symlinks and FIFOs planted in a log dir, a
+dashboard held by connections that never finish a request or announce a negative
+body, and metric reports too big for the broker to keep."""
+
+import os
+import socket
+import time
+import urllib.request
+
+import pytest
+from conftest import poll_until
+
+import zray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if zray.is_initialized():
+        zray.shutdown()
+    zray.init(num_cpus=1)
+    try:
+        yield zray._runtime.client
+    finally:
+        zray.shutdown()
+
+
+@zray.remote
+def square(x):
+    return x * x
+
+
+def _node(client):
+    dirs = client.request("log_dirs", timeout=30)
+    return dirs["nodes"][0]["node_id"], dirs["nodes"][0]["log_dir"], dirs["broker"]["log_dir"]
+
+
+def _logs(client, node_hex, op, args):
+    return client.request("node_logs", {"node_id": node_hex, "op": op, "args": args},
+                          timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_log_reads_never_follow_symlinks_nor_block_on_fifos(cluster, tmp_path):
+    node_hex, node_dir, broker_dir = _node(cluster)
+    secret = tmp_path / "secret.txt"
+    secret.write_text(":task_name:abcd x\nTOP SECRET LINE\n")
+    planted = []
+    try:
+        for d in {node_dir, broker_dir}:  # one folder in a local cluster
+            for name in ("executor-planted.log", "planted.log"):
+                os.symlink(secret, os.path.join(d, name))
+                planted.append(os.path.join(d, name))
+            os.mkfifo(os.path.join(d, "fifo.log"), 0o600)
+            planted.append(os.path.join(d, "fifo.log"))
+        for where in (node_hex, ""):  # a node (relayed LOG_READ) and the broker itself
+            # A task's lines are searched in executor logs: a symlinked one is skipped.
+            found = _logs(cluster, where, "task", {"task_id": "abcd"})
+            assert "SECRET" not in found["text"] and found["files"] == [], found
+            for op in ("tail", "read"):
+                with pytest.raises(ValueError, match="planted.log is a symbolic link"):
+                    _logs(cluster, where, op, {"name": "planted.log"})
+                # Opening a FIFO for reading would wait for a writer forever.
+                with pytest.raises(ValueError, match="fifo.log is not a regular file"):
+                    _logs(cluster, where, op, {"name": "fifo.log"})
+            listing = _logs(cluster, where, "list", {})
+            assert not {"planted.log", "fifo.log"} & {f[0] for f in listing["files"]}
+        assert zray.nodes()[0]["Alive"]
+        assert zray.get(square.remote(7), timeout=60) == 49  # the node still works
+    finally:
+        for p in planted:
+            os.unlink(p)
+
+
+@pytest.mark.timeout(120)
+def test_dashboard_frees_threads_of_silent_connections(cluster):
+    """POOL connections that never send a request held every thread of the dashboard
+    (token or not): now each is closed after its idle timeout."""
+    from zray.dashboard.server import POOL, DashboardServer
+
+    dash = DashboardServer(cluster.address, port=0, idle_timeout=1.0)
+    dash.start()
+    silent = []
+    try:
+        for _ in range(POOL + 2):
+            silent.append(socket.create_connection((dash.host, dash.port), timeout=30))
+
+        def version():
+            req = urllib.request.Request(dash.url + "/api/version",
+                                         headers={"Authorization": "Bearer " + dash.token})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        poll_until(version, 60, interval=0.2, what="the dashboard to answer")
+        # Content-Length: -1 would have read until the client closed, unbounded.
+        with socket.create_connection((dash.host, dash.port), timeout=30) as s:
+            s.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                      + dash.token.encode() + b"\r\nContent-Length: -1\r\n\r\n{")
+            reply = s.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length must be" in reply
+        with pytest.raises(ValueError, match="idle_timeout"):
+            DashboardServer(cluster.address, port=0, idle_timeout=-1)
+    finally:
+        for s in silent:
+            s.close()
+        dash.stop()
+        dash.close()
+
+
+@pytest.mark.timeout(120)
+def test_metric_reports_are_bounded(cluster):
+    from brokerd.metrics import MAX_REPORT_COST, UserMetrics
+
+    tags = "t" * 1000
+    # 500 metrics x 1000 samples x 20 tags of 1000 characters passed every field check:
+    # about 10 GB kept by the broker per connection. Now the size is checked too.
+    keys = [f"k{i}" for i in range(20)]
+    huge = [[f"m{m}", "gauge", "", keys, [[[tags] * 20, 1.0] for _ in range(1000)], []]
+            for m in range(3)]
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="the report is too big"):
+        cluster.request("metrics_report", {"series": huge}, timeout=60)
+    ok = [["fine", "counter", "", ["k"], [[["v"], 2.0]], []]]
+    assert cluster.request("metrics_report", {"series": ok}, timeout=30) is True
+    mine = [u for u in cluster.request("metrics", timeout=30)["user"]
+            if u[2] and u[2][0][0] == "fine"]
+    assert mine and mine[-1][2] == ok, mine
+    assert time.monotonic() - t < 60
+    # Many reporters: the oldest are forgotten once all reports together are too big.
+    store = UserMetrics(max_procs=512, max_cost=3 * MAX_REPORT_COST)
+    for i in range(10):
+        store.put(bytes([i]) * 8, ok, MAX_REPORT_COST)
+    assert len(store.reports) == 3 and store.cost == 3 * MAX_REPORT_COST
+    assert [r[0] for r in store.all()] == [(bytes([i]) * 8).hex() for i in (7, 8, 9)]
