@@ -135,3 +135,35 @@ def test_metric_reports_are_bounded(cluster):
         store.put(bytes([i]) * 8, ok, MAX_REPORT_COST)
     assert len(store.reports) == 3 and store.cost == 3 * MAX_REPORT_COST
     assert [r[0] for r in store.all()] == [(bytes([i]) * 8).hex() for i in (7, 8, 9)]
+
+
+@pytest.mark.timeout(120)
+def test_state_rows_read_as_in_rays_docs(cluster):
+    """Ray's rows are dataclasses that also read as dicts: ``list_actors()[0].state``
+    and ``row["state"]`` both work; address="auto" from the driver of an init() cluster
+    (no address file) asks that cluster, as Ray finds the running one."""
+    import json
+
+    from zray.util.state import get_actor, list_actors, list_tasks
+
+    @zray.remote
+    class Doc:
+        def ping(self):
+            return 1
+
+    a = Doc.options(name="audit_doc").remote()
+    assert zray.get(a.ping.remote(), timeout=60) == 1
+    rows = list_actors(filters=[("class_name", "=", "Doc")])
+    assert [(r.state, r.name) for r in rows] == [("ALIVE", "audit_doc")]
+    assert rows[0]["state"] == rows[0].state and rows[0].asdict() == dict(rows[0])
+    assert json.loads(json.dumps(rows))[0]["name"] == "audit_doc"
+    assert get_actor(id=rows[0].actor_id).class_name == "Doc"
+    with pytest.raises(AttributeError, match="no column 'colour'"):
+        _ = rows[0].colour
+    from zray._procutil import user_tmp_dir
+
+    # (Another cluster's address file, from a `zray start` running beside, wins.)
+    if not os.environ.get("ZRAY_ADDRESS") and not os.path.exists(
+            os.path.join(user_tmp_dir(), "address")):
+        assert any(t.name == "Doc.ping" for t in list_tasks(address="auto", limit=1000))
+    zray.kill(a)
