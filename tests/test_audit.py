@@ -167,3 +167,51 @@ def test_state_rows_read_as_in_rays_docs(cluster):
             os.path.join(user_tmp_dir(), "address")):
         assert any(t.name == "Doc.ping" for t in list_tasks(address="auto", limit=1000))
     zray.kill(a)
+
+
+@zray.remote
+def _files_here():
+    found = []
+    for root, _dirs, files in os.walk("."):
+        found += [os.path.join(root, f) for f in files]
+    return sorted(found)
+
+
+def _zip(path, entries):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data, mode in entries:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            zf.writestr(info, data)
+    return str(path)
+
+
+@pytest.mark.timeout(180)
+def test_zip_slip_in_a_working_dir_stays_in_the_nodes_cache(cluster, tmp_path):
+    """A user's .zip as working_dir is unpacked by the node: entries that climb out
+    (``../``, absolute, through a symlink entry) fail the task's runtime_env setup and
+    write nothing outside the node's package cache."""
+    target = tmp_path / "outside"
+    target.mkdir()
+    escapes = {
+        "dotdot": [(f"../../../../../../..{target}/escaped_dotdot", "x", 0o100644)],
+        "absolute": [(f"{target}/escaped_abs", "x", 0o100644)],
+        "middle": [(f"a/../../../../../../..{target}/escaped_mid", "x", 0o100644)],
+        "symlink": [("link", str(target), 0o120777), ("link/escaped_sym", "x", 0o100644)],
+    }
+    for name, entries in escapes.items():
+        z = _zip(tmp_path / f"{name}.zip", entries)
+        with pytest.raises(zray.exceptions.RuntimeEnvSetupError):
+            zray.get(_files_here.options(runtime_env={"working_dir": z}).remote(), timeout=120)
+    assert list(target.iterdir()) == []
+    # A setuid bit in the zip is not kept; the files are the owner's only.
+    z = _zip(tmp_path / "suid.zip", [("run.sh", "#!/bin/sh\n", 0o104777)])
+    assert zray.get(_mode.options(runtime_env={"working_dir": z}).remote("run.sh"),
+                    timeout=120) == 0o700
+
+
+@zray.remote
+def _mode(name):
+    return os.lstat(name).st_mode & 0o7777
