@@ -6,6 +6,7 @@ body, and metric reports too big for the broker to keep."""
 import os
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -101,6 +102,12 @@ def test_dashboard_frees_threads_of_silent_connections(cluster):
                       + dash.token.encode() + b"\r\nContent-Length: -1\r\n\r\n{")
             reply = s.recv(65536)
         assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length must be" in reply
+        deep = urllib.request.Request(dash.url + "/api/jobs", data=b"[" * 200_000,
+                                      method="POST",
+                                      headers={"Authorization": "Bearer " + dash.token})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(deep, timeout=30)
+        assert refused.value.code == 400 and b"not JSON" in refused.value.read()
         with pytest.raises(ValueError, match="idle_timeout"):
             DashboardServer(cluster.address, port=0, idle_timeout=-1)
     finally:

@@ -191,8 +191,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(n) if n else b"{}"
         try:
             return json.loads(raw or b"{}")
-        except ValueError:
-            raise JobError("the request body is not JSON") from None
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
+            raise JobError("the request body is not JSON (or nests too deep)") from None
 
     def _authorized(self) -> bool:
         token = self.dash.token.encode()
