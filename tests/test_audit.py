@@ -224,3 +224,20 @@ def test_zip_slip_in_a_working_dir_stays_in_the_nodes_cache(cluster, tmp_path):
 @zray.remote
 def _mode(name):
     return os.lstat(name).st_mode & 0o7777
+
+
+@pytest.mark.timeout(60)
+def test_placement_group_bundles_with_absurd_numbers_are_named(cluster):
+    from zray.util.placement_group import placement_group
+
+    for bundles, why in (
+            ([{"CPU": float("nan")}], "'CPU' must be a finite number"),
+            ([{"CPU": float("inf")}], "'CPU' must be a finite number"),
+            ([{"CPU": 1e300}], "'CPU' must be a finite number"),
+            ([{"x" * 1000: 1}], "names are 1 to 256 characters"),
+            ([{"CPU": 0.001}] * 20_000, "at most 10000 bundles")):
+        with pytest.raises(ValueError, match=why):
+            placement_group(bundles)
+    pg = placement_group([{"CPU": 1}])  # and a sound one is still placed
+    assert pg.wait(timeout_seconds=60)
+    zray.util.remove_placement_group(pg)
