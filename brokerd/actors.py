@@ -47,6 +47,8 @@ class ActorDirectory:
         self.recovery = None  # brokerd.restart.Recovery: actors are durable records
 
     def get(self, actor_id: bytes):
+        if type(actor_id) is not bytes:  # from a REQ's args: any msgpack value
+            return None
         return self.actors.get(actor_id)
 
     def register(self, task: Task) -> Actor:

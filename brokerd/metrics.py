@@ -28,6 +28,13 @@ MAX_SAMPLES = 1000  # tag combinations of one metric
 MAX_TAGS = 20
 MAX_BOUNDARIES = 100
 MAX_PROCS = 512
+# Memory: a report may hold at most MAX_REPORT_COST (its strings' lengths plus
+# _ITEM per string or number: about what it costs in the broker), and all the kept
+# reports together at most MAX_TOTAL_COST (the oldest reporters are forgotten first),
+# so a flood of reports from many connections cannot grow the broker without bound.
+MAX_REPORT_COST = 8 << 20
+MAX_TOTAL_COST = 128 << 20
+_ITEM = 64
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,199}\Z")
 _TAG = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,99}\Z")
 
@@ -38,9 +45,19 @@ def _num(v) -> bool:
 
 def check_report(series) -> list:
     """The report if every field is well formed; ValueError naming the first bad one."""
+    report_cost(series)
+    return series
+
+
+def report_cost(series) -> int:
+    """What a report costs the broker to keep (see MAX_REPORT_COST), if every field is
+    well formed; ValueError naming the first bad one, or the report being too big."""
     if not isinstance(series, list) or len(series) > MAX_SERIES:
         raise ValueError(f"series must be a list of at most {MAX_SERIES} metrics")
+    cost = 0
     for s in series:
+        if cost > MAX_REPORT_COST:
+            break
         if not isinstance(s, list) or len(s) != 6:
             raise ValueError("a metric is [name, kind, description, tag_keys, samples, boundaries]")
         name, kind, desc, keys, samples, bounds = s
@@ -59,6 +76,8 @@ def check_report(series) -> list:
             raise ValueError(f"metric {name}: a histogram needs increasing boundaries")
         if not isinstance(samples, list) or len(samples) > MAX_SAMPLES:
             raise ValueError(f"metric {name}: at most {MAX_SAMPLES} samples")
+        cost += (len(name) + len(desc) + sum(map(len, keys))
+                 + _ITEM * (3 + len(keys) + len(bounds)))
         for sample in samples:
             if not isinstance(sample, list) or len(sample) != 2:
                 raise ValueError(f"metric {name}: a sample is [tag values, value]")
@@ -74,25 +93,38 @@ def check_report(series) -> list:
                     raise ValueError(f"metric {name}: a histogram sample is [[counts], sum]")
             elif not _num(value):
                 raise ValueError(f"metric {name}: value must be a number")
-    return series
+            cost += sum(map(len, tags)) + _ITEM * (2 + len(tags) + (
+                len(value[0]) if kind == "histogram" else 0))
+            if cost > MAX_REPORT_COST:
+                break
+    if cost > MAX_REPORT_COST:
+        raise ValueError(f"the report is too big: over {MAX_REPORT_COST >> 20} MiB of "
+                         "metric names, tags and values (use fewer tag combinations)")
+    return cost
 
 
 class UserMetrics:
     """The last report of each process, oldest reporter evicted first."""
 
-    def __init__(self, max_procs: int = MAX_PROCS):
+    def __init__(self, max_procs: int = MAX_PROCS, max_cost: int = MAX_TOTAL_COST):
         self.reports: OrderedDict = OrderedDict()
         self.max_procs = max_procs
+        self.max_cost = max_cost
+        self.cost = 0  # of the reports kept (report_cost)
 
-    def put(self, cid: bytes, series: list) -> None:
-        self.reports.pop(cid, None)
-        self.reports[cid] = (time.time(), series)
-        while len(self.reports) > self.max_procs:
-            self.reports.popitem(last=False)
+    def put(self, cid: bytes, series: list, cost: int = 0) -> None:
+        old = self.reports.pop(cid, None)
+        if old is not None:
+            self.cost -= old[2]
+        self.reports[cid] = (time.time(), series, cost)
+        self.cost += cost
+        while len(self.reports) > self.max_procs or (self.cost > self.max_cost
+                                                     and len(self.reports) > 1):
+            self.cost -= self.reports.popitem(last=False)[1][2]
 
     def all(self) -> list:
         """[[reporter cid hex, time, series], ...]"""
-        return [[cid.hex(), t, s] for cid, (t, s) in self.reports.items()]
+        return [[cid.hex(), t, s] for cid, (t, s, _c) in self.reports.items()]
 
 
 def cluster_metrics(engine) -> dict:

@@ -214,12 +214,13 @@ class Queries(PlacementGroupQueries):
 
     def req_metrics_report(self, cid, args):
         """A process's user metrics (zray.util.metrics), checked field by field."""
-        from brokerd.metrics import check_report
+        from brokerd.metrics import report_cost
 
         c = self.engine.clients.get(cid)
         if c is None or c.kind not in ("driver", "executor"):
             raise PermissionError("only drivers and executors report metrics")
-        self.user_metrics.put(cid, check_report(args.get("series")))
+        series = args.get("series")
+        self.user_metrics.put(cid, series, report_cost(series))
         return True
 
     def req_metrics(self, cid, args):

@@ -67,7 +67,7 @@ class StateView:
     # ---------------------------------------------------------------- queries
     def list(self, args: dict) -> dict:
         resource = args.get("resource")
-        if resource not in COLUMNS:
+        if type(resource) is not str or resource not in COLUMNS:
             raise ValueError(f"unknown resource {resource!r:.40}; one of {sorted(COLUMNS)}")
         filters = check_filters(resource, args.get("filters"))
         limit = args.get("limit", 100)

@@ -139,3 +139,65 @@ def test_fuzz_long():
     if zray.is_initialized():
         zray.shutdown()
     _run(200_000)
+
+
+# REQ ops added with the state API, placement groups, metrics, logs and the dashboard:
+# each is asked with wrong types, huge and negative numbers in every argument it reads.
+_NEW_OPS = ("state_list", "state_summary", "event_log", "node_logs", "pg_create", "pg_remove",
+            "pg_ready", "pg_table", "pg_get", "demand", "metrics_report", "metrics",
+            "recent_events", "memory", "task_events", "timeline", "log_dirs", "actors", "jobs",
+            "actor_state", "pending_calls")
+_ARG_KEYS = ("resource", "filters", "limit", "detail", "since", "node_id", "op", "args",
+             "pg_id", "bundles", "strategy", "name", "namespace", "lifetime", "oid", "series",
+             "top", "id", "actor_id")
+_JUNK = (None, True, -1, -2**63, 2**64 - 1, 1.5, float("nan"), float("inf"), "", "x" * 100_000,
+         b"", b"\0" * 18, [], {}, [[1, 2]], {"a": {"b": [1] * 1000}}, 10**9, "../../etc/passwd",
+         [["state", "=", "x"]] * 1000)
+
+
+@pytest.mark.timeout(300)
+def test_fuzzed_request_arguments_are_refused_clearly():
+    if zray.is_initialized():
+        zray.shutdown()
+    zray.init(num_cpus=1)
+    try:
+        client = zray._runtime.client
+        procs = _broker_and_node()
+        rng = random.Random(7)
+        asked = refused = 0
+        for op in _NEW_OPS:
+            for args in (None, 5, "x", [1], {"limit": 10**12}):
+                asked += 1
+                try:
+                    client.request(op, args, timeout=60)
+                except (ValueError, PermissionError) as e:
+                    refused += 1
+                    assert "unhashable" not in str(e), (op, args, e)
+            for key in _ARG_KEYS:
+                for junk in _JUNK:
+                    args = {key: junk}
+                    if op.startswith("state_") and key != "resource":
+                        args["resource"] = rng.choice(["tasks", "actors", "objects"])
+                    if op == "node_logs" and key not in ("node_id", "op"):
+                        args.update(node_id=rng.choice(["", "00" * 8]),
+                                    op=rng.choice(["tail", "read", "task", "list"]))
+                        args["args"] = {rng.choice(["name", "lines", "offset", "ino",
+                                                    "task_id"]): junk}
+                    asked += 1
+                    try:  # an answer or a refusal, never a stall or a dead broker
+                        client.request(op, args, timeout=60)
+                    except (ValueError, PermissionError) as e:
+                        refused += 1
+                        assert "unhashable" not in str(e), (op, args, e)
+        assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+        print(f"\n[measure] REQ fuzz: {asked} requests, {refused} refused")
+        assert refused > asked // 3
+
+        @zray.remote
+        def square(x):
+            return x * x
+
+        assert zray.get([square.remote(i) for i in range(20)], timeout=60) == [
+            i * i for i in range(20)]
+    finally:
+        zray.shutdown()

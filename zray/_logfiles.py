@@ -158,12 +158,12 @@ def executor_index(log_dir: str) -> dict:
     """{pid: cid hex} of the executors a node started (a reused pid: the latest)."""
     out: dict = {}
     try:
-        with open(os.path.join(log_dir, EXECUTOR_INDEX)) as f:
+        with os.fdopen(open_regular(os.path.join(log_dir, EXECUTOR_INDEX))) as f:
             for line in f:
                 parts = line.split("\t")
                 if len(parts) >= 2 and parts[1].strip().isdigit():
                     out[int(parts[1])] = parts[0]
-    except OSError:
+    except (OSError, ValueError):
         pass
     return out
 
@@ -189,14 +189,14 @@ def task_lines(paths: list, task_id_hex: str) -> list:
     for path in paths:
         inside = False
         try:
-            with open(path, errors="replace") as f:
+            with os.fdopen(open_regular(path), errors="replace") as f:
                 for line in f:
                     if line.startswith(MARKER):
                         inside = line.startswith(marker)
                         continue
                     if inside:
                         out.append(line)
-        except OSError:
+        except (OSError, ValueError):
             continue
     return out
 
@@ -218,7 +218,7 @@ def files_with_task(log_dir: str, task_id_hex: str) -> list:
         if base in found:
             continue
         try:
-            with open(path, "rb") as f:
+            with os.fdopen(open_regular(path), "rb") as f:
                 if os.fstat(f.fileno()).st_size == 0:
                     continue
                 with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
@@ -242,16 +242,47 @@ def _file(log_dir: str, name) -> str:
     return os.path.join(log_dir, name)
 
 
+def open_regular(path: str) -> int:
+    """A read-only fd of ``path`` if it is a regular file, never opened through a
+    symlink and never blocking (a FIFO planted in the log dir would stall the node or
+    the broker on open); ValueError naming the file otherwise."""
+    import errno
+    import stat
+
+    name = os.path.basename(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{name} is a symbolic link, not a log file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{name} is not a regular file")
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _stat_regular(path: str) -> os.stat_result:
+    """The stat of a regular file ``path`` (not followed if a symlink)."""
+    import stat
+
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise ValueError(f"{os.path.basename(path)} is {kind}, not a log file")
+    return st
+
+
 def _read(path: str, offset: int, limit: int) -> tuple:
     """(bytes from ``offset``, at most ``limit``; the file's stat) of a regular file,
     never through a symlink."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = open_regular(path)
     try:
         st = os.fstat(fd)
-        import stat
-
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{os.path.basename(path)} is not a regular file")
         return os.pread(fd, limit, offset) if limit > 0 else b"", st
     finally:
         os.close(fd)
@@ -265,8 +296,8 @@ def tail_text(paths: list, n: int, limit: int = MAX_ANSWER_BYTES) -> tuple:
     stopped = False  # by the limit, with more before
     for path in reversed(paths):
         try:
-            end = os.stat(path).st_size
-        except OSError:
+            end = _stat_regular(path).st_size
+        except (OSError, ValueError):
             continue
         while end > 0 and not (n >= 0 and lines > n):
             if size >= limit:
@@ -325,7 +356,7 @@ def serve(log_dir: str, op: str, args: dict) -> dict:
         n = args.get("lines", 1000)
         if type(n) is not int or n < -1:
             raise ValueError("lines must be an int >= -1")
-        st = os.stat(path)
+        st = _stat_regular(path)
         text, truncated = tail_text(with_backups(path), n)
         return {"text": text, "truncated": truncated, "ino": st.st_ino, "size": st.st_size}
     if op == "read":
@@ -333,7 +364,7 @@ def serve(log_dir: str, op: str, args: dict) -> dict:
         offset, ino = args.get("offset", 0), args.get("ino")
         if type(offset) is not int or offset < 0 or (ino is not None and type(ino) is not int):
             raise ValueError("offset must be an int >= 0 and ino an int")
-        st = os.stat(path)
+        st = _stat_regular(path)
         if ino is not None and st.st_ino != ino:  # rotated: finish the old file first
             try:
                 old = os.stat(path + ".1")

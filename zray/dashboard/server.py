@@ -35,6 +35,7 @@ log = logging.getLogger("zray.dashboard")
 POOL = 8
 COOKIE = "zray_dashboard_token"
 MAX_BODY = 1 << 20
+IDLE_TIMEOUT_S = 30.0  # a connection silent this long is closed (frees its pool thread)
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
@@ -73,7 +74,8 @@ class _PooledHTTPServer(socketserver.ThreadingMixIn, HTTPServer):
 
 class DashboardServer:
     def __init__(self, address: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 session_dir: str | None = None, ttl: float = 0.5):
+                 session_dir: str | None = None, ttl: float = 0.5,
+                 idle_timeout: float = IDLE_TIMEOUT_S):
         from zray._client import Client
         from zray._procutil import new_session_dir, private_dir, write_private_file
 
@@ -91,7 +93,13 @@ class DashboardServer:
         own = os.path.join(self.session_dir, "logs")
         self.logs = LogFiles(self.view, {"dashboard": "" if own == head else own,
                                          "jobs": self.jobs.dir})
-        handler = type("Handler", (_Handler,), {"dash": self})
+        # A connection that sends nothing (an idle keep-alive, or a client that never
+        # finishes its request) gives its pool thread back after ``idle_timeout``
+        # seconds: without it, POOL such connections, token or not, stop the dashboard.
+        if not (isinstance(idle_timeout, (int, float)) and 0 < idle_timeout <= 3600):
+            raise ValueError(f"idle_timeout must be a number of seconds in (0, 3600], "
+                             f"got {idle_timeout!r:.40}")
+        handler = type("Handler", (_Handler,), {"dash": self, "timeout": idle_timeout})
         try:
             self.httpd = _PooledHTTPServer((host, port), handler, POOL)
         except OSError:
@@ -170,14 +178,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._json({"error": message}, code)
 
     def _body(self):
-        n = int(self.headers.get("Content-Length") or 0)
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            n = -1
+        if n < 0:  # read(-1) would read until the client closes, unbounded
+            self.close_connection = True
+            raise JobError("Content-Length must be a byte count >= 0")
         if n > MAX_BODY:
+            self.close_connection = True
             raise JobError(f"request body over {MAX_BODY} bytes")
         raw = self.rfile.read(n) if n else b"{}"
         try:
             return json.loads(raw or b"{}")
-        except ValueError:
-            raise JobError("the request body is not JSON") from None
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
+            raise JobError("the request body is not JSON (or nests too deep)") from None
 
     def _authorized(self) -> bool:
         token = self.dash.token.encode()

@@ -18,6 +18,7 @@ tasks and actors it starts, which name no strategy of their own, in its group
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Optional
@@ -137,12 +138,18 @@ class PlacementGroup:
         return (PlacementGroup, (self.id, self.bundle_cache))
 
 
+MAX_BUNDLES = 10000  # brokerd/pgroups.py refuses more
+
+
 def _check_bundles(bundles) -> list:
     if not isinstance(bundles, list):
         raise ValueError(f"Placement group bundles must be a list, got {type(bundles)}.")
     if not bundles:
         raise ValueError('Bundles must be a non-empty list of resource dictionaries. For '
                          'example: `[{"CPU": 1.0}, {"GPU": 1.0}]`. Got empty list instead.')
+    if len(bundles) > MAX_BUNDLES:
+        raise ValueError(f"A placement group has at most {MAX_BUNDLES} bundles, got "
+                         f"{len(bundles)}")
     out = []
     for b in bundles:
         if (not isinstance(b, dict) or not all(isinstance(k, str) for k in b)
@@ -155,6 +162,13 @@ def _check_bundles(bundles) -> list:
                              f"0 values. Bundles: {bundles}")
         if any(v < 0 for v in b.values()):
             raise ValueError(f"Bundle resources must be >= 0, got {b}")
+        for k, v in b.items():
+            if not 0 < len(k) <= 256:
+                raise ValueError(f"Bundle resource names are 1 to 256 characters, got "
+                                 f"{k!r:.60}")
+            if not math.isfinite(v) or v * P.UNIT >= 2**63:
+                raise ValueError(f"Bundle resource {k!r} must be a finite number below "
+                                 f"{2**63 // P.UNIT}, got {v!r}")
         if "object_store_memory" in b:
             raise ValueError("object_store_memory in a bundle reserves nothing (Ray "
                              "deprecates it); zray refuses it")

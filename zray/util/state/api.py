@@ -1,5 +1,6 @@
 """The state API: list, get and summarize what a running cluster holds, with Ray's
-function names, arguments and field names; rows are plain dicts (JSON-serialisable).
+function names, arguments and field names; rows are dicts (JSON-serialisable) whose
+columns are also attributes (``row.state``), as Ray's rows are.
 
 ::
 
@@ -42,14 +43,20 @@ def _request(address: Optional[str], op: str, args: dict, timeout: float) -> Any
     if address is not None and not isinstance(address, str):
         raise TypeError(f"address must be a str, got {type(address).__name__}")
     client = _runtime.client
-    if address is None and client is not None and not client.closed:
+    connected = client is not None and not client.closed
+    if address is None and connected:
         return _ask(client, op, args, timeout)
     from zray import _protocol as P
     from zray._api import _resolve_address
     from zray._client import Client
 
-    c = Client(_resolve_address(address or "auto"), kind="cli",
-               connect_timeout=min(float(timeout), 15.0))
+    try:
+        resolved = _resolve_address(address or "auto")
+    except ConnectionError:
+        if address == "auto" and connected:  # the cluster init() started: no address file
+            return _ask(client, op, args, timeout)
+        raise
+    c = Client(resolved, kind="cli", connect_timeout=min(float(timeout), 15.0))
     try:
         result = _ask(c, op, args, timeout)
         c.send(P.encode(P.Exit()))
@@ -91,7 +98,24 @@ def _list(resource: str, address, filters, limit, timeout, detail,
     if _explain:
         print(f"zray state API: list {resource}: {len(rows)} of {total} rows in "
               f"{(time.monotonic() - t0) * 1000:.1f} ms")
-    return rows
+    return [StateRow(r) for r in rows]
+
+
+class StateRow(dict):
+    """A row of ``list_*``/``get_*``: a dict (JSON-serialisable) whose columns are also
+    attributes, as Ray's state rows are (``list_actors()[0].state``)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"state row has no column {name!r} (columns: "
+                                 f"{', '.join(self)}; detail=True lists more)") from None
+
+    def asdict(self) -> dict:
+        return dict(self)
 
 
 def _missing(dropped: int, raise_on_missing_output: bool) -> None:
