@@ -119,7 +119,10 @@ class Queries(PlacementGroupQueries):
     def req_memory(self, cid, args):
         """Per-node store use and the largest objects, for `zray memory`."""
         e = self.engine
-        top = max(0, min(int(args.get("top", 10)), 10000))
+        top = args.get("top", 10)
+        if type(top) is not int:
+            raise ValueError(f"memory: top must be an int, got {type(top).__name__}")
+        top = max(0, min(top, 10000))
         objects = e.objects.objects
         inline = [o for o in objects.values() if not o.locations and o.state == ObjState.READY]
         nodes = []
