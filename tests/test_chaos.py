@@ -142,15 +142,7 @@ def _chaos(tmp_path, n_leaves, n_actor_calls, seed=1, delay=0.0):
         procs.start("workerA", ["worker", "--address", address, "--num-cpus", "2"])
         procs.start("workerB", ["worker", "--address", address, "--num-cpus", "2"])
 
-        def connected():
-            procs.check_running()
-            try:
-                zray.init(address=address)
-                return True
-            except ConnectionError:
-                return False
-
-        poll_until(connected, 60, interval=0.2, what="the driver to connect")
+        procs.connect_driver(address, 60)
         try:
             poll_until(lambda: len([n for n in zray.nodes() if n["Alive"]]) == 2, 60,
                        interval=0.1, what="two workers")

@@ -85,6 +85,20 @@ class _Procs:
                 pass
         return found
 
+    def connect_driver(self, address: str, timeout: float = 60) -> None:
+        """``zray.init(address=...)`` in this process once the broker answers (it may still
+        be starting); fails at once if one of the CLI processes exited."""
+
+        def connected():
+            self.check_running()
+            try:
+                zray.init(address=address)
+                return True
+            except ConnectionError:
+                return False
+
+        poll_until(connected, timeout, interval=0.2, what="the driver to connect to the broker")
+
     def kill_all(self):
         for p in self.procs.values():
             kill_tree(p.pid)
@@ -109,15 +123,7 @@ def test_two_node_cluster_via_cli(tmp_path):
                                 "--resources", json.dumps({"nodeB": 1}),
                                 "--labels", json.dumps({"pool": "b", "disk": "ssd"})])
 
-        def connected():
-            procs.check_running()
-            try:
-                zray.init(address=address)
-                return True
-            except ConnectionError:
-                return False
-
-        poll_until(connected, 30, interval=0.2, what="the driver to connect to the broker")
+        procs.connect_driver(address, 30)
         try:
             def two_alive():
                 procs.check_running()

@@ -92,15 +92,7 @@ def test_broker_kill9_and_restart_keeps_the_cluster(tmp_path):
         broker = _start_broker(procs, "broker", port, state)
         procs.start("worker", ["worker", "--address", address, "--num-cpus", "2"])
 
-        def connected():
-            procs.check_running()
-            try:
-                zray.init(address=address)
-                return True
-            except ConnectionError:
-                return False
-
-        poll_until(connected, 60, interval=0.2, what="the driver to connect to the broker")
+        procs.connect_driver(address, 60)
         try:
             poll_until(lambda: [n for n in zray.nodes() if n["Alive"]], 60, interval=0.1,
                        what="the worker to join")
@@ -213,15 +205,7 @@ def test_restart_when_the_actor_processes_and_a_driver_do_not_come_back(tmp_path
         broker = _start_broker(procs, "broker", port, state)
         procs.start("workerA", ["worker", "--address", address, "--num-cpus", "2"])
 
-        def connected():
-            procs.check_running()
-            try:
-                zray.init(address=address)
-                return True
-            except ConnectionError:
-                return False
-
-        poll_until(connected, 60, interval=0.2, what="the driver to connect to the broker")
+        procs.connect_driver(address, 60)
         try:
             poll_until(lambda: [n for n in zray.nodes() if n["Alive"]], 60, interval=0.1,
                        what="the worker to join")

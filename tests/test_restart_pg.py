@@ -61,15 +61,7 @@ def _start_broker(procs, name, port, state):
 
 
 def _connect(procs, address):
-    def connected():
-        procs.check_running()
-        try:
-            zray.init(address=address)
-            return True
-        except ConnectionError:
-            return False
-
-    poll_until(connected, 60, interval=0.2, what="the driver to connect to the broker")
+    procs.connect_driver(address, 60)
 
 
 def _kill_broker(procs, name):
