@@ -600,3 +600,43 @@ def test_uv_installs_into_a_cached_environment(run_driver):
     assert out.returncode == 0, (out.stdout, out.stderr)
     (v1, f1), (v2, f2) = json.loads(out.stdout.split("RESULT ", 1)[1])
     assert v1 == v2 == "1.16.0" and f1 == f2 and "runtime_resources/venvs/venv_" in f1
+
+
+BOMB_DRIVER = """
+import sys
+import zray
+from zray import _renv
+
+zray.init(num_cpus=1)
+@zray.remote
+def f():
+    return 1
+
+try:
+    f.options(runtime_env={"py_modules": [sys.argv[1]]}).remote()
+except ValueError as e:
+    print("DRIVER_REFUSED " + str(e))
+# A careless or hostile client that skips its own check: the node still refuses.
+_renv.MAX_UNPACKED_MB = 10_000
+try:
+    zray.get(f.options(runtime_env={"py_modules": [sys.argv[1]]}).remote(), timeout=60)
+    print("RAN")
+except zray.exceptions.RuntimeEnvSetupError as e:
+    print("NODE_REFUSED " + str(e).replace(chr(10), " "))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_zip_that_unpacks_too_large_is_refused_by_driver_and_node(run_driver, tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bomb/__init__.py", "")
+        zf.writestr("bomb/zeros.bin", bytes(8 * 2**20))  # 8 MiB, a few KiB compressed
+    assert bomb.stat().st_size < 2**20
+    out = run_driver(BOMB_DRIVER.replace("sys.argv[1]", repr(str(bomb))), timeout=90,
+                     ZRAY_RUNTIME_ENV_MAX_UNPACKED_MB="1")
+    assert "RAN" not in out.stdout, (out.stdout, out.stderr)
+    refused = out.stdout.split("DRIVER_REFUSED ", 1)[1].split("\n", 1)[0]
+    assert "8.0 MiB" in refused and "ZRAY_RUNTIME_ENV_MAX_UNPACKED_MB" in refused, refused
+    node = out.stdout.split("NODE_REFUSED ", 1)[1]
+    assert "8.0 MiB" in node and "ZRAY_RUNTIME_ENV_MAX_UNPACKED_MB" in node, node
