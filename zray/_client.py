@@ -616,6 +616,24 @@ class Client:
                 self._pending_refs.append((oid, 1))
                 self._pending_addref = True
 
+    def incref_many(self, oids: list) -> None:
+        """``incref(oid, borrowed=True)`` for each of ``oids``, under one lock: the refs
+        one unpickled value holds (a list of 10,000 refs costs one lock, not 10,000)."""
+        records = self.records
+        with self._ref_lock:
+            pending, closed = self._pending_refs, self.closed  # the I/O thread swaps it
+            for oid in oids:
+                rec = records.get(oid)
+                if rec is None:
+                    rec = records[oid] = LocalObject()
+                n = rec.refcount
+                rec.refcount = n + 1
+                if n == 0 and not closed:
+                    if not pending:
+                        self._release_since = time.monotonic()
+                    pending.append((oid, 1))
+                    self._pending_addref = True
+
     def escape(self, oid: bytes) -> None:
         """A ref to ``oid`` was pickled out of band: ask the broker to keep the object."""
         with self._ref_lock:
