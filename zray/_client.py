@@ -127,6 +127,29 @@ class LocalObject:
     callbacks: Optional[list] = None  # run (outside the lock) once the value is here
 
 
+def _cancel_pairs(ops: list) -> list:
+    """REFS ops without the (oid, +1) ... (oid, -1) pairs that cancel: a ref borrowed and
+    dropped again before the batch went out (a get() of a list of 10,000 refs, then
+    dropping it, sends nothing). A pair never spans a send: the +1s go out before
+    anything else is sent. An escape (0) between them keeps both."""
+    plus: dict = {}
+    drop = []
+    for i, (oid, op) in enumerate(ops):
+        if op == 1:
+            plus[oid] = i
+        elif op == -1:
+            j = plus.pop(oid, None)
+            if j is not None:
+                drop.append(j)
+                drop.append(i)
+        else:
+            plus.pop(oid, None)
+    if not drop:
+        return ops
+    gone = set(drop)
+    return [op for i, op in enumerate(ops) if i not in gone]
+
+
 @dataclass(slots=True)
 class _Stream:
     """An open ObjectRefGenerator: its items arrive before their refs exist."""
@@ -403,6 +426,8 @@ class Client:
         with self._ref_lock:
             ops, self._pending_refs = self._pending_refs, []
             self._pending_addref = False
+        if len(ops) > 1:
+            ops = _cancel_pairs(ops)
         if ops:
             self._out.send(P.encode(P.Refs(ops)))
 
