@@ -197,6 +197,7 @@ class Client:
         self._ref_lock = threading.RLock()  # guards records, _streams, _pending_refs
         self.records: dict[bytes, LocalObject] = {}  # oid -> its record (module doc)
         self.store = ObjectStore(node_id) if node_id else None
+        self._release_store = False  # a store object was released: flush at the next send
         self._pending_refs: list = []  # [(oid, +1 | -1)] in order, sent as one REFS
         self._pending_addref = False
         self._release_since = 0.0
@@ -415,7 +416,8 @@ class Client:
             with self._send_lock:
                 # Holds (+1) go out before anything else we send (a DONE could let the
                 # giver of a ref free it); releases wait for a batch or the timer.
-                if self._pending_addref or len(self._pending_refs) >= RELEASE_BATCH:
+                if (self._pending_addref or self._release_store
+                        or len(self._pending_refs) >= RELEASE_BATCH):
                     self._flush_refs_locked()
                 send_parts(self._out, header, None, frames)
         finally:
@@ -425,7 +427,7 @@ class Client:
     def _flush_refs_locked(self):
         with self._ref_lock:
             ops, self._pending_refs = self._pending_refs, []
-            self._pending_addref = False
+            self._pending_addref = self._release_store = False
         if len(ops) > 1:
             ops = _cancel_pairs(ops)
         if ops:
@@ -678,6 +680,11 @@ class Client:
                     return
                 del self.records[oid]
                 self.replay.dropped(oid[:P.TASK_ID_LEN])
+                value = rec.value
+                if value is not None and value[1] is IN_STORE:
+                    # Store memory: release it with the next message we send, not after
+                    # the batch timer, so the node recycles its warm file for our next put.
+                    self._release_store = True
             if not self.closed:
                 if not self._pending_refs:
                     self._release_since = time.monotonic()
