@@ -261,6 +261,31 @@ class StateView:
         return rows
 
 
+    def _cluster_events(self) -> list:
+        """Ray's cluster events, oldest first: nodes lost (ERROR), actors restarting
+        (WARNING) or dead (ERROR), executor processes that died other than by retiring
+        (WARNING), from the broker's bounded event log and its record of lost nodes."""
+        rows = []
+        for t, kind, rid, _old, new, reason, node_id, name in list(self.engine.moves.events):
+            if kind == "actor" and new in ("restarting", "dead"):
+                sev, src = ("WARNING" if new == "restarting" else "ERROR"), "GCS"
+                msg = f"actor {name or rid.hex()} ({rid.hex()}) is {new.upper()}: {reason}"
+            elif kind == "executor" and new == "dead" and reason and "idle" not in reason \
+                    and "retired" not in reason:
+                sev, src = "WARNING", "RAYLET"
+                msg = f"worker {rid.hex()} died: {reason}"
+            else:
+                continue
+            rows.append((t, sev, src, msg, {"id": rid.hex(), "state": new.upper(),
+                                            "node_id": _hex(node_id)}))
+        for n, t in list(self.engine.nodes.gone):
+            rows.append((t, "ERROR", "GCS", f"node {n.node_id.hex()} ({n.hostname}) left the "
+                         "cluster or was lost", {"node_id": n.node_id.hex()}))
+        rows.sort(key=lambda r: r[0])
+        return [{"event_id": f"{i:08x}", "severity": sev, "time": _ms(t),
+                 "source_type": src, "message": msg, "custom_fields": fields}
+                for i, (t, sev, src, msg, fields) in enumerate(rows)]
+
     def _workers(self) -> list:
         """Ray's WorkerState rows: the connected drivers (DRIVER) and every executor
         process (WORKER), starting ones included; a worker is listed while it lives."""

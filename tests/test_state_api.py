@@ -390,3 +390,37 @@ def test_list_logs_and_get_log(ray_local):
             state.get_log(**bad)
     with pytest.raises(state.RayStateApiException, match="No such file"):
         list(state.get_log(filename="no-such.log", node_id=node_id))
+
+
+@zray.remote(max_restarts=1)
+class Fragile:
+    def pid(self):
+        return os.getpid()
+
+
+def test_cluster_events_say_what_died(ray_local):
+    a = Fragile.remote()
+    pid = zray.get(a.pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    def restarted():
+        try:
+            return zray.get(a.pid.remote(), timeout=30) != pid
+        except zray.exceptions.ActorUnavailableError:  # restarting: ask again
+            return False
+
+    poll_until(restarted, 60, what="the actor to restart")
+    aid = a._actor_id.hex()
+    events = poll_until(
+        lambda: [e for e in state.list_cluster_events(limit=10_000, detail=True)
+                 if e["custom_fields"].get("id") in (aid,) or str(pid) in e["message"]]
+        or None, 30, what="events of the kill")
+    restarting = [e for e in events if e["custom_fields"].get("id") == aid]
+    assert restarting and restarting[0]["severity"] == "WARNING", events
+    assert "RESTARTING" in restarting[0]["message"]
+    assert any(e["source_type"] == "RAYLET" and str(pid) in e["message"] for e in events), events
+    times = [e["time"] for e in state.list_cluster_events(limit=10_000)]
+    assert times == sorted(times)
+    zray.kill(a)
+    poll_until(lambda: any(e["severity"] == "ERROR" and "DEAD" in e["message"] and aid in
+                           e["message"] for e in state.list_cluster_events(limit=10_000)),
+               30, what="the actor's death event")

@@ -10,6 +10,7 @@ from zray.util.state.api import (
     get_task,
     get_worker,
     list_actors,
+    list_cluster_events,
     list_jobs,
     list_nodes,
     list_objects,
@@ -25,7 +26,7 @@ from zray.util.state.logs import get_log, list_logs
 
 __all__ = [
     "RayStateApiException", "get_actor", "get_job", "get_log", "get_node", "get_objects",
-    "get_placement_group", "get_task", "get_worker", "list_actors", "list_jobs", "list_logs",
-    "list_nodes", "list_objects", "list_placement_groups", "list_tasks", "list_workers",
+    "get_placement_group", "get_task", "get_worker", "list_actors", "list_cluster_events",
+    "list_jobs", "list_logs", "list_nodes", "list_objects", "list_placement_groups", "list_tasks", "list_workers",
     "summarize_actors", "summarize_objects", "summarize_tasks",
 ]

@@ -164,6 +164,10 @@ list_jobs = _lister("jobs", "Driver jobs (type DRIVER): RUNNING while the driver
                             "the broker keeps the newest ZRAY_MAX_ENDED_JOBS ended ones.")
 list_placement_groups = _lister("placement_groups",
                                 "Placement groups, removed ones too while the broker keeps them.")
+list_cluster_events = _lister("cluster_events",
+                              "Cluster events, oldest first: nodes lost, actors restarting or "
+                              "dead, worker processes that died (from the broker's bounded "
+                              "event log).")
 list_workers = _lister("workers", "Worker processes: connected drivers (DRIVER) and the "
                                   "executors of every node (WORKER), while they live.")
 
