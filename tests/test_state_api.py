@@ -265,6 +265,16 @@ def test_nodes_on_a_cli_cluster_with_explicit_address(tmp_path):
         assert [n["node_id"] for n in dead] == [node_a["node_id"]]
         assert state.get_node(node_a["node_id"], address=address)["end_time_ms"] > 0
         assert len(state.list_nodes(address=address)) == 2
+        lost = [e for e in state.list_cluster_events(address=address)
+                if e["message"].startswith("node " + node_a["node_id"])]
+        assert lost and lost[0]["severity"] == "ERROR", lost
+        from test_cli_cluster import _zray_cmd
+
+        for resource, expect in (("cluster-events", node_a["node_id"]),
+                                 ("workers", "WORKER")):
+            out = subprocess.run(_zray_cmd() + ["list", resource, "--address", address],
+                                 capture_output=True, text=True, env=procs.env, timeout=60)
+            assert out.returncode == 0 and expect in out.stdout, (out.stdout, out.stderr)
         for p in procs.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
