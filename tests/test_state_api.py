@@ -411,6 +411,7 @@ class Fragile:
 def test_cluster_events_say_what_died(ray_local):
     a = Fragile.remote()
     pid = zray.get(a.pid.remote())
+    worker = [w for w in state.list_workers(limit=10_000) if w["pid"] == pid][0]["worker_id"]
     os.kill(pid, signal.SIGKILL)
     def restarted():
         try:
@@ -420,14 +421,18 @@ def test_cluster_events_say_what_died(ray_local):
 
     poll_until(restarted, 60, what="the actor to restart")
     aid = a._actor_id.hex()
-    events = poll_until(
-        lambda: [e for e in state.list_cluster_events(limit=10_000, detail=True)
-                 if e["custom_fields"].get("id") in (aid,) or str(pid) in e["message"]]
-        or None, 30, what="events of the kill")
+    def both():
+        events = [e for e in state.list_cluster_events(limit=10_000, detail=True)
+                  if e["custom_fields"].get("id") in (aid, worker)]
+        ids = {e["custom_fields"]["id"] for e in events}
+        return events if ids == {aid, worker} else None
+
+    events = poll_until(both, 30, what="the actor's and its worker's events")
     restarting = [e for e in events if e["custom_fields"].get("id") == aid]
     assert restarting and restarting[0]["severity"] == "WARNING", events
     assert "RESTARTING" in restarting[0]["message"]
-    assert any(e["source_type"] == "RAYLET" and str(pid) in e["message"] for e in events), events
+    assert any(e["source_type"] == "RAYLET" and e["custom_fields"]["id"] == worker
+               for e in events), events
     times = [e["time"] for e in state.list_cluster_events(limit=10_000)]
     assert times == sorted(times)
     zray.kill(a)
