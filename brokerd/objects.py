@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from brokerd.nodes import NodeTable
 from brokerd.outbox import Outbox
@@ -44,6 +45,9 @@ log = logging.getLogger("zray.broker")
 # Lineage kept for rebuilding lost objects (task specs and argument frames), in bytes:
 # past it, new results are not rebuildable (Ray's max_lineage_bytes, 1 GB by default).
 MAX_LINEAGE_BYTES = int(os.environ.get("ZRAY_MAX_LINEAGE_BYTES") or 1 << 30)
+# After a pull that its holder never answered, blobs from that holder to that node come
+# through the broker for this long (then a direct pull is tried again).
+NO_DIRECT_S = 60.0
 
 
 class ObjectDirectory:
@@ -62,6 +66,9 @@ class ObjectDirectory:
         self.direct_pulls = 0  # transfers a node made straight from another (PULL)
         self.pull_fallbacks = 0  # ... that failed and came through here instead
         self.relayed_bytes = 0  # blob bytes this broker carried (BLOB to STORE or OBJ)
+        # (holder, puller) pairs whose pulls went unanswered -> until when blobs between
+        # them come through here (a firewall between two hosts: do not wait each time).
+        self.no_direct: dict = {}
 
     # ------------------------------------------------------------- records
     def get(self, oid: bytes):
@@ -241,7 +248,8 @@ class ObjectDirectory:
             if node is not None and node.alive:
                 obj.inflight[dest] = [cid]
                 obj.inflight_src[dest] = node_id
-                if puller is not None and puller.peer and node.peer:
+                if puller is not None and puller.peer and node.peer and not (
+                        self.no_direct and self._no_direct(node_id, puller.node_id)):
                     self.direct_pulls += 1
                     grant = _peer.ticket(node.peer[1], obj.oid, puller.node_id)
                     self.out.send(dest, P.encode(P.Pull(obj.oid, node_id, node.peer[0], grant,
@@ -251,6 +259,15 @@ class ObjectDirectory:
                 return
         self.out.send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, P.ERROR)), self.lost_error(obj))
 
+    def _no_direct(self, src: bytes, dst: bytes) -> bool:
+        until = self.no_direct.get((src, dst))
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self.no_direct[(src, dst)]
+        return False
+
     def pull_failed(self, node_id: bytes, m: P.PullFailed) -> None:
         """Node ``node_id`` could not pull ``m.oid`` from ``m.src``: move it through here
         (the holder's FETCH answers whether it still has a copy)."""
@@ -259,6 +276,11 @@ class ObjectDirectory:
         if obj is None or obj.inflight_src.get(dest) != m.src:
             return  # freed, or a transfer that was already started again elsewhere
         self.pull_fallbacks += 1
+        if m.unreachable and len(self.no_direct) < 100_000:
+            log.warning("node %s cannot reach node %s's peer socket: blobs between them go "
+                        "through the broker for %.0f s", node_id.hex(), m.src.hex(),
+                        NO_DIRECT_S)
+            self.no_direct[(m.src, node_id)] = time.monotonic() + NO_DIRECT_S
         node = self.nodes.nodes.get(m.src)
         if node is not None and node.alive and m.src in obj.locations:
             self.out.send(node.ident, P.encode(P.Fetch(obj.oid, dest)))

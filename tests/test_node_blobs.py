@@ -238,3 +238,36 @@ def test_holder_dying_during_a_pull_rebuilds_or_loses_as_before(cluster):
     same, _ = zray.get(check.options(**on("nodeB")).remote(ref, "incompressible", 2 * MB,
                                                            seed=9), timeout=60)
     assert same
+
+
+def test_a_pull_the_holder_never_answers_falls_back_to_the_broker(cluster):
+    """Node E gives a holder no time to answer (ZRAY_PULL_TIMEOUT_S=0), as if a
+    firewall stood between them: its pull from node A fails unanswered, the broker
+    moves the object itself and it arrives intact; the next object between the two
+    comes through the broker at once, without another try."""
+    env = cluster.procs.env
+    cluster.procs.env = dict(env, ZRAY_PULL_TIMEOUT_S="0")
+    try:
+        cluster.add_worker("nodeE")
+    finally:
+        cluster.procs.env = env
+    nbytes = 4 * MB
+    try:
+        for seed in (21, 22):
+            ref = make.options(**on("nodeA")).remote("incompressible", nbytes, seed=seed)
+            zray.wait([ref], timeout=60, fetch_local=False)
+            before = broker_stats()
+            same, where = zray.get(check.options(**on("nodeE")).remote(
+                ref, "incompressible", nbytes, seed=seed), timeout=90)
+            after = broker_stats()
+            assert same and where == cluster.node_of["nodeE"]
+            assert after["relayed_blob_bytes"] >= before["relayed_blob_bytes"] + nbytes
+            if seed == 21:  # tried directly first, unanswered, then moved by the broker
+                assert after["pull_fallbacks"] == before["pull_fallbacks"] + 1, (before, after)
+            else:  # straight through the broker: no second wait
+                assert after["direct_pulls"] == before["direct_pulls"], (before, after)
+        assert "cannot reach node" in cluster.log("broker")
+    finally:
+        p = cluster.procs.procs.pop("nodeE")
+        p.send_signal(signal.SIGTERM)
+        p.wait(15)

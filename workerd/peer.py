@@ -98,16 +98,16 @@ class PeerServer:
 
     def close(self) -> None:
         self.stopping = True
-        self.thread.join(5)
         if self.auth is not None:
             self.auth.stop()
-        self.ctx.term()
+        self.ctx.term()  # the thread's poll ends (ContextTerminated) and closes its socket
+        self.thread.join(5)
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
         try:
             while not self.stopping:
-                if not self.sock.poll(200):
+                if not self.sock.poll(5000):
                     self._expire()
                     continue
                 while True:
@@ -117,8 +117,12 @@ class PeerServer:
                         break
                     try:
                         self._handle(parts)
+                    except zmq.ContextTerminated:
+                        raise
                     except Exception:  # one bad request must not stop the service
                         log.exception("serving a peer request failed")
+        except zmq.ContextTerminated:
+            pass  # close(): the node is stopping
         finally:
             self.sock.close(0)
 
@@ -207,7 +211,11 @@ class PeerServer:
 
 
 class PullError(Exception):
-    pass
+    """A pull that cannot finish; ``unreachable``: the holder never answered."""
+
+    def __init__(self, why: str, unreachable: bool = False):
+        super().__init__(why)
+        self.unreachable = unreachable
 
 
 class Puller:
@@ -247,14 +255,14 @@ class Puller:
                 start = time.monotonic()
                 try:
                     tmp, size = self._pull(socks, m)
-                except Exception as e:
+                except Exception as e:  # (zmq.ContextTerminated too: the node is stopping)
                     self.failed += 1
                     sock = socks.pop(m.address, None)  # stale replies must not linger
                     if sock is not None:
                         sock.close(0)
                     log.warning("pulling %s from node %s failed (%s): the broker moves it",
                                 m.oid.hex(), m.src.hex(), e)
-                    self.io.submit("pull_failed", m.oid, m.src)
+                    self.io.submit("pull_failed", m.oid, m.src, getattr(e, "unreachable", False))
                     continue
                 self.pulled += 1
                 log.debug("pulled %s (%d bytes) from node %s in %.3fs", m.oid.hex(), size,
@@ -302,6 +310,7 @@ class Puller:
         chunk, window, timeout_ms = _peer.CHUNK_BYTES, _peer.WINDOW, int(_peer.PULL_TIMEOUT_S * 1000)
         asked: dict = {}  # offset -> length, in flight
         next_off = received = 0
+        answered = False
         while received < size:
             while len(asked) < window and next_off < size:
                 n = min(chunk, size - next_off)
@@ -309,12 +318,13 @@ class Puller:
                 asked[next_off] = n
                 next_off += n
             if not sock.poll(timeout_ms):
-                raise PullError(f"no answer for {_peer.PULL_TIMEOUT_S:.0f}s")
+                raise PullError(f"no answer for {_peer.PULL_TIMEOUT_S:.0f}s", not answered)
             parts = sock.recv_multipart(copy=False)
             try:
                 r = P.decode(parts[0].buffer)
             except P.ProtocolError as e:
                 raise PullError(f"bad answer: {e}") from None
+            answered = True
             if r.TYPE != P.Msg.PEER_CHUNK or r.oid != m.oid or r.offset not in asked:
                 continue  # a late answer to an earlier pull on this connection
             if r.codec < 0 or len(parts) != 2:

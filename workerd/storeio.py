@@ -60,7 +60,7 @@ class StoreIO:
     def submit(self, op: str, *args) -> None:
         """Queue a job: ("spill", oids), ("free", oids), ("fetch", oid, dest),
         ("store", oid, codec, payload), or from the Puller ("adopt", oid, tmp, size),
-        ("pull_failed", oid, src)."""
+        ("pull_failed", oid, src, unreachable)."""
         self.jobs.put((op, *args))
 
     def forward(self, sock: zmq.Socket) -> None:
@@ -160,6 +160,6 @@ class StoreIO:
             self._out.send(P.encode(P.Stored(oid, size)))
             return 1
         if op == "pull_failed":
-            self._out.send(P.encode(P.PullFailed(job[1], job[2])))
+            self._out.send(P.encode(P.PullFailed(job[1], job[2], job[3])))
             return 0
         raise ValueError(f"unknown store job {op!r}")

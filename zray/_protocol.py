@@ -97,7 +97,8 @@ B->N  STORE      oid, codec + [blob]            write this blob into your store
 N->B  STORED     oid, size                      (size -1: failed)
 B->N  PULL       oid, src_node, address, ticket, size   fetch this object straight from
                  node src_node's peer socket at address (zray/_peer.py), then STORED
-N->B  PULL_FAILED oid, src_node   it could not: the broker moves it (FETCH/STORE)
+N->B  PULL_FAILED oid, src_node, unreachable   it could not: the broker moves it
+                 (FETCH/STORE); unreachable: src's peer socket did not answer at all
 N->N  PEER_GET   oid, node_id, ticket, offset, length   on a node's peer socket: a chunk
                  of an object; ticket: the broker's grant for node_id (HMAC, _peer.py)
 N->N  PEER_CHUNK oid, offset, total, codec + [chunk]   codec RAW/LZ4; -1 (no frame):
@@ -997,8 +998,9 @@ class Pull(NamedTuple):
 class PullFailed(NamedTuple):
     oid: bytes
     src: bytes
+    unreachable: bool  # src did not answer at all (not: it answered that it had no copy)
     TYPE = Msg.PULL_FAILED
-    CHECKS = (_oid, _node_id)
+    CHECKS = (_oid, _node_id, _bool)
 
 
 class PeerGet(NamedTuple):
