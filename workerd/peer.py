@@ -74,7 +74,11 @@ class PeerServer:
         if broker_address.startswith("tcp://"):
             if needs_curve(broker_address):
                 self.auth = ServerAuth(self.ctx, self.sock, load_key_file())
-            port = self.sock.bind_to_random_port("tcp://*")
+            port = _peer.peer_port()
+            if port:
+                self.sock.bind(f"tcp://*:{port}")
+            else:
+                port = self.sock.bind_to_random_port("tcp://*")
             self.address = f"tcp://{ip}:{port}"
         else:
             path = os.path.join(store.dir, "peer.sock")

@@ -36,6 +36,19 @@ PULL_TIMEOUT_S = float(os.environ.get("ZRAY_PULL_TIMEOUT_S") or 15.0)
 PULLERS = 4  # pulls a node runs at once
 
 
+def peer_port() -> int:
+    """The TCP port a node's peer socket listens on: ``ZRAY_PEER_PORT`` (for a firewall
+    that must let it through), or 0: any free port."""
+    v = os.environ.get("ZRAY_PEER_PORT") or "0"
+    try:
+        port = int(v)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"ZRAY_PEER_PORT must be a TCP port number (0: any free one), got {v!r}")
+    return port
+
+
 def new_secret() -> bytes:
     return os.urandom(SECRET_LEN)
 
