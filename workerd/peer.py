@@ -23,9 +23,10 @@ a node the broker told to fetch that object. A request that does not decode,
 is not a PEER_GET, asks for too much or carries a ticket the broker did not
 grant is dropped, counted and logged (once per kind), never answered.
 
-Chunks are read with ``pread`` under a shared ``flock`` of the object's file
-(so it is not recycled under us) and lz4-compressed when a sample says it
-pays (``compress_if_it_pays``), each on its own. A spilled object is restored
+Chunks are views of the object's file, mapped under a shared ``flock`` (so it
+is not recycled under us while ZeroMQ still sends from it), sent without a
+copy, or lz4-compressed when a sample says it pays (``compress_if_it_pays``),
+each on its own. A spilled object is restored
 from its spill file into memory once per pull and served from there; it is
 dropped after its last chunk (or after ``RESTORED_IDLE_S``).
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import queue
 import threading
@@ -50,12 +52,13 @@ import zmq
 from zray import _peer
 from zray import _protocol as P
 from zray._security import ServerAuth, load_key_file, needs_curve
-from zray._store import LZ4, ObjectStore, compress_if_it_pays
+from zray._store import LZ4, ObjectStore, _Mapping, compress_if_it_pays
 
 log = logging.getLogger("zray.node")
 
 RESTORED_KEEP = 2  # spilled objects kept restored in memory while peers pull them
-RESTORED_IDLE_S = 30.0
+MAPPED_KEEP = 16  # memory files kept mapped while peers pull them
+RESTORED_IDLE_S = 30.0  # (either, unused this long, is dropped)
 _STOP = object()
 
 
@@ -92,6 +95,7 @@ class PeerServer:
         self.drop_reasons: set = set()
         self.served = 0  # bytes of chunks sent (before compression)
         self.restored: OrderedDict = OrderedDict()  # oid -> [bytes, last use]
+        self.mapped: OrderedDict = OrderedDict()  # oid -> [mapping, last use]
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="zray-peer-server", daemon=True)
         self.thread.start()
@@ -162,34 +166,49 @@ class PeerServer:
         return None
 
     def _read(self, oid: bytes, offset: int, length: int):
-        """(object size, the chunk's bytes) from the memory file or the spill file;
-        (0, None) if this node has no copy."""
+        """(object size, the chunk) from the memory file or the spill file; (0, None) if
+        this node has no copy. A chunk of a memory file is a view of its mapping, sent
+        without a copy."""
+        data = self._mapped(oid)
+        if data is None:
+            data = self._restore(oid)
+            if data is None:
+                return 0, None
+        total = len(data)
+        end = min(total, offset + length)
+        if end >= total:  # the last chunk: this pull is done with it
+            self.mapped.pop(oid, None)
+            self.restored.pop(oid, None)
+        return total, memoryview(data)[offset:end]
+
+    def _mapped(self, oid: bytes):
+        """The object's memory file, mapped and share-locked (not recycled while a view
+        of it lives: see zray._store), kept for the next chunks of the pull."""
+        entry = self.mapped.get(oid)
+        if entry is not None:
+            entry[1] = time.monotonic()
+            return entry[0]
         path = self.store.path(oid)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
-            fd = -1
-        if fd >= 0:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH)  # not recycled while we read (see _store)
-                st = os.fstat(fd)
-                if os.stat(path).st_ino == st.st_ino:  # still the object's file
-                    total = st.st_size
-                    if offset >= total:
-                        return total, b""
-                    return total, os.pread(fd, min(length, total - offset), offset)
-            except FileNotFoundError:
-                pass
-            finally:
-                os.close(fd)  # (releases the lock)
-        data = self._restore(oid)
-        if data is None:
-            return 0, None
-        total = len(data)
-        end = min(total, offset + length)
-        if end >= total:  # the last chunk: the pull is done with it
-            self.restored.pop(oid, None)
-        return total, memoryview(data)[offset:end]
+            return None
+        f = os.fdopen(fd, "rb")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            st = os.fstat(fd)
+            if os.stat(path).st_ino != st.st_ino or not st.st_size:
+                f.close()  # recycled or freed between open and lock
+                return None
+            m = _Mapping(fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            f.close()
+            return None
+        m.file = f  # the file (and its lock) lives as long as the mapping
+        self.mapped[oid] = [m, time.monotonic()]
+        while len(self.mapped) > MAPPED_KEEP:
+            self.mapped.popitem(last=False)
+        return m
 
     def _restore(self, oid: bytes):
         entry = self.restored.get(oid)
@@ -210,8 +229,9 @@ class PeerServer:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for oid in [o for o, (_, t) in self.restored.items() if now - t > RESTORED_IDLE_S]:
-            del self.restored[oid]
+        for cache in (self.restored, self.mapped):
+            for oid in [o for o, (_, t) in cache.items() if now - t > RESTORED_IDLE_S]:
+                del cache[oid]
 
 
 class PullError(Exception):
