@@ -59,6 +59,7 @@ log = logging.getLogger("zray.node")
 RESTORED_KEEP = 2  # spilled objects kept restored in memory while peers pull them
 MAPPED_KEEP = 16  # memory files kept mapped while peers pull them
 RESTORED_IDLE_S = 30.0  # (either, unused this long, is dropped)
+PEER_SOCKETS = 32  # connections to holders a puller thread keeps open
 _STOP = object()
 
 
@@ -113,10 +114,14 @@ class PeerServer:
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
+        last_expire = time.monotonic()
         try:
             while not self.stopping:
-                if not self.sock.poll(5000):
+                busy = self.sock.poll(5000)
+                if time.monotonic() - last_expire > 5.0:
+                    last_expire = time.monotonic()
                     self._expire()
+                if not busy:
                     continue
                 while True:
                     try:
@@ -307,6 +312,8 @@ class Puller:
                 sock.curve_publickey = self.keys["client_public"].encode()
                 sock.curve_secretkey = self.keys["client_secret"].encode()
             sock.connect(address)
+            if len(socks) >= PEER_SOCKETS:  # one per holder: keep the most recent ones
+                socks.pop(next(iter(socks))).close(0)
             socks[address] = sock
         return sock
 
