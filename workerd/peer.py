@@ -42,6 +42,7 @@ import logging
 import mmap
 import os
 import queue
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -83,7 +84,7 @@ class PeerServer:
                 self.sock.bind(f"tcp://*:{port}")
             else:
                 port = self.sock.bind_to_random_port("tcp://*")
-            self.address = f"tcp://{ip}:{port}"
+            self.address = f"tcp://{_route_ip(broker_address, ip)}:{port}"
         else:
             path = os.path.join(store.dir, "peer.sock")
             if len(path) > 100:  # ipc paths are limited (~107 bytes): loopback instead
@@ -237,6 +238,22 @@ class PeerServer:
         for cache in (self.restored, self.mapped):
             for oid in [o for o, (_, t) in cache.items() if now - t > RESTORED_IDLE_S]:
                 del cache[oid]
+
+
+def _route_ip(broker_address: str, fallback: str) -> str:
+    """This host's address on the route to the broker (the interface peers on the
+    broker's network reach); ``fallback`` if the system cannot say (no packet is sent)."""
+    host = broker_address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            ip = s.getsockname()[0]
+    except OSError:
+        return fallback
+    if ip in ("0.0.0.0", "::"):
+        return fallback
+    return f"[{ip}]" if ":" in ip else ip
 
 
 class PullError(Exception):
