@@ -19,6 +19,7 @@ answered.
 
 import json
 import os
+import random
 import re
 import signal
 
@@ -170,7 +171,8 @@ def test_spilled_object_is_served_from_the_holders_disk(cluster):
 
 def test_forged_peer_requests_are_dropped_and_counted(cluster):
     """A holder of the cluster key talks to node A's peer socket directly, without a
-    ticket from the broker: nothing is answered, every request is counted."""
+    ticket from the broker (a few forged requests, then 300 random or mutated ones):
+    nothing is answered, every request is counted, and node A still serves."""
     ref = make.options(**on("nodeA")).remote("compressible", 2 * MB)
     zray.wait([ref], timeout=60, fetch_local=False)
     keys = load_key_file()
@@ -190,10 +192,20 @@ def test_forged_peer_requests_are_dropped_and_counted(cluster):
             [P.encode(P.PeerGet(oid, b"\x01" * P.ID_LEN, os.urandom(32), 0, MB)), b"extra"],
             [P.encode(P.PeerGet(oid, b"\x01" * P.ID_LEN, os.urandom(32), 0, 1 << 40))],  # huge
         ]
+        rng = random.Random(5)
+        good = bytearray(P.encode(P.PeerGet(oid, b"\x01" * P.ID_LEN, os.urandom(32), 0, MB)))
+        for _ in range(300):  # random bytes, and a request with bytes flipped
+            if rng.random() < 0.5:
+                forged.append([rng.randbytes(rng.randint(0, 300))])
+            else:
+                bad = bytearray(good)
+                for _ in range(rng.randint(1, 4)):
+                    bad[rng.randrange(len(bad))] = rng.randrange(256)
+                forged.append([bytes(bad)])
         for frames in forged:
             sock.send_multipart(frames)
-        poll_until(lambda: f"dropped so far: {len(forged)})" in cluster.log("nodeA"), 30,
-                   interval=0.1, what="node A to drop the forged requests")
+        poll_until(lambda: f"dropped {len(forged)} bad peer requests so far" in cluster.log("nodeA"),
+                   30, interval=0.2, what="node A to drop and count the forged requests")
         assert sock.poll(500) == 0, "node A answered a forged request"
     finally:
         sock.close(0)

@@ -116,12 +116,16 @@ class PeerServer:
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
         last_expire = time.monotonic()
+        logged_drops = 0
         try:
             while not self.stopping:
                 busy = self.sock.poll(5000)
                 if time.monotonic() - last_expire > 5.0:
                     last_expire = time.monotonic()
                     self._expire()
+                    if self.dropped != logged_drops:  # a flood: one line per 5 s at most
+                        logged_drops = self.dropped
+                        log.warning("dropped %d bad peer requests so far", self.dropped)
                 if not busy:
                     continue
                 while True:
