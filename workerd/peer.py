@@ -81,7 +81,12 @@ class PeerServer:
                 self.auth = ServerAuth(self.ctx, self.sock, load_key_file())
             port = _peer.peer_port()
             if port:
-                self.sock.bind(f"tcp://*:{port}")
+                try:
+                    self.sock.bind(f"tcp://*:{port}")
+                except zmq.ZMQError as e:
+                    self.ctx.destroy(0)
+                    raise RuntimeError(f"cannot listen for peer nodes on port {port} "
+                                       f"(ZRAY_PEER_PORT): {e}") from None
             else:
                 port = self.sock.bind_to_random_port("tcp://*")
             self.address = f"tcp://{_route_ip(broker_address, ip)}:{port}"
