@@ -84,7 +84,10 @@ class PeerServer:
                 try:
                     self.sock.bind(f"tcp://*:{port}")
                 except zmq.ZMQError as e:
-                    self.ctx.destroy(0)
+                    if self.auth is not None:
+                        self.auth.stop()
+                    self.sock.close(0)
+                    self.ctx.term()
                     raise RuntimeError(f"cannot listen for peer nodes on port {port} "
                                        f"(ZRAY_PEER_PORT): {e}") from None
             else:
