@@ -146,6 +146,7 @@ class Broker:
             (node, Msg.BLOB): e.objects.blob,
             (node, Msg.STORED): lambda nid, m, f: e.objects.stored(nid, m),
             (out, Msg.NEED_SPACE): lambda cid, m, f: e.objects.need_space(cid, m.nbytes),
+            (node, Msg.PULL_FAILED): lambda nid, m, f: e.objects.pull_failed(nid, m),
         }
 
     # ------------------------------------------------------------------ loop
@@ -261,7 +262,10 @@ class Broker:
 
     def stats(self) -> dict:
         return {"dropped_messages": self.dropped, "sent_messages": self.out.sent,
-                "refused_refs": self.engine.access.refused, **self.fdwatch.report()}
+                "refused_refs": self.engine.access.refused, **self.fdwatch.report(),
+                "direct_pulls": self.engine.objects.direct_pulls,
+                "pull_fallbacks": self.engine.objects.pull_fallbacks,
+                "relayed_blob_bytes": self.engine.objects.relayed_bytes}
 
     # -------------------------------------------------------------- handlers
     def on_hello(self, cid, m: P.Hello, frames):

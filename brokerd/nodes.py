@@ -25,6 +25,7 @@ from collections import deque
 
 from brokerd.outbox import Outbox
 from brokerd.records import Executor, Node, Task
+from zray import _peer
 from zray import _protocol as P
 
 log = logging.getLogger("zray.broker")
@@ -53,6 +54,7 @@ class NodeTable:
         node.store_limit = max(0, _int(info.get("store_limit")))
         log_dir = info.get("log_dir")
         node.log_dir = log_dir if isinstance(log_dir, str) and len(log_dir) <= 4096 else ""
+        node.peer = _peer_info(info.get("peer"))
         self.nodes[node_id] = node
         self.changed.add(node)
         log.info("node %s joined: %s", node_id.hex(), P.from_units(total))
@@ -218,3 +220,18 @@ def _units(resources) -> dict:
     if not isinstance(resources, dict):
         return {}
     return {k: v for k, v in resources.items() if type(k) is str and type(v) is int and v >= 0}
+
+
+def _peer_info(v) -> tuple:
+    """(address, secret) of a node's peer socket from NODE_HELLO (zray/_peer.py); ()
+    when it has none or it is malformed (blobs to and from it then go through here)."""
+    if not isinstance(v, dict):
+        return ()
+    address, secret = v.get("address"), v.get("secret")
+    try:
+        P.Pull.CHECKS[2](address)
+    except P.ProtocolError:
+        return ()
+    if type(secret) is not bytes or len(secret) != _peer.SECRET_LEN:
+        return ()
+    return address, secret

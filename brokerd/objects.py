@@ -6,7 +6,9 @@
                                       |--> tasks waiting on it: returned to the engine
     SUB --subscribe()--> deliver now, or when ready
     REFS / RELEASE --refs()--> holders, released --> free() when nothing refers to it
-    large values: locations {node: size}; transfer() FETCH -> BLOB -> STORE -> STORED
+    large values: locations {node: size}; transfer() PULL (the node fetches it from a
+        holder's peer socket) -> STORED; PULL_FAILED, or no peer socket: FETCH -> BLOB ->
+        STORE -> STORED
     node dies: node_lost() -> lost objects -> engine rebuilds (rebuilding(): PENDING again)
 
 Small values are kept here as the frames they arrived in; large ones live in
@@ -22,19 +24,20 @@ Owns: ``objects`` (Obj records), ``fns`` (function and class blobs by id) and
 the store accounting fields of Node records (``lru``, ``store_used``,
 ``spilled``). Reads: clients (which node a client is on). Never touches a task:
 ``ready`` returns the tasks an object wakes or fails, the engine moves them.
-Sends: OBJ, FETCH, STORE, FREE, SPILL (through the outbox).
+Sends: OBJ, FETCH, STORE, PULL, FREE, SPILL (through the outbox).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
 from brokerd.nodes import NodeTable
 from brokerd.outbox import Outbox
 from brokerd.records import Node, Obj, ObjState, TaskState
+from zray import _peer, exceptions
 from zray import _protocol as P
-from zray import exceptions
 from zray._serialization import serialize_error
 
 log = logging.getLogger("zray.broker")
@@ -42,6 +45,9 @@ log = logging.getLogger("zray.broker")
 # Lineage kept for rebuilding lost objects (task specs and argument frames), in bytes:
 # past it, new results are not rebuildable (Ray's max_lineage_bytes, 1 GB by default).
 MAX_LINEAGE_BYTES = int(os.environ.get("ZRAY_MAX_LINEAGE_BYTES") or 1 << 30)
+# After a pull that its holder never answered, blobs from that holder to that node come
+# through the broker for this long (then a direct pull is tried again).
+NO_DIRECT_S = 60.0
 
 
 class ObjectDirectory:
@@ -57,6 +63,12 @@ class ObjectDirectory:
         # After a broker restart: oid -> clients that say they hold a ref to it, until its
         # owner puts it again (then they are its holders) or the grace period ends.
         self.restart_holders: dict = {}
+        self.direct_pulls = 0  # transfers a node made straight from another (PULL)
+        self.pull_fallbacks = 0  # ... that failed and came through here instead
+        self.relayed_bytes = 0  # blob bytes this broker carried (BLOB to STORE or OBJ)
+        # (holder, puller) pairs whose pulls went unanswered -> until when blobs between
+        # them come through here (a firewall between two hosts: do not wait each time).
+        self.no_direct: dict = {}
 
     # ------------------------------------------------------------- records
     def get(self, oid: bytes):
@@ -222,19 +234,60 @@ class ObjectDirectory:
         if node is not None and obj.oid in node.lru:
             node.lru.move_to_end(obj.oid)
 
-    def transfer(self, obj: Obj, dest: bytes, cid: bytes) -> None:
+    def transfer(self, obj: Obj, dest: bytes, cid: bytes, direct: bool = True) -> None:
+        """Move ``obj`` to ``dest`` for client ``cid``: a node pulls it straight from a
+        holder (PULL, zray/_peer.py) when both have peer sockets, else it comes
+        through here (FETCH -> BLOB -> STORE, or BLOB -> OBJ for a client)."""
         waiting = obj.inflight.get(dest)
         if waiting is not None:
             waiting.append(cid)
             return
+        puller = self.nodes.nodes.get(dest[1:]) if direct and dest[:1] == b"N" else None
         for node_id in obj.locations:
             node = self.nodes.nodes.get(node_id)
             if node is not None and node.alive:
                 obj.inflight[dest] = [cid]
                 obj.inflight_src[dest] = node_id
-                self.out.send(node.ident, P.encode(P.Fetch(obj.oid, dest)))
+                if puller is not None and puller.peer and node.peer and not (
+                        self.no_direct and self._no_direct(node_id, puller.node_id)):
+                    self.direct_pulls += 1
+                    grant = _peer.ticket(node.peer[1], obj.oid, puller.node_id)
+                    self.out.send(dest, P.encode(P.Pull(obj.oid, node_id, node.peer[0], grant,
+                                                        obj.locations[node_id])))
+                else:
+                    self.out.send(node.ident, P.encode(P.Fetch(obj.oid, dest)))
                 return
         self.out.send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, P.ERROR)), self.lost_error(obj))
+
+    def _no_direct(self, src: bytes, dst: bytes) -> bool:
+        until = self.no_direct.get((src, dst))
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self.no_direct[(src, dst)]
+        return False
+
+    def pull_failed(self, node_id: bytes, m: P.PullFailed) -> None:
+        """Node ``node_id`` could not pull ``m.oid`` from ``m.src``: move it through here
+        (the holder's FETCH answers whether it still has a copy)."""
+        obj = self.objects.get(m.oid)
+        dest = P.node_ident(node_id)
+        if obj is None or obj.inflight_src.get(dest) != m.src:
+            return  # freed, or a transfer that was already started again elsewhere
+        self.pull_fallbacks += 1
+        if m.unreachable and len(self.no_direct) < 100_000:
+            log.warning("node %s cannot reach node %s's peer socket: blobs between them go "
+                        "through the broker for %.0f s", node_id.hex(), m.src.hex(),
+                        NO_DIRECT_S)
+            self.no_direct[(m.src, node_id)] = time.monotonic() + NO_DIRECT_S
+        node = self.nodes.nodes.get(m.src)
+        if node is not None and node.alive and m.src in obj.locations:
+            self.out.send(node.ident, P.encode(P.Fetch(obj.oid, dest)))
+            return
+        obj.inflight_src.pop(dest, None)
+        for cid in obj.inflight.pop(dest, []):
+            self.transfer(obj, dest, cid, direct=False)
 
     @staticmethod
     def lost_error(obj: Obj):
@@ -262,6 +315,7 @@ class ObjectDirectory:
             for cid in waiting:
                 self.deliver(cid, obj, True)
             return
+        self.relayed_bytes += len(frames[0])
         if dest[:1] == b"N":
             node = self.nodes.nodes.get(dest[1:])
             if node is not None:
@@ -288,7 +342,8 @@ class ObjectDirectory:
             for cid in waiting:
                 self.transfer(obj, P.client_dest(cid), cid)
             return
-        self.add_location(obj, node_id, size)
+        if node_id not in obj.locations:  # (a second copy after a retried transfer: once)
+            self.add_location(obj, node_id, size)
         for cid in waiting:
             self.out.send(P.inbox_ident(cid), P.encode(P.Obj(oid, obj.kind, node_id)))
 

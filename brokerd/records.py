@@ -80,6 +80,7 @@ class Node:
     vouched: dict = field(default_factory=dict)  # cid -> spawn token, until its HELLO
     log_dir: str = ""  # its log directory, on its host (zray logs)
     reconnecting: bool = False  # loaded after a broker restart; its agent has not said hello
+    peer: tuple = ()  # (peer socket address, ticket secret): other nodes pull blobs there
 
 
 @dataclass(eq=False)

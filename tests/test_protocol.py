@@ -27,6 +27,8 @@ def _sample(cls):
         "codec": 1, "fn_included": True, "n_args": 1, "deps": [[1, None]], "gpu_ids": [0],
         "count": 2, "cid": cid, "code": -9, "dest": b"N" + cid, "error": "", "token": b"t" * 16,
         "nbytes": 10, "counts": [1, 2],
+        "src": cid, "address": "tcp://10.0.0.1:5000", "ticket": b"k" * 32, "offset": 0,
+        "length": 10, "total": 10, "unreachable": True,
     }
     if cls is not P.Hello:
         values["kind"] = P.VALUE  # an object's kind elsewhere

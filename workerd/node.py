@@ -17,7 +17,9 @@ themselves; task traffic never passes through this process.
 
 Store work the broker asks for (SPILL, FREE, FETCH, STORE) runs on a thread of
 its own (``workerd.storeio``) so that a node spilling gigabytes keeps its
-heartbeats; its replies go out through this loop.
+heartbeats; its replies go out through this loop. Blobs move between nodes
+directly (``workerd.peer``): the store is served to peers on a socket of its
+own, announced in NODE_HELLO, and PULLs from the broker run on puller threads.
 
 Executors die with the agent (PR_SET_PDEATHSIG); on SIGTERM the agent
 terminates them and exits. With ``--exit-with-parent`` (the embedded local
@@ -38,6 +40,7 @@ import psutil
 import zmq
 
 from workerd.logserve import LogServer
+from workerd.peer import PeerServer, Puller
 from workerd.storeio import StoreIO
 from zray import _logfiles
 from zray import _protocol as P
@@ -97,6 +100,9 @@ class NodeAgent:
         self.refusal = ""  # why the broker refused this node, if it did
         self.io = StoreIO(self.store, self.ctx)  # spills, frees, blobs: off this loop
         self.logs = LogServer(self.log_dir, self.ctx)  # LOG_READ: off this loop too
+        # Node-to-node blobs (workerd/peer.py): this store served to peers, pulls from theirs.
+        self.peer = PeerServer(self.store, self.node_id, address, self._ip())
+        self.puller = Puller(self.store, self.node_id, address, self.io)
 
     @staticmethod
     def _ip() -> str:
@@ -116,6 +122,7 @@ class NodeAgent:
             "prestart": self.prestart,
             "store_limit": self.store_limit,
             "log_dir": self.log_dir,  # where `zray logs` finds this node's files
+            "peer": self.peer.info(),  # where peers pull blobs from (and the ticket secret)
         }
         self.sock.send(P.encode(P.NodeHello(P.VERSION, self.node_id, info)))
 
@@ -214,6 +221,8 @@ class NodeAgent:
             self.io.submit("fetch", m.oid, m.dest)
         elif t == Msg.STORE and len(msg) == 2:
             self.io.submit("store", m.oid, m.codec, msg[1])
+        elif t == Msg.PULL:
+            self.puller.submit(m)
         elif t == Msg.FREE:
             self.io.submit("free", m.oids)
         elif t == Msg.SPILL:
@@ -229,8 +238,8 @@ class NodeAgent:
     def serve(self):
         self.hello()
         last_hb = time.monotonic()
-        log.info("node %s up: %s, %d executors prestarted", self.node_id.hex(),
-                 self.resources, self.prestart)
+        log.info("node %s up: %s, %d executors prestarted, peers pull blobs at %s",
+                 self.node_id.hex(), self.resources, self.prestart, self.peer.address)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.io.pipe, zmq.POLLIN)
@@ -300,6 +309,8 @@ class NodeAgent:
                 p.kill()
         if self.watch is not None:
             self.watch.close()
+        self.puller.close()
+        self.peer.close()
         self.io.close()
         self.logs.close()
         self.sock.close(linger=100)

@@ -58,8 +58,9 @@ class StoreIO:
 
     # ------------------------------------------------------ agent's loop side
     def submit(self, op: str, *args) -> None:
-        """Queue a job: ("spill", oids), ("free", oids), ("fetch", oid, dest) or
-        ("store", oid, codec, payload)."""
+        """Queue a job: ("spill", oids), ("free", oids), ("fetch", oid, dest),
+        ("store", oid, codec, payload), or from the Puller ("adopt", oid, tmp, size),
+        ("pull_failed", oid, src, unreachable)."""
         self.jobs.put((op, *args))
 
     def forward(self, sock: zmq.Socket) -> None:
@@ -148,4 +149,17 @@ class StoreIO:
                 size = -1
             self._out.send(P.encode(P.Stored(oid, size)))
             return 1
+        if op == "adopt":  # a file pulled from another node (workerd/peer.py)
+            _, oid, tmp, size = job
+            try:
+                os.rename(tmp, store.path(oid))
+            except OSError:
+                log.exception("storing pulled %s failed", oid.hex())
+                store._unlink_counted(tmp, size)
+                size = -1
+            self._out.send(P.encode(P.Stored(oid, size)))
+            return 1
+        if op == "pull_failed":
+            self._out.send(P.encode(P.PullFailed(job[1], job[2], job[3])))
+            return 0
         raise ValueError(f"unknown store job {op!r}")

@@ -95,6 +95,14 @@ B->N  FETCH      oid, dest      send me this object's blob (dest: node_ident or 
 N->B  BLOB       oid, dest, codec + [blob]   codec RAW/LZ4; -1 (no frame): not here
 B->N  STORE      oid, codec + [blob]            write this blob into your store
 N->B  STORED     oid, size                      (size -1: failed)
+B->N  PULL       oid, src_node, address, ticket, size   fetch this object straight from
+                 node src_node's peer socket at address (zray/_peer.py), then STORED
+N->B  PULL_FAILED oid, src_node, unreachable   it could not: the broker moves it
+                 (FETCH/STORE); unreachable: src's peer socket did not answer at all
+N->N  PEER_GET   oid, node_id, ticket, offset, length   on a node's peer socket: a chunk
+                 of an object; ticket: the broker's grant for node_id (HMAC, _peer.py)
+N->N  PEER_CHUNK oid, offset, total, codec + [chunk]   codec RAW/LZ4; -1 (no frame):
+                 not here. A bad or forged PEER_GET is dropped and counted, unanswered
 B->N  FREE       oids  /  SPILL oids            delete / move to disk
 B->N  LOG_READ   req_id, op, args   read this node's log files for a client's REQ node_logs
                  (op list | tail | read | task; zray._logfiles.serve says what args hold)
@@ -212,6 +220,10 @@ class Msg(enum.IntEnum):
     LOG_DATA = 39
     NEED_SPACE = 60  # numbered apart from the others' additions
     BATCH = 61
+    PULL = 80  # node-to-node blobs (zray/_peer.py), numbered apart too
+    PULL_FAILED = 81
+    PEER_GET = 82
+    PEER_CHUNK = 83
 
 
 class ProtocolError(ValueError):
@@ -946,3 +958,71 @@ def unbatch(parts: list) -> list:
         out.append(parts[i:i + n])
         i += n
     return out
+
+
+# ------------------------------------------------ node-to-node blobs (zray/_peer.py)
+def _node_id(v):
+    if type(v) is not bytes or len(v) != ID_LEN:
+        raise ProtocolError(f"node id of {ID_LEN} bytes expected, got {v!r:.40}")
+    return v
+
+
+def _ticket(v):
+    if type(v) is not bytes or len(v) != 32:
+        raise ProtocolError("a ticket of 32 bytes expected")
+    return v
+
+
+def _peer_address(v):
+    if type(v) is not str or len(v) > 1024 or not v.startswith(("tcp://", "ipc://")):
+        raise ProtocolError(f"a tcp:// or ipc:// address expected, got {v!r:.60}")
+    return v
+
+
+def _codec(v):
+    if type(v) is not int or v not in (-1, 0, 1):
+        raise ProtocolError(f"codec -1, 0 or 1 expected, got {v!r:.20}")
+    return v
+
+
+class Pull(NamedTuple):
+    oid: bytes
+    src: bytes  # the node that holds it
+    address: str  # that node's peer socket
+    ticket: bytes  # the holder checks it: the broker let this node fetch this object
+    size: int  # the object's file size
+    TYPE = Msg.PULL
+    CHECKS = (_oid, _node_id, _peer_address, _ticket, _nbytes)
+
+
+class PullFailed(NamedTuple):
+    oid: bytes
+    src: bytes
+    unreachable: bool  # src did not answer at all (not: it answered that it had no copy)
+    TYPE = Msg.PULL_FAILED
+    CHECKS = (_oid, _node_id, _bool)
+
+
+class PeerGet(NamedTuple):
+    oid: bytes
+    node_id: bytes  # who asks (the ticket names it)
+    ticket: bytes
+    offset: int
+    length: int
+    TYPE = Msg.PEER_GET
+    CHECKS = (_oid, _node_id, _ticket, _nbytes, _nbytes)
+
+
+class PeerChunk(NamedTuple):
+    oid: bytes
+    offset: int
+    total: int  # the object's file size
+    codec: int  # RAW / LZ4; -1 (no frame): not here
+    TYPE = Msg.PEER_CHUNK
+    CHECKS = (_oid, _nbytes, _nbytes, _codec)
+
+
+MESSAGES += (Pull, PullFailed, PeerGet, PeerChunk)
+for _cls in (Pull, PullFailed, PeerGet, PeerChunk):
+    _BY_TYPE[_cls.TYPE] = _cls
+    _FAST[_cls.TYPE] = _fast_decoder(_cls)
