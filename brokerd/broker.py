@@ -40,7 +40,6 @@ counters. See ``zray._protocol`` for the frames.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -51,6 +50,7 @@ import zmq
 from brokerd.durable import DurableStore
 from brokerd.engine import TaskEngine
 from brokerd.fdwatch import FdWatch, raise_nofile_limit
+from brokerd.gctime import GcClock, tune
 from brokerd.outbox import Outbox
 from brokerd.queries import Queries
 from brokerd.restart import Recovery
@@ -72,7 +72,6 @@ HEARTBEAT_REPLY_S = min(5.0, P.NODE_TIMEOUT_S, P.BROKER_TIMEOUT_S / 3)
 _HEARTBEAT = P.encode(P.Heartbeat())
 
 DRAIN_MAX = 20000  # messages handled per turn before scheduling runs
-GC_THRESHOLD = (50_000, 20, 100)
 
 
 class Broker:
@@ -115,6 +114,7 @@ class Broker:
         self.dropped = 0  # messages dropped as malformed or sent by the wrong role
         self.drop_reasons: set = set()  # each kind of bad message is logged once
         self.hb_replied: dict = {}  # identity -> when we last answered its heartbeat
+        self.gc_clock = GcClock().start()  # time in the cyclic collector (brokerd/gctime.py)
         e = self.engine
         node, out, inbox = P.ROLE_NODE, P.ROLE_OUT, P.ROLE_INBOX
         # (role of the sending socket, message type) -> handler(peer id, message, frames).
@@ -164,6 +164,10 @@ class Broker:
         Again = zmq.Again  # one zmq.Again ends each drain
         roles: dict = {}  # identity -> (role, peer id): role_of once per peer
         idle_wait = int(LIVENESS_CHECK_S * 1000)
+        # A long-lived server whose tables hold few cycles: start-up objects out of the
+        # collector's way, the young generation collected less often (brokerd/gctime.py).
+        # Here, not in run(): `zray broker` (zray/cli.py) calls serve() itself.
+        tune()
         while self.running:
             ready = poll(50 if placement.queues else idle_wait)
             # The event log's clock: one reading per turn, taken after the wait, so that
@@ -243,6 +247,8 @@ class Broker:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+        self.gc_clock.stop()
+        log.info("broker stopped: %s", self.gc_clock.report())
 
     def drop(self, ident: bytes, why: str):
         """A bad message: count it; log each kind once (a flood must not fill the disk)."""
@@ -261,7 +267,8 @@ class Broker:
 
     def stats(self) -> dict:
         return {"dropped_messages": self.dropped, "sent_messages": self.out.sent,
-                "refused_refs": self.engine.access.refused, **self.fdwatch.report()}
+                "refused_refs": self.engine.access.refused, **self.fdwatch.report(),
+                **self.gc_clock.report()}
 
     # -------------------------------------------------------------- handlers
     def on_hello(self, cid, m: P.Hello, frames):
@@ -319,11 +326,6 @@ class Broker:
 
 def run(address: str, session_dir: str = "", state_dir: str = "") -> None:
     broker = Broker(address, session_dir, state_dir)
-    # A long-lived server whose tables hold few cycles: move start-up objects out of the
-    # collector's way and collect the young generation less often (GC_THRESHOLD, measured
-    # in docs/NOTES.md).
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)
     broker.serve()
