@@ -74,7 +74,7 @@ def _free_port() -> int:
 def _alive_nodes(env, address) -> int:
     code = ("import zray,sys; zray.init(address=sys.argv[1]); "
             "print(sum(n['Alive'] for n in zray.nodes())); zray.shutdown()")
-    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, cwd="/",
                          text=True, timeout=60)
     try:
         return int(out.stdout.strip().splitlines()[-1])
@@ -88,7 +88,7 @@ def _gc_ms(env, address) -> tuple:
     code = ("import json,zray,sys; zray.init(address=sys.argv[1]); from zray import _runtime; "
             "s = _runtime.client.request('status'); "
             "print(json.dumps([s.get('gc_collections', []), s.get('gc_ms', [])])); zray.shutdown()")
-    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, cwd="/",
                          text=True, timeout=60)
     try:
         return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -129,7 +129,8 @@ def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
         deadline = time.monotonic() + 120
         while _alive_nodes(env, address) < workers:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{workers} workers did not join; see {tmp}/cluster.log")
+                with open(os.path.join(tmp, "cluster.log"), errors="replace") as f:
+                    raise RuntimeError(f"{workers} workers did not join: {f.read()[-3000:]}")
             time.sleep(0.2)
         if idle:  # an idle cluster: the broker's CPU for heartbeats and liveness checks
             bp = psutil.Process(broker.pid)

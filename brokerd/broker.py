@@ -146,6 +146,7 @@ class Broker:
             (node, Msg.BLOB): e.objects.blob,
             (node, Msg.STORED): lambda nid, m, f: e.objects.stored(nid, m),
             (out, Msg.NEED_SPACE): lambda cid, m, f: e.objects.need_space(cid, m.nbytes),
+            (out, Msg.BATCH): self.on_batch,
         }
 
     # ------------------------------------------------------------------ loop
@@ -309,6 +310,30 @@ class Broker:
                 replied.clear()
             replied[ident] = now
             self.out.send(ident, _HEARTBEAT)
+
+    def on_batch(self, cid, m: P.Batch, frames):
+        """C->B BATCH: a client's messages of one burst (its SUBMITs), each handled in
+        order as if it had come alone: one that does not decode, may not come from an out
+        socket or is itself a BATCH is dropped and counted; the others are still handled."""
+        counts = m.counts
+        if sum(counts) != len(frames):
+            raise P.ProtocolError("BATCH: frame counts do not add up to the frames")
+        handlers, decode = self.handlers, P.decode
+        i = 0
+        for n in counts:
+            header = frames[i]
+            try:
+                inner = decode(header.buffer)
+                handler = handlers.get((P.ROLE_OUT, inner.TYPE))
+                if handler is None or inner.TYPE == Msg.BATCH:
+                    raise P.ProtocolError(f"{inner.TYPE.name} is not allowed in a client's BATCH")
+                self.header = header
+                handler(cid, inner, frames[i + 1:i + n])
+            except P.ProtocolError as e:  # (a VersionMismatch too: HELLO is not allowed here)
+                self.drop(P.out_ident(cid), f"{e} (in a BATCH)")
+            except Exception:
+                log.exception("error handling a message in a BATCH")
+            i += n
 
     def on_submit(self, cid, m: P.Submit, frames):
         self.engine.submit(cid, m, frames, P.submit_spec_bytes(self.header.buffer))

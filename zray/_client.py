@@ -95,6 +95,13 @@ _CANCEL_SIGNALS = {signal.SIGUSR1}
 # extra message per call).
 RELEASE_BATCH = 256
 RELEASE_DELAY_MS = 100
+# A driver's SUBMITs of one burst go out as one C->B BATCH (one send, one wake-up of the
+# broker's socket, one message for its loop instead of one per task): a .remote() queues
+# its SUBMIT and wakes the I/O thread, which sends what has queued once it runs (when the
+# caller blocks, or at its next GIL switch); anything else sent on the out socket, and
+# SUBMIT_BATCH queued SUBMITs, send them at once. Program order is kept. Executors send
+# each SUBMIT at once (a cancel signal must not find one half-queued).
+SUBMIT_BATCH = 256
 
 
 class ObjectState(enum.IntEnum):
@@ -177,6 +184,11 @@ class Client:
         self._pending_refs: list = []  # [(oid, +1 | -1)] in order, sent as one REFS
         self._pending_addref = False
         self._release_since = 0.0
+        self._submits: list = []  # [(header, frames)]: SUBMITs queued for one BATCH
+        self._batch_submits = kind != "executor"
+        self._wake_r, self._wake_w = os.pipe()  # a queued SUBMIT wakes the I/O thread
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._replies: dict = {}
         self._unawaited: set = set()  # ids of requests sent with request_nowait
         self._streams: dict[bytes, _Stream] = {}  # task_id -> its open stream
@@ -246,6 +258,8 @@ class Client:
                 if self._on_exec is not None:
                     self._on_exec(P.Exit(), [])
                 return
+            with self._send_lock:  # queued SUBMITs are in the replay log: sent from there
+                self._submits = []
             self._gate.clear()
             self._hello()
         elif "error" in info:  # e.g. our node has not vouched for us again yet: retried
@@ -304,7 +318,41 @@ class Client:
         """SUBMIT a task, remembering it until its result comes (for a broker restart)."""
         header = P.encode(P.Submit(spec))
         self.replay.record_submit(spec, header, frames)
-        self.send(header, frames)
+        if self._batch_submits:
+            self._queue_submit(header, frames)
+        else:
+            self.send(header, frames)
+
+    def _queue_submit(self, header: bytes, frames) -> None:
+        """Queue a SUBMIT for the burst's BATCH (SUBMIT_BATCH); the I/O thread sends it."""
+        if self.forked:
+            return
+        if (not self._gate.is_set() and threading.current_thread() is not self._io
+                and not self.cond._is_owned()):
+            self._gate.wait(P.BROKER_TIMEOUT_S)  # (as in send)
+        with self._send_lock:
+            if self._pending_addref or len(self._pending_refs) >= RELEASE_BATCH:
+                self._flush_refs_locked()  # holds first, as for any message we send
+            q = self._submits
+            q.append((header, frames))
+            if len(q) >= SUBMIT_BATCH:
+                self._flush_submits_locked()
+                return
+            if len(q) > 1:
+                return  # the I/O thread was woken by the first
+        try:
+            os.write(self._wake_w, b"s")
+        except BlockingIOError:
+            pass  # (the pipe is full of wake-ups: the I/O thread is woken already)
+
+    def _flush_submits_locked(self) -> None:
+        """Send the queued SUBMITs (under ``_send_lock``): one as it is, more as a BATCH."""
+        q, self._submits = self._submits, []
+        if len(q) == 1:
+            send_parts(self._out, q[0][0], None, q[0][1])
+        elif q:
+            parts = P.encode_batch(q)
+            send_parts(self._out, parts[0], None, parts[1:])
 
     def send_fn(self, fid: bytes, nested: list, blob) -> None:
         header = P.encode(P.Fn(fid, nested))
@@ -392,6 +440,8 @@ class Client:
             with self._send_lock:
                 # Holds (+1) go out before anything else we send (a DONE could let the
                 # giver of a ref free it); releases wait for a batch or the timer.
+                if self._submits:  # queued SUBMITs go first: program order
+                    self._flush_submits_locked()
                 if self._pending_addref or len(self._pending_refs) >= RELEASE_BATCH:
                     self._flush_refs_locked()
                 send_parts(self._out, header, None, frames)
@@ -400,6 +450,8 @@ class Client:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _flush_refs_locked(self):
+        if self._submits:  # (a release must not overtake a SUBMIT that uses the object)
+            self._flush_submits_locked()
         with self._ref_lock:
             ops, self._pending_refs = self._pending_refs, []
             self._pending_addref = False
@@ -413,10 +465,20 @@ class Client:
         poller.register(inbox, zmq.POLLIN)
         if direct is not None:
             poller.register(direct, zmq.POLLIN)
+        wake = self._wake_r
+        poller.register(wake, zmq.POLLIN)
         last_hb = time.monotonic()
         while not self.closed:
             try:
                 ready = dict(poller.poll(RELEASE_DELAY_MS if self._pending_refs else 500))
+                if wake in ready:  # SUBMITs queued: send them (not while a replay waits)
+                    try:
+                        os.read(wake, 4096)
+                    except BlockingIOError:
+                        pass
+                    if self._submits and self._gate.is_set():
+                        with self._send_lock:
+                            self._flush_submits_locked()
                 if ready:
                     batch = []
                     for sock in (direct, inbox):
@@ -980,3 +1042,6 @@ class Client:
             except OSError:
                 pass
         self._ctx.term()
+        if not self._io.is_alive():  # (else it may still poll the pipe: left open)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)

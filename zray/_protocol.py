@@ -103,6 +103,10 @@ N->B  LOG_DATA   req_id, ok, result   the answer: the broker forwards it as that
 B->C  BATCH      counts + the frames of len(counts) messages, message i being the next
                  counts[i] frames (its header first): what the broker sends a client in one
                  turn of its loop, as one ZeroMQ message (one wake-up, not one per message)
+C->B  BATCH      the same layout on a client's out socket: a driver's SUBMITs of one burst
+                 (zray._client SUBMIT_BATCH). The broker handles each message in order as if
+                 it had come alone; one that does not decode, is not allowed from an out
+                 socket or is a BATCH itself is dropped and counted, the others still count
 C->B  NEED_SPACE nbytes   a put waits for room in its node's store (over its limit): spill
                  at least this many more bytes there (sent at most every NEED_SPACE_S)
 *<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker
@@ -126,8 +130,9 @@ import msgpack
 
 # 2: role-prefixed identities, one layout per message, CANCEL/INTERRUPT, LOG/PRINT split
 # 3: a streaming task has a completion object (index 0); num_returns DYNAMIC
-VERSION = 5  # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
+# 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
 # 5: B->C BATCH (a client must split it), C->B NEED_SPACE
+VERSION = 6  # 6: C->B BATCH (a driver's SUBMITs of one burst)
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
