@@ -315,28 +315,23 @@ class Broker:
         """C->B BATCH: a client's messages of one burst (its SUBMITs), each handled in
         order as if it had come alone: one that does not decode, may not come from an out
         socket or is itself a BATCH is dropped and counted; the others are still handled."""
-        counts = m.counts
-        if sum(counts) != len(frames):
-            raise P.ProtocolError("BATCH: frame counts do not add up to the frames")
-        handlers, decode = self.handlers, P.decode
-        i = 0
-        for n in counts:
-            header = frames[i]
+        handlers, decode, buffer_of = self.handlers, P.decode, P.buffer_of
+        for parts in P.batch_messages(m, frames):
+            header = parts[0]
             try:
-                inner = decode(header.buffer)
+                inner = decode(buffer_of(header))
                 handler = handlers.get((P.ROLE_OUT, inner.TYPE))
                 if handler is None or inner.TYPE == Msg.BATCH:
                     raise P.ProtocolError(f"{inner.TYPE.name} is not allowed in a client's BATCH")
                 self.header = header
-                handler(cid, inner, frames[i + 1:i + n])
+                handler(cid, inner, parts[1:])
             except P.ProtocolError as e:  # (a VersionMismatch too: HELLO is not allowed here)
                 self.drop(P.out_ident(cid), f"{e} (in a BATCH)")
             except Exception:
                 log.exception("error handling a message in a BATCH")
-            i += n
 
     def on_submit(self, cid, m: P.Submit, frames):
-        self.engine.submit(cid, m, frames, P.submit_spec_bytes(self.header.buffer))
+        self.engine.submit(cid, m, frames, P.submit_spec_bytes(P.buffer_of(self.header)))
 
     def on_fn(self, cid, m: P.Fn, frames):
         if len(frames) != 1:

@@ -533,7 +533,7 @@ class Client:
         decoded = []  # decoded before taking the lock: user threads wait on it less
         for msg in batch:
             try:
-                decoded.append((P.decode_from_broker(msg[0].buffer), msg))
+                decoded.append((P.decode_from_broker(P.buffer_of(msg[0])), msg))
             except P.ProtocolError as e:
                 log.warning("dropping malformed message from broker: %s", e)
         try:
@@ -544,7 +544,7 @@ class Client:
                         if held:  # decompressing a blob takes a while: not under the lock
                             lock.release()
                             held = False
-                        value = (m.kind, parse_blob(m.codec, msg[1].buffer)[1])
+                        value = (m.kind, parse_blob(m.codec, P.buffer_of(msg[1]))[1])
                         state = LOCAL
                     elif m.node_id is None:
                         value, state = (m.kind, msg[1:]), LOCAL
