@@ -96,12 +96,15 @@ _CANCEL_SIGNALS = {signal.SIGUSR1}
 RELEASE_BATCH = 256
 RELEASE_DELAY_MS = 100
 # A driver's SUBMITs of one burst go out as one C->B BATCH (one send, one wake-up of the
-# broker's socket, one message for its loop instead of one per task): a .remote() queues
-# its SUBMIT and wakes the I/O thread, which sends what has queued once it runs (when the
-# caller blocks, or at its next GIL switch); anything else sent on the out socket, and
-# SUBMIT_BATCH queued SUBMITs, send them at once. Program order is kept. Executors send
-# each SUBMIT at once (a cancel signal must not find one half-queued).
+# broker's socket, one message for its loop instead of one per task): a .remote() within
+# SUBMIT_BURST_S of the previous one queues its SUBMIT and wakes the I/O thread, which
+# sends what has queued once it runs (when the caller blocks, or at its next GIL switch);
+# anything else sent on the out socket, and SUBMIT_BATCH queued SUBMITs, send them at
+# once. A lone .remote() (a sync loop) is sent at once: no thread hop on its way. Program
+# order is kept. Executors send each SUBMIT at once (a cancel signal must not find one
+# half-queued).
 SUBMIT_BATCH = 256
+SUBMIT_BURST_S = 0.0002
 
 
 class ObjectState(enum.IntEnum):
@@ -186,6 +189,7 @@ class Client:
         self._release_since = 0.0
         self._submits: list = []  # [(header, frames)]: SUBMITs queued for one BATCH
         self._batch_submits = kind != "executor"
+        self._last_submit = 0.0  # when the last SUBMIT was made (SUBMIT_BURST_S)
         self._wake_r, self._wake_w = os.pipe()  # a queued SUBMIT wakes the I/O thread
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -319,9 +323,12 @@ class Client:
         header = P.encode(P.Submit(spec))
         self.replay.record_submit(spec, header, frames)
         if self._batch_submits:
-            self._queue_submit(header, frames)
-        else:
-            self.send(header, frames)
+            now = time.monotonic()
+            burst, self._last_submit = now - self._last_submit < SUBMIT_BURST_S, now
+            if burst:
+                self._queue_submit(header, frames)
+                return
+        self.send(header, frames)  # (sends anything queued first)
 
     def _queue_submit(self, header: bytes, frames) -> None:
         """Queue a SUBMIT for the burst's BATCH (SUBMIT_BATCH); the I/O thread sends it."""
