@@ -33,6 +33,7 @@ Module map (each module's docstring says what it owns):
   * ``fdwatch.py``     the descriptor limit, raised at start; running out is loud.
   * ``durable.py``     the durable tables (SQLite under ``--state-dir``).
   * ``restart.py``     Recovery: what survives a broker restart, and the reconnects.
+  * ``gctime.py``      the garbage collector's settings and the time it takes.
 
 This module owns the socket, the loop, the dispatch table and the bad-message
 counters. See ``zray._protocol`` for the frames.
