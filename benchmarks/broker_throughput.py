@@ -74,7 +74,7 @@ def _free_port() -> int:
 def _alive_nodes(env, address) -> int:
     code = ("import zray,sys; zray.init(address=sys.argv[1]); "
             "print(sum(n['Alive'] for n in zray.nodes())); zray.shutdown()")
-    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, cwd="/",
                          text=True, timeout=60)
     try:
         return int(out.stdout.strip().splitlines()[-1])
@@ -82,8 +82,22 @@ def _alive_nodes(env, address) -> int:
         return 0
 
 
+def _gc_ms(env, address) -> tuple:
+    """(collections, milliseconds) per generation the broker spent in its garbage
+    collector so far; ([], []) if it does not report them."""
+    code = ("import json,zray,sys; zray.init(address=sys.argv[1]); from zray import _runtime; "
+            "s = _runtime.client.request('status'); "
+            "print(json.dumps([s.get('gc_collections', []), s.get('gc_ms', [])])); zray.shutdown()")
+    out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, cwd="/",
+                         text=True, timeout=60)
+    try:
+        return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return [], []
+
+
 def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
-             profile: str = "", idle: float = 0.0) -> dict:
+             profile: str = "", idle: float = 0.0, pyspy: str = "") -> dict:
     tmp = tempfile.mkdtemp(prefix="zbt-", dir="/tmp")
     env = dict(os.environ)
     env.pop("ZRAY_ADDRESS", None)
@@ -115,7 +129,8 @@ def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
         deadline = time.monotonic() + 120
         while _alive_nodes(env, address) < workers:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{workers} workers did not join; see {tmp}/cluster.log")
+                with open(os.path.join(tmp, "cluster.log"), errors="replace") as f:
+                    raise RuntimeError(f"{workers} workers did not join: {f.read()[-3000:]}")
             time.sleep(0.2)
         if idle:  # an idle cluster: the broker's CPU for heartbeats and liveness checks
             bp = psutil.Process(broker.pid)
@@ -147,6 +162,18 @@ def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
                 raise RuntimeError(f"client not ready: {open((failed or outs)[0]).read()[-3000:]}")
             time.sleep(0.05)
         bp = psutil.Process(broker.pid)
+        spies = []
+        if pyspy:  # sample the broker, one client and one executor while the clients run
+            execs = [c for c in psutil.Process(procs[1].pid).children(recursive=True)]
+            for name, pid in [("broker", broker.pid), ("client", cs[0].pid)] + (
+                    [("executor", execs[0].pid)] if execs else []):
+                spies.append(subprocess.Popen(
+                    [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--native",
+                     "--threads", "--rate", "250", "--format", "raw",
+                     "-o", f"{pyspy}-{name}.txt", "--pid", str(pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1)  # (py-spy attaches)
+        gc0 = _gc_ms(env, address)
         c0, t0 = bp.cpu_times(), {t.id: t for t in bp.threads()}
         open(go, "w").close()
         results = []
@@ -160,13 +187,23 @@ def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
                 raise RuntimeError(f"client failed (rc={c.returncode}): {open(path).read()[-3000:]}")
             results.append(json.loads(got[-1][7:]))
         c1, t1 = bp.cpu_times(), bp.threads()
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         main_cpu = sum(t.user_time + t.system_time - t0[t.id].user_time - t0[t.id].system_time
                        for t in t1 if t.id == broker.pid and t.id in t0)
         total = sum(r["tasks"] for r in results)
+        gc1 = _gc_ms(env, address)
+        gc_us, gc_runs = -1.0, []
+        if gc0[1] and gc1[1]:
+            gc_us = (sum(gc1[1]) - sum(gc0[1])) * 1000 / total
+            gc_runs = [f"gen{g}: {b - a} in {mb - ma:.0f} ms" for g, (a, b, ma, mb) in
+                       enumerate(zip(gc0[0], gc1[0], gc0[1], gc1[1], strict=True))]
         wall = max(r["end"] for r in results) - min(r["start"] for r in results)
         cpu = (c1.user - c0.user) + (c1.system - c0.system)
         return {"tasks_per_s": total / wall, "broker_us_per_task": cpu / total * 1e6,
-                "main_us_per_task": main_cpu / total * 1e6,
+                "main_us_per_task": main_cpu / total * 1e6, "gc_us_per_task": gc_us,
+                "gc_runs": gc_runs,
                 "tasks": total, "wall_s": wall}
     finally:
         for p in reversed(procs):
@@ -197,6 +234,9 @@ def main(argv=None) -> int:
                     "CPU over this many seconds of an idle cluster (workers --prestart 0)")
     ap.add_argument("--profile", default="", help="run the broker under cProfile, writing "
                     "PROFILE-<round>-<tree index> (CPU figures then include the profiler)")
+    ap.add_argument("--pyspy", default="", help="sample the broker, a client and an executor "
+                    "with py-spy (--native) while the clients run, writing PYSPY-<name>.txt "
+                    "(collapsed stacks; py-spy must be installed next to this Python)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the clusters on the way out
     trees = args.tree or [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
@@ -204,7 +244,8 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for i, t in enumerate(trees):
             prof = f"{os.path.abspath(args.profile)}-{r + 1}-{i}" if args.profile else ""
-            res = run_once(t, args.workers, args.clients, args.tasks, args.batch, prof, args.idle)
+            res = run_once(t, args.workers, args.clients, args.tasks, args.batch, prof, args.idle,
+                           f"{os.path.abspath(args.pyspy)}-{r + 1}-{i}" if args.pyspy else "")
             runs[t].append(res)
             if args.idle:
                 print(f"round {r + 1} {t}: idle broker {res['cpu_pct']:.2f}% CPU, "
@@ -212,7 +253,9 @@ def main(argv=None) -> int:
                 continue
             print(f"round {r + 1} {t}: {res['tasks_per_s']:.0f} tasks/s, "
                   f"broker {res['broker_us_per_task']:.1f} us CPU/task "
-                  f"(main thread {res['main_us_per_task']:.1f})", flush=True)
+                  f"(main thread {res['main_us_per_task']:.1f}, gc {res['gc_us_per_task']:.1f}: "
+                  f"{', '.join(res['gc_runs'])})",
+                  flush=True)
     if args.idle:
         print(f"\nmedians of {args.rounds} ({args.workers} idle workers, {args.idle:.0f} s):")
         for t in trees:
@@ -227,11 +270,13 @@ def main(argv=None) -> int:
         tps = statistics.median(x["tasks_per_s"] for x in runs[t])
         us = statistics.median(x["broker_us_per_task"] for x in runs[t])
         main_us = statistics.median(x["main_us_per_task"] for x in runs[t])
+        gc_us = statistics.median(x["gc_us_per_task"] for x in runs[t])
         if base is None:
             base = (tps, us)
         print(f"  {t}: {tps:.0f} tasks/s ({tps / base[0]:.2f}x), broker {us:.1f} us CPU/task "
               f"({us / base[1]:.2f}x), of which main thread {main_us:.1f} us, libzmq/other "
-              f"threads {us - main_us:.1f} us")
+              f"threads {us - main_us:.1f} us"
+              + (f"; in the garbage collector {gc_us:.1f} us" if gc_us >= 0 else ""))
     return 0
 
 

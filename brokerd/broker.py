@@ -33,6 +33,7 @@ Module map (each module's docstring says what it owns):
   * ``fdwatch.py``     the descriptor limit, raised at start; running out is loud.
   * ``durable.py``     the durable tables (SQLite under ``--state-dir``).
   * ``restart.py``     Recovery: what survives a broker restart, and the reconnects.
+  * ``gctime.py``      the garbage collector's settings and the time it takes.
 
 This module owns the socket, the loop, the dispatch table and the bad-message
 counters. See ``zray._protocol`` for the frames.
@@ -40,7 +41,6 @@ counters. See ``zray._protocol`` for the frames.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -51,6 +51,7 @@ import zmq
 from brokerd.durable import DurableStore
 from brokerd.engine import TaskEngine
 from brokerd.fdwatch import FdWatch, raise_nofile_limit
+from brokerd.gctime import GcClock, tune
 from brokerd.outbox import Outbox
 from brokerd.queries import Queries
 from brokerd.restart import Recovery
@@ -72,7 +73,6 @@ HEARTBEAT_REPLY_S = min(5.0, P.NODE_TIMEOUT_S, P.BROKER_TIMEOUT_S / 3)
 _HEARTBEAT = P.encode(P.Heartbeat())
 
 DRAIN_MAX = 20000  # messages handled per turn before scheduling runs
-GC_THRESHOLD = (50_000, 20, 100)
 
 
 class Broker:
@@ -115,6 +115,7 @@ class Broker:
         self.dropped = 0  # messages dropped as malformed or sent by the wrong role
         self.drop_reasons: set = set()  # each kind of bad message is logged once
         self.hb_replied: dict = {}  # identity -> when we last answered its heartbeat
+        self.gc_clock = GcClock().start()  # time in the cyclic collector (brokerd/gctime.py)
         e = self.engine
         node, out, inbox = P.ROLE_NODE, P.ROLE_OUT, P.ROLE_INBOX
         # (role of the sending socket, message type) -> handler(peer id, message, frames).
@@ -147,6 +148,7 @@ class Broker:
             (node, Msg.STORED): lambda nid, m, f: e.objects.stored(nid, m),
             (out, Msg.NEED_SPACE): lambda cid, m, f: e.objects.need_space(cid, m.nbytes),
             (node, Msg.PULL_FAILED): lambda nid, m, f: e.objects.pull_failed(nid, m),
+            (out, Msg.BATCH): self.on_batch,
         }
 
     # ------------------------------------------------------------------ loop
@@ -165,6 +167,10 @@ class Broker:
         Again = zmq.Again  # one zmq.Again ends each drain
         roles: dict = {}  # identity -> (role, peer id): role_of once per peer
         idle_wait = int(LIVENESS_CHECK_S * 1000)
+        # A long-lived server whose tables hold few cycles: start-up objects out of the
+        # collector's way, the young generation collected less often (brokerd/gctime.py).
+        # Here, not in run(): `zray broker` (zray/cli.py) calls serve() itself.
+        tune()
         while self.running:
             ready = poll(50 if placement.queues else idle_wait)
             # The event log's clock: one reading per turn, taken after the wait, so that
@@ -244,6 +250,8 @@ class Broker:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+        self.gc_clock.stop()
+        log.info("broker stopped: %s", self.gc_clock.report())
 
     def drop(self, ident: bytes, why: str):
         """A bad message: count it; log each kind once (a flood must not fill the disk)."""
@@ -265,7 +273,8 @@ class Broker:
                 "refused_refs": self.engine.access.refused, **self.fdwatch.report(),
                 "direct_pulls": self.engine.objects.direct_pulls,
                 "pull_fallbacks": self.engine.objects.pull_fallbacks,
-                "relayed_blob_bytes": self.engine.objects.relayed_bytes}
+                "relayed_blob_bytes": self.engine.objects.relayed_bytes,
+                **self.gc_clock.report()}
 
     # -------------------------------------------------------------- handlers
     def on_hello(self, cid, m: P.Hello, frames):
@@ -307,8 +316,27 @@ class Broker:
             replied[ident] = now
             self.out.send(ident, _HEARTBEAT)
 
+    def on_batch(self, cid, m: P.Batch, frames):
+        """C->B BATCH: a client's messages of one burst (its SUBMITs), each handled in
+        order as if it had come alone: one that does not decode, may not come from an out
+        socket or is itself a BATCH is dropped and counted; the others are still handled."""
+        handlers, decode, buffer_of = self.handlers, P.decode, P.buffer_of
+        for parts in P.batch_messages(m, frames):
+            header = parts[0]
+            try:
+                inner = decode(buffer_of(header))
+                handler = handlers.get((P.ROLE_OUT, inner.TYPE))
+                if handler is None or inner.TYPE == Msg.BATCH:
+                    raise P.ProtocolError(f"{inner.TYPE.name} is not allowed in a client's BATCH")
+                self.header = header
+                handler(cid, inner, parts[1:])
+            except P.ProtocolError as e:  # (a VersionMismatch too: HELLO is not allowed here)
+                self.drop(P.out_ident(cid), f"{e} (in a BATCH)")
+            except Exception:
+                log.exception("error handling a message in a BATCH")
+
     def on_submit(self, cid, m: P.Submit, frames):
-        self.engine.submit(cid, m, frames, P.submit_spec_bytes(self.header.buffer))
+        self.engine.submit(cid, m, frames, P.submit_spec_bytes(P.buffer_of(self.header)))
 
     def on_fn(self, cid, m: P.Fn, frames):
         if len(frames) != 1:
@@ -323,11 +351,6 @@ class Broker:
 
 def run(address: str, session_dir: str = "", state_dir: str = "") -> None:
     broker = Broker(address, session_dir, state_dir)
-    # A long-lived server whose tables hold few cycles: move start-up objects out of the
-    # collector's way and collect the young generation less often (GC_THRESHOLD, measured
-    # in docs/NOTES.md).
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
     signal.signal(signal.SIGTERM, broker.stop)
     signal.signal(signal.SIGINT, broker.stop)
     broker.serve()

@@ -84,6 +84,7 @@ class Placement:
         self.warned_shapes: set = set()  # (driver, shape, selector) told once
         self.warnings: list = []  # (task, text) for its driver, taken by schedule()
         self._feasible: dict = {}  # (shape, membership) -> whether any node could hold it
+        self._names: dict = {}  # sorted resource items -> names of those it needs (> 0)
         self.index = NodeIndex(nodes)
         self.running: dict = {}  # shape -> pool executors started on it (prefetch candidates)
         self.groups = None  # PlacementGroupTable, set by the engine
@@ -227,7 +228,12 @@ class Placement:
                     best = table.nodes.get(max(local, key=local.__getitem__))
                     if best is not None and best.alive and table.fits(best, need):
                         return best, take_idle(best.idle, env_of(opts), task.kind == P.TASK), None
-            names = tuple(sorted(r for r, u in need.items() if u > 0))
+            key = task.shape[0]  # (its resources' items, sorted: the names once per shape)
+            names = self._names.get(key)
+            if names is None:
+                if len(self._names) > 10000:
+                    self._names.clear()
+                names = self._names[key] = tuple(r for r, u in key if u > 0)
             if not names and task.kind == P.ACTOR_CREATE and index.alive:
                 # An actor that needs nothing goes to a random node (as in Ray).
                 return index.random_live(), None, None

@@ -21,16 +21,31 @@ def test_batch_splits_into_the_messages_it_carries():
     msgs = [(P.encode(P.Heartbeat()), []), (P.encode(P.Obj(oid, P.VALUE)), [b"a", b"b"]),
             (P.encode(P.Free([oid])), [])]
     parts = P.encode_batch(msgs)
-    assert P.decode(parts[0]) == P.Batch([1, 3, 1])
+    # small: the messages' frames packed into one frame, their sizes in the header
+    assert len(parts) == 2
+    assert P.decode(parts[0]) == P.Batch([1, 3, 1], [len(f) for h, fs in msgs for f in [h, *fs]])
     assert P.unbatch(parts) == [[h, *f] for h, f in msgs]
+    # big: every frame travels as its own (zero-copy)
+    big = [(P.encode(P.Obj(oid, P.VALUE)), [b"x" * (P.PACK_MAX // 2)] * 3), msgs[0]]
+    parts = P.encode_batch(big)
+    assert P.decode(parts[0]) == P.Batch([4, 1]) and len(parts) == 6
+    assert P.unbatch(parts) == [[h, *f] for h, f in big]
     plain = [P.encode(P.Heartbeat())]
     assert P.unbatch(plain) == [plain]  # not a batch: itself
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.parametrize("sizes", [[1, 1], [100, 1, 1], [-1, 3], ["1"], 5])
+def test_a_packed_batch_whose_sizes_do_not_fit_is_a_protocol_error(sizes):
+    header = msgpack.packb([P.Msg.BATCH, [1, 1], sizes])
+    with pytest.raises(P.ProtocolError):
+        P.unbatch([header, b"abc"])
+
+
+@pytest.mark.timeout(10)
 @pytest.mark.parametrize("counts", [[], [0], [-1], [1.0], [True], [2, 2], [1] * (P.BATCH_MAX + 1)])
 def test_a_bad_batch_is_a_protocol_error(counts):
-    header = msgpack.packb([P.Msg.BATCH, counts])
+    header = msgpack.packb([P.Msg.BATCH, counts, None])
     with pytest.raises(P.ProtocolError):
         P.unbatch([header, P.encode(P.Heartbeat()), P.encode(P.Heartbeat())])
 

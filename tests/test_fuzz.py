@@ -76,6 +76,9 @@ def _fuzz(address: str, count: int, node_id: bytes, seed: int = 1) -> int:
         for n in range(count):
             header = next(streams[classes[n % len(classes)]])
             frames = [header] + [os.urandom(rng.randrange(0, 32))] * rng.randrange(0, 3)
+            if n % 7 == 6:  # a well-formed C->B BATCH of mutated messages
+                frames = P.encode_batch([(next(streams[rng.choice(classes)]), [])
+                                         for _ in range(rng.randrange(1, 4))])
             rng.choice(socks).send_multipart(frames)
         return count
     finally:

@@ -26,7 +26,7 @@ def _sample(cls):
         "text": "hi\n", "req_id": 7, "op": "status", "args": None, "ok": True, "result": {},
         "codec": 1, "fn_included": True, "n_args": 1, "deps": [[1, None]], "gpu_ids": [0],
         "count": 2, "cid": cid, "code": -9, "dest": b"N" + cid, "error": "", "token": b"t" * 16,
-        "nbytes": 10, "counts": [1, 2],
+        "nbytes": 10, "counts": [1, 2], "sizes": [3, 0, 5],
         "src": cid, "address": "tcp://10.0.0.1:5000", "ticket": b"k" * 32, "offset": 0,
         "length": 10, "total": 10, "unreachable": True,
     }

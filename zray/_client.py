@@ -95,6 +95,16 @@ _CANCEL_SIGNALS = {signal.SIGUSR1}
 # extra message per call).
 RELEASE_BATCH = 256
 RELEASE_DELAY_MS = 100
+# A driver's SUBMITs of one burst go out as one C->B BATCH (one send, one wake-up of the
+# broker's socket, one message for its loop instead of one per task): a .remote() within
+# SUBMIT_BURST_S of the previous one queues its SUBMIT and wakes the I/O thread, which
+# sends what has queued once it runs (when the caller blocks, or at its next GIL switch);
+# anything else sent on the out socket, and SUBMIT_BATCH queued SUBMITs, send them at
+# once. A lone .remote() (a sync loop) is sent at once: no thread hop on its way. Program
+# order is kept. Executors send each SUBMIT at once (a cancel signal must not find one
+# half-queued).
+SUBMIT_BATCH = 256
+SUBMIT_BURST_S = 0.0002
 
 
 class ObjectState(enum.IntEnum):
@@ -201,6 +211,12 @@ class Client:
         self._pending_refs: list = []  # [(oid, +1 | -1)] in order, sent as one REFS
         self._pending_addref = False
         self._release_since = 0.0
+        self._submits: list = []  # [(header, frames)]: SUBMITs queued for one BATCH
+        self._batch_submits = kind != "executor"
+        self._last_submit = 0.0  # when the last SUBMIT was made (SUBMIT_BURST_S)
+        self._wake_r, self._wake_w = os.pipe()  # a queued SUBMIT wakes the I/O thread
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._replies: dict = {}
         self._unawaited: set = set()  # ids of requests sent with request_nowait
         self._streams: dict[bytes, _Stream] = {}  # task_id -> its open stream
@@ -270,6 +286,8 @@ class Client:
                 if self._on_exec is not None:
                     self._on_exec(P.Exit(), [])
                 return
+            with self._send_lock:  # queued SUBMITs are in the replay log: sent from there
+                self._submits = []
             self._gate.clear()
             self._hello()
         elif "error" in info:  # e.g. our node has not vouched for us again yet: retried
@@ -328,7 +346,44 @@ class Client:
         """SUBMIT a task, remembering it until its result comes (for a broker restart)."""
         header = P.encode(P.Submit(spec))
         self.replay.record_submit(spec, header, frames)
-        self.send(header, frames)
+        if self._batch_submits:
+            now = time.monotonic()
+            burst, self._last_submit = now - self._last_submit < SUBMIT_BURST_S, now
+            if burst:
+                self._queue_submit(header, frames)
+                return
+        self.send(header, frames)  # (sends anything queued first)
+
+    def _queue_submit(self, header: bytes, frames) -> None:
+        """Queue a SUBMIT for the burst's BATCH (SUBMIT_BATCH); the I/O thread sends it."""
+        if self.forked:
+            return
+        if (not self._gate.is_set() and threading.current_thread() is not self._io
+                and not self.cond._is_owned()):
+            self._gate.wait(P.BROKER_TIMEOUT_S)  # (as in send)
+        with self._send_lock:
+            if self._pending_addref or len(self._pending_refs) >= RELEASE_BATCH:
+                self._flush_refs_locked()  # holds first, as for any message we send
+            q = self._submits
+            q.append((header, frames))
+            if len(q) >= SUBMIT_BATCH:
+                self._flush_submits_locked()
+                return
+            if len(q) > 1:
+                return  # the I/O thread was woken by the first
+        try:
+            os.write(self._wake_w, b"s")
+        except BlockingIOError:
+            pass  # (the pipe is full of wake-ups: the I/O thread is woken already)
+
+    def _flush_submits_locked(self) -> None:
+        """Send the queued SUBMITs (under ``_send_lock``): one as it is, more as a BATCH."""
+        q, self._submits = self._submits, []
+        if len(q) == 1:
+            send_parts(self._out, q[0][0], None, q[0][1])
+        elif q:
+            parts = P.encode_batch(q)
+            send_parts(self._out, parts[0], None, parts[1:])
 
     def send_fn(self, fid: bytes, nested: list, blob) -> None:
         header = P.encode(P.Fn(fid, nested))
@@ -416,6 +471,8 @@ class Client:
             with self._send_lock:
                 # Holds (+1) go out before anything else we send (a DONE could let the
                 # giver of a ref free it); releases wait for a batch or the timer.
+                if self._submits:  # queued SUBMITs go first: program order
+                    self._flush_submits_locked()
                 if (self._pending_addref or self._release_store
                         or len(self._pending_refs) >= RELEASE_BATCH):
                     self._flush_refs_locked()
@@ -425,6 +482,8 @@ class Client:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _flush_refs_locked(self):
+        if self._submits:  # (a release must not overtake a SUBMIT that uses the object)
+            self._flush_submits_locked()
         with self._ref_lock:
             ops, self._pending_refs = self._pending_refs, []
             self._pending_addref = self._release_store = False
@@ -440,10 +499,20 @@ class Client:
         poller.register(inbox, zmq.POLLIN)
         if direct is not None:
             poller.register(direct, zmq.POLLIN)
+        wake = self._wake_r
+        poller.register(wake, zmq.POLLIN)
         last_hb = time.monotonic()
         while not self.closed:
             try:
                 ready = dict(poller.poll(RELEASE_DELAY_MS if self._pending_refs else 500))
+                if wake in ready:  # SUBMITs queued: send them (not while a replay waits)
+                    try:
+                        os.read(wake, 4096)
+                    except BlockingIOError:
+                        pass
+                    if self._submits and self._gate.is_set():
+                        with self._send_lock:
+                            self._flush_submits_locked()
                 if ready:
                     batch = []
                     for sock in (direct, inbox):
@@ -498,7 +567,7 @@ class Client:
         decoded = []  # decoded before taking the lock: user threads wait on it less
         for msg in batch:
             try:
-                decoded.append((P.decode_from_broker(msg[0].buffer), msg))
+                decoded.append((P.decode_from_broker(P.buffer_of(msg[0])), msg))
             except P.ProtocolError as e:
                 log.warning("dropping malformed message from broker: %s", e)
         try:
@@ -509,7 +578,7 @@ class Client:
                         if held:  # decompressing a blob takes a while: not under the lock
                             lock.release()
                             held = False
-                        value = (m.kind, parse_blob(m.codec, msg[1].buffer)[1])
+                        value = (m.kind, parse_blob(m.codec, P.buffer_of(msg[1]))[1])
                         state = LOCAL
                     elif m.node_id is None:
                         value, state = (m.kind, msg[1:]), LOCAL
@@ -1030,3 +1099,6 @@ class Client:
             except OSError:
                 pass
         self._ctx.term()
+        if not self._io.is_alive():  # (else it may still poll the pipe: left open)
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)

@@ -108,9 +108,16 @@ B->N  LOG_READ   req_id, op, args   read this node's log files for a client's RE
                  (op list | tail | read | task; zray._logfiles.serve says what args hold)
 N->B  LOG_DATA   req_id, ok, result   the answer: the broker forwards it as that REQ's REPLY
                  (only to the client that asked, only from the node it asked)
-B->C  BATCH      counts + the frames of len(counts) messages, message i being the next
+B->C  BATCH      counts, sizes + the frames of len(counts) messages, message i being the next
                  counts[i] frames (its header first): what the broker sends a client in one
-                 turn of its loop, as one ZeroMQ message (one wake-up, not one per message)
+                 turn of its loop, as one ZeroMQ message (one wake-up, not one per message).
+                 sizes not nil: those frames are packed into one frame, sizes[j] being the
+                 length of frame j (a batch of at most PACK_MAX bytes: one frame to move
+                 and box instead of two or more per message)
+C->B  BATCH      the same layout on a client's out socket: a driver's SUBMITs of one burst
+                 (zray._client SUBMIT_BATCH). The broker handles each message in order as if
+                 it had come alone; one that does not decode, is not allowed from an out
+                 socket or is a BATCH itself is dropped and counted, the others still count
 C->B  NEED_SPACE nbytes   a put waits for room in its node's store (over its limit): spill
                  at least this many more bytes there (sent at most every NEED_SPACE_S)
 *<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker
@@ -134,8 +141,9 @@ import msgpack
 
 # 2: role-prefixed identities, one layout per message, CANCEL/INTERRUPT, LOG/PRINT split
 # 3: a streaming task has a completion object (index 0); num_returns DYNAMIC
-VERSION = 5  # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
+# 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
 # 5: B->C BATCH (a client must split it), C->B NEED_SPACE
+VERSION = 6  # 6: C->B BATCH (a driver's SUBMITs of one burst)
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
@@ -805,10 +813,24 @@ def _batch_counts(v):
     return v
 
 
+def _batch_sizes(v):
+    if v is None:
+        return v
+    if type(v) is not list or len(v) > BATCH_MAX * 64:
+        raise ProtocolError("BATCH: nil or a list of frame sizes expected")
+    for n in v:
+        if type(n) is not int or n < 0:
+            raise ProtocolError(f"BATCH: a frame size expected, got {n!r:.20}")
+    return v
+
+
 class Batch(NamedTuple):
     counts: list
+    # nil: the messages' frames follow as frames of their own; a list: they are packed
+    # into one frame, these its frames' sizes in order (small batches: PACK_MAX)
+    sizes: Optional[list] = None
     TYPE = Msg.BATCH
-    CHECKS = (_batch_counts,)
+    CHECKS = (_batch_counts, _batch_sizes)
 
 
 MESSAGES = (Hello, Welcome, Ready, Fn, Submit, Put, Sub, Release, Refs, Cancel, Interrupt,
@@ -929,7 +951,13 @@ def decode(buf):
 
 
 
-_BATCH_PREFIX = _packb((Msg.BATCH, None))[:2]  # fixarray(2), BATCH
+_BATCH_PREFIX = _packb((Msg.BATCH, None, None))[:2]  # fixarray(3), BATCH
+
+
+# A BATCH whose frames come to at most this many bytes travels as two frames (header,
+# and its messages' frames packed in one): one frame for libzmq to move and CURVE to
+# box instead of two or more per message. Bigger ones keep their frames (zero-copy).
+PACK_MAX = 64 << 10
 
 
 def encode_batch(msgs: list) -> list:
@@ -939,8 +967,42 @@ def encode_batch(msgs: list) -> list:
         counts.append(1 + len(frames))
         out.append(header)
         out.extend(frames)
+    sizes = [len(f) for f in out[1:]]
+    if sum(sizes) <= PACK_MAX:
+        return [encode(Batch(counts, sizes)), b"".join(out[1:])]
     out[0] = encode(Batch(counts))
     return out
+
+
+def batch_messages(m: Batch, frames: list) -> list:
+    """The messages [[header, *frames]...] a decoded BATCH ``m`` carries in ``frames``
+    (the frames after its header). Packed frames come back as memoryviews of the one
+    frame (``buffer_of`` reads either). ProtocolError if the counts or sizes do not add up."""
+    counts, sizes = m.counts, m.sizes
+    if sizes is not None:
+        if len(frames) != 1 or len(sizes) != sum(counts):
+            raise ProtocolError("BATCH: a packed batch is one frame of len(sizes) frames")
+        buf = buffer_of(frames[0])
+        if sum(sizes) != len(buf):
+            raise ProtocolError("BATCH: frame sizes do not add up to the packed frame")
+        unpacked, pos = [], 0
+        for n in sizes:
+            unpacked.append(buf[pos:pos + n])
+            pos += n
+        frames = unpacked
+    elif sum(counts) != len(frames):
+        raise ProtocolError("BATCH: frame counts do not add up to the frames")
+    out, i = [], 0
+    for n in counts:
+        out.append(frames[i:i + n])
+        i += n
+    return out
+
+
+def buffer_of(frame) -> memoryview:
+    """The bytes of a received frame: a zmq.Frame's buffer, or the frame itself (a
+    memoryview out of a packed BATCH, or bytes)."""
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
 
 
 def unbatch(parts: list) -> list:
@@ -950,14 +1012,7 @@ def unbatch(parts: list) -> list:
     buf = head.buffer if hasattr(head, "buffer") else memoryview(head)
     if buf[:2] != _BATCH_PREFIX:
         return [parts]
-    counts = decode(buf).counts
-    if sum(counts) != len(parts) - 1:
-        raise ProtocolError("BATCH: frame counts do not add up to the frames")
-    out, i = [], 1
-    for n in counts:
-        out.append(parts[i:i + n])
-        i += n
-    return out
+    return batch_messages(decode(buf), parts[1:])
 
 
 # ------------------------------------------------ node-to-node blobs (zray/_peer.py)
