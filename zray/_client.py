@@ -77,8 +77,8 @@ from typing import Callable, Optional
 
 import zmq
 
+from zray import _direct, exceptions
 from zray import _protocol as P
-from zray import exceptions
 from zray._protocol import Msg
 from zray._reconnect import ReplayLog
 from zray._security import await_reply, secure_client, watch_handshake
@@ -204,6 +204,9 @@ class Client:
         self.epoch = self.info.get("epoch")  # the broker incarnation that welcomed us
         if self.store is not None:
             self._bind_direct()
+        self.direct = None  # direct actor calls (zray/_direct.py)
+        if _direct.ENABLED and kind != "cli":
+            self.direct = _direct.DirectCalls(self)
         self._io = threading.Thread(target=self._io_loop, name="zray-io", daemon=True)
         self._io.start()
 
@@ -469,6 +472,9 @@ class Client:
         lock = self._ref_lock
         held = False  # records change under _ref_lock, taken once per run of OBJ/STREAM_END
         decoded = []  # decoded before taking the lock: user threads wait on it less
+        direct = self.direct
+        watched = direct.broker_tasks if direct is not None else None
+        came: list = []  # watched broker-path calls whose result came (zray/_direct.py)
         for msg in batch:
             try:
                 decoded.append((P.decode_from_broker(msg[0].buffer), msg))
@@ -494,6 +500,8 @@ class Client:
                         lock.acquire()
                         held = True
                     self._arrived_locked(m.oid, state, value, m.node_id, arrived, fetch)
+                    if watched and m.oid[:P.TASK_ID_LEN] in watched:
+                        came.append(m.oid[:P.TASK_ID_LEN])
                     notify = True
                     continue
                 if mtype == Msg.STREAM_END:
@@ -509,6 +517,14 @@ class Client:
                 if held:  # the handlers below may send: never under _ref_lock
                     lock.release()
                     held = False
+                if mtype == Msg.DDONE or mtype == Msg.ROUTE:
+                    if direct is not None:
+                        values = direct.done(m, msg[1:]) if mtype == Msg.DDONE else direct.route(m)
+                        with lock:
+                            for oid, value in values:
+                                self._arrived_locked(oid, LOCAL, value, None, arrived, fetch)
+                        notify = True
+                    continue
                 if mtype == Msg.EXEC:
                     if self._on_exec is not None:
                         self._on_exec(m, msg[1:])
@@ -537,6 +553,8 @@ class Client:
         finally:
             if held:
                 lock.release()
+        if came:
+            direct.broker_done(came)
         for cb in arrived:
             try:
                 cb()
@@ -635,6 +653,8 @@ class Client:
                     return
                 del self.records[oid]
                 self.replay.dropped(oid[:P.TASK_ID_LEN])
+                if self.direct is not None and self.direct.forget(oid):
+                    return  # a direct call's result the broker never heard of
             if not self.closed:
                 if not self._pending_refs:
                     self._release_since = time.monotonic()
@@ -973,6 +993,8 @@ class Client:
                 if sock is not None:
                     sock.close(0)
             self._push.clear()
+        if self.direct is not None:
+            self.direct.close()
         if self._direct is not None:
             self._direct.close(0)
             try:
