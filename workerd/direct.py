@@ -104,12 +104,17 @@ class DirectServer:
                 if now - last >= DIRECT_STATS_S:
                     last = now
                     self._report()
-            except zmq.ContextTerminated:
-                return
+            except zmq.ContextTerminated:  # Client.close(): its context waits for our sockets
+                break
             except Exception:
                 if self.client.closed:
-                    return
+                    break
                 log.exception("direct call thread error")
+        pull.close(0)
+        with self.lock:
+            for sock in self.push.values():
+                sock.close(0)
+            self.push.clear()
 
     def _handle(self, parts: list, on_exec, on_cancel) -> None:
         try:
