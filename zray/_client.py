@@ -258,6 +258,8 @@ class Client:
             nodes = info.get("nodes")
             try:
                 self.replay.replay(self, set(nodes) if isinstance(nodes, list) else set())
+                if self.direct is not None:  # the new broker has not heard us ask
+                    self.direct.rejoined()
             finally:
                 self._gate.set()
 

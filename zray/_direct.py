@@ -316,6 +316,18 @@ class DirectCalls:
         del dropped
         return failed
 
+    def rejoined(self) -> None:
+        """A restarted broker took us back: ask it where each actor is again (direct
+        calls in flight stay so: a ROUTE restarting / dead settles them)."""
+        with self.lock:
+            for actor_id, route in self.routes.items():
+                route.state = "asking"
+                if route.sock is not None:
+                    route.sock.close(0)
+                    route.sock = None
+                route.address = ""
+                self.client.request_nowait("actor_route", {"actor_id": actor_id})
+
     # ------------------------------------------------------------ user threads
     def cancel(self, oid: bytes, force: bool) -> bool:
         """ray.cancel of a direct call (sent or held): True if handled here."""
