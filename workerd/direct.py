@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -38,6 +39,7 @@ from zray import _protocol as P
 from zray._protocol import Msg
 from zray._serialization import serialize
 from zray._transport import NOBLOCK, recv_parts, send_parts
+from zray.actor import ActorExit
 
 if TYPE_CHECKING:
     from workerd.actors import ActorHost
@@ -54,7 +56,7 @@ def start(proc: ExecutorProcess, host: ActorHost):
     if not _direct.ENABLED or client.store is None:
         return None
     try:
-        server = DirectServer(proc, ordered=host.mode.value == "sync" and not host.groups)
+        server = DirectServer(proc, host, ordered=host.mode.value == "sync" and not host.groups)
     except (OSError, zmq.ZMQError):
         log.warning("no direct calls for this actor: calls go through the broker", exc_info=True)
         return None
@@ -64,13 +66,15 @@ def start(proc: ExecutorProcess, host: ActorHost):
 
 
 class DirectServer:
-    def __init__(self, proc: ExecutorProcess, ordered: bool):
+    def __init__(self, proc: ExecutorProcess, host: ActorHost, ordered: bool):
         self.proc = proc
+        self.host_actor = host
         self.client = client = proc.client
         self.ordered = ordered
         self.host = socket.gethostname()
         self.path = os.path.join(client.store.dir, f"a-{client.cid.hex()}")
-        pull = client._ctx.socket(zmq.PULL)
+        ctx = client._ctx
+        pull = ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.RCVHWM, 0)
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind("ipc://" + self.path)
@@ -80,17 +84,95 @@ class DirectServer:
         self.lock = threading.Lock()  # the PUSH sockets: any thread replies
         self.push: dict = {}  # reply_to -> PUSH socket
         self.ran = self.failed = 0  # since the last report to the broker
+        self.last_report = time.monotonic()
         self.dropped = 0
         self._drop_logged: set = set()
-        threading.Thread(target=self._loop, name="zray-direct", daemon=True).start()
+        self.closed = False
+        if ordered:
+            # A plain actor runs every call on the main thread: it reads this socket
+            # itself (one thread hop less per call), woken for the broker's EXECs too.
+            self.wake_in = ctx.socket(zmq.PULL)
+            self.wake_in.bind(f"inproc://zray-direct-wake-{id(self)}")
+            self.wake_out = ctx.socket(zmq.PUSH)
+            self.wake_out.setsockopt(zmq.SNDHWM, 0)
+            self.wake_out.connect(f"inproc://zray-direct-wake-{id(self)}")
+            self.wake_lock = threading.Lock()
+            self.queue = proc.queue
+            self.ready: list = []  # calls read from the socket, not yet run
+            proc.queue = _WakingQueue(self.queue, self)
+            proc.next_item = self.next_item
+            client.on_close.append(self.close)
+        else:
+            # Threaded and async actors: calls start from the receiving thread (the
+            # pool / event loop takes them from there: no hop through the main thread).
+            threading.Thread(target=self._loop, name="zray-direct", daemon=True).start()
 
-    # -------------------------------------------------------- receiving
+    # -------------------------------------------------- a plain actor: main thread
+    def next_item(self):
+        """The main thread's next (msg, frames): a broker EXEC or a direct call."""
+        q, ready = self.queue, self.ready
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.wake_in, zmq.POLLIN)
+        while True:
+            if ready:
+                return ready.pop(0)
+            try:
+                return q.get_nowait()
+            except queue.Empty:
+                pass
+            if self.closed:
+                return q.get()
+            now = time.monotonic()
+            if now - self.last_report >= DIRECT_STATS_S:
+                self._report(now)
+            try:
+                events = dict(poller.poll(int(DIRECT_STATS_S * 1000)))
+            except zmq.ZMQError:
+                log.exception("direct calls: poll failed")
+                return q.get()
+            if self.wake_in in events:
+                while True:
+                    try:
+                        self.wake_in.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            if self.pull in events:
+                while True:
+                    try:
+                        parts = recv_parts(self.pull)
+                    except zmq.Again:
+                        break
+                    self._handle(parts, self._ready_call, self.proc._on_cancel)
+
+    def _ready_call(self, msg, frames) -> None:
+        self.ready.append((msg, frames))
+
+    def wake(self) -> None:
+        with self.wake_lock:
+            if not self.closed:
+                self.wake_out.send(b"", zmq.NOBLOCK)
+
+    def close(self) -> None:
+        """Client.close(): its context waits for these sockets."""
+        if self.closed:
+            return
+        self.closed = True
+        with self.wake_lock:
+            self.wake_out.close(0)
+        self.wake_in.close(0)
+        self.pull.close(0)
+        with self.lock:
+            for sock in self.push.values():
+                sock.close(0)
+            self.push.clear()
+
+    # ------------------------------------------ threaded / async: a thread of its own
     def _loop(self) -> None:
         pull = self.pull
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
-        last = time.monotonic()
-        on_exec, on_cancel = self.proc._on_exec, self.proc._on_cancel
+        proc = self.proc
         while not self.client.closed:
             try:
                 if poller.poll(int(DIRECT_STATS_S * 1000)):
@@ -99,11 +181,10 @@ class DirectServer:
                             parts = recv_parts(pull)
                         except zmq.Again:
                             break
-                        self._handle(parts, on_exec, on_cancel)
+                        self._handle(parts, self._start_call, proc._on_cancel)
                 now = time.monotonic()
-                if now - last >= DIRECT_STATS_S:
-                    last = now
-                    self._report()
+                if now - self.last_report >= DIRECT_STATS_S:
+                    self._report(now)
             except zmq.ContextTerminated:  # Client.close(): its context waits for our sockets
                 break
             except Exception:
@@ -116,7 +197,17 @@ class DirectServer:
                 sock.close(0)
             self.push.clear()
 
-    def _handle(self, parts: list, on_exec, on_cancel) -> None:
+    def _start_call(self, msg, frames) -> None:
+        """Start a call of a threaded or async actor (what the main thread would do)."""
+        proc = self.proc
+        try:
+            self.host_actor.handle(msg, frames)
+        except ActorExit:
+            proc.exit_actor()
+        except SystemExit as e:
+            proc.system_exit(e)
+
+    def _handle(self, parts: list, start, on_cancel) -> None:
         try:
             m = P.decode(parts[0].buffer)
         except P.ProtocolError as e:
@@ -130,7 +221,7 @@ class DirectServer:
                 self._drop("DCALL: a call already running here")
                 return
             self.calls[m.spec.task_id] = m.reply_to
-            on_exec(P.Exec(m.spec, False, m.n_args, [], []), parts[1:])
+            start(P.Exec(m.spec, False, m.n_args, [], []), parts[1:])
         elif m.TYPE == Msg.DCANCEL:
             if m.task_id in self.calls:
                 on_cancel(m.task_id, m.force)
@@ -143,12 +234,14 @@ class DirectServer:
             self._drop_logged.add(why)
             log.warning("dropping a bad direct call: %s (dropped so far: %d)", why, self.dropped)
 
-    def _report(self) -> None:
+    def _report(self, now: float) -> None:
+        self.last_report = now
         ran, failed = self.ran, self.failed
         if ran:
             self.ran -= ran
             self.failed -= failed
             self.client.request_nowait("direct_stats", {"calls": ran, "failed": failed})
+
 
     # --------------------------------------------------------- replying
     def owns(self, task_id: bytes) -> bool:
@@ -190,3 +283,18 @@ class DirectServer:
                 sock.connect(reply_to)
                 self.push[reply_to] = sock
             send_parts(sock, header, None, frames, NOBLOCK)
+
+
+class _WakingQueue:
+    """The executor's queue for a plain actor whose main thread waits on sockets: a put
+    wakes it (the client's I/O thread puts the broker's EXECs here)."""
+
+    def __init__(self, q, server: DirectServer):
+        self.q = q
+        self.server = server
+        self.get = q.get
+        self.get_nowait = q.get_nowait
+
+    def put(self, item) -> None:
+        self.q.put(item)
+        self.server.wake()

@@ -205,6 +205,7 @@ class Client:
         if self.store is not None:
             self._bind_direct()
         self.direct = None  # direct actor calls (zray/_direct.py)
+        self.on_close: list = []  # run first by close(): sockets of ours others own
         if _direct.ENABLED and kind != "cli":
             self.direct = _direct.DirectCalls(self)
         self._io = threading.Thread(target=self._io_loop, name="zray-io", daemon=True)
@@ -981,6 +982,11 @@ class Client:
     def close(self):
         if self.closed:
             return
+        for fn in self.on_close:  # e.g. an actor's direct-call sockets (workerd/direct.py)
+            try:
+                fn()
+            except Exception:
+                log.debug("close hook failed", exc_info=True)
         with self._send_lock:
             try:
                 self._flush_refs_locked()
