@@ -91,6 +91,12 @@ class Log:
     def boom(self):
         raise ValueError("boom 81c2")
 
+    def stream(self, who, n):
+        for i in range(n):
+            time.sleep(0.01)
+            self.seen.append((who, f"item{i}"))
+            yield i
+
 
 @ray.remote
 def mixed_caller(log, who, n):
@@ -134,6 +140,17 @@ def test_order_holds_across_direct_and_broker_paths_from_several_callers(cluster
         assert [i for w, i in seen if w == who] == list(range(n)), (who, seen)
     # Most went direct (the executors report their counts about once a second).
     poll_until(lambda: _direct_calls(log) - before >= n, 30, what="direct calls reported")
+
+
+def test_a_streaming_call_keeps_its_place_among_direct_calls(cluster):
+    log = Log.remote()
+    _wait_direct(log)
+    gen = log.stream.remote("s", 5)  # a generator: the broker path
+    after = log.add.remote("s", "after")  # direct, held until the stream ended
+    assert [ray.get(r, timeout=30) for r in gen] == list(range(5))
+    assert ray.get(after, timeout=30) == ("s", "after", None)
+    seen = [i for w, i in ray.get(log.entries.remote(), timeout=30) if w == "s"]
+    assert seen == [f"item{i}" for i in range(5)] + ["after"], seen
 
 
 def test_a_direct_result_escapes_to_a_task_and_into_a_stored_value(cluster):

@@ -503,8 +503,8 @@ class Client:
                         lock.acquire()
                         held = True
                     self._arrived_locked(m.oid, state, value, m.node_id, arrived, fetch)
-                    if watched and m.oid[:P.TASK_ID_LEN] in watched:
-                        came.append(m.oid[:P.TASK_ID_LEN])
+                    if watched and m.oid in watched:
+                        came.append(m.oid)
                     notify = True
                     continue
                 if mtype == Msg.STREAM_END:

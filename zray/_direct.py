@@ -24,7 +24,8 @@ calls of one path flow freely, but a call on the other path is held (``held``)
 until every call of this path sent before it is finished (its result is here).
 For an ordered actor that costs nothing: it could not have started the later
 call before the earlier one ended. Threaded and async actors do not order their
-calls (as in Ray), so nothing is held for them. A broker-path call with
+calls (as in Ray), so nothing is held for them. A streaming call is waited for
+until its stream ends (its completion object); a broker-path call with
 ``num_returns=0`` has no result to watch, so it is not waited for.
 
 Death and restart: the broker pushes ROUTE "restarting" or "dead". Direct calls
@@ -102,7 +103,9 @@ class DirectCalls:
         self.lock = threading.Lock()
         self.routes: dict = {}  # actor id -> _Route
         self.by_task: dict = {}  # task id -> _Route of a direct call in flight
-        self.broker_tasks: dict = {}  # task id -> _Route of a broker-path call watched
+        # the object whose arrival ends a watched broker-path call (its first return; a
+        # stream's completion object) -> _Route
+        self.broker_tasks: dict = {}
         self.unregistered: set = set()  # oids of direct results the broker never heard of
         self.host = socket.gethostname()
         self._own_dir = None
@@ -183,20 +186,20 @@ class DirectCalls:
         """(under lock) SUBMIT; its result is watched (the refs kept till it comes)."""
         spec = call.spec
         client = self.client
-        if spec.num_returns > 0:
+        done_oid = spec.return_ids()[0] if spec.num_returns != 0 else None
+        if done_oid is not None:
             from zray._refs import ObjectRef
 
             route.broker_out[spec.task_id] = call
-            self.broker_tasks[spec.task_id] = route
-            # Our refs keep the result coming to us even if the caller drops its own.
-            call.keep = (call.keep, [ObjectRef(oid, client.cid, client)
-                                     for oid in spec.return_ids()])
+            self.broker_tasks[done_oid] = route
+            # Our ref keeps the result coming to us even if the caller drops its own.
+            call.keep = (call.keep, ObjectRef(done_oid, client.cid, client))
         else:
             call.keep = None
         client.send_submit(spec, call.frames)
         call.frames = None
-        if call.cancel is not None:
-            client.send(P.encode(P.Cancel(P.object_id(spec.task_id, 1), call.cancel, True)))
+        if call.cancel is not None and done_oid is not None:
+            client.send(P.encode(P.Cancel(done_oid, call.cancel, True)))
 
     def _flush(self, route: _Route) -> None:
         """(under lock) Send the held calls that may go now, in order."""
@@ -253,15 +256,15 @@ class DirectCalls:
             return []
         return out
 
-    def broker_done(self, task_ids: list) -> None:
+    def broker_done(self, oids: list) -> None:
         """Results of watched broker-path calls came: held calls may go now."""
         dropped = []
         with self.lock:
-            for tid in task_ids:
-                route = self.broker_tasks.pop(tid, None)
+            for oid in oids:
+                route = self.broker_tasks.pop(oid, None)
                 if route is None:
                     continue
-                call = route.broker_out.pop(tid, None)
+                call = route.broker_out.pop(oid[:P.TASK_ID_LEN], None)
                 if call is not None:
                     dropped.append(call.keep)
                     call.keep = None
