@@ -290,9 +290,10 @@ class Client:
         with self._ref_lock:
             records = list(self.records.items())
         puts, borrowed, subs = [], [], []
+        unregistered = self.direct.unregistered if self.direct is not None else ()
         for oid, rec in records:
-            if oid[:P.TASK_ID_LEN] in skip_tasks:
-                continue  # its task is resubmitted: the broker makes it afresh
+            if oid[:P.TASK_ID_LEN] in skip_tasks or oid in unregistered:
+                continue  # its task is resubmitted (or a direct call's: no broker knew it)
             state, value = rec.state, rec.value
             if oid[:P.ID_LEN] != self.cid:
                 borrowed.append((oid, 1))

@@ -282,26 +282,30 @@ class DirectCalls:
             if state == "alive" and (not m.address or m.host != self.host
                                      or not self.reply_to):
                 state = "pending"  # another host (or no reply inbox): the broker path only
+            # a new process already (e.g. restarted while the broker was down): the calls
+            # in flight to the old one are lost like those of a restart
+            moved = bool(route.address and m.address and m.address != route.address)
             if m.address != route.address and route.sock is not None:
                 route.sock.close(0)
                 route.sock = None
             route.state, route.address, route.ordered = state, m.address, m.ordered
             route.incarnation, route.reason = m.incarnation, m.reason
-            if state in ("restarting", "dead") and route.inflight:
+            if (state in ("restarting", "dead") or moved) and route.inflight:
                 lost = list(route.inflight.values())
                 route.inflight.clear()
                 for call in lost:
                     spec = call.spec
                     self.by_task.pop(spec.task_id, None)
-                    if state == "restarting" and call.retries != 0 and call.frames is not None:
+                    if state != "dead" and call.retries != 0 and call.frames is not None:
                         call.retries -= 1
                         self.unregistered.difference_update(spec.return_ids())
                         self._send_broker(route, call)
                         continue
-                    if state == "restarting":
+                    if state != "dead":
                         err = exceptions.ActorUnavailableError(
                             f"The actor died while running {spec.name} and is restarting: "
-                            f"{m.reason}. The call may or may not have run.", m.actor_id.hex())
+                            f"{m.reason or 'it runs in a new process'}. The call may or may "
+                            f"not have run.", m.actor_id.hex())
                     else:
                         err = exceptions.ActorDiedError(m.reason, m.actor_id.hex())
                     frames = serialize_error(err)
@@ -328,7 +332,6 @@ class DirectCalls:
                 if route.sock is not None:
                     route.sock.close(0)
                     route.sock = None
-                route.address = ""
                 self.client.request_nowait("actor_route", {"actor_id": actor_id})
 
     # ------------------------------------------------------------ user threads
