@@ -109,6 +109,11 @@ class Queries(PlacementGroupQueries):
         self.engine.routes.stats(cid, args)
         return True
 
+    def req_direct_cancel(self, cid, args):
+        """ray.cancel of a direct call: the broker interrupts it on the executor."""
+        self.engine.routes.cancel(cid, args)
+        return True
+
     def req_direct_calls(self, cid, args):
         """Direct calls run so far: on one actor ({actor_id}) or in all."""
         actor_id = args.get("actor_id")

@@ -5,6 +5,7 @@
     actor's executor --REQ actor_listen {address, host, ordered}--> listen()  (before the
                                                        creation's DONE, on the same socket)
     caller --REQ actor_route {actor_id}--> ask(): ROUTE now, and the caller is remembered
+    caller --REQ direct_cancel {actor_id, task_id, force}--> INTERRUPT to the executor
     actor ALIVE / RESTARTING / DEAD (brokerd/actors.py) --changed()--> ROUTE to every caller
                                                                       that asked
     actor's executor --REQ direct_stats {calls, failed}--> counts (about once a second)
@@ -110,6 +111,19 @@ class ActorRoutes:
         self.calls[aid] = self.calls.get(aid, 0) + calls
         self.failed[aid] = self.failed.get(aid, 0) + failed
         self.total_calls += calls
+
+    def cancel(self, cid: bytes, args: dict) -> None:
+        """ray.cancel of a direct call: interrupt it on the actor's executor, as the
+        broker does for its own calls. Only the call's submitter may (its task id
+        starts with the submitter's cid)."""
+        task_id, force = args.get("task_id"), args.get("force")
+        if (type(task_id) is not bytes or len(task_id) != P.TASK_ID_LEN
+                or task_id[:P.ID_LEN] != cid or type(force) is not bool):
+            raise ValueError("direct_cancel: {actor_id, task_id: a call of yours, force: bool}")
+        actor = self.engine.actors.get(args.get("actor_id"))
+        ex = actor.executor if actor is not None else None
+        if ex is not None:
+            self.out.send(P.inbox_ident(ex.cid), P.encode(P.Interrupt(task_id, force)))
 
     def report(self, actor_id=None) -> dict:
         if actor_id is not None:

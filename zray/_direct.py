@@ -170,7 +170,7 @@ class DirectCalls:
         if call.retries == 0:  # (kept while it may be sent again)
             call.frames = None
         if call.cancel is not None:
-            self._send(route.sock, P.encode(P.DCancel(task_id, call.cancel)), ())
+            self._cancel_sent(route, task_id, call.cancel)
 
     def _send(self, sock, header, frames) -> None:
         client = self.client
@@ -340,8 +340,8 @@ class DirectCalls:
         task_id = oid[:P.TASK_ID_LEN]
         with self.lock:
             route = self.by_task.get(task_id)
-            if route is not None and route.sock is not None:
-                self._send(route.sock, P.encode(P.DCancel(task_id, bool(force))), ())
+            if route is not None:
+                self._cancel_sent(route, task_id, bool(force))
                 return True
             for route in self.routes.values():
                 for _, call in route.held:
@@ -349,6 +349,13 @@ class DirectCalls:
                         call.cancel = bool(force)
                         return True
         return False
+
+    def _cancel_sent(self, route: _Route, task_id: bytes, force: bool) -> None:
+        """Cancel a call sent direct. Through the broker, which interrupts the actor's
+        executor as for its own calls: a plain actor's main thread, busy with the very
+        call, reads nothing from the direct socket until the call ends."""
+        self.client.request_nowait("direct_cancel", {"actor_id": route.actor_id,
+                                                     "task_id": task_id, "force": force})
 
     def register(self, oid: bytes) -> None:
         """A ref to direct result ``oid`` escapes: PUT it to the broker first (as its

@@ -948,7 +948,7 @@ def decode_from_broker(buf):
         raise ProtocolError("not a zray message") from None
     if len(h) != len(cls.CHECKS) + 1:
         raise ProtocolError(f"{cls.TYPE.name}: {len(cls.CHECKS)} fields expected")
-    if cls is Exec or cls is Submit:
+    if cls is Exec or cls is Submit or cls is DCall:
         spec = h[1]
         if type(spec) is not list or len(spec) != _SPEC_LEN:
             raise ProtocolError(f"{cls.TYPE.name}: bad task spec")
