@@ -433,6 +433,11 @@ def parse_args(argv):
     p.add_argument("--repeat", type=int, default=3,
                    help="fresh processes for startup cases / timed trials for the "
                         "others; the median and min-max are reported (default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the steady cases this many times, alternating the backends "
+                        "(ray, zray, zray, ray, ...), each round a fresh runner; medians "
+                        "are over every trial of every round, so load that drifts during "
+                        "the run hits both backends alike (default 1)")
     p.add_argument("--duration", type=float, default=1.0,
                    help="seconds per timed trial (default 1.0)")
     p.add_argument("--warmup", type=float, default=0.5,
@@ -540,9 +545,15 @@ def main(argv=None):
                     if vals else {"error": merrs[0] if merrs else "not measured"})
 
     if steady_rows:
-        for b in runnable:
-            log("[steady cases] %s" % LABEL[b])
-            results[b].update(run_steady(pythons[b], b, steady_rows, args))
+        for rnd in range(max(1, args.rounds)):
+            for b in (runnable if rnd % 2 == 0 else runnable[::-1]):
+                log("[steady cases, round %d/%d] %s" % (rnd + 1, max(1, args.rounds), LABEL[b]))
+                for name, res in run_steady(pythons[b], b, steady_rows, args).items():
+                    prev = results[b].get(name)
+                    if prev is not None and prev.get("values") and res.get("values"):
+                        prev["values"] = prev["values"] + res["values"]
+                    elif prev is None or not prev.get("values"):
+                        results[b][name] = res
 
     # ---- table ----
     with_ratio = len(backends) == 2
@@ -583,8 +594,13 @@ def main(argv=None):
     print()
     print(render_table(rows, backends, with_ratio))
     print()
-    print("median [min-max] over %d fresh processes (startup rows) or %d timed trials "
-          "in one process (other rows)." % (args.repeat, args.repeat))
+    if args.rounds > 1:
+        print("median [min-max] over %d fresh processes (startup rows) or %d timed trials "
+              "in each of %d rounds alternating the backends (other rows)."
+              % (args.repeat, args.repeat, args.rounds))
+    else:
+        print("median [min-max] over %d fresh processes (startup rows) or %d timed trials "
+              "in one process (other rows)." % (args.repeat, args.repeat))
     if with_ratio:
         print("ratio > 1 means zray is better: zray/Ray for rates, Ray/zray for "
               "startup times and memory.")

@@ -184,6 +184,25 @@ class RefAccess:
                         what, oid.hex(), cid.hex())
 
 
+def renv_packages(spec) -> list:
+    """The object ids of the runtime_env packages (working_dir, py_modules) a spec names."""
+    renv = spec.options.get("renv")
+    if type(renv) is not dict:
+        return []
+    pkgs = [renv.get("working_dir")]
+    mods = renv.get("py_modules")
+    if type(mods) is list:
+        pkgs.extend(mods)
+    out = []
+    for p in pkgs:
+        if type(p) is list and len(p) >= 2 and type(p[1]) is str:
+            try:
+                out.append(bytes.fromhex(p[1]))
+            except ValueError:
+                continue
+    return out
+
+
 def _renv_package(task, oid: bytes) -> bool:
     """Is ``oid`` a runtime_env package (working_dir, py_modules) the task names? Its
     executor fetches it before the task runs (workerd/renv.py; wire form in zray/_renv.py:

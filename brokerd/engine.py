@@ -38,7 +38,7 @@ import hmac
 import logging
 import time
 
-from brokerd.access import RefAccess
+from brokerd.access import RefAccess, renv_packages
 from brokerd.actors import ActorDirectory, Death
 from brokerd.jobhistory import EndedJobs, now_ms
 from brokerd.nodes import NodeTable
@@ -314,6 +314,10 @@ class TaskEngine:
             task.retries_left = 0
             if not task.actor.detached:
                 self.objects.create_handle(spec.actor_id, spec.owner)
+            else:  # its packages outlive the driver that uploaded them
+                for oid in renv_packages(spec):
+                    if access.may_use(cid, oid) and self.objects.pin(oid):
+                        task.actor.packages.append(oid)
         elif kind == P.ACTOR_CALL:
             actor = self.actors.get(spec.actor_id)
             if actor is None or actor.state == ActorState.DEAD:
@@ -996,6 +1000,9 @@ class TaskEngine:
             for task in d.fail:
                 self.fail_task(task, err, reason="actor died")
         if d.dead:
+            packages, actor.packages = actor.packages, []
+            for oid in packages:
+                self.objects.unpin(oid)
             create = actor.create
             if create.state in _WAITING:
                 self.moves.move(create, TaskState.FAILED, "actor died before it started")

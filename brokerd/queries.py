@@ -323,6 +323,8 @@ class Queries(PlacementGroupQueries):
                                                                                       dict):
             raise ValueError("node_logs needs node_id (hex str), op (str) and args (dict)")
         if node_hex == "":
+            if op == "task":  # a search of every executor log: nodes do that, off their loop
+                raise ValueError("search a node's logs for a task: give its node_id")
             return _logfiles.serve(os.path.join(self.session_dir, "logs")
                                    if self.session_dir else "", op, largs)
         try:

@@ -175,6 +175,9 @@ class Actor:
     handle_meta: bytes = b""
     class_name: str = ""
     exit_when_idle: bool = False  # every handle is gone: it ends once its calls are done
+    # A detached actor's runtime_env packages, pinned until it is dead for good (its
+    # driver, which uploaded them, may be long gone when it restarts elsewhere).
+    packages: list = field(default_factory=list)
 
 
 @dataclass(eq=False)

@@ -261,6 +261,64 @@ class StateView:
         return rows
 
 
+    def _cluster_events(self) -> list:
+        """Ray's cluster events, oldest first: nodes lost (ERROR), actors restarting
+        (WARNING) or dead (ERROR), executor processes that died other than by retiring
+        (WARNING), from the broker's bounded event log and its record of lost nodes."""
+        rows = []
+        for t, kind, rid, _old, new, reason, node_id, name in list(self.engine.moves.events):
+            if kind == "actor" and new in ("restarting", "dead"):
+                sev, src = ("WARNING" if new == "restarting" else "ERROR"), "GCS"
+                msg = f"actor {name or rid.hex()} ({rid.hex()}) is {new.upper()}: {reason}"
+            elif kind == "executor" and new == "dead" and reason and "idle" not in reason \
+                    and "retired" not in reason:
+                sev, src = "WARNING", "RAYLET"
+                msg = f"worker {rid.hex()} died: {reason}"
+            else:
+                continue
+            rows.append((t, sev, src, msg, {"id": rid.hex(), "state": new.upper(),
+                                            "node_id": _hex(node_id)}))
+        for n, t in list(self.engine.nodes.gone):
+            rows.append((t, "ERROR", "GCS", f"node {n.node_id.hex()} ({n.hostname}) left the "
+                         "cluster or was lost", {"node_id": n.node_id.hex()}))
+        rows.sort(key=lambda r: r[0])
+        return [{"event_id": f"{i:08x}", "severity": sev, "time": _ms(t),
+                 "source_type": src, "message": msg, "custom_fields": fields}
+                for i, (t, sev, src, msg, fields) in enumerate(rows)]
+
+    def _workers(self) -> list:
+        """Ray's WorkerState rows: the connected drivers (DRIVER) and every executor
+        process (WORKER), starting ones included; a worker is listed while it lives."""
+        e = self.engine
+        nodes = e.nodes.nodes
+        rows = []
+
+        def where(node_id):
+            node = nodes.get(node_id) if node_id else None
+            return (node.address or node.hostname) if node is not None else None
+
+        for c in list(e.clients.values()):
+            if c.kind == "driver":
+                rows.append({"worker_id": c.cid.hex(), "is_alive": True,
+                             "worker_type": "DRIVER", "exit_type": None,
+                             "node_id": _hex(c.node_id) or None, "ip": where(c.node_id),
+                             "pid": c.pid, "exit_detail": None, "job_id": _hex(c.job_id),
+                             "state": "connected", "actor_id": None, "current_task_id": None})
+        for ex in list(e.executors.values()):
+            c = e.clients.get(ex.cid)
+            task = ex.task
+            rows.append({"worker_id": ex.cid.hex(), "is_alive": ex.state._value_ != "dead",
+                         "worker_type": "WORKER", "exit_type": None,
+                         "node_id": ex.node.node_id.hex(), "ip": where(ex.node.node_id),
+                         "pid": ex.pid or (c.pid if c is not None else None),
+                         "exit_detail": None,
+                         "job_id": _hex(task.spec.job) if task is not None else None,
+                         "state": ex.state._value_,
+                         "actor_id": _hex(ex.actor.actor_id) if ex.actor is not None else None,
+                         "current_task_id": _hex(task.task_id) if task is not None else None})
+        return rows
+
+
 def _node_row(n, head: bool) -> dict:
     return {
         "node_id": n.node_id.hex(), "node_ip": n.address or n.hostname, "is_head_node": head,

@@ -600,3 +600,121 @@ def test_uv_installs_into_a_cached_environment(run_driver):
     assert out.returncode == 0, (out.stdout, out.stderr)
     (v1, f1), (v2, f2) = json.loads(out.stdout.split("RESULT ", 1)[1])
     assert v1 == v2 == "1.16.0" and f1 == f2 and "runtime_resources/venvs/venv_" in f1
+
+
+BOMB_DRIVER = """
+import sys
+import zray
+from zray import _renv
+
+zray.init(num_cpus=1)
+@zray.remote
+def f():
+    return 1
+
+try:
+    f.options(runtime_env={"py_modules": [sys.argv[1]]}).remote()
+except ValueError as e:
+    print("DRIVER_REFUSED " + str(e))
+# A careless or hostile client that skips its own check: the node still refuses.
+_renv.MAX_UNPACKED_MB = 10_000
+try:
+    zray.get(f.options(runtime_env={"py_modules": [sys.argv[1]]}).remote(), timeout=60)
+    print("RAN")
+except zray.exceptions.RuntimeEnvSetupError as e:
+    print("NODE_REFUSED " + str(e).replace(chr(10), " "))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_zip_that_unpacks_too_large_is_refused_by_driver_and_node(run_driver, tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("bomb/__init__.py", "")
+        zf.writestr("bomb/zeros.bin", bytes(8 * 2**20))  # 8 MiB, a few KiB compressed
+    assert bomb.stat().st_size < 2**20
+    out = run_driver(BOMB_DRIVER.replace("sys.argv[1]", repr(str(bomb))), timeout=90,
+                     ZRAY_RUNTIME_ENV_MAX_UNPACKED_MB="1")
+    assert "RAN" not in out.stdout, (out.stdout, out.stderr)
+    refused = out.stdout.split("DRIVER_REFUSED ", 1)[1].split("\n", 1)[0]
+    assert "8.0 MiB" in refused and "ZRAY_RUNTIME_ENV_MAX_UNPACKED_MB" in refused, refused
+    node = out.stdout.split("NODE_REFUSED ", 1)[1]
+    assert "8.0 MiB" in node and "ZRAY_RUNTIME_ENV_MAX_UNPACKED_MB" in node, node
+
+
+DETACHED_CREATE = """
+import json, sys
+import zray
+
+zray.init(address=sys.argv[1], namespace="renv", runtime_env={"working_dir": "."})
+
+@zray.remote
+class Holder:
+    def value(self):
+        import helper  # only in the working_dir
+        return helper.VALUE, zray.get_runtime_context().get_node_id()
+
+h = Holder.options(name="holder", lifetime="detached", max_restarts=1,
+                   resources={"slot": 1}).remote()
+print("FIRST " + json.dumps(zray.get(h.value.remote(), timeout=60)))
+"""
+
+DETACHED_USE = """
+import json, sys, time
+import zray
+
+zray.init(address=sys.argv[1], namespace="renv")
+h = zray.get_actor("holder")
+deadline = time.monotonic() + 90
+while True:
+    try:
+        print("RESULT " + json.dumps(zray.get(h.value.remote(), timeout=60)))
+        break
+    except zray.exceptions.ActorUnavailableError:  # restarting on the other node
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+zray.kill(h)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_detached_actor_restarts_elsewhere_after_its_driver_left(tmp_path):
+    """The working_dir of a detached actor outlives the driver that uploaded it: the
+    actor restarts on a node that never saw the package, after that driver exited."""
+    if zray.is_initialized():
+        zray.shutdown()
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "helper.py").write_text("VALUE = 42\n")
+    (project / "create.py").write_text(DETACHED_CREATE)
+    (project / "use.py").write_text(DETACHED_USE)
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = driver_env(ZRAY_TMPDIR=str(tmp_path / "zray-tmp"))
+    procs: dict = {}
+    try:
+        _start(procs, tmp_path, "broker", ["broker", "--host", "127.0.0.1", "--port", str(port)],
+               env, tmp_path)
+        _start(procs, tmp_path, "workerA", ["worker", "--address", address, "--num-cpus", "1",
+                                            "--resources", '{"slot": 1}'], env, tmp_path)
+        out = subprocess.run([sys.executable, "create.py", address], cwd=str(project), env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "FIRST " in out.stdout, (
+            out.stdout, out.stderr, _logs(tmp_path, procs))
+        value, node_a = json.loads(out.stdout.split("FIRST ", 1)[1])
+        assert value == 42
+        # The driver is gone. A second node joins; the first dies with the actor's process.
+        _start(procs, tmp_path, "workerB", ["worker", "--address", address, "--num-cpus", "1",
+                                            "--resources", '{"slot": 1}'], env, tmp_path)
+        os.killpg(procs["workerA"].pid, signal.SIGKILL)
+        procs["workerA"].wait(30)
+        out = subprocess.run([sys.executable, str(project / "use.py"), address],
+                             cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                             timeout=150)
+        assert out.returncode == 0, (out.stdout, out.stderr, _logs(tmp_path, procs))
+        value, node = json.loads(out.stdout.split("RESULT ", 1)[1])
+        assert value == 42 and node != node_a
+    finally:
+        for p in procs.values():
+            kill_tree(p.pid)

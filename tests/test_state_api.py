@@ -265,6 +265,16 @@ def test_nodes_on_a_cli_cluster_with_explicit_address(tmp_path):
         assert [n["node_id"] for n in dead] == [node_a["node_id"]]
         assert state.get_node(node_a["node_id"], address=address)["end_time_ms"] > 0
         assert len(state.list_nodes(address=address)) == 2
+        lost = [e for e in state.list_cluster_events(address=address)
+                if e["message"].startswith("node " + node_a["node_id"])]
+        assert lost and lost[0]["severity"] == "ERROR", lost
+        from test_cli_cluster import _zray_cmd
+
+        for resource, expect in (("cluster-events", node_a["node_id"]),
+                                 ("workers", "WORKER")):
+            out = subprocess.run(_zray_cmd() + ["list", resource, "--address", address],
+                                 capture_output=True, text=True, env=procs.env, timeout=60)
+            assert out.returncode == 0 and expect in out.stdout, (out.stdout, out.stderr)
         for p in procs.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -313,3 +323,119 @@ def test_state_calls_need_a_cluster(tmp_path):
          "try:\n state.list_nodes()\nexcept ConnectionError as e:\n print('ERR', e)\n"],
         capture_output=True, text=True, timeout=60, env={**os.environ, **env})
     assert "ERR" in out.stdout and "no running zray cluster" in out.stdout, out
+
+
+@zray.remote
+class Talker:
+    def say(self, text):
+        print(text, flush=True)
+        return os.getpid()
+
+
+@zray.remote
+def shout(text):
+    print(text, flush=True)
+    return zray.get_runtime_context().get_task_id()
+
+
+def test_workers_and_get_by_id(ray_local):
+    t = Talker.remote()
+    actor_pid = zray.get(t.say.remote("hello"))
+    me = zray.get_runtime_context().get_job_id()
+    workers = state.list_workers(limit=10_000, detail=True)
+    drivers = [w for w in workers if w["worker_type"] == "DRIVER" and w["pid"] == os.getpid()]
+    assert len(drivers) == 1 and drivers[0]["is_alive"] and drivers[0]["job_id"] == me
+    actor_rows = [w for w in workers if w["pid"] == actor_pid]
+    assert len(actor_rows) == 1, workers
+    row = actor_rows[0]
+    assert row["worker_type"] == "WORKER" and row["state"] == "actor" and row["node_id"]
+    assert row["actor_id"] == t._actor_id.hex()
+    assert state.get_worker(row["worker_id"])["pid"] == actor_pid
+    assert state.get_worker("00" * 8) is None
+    assert state.get_job(me)["status"] == "RUNNING"
+    ref = zray.put(b"y" * 200_000)
+    assert [r["object_id"] for r in state.get_objects(ref.hex())] == [ref.hex()]
+    with pytest.raises(ValueError, match="hex digits"):
+        state.get_worker("abcd")
+
+
+def test_list_logs_and_get_log(ray_local):
+    t = Talker.remote()
+    actor_pid = zray.get(t.say.remote("first line from the actor"))
+    groups = state.list_logs()
+    assert "node.log" in groups["node"], groups
+    assert any(n.startswith("executor-") for n in groups["worker"]), groups
+    only = state.list_logs(glob_filter="node*")
+    assert set(only) == {"node"}, only
+    node_id = zray.get_runtime_context().get_node_id()
+    assert state.list_logs(node_id=node_id) == groups
+
+    def has(gen_args, text):
+        return text in "".join(state.get_log(**gen_args))
+
+    poll_until(lambda: has({"actor_id": t._actor_id.hex()}, "first line from the actor"), 30,
+               what="the actor's line in its log")
+    assert has({"pid": actor_pid}, "first line from the actor")
+    task_hex = zray.get(shout.remote("a line of one task"))
+    poll_until(lambda: has({"task_id": task_hex}, "a line of one task"), 30,
+               what="the task's line")
+    tail = "".join(state.get_log(filename="node.log", node_id=node_id, tail=3))
+    assert 1 <= tail.count("\n") <= 3
+
+    follow = state.get_log(actor_id=t._actor_id.hex(), follow=True, tail=1, _interval=0.05)
+    assert "first line from the actor" in next(follow)  # the last line, then what follows
+    zray.get(t.say.remote("said after follow began"))
+    seen = ""
+    while "said after follow began" not in seen:  # bounded by the test's timeout
+        seen += next(follow)
+    follow.close()
+
+    for bad, match in (({"filename": "node.log", "suffix": "err"}, "suffix='err'"),
+                       ({"filename": "node.log", "pid": 1}, "exactly one"),
+                       ({}, "exactly one"),
+                       ({"submission_id": "raysubmit_x"}, "JobSubmissionClient"),
+                       ({"filename": "node.log", "encoding": "latin-1"}, "encoding"),
+                       ({"filename": "node.log", "tail": -5}, "tail")):
+        with pytest.raises(ValueError, match=match):
+            state.get_log(**bad)
+    with pytest.raises(state.RayStateApiException, match="No such file"):
+        list(state.get_log(filename="no-such.log", node_id=node_id))
+
+
+@zray.remote(max_restarts=1)
+class Fragile:
+    def pid(self):
+        return os.getpid()
+
+
+def test_cluster_events_say_what_died(ray_local):
+    a = Fragile.remote()
+    pid = zray.get(a.pid.remote())
+    worker = [w for w in state.list_workers(limit=10_000) if w["pid"] == pid][0]["worker_id"]
+    os.kill(pid, signal.SIGKILL)
+    def restarted():
+        try:
+            return zray.get(a.pid.remote(), timeout=30) != pid
+        except zray.exceptions.ActorUnavailableError:  # restarting: ask again
+            return False
+
+    poll_until(restarted, 60, what="the actor to restart")
+    aid = a._actor_id.hex()
+    def both():
+        events = [e for e in state.list_cluster_events(limit=10_000, detail=True)
+                  if e["custom_fields"].get("id") in (aid, worker)]
+        ids = {e["custom_fields"]["id"] for e in events}
+        return events if ids == {aid, worker} else None
+
+    events = poll_until(both, 30, what="the actor's and its worker's events")
+    restarting = [e for e in events if e["custom_fields"].get("id") == aid]
+    assert restarting and restarting[0]["severity"] == "WARNING", events
+    assert "RESTARTING" in restarting[0]["message"]
+    assert any(e["source_type"] == "RAYLET" and e["custom_fields"]["id"] == worker
+               for e in events), events
+    times = [e["time"] for e in state.list_cluster_events(limit=10_000)]
+    assert times == sorted(times)
+    zray.kill(a)
+    poll_until(lambda: any(e["severity"] == "ERROR" and "DEAD" in e["message"] and aid in
+                           e["message"] for e in state.list_cluster_events(limit=10_000)),
+               30, what="the actor's death event")

@@ -217,7 +217,12 @@ def test_wait_argument_errors(ray_local):
         zray.wait(a)
     with pytest.raises(TypeError):
         zray.wait("not a list")
+    with pytest.raises(TypeError, match="int"):
+        zray.wait([a, 1])
+    with pytest.raises(ValueError, match="unique"):
+        zray.wait([a, b, zray.ObjectRef(a.binary())])  # equal ids, distinct objects
     assert zray.wait([a, b], num_returns=2) == ([a, b], [])
+    assert zray.wait([a, b], num_returns=0) == ([], [a, b])
 
 
 # --------------------------------------------------------------------------- options

@@ -37,6 +37,7 @@ import time
 import psutil
 import zmq
 
+from workerd.logserve import LogServer
 from workerd.storeio import StoreIO
 from zray import _logfiles
 from zray import _protocol as P
@@ -95,6 +96,7 @@ class NodeAgent:
         self.errors = 0  # messages whose handling raised
         self.refusal = ""  # why the broker refused this node, if it did
         self.io = StoreIO(self.store, self.ctx)  # spills, frees, blobs: off this loop
+        self.logs = LogServer(self.log_dir, self.ctx)  # LOG_READ: off this loop too
 
     @staticmethod
     def _ip() -> str:
@@ -217,11 +219,9 @@ class NodeAgent:
         elif t == Msg.SPILL:
             self.io.submit("spill", m.oids)
         elif t == Msg.LOG_READ:  # a client reads our log files through the broker
-            try:
-                result, ok = _logfiles.serve(self.log_dir, m.op, m.args), True
-            except (OSError, ValueError) as e:
-                result, ok = f"{type(e).__name__}: {e}", False
-            self.sock.send(P.encode(P.LogData(m.req_id, ok, result)))
+            refused = self.logs.submit(m)
+            if refused is not None:
+                self.sock.send(refused)
         elif t == Msg.SHUTDOWN:
             log.info("broker asked this node to shut down")
             self.running = False
@@ -234,12 +234,15 @@ class NodeAgent:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.io.pipe, zmq.POLLIN)
+        poller.register(self.logs.pipe, zmq.POLLIN)
         while self.running:
             if self.watch is not None and self.refused():
                 break
             ready = dict(poller.poll(200))
             if self.io.pipe in ready:
                 self.io.forward(self.sock)
+            if self.logs.pipe in ready:
+                self.logs.forward(self.sock)
             if self.sock in ready:
                 while True:
                     try:
@@ -298,6 +301,7 @@ class NodeAgent:
         if self.watch is not None:
             self.watch.close()
         self.io.close()
+        self.logs.close()
         self.sock.close(linger=100)
         self.ctx.term()
         self.store.destroy()

@@ -55,7 +55,7 @@ from typing import Optional
 import cloudpickle
 
 from zray._procutil import private_dir, user_tmp_dir
-from zray._renv import package_matches
+from zray._renv import package_matches, unpack_problem
 from zray.exceptions import RuntimeEnvSetupError
 
 log = logging.getLogger("zray.runtime_env")
@@ -272,6 +272,10 @@ class RuntimeEnvSetup:
 
         def make(path: str) -> int:
             data = self._fetch(bytes.fromhex(oid_hex), sha, deadline)
+            problem = unpack_problem(data)  # before anything is decompressed
+            if problem is not None:
+                raise RuntimeEnvSetupError(f"package pkg_{sha[:16]} (object {oid_hex}) "
+                                           f"{problem}")
             # The cache is the node's, by content: what goes in must be what it is named.
             if not package_matches(sha, data):
                 raise RuntimeEnvSetupError(f"package pkg_{sha[:16]} (object {oid_hex}) does "

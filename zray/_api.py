@@ -5,12 +5,14 @@ from __future__ import annotations
 import atexit
 import inspect
 import logging
+import operator
 import os
 import time
 from typing import Any, Optional, Sequence
 
 from zray import _procutil, _runtime, exceptions
 from zray import _protocol as P
+from zray._client import _READY as _READY_STATES
 from zray._refs import _NIL_OID, ObjectRef, ObjectRefGenerator, check_session
 from zray.runtime_context import RuntimeContext, get_gpu_ids, get_runtime_context  # noqa: F401
 
@@ -384,13 +386,22 @@ def wait(object_refs: Sequence[ObjectRef | ObjectRefGenerator], *, num_returns: 
         raise TypeError(f"wait() expected a list of ObjectRef or ObjectRefGenerator, got "
                         f"{type(object_refs).__name__}")
     with_generators = False
-    for r in object_refs:
-        if not isinstance(r, ObjectRef):
-            if not isinstance(r, ObjectRefGenerator):
-                raise TypeError(f"wait() expects ObjectRefs or ObjectRefGenerators, got "
-                                f"{type(r).__name__}: {r!r}")
-            with_generators = True
-    if len(set(object_refs)) != len(object_refs):
+    if set(map(type, object_refs)) - _PLAIN:  # the usual list of refs: C-level passes only
+        for r in object_refs:
+            if not isinstance(r, ObjectRef):
+                if not isinstance(r, ObjectRefGenerator):
+                    raise TypeError(f"wait() expects ObjectRefs or ObjectRefGenerators, got "
+                                    f"{type(r).__name__}: {r!r}")
+                with_generators = True
+    if with_generators:
+        ids = set(object_refs)
+        plain = [r for r in object_refs if isinstance(r, ObjectRef)]
+        nil = any(r.id == _NIL_OID for r in plain)
+    else:
+        ids = set(map(_ref_id, object_refs))
+        plain = object_refs
+        nil = _NIL_OID in ids
+    if len(ids) != len(object_refs):
         raise ValueError("Wait requires a list of unique object refs.")
     if not isinstance(num_returns, int) or num_returns < 0:
         raise ValueError(f"Invalid number of objects to return {num_returns}.")
@@ -398,14 +409,28 @@ def wait(object_refs: Sequence[ObjectRef | ObjectRefGenerator], *, num_returns: 
         raise ValueError("num_returns cannot be greater than the number of objects provided.")
     if timeout is not None and timeout < 0:
         raise ValueError(f"The 'timeout' argument must be >= 0, got {timeout}")
-    plain = [r for r in object_refs if isinstance(r, ObjectRef)]
-    if any(r.id == _NIL_OID for r in plain):
+    if nil:
         _nil_error("wait()")
-    check_session(plain)  # a ref of a shut-down session: raise, never auto-init
+    # A ref of a shut-down session: raise, never auto-init (checked once per connection).
+    current = _runtime.client
+    if set(map(_ref_client, plain)) - {current, None}:
+        check_session(plain)
     client = _runtime.require_client()
     refs = list(object_refs)
     if with_generators:
         return _wait_with_generators(client, refs, num_returns, timeout)
+    # Enough refs ready already (the usual case of a loop of wait(not_ready)): stop at
+    # the num_returns-th, in order, without waiting or scanning the rest.
+    records, ready = client.records, []
+    for i, r in enumerate(refs):
+        rec = records.get(r.id)
+        if rec is not None and rec.state in _READY_STATES:
+            ready.append(r)
+            if len(ready) == num_returns:
+                picked = set(map(id, ready))
+                return ready, [x for x in refs[:i] if id(x) not in picked] + refs[i + 1:]
+    if num_returns == 0:
+        return [], refs
     try:
         client.wait_objects(refs, num_returns, timeout, fetch=False)
     except exceptions.GetTimeoutError:
@@ -417,6 +442,11 @@ def wait(object_refs: Sequence[ObjectRef | ObjectRefGenerator], *, num_returns: 
         else:
             not_ready.append(r)
     return ready, not_ready
+
+
+_PLAIN = frozenset({ObjectRef})
+_ref_id = operator.attrgetter("id")
+_ref_client = operator.attrgetter("_client")
 
 
 def _wait_with_generators(client, items: list, num_returns: int, timeout):

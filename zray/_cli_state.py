@@ -17,8 +17,9 @@ import warnings
 
 import click
 
-LIST_RESOURCES = ("tasks", "actors", "nodes", "objects", "jobs", "placement-groups")
-GET_RESOURCES = ("tasks", "actors", "nodes", "objects")
+LIST_RESOURCES = ("tasks", "actors", "nodes", "objects", "jobs", "placement-groups", "workers",
+                  "cluster-events")
+GET_RESOURCES = ("tasks", "actors", "nodes", "objects", "workers", "jobs", "placement-groups")
 SUMMARY_RESOURCES = ("tasks", "actors", "objects")
 FORMATS = ("default", "table", "json")
 
@@ -94,7 +95,8 @@ def add_commands(main: click.Group, cluster_options) -> None:
     @click.option("--timeout", default=30, show_default=True, type=float,
                   help="Seconds to wait for the broker.")
     def list_cmd(resource, address, key_file, filters, limit, detail, fmt, timeout):
-        """List tasks, actors, nodes, objects, jobs or placement groups of a running cluster."""
+        """List tasks, actors, nodes, objects, jobs, placement groups, workers or cluster
+        events of a running cluster."""
         from zray.util import state
 
         fn = getattr(state, "list_" + resource.replace("-", "_"))
@@ -116,7 +118,8 @@ def add_commands(main: click.Group, cluster_options) -> None:
     @click.option("--timeout", default=30, show_default=True, type=float,
                   help="Seconds to wait for the broker.")
     def get_cmd(resource, id, address, key_file, fmt, timeout):
-        """Every field of one task, actor, node or object, by its hex id."""
+        """Every field of one task, actor, node, object, worker, job or placement group, by
+        its hex id."""
         from zray.util import state
 
         if resource == "objects":
@@ -124,7 +127,7 @@ def add_commands(main: click.Group, cluster_options) -> None:
                          filters=[("object_id", "=", id)], detail=True, timeout=timeout)
             found = rows[0] if rows else None
         else:
-            found = _call(getattr(state, "get_" + resource[:-1]), key_file, id=id,
+            found = _call(getattr(state, "get_" + resource[:-1].replace("-", "_")), key_file, id=id,
                           address=address, timeout=timeout)
         if found is None:
             raise click.ClickException(f"no {resource[:-1]} with id {id}")

@@ -127,6 +127,29 @@ class LocalObject:
     callbacks: Optional[list] = None  # run (outside the lock) once the value is here
 
 
+def _cancel_pairs(ops: list) -> list:
+    """REFS ops without the (oid, +1) ... (oid, -1) pairs that cancel: a ref borrowed and
+    dropped again before the batch went out (a get() of a list of 10,000 refs, then
+    dropping it, sends nothing). A pair never spans a send: the +1s go out before
+    anything else is sent. An escape (0) between them keeps both."""
+    plus: dict = {}
+    drop = []
+    for i, (oid, op) in enumerate(ops):
+        if op == 1:
+            plus[oid] = i
+        elif op == -1:
+            j = plus.pop(oid, None)
+            if j is not None:
+                drop.append(j)
+                drop.append(i)
+        else:
+            plus.pop(oid, None)
+    if not drop:
+        return ops
+    gone = set(drop)
+    return [op for i, op in enumerate(ops) if i not in gone]
+
+
 @dataclass(slots=True)
 class _Stream:
     """An open ObjectRefGenerator: its items arrive before their refs exist."""
@@ -174,6 +197,7 @@ class Client:
         self._ref_lock = threading.RLock()  # guards records, _streams, _pending_refs
         self.records: dict[bytes, LocalObject] = {}  # oid -> its record (module doc)
         self.store = ObjectStore(node_id) if node_id else None
+        self._release_store = False  # a store object was released: flush at the next send
         self._pending_refs: list = []  # [(oid, +1 | -1)] in order, sent as one REFS
         self._pending_addref = False
         self._release_since = 0.0
@@ -399,7 +423,8 @@ class Client:
             with self._send_lock:
                 # Holds (+1) go out before anything else we send (a DONE could let the
                 # giver of a ref free it); releases wait for a batch or the timer.
-                if self._pending_addref or len(self._pending_refs) >= RELEASE_BATCH:
+                if (self._pending_addref or self._release_store
+                        or len(self._pending_refs) >= RELEASE_BATCH):
                     self._flush_refs_locked()
                 send_parts(self._out, header, None, frames)
         finally:
@@ -409,7 +434,9 @@ class Client:
     def _flush_refs_locked(self):
         with self._ref_lock:
             ops, self._pending_refs = self._pending_refs, []
-            self._pending_addref = False
+            self._pending_addref = self._release_store = False
+        if len(ops) > 1:
+            ops = _cancel_pairs(ops)
         if ops:
             self._out.send(P.encode(P.Refs(ops)))
 
@@ -638,6 +665,24 @@ class Client:
                 self._pending_refs.append((oid, 1))
                 self._pending_addref = True
 
+    def incref_many(self, oids: list) -> None:
+        """``incref(oid, borrowed=True)`` for each of ``oids``, under one lock: the refs
+        one unpickled value holds (a list of 10,000 refs costs one lock, not 10,000)."""
+        records = self.records
+        with self._ref_lock:
+            pending, closed = self._pending_refs, self.closed  # the I/O thread swaps it
+            for oid in oids:
+                rec = records.get(oid)
+                if rec is None:
+                    rec = records[oid] = LocalObject()
+                n = rec.refcount
+                rec.refcount = n + 1
+                if n == 0 and not closed:
+                    if not pending:
+                        self._release_since = time.monotonic()
+                    pending.append((oid, 1))
+                    self._pending_addref = True
+
     def escape(self, oid: bytes) -> None:
         """A ref to ``oid`` was pickled out of band: ask the broker to keep the object."""
         with self._ref_lock:
@@ -659,6 +704,11 @@ class Client:
                 self.replay.dropped(oid[:P.TASK_ID_LEN])
                 if self.direct is not None and self.direct.forget(oid):
                     return  # a direct call's result the broker never heard of
+                value = rec.value
+                if value is not None and value[1] is IN_STORE:
+                    # Store memory: release it with the next message we send, not after
+                    # the batch timer, so the node recycles its warm file for our next put.
+                    self._release_store = True
             if not self.closed:
                 if not self._pending_refs:
                     self._release_since = time.monotonic()

@@ -11,7 +11,7 @@ import os
 from zray import _protocol as P
 from zray import _runtime
 from zray._ids import BaseID, JobID, TaskID
-from zray._serialization import nested_collector
+from zray._serialization import nested_collector, unpickled_refs
 
 _NIL_OID = b"\xff" * P.OBJECT_ID_LEN
 
@@ -39,7 +39,26 @@ def check_session(refs) -> None:
 
 
 def _rebuild_ref(oid: bytes, owner: bytes) -> "ObjectRef":
-    return ObjectRef(oid, owner, _borrowed=True)
+    pending = unpickled_refs()
+    if pending is None:
+        return ObjectRef(oid, owner, _borrowed=True)
+    # Inside deserialize(): counted with the value's other refs under one lock
+    # (adopt_unpickled). Until then the ref has no client, so nothing can decref it, and
+    # the list keeps it alive.
+    ref = ObjectRef.__new__(ObjectRef)
+    ref.id, ref.owner, ref._client = oid, owner, None
+    pending.append(ref)
+    return ref
+
+
+def adopt_unpickled(refs: list) -> None:
+    """Count the refs one deserialize() rebuilt (borrowed) and bind them to the client."""
+    client = _runtime.client
+    if client is None:
+        return
+    client.incref_many([r.id for r in refs])
+    for r in refs:
+        r._client = client
 
 
 class ObjectRef(BaseID):

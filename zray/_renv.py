@@ -60,6 +60,12 @@ REFUSED_KEYS = {
 CONFIG_KEYS = {"setup_timeout_seconds", "eager_install"}
 DEFAULT_SETUP_TIMEOUT_S = 600  # Ray's default
 MAX_PACKAGE_MB = float(os.environ.get("ZRAY_RUNTIME_ENV_MAX_PACKAGE_MB", "500"))
+# What a node agrees to unpack from one package (a user's .zip/.whl may be compressed, and
+# a package may come from any cluster peer): declared sizes are summed before anything is
+# decompressed, so a zip bomb is refused by its directory, not discovered on disk.
+MAX_UNPACKED_MB = float(os.environ.get("ZRAY_RUNTIME_ENV_MAX_UNPACKED_MB")
+                        or 4 * MAX_PACKAGE_MB)
+MAX_PACKAGE_FILES = int(os.environ.get("ZRAY_RUNTIME_ENV_MAX_FILES") or 200_000)
 
 
 def _is_remote_uri(path: str) -> bool:
@@ -340,6 +346,25 @@ def _hash_file(h, rel: str, mode: int, data: bytes) -> None:
     h.update(data)
 
 
+def unpack_problem(data: bytes) -> Optional[str]:
+    """Why a node must not unpack this package (None: it may): not a zip, too many
+    entries, or more than MAX_UNPACKED_MB declared. zipfile never writes more than an
+    entry's declared size, so the sum bounds what extraction can put on disk."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        return f"is not a readable zip file ({e})"
+    if len(infos) > MAX_PACKAGE_FILES:
+        return (f"holds {len(infos):,} entries, over the limit of {MAX_PACKAGE_FILES:,} "
+                "(ZRAY_RUNTIME_ENV_MAX_FILES)")
+    total = sum(max(0, i.file_size) for i in infos)
+    if total > MAX_UNPACKED_MB * 2**20:
+        return (f"would unpack to {total / 2**20:,.1f} MiB, over the limit of "
+                f"{MAX_UNPACKED_MB:g} MiB (ZRAY_RUNTIME_ENV_MAX_UNPACKED_MB)")
+    return None
+
+
 def package_matches(sha: str, data: bytes) -> bool:
     """Whether ``data`` (a package's zip) is the package named ``sha``: the sha256 of
     the file (a user's .zip or .whl) or of the files packed in it (``pack``)."""
@@ -396,6 +421,9 @@ def pack(path, what: str, excludes=()) -> Package:
                     names = zf.namelist()
             except zipfile.BadZipFile:
                 raise ValueError(f"runtime_env[{what!r}]: {path!r} is not a zip file") from None
+            problem = unpack_problem(data)
+            if problem is not None:
+                raise ValueError(f"runtime_env[{what!r}]: {path!r} {problem}")
             tops = {n.split("/", 1)[0] for n in names}
             single = (path.endswith(".zip") and len(tops) == 1
                       and all("/" in n for n in names))

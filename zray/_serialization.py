@@ -38,6 +38,12 @@ def nested_collector() -> list | None:
     return getattr(_local, "nested", None)
 
 
+def unpickled_refs() -> list | None:
+    """While ``deserialize`` runs: the list that ObjectRefs unpickled in this thread join,
+    to be counted in one step when the value is whole (``_refs._rebuild_ref``)."""
+    return getattr(_local, "unpickled", None)
+
+
 class _CollectRefs:
     """Context: collect the ids of ObjectRefs pickled while it is active."""
 
@@ -124,9 +130,18 @@ def deserialize(frames: list):
     Buffers are handed to pickle read-only and uncopied, as Ray hands them over: a
     numpy array in a value (an argument, a ``get`` result) is a read-only view onto
     the message frame or the store's mapping, whatever its size."""
-    if len(frames) == 1:
-        return pickle.loads(_buf(frames[0]))
-    return pickle.loads(_buf(frames[0]), buffers=[_readonly(f) for f in frames[1:]])
+    prev = getattr(_local, "unpickled", None)
+    refs = _local.unpickled = []
+    try:
+        if len(frames) == 1:
+            return pickle.loads(_buf(frames[0]))
+        return pickle.loads(_buf(frames[0]), buffers=[_readonly(f) for f in frames[1:]])
+    finally:
+        _local.unpickled = prev
+        if refs:
+            from zray._refs import adopt_unpickled
+
+            adopt_unpickled(refs)  # every ref is counted, even if loads raised
 
 
 def _buf(frame):

@@ -164,6 +164,12 @@ list_jobs = _lister("jobs", "Driver jobs (type DRIVER): RUNNING while the driver
                             "the broker keeps the newest ZRAY_MAX_ENDED_JOBS ended ones.")
 list_placement_groups = _lister("placement_groups",
                                 "Placement groups, removed ones too while the broker keeps them.")
+list_cluster_events = _lister("cluster_events",
+                              "Cluster events, oldest first: nodes lost, actors restarting or "
+                              "dead, worker processes that died (from the broker's bounded "
+                              "event log).")
+list_workers = _lister("workers", "Worker processes: connected drivers (DRIVER) and the "
+                                  "executors of every node (WORKER), while they live.")
 
 
 def _get(resource: str, key: str, id_hex: str, address, timeout, _explain) -> List[dict]:
@@ -211,6 +217,45 @@ def get_node(id: str, address: Optional[str] = None, timeout: int = DEFAULT_RPC_
     rows = _get("nodes", "node_id", _check_id(id, "node", _ids.NodeID.SIZE), address,
                 timeout, _explain)
     return rows[0] if rows else None
+
+
+def get_worker(id: str, address: Optional[str] = None, timeout: int = DEFAULT_RPC_TIMEOUT,
+               _explain: bool = False) -> Optional[dict]:
+    """A worker (a driver or an executor process) by its hex id; None if unknown."""
+    from zray import _protocol as P
+
+    rows = _get("workers", "worker_id", _check_id(id, "worker", P.ID_LEN), address, timeout,
+                _explain)
+    return rows[0] if rows else None
+
+
+def get_job(id: str, address: Optional[str] = None, timeout: int = DEFAULT_RPC_TIMEOUT,
+            _explain: bool = False) -> Optional[dict]:
+    """A driver job by its hex id; None if unknown."""
+    rows = _get("jobs", "job_id", _check_id(id, "job", _ids.JobID.SIZE), address, timeout,
+                _explain)
+    return rows[0] if rows else None
+
+
+def get_placement_group(id: str, address: Optional[str] = None,
+                        timeout: int = DEFAULT_RPC_TIMEOUT,
+                        _explain: bool = False) -> Optional[dict]:
+    """A placement group by its hex id; None if unknown. Every column."""
+    from zray.util.placement_group import PG_ID_LEN
+
+    rows = _get("placement_groups", "placement_group_id",
+                _check_id(id, "placement group", PG_ID_LEN), address,
+                timeout, _explain)
+    return rows[0] if rows else None
+
+
+def get_objects(id: str, address: Optional[str] = None, timeout: int = DEFAULT_RPC_TIMEOUT,
+                _explain: bool = False) -> List[dict]:
+    """The records of an object by its hex id (a list, as in Ray; empty if unknown)."""
+    from zray import _protocol as P
+
+    return _get("objects", "object_id", _check_id(id, "object", P.OBJECT_ID_LEN), address,
+                timeout, _explain)
 
 
 def _summary(resource: str, address, timeout, raise_on_missing_output, _explain) -> dict:

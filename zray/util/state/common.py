@@ -31,6 +31,10 @@ COLUMNS = {
               "message"), ()),
     "placement_groups": (("placement_group_id", "name", "creator_job_id", "state"),
                          ("bundles", "is_detached", "stats", "strategy")),
+    "cluster_events": (("event_id", "severity", "time", "source_type", "message"),
+                       ("custom_fields",)),
+    "workers": (("worker_id", "is_alive", "worker_type", "exit_type", "node_id", "ip", "pid"),
+                ("exit_detail", "job_id", "state", "actor_id", "current_task_id")),
 }
 MAX_LIMIT = 10_000  # rows per reply (Ray's RAY_MAX_LIMIT_FROM_DATA_SOURCE default)
 DEFAULT_LIMIT = 100
