@@ -36,7 +36,9 @@ errors the broker path gives. Results of a direct call are values this process
 owns that the broker has never heard of (``unregistered``): a ref to one that
 escapes (pickled into an argument, a put value, a return) is first PUT to the
 broker; dropping the last ref sends nothing. ``ray.cancel`` of a direct call
-sends DCANCEL to the executor.
+goes through the broker (REQ direct_cancel), which interrupts it on the executor
+as its own calls: a plain actor's main thread, busy with the call, would not
+read a DCANCEL on its socket before the call ended.
 
 Threads: ``lock`` guards the routes; it is taken before the client's
 ``_send_lock`` (sends happen under it so that the order of calls holds), never

@@ -113,7 +113,9 @@ C->E  DCALL      spec, n_args, reply_to + arg frames   a direct actor call (no O
                  arguments), on the executor's PULL at ipc://<node store>/a-<cid>;
                  reply_to: the caller's PULL (ipc://...). See zray/_direct.py
 E->C  DDONE      task_id, returns [[kind, nframes]...], retryable + frames   its result
-C->E  DCANCEL    task_id, force   ray.cancel() of a direct call
+C->E  DCANCEL    task_id, force   cancel a direct call (callers send REQ direct_cancel to
+                 the broker instead, which INTERRUPTs the executor: a busy main thread
+                 reads its direct socket only between calls)
 *<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker
                  (at most every few seconds per peer: brokerd.broker.HEARTBEAT_REPLY_S);
                  a node silent for NODE_TIMEOUT_S is dead; a client that hears nothing
