@@ -231,7 +231,7 @@ class Client:
         self.direct = None  # direct actor calls (zray/_direct.py)
         self.on_close: list = []  # run first by close(): sockets of ours others own
         if _direct.ENABLED and kind != "cli":
-            self.direct = _direct.DirectCalls(self)
+            self.direct = _direct.DirectCalls(self, _HERE)
         self._io = threading.Thread(target=self._io_loop, name="zray-io", daemon=True)
         self._io.start()
 

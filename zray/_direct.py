@@ -100,8 +100,9 @@ class _Route:
 class DirectCalls:
     """One client's direct calls: its routes, calls in flight and results it owns."""
 
-    def __init__(self, client):
+    def __init__(self, client, here: frozenset):
         self.client = client
+        self.here = here  # the record states in which a value is in this process
         self.lock = threading.Lock()
         self.routes: dict = {}  # actor id -> _Route
         self.by_task: dict = {}  # task id -> _Route of a direct call in flight
@@ -189,15 +190,13 @@ class DirectCalls:
         spec = call.spec
         client = self.client
         done_oid = spec.return_ids()[0] if spec.num_returns != 0 else None
+        call.keep = None
         if done_oid is not None:
-            from zray._refs import ObjectRef
-
             route.broker_out[spec.task_id] = call
             self.broker_tasks[done_oid] = route
-            # Our ref keeps the result coming to us even if the caller drops its own.
-            call.keep = (call.keep, ObjectRef(done_oid, client.cid, client))
-        else:
-            call.keep = None
+            # A count of our own keeps the result coming to us even if the caller drops
+            # its refs (broker_done gives it back).
+            client.incref(done_oid)
         client.send_submit(spec, call.frames)
         call.frames = None
         if call.cancel is not None and done_oid is not None:
@@ -260,18 +259,17 @@ class DirectCalls:
 
     def broker_done(self, oids: list) -> None:
         """Results of watched broker-path calls came: held calls may go now."""
-        dropped = []
+        ours = []
         with self.lock:
             for oid in oids:
                 route = self.broker_tasks.pop(oid, None)
                 if route is None:
                     continue
-                call = route.broker_out.pop(oid[:P.TASK_ID_LEN], None)
-                if call is not None:
-                    dropped.append(call.keep)
-                    call.keep = None
+                ours.append(oid)
+                route.broker_out.pop(oid[:P.TASK_ID_LEN], None)
                 self._flush(route)
-        del dropped
+        for oid in ours:  # (outside the lock: the last count may send a release)
+            self.client.decref(oid)
 
     def route(self, m: P.Route) -> list:
         """A ROUTE: [(oid, (ERROR, frames))] for calls that fail here."""
@@ -364,7 +362,7 @@ class DirectCalls:
         owner), waiting for the value if it has not come yet."""
         client = self.client
         records = client.records
-        here = client_states_here()
+        here = self.here
 
         def ready():
             rec = records.get(oid)
@@ -401,8 +399,3 @@ class DirectCalls:
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
 
-
-def client_states_here():
-    from zray._client import _HERE
-
-    return _HERE
