@@ -45,6 +45,7 @@ class ActorDirectory:
         self.actors: dict[bytes, Actor] = {}
         self.named: dict[tuple, bytes] = {}
         self.recovery = None  # brokerd.restart.Recovery: actors are durable records
+        self.routes = None  # brokerd.routes.ActorRoutes: callers told of moves and deaths
 
     def get(self, actor_id: bytes):
         if type(actor_id) is not bytes:  # from a REQ's args: any msgpack value
@@ -73,6 +74,8 @@ class ActorDirectory:
 
     def created(self, actor: Actor) -> None:
         self.moves.move(actor, ActorState.ALIVE, "constructor returned")
+        if self.routes is not None:
+            self.routes.changed(actor)
         if self.recovery is not None:
             self.recovery.actor_saved(actor)  # with the process that hosts it
 
@@ -106,6 +109,8 @@ class ActorDirectory:
             return self.dead(actor, reason)
         actor.restarts += 1
         self.moves.move(actor, ActorState.RESTARTING, why)
+        if self.routes is not None:
+            self.routes.changed(actor, why)
         if self.recovery is not None:
             self.recovery.actor_saved(actor)
         log.warning("actor %s died (%s); restarting (%d/%s)", actor.class_name, why,
@@ -128,6 +133,8 @@ class ActorDirectory:
             return Death()
         self.moves.move(actor, ActorState.DEAD, reason)
         actor.death = reason
+        if self.routes is not None:
+            self.routes.changed(actor)
         if self.recovery is not None:
             self.recovery.actor_gone(actor)
         calls = [t for t in list(actor.inflight.values()) + list(actor.queue)

@@ -57,6 +57,7 @@ from brokerd.records import (
     Task,
     TaskState,
 )
+from brokerd.routes import ActorRoutes
 from brokerd.transitions import Transitions
 from zray import _protocol as P
 from zray import exceptions
@@ -83,6 +84,7 @@ class TaskEngine:
         self.access = self.objects.access = RefAccess(self.objects, {}, self.clients)
         self.placement = Placement(self.nodes, self.objects)
         self.actors = ActorDirectory(out, self.moves)
+        self.routes = self.actors.routes = ActorRoutes(out, self)  # direct calls (brokerd/routes.py)
         self.pgroups = PlacementGroupTable(self.nodes)  # placement groups (brokerd/pgroups.py)
         self.placement.groups = self.pgroups
         self.tasks: dict[bytes, Task] = {}

@@ -94,6 +94,31 @@ class Queries(PlacementGroupQueries):
             raise ValueError("pending_calls needs an actor_id (bytes)")
         return self.engine.pending_calls(cid, actor_id)
 
+    def req_actor_route(self, cid, args):
+        """Where the actor takes direct calls: pushed as ROUTE, now and on every change."""
+        self.engine.routes.ask(cid, args.get("actor_id"))
+        return True
+
+    def req_actor_listen(self, cid, args):
+        """An actor's executor says where it takes direct calls (brokerd/routes.py)."""
+        self.engine.routes.listen(cid, args)
+        return True
+
+    def req_direct_stats(self, cid, args):
+        """An actor's executor counts the direct calls it ran (the broker's books)."""
+        self.engine.routes.stats(cid, args)
+        return True
+
+    def req_direct_cancel(self, cid, args):
+        """ray.cancel of a direct call: the broker interrupts it on the executor."""
+        self.engine.routes.cancel(cid, args)
+        return True
+
+    def req_direct_calls(self, cid, args):
+        """Direct calls run so far: on one actor ({actor_id}) or in all."""
+        actor_id = args.get("actor_id")
+        return self.engine.routes.report(actor_id if isinstance(actor_id, bytes) else None)
+
     def req_job_info(self, cid, args):
         """A job's namespace, for its tasks and actors (the caller must belong to it)."""
         job = args.get("job")

@@ -27,9 +27,15 @@ def _sample(cls):
         "codec": 1, "fn_included": True, "n_args": 1, "deps": [[1, None]], "gpu_ids": [0],
         "count": 2, "cid": cid, "code": -9, "dest": b"N" + cid, "error": "", "token": b"t" * 16,
         "nbytes": 10, "counts": [1, 2], "sizes": [3, 0, 5],
-        "src": cid, "address": "tcp://10.0.0.1:5000", "ticket": b"k" * 32, "offset": 0,
+        "src": cid, "ticket": b"k" * 32, "offset": 0,
         "length": 10, "total": 10, "unreachable": True,
+        "actor_id": tid, "state": "alive", "address": "ipc:///tmp/a", "host": "h",
+        "ordered": True, "incarnation": 0, "reason": "", "reply_to": "ipc:///tmp/r",
     }
+    if cls is P.DCall:  # a direct call: an actor call without ref arguments
+        values["spec"] = spec._replace(kind=P.ACTOR_CALL, fid="m", deps=[], actor_id=tid)
+    if cls is P.DDone:
+        values["returns"] = [[P.VALUE, 1], [P.ERROR, 0]]
     if cls is not P.Hello:
         values["kind"] = P.VALUE  # an object's kind elsewhere
     if cls is P.LogRead:

@@ -51,6 +51,7 @@ import inspect
 import threading
 from typing import TYPE_CHECKING, Optional
 
+from workerd import direct
 from workerd.results import split_returns
 from zray import _protocol as P
 from zray.actor import ActorExit
@@ -105,6 +106,7 @@ def create_actor(proc: ExecutorProcess, msg: P.Exec, frames: list) -> None:
         proc.restore()
         return
     proc.actor = host
+    results.direct = direct.start(proc, host)  # callers may call it straight (workerd/direct.py)
     results.finish_values(spec, [None])
 
 

@@ -92,6 +92,7 @@ class ExecutorProcess:
         self.node_id = bytes.fromhex(env["ZRAY_NODE_ID"])
         self.pid = os.getpid()
         self.queue: queue.SimpleQueue = queue.SimpleQueue()  # (msg, frames) for the main thread
+        self.next_item = self.queue.get  # what the main thread runs next
         self.fns: dict = {}  # fid -> pickled blob, or the function once loaded
         self.calls: dict = {}  # fid -> calls run here, for functions with max_calls
         self.main_thread = threading.main_thread().ident
@@ -180,10 +181,11 @@ class ExecutorProcess:
     # ------------------------------------------------------------- main loop
     def serve(self):
         self.client.send(P.encode(P.Ready()))
-        get, run_task = self.queue.get, self.tasks.run
+        run_task = self.tasks.run
         exec_type, task, actor_call = Msg.EXEC, P.TASK, P.ACTOR_CALL  # looked up once, not per task
         while True:
-            msg, frames = get()
+            # (a plain actor's direct calls come from its own socket too: workerd/direct.py)
+            msg, frames = self.next_item()
             if msg.TYPE != exec_type:
                 break
             try:

@@ -72,6 +72,7 @@ class ResultSender:
         # exit_actor() began: calls still running on other threads of a threaded or async
         # actor send nothing, so they fail with ActorDiedError like the calls queued behind
         self.exiting = False
+        self.direct = None  # workerd.direct.DirectServer: calls that came direct reply there
 
     @property
     def ip(self) -> str:
@@ -144,6 +145,13 @@ class ResultSender:
             exit_forked_child()
         if self.exiting:
             return
+        direct = self.direct
+        if direct is not None and spec.task_id in direct.calls:
+            try:
+                direct.finish_values(spec, values)
+            except BaseException as e:  # noqa: B036 - e.g. a value that does not pickle
+                self.finish_error(spec, e)
+            return
         layout, frames, nested = [], [], []
         task_id = spec.task_id
         try:
@@ -202,6 +210,10 @@ class ResultSender:
                     retryable = isinstance(exc, classes)
                 except Exception:
                     retryable = False
+        direct = self.direct
+        if direct is not None and task_id in direct.calls:
+            direct.reply(task_id, [[P.ERROR, len(frames)]] * n, frames * n, retryable)
+            return
         layout = [[P.ERROR, len(frames), None, 0]] * n
         pushed = [] if retryable else self.push_results(spec, layout, frames * n)
         self.client.send(P.encode(P.Done(task_id, layout, [], retryable, pushed, text)),

@@ -77,8 +77,8 @@ from typing import Callable, Optional
 
 import zmq
 
+from zray import _direct, exceptions
 from zray import _protocol as P
-from zray import exceptions
 from zray._protocol import Msg
 from zray._reconnect import ReplayLog
 from zray._security import await_reply, secure_client, watch_handshake
@@ -244,6 +244,10 @@ class Client:
         self.epoch = self.info.get("epoch")  # the broker incarnation that welcomed us
         if self.store is not None:
             self._bind_direct()
+        self.direct = None  # direct actor calls (zray/_direct.py)
+        self.on_close: list = []  # run first by close(): sockets of ours others own
+        if _direct.ENABLED and kind != "cli":
+            self.direct = _direct.DirectCalls(self, _HERE)
         self._io = threading.Thread(target=self._io_loop, name="zray-io", daemon=True)
         self._io.start()
 
@@ -297,6 +301,8 @@ class Client:
             nodes = info.get("nodes")
             try:
                 self.replay.replay(self, set(nodes) if isinstance(nodes, list) else set())
+                if self.direct is not None:  # the new broker has not heard us ask
+                    self.direct.rejoined()
             finally:
                 self._gate.set()
 
@@ -326,9 +332,10 @@ class Client:
         with self._ref_lock:
             records = list(self.records.items())
         puts, borrowed, subs = [], [], []
+        unregistered = self.direct.unregistered if self.direct is not None else ()
         for oid, rec in records:
-            if oid[:P.TASK_ID_LEN] in skip_tasks:
-                continue  # its task is resubmitted: the broker makes it afresh
+            if oid[:P.TASK_ID_LEN] in skip_tasks or oid in unregistered:
+                continue  # its task is resubmitted (or a direct call's: no broker knew it)
             state, value = rec.state, rec.value
             if oid[:P.ID_LEN] != self.cid:
                 borrowed.append((oid, 1))
@@ -565,6 +572,9 @@ class Client:
         lock = self._ref_lock
         held = False  # records change under _ref_lock, taken once per run of OBJ/STREAM_END
         decoded = []  # decoded before taking the lock: user threads wait on it less
+        direct = self.direct
+        watched = direct.broker_tasks if direct is not None else None
+        came: list = []  # watched broker-path calls whose result came (zray/_direct.py)
         for msg in batch:
             try:
                 decoded.append((P.decode_from_broker(P.buffer_of(msg[0])), msg))
@@ -590,6 +600,8 @@ class Client:
                         lock.acquire()
                         held = True
                     self._arrived_locked(m.oid, state, value, m.node_id, arrived, fetch)
+                    if watched and m.oid in watched:
+                        came.append(m.oid)
                     notify = True
                     continue
                 if mtype == Msg.STREAM_END:
@@ -605,6 +617,14 @@ class Client:
                 if held:  # the handlers below may send: never under _ref_lock
                     lock.release()
                     held = False
+                if mtype == Msg.DDONE or mtype == Msg.ROUTE:
+                    if direct is not None:
+                        values = direct.done(m, msg[1:]) if mtype == Msg.DDONE else direct.route(m)
+                        with lock:
+                            for oid, value in values:
+                                self._arrived_locked(oid, LOCAL, value, None, arrived, fetch)
+                        notify = True
+                    continue
                 if mtype == Msg.EXEC:
                     if self._on_exec is not None:
                         self._on_exec(m, msg[1:])
@@ -633,6 +653,8 @@ class Client:
         finally:
             if held:
                 lock.release()
+        if came:
+            direct.broker_done(came)
         for cb in arrived:
             try:
                 cb()
@@ -749,6 +771,8 @@ class Client:
                     return
                 del self.records[oid]
                 self.replay.dropped(oid[:P.TASK_ID_LEN])
+                if self.direct is not None and self.direct.forget(oid):
+                    return  # a direct call's result the broker never heard of
                 value = rec.value
                 if value is not None and value[1] is IN_STORE:
                     # Store memory: release it with the next message we send, not after
@@ -1078,6 +1102,11 @@ class Client:
     def close(self):
         if self.closed:
             return
+        for fn in self.on_close:  # e.g. an actor's direct-call sockets (workerd/direct.py)
+            try:
+                fn()
+            except Exception:
+                log.debug("close hook failed", exc_info=True)
         with self._send_lock:
             try:
                 self._flush_refs_locked()
@@ -1092,6 +1121,8 @@ class Client:
                 if sock is not None:
                     sock.close(0)
             self._push.clear()
+        if self.direct is not None:
+            self.direct.close()
         if self._direct is not None:
             self._direct.close(0)
             try:

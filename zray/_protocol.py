@@ -120,6 +120,17 @@ C->B  BATCH      the same layout on a client's out socket: a driver's SUBMITs of
                  socket or is a BATCH itself is dropped and counted, the others still count
 C->B  NEED_SPACE nbytes   a put waits for room in its node's store (over its limit): spill
                  at least this many more bytes there (sent at most every NEED_SPACE_S)
+B->C  ROUTE      actor_id, state, address, host, ordered, incarnation, reason   where an
+                 actor's executor takes direct calls (state "alive", address ipc://...), or
+                 that it is "restarting" / "dead" (reason): the answer to REQ actor_route,
+                 pushed again to every client that asked whenever the actor moves or dies
+C->E  DCALL      spec, n_args, reply_to + arg frames   a direct actor call (no ObjectRef
+                 arguments), on the executor's PULL at ipc://<node store>/a-<cid>;
+                 reply_to: the caller's PULL (ipc://...). See zray/_direct.py
+E->C  DDONE      task_id, returns [[kind, nframes]...], retryable + frames   its result
+C->E  DCANCEL    task_id, force   cancel a direct call (callers send REQ direct_cancel to
+                 the broker instead, which INTERRUPTs the executor: a busy main thread
+                 reads its direct socket only between calls)
 *<->B HEARTBEAT  -   every HEARTBEAT_S from nodes and clients, answered by the broker
                  (at most every few seconds per peer: brokerd.broker.HEARTBEAT_REPLY_S);
                  a node silent for NODE_TIMEOUT_S is dead; a client that hears nothing
@@ -143,7 +154,8 @@ import msgpack
 # 3: a streaming task has a completion object (index 0); num_returns DYNAMIC
 # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
 # 5: B->C BATCH (a client must split it), C->B NEED_SPACE
-VERSION = 6  # 6: C->B BATCH (a driver's SUBMITs of one burst)
+# 6: C->B BATCH (a driver's SUBMITs of one burst)
+VERSION = 7  # 7: ROUTE/DCALL/DDONE/DCANCEL (direct actor calls), PULL/PEER_* (node blobs)
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
@@ -228,6 +240,10 @@ class Msg(enum.IntEnum):
     LOG_DATA = 39
     NEED_SPACE = 60  # numbered apart from the others' additions
     BATCH = 61
+    ROUTE = 70  # direct actor calls (zray/_direct.py, workerd/direct.py)
+    DCALL = 71
+    DDONE = 72
+    DCANCEL = 73
     PULL = 80  # node-to-node blobs (zray/_peer.py), numbered apart too
     PULL_FAILED = 81
     PEER_GET = 82
@@ -833,10 +849,69 @@ class Batch(NamedTuple):
     CHECKS = (_batch_counts, _batch_sizes)
 
 
+class Route(NamedTuple):
+    actor_id: bytes
+    state: str  # "alive", "restarting", "dead"
+    address: str  # ipc://... where the actor's executor takes DCALLs ("" if none)
+    host: str  # the hostname of that executor (ipc reaches it only from the same host)
+    ordered: bool  # one call at a time in arrival order (a plain actor): see zray/_direct.py
+    incarnation: int  # the actor's restart count
+    reason: str  # why it is restarting or dead
+    TYPE = Msg.ROUTE
+    CHECKS = (_bytes, _str, _str, _str, _bool, _int, _str)
+
+
+def _reply_to(v):
+    if type(v) is not str or not v.startswith("ipc://") or len(v) > 200:
+        raise ProtocolError(f"an ipc:// address expected, got {v!r:.40}")
+    return v
+
+
+def _direct_spec(v):
+    spec = TaskSpec.decode(v)
+    if spec.kind != ACTOR_CALL or spec.deps or spec.num_returns < 0:
+        raise ProtocolError("DCALL: an actor call without ObjectRef arguments expected")
+    return spec
+
+
+class DCall(NamedTuple):
+    spec: TaskSpec
+    n_args: int  # frames of the pickled (args, kwargs)
+    reply_to: str  # the caller's PULL
+    TYPE = Msg.DCALL
+    CHECKS = (_direct_spec, _int, _reply_to)
+
+
+def _direct_returns(v):
+    if type(v) is not list:
+        _fail("array of returns", v)
+    for item in v:
+        if (type(item) is not list or len(item) != 2 or item[0] not in (VALUE, ERROR)
+                or type(item[1]) is not int or item[1] < 0):
+            raise ProtocolError(f"[kind, nframes] expected, got {item!r:.60}")
+    return v
+
+
+class DDone(NamedTuple):
+    task_id: bytes
+    returns: list  # [[kind, nframes], ...]: one per return; an error: one ERROR per return
+    retryable: bool  # an application error that retry_exceptions covers
+    TYPE = Msg.DDONE
+    CHECKS = (_task_id, _direct_returns, _bool)
+
+
+class DCancel(NamedTuple):
+    task_id: bytes
+    force: bool
+    TYPE = Msg.DCANCEL
+    CHECKS = (_task_id, _bool)
+
+
 MESSAGES = (Hello, Welcome, Ready, Fn, Submit, Put, Sub, Release, Refs, Cancel, Interrupt,
             Block, Unblock, Reject, Done, Yield, Log, Print, Req, Reply, Obj, Exec, StreamEnd,
             Exit, NodeHello, Spawn, ExecSpawned, ExecDied, KillExec, Heartbeat, Shutdown, Fetch, Blob,
-            Store, Stored, Free, Spill, LogRead, LogData, NeedSpace, Batch)
+            Store, Stored, Free, Spill, LogRead, LogData, NeedSpace, Batch,
+            Route, DCall, DDone, DCancel)
 _BY_TYPE = {cls.TYPE: cls for cls in MESSAGES}
 _packb = msgpack.packb  # a Packer object is not thread-safe; clients send from any thread
 
@@ -910,7 +985,7 @@ def decode_from_broker(buf):
         raise ProtocolError("not a zray message") from None
     if len(h) != len(cls.CHECKS) + 1:
         raise ProtocolError(f"{cls.TYPE.name}: {len(cls.CHECKS)} fields expected")
-    if cls is Exec or cls is Submit:
+    if cls is Exec or cls is Submit or cls is DCall:
         spec = h[1]
         if type(spec) is not list or len(spec) != _SPEC_LEN:
             raise ProtocolError(f"{cls.TYPE.name}: bad task spec")

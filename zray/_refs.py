@@ -88,6 +88,9 @@ class ObjectRef(BaseID):
                 pass
 
     def __reduce__(self):
+        client = self._client
+        if client is not None and client.direct is not None and self.id in client.direct.unregistered:
+            client.direct.register(self.id)  # a direct call's result: the broker learns of it
         nested = nested_collector()
         if nested is not None:
             nested.append(self.id)

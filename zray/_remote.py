@@ -57,12 +57,16 @@ def serialize_args(args: tuple, kwargs: dict, client):
     if not args and not kwargs:
         return [], [], [], None
     deps = []
+    direct = getattr(client, "direct", None)
+    unregistered = direct.unregistered if direct is not None else ()
     if args:
         args = list(args)
         for i, a in enumerate(args):
             if type(a) is ObjectRef:
                 if a._client is not client:
                     check_session((a,))
+                if a.id in unregistered:
+                    direct.register(a.id)
                 deps.append([i, a.id])
                 args[i] = None
     if kwargs:
@@ -71,6 +75,8 @@ def serialize_args(args: tuple, kwargs: dict, client):
             if type(v) is ObjectRef:
                 if v._client is not client:
                     check_session((v,))
+                if v.id in unregistered:
+                    direct.register(v.id)
                 deps.append([k, v.id])
                 kwargs[k] = None
     frames, nested = serialize((args, kwargs))

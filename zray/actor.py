@@ -201,6 +201,8 @@ def _handle_config(options: dict) -> dict:
     """What every handle of an actor checks at call time: ``max_pending_calls`` (when
     > 0) and the names of its concurrency groups."""
     config = {}
+    if options.get("max_task_retries"):  # retries of direct calls (zray/_direct.py)
+        config["max_task_retries"] = options["max_task_retries"]
     mpc = options.get("max_pending_calls")
     if mpc is not None and mpc > 0:
         config["max_pending_calls"] = mpc
@@ -264,6 +266,7 @@ class ActorHandle:
         self._ref = ref  # keeps a non-detached actor alive (None: detached)
         self._config = config or {}  # see _handle_config
         self._max_pending = self._config.get("max_pending_calls", 0)
+        self._max_task_retries = self._config.get("max_task_retries", 0)
         self._cache: dict = {}
 
     def __getattr__(self, name) -> "ActorMethod":
@@ -353,6 +356,11 @@ class ActorMethod:
         spec = make_spec(client, P.ACTOR_CALL, self._name, self._qualname, self._nret,
                          {}, opts, deps, nested, handle._actor_id)
         refs = return_refs(client, spec.task_id, self._nret)
-        client.send_submit(spec, frames)
+        direct = client.direct
+        if direct is not None:  # straight to the actor's executor where it can (zray/_direct.py)
+            direct.submit(spec, frames, (handle._ref, _keep, args, kwargs),
+                          handle._max_task_retries)
+        else:
+            client.send_submit(spec, frames)
         return refs
 

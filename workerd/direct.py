@@ -1,0 +1,300 @@
+"""Direct actor calls, the actor's side: callers send calls straight to this executor.
+
+::
+
+    caller --DCALL (PUSH)--> PULL ipc://<node store>/a-<cid> --zray-direct thread:
+        decode (every field checked) --> ExecutorProcess queue --> ActorHost.handle, as an
+        EXEC from the broker would be (same modes, groups, cancels, prepare)
+    ResultSender.finish_values / finish_error --reply()--> DDONE + frames --PUSH--> the
+        caller's PULL (reply_to); large values travel inline too (the caller owns them)
+    caller --DCANCEL--> ExecutorProcess._on_cancel, as the broker's INTERRUPT
+    every DIRECT_STATS_S: REQ direct_stats {calls, failed} --> the broker's books
+
+The address is announced to the broker (REQ actor_listen, sent before the
+creation's DONE on the same socket), which tells callers (brokerd/routes.py).
+Only this user's processes can connect: the store dir is private (0700). A
+message that does not decode, or is not a DCALL/DCANCEL, is dropped and
+counted (``dropped``), never fatal. Arguments are unpickled by the actor's
+code path as for broker-sent calls (executors run user code anyway).
+
+A result holding refs: those refs are escaped (REFS 0, "keep for good") before
+the reply goes, since the broker never sees this call's DONE to learn of them.
+``ZRAY_DIRECT_ACTOR_CALLS=0`` (read by zray/_direct.py) turns all this off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import zmq
+
+from zray import _direct
+from zray import _protocol as P
+from zray._protocol import Msg
+from zray._serialization import serialize
+from zray._transport import NOBLOCK, recv_parts, send_parts
+from zray.actor import ActorExit
+
+if TYPE_CHECKING:
+    from workerd.actors import ActorHost
+    from workerd.executor import ExecutorProcess
+
+log = logging.getLogger("zray.executor")
+DIRECT_STATS_S = 1.0
+
+
+def start(proc: ExecutorProcess, host: ActorHost):
+    """Listen for direct calls to the actor ``host`` (after its constructor returned) and
+    tell the broker where; None when direct calls are off or cannot be had here."""
+    client = proc.client
+    if not _direct.ENABLED or client.store is None:
+        return None
+    try:
+        server = DirectServer(proc, host, ordered=host.mode.value == "sync" and not host.groups)
+    except (OSError, zmq.ZMQError):
+        log.warning("no direct calls for this actor: calls go through the broker", exc_info=True)
+        return None
+    client.request_nowait("actor_listen", {"address": server.address, "host": server.host,
+                                           "ordered": server.ordered})
+    return server
+
+
+class DirectServer:
+    def __init__(self, proc: ExecutorProcess, host: ActorHost, ordered: bool):
+        self.proc = proc
+        self.host_actor = host
+        self.client = client = proc.client
+        self.ordered = ordered
+        self.host = socket.gethostname()
+        self.path = os.path.join(client.store.dir, f"a-{client.cid.hex()}")
+        ctx = client._ctx
+        pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, 0)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.bind("ipc://" + self.path)
+        self.pull = pull
+        self.address = "ipc://" + self.path
+        self.calls: dict = {}  # task id -> the caller's reply_to, until answered
+        self.lock = threading.Lock()  # the PUSH sockets: any thread replies
+        self.push: dict = {}  # reply_to -> PUSH socket
+        self.ran = self.failed = 0  # since the last report to the broker
+        self.last_report = time.monotonic()
+        self.dropped = 0
+        self._drop_logged: set = set()
+        self.closed = False
+        if ordered:
+            # A plain actor runs every call on the main thread: it reads this socket
+            # itself (one thread hop less per call), woken for the broker's EXECs too.
+            self.wake_in = ctx.socket(zmq.PULL)
+            self.wake_in.bind(f"inproc://zray-direct-wake-{id(self)}")
+            self.wake_out = ctx.socket(zmq.PUSH)
+            self.wake_out.setsockopt(zmq.SNDHWM, 0)
+            self.wake_out.connect(f"inproc://zray-direct-wake-{id(self)}")
+            self.wake_lock = threading.Lock()
+            self.queue = proc.queue
+            self.ready: list = []  # calls read from the socket, not yet run
+            proc.queue = _WakingQueue(self.queue, self)
+            proc.next_item = self.next_item
+            client.on_close.append(self.close)
+        else:
+            # Threaded and async actors: calls start from the receiving thread (the
+            # pool / event loop takes them from there: no hop through the main thread).
+            threading.Thread(target=self._loop, name="zray-direct", daemon=True).start()
+
+    # -------------------------------------------------- a plain actor: main thread
+    def next_item(self):
+        """The main thread's next (msg, frames): a broker EXEC or a direct call."""
+        q, ready = self.queue, self.ready
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.wake_in, zmq.POLLIN)
+        while True:
+            if ready:
+                return ready.pop(0)
+            try:
+                return q.get_nowait()
+            except queue.Empty:
+                pass
+            if self.closed:
+                return q.get()
+            now = time.monotonic()
+            if now - self.last_report >= DIRECT_STATS_S:
+                self._report(now)
+            try:
+                events = dict(poller.poll(int(DIRECT_STATS_S * 1000)))
+            except zmq.ZMQError:
+                log.exception("direct calls: poll failed")
+                return q.get()
+            if self.wake_in in events:
+                while True:
+                    try:
+                        self.wake_in.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            if self.pull in events:
+                while True:
+                    try:
+                        parts = recv_parts(self.pull)
+                    except zmq.Again:
+                        break
+                    self._handle(parts, self._ready_call, self.proc._on_cancel)
+
+    def _ready_call(self, msg, frames) -> None:
+        self.ready.append((msg, frames))
+
+    def wake(self) -> None:
+        with self.wake_lock:
+            if not self.closed:
+                self.wake_out.send(b"", zmq.NOBLOCK)
+
+    def close(self) -> None:
+        """Client.close(): its context waits for these sockets."""
+        if self.closed:
+            return
+        self.closed = True
+        with self.wake_lock:
+            self.wake_out.close(0)
+        self.wake_in.close(0)
+        self.pull.close(0)
+        with self.lock:
+            for sock in self.push.values():
+                sock.close(0)
+            self.push.clear()
+
+    # ------------------------------------------ threaded / async: a thread of its own
+    def _loop(self) -> None:
+        pull = self.pull
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        proc = self.proc
+        while not self.client.closed:
+            try:
+                if poller.poll(int(DIRECT_STATS_S * 1000)):
+                    while True:
+                        try:
+                            parts = recv_parts(pull)
+                        except zmq.Again:
+                            break
+                        self._handle(parts, self._start_call, proc._on_cancel)
+                now = time.monotonic()
+                if now - self.last_report >= DIRECT_STATS_S:
+                    self._report(now)
+            except zmq.ContextTerminated:  # Client.close(): its context waits for our sockets
+                break
+            except Exception:
+                if self.client.closed:
+                    break
+                log.exception("direct call thread error")
+        pull.close(0)
+        with self.lock:
+            for sock in self.push.values():
+                sock.close(0)
+            self.push.clear()
+
+    def _start_call(self, msg, frames) -> None:
+        """Start a call of a threaded or async actor (what the main thread would do)."""
+        proc = self.proc
+        try:
+            self.host_actor.handle(msg, frames)
+        except ActorExit:
+            proc.exit_actor()
+        except SystemExit as e:
+            proc.system_exit(e)
+
+    def _handle(self, parts: list, start, on_cancel) -> None:
+        try:
+            m = P.decode(parts[0].buffer)
+        except P.ProtocolError as e:
+            self._drop(str(e))
+            return
+        if m.TYPE == Msg.DCALL:
+            if m.n_args != len(parts) - 1 or m.spec.actor_id != self.client.current_actor_id:
+                self._drop("DCALL: frames or actor id do not match")
+                return
+            if m.spec.task_id in self.calls:
+                self._drop("DCALL: a call already running here")
+                return
+            self.calls[m.spec.task_id] = m.reply_to
+            start(P.Exec(m.spec, False, m.n_args, [], []), parts[1:])
+        elif m.TYPE == Msg.DCANCEL:
+            if m.task_id in self.calls:
+                on_cancel(m.task_id, m.force)
+        else:
+            self._drop(f"{m.TYPE.name} is not a direct call")
+
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        if why not in self._drop_logged and len(self._drop_logged) < 100:
+            self._drop_logged.add(why)
+            log.warning("dropping a bad direct call: %s (dropped so far: %d)", why, self.dropped)
+
+    def _report(self, now: float) -> None:
+        self.last_report = now
+        ran, failed = self.ran, self.failed
+        if ran:
+            self.ran -= ran
+            self.failed -= failed
+            self.client.request_nowait("direct_stats", {"calls": ran, "failed": failed})
+
+
+    # --------------------------------------------------------- replying
+    def owns(self, task_id: bytes) -> bool:
+        return task_id in self.calls
+
+    def finish_values(self, spec: P.TaskSpec, values: list) -> None:
+        """Reply with the call's values (ResultSender.finish_values for a direct call)."""
+        layout, frames, nested = [], [], []
+        for v in values:
+            f, n = serialize(v)
+            nested.extend(n)
+            layout.append([P.VALUE, len(f)])
+            frames.extend(f)
+        if nested:  # the broker sees no DONE naming them: keep them for good
+            client = self.client
+            for oid in nested:
+                client.escape(oid)
+            with client._send_lock:  # now, not with our next message to the broker
+                client._flush_refs_locked()
+        self.reply(spec.task_id, layout, frames, False)
+
+    def reply(self, task_id: bytes, layout: list, frames: list, retryable: bool) -> None:
+        reply_to = self.calls.pop(task_id, None)
+        if reply_to is None:
+            return
+        self.ran += 1
+        if layout and layout[0][0] == P.ERROR:
+            self.failed += 1
+        header = P.encode(P.DDone(task_id, layout, retryable))
+        with self.lock:
+            sock = self.push.get(reply_to)
+            if sock is None:
+                if len(self.push) >= 256:  # forget the oldest callers
+                    for old in list(self.push)[:64]:
+                        self.push.pop(old).close(0)
+                sock = self.client._ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.SNDHWM, 0)
+                sock.setsockopt(zmq.LINGER, 1000)
+                sock.connect(reply_to)
+                self.push[reply_to] = sock
+            send_parts(sock, header, None, frames, NOBLOCK)
+
+
+class _WakingQueue:
+    """The executor's queue for a plain actor whose main thread waits on sockets: a put
+    wakes it (the client's I/O thread puts the broker's EXECs here)."""
+
+    def __init__(self, q, server: DirectServer):
+        self.q = q
+        self.server = server
+        self.get = q.get
+        self.get_nowait = q.get_nowait
+
+    def put(self, item) -> None:
+        self.q.put(item)
+        self.server.wake()

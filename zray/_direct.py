@@ -1,0 +1,401 @@
+"""Direct actor calls, the caller's side: calls go straight to the actor's executor.
+
+::
+
+    handle.m.remote() --submit()--> route alive, plain call? --DCALL (PUSH, ipc)--> actor's
+                         |                                                      executor
+                         '--> otherwise: SUBMIT to the broker, as before        (workerd/direct.py)
+    I/O thread <--DDONE (our PULL)-- executor: the values become LOCAL records we own
+    I/O thread <--ROUTE-- broker: where the actor is (asked on a handle's first use), and
+                          again whenever it restarts or dies
+    ref pickled / passed on --register()--> PUT as owner first: the broker then knows it
+
+Which path: a call goes direct when the broker said where the actor's executor
+listens (ROUTE "alive", same host: the address is ipc:// in that node's private
+store dir), and the call has no ObjectRef arguments (top-level or nested: the
+broker resolves and pins those), is not a generator (streaming/dynamic), and its
+actor has no ``max_pending_calls`` (the broker counts those). Everything else,
+and every call made before the route is known, takes the broker path.
+``ZRAY_DIRECT_ACTOR_CALLS=0`` turns the direct path off.
+
+Order: an *ordered* actor (one call at a time, no concurrency groups) must run a
+caller's calls in submission order whatever path they take. The caller keeps it:
+calls of one path flow freely, but a call on the other path is held (``held``)
+until every call of this path sent before it is finished (its result is here).
+For an ordered actor that costs nothing: it could not have started the later
+call before the earlier one ended. Threaded and async actors do not order their
+calls (as in Ray), so nothing is held for them. A streaming call is waited for
+until its stream ends (its completion object); a broker-path call with
+``num_returns=0`` has no result to watch, so it is not waited for.
+
+Death and restart: the broker pushes ROUTE "restarting" or "dead". Direct calls
+in flight then are resubmitted through the broker while they have
+``max_task_retries`` left (the broker runs them once the actor is back), else
+fail here with ActorUnavailableError (restarting) or ActorDiedError (dead), the
+errors the broker path gives. Results of a direct call are values this process
+owns that the broker has never heard of (``unregistered``): a ref to one that
+escapes (pickled into an argument, a put value, a return) is first PUT to the
+broker; dropping the last ref sends nothing. ``ray.cancel`` of a direct call
+goes through the broker (REQ direct_cancel), which interrupts it on the executor
+as its own calls: a plain actor's main thread, busy with the call, would not
+read a DCANCEL on its socket before the call ended.
+
+Threads: ``lock`` guards the routes; it is taken before the client's
+``_send_lock`` (sends happen under it so that the order of calls holds), never
+while holding ``_ref_lock`` or ``cond``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+
+import zmq
+
+from zray import _protocol as P
+from zray import exceptions
+from zray._serialization import serialize_error
+from zray._transport import send_parts
+
+log = logging.getLogger("zray.direct")
+
+ENABLED = os.environ.get("ZRAY_DIRECT_ACTOR_CALLS", "1") != "0"
+_CANCEL_SIGNALS = {signal.SIGUSR1}
+
+
+class _Call:
+    __slots__ = ("spec", "frames", "keep", "retries", "cancel")
+
+    def __init__(self, spec, frames, keep, retries):
+        self.spec = spec
+        self.frames = frames
+        self.keep = keep  # the handle's ref and the arguments' refs, until sent / answered
+        self.retries = retries  # max_task_retries left (-1: forever)
+        self.cancel = None  # ray.cancel() before it was sent: force flag
+
+
+class _Route:
+    __slots__ = ("actor_id", "state", "address", "ordered", "incarnation", "reason", "sock",
+                 "inflight", "broker_out", "held")
+
+    def __init__(self, actor_id):
+        self.actor_id = actor_id
+        self.state = "asking"  # then what ROUTE says: pending, alive, restarting, dead
+        self.address = ""
+        self.ordered = False
+        self.incarnation = 0
+        self.reason = ""
+        self.sock = None  # PUSH to the executor's PULL
+        self.inflight: dict = {}  # task id -> _Call sent direct, not answered (send order)
+        self.broker_out: dict = {}  # task id -> _Call sent to the broker, result not here
+        self.held: collections.deque = collections.deque()  # (direct?, _Call) in order
+
+
+class DirectCalls:
+    """One client's direct calls: its routes, calls in flight and results it owns."""
+
+    def __init__(self, client, here: frozenset):
+        self.client = client
+        self.here = here  # the record states in which a value is in this process
+        self.lock = threading.Lock()
+        self.routes: dict = {}  # actor id -> _Route
+        self.by_task: dict = {}  # task id -> _Route of a direct call in flight
+        # the object whose arrival ends a watched broker-path call (its first return; a
+        # stream's completion object) -> _Route
+        self.broker_tasks: dict = {}
+        self.unregistered: set = set()  # oids of direct results the broker never heard of
+        self.host = socket.gethostname()
+        self._own_dir = None
+        if client._direct is None:  # no store here: a reply inbox of our own
+            self._bind_reply_inbox()
+        self.reply_to = "ipc://" + client._direct_path if client._direct is not None else ""
+
+    def _bind_reply_inbox(self) -> None:
+        client = self.client
+        try:
+            d = tempfile.mkdtemp(prefix="zray-c-")  # 0700: only this user can connect
+            path = os.path.join(d, "r")
+            s = client._ctx.socket(zmq.PULL)
+            s.setsockopt(zmq.RCVHWM, 0)
+            s.setsockopt(zmq.LINGER, 0)
+            s.bind("ipc://" + path)
+        except (OSError, zmq.ZMQError):
+            log.debug("no reply inbox: actor calls go through the broker", exc_info=True)
+            return
+        client._direct, client._direct_path, self._own_dir = s, path, d
+
+    # ------------------------------------------------------------- submit
+    def submit(self, spec: P.TaskSpec, frames: list, keep, max_task_retries: int) -> None:
+        """Send actor call ``spec`` on the direct path or the broker's (module doc)."""
+        opts = spec.options
+        direct_ok = (self.reply_to and not spec.deps and not spec.nested
+                     and spec.num_returns >= 0 and "counted" not in opts)
+        mtr = opts.get("max_task_retries")
+        call = _Call(spec, frames, keep, mtr if type(mtr) is int else max_task_retries)
+        ask = False
+        with self.lock:
+            route = self.routes.get(spec.actor_id)
+            if route is None:
+                route = self.routes[spec.actor_id] = _Route(spec.actor_id)
+                ask = True
+            if ask:
+                self.client.request_nowait("actor_route", {"actor_id": spec.actor_id})
+            direct = direct_ok and route.state == "alive"
+            if route.held or (route.ordered and (route.broker_out if direct else route.inflight)):
+                route.held.append((direct, call))
+                return
+            if direct:
+                self._send_direct(route, call)
+            else:
+                self._send_broker(route, call)
+
+    def _send_direct(self, route: _Route, call: _Call) -> None:
+        """(under lock)"""
+        spec = call.spec
+        if route.sock is None:
+            s = self.client._ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.SNDHWM, 0)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(route.address)
+            route.sock = s
+        task_id = spec.task_id
+        route.inflight[task_id] = call
+        self.by_task[task_id] = route
+        self.unregistered.update(spec.return_ids())
+        header = P.encode(P.DCall(spec, len(call.frames), self.reply_to))
+        self._send(route.sock, header, call.frames)
+        if call.retries == 0:  # (kept while it may be sent again)
+            call.frames = None
+        if call.cancel is not None:
+            self._cancel_sent(route, task_id, call.cancel)
+
+    def _send(self, sock, header, frames) -> None:
+        client = self.client
+        if client.mask_signals:  # a cancel signal must not cut a multipart message in two
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
+        try:
+            send_parts(sock, header, None, frames)
+        finally:
+            if client.mask_signals:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _send_broker(self, route: _Route, call: _Call) -> None:
+        """(under lock) SUBMIT; its result is watched (the refs kept till it comes)."""
+        spec = call.spec
+        client = self.client
+        done_oid = spec.return_ids()[0] if spec.num_returns != 0 else None
+        call.keep = None
+        if done_oid is not None:
+            route.broker_out[spec.task_id] = call
+            self.broker_tasks[done_oid] = route
+            # A count of our own keeps the result coming to us even if the caller drops
+            # its refs (broker_done gives it back).
+            client.incref(done_oid)
+        client.send_submit(spec, call.frames)
+        call.frames = None
+        if call.cancel is not None and done_oid is not None:
+            client.send(P.encode(P.Cancel(done_oid, call.cancel, True)))
+
+    def _flush(self, route: _Route) -> None:
+        """(under lock) Send the held calls that may go now, in order."""
+        held = route.held
+        while held:
+            direct, call = held[0]
+            direct = direct and route.state == "alive"
+            if route.ordered and (route.broker_out if direct else route.inflight):
+                return
+            held.popleft()
+            if direct:
+                self._send_direct(route, call)
+            else:
+                self._send_broker(route, call)
+
+    # ------------------------------------------------------- I/O thread
+    def done(self, m: P.DDone, frames: list) -> list:
+        """A DDONE: [(oid, (kind, frames))] for the caller's records; [] when the call
+        is no longer ours to answer (failed or resubmitted on a restart) or retried."""
+        try:  # (from an executor, not the broker: checked in full)
+            task_id = P._task_id(m.task_id)
+            P._direct_returns(m.returns)
+            if type(m.retryable) is not bool:
+                raise P.ProtocolError("DDONE: retryable must be a bool")
+        except P.ProtocolError as e:
+            log.warning("dropping a malformed DDONE: %s", e)
+            return []
+        keep = None
+        with self.lock:
+            route = self.by_task.pop(task_id, None)
+            if route is None:
+                return []
+            call = route.inflight.pop(task_id, None)
+            if m.retryable and call is not None and call.retries != 0:
+                call.retries -= 1  # retry_exceptions covers it: call again
+                log.info("retrying %s after an application error", call.spec.name)
+                if route.state == "alive":
+                    self._send_direct(route, call)
+                else:
+                    self.unregistered.difference_update(call.spec.return_ids())
+                    self._send_broker(route, call)
+                return []
+            if call is not None:
+                keep, call.keep = call.keep, None
+            self._flush(route)
+        del keep  # (outside the lock: dropping refs may send)
+        tid_bytes = task_id
+        out, pos = [], 0
+        for i, (kind, n) in enumerate(m.returns, 1):
+            out.append((tid_bytes + i.to_bytes(4, "little"), (kind, frames[pos:pos + n])))
+            pos += n
+        if pos != len(frames):
+            log.warning("DDONE: frame count does not match its returns")
+            return []
+        return out
+
+    def broker_done(self, oids: list) -> None:
+        """Results of watched broker-path calls came: held calls may go now."""
+        ours = []
+        with self.lock:
+            for oid in oids:
+                route = self.broker_tasks.pop(oid, None)
+                if route is None:
+                    continue
+                ours.append(oid)
+                route.broker_out.pop(oid[:P.TASK_ID_LEN], None)
+                self._flush(route)
+        for oid in ours:  # (outside the lock: the last count may send a release)
+            self.client.decref(oid)
+
+    def route(self, m: P.Route) -> list:
+        """A ROUTE: [(oid, (ERROR, frames))] for calls that fail here."""
+        failed, dropped = [], []
+        with self.lock:
+            route = self.routes.get(m.actor_id)
+            if route is None:
+                route = self.routes[m.actor_id] = _Route(m.actor_id)
+            state = m.state
+            if state == "alive" and (not m.address or m.host != self.host
+                                     or not self.reply_to):
+                state = "pending"  # another host (or no reply inbox): the broker path only
+            # a new process already (e.g. restarted while the broker was down): the calls
+            # in flight to the old one are lost like those of a restart
+            moved = bool(route.address and m.address and m.address != route.address)
+            if m.address != route.address and route.sock is not None:
+                route.sock.close(0)
+                route.sock = None
+            route.state, route.address, route.ordered = state, m.address, m.ordered
+            route.incarnation, route.reason = m.incarnation, m.reason
+            if (state in ("restarting", "dead") or moved) and route.inflight:
+                lost = list(route.inflight.values())
+                route.inflight.clear()
+                for call in lost:
+                    spec = call.spec
+                    self.by_task.pop(spec.task_id, None)
+                    if state != "dead" and call.retries != 0 and call.frames is not None:
+                        call.retries -= 1
+                        self.unregistered.difference_update(spec.return_ids())
+                        self._send_broker(route, call)
+                        continue
+                    if state != "dead":
+                        err = exceptions.ActorUnavailableError(
+                            f"The actor died while running {spec.name} and is restarting: "
+                            f"{m.reason or 'it runs in a new process'}. The call may or may "
+                            f"not have run.", m.actor_id.hex())
+                    else:
+                        err = exceptions.ActorDiedError(m.reason, m.actor_id.hex())
+                    frames = serialize_error(err)
+                    n = max(spec.num_returns, 1) if spec.num_returns else 0
+                    for i in range(1, n + 1):
+                        failed.append((P.object_id(spec.task_id, i), (P.ERROR, frames)))
+                    dropped.append(call.keep)
+                    call.keep = None
+            self._flush(route)
+            if state == "dead":
+                self.routes.pop(m.actor_id, None)
+                if route.sock is not None:
+                    route.sock.close(0)
+                    route.sock = None
+        del dropped
+        return failed
+
+    def rejoined(self) -> None:
+        """A restarted broker took us back: ask it where each actor is again (direct
+        calls in flight stay so: a ROUTE restarting / dead settles them)."""
+        with self.lock:
+            for actor_id, route in self.routes.items():
+                route.state = "asking"
+                if route.sock is not None:
+                    route.sock.close(0)
+                    route.sock = None
+                self.client.request_nowait("actor_route", {"actor_id": actor_id})
+
+    # ------------------------------------------------------------ user threads
+    def cancel(self, oid: bytes, force: bool) -> bool:
+        """ray.cancel of a direct call (sent or held): True if handled here."""
+        task_id = oid[:P.TASK_ID_LEN]
+        with self.lock:
+            route = self.by_task.get(task_id)
+            if route is not None:
+                self._cancel_sent(route, task_id, bool(force))
+                return True
+            for route in self.routes.values():
+                for _, call in route.held:
+                    if call.spec.task_id == task_id:
+                        call.cancel = bool(force)
+                        return True
+        return False
+
+    def _cancel_sent(self, route: _Route, task_id: bytes, force: bool) -> None:
+        """Cancel a call sent direct. Through the broker, which interrupts the actor's
+        executor as for its own calls: a plain actor's main thread, busy with the very
+        call, reads nothing from the direct socket until the call ends."""
+        self.client.request_nowait("direct_cancel", {"actor_id": route.actor_id,
+                                                     "task_id": task_id, "force": force})
+
+    def register(self, oid: bytes) -> None:
+        """A ref to direct result ``oid`` escapes: PUT it to the broker first (as its
+        owner), waiting for the value if it has not come yet."""
+        client = self.client
+        records = client.records
+        here = self.here
+
+        def ready():
+            rec = records.get(oid)
+            return oid not in self.unregistered or rec is None or rec.state in here
+
+        client.wait_for(ready, None)
+        with self.lock:
+            if oid not in self.unregistered:
+                return
+            self.unregistered.discard(oid)
+        rec = records.get(oid)
+        if rec is None or rec.value is None:
+            return
+        kind, frames = rec.value
+        stored = client.store_frames(oid, kind, list(frames)) if client.store is not None else None
+        if stored is not None:
+            client.send(P.encode(P.Put(oid, kind, [], *stored)))
+        else:
+            client.send(P.encode(P.Put(oid, kind, [], None, 0)), list(frames))
+
+    def forget(self, oid: bytes) -> bool:
+        """The last ref to ``oid`` is gone: True if the broker never knew it (say nothing)."""
+        if oid in self.unregistered:
+            self.unregistered.discard(oid)
+            return True
+        return False
+
+    def close(self) -> None:
+        with self.lock:
+            for route in self.routes.values():
+                if route.sock is not None:
+                    route.sock.close(0)
+                    route.sock = None
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+
