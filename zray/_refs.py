@@ -9,7 +9,7 @@ import concurrent.futures
 import os
 
 from zray import _protocol as P
-from zray import _runtime
+from zray import _runtime, _serialization
 from zray._ids import BaseID, JobID, TaskID
 from zray._serialization import nested_collector, unpickled_refs
 
@@ -59,6 +59,9 @@ def adopt_unpickled(refs: list) -> None:
     client.incref_many([r.id for r in refs])
     for r in refs:
         r._client = client
+
+
+_serialization._adopt[0] = adopt_unpickled
 
 
 class ObjectRef(BaseID):

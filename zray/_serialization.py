@@ -38,6 +38,11 @@ def nested_collector() -> list | None:
     return getattr(_local, "nested", None)
 
 
+# zray._refs.adopt_unpickled, set when zray._refs is imported (it imports this module;
+# only its _rebuild_ref fills the list this is called with)
+_adopt: list = [None]
+
+
 def unpickled_refs() -> list | None:
     """While ``deserialize`` runs: the list that ObjectRefs unpickled in this thread join,
     to be counted in one step when the value is whole (``_refs._rebuild_ref``)."""
@@ -139,9 +144,7 @@ def deserialize(frames: list):
     finally:
         _local.unpickled = prev
         if refs:
-            from zray._refs import adopt_unpickled
-
-            adopt_unpickled(refs)  # every ref is counted, even if loads raised
+            _adopt[0](refs)  # every ref is counted, even if loads raised
 
 
 def _buf(frame):
