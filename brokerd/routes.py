@@ -8,7 +8,8 @@
     caller --REQ direct_cancel {actor_id, task_id, force}--> INTERRUPT to the executor
     actor ALIVE / RESTARTING / DEAD (brokerd/actors.py) --changed()--> ROUTE to every caller
                                                                       that asked
-    actor's executor --REQ direct_stats {calls, failed}--> counts (about once a second)
+    actor's executor --REQ direct_stats {calls, failed, events, dropped}--> counts, and
+                       each call's RUNNING/FINISHED|FAILED into the event log (state API)
 
 Owns: ``listening`` (actor id -> (executor cid, address, host, ordered)), ``askers``
 (actor id -> cids) and the direct-call counters. The calls themselves never pass
@@ -39,6 +40,7 @@ class ActorRoutes:
         self.calls: dict = {}  # actor id -> direct calls its executor reported run
         self.failed: dict = {}  # actor id -> ... of which raised
         self.total_calls = 0
+        self.direct_tasks: dict = {}  # task id -> actor id: direct calls in the event log
 
     def listen(self, cid: bytes, args: dict) -> None:
         """An actor's executor says where it takes direct calls."""
@@ -111,6 +113,33 @@ class ActorRoutes:
         self.calls[aid] = self.calls.get(aid, 0) + calls
         self.failed[aid] = self.failed.get(aid, 0) + failed
         self.total_calls += calls
+        self._events(ex, aid, args.get("events", []), args.get("dropped", 0))
+
+    def _events(self, ex, actor_id: bytes, events, dropped) -> None:
+        """The calls' task events, into the broker's event log (state API, timeline):
+        RUNNING at their start, FINISHED or FAILED at their end, as the broker's own
+        calls have. Each one is checked; the report's bad ones are dropped."""
+        if type(events) is not list or len(events) > 5000 or type(dropped) is not int \
+                or dropped < 0:
+            raise ValueError("direct_stats: events must be a list of at most 5000, "
+                             "dropped an int")
+        moves = self.engine.moves
+        log_, node_id = moves.events, ex.node.node_id
+        for e in events:
+            if (type(e) is not list or len(e) != 5 or type(e[0]) is not bytes
+                    or len(e[0]) != P.TASK_ID_LEN or type(e[1]) is not str or len(e[1]) > 512
+                    or type(e[2]) is not float or type(e[3]) is not float
+                    or type(e[4]) is not bool):
+                raise ValueError("direct_stats: an event is [task id, name, start, end, failed]")
+            task_id, name, t0, t1, failed = e
+            log_.append((t0, "task", task_id, "queued", "running", "", node_id, name))
+            log_.append((t1, "task", task_id, "running", "failed" if failed else "finished",
+                         "the method raised" if failed else "", node_id, name))
+            self.direct_tasks[task_id] = actor_id
+        moves.appended += 2 * (len(events) + dropped)
+        if len(self.direct_tasks) > 200_000:  # (as bounded as the event log)
+            for k in list(self.direct_tasks)[:100_000]:
+                del self.direct_tasks[k]
 
     def cancel(self, cid: bytes, args: dict) -> None:
         """ray.cancel of a direct call: interrupt it on the actor's executor, as the

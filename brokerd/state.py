@@ -125,12 +125,18 @@ class StateView:
         log, and every live task (a task waiting for its arguments has made no move yet)."""
         rows: dict = {}
         specs = self.engine.moves.specs
+        direct, actors = self.engine.routes.direct_tasks, self.engine.actors.actors
         for t, kind, rid, _old, new, reason, node_id, name in self.engine.moves.events:
             if kind != "task":
                 continue
             r = rows.get(rid)
             if r is None:
                 r = rows[rid] = _task_row(specs.get(rid), t, rid, name)
+                aid = direct.get(rid)
+                if aid is not None and r["type"] is None:  # a direct actor call
+                    actor = actors.get(aid)
+                    r.update(type="ACTOR_TASK", actor_id=aid.hex(), func_or_class_name=name,
+                             job_id=_hex(actor.job_id) if actor is not None else None)
             r["events"].append({"state": TASK_STATE[new], "created_ms": _ms(t)})
             r["state"] = TASK_STATE[new]
             if node_id:

@@ -439,3 +439,36 @@ def test_cluster_events_say_what_died(ray_local):
     poll_until(lambda: any(e["severity"] == "ERROR" and "DEAD" in e["message"] and aid in
                            e["message"] for e in state.list_cluster_events(limit=10_000)),
                30, what="the actor's death event")
+
+
+@zray.remote
+class Direct:
+    def ok(self, i):
+        return i
+
+    def bad(self):
+        raise ValueError("no")
+
+
+def test_direct_actor_calls_are_in_the_task_list(ray_local):
+    """Calls that went straight to the actor (no broker message each) are listed as the
+    broker's own are: their executor reports them in batches."""
+    a = Direct.remote()
+    assert zray.get(a.ok.remote(0)) == 0  # the route is known from here on
+    assert zray.get([a.ok.remote(i) for i in range(1, 51)]) == list(range(1, 51))
+    with pytest.raises(zray.exceptions.RayTaskError):
+        zray.get(a.bad.remote())
+    aid = a._actor_id.hex()
+
+    def listed():
+        rows = state.list_tasks(filters=[("actor_id", "=", aid), ("type", "=", "ACTOR_TASK")],
+                                limit=10_000, raise_on_missing_output=False)
+        done = [r for r in rows if r["state"] == "FINISHED" and r["name"] == "Direct.ok"]
+        failed = [r for r in rows if r["state"] == "FAILED" and r["name"] == "Direct.bad"]
+        return (done, failed) if len(done) >= 51 and failed else None
+
+    done, failed = poll_until(listed, 30, what="the 52 calls in the task list")
+    assert len({r["task_id"] for r in done}) == len(done)
+    assert all(r["node_id"] for r in done + failed)
+    summary = state.summarize_tasks(raise_on_missing_output=False)["cluster"]["summary"]
+    assert summary["Direct.ok"]["state_counts"]["FINISHED"] >= 51

@@ -41,6 +41,8 @@ from zray._serialization import serialize
 from zray._transport import NOBLOCK, recv_parts, send_parts
 from zray.actor import ActorExit
 
+MAX_EVENTS = 5000  # task events per report (about a second of calls)
+
 if TYPE_CHECKING:
     from workerd.actors import ActorHost
     from workerd.executor import ExecutorProcess
@@ -84,6 +86,11 @@ class DirectServer:
         self.lock = threading.Lock()  # the PUSH sockets: any thread replies
         self.push: dict = {}  # reply_to -> PUSH socket
         self.ran = self.failed = 0  # since the last report to the broker
+        # [task id, name, start, end, failed] of the calls answered since the last report
+        # (the state API's task rows), at most MAX_EVENTS; beyond that only counted
+        self.started: dict = {}  # task id -> (name, wall-clock start)
+        self.events: list = []
+        self.events_dropped = 0
         self.last_report = time.monotonic()
         self.dropped = 0
         self._drop_logged: set = set()
@@ -221,6 +228,7 @@ class DirectServer:
                 self._drop("DCALL: a call already running here")
                 return
             self.calls[m.spec.task_id] = m.reply_to
+            self.started[m.spec.task_id] = (m.spec.name, time.time())
             start(P.Exec(m.spec, False, m.n_args, [], []), parts[1:])
         elif m.TYPE == Msg.DCANCEL:
             if m.task_id in self.calls:
@@ -240,7 +248,11 @@ class DirectServer:
         if ran:
             self.ran -= ran
             self.failed -= failed
-            self.client.request_nowait("direct_stats", {"calls": ran, "failed": failed})
+            events, self.events = self.events, []
+            dropped, self.events_dropped = self.events_dropped, 0
+            self.client.request_nowait("direct_stats", {"calls": ran, "failed": failed,
+                                                        "events": events,
+                                                        "dropped": dropped})
 
 
     # --------------------------------------------------------- replying
@@ -268,8 +280,15 @@ class DirectServer:
         if reply_to is None:
             return
         self.ran += 1
-        if layout and layout[0][0] == P.ERROR:
+        failed = bool(layout) and layout[0][0] == P.ERROR
+        if failed:
             self.failed += 1
+        started = self.started.pop(task_id, None)
+        if started is not None:
+            if len(self.events) < MAX_EVENTS:
+                self.events.append([task_id, started[0], started[1], time.time(), failed])
+            else:
+                self.events_dropped += 1
         header = P.encode(P.DDone(task_id, layout, retryable))
         with self.lock:
             sock = self.push.get(reply_to)
