@@ -134,3 +134,7 @@ def poll_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
         time.sleep(interval)
+
+
+# ``@pytest.mark.serial`` and the lock behind it (the suite runs in parallel with xdist).
+from serial_lock import pytest_configure, pytest_runtest_protocol, pytest_unconfigure  # noqa: E402,F401,I001

@@ -333,6 +333,7 @@ def test_calls_from_one_caller_run_in_submission_order(cluster):
     _kill(c)
 
 
+@pytest.mark.serial  # it times the work: alone in a parallel run (tests/serial_lock.py)
 @pytest.mark.timeout(60)
 def test_calls_on_different_actors_run_in_parallel(cluster):
     a, b = Counter.remote(), Counter.remote()
@@ -426,6 +427,7 @@ def test_method_streaming_generator(cluster):
 # concurrency: threaded and async actors
 # --------------------------------------------------------------------------
 
+@pytest.mark.serial  # it times the work: alone in a parallel run (tests/serial_lock.py)
 @pytest.mark.timeout(60)
 def test_threaded_actor_runs_calls_concurrently(cluster):
     t = Threaded.remote()
@@ -437,6 +439,7 @@ def test_threaded_actor_runs_calls_concurrently(cluster):
     _kill(t)
 
 
+@pytest.mark.serial  # it times the work: alone in a parallel run (tests/serial_lock.py)
 @pytest.mark.timeout(60)
 def test_async_actor_runs_calls_concurrently(cluster):
     a = AsyncActor.remote()

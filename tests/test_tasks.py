@@ -86,6 +86,7 @@ def test_get_rejects_non_refs(ray_local):
         zray.get([zray.put(1), 2])
 
 
+@pytest.mark.serial  # it times the work: alone in a parallel run (tests/serial_lock.py)
 @pytest.mark.timeout(30)
 def test_get_timeout_raises_get_timeout_error(ray_local, tmp_path):
     @zray.remote
@@ -179,6 +180,7 @@ def test_wait_num_returns_and_order(ray_local, tmp_path):
     assert ready == refs and not_ready == []
 
 
+@pytest.mark.serial  # it times the work: alone in a parallel run (tests/serial_lock.py)
 @pytest.mark.timeout(60)
 def test_wait_timeout_returns_partial(ray_local, tmp_path):
     @zray.remote
@@ -461,6 +463,7 @@ def _marked_sleep(path, seconds):
     return "finished"
 
 
+@pytest.mark.serial  # it times the work: alone in a parallel run (tests/serial_lock.py)
 @pytest.mark.timeout(60)
 def test_cancel_queued_task(ray_local, tmp_path):
     markers = [str(tmp_path / f"m{i}") for i in range(4)]
@@ -484,6 +487,7 @@ def test_cancel_queued_task(ray_local, tmp_path):
             zray.get(b, timeout=15)
 
 
+@pytest.mark.serial  # it times the work: alone in a parallel run (tests/serial_lock.py)
 @pytest.mark.timeout(60)
 def test_cancel_running_task_interrupts_sleep(ray_local, tmp_path):
     marker = str(tmp_path / "running")
@@ -956,6 +960,7 @@ def test_normal_exit_leaves_no_process(tmp_path):
                 pass
 
 
+@pytest.mark.serial  # it times the work: alone in a parallel run (tests/serial_lock.py)
 @pytest.mark.timeout(60)
 def test_init_to_first_result_is_fast(run_driver):
     res = run_driver(

@@ -74,9 +74,20 @@ def create_key_file(path: str | None = None) -> dict:
     cpub, csec = zmq.curve_keypair()
     keys = {"server_public": spub.decode(), "server_secret": ssec.decode(),
             "client_public": cpub.decode(), "client_secret": csec.decode()}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(keys, f)
+    # Written whole under a temporary name, then linked into place: link() fails if the
+    # file exists, so of two brokers starting at once on a fresh host one key wins and
+    # both use it, and no reader ever sees a half-written file.
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(keys, f)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return load_key_file(path)  # another process created it first: use its keys
+    finally:
+        os.unlink(tmp)
     return keys
 
 
