@@ -213,9 +213,10 @@ def remove_placement_group(placement_group: PlacementGroup) -> None:
     if not isinstance(placement_group, PlacementGroup):
         raise TypeError(f"remove_placement_group expects a PlacementGroup, got "
                         f"{type(placement_group).__name__}")
-    # Asynchronous, as in Ray: the broker removes it in the order requests were sent.
-    _runtime.require_client().request_nowait("pg_remove",
-                                              {"pg_id": placement_group.id.binary()})
+    # Answered once the broker has removed it (one round trip): the group's actors are
+    # dead by then, so a direct call made afterwards (zray/_direct.py, which does not go
+    # through the broker) already knows it and fails as Ray's does.
+    _runtime.require_client().request("pg_remove", {"pg_id": placement_group.id.binary()})
 
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:
