@@ -860,7 +860,8 @@ class TaskEngine:
             return
         self.nodes.spawned(node)
         if node.actor_spawns:  # a process started for an actor died before READY
-            node.spawn_failures += 1
+            if code >= 0:  # it failed to start; one killed by a signal (OOM killer, an
+                node.spawn_failures += 1  # operator, chaos) says nothing of the node
             if node.spawn_failures <= MAX_SPAWN_FAILURES:
                 self.nodes.request_spawn(node, for_actor=True)
             else:
