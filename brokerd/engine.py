@@ -46,6 +46,8 @@ from brokerd.objects import ObjectDirectory
 from brokerd.outbox import Outbox
 from brokerd.pgroups import PlacementGroupTable, owner_gone, pg_strategy, schedule_groups
 from brokerd.placement import Decisions, Placement, check_strategy_options, strategy_key
+from brokerd.pushed import note as pushed_note
+from brokerd.pushed import redeliver as pushed_redeliver
 from brokerd.records import (
     Actor,
     ActorState,
@@ -500,6 +502,10 @@ class TaskEngine:
                 return
             if actor.exit_when_idle and not actor.inflight and not actor.queue:
                 self._end_unreferenced(actor)
+                # The executor is SIGKILLed now: results it pushed straight to their
+                # owner may still sit unsent in its socket. The broker sends them too
+                # (an owner takes a second copy of a value as a no-op).
+                pushed = ()
         elif task.kind == P.TASK:
             self.nodes.release(task)
             if ex is not None:
@@ -540,6 +546,8 @@ class TaskEngine:
                     objects.contain(obj, nested, cid)  # refs inside the results
                 woken += objects.ready(obj, kind, part,
                                        push_owner=not (i < len(pushed) and pushed[i]))
+        if pushed:
+            pushed_note(ex, task.returns, pushed)
         if not (layout and layout[0][0] == P.ERROR):
             self._finished(task, TaskState.FINISHED, "returned")
         elif task.cancel_requested:
@@ -907,6 +915,8 @@ class TaskEngine:
         prev = ex.state
         why = reason or f"the executor process (pid {ex.pid}) died with exit code {code}"
         self.moves.move(ex, ExecState.DEAD, why)
+        if ex.pushed:
+            pushed_redeliver(self.objects, self.clients, ex)
         self._owner_gone(ex.cid, why)
         self.executors.pop(ex.cid, None)
         info = self.clients.pop(ex.cid, None)

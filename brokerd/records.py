@@ -98,6 +98,8 @@ class Executor:
     # The runtime_env key (zray/_renv.py) of the tasks it runs: None until its first
     # task binds it ("" for none); it never runs another environment's tasks.
     env: Optional[str] = None
+    # results it pushed straight to their owners lately: sent again if it dies (pushed.py)
+    pushed: deque = field(default_factory=lambda: deque(maxlen=64))
 
 
 @dataclass(eq=False)
