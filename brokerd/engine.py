@@ -936,9 +936,16 @@ class TaskEngine:
                 self._requeue(pre, "its executor died before it started")
         if ex.actor is not None:
             actor, ex.actor = ex.actor, None
-            if actor.create.node is not None:  # its resources come back, whatever happens next
-                self.nodes.release(actor.create)
-            self._settle(actor, self.actors.process_died(actor, code, why))
+            if actor.executor is not None and actor.executor is not ex:
+                # A stale process of the actor (a newer one runs it: e.g. an old process
+                # re-vouched after a broker restart, or a death reported late): its death
+                # must not restart the live incarnation or take its executor away.
+                log.info("a stale process (pid %s) of actor %s died; pid %s runs it",
+                         ex.pid, actor.class_name, actor.executor.pid)
+            else:
+                if actor.create.node is not None:  # its resources come back, whatever next
+                    self.nodes.release(actor.create)
+                self._settle(actor, self.actors.process_died(actor, code, why))
         elif task is not None and task.state == TaskState.RUNNING:
             self.nodes.release(task)
             if task.cancel_requested:

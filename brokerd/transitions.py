@@ -55,7 +55,8 @@ CREATE_MOVES = {**TASK_MOVES, T.FINISHED: {T.QUEUED}}
 ACTOR_MOVES = {
     A.PENDING: {A.ALIVE, A.RESTARTING, A.DEAD},
     A.ALIVE: {A.RESTARTING, A.DEAD},
-    A.RESTARTING: {A.ALIVE, A.DEAD},
+    # RESTARTING -> RESTARTING: the new process died too, before its constructor returned.
+    A.RESTARTING: {A.ALIVE, A.RESTARTING, A.DEAD},
     A.DEAD: set(),
 }
 
