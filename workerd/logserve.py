@@ -19,12 +19,12 @@ broker relays at most one per client request, so this bounds a flood, not use).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 
 import zmq
 
+from workerd.storeio import forward, thread_pipe
 from zray import _logfiles
 from zray import _protocol as P
 
@@ -38,14 +38,7 @@ class LogServer:
     def __init__(self, log_dir: str, ctx: zmq.Context):
         self.log_dir = log_dir
         self.jobs: queue.Queue = queue.Queue()
-        addr = f"inproc://zray-log-serve-{os.getpid()}-{id(self)}"
-        self.pipe = ctx.socket(zmq.PAIR)  # the agent's loop end
-        self.pipe.setsockopt(zmq.LINGER, 0)
-        self.pipe.bind(addr)
-        self._out = ctx.socket(zmq.PAIR)  # used only by the thread from now on
-        self._out.setsockopt(zmq.LINGER, 0)
-        self._out.setsockopt(zmq.SNDHWM, 0)
-        self._out.connect(addr)
+        self.pipe, self._out = thread_pipe(ctx, "log-serve")  # the loop's end, the thread's
         self.thread = threading.Thread(target=self._run, name="zray-log-serve", daemon=True)
         self.thread.start()
 
@@ -59,12 +52,7 @@ class LogServer:
         return None
 
     def forward(self, sock: zmq.Socket) -> None:
-        while True:
-            try:
-                frames = self.pipe.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            sock.send_multipart(frames, copy=False)
+        forward(self.pipe, sock)
 
     def close(self, timeout: float = 2.0) -> None:
         self.jobs.put(_STOP)

@@ -37,20 +37,38 @@ log = logging.getLogger("zray.node")
 _STOP = object()
 
 
+def thread_pipe(ctx: zmq.Context, name: str) -> tuple:
+    """(loop end, thread end) of an inproc PAIR that carries a worker thread's replies to
+    the node agent's loop, which alone touches the broker socket (``forward``)."""
+    addr = f"inproc://zray-{name}-{os.getpid()}-{id(object())}"
+    loop_end = ctx.socket(zmq.PAIR)
+    loop_end.setsockopt(zmq.LINGER, 0)
+    loop_end.bind(addr)
+    thread_end = ctx.socket(zmq.PAIR)
+    thread_end.setsockopt(zmq.LINGER, 0)
+    thread_end.setsockopt(zmq.SNDHWM, 0)
+    thread_end.connect(addr)
+    return loop_end, thread_end
+
+
+def forward(pipe: zmq.Socket, sock: zmq.Socket) -> None:
+    """Send what came on ``pipe`` (a thread_pipe's loop end) on ``sock``, until empty."""
+    while True:
+        try:
+            frames = pipe.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        sock.send_multipart(frames, copy=False)
+
+
 class StoreIO:
     """One thread doing the node agent's store work; ``pipe`` carries its replies."""
 
     def __init__(self, store: ObjectStore, ctx: zmq.Context):
         self.store = store
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        addr = f"inproc://zray-store-io-{os.getpid()}-{id(self)}"
-        self.pipe = ctx.socket(zmq.PAIR)  # the agent's loop end
-        self.pipe.setsockopt(zmq.LINGER, 0)
-        self.pipe.bind(addr)
-        self._out = ctx.socket(zmq.PAIR)  # used only by the thread from now on
-        self._out.setsockopt(zmq.LINGER, 0)
-        self._out.setsockopt(zmq.SNDHWM, 0)
-        self._out.connect(addr)
+        # pipe: the agent's loop end; _out: used only by the thread from now on
+        self.pipe, self._out = thread_pipe(ctx, "store-io")
         self.spilled = 0  # objects spilled so far
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="zray-store-io", daemon=True)
@@ -65,12 +83,7 @@ class StoreIO:
 
     def forward(self, sock: zmq.Socket) -> None:
         """Send the thread's finished replies on ``sock`` (the agent's broker socket)."""
-        while True:
-            try:
-                frames = self.pipe.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            sock.send_multipart(frames, copy=False)
+        forward(self.pipe, sock)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread: jobs not started yet are dropped (the node is going away)."""
