@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -37,6 +36,9 @@ import tempfile
 import time
 
 import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _procs import stop_all  # noqa: E402
 
 CLIENT = r"""
 import json, os, sys, time
@@ -206,19 +208,7 @@ def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
                 "gc_runs": gc_runs,
                 "tasks": total, "wall_s": wall}
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
 
 
 def main(argv=None) -> int:

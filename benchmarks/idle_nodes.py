@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -35,6 +34,9 @@ import tempfile
 import time
 
 import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _procs import stop_all  # noqa: E402
 
 NODES = r"""
 import os, random, sys, time
@@ -159,19 +161,7 @@ def run_once(tree: str, nodes: int, idle: float, pyspy: str = "") -> dict:
         return {"cpu_pct": 100 * cpu / wall, "us_per_node_s": cpu / wall / nodes * 1e6,
                 "main_pct": 100 * main / wall}
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp)
 
 
 def main(argv=None) -> int:
