@@ -110,10 +110,10 @@ class ActorRoutes:
                 or not 0 <= failed <= calls < 1 << 40:
             raise ValueError("direct_stats: {calls: int, failed: int} from an actor's executor")
         aid = actor.actor_id
+        self._events(ex, aid, args.get("events", []), args.get("dropped", 0))  # (checks first)
         self.calls[aid] = self.calls.get(aid, 0) + calls
         self.failed[aid] = self.failed.get(aid, 0) + failed
         self.total_calls += calls
-        self._events(ex, aid, args.get("events", []), args.get("dropped", 0))
 
     def _events(self, ex, actor_id: bytes, events, dropped) -> None:
         """The calls' task events, into the broker's event log (state API, timeline):
@@ -125,13 +125,13 @@ class ActorRoutes:
                              "dropped an int")
         moves = self.engine.moves
         log_, node_id = moves.events, ex.node.node_id
-        for e in events:
+        for e in events:  # all checked before any is logged: a bad report changes nothing
             if (type(e) is not list or len(e) != 5 or type(e[0]) is not bytes
                     or len(e[0]) != P.TASK_ID_LEN or type(e[1]) is not str or len(e[1]) > 512
                     or type(e[2]) is not float or type(e[3]) is not float
                     or type(e[4]) is not bool):
                 raise ValueError("direct_stats: an event is [task id, name, start, end, failed]")
-            task_id, name, t0, t1, failed = e
+        for task_id, name, t0, t1, failed in events:
             log_.append((t0, "task", task_id, "queued", "running", "", node_id, name))
             log_.append((t1, "task", task_id, "running", "failed" if failed else "finished",
                          "the method raised" if failed else "", node_id, name))

@@ -477,3 +477,39 @@ def test_direct_actor_calls_are_in_the_task_list(ray_local):
     assert all(r["node_id"] for r in done + failed)
     summary = state.summarize_tasks(raise_on_missing_output=False)["cluster"]["summary"]
     assert summary["Direct.ok"]["state_counts"]["FINISHED"] >= 51
+
+
+@zray.remote
+class Forger:
+    def report(self, args):
+        from zray import _runtime
+
+        try:
+            _runtime.client.request("direct_stats", args, timeout=30)
+            return "accepted"
+        except ValueError as e:
+            return str(e)
+
+
+def test_bad_direct_call_reports_are_refused(ray_local):
+    """An actor's process reports its direct calls to the broker: what it sends is checked
+    field by field, and a bad report changes nothing in the task list."""
+    f = Forger.remote()
+    tid = os.urandom(12)
+    bad = [{"calls": 1, "failed": 0, "events": "x"},
+           {"calls": 1, "failed": 0, "events": [[tid, "n", 1.0, 2.0]]},
+           {"calls": 1, "failed": 0, "events": [[b"short", "n", 1.0, 2.0, False]]},
+           {"calls": 1, "failed": 0, "events": [[tid, 5, 1.0, 2.0, False]]},
+           {"calls": 1, "failed": 0, "events": [[tid, "n", "t", 2.0, False]]},
+           {"calls": 1, "failed": 0, "events": [], "dropped": -1},
+           {"calls": 1, "failed": 0, "events": [[tid, "n", 1.0, 2.0, False]] * 5001},
+           {"calls": -1, "failed": 0},
+           {"calls": 2, "failed": 0, "events": [[tid, "n", 1.0, 2.0, False],
+                                                [tid, "n", 1.0, 2.0, None]]}]
+    for args in bad:
+        assert "direct_stats" in zray.get(f.report.remote(args), timeout=60), args
+    rows = state.list_tasks(filters=[("task_id", "=", tid.hex())], raise_on_missing_output=False)
+    assert rows == []
+    assert zray.get(f.report.remote({"calls": 1, "failed": 0,
+                                     "events": [[tid, "Forger.ok", 1.0, 2.0, False]]}),
+                    timeout=60) == "accepted"
