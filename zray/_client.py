@@ -12,8 +12,9 @@
   submissions, puts and releases therefore reach the broker in program order.
 * The *inbox* belongs to the I/O thread. It files pushed objects into their
   records, stores replies, prints forwarded logs, hands EXEC messages to an
-  executor's main thread and delivers cancellations, then wakes every waiter
-  with one ``notify_all`` per drained batch.
+  executor's main thread and delivers cancellations, then wakes the waiters
+  with one ``notify_all`` per drained batch, if the batch holds what one of them
+  waits for (see Wake-ups).
 * A ref unpickled here (borrowed) is announced to the broker (REFS +1, sent
   before anything else this client sends); when the last ref to an object goes
   the broker is told (REFS -1, batched by RELEASE_BATCH / RELEASE_DELAY_MS).
@@ -50,6 +51,20 @@ Transitions (the message or call that makes each)::
     any            --OBJ naming our node's store, put()--> STORED   (a later copy
                                                          replaces an earlier value)
     any            --last ObjectRef dropped (decref)-----> record deleted, REFS -1 queued
+
+Wake-ups
+========
+A waiter on ``cond`` says what wakes it, under ``cond``: ``get()`` of many refs
+(and ``wait()`` of all of them) names one oid in ``_watch``, the last one still
+missing (results come mostly in submission order, so a get of 1,000 is woken
+about once, not once per arriving result); ``wait(num_returns < n)``,
+``wait_for`` and a stream's next item count in ``_watch_any`` (any arrival).
+After filing a batch's values the I/O thread notifies only if one of them is
+watched, a waiter takes any, a value turned up in another node's store (a
+get() must fetch it: ``_remote_seen``), or the batch held anything else a
+waiter may want (replies, stream ends, the broker gone). A waiter names its
+oid and then checks the states, both under ``cond``; the I/O thread sets the
+states and then reads the watch: one of the two always sees the other.
 
 Threads: records change only under ``_ref_lock``: user threads take it in
 incref/decref/put/_subscribe, the I/O thread once per run of OBJ/STREAM_END
@@ -217,6 +232,13 @@ class Client:
         self._wake_r, self._wake_w = os.pipe()  # a queued SUBMIT wakes the I/O thread
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # Who waits on `cond` for which objects (changed under `cond`; read by the I/O
+        # thread after it filed a batch's values): a batch of values wakes the waiters
+        # only if one of them arrived that a waiter named, or a waiter takes any
+        # arrival (module doc, "Wake-ups").
+        self._watch: dict = {}  # oid -> how many waiters wait for it in particular
+        self._watch_any = 0  # waiters woken by any arrival (wait(num_returns<n), streams)
+        self._remote_seen = 0  # values found in another node's store (get() fetches them)
         self._replies: dict = {}
         self._unawaited: set = set()  # ids of requests sent with request_nowait
         self._streams: dict[bytes, _Stream] = {}  # task_id -> its open stream
@@ -575,6 +597,8 @@ class Client:
         direct = self.direct
         watched = direct.broker_tasks if direct is not None else None
         came: list = []  # watched broker-path calls whose result came (zray/_direct.py)
+        filed: list = []  # oids whose OBJ came: they wake a waiter that watches them
+        remote_seen = self._remote_seen
         for msg in batch:
             try:
                 decoded.append((P.decode_from_broker(P.buffer_of(msg[0])), msg))
@@ -602,7 +626,7 @@ class Client:
                     self._arrived_locked(m.oid, state, value, m.node_id, arrived, fetch)
                     if watched and m.oid in watched:
                         came.append(m.oid)
-                    notify = True
+                    filed.append(m.oid)
                     continue
                 if mtype == Msg.STREAM_END:
                     if not held:
@@ -662,6 +686,16 @@ class Client:
                 log.exception("an object's done callback failed")
         if fetch:
             self.send(P.encode(P.Sub(fetch)))
+        if filed and not notify:  # (read after the values were filed: see wait_objects)
+            if self._watch_any or self._remote_seen != remote_seen:
+                notify = True
+            else:
+                watch = self._watch
+                if watch:
+                    for oid in filed:
+                        if oid in watch:
+                            notify = True
+                            break
         if notify:
             with self.cond:
                 self.cond.notify_all()
@@ -682,6 +716,7 @@ class Client:
             if rec.state in _HERE:
                 return  # already here: a copy elsewhere changes nothing
             rec.node_id = node_id
+            self._remote_seen += 1  # a get() waiting for it must fetch it
             if rec.callbacks:  # a future waits for the value: have it brought here
                 rec.state = FETCHING
                 fetch.append(oid)
@@ -893,42 +928,67 @@ class Client:
         missing = [r for r in refs if not done(r.id)]
         if len(refs) - len(missing) >= num_ready:
             return
+        remote_seen = self._remote_seen  # (read before _subscribe: it fetches REMOTE ones)
         self._subscribe(missing)
         blocked = self._block()
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             need_all = num_ready >= len(refs)
-            i = 0
+            j = len(missing) - 1  # need_all: the last of `missing` that is not here yet
+            watch, watched = self._watch, None  # the oid this waiter named in `_watch`
             with self.cond:
-                while True:
-                    # Re-check only what is still missing: O(n) over the whole wait.
-                    if need_all:
-                        while i < len(missing) and done(missing[i].id):
-                            i += 1
-                        if i == len(missing):
-                            return
-                        rec = records.get(missing[i].id)
-                        if rec is not None and rec.state is REMOTE:
-                            self._subscribe(missing[i:])
-                    else:
-                        missing = [r for r in missing if not done(r.id)]
-                        if len(refs) - len(missing) >= num_ready:
-                            return
-                    if self.broker_gone:
-                        raise exceptions.RaySystemError(
-                            f"lost contact with the zray broker at {self.address}")
-                    if deadline is None:
-                        self.cond.wait(1.0)
-                    else:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            raise exceptions.GetTimeoutError(
-                                f"Get timed out: {len(missing) - i} of {len(refs)} objects "
-                                f"not ready after {timeout}s")
-                        self.cond.wait(remaining)
+                if not need_all:
+                    self._watch_any += 1
+                try:
+                    while True:
+                        if need_all:
+                            # Watch the last one missing: results mostly come in the order
+                            # of their submission, so one wake-up usually finds all here.
+                            # Each ref is found done once: O(n) over the whole wait.
+                            while j >= 0 and done(missing[j].id):
+                                j -= 1
+                            if j < 0:
+                                return
+                            if fetch and self._remote_seen != remote_seen:
+                                remote_seen = self._remote_seen  # ready elsewhere: fetch
+                                self._subscribe(missing[:j + 1])
+                            oid = missing[j].id
+                            if oid != watched:
+                                if watched is not None:
+                                    self._unwatch(watched)
+                                watch[oid] = watch.get(oid, 0) + 1
+                                watched = oid
+                        else:
+                            missing = [r for r in missing if not done(r.id)]
+                            if len(refs) - len(missing) >= num_ready:
+                                return
+                        if self.broker_gone:
+                            raise exceptions.RaySystemError(
+                                f"lost contact with the zray broker at {self.address}")
+                        if deadline is None:
+                            self.cond.wait(1.0)
+                        else:
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                left = sum(1 for r in missing if not done(r.id))
+                                raise exceptions.GetTimeoutError(
+                                    f"Get timed out: {left} of {len(refs)} objects "
+                                    f"not ready after {timeout}s")
+                            self.cond.wait(remaining)
+                finally:
+                    if watched is not None:
+                        self._unwatch(watched)
+                    if not need_all:
+                        self._watch_any -= 1
         finally:
             if blocked:
                 self._unblock()
+
+    def _unwatch(self, oid: bytes) -> None:
+        """A waiter no longer waits for ``oid`` in particular (under ``cond``)."""
+        n = self._watch.pop(oid, 1)
+        if n > 1:
+            self._watch[oid] = n - 1
 
     def _block(self) -> bool:
         """An executor's task is about to wait: lend its CPU (BLOCK). True if it did."""
@@ -954,18 +1014,22 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             with self.cond:
-                while not ready():
-                    if self.broker_gone:
-                        raise exceptions.RaySystemError(
-                            f"lost contact with the zray broker at {self.address}")
-                    if deadline is None:
-                        self.cond.wait(1.0)
-                        continue
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    self.cond.wait(remaining)
-                return True
+                self._watch_any += 1
+                try:
+                    while not ready():
+                        if self.broker_gone:
+                            raise exceptions.RaySystemError(
+                                f"lost contact with the zray broker at {self.address}")
+                        if deadline is None:
+                            self.cond.wait(1.0)
+                            continue
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return False
+                        self.cond.wait(remaining)
+                    return True
+                finally:
+                    self._watch_any -= 1
         finally:
             if blocked:
                 self._unblock()
@@ -1045,20 +1109,24 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         records = self.records
         with self.cond:
-            while True:
-                rec = records.get(oid)
-                if rec is not None and rec.state in _READY:
-                    return oid
-                stream = self._streams.get(task_id)
-                end = stream.end if stream is not None else None
-                if end is not None and index > end:
-                    return None
-                if self.broker_gone:
-                    raise exceptions.RaySystemError(
-                        f"lost contact with the zray broker at {self.address}")
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise exceptions.GetTimeoutError("stream item not ready")
-                self.cond.wait(1.0)
+            self._watch_any += 1  # (the item's record may not exist yet: any arrival)
+            try:
+                while True:
+                    rec = records.get(oid)
+                    if rec is not None and rec.state in _READY:
+                        return oid
+                    stream = self._streams.get(task_id)
+                    end = stream.end if stream is not None else None
+                    if end is not None and index > end:
+                        return None
+                    if self.broker_gone:
+                        raise exceptions.RaySystemError(
+                            f"lost contact with the zray broker at {self.address}")
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise exceptions.GetTimeoutError("stream item not ready")
+                    self.cond.wait(1.0)
+            finally:
+                self._watch_any -= 1
 
     # ------------------------------------------------------------ requests
     def request_nowait(self, op: str, args=None) -> None:
