@@ -99,7 +99,7 @@ from zray._reconnect import ReplayLog
 from zray._security import await_reply, secure_client, watch_handshake
 from zray._serialization import deserialize, load_error, serialize
 from zray._store import INLINE_MAX, ObjectStore, parse_blob
-from zray._transport import NOBLOCK, recv_parts, send_parts
+from zray._transport import NOBLOCK, readable, recv_parts, send_parts
 
 IN_STORE = "in store"  # LocalObject.value's frames when the value is in this node's store
 
@@ -120,6 +120,12 @@ RELEASE_DELAY_MS = 100
 # half-queued).
 SUBMIT_BATCH = 256
 SUBMIT_BURST_S = 0.0002
+# While a burst goes on (a SUBMIT within BURST_POLL_S), the I/O thread polls every
+# BURST_POLL_MS and sends what queued meanwhile, so the burst's SUBMITs need no
+# wake-up each (a pipe write per queued chunk cost the caller ~8 us a task); a caller
+# that blocks (get, wait) sends what it queued itself first.
+BURST_POLL_S = 0.005
+BURST_POLL_MS = 1
 
 
 class ObjectState(enum.IntEnum):
@@ -229,6 +235,7 @@ class Client:
         self._submits: list = []  # [(header, frames)]: SUBMITs queued for one BATCH
         self._batch_submits = kind != "executor"
         self._last_submit = 0.0  # when the last SUBMIT was made (SUBMIT_BURST_S)
+        self._io_idle = True  # the I/O thread polls long: a queued SUBMIT must wake it
         self._wake_r, self._wake_w = os.pipe()  # a queued SUBMIT wakes the I/O thread
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -398,12 +405,18 @@ class Client:
             if len(q) >= SUBMIT_BATCH:
                 self._flush_submits_locked()
                 return
-            if len(q) > 1:
-                return  # the I/O thread was woken by the first
+            if len(q) > 1 or not self._io_idle:
+                return  # the I/O thread was woken by the first, or polls briefly
         try:
             os.write(self._wake_w, b"s")
         except BlockingIOError:
             pass  # (the pipe is full of wake-ups: the I/O thread is woken already)
+
+    def flush_queued(self) -> None:
+        """Send the SUBMITs queued for a BATCH now (a user thread about to block)."""
+        if self._submits and self._gate.is_set() and not self.forked:
+            with self._send_lock:
+                self._flush_submits_locked()
 
     def _flush_submits_locked(self) -> None:
         """Send the queued SUBMITs (under ``_send_lock``): one as it is, more as a BATCH."""
@@ -533,15 +546,23 @@ class Client:
         last_hb = time.monotonic()
         while not self.closed:
             try:
-                ready = dict(poller.poll(RELEASE_DELAY_MS if self._pending_refs else 500))
-                if wake in ready:  # SUBMITs queued: send them (not while a replay waits)
+                if time.monotonic() - self._last_submit < BURST_POLL_S:
+                    self._io_idle = False  # (see BURST_POLL_S)
+                    timeout = BURST_POLL_MS
+                else:
+                    self._io_idle = True  # then look at the queue: see _queue_submit
+                    timeout = RELEASE_DELAY_MS if self._pending_refs else 500
+                    if self._submits:
+                        timeout = 0
+                ready = dict(poller.poll(timeout))
+                if wake in ready:
                     try:
                         os.read(wake, 4096)
                     except BlockingIOError:
                         pass
-                    if self._submits and self._gate.is_set():
-                        with self._send_lock:
-                            self._flush_submits_locked()
+                if self._submits and self._gate.is_set():  # (not while a replay waits)
+                    with self._send_lock:
+                        self._flush_submits_locked()
                 if ready:
                     batch = []
                     for sock in (direct, inbox):
@@ -549,11 +570,8 @@ class Client:
                             continue
                         if sock is inbox:
                             self.last_broker = time.monotonic()
-                        while True:
-                            try:
-                                parts = recv_parts(sock)
-                            except zmq.Again:
-                                break
+                        while readable(sock):
+                            parts = recv_parts(sock)
                             if sock is inbox:  # the broker's turn may come as one BATCH
                                 try:
                                     batch.extend(P.unbatch(parts))
@@ -929,6 +947,7 @@ class Client:
         if len(refs) - len(missing) >= num_ready:
             return
         remote_seen = self._remote_seen  # (read before _subscribe: it fetches REMOTE ones)
+        self.flush_queued()
         self._subscribe(missing)
         blocked = self._block()
         try:
@@ -1009,6 +1028,7 @@ class Client:
         False on timeout. ``subscribe``: refs whose values we must ask the broker for."""
         if ready():
             return True
+        self.flush_queued()
         self._subscribe(subscribe)
         blocked = self._block()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1108,6 +1128,7 @@ class Client:
         oid = P.object_id(task_id, index)
         deadline = None if timeout is None else time.monotonic() + timeout
         records = self.records
+        self.flush_queued()
         with self.cond:
             self._watch_any += 1  # (the item's record may not exist yet: any arrival)
             try:
