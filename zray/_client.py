@@ -805,17 +805,24 @@ class Client:
         records = self.records
         with self._ref_lock:
             pending, closed = self._pending_refs, self.closed  # the I/O thread swaps it
+            before = len(pending)
+            add = pending.append
             for oid in oids:
                 rec = records.get(oid)
                 if rec is None:
-                    rec = records[oid] = LocalObject()
-                n = rec.refcount
-                rec.refcount = n + 1
-                if n == 0 and not closed:
-                    if not pending:
-                        self._release_since = time.monotonic()
-                    pending.append((oid, 1))
-                    self._pending_addref = True
+                    records[oid] = LocalObject(1)
+                    add((oid, 1))
+                else:
+                    n = rec.refcount
+                    rec.refcount = n + 1
+                    if n == 0:
+                        add((oid, 1))
+            if closed:
+                del pending[before:]
+            elif len(pending) > before:
+                if not before:
+                    self._release_since = time.monotonic()
+                self._pending_addref = True
 
     def escape(self, oid: bytes) -> None:
         """A ref to ``oid`` was pickled out of band: ask the broker to keep the object."""
@@ -829,14 +836,19 @@ class Client:
     def decref(self, oid: bytes):
         """One ObjectRef to ``oid`` fewer; the last one deletes its record (and value)."""
         with self._ref_lock:
-            rec = self.records.get(oid)
+            records = self.records
+            rec = records.get(oid)
             if rec is not None:
-                if rec.refcount > 1:
-                    rec.refcount -= 1
+                n = rec.refcount
+                if n > 1:
+                    rec.refcount = n - 1
                     return
-                del self.records[oid]
-                self.replay.dropped(oid[:P.TASK_ID_LEN])
-                if self.direct is not None and self.direct.forget(oid):
+                del records[oid]
+                tid = oid[:P.TASK_ID_LEN]
+                if tid in self.replay.unfinished:
+                    self.replay.dropped(tid)
+                direct = self.direct
+                if direct is not None and oid in direct.unregistered and direct.forget(oid):
                     return  # a direct call's result the broker never heard of
                 value = rec.value
                 if value is not None and value[1] is IN_STORE:
@@ -847,6 +859,28 @@ class Client:
                 if not self._pending_refs:
                     self._release_since = time.monotonic()
                 self._pending_refs.append((oid, -1))
+
+    def task_returns(self, task_id: bytes, n: int, ref_cls) -> list:
+        """Refs to the ``n`` returns of a task we are about to submit, counted and marked
+        AWAITING_PUSH (the broker pushes them to us) under one lock: what ``ref_cls(oid,
+        self.cid, self)`` and ``expect_push`` do, without a lock and a call each."""
+        refs = []
+        new, cid = ref_cls.__new__, self.cid
+        with self._ref_lock:
+            records = self.records
+            for i in range(1, n + 1):
+                oid = task_id + i.to_bytes(4, "little")  # P.object_id(task_id, i)
+                rec = records.get(oid)
+                if rec is None:
+                    records[oid] = LocalObject(1, AWAITING_PUSH)
+                else:
+                    rec.refcount += 1
+                    if rec.state is PENDING:
+                        rec.state = AWAITING_PUSH
+                ref = new(ref_cls)
+                ref.id, ref.owner, ref._client = oid, cid, self
+                refs.append(ref)
+        return refs
 
     def expect_push(self, oids) -> None:
         """``oids`` are returns of a task we are about to submit: the broker pushes
@@ -989,6 +1023,8 @@ class Client:
                                     self._unwatch(watched)
                                 watch[oid] = watch.get(oid, 0) + 1
                                 watched = oid
+                                if done(oid):  # it came before we named it: look again
+                                    continue
                         else:
                             missing = [r for r in missing if not done(r.id)]
                             if len(refs) - len(missing) >= num_ready:
