@@ -79,6 +79,7 @@ callback while holding ``_ref_lock``.
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import logging
@@ -134,6 +135,7 @@ BURST_POLL_MS = 1
 COALESCE_INFLIGHT = 16
 COALESCE_FEW = 2
 COALESCE_S = 0.0005
+ARRIVALS_KEPT = 4096  # a waiter that missed more than this many arrivals looks at all
 
 
 class ObjectState(enum.IntEnum):
@@ -254,6 +256,10 @@ class Client:
         self._watch: dict = {}  # oid -> how many waiters wait for it in particular
         self._watch_any = 0  # waiters woken by any arrival (wait(num_returns<n), streams)
         self._remote_seen = 0  # values found in another node's store (get() fetches them)
+        # What came while `_watch_any` waiters wait (appended under `cond`): a wait() for
+        # some of many refs looks at the new arrivals only, not at all its refs again.
+        self._arrivals: collections.deque = collections.deque(maxlen=ARRIVALS_KEPT)
+        self._arrival_seq = 0  # how many were ever appended to _arrivals
         self._replies: dict = {}
         self._unawaited: set = set()  # ids of requests sent with request_nowait
         self._streams: dict[bytes, _Stream] = {}  # task_id -> its open stream
@@ -677,6 +683,7 @@ class Client:
                         with lock:
                             for oid, value in values:
                                 self._arrived_locked(oid, LOCAL, value, None, arrived, fetch)
+                                filed.append(oid)
                         notify = True
                     continue
                 if mtype == Msg.EXEC:
@@ -728,6 +735,9 @@ class Client:
                             break
         if notify:
             with self.cond:
+                if filed and self._watch_any:  # (see wait_objects)
+                    self._arrivals.extend(filed)
+                    self._arrival_seq += len(filed)
                 self.cond.notify_all()
 
     def _arrived_locked(self, oid: bytes, state: ObjectState, value, node_id,
@@ -989,7 +999,8 @@ class Client:
             rec = records.get(oid)
             return rec is not None and rec.state in done_states
 
-        missing = [r for r in refs if not done(r.id)]
+        missing = [r for r in refs if (rec := records.get(r.id)) is None
+                   or rec.state not in done_states]  # (done(), inline: a call less a ref)
         if len(refs) - len(missing) >= num_ready:
             return
         remote_seen = self._remote_seen  # (read before _subscribe: it fetches REMOTE ones)
@@ -1004,6 +1015,8 @@ class Client:
             with self.cond:
                 if not need_all:
                     self._watch_any += 1
+                    seen = self._arrival_seq  # then look: arrivals after it are in the log
+                    left = {r.id for r in missing if not done(r.id)}
                 try:
                     while True:
                         if need_all:
@@ -1026,8 +1039,18 @@ class Client:
                                 if done(oid):  # it came before we named it: look again
                                     continue
                         else:
-                            missing = [r for r in missing if not done(r.id)]
-                            if len(refs) - len(missing) >= num_ready:
+                            # Only what arrived since the last look can have become ready
+                            # (a wait(num_returns=1) loop over 1,000 refs would otherwise
+                            # look at all of them after every result).
+                            new = self._arrival_seq - seen
+                            seen += new
+                            arrivals = self._arrivals
+                            if fetch or new > len(arrivals):
+                                left = {oid for oid in left if not done(oid)}
+                            else:
+                                for k in range(new, 0, -1):
+                                    left.discard(arrivals[-k])
+                            if len(refs) - len(left) >= num_ready:
                                 return
                         if self.broker_gone:
                             raise exceptions.RaySystemError(
@@ -1037,9 +1060,10 @@ class Client:
                         else:
                             remaining = deadline - time.monotonic()
                             if remaining <= 0:
-                                left = sum(1 for r in missing if not done(r.id))
+                                late = len(left) if not need_all else sum(
+                                    1 for r in missing if not done(r.id))
                                 raise exceptions.GetTimeoutError(
-                                    f"Get timed out: {left} of {len(refs)} objects "
+                                    f"Get timed out: {late} of {len(refs)} objects "
                                     f"not ready after {timeout}s")
                             self.cond.wait(remaining)
                 finally:
