@@ -127,11 +127,12 @@ SUBMIT_BURST_S = 0.0002
 # that blocks (get, wait) sends what it queued itself first.
 BURST_POLL_S = 0.005
 BURST_POLL_MS = 1
-# A driver with more than COALESCE_INFLIGHT tasks in flight whose I/O thread was woken
-# for at most COALESCE_FEW messages waits COALESCE_S before it polls again, so that
-# results streaming in from executors (pushed one message each) are taken several per
-# wake-up: each wake-up costs a poll, a thread switch and a GIL hand-over (~20 us). A
-# driver waiting on one task (a sync loop) is never delayed; executors never wait.
+# A driver awaiting more than COALESCE_INFLIGHT task results (``_awaiting``) whose I/O
+# thread was woken for at most COALESCE_FEW messages, none of which a waiter wanted,
+# waits COALESCE_S before it polls again, so that results streaming in from executors
+# (pushed one message each) are taken several per wake-up: each wake-up costs a poll,
+# a thread switch and a GIL hand-over (~20 us). A driver waiting on one task (a sync
+# loop) is never delayed, nor a batch that wakes a waiter; executors never wait.
 COALESCE_INFLIGHT = 16
 COALESCE_FEW = 2
 COALESCE_S = 0.0005
@@ -260,6 +261,7 @@ class Client:
         # some of many refs looks at the new arrivals only, not at all its refs again.
         self._arrivals: collections.deque = collections.deque(maxlen=ARRIVALS_KEPT)
         self._arrival_seq = 0  # how many were ever appended to _arrivals
+        self._awaiting = 0  # records AWAITING_PUSH (see COALESCE_INFLIGHT)
         self._replies: dict = {}
         self._unawaited: set = set()  # ids of requests sent with request_nowait
         self._streams: dict[bytes, _Stream] = {}  # task_id -> its open stream
@@ -594,9 +596,9 @@ class Client:
                                     log.warning("dropping malformed message from broker: %s", e)
                             else:
                                 batch.append(parts)
-                    self._handle_batch(batch)
-                    if (coalesce and len(batch) <= COALESCE_FEW and timeout != BURST_POLL_MS
-                            and len(self.replay.unfinished) > COALESCE_INFLIGHT):
+                    woke = self._handle_batch(batch)
+                    if (coalesce and not woke and len(batch) <= COALESCE_FEW
+                            and timeout != BURST_POLL_MS and self._awaiting > COALESCE_INFLIGHT):
                         time.sleep(COALESCE_S)  # (never while SUBMITs queue up)
                 now = time.monotonic()
                 if self._pending_refs and now - self._release_since >= RELEASE_DELAY_MS / 1000:
@@ -623,7 +625,8 @@ class Client:
                     return
                 log.exception("zray I/O thread error")
 
-    def _handle_batch(self, batch):
+    def _handle_batch(self, batch) -> bool:
+        """File a drained batch of messages; True if it woke the waiters."""
         notify = False
         arrived: list = []  # callbacks of objects now here, run once the lock is released
         fetch: list = []  # objects ready elsewhere that a callback waits for
@@ -739,6 +742,7 @@ class Client:
                     self._arrivals.extend(filed)
                     self._arrival_seq += len(filed)
                 self.cond.notify_all()
+        return notify
 
     def _arrived_locked(self, oid: bytes, state: ObjectState, value, node_id,
                         arrived: list, fetch: list) -> None:
@@ -752,6 +756,8 @@ class Client:
                 return  # no ref to it is left here: drop the value
             rec = self.records[oid] = LocalObject()  # held by the stream until taken
             stream.top = max(stream.top, _stream_index(oid))
+        elif rec.state is AWAITING_PUSH:  # (every branch below moves it on)
+            self._awaiting -= 1
         if state is REMOTE:
             if rec.state in _HERE:
                 return  # already here: a copy elsewhere changes nothing
@@ -854,6 +860,8 @@ class Client:
                     rec.refcount = n - 1
                     return
                 del records[oid]
+                if rec.state is AWAITING_PUSH:
+                    self._awaiting -= 1
                 tid = oid[:P.TASK_ID_LEN]
                 if tid in self.replay.unfinished:
                     self.replay.dropped(tid)
@@ -883,10 +891,12 @@ class Client:
                 rec = records.get(oid)
                 if rec is None:
                     records[oid] = LocalObject(1, AWAITING_PUSH)
+                    self._awaiting += 1
                 else:
                     rec.refcount += 1
                     if rec.state is PENDING:
                         rec.state = AWAITING_PUSH
+                        self._awaiting += 1
                 ref = new(ref_cls)
                 ref.id, ref.owner, ref._client = oid, cid, self
                 refs.append(ref)
@@ -901,6 +911,7 @@ class Client:
                 rec = records.get(oid)
                 if rec is not None and rec.state is PENDING:
                     rec.state = AWAITING_PUSH
+                    self._awaiting += 1
 
     # ------------------------------------------------------------ objects
     def put(self, value, owner_ref_cls, kind: int = P.VALUE) -> object:
