@@ -862,13 +862,19 @@ class Route(NamedTuple):
     # tcp://... where callers on other hosts reach that executor ("" if none): zray/_xhost.py
     tcp_address: str = ""
     TYPE = Msg.ROUTE
-    CHECKS = (_bytes, _str, _str, _str, _bool, _int, _str, _str)
+    CHECKS = (_bytes, _str, _str, _str, _bool, _int, _str, lambda v: _tcp_address(v))
 
 
 def _reply_to(v):
     if (type(v) is not str or len(v) > 200
             or not (v.startswith("ipc://") or _is_tcp_endpoint(v))):
         raise ProtocolError(f"an ipc:// or tcp://host:port address expected, got {v!r:.40}")
+    return v
+
+
+def _tcp_address(v):
+    if type(v) is not str or len(v) > 200 or (v and not _is_tcp_endpoint(v)):
+        raise ProtocolError(f"a tcp://host:port address or nothing expected, got {v!r:.40}")
     return v
 
 
