@@ -42,7 +42,6 @@ import logging
 import mmap
 import os
 import queue
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -54,6 +53,7 @@ from zray import _peer
 from zray import _protocol as P
 from zray._security import ServerAuth, load_key_file, needs_curve
 from zray._store import LZ4, ObjectStore, _Mapping, compress_if_it_pays
+from zray._xhost import route_ip as _route_ip  # (direct calls' listeners announce the same)
 
 log = logging.getLogger("zray.node")
 
@@ -75,6 +75,7 @@ class PeerServer:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # requests are small: drop anything else
+        self.sock.setsockopt(zmq.IPV6, 1)  # tcp://*: IPv6 as well as IPv4 (a v6 broker route)
         self.auth = None
         if broker_address.startswith("tcp://"):
             if needs_curve(broker_address):
@@ -172,6 +173,8 @@ class PeerServer:
         if not 0 < m.length <= _peer.MAX_CHUNK_BYTES:
             return self.drop(f"length: a chunk of 1..{_peer.MAX_CHUNK_BYTES} bytes expected")
         if not _peer.valid_ticket(self.secret, m.oid, m.node_id, m.ticket):
+            if _peer.expired(m.ticket):
+                return self.drop("ticket expired (or forged): a pull outlived its grant")
             return self.drop("ticket: not one the broker granted for this object and node")
         total, data = self._read(m.oid, m.offset, m.length)
         if data is None:
@@ -252,22 +255,6 @@ class PeerServer:
                 del cache[oid]
 
 
-def _route_ip(broker_address: str, fallback: str) -> str:
-    """This host's address on the route to the broker (the interface peers on the
-    broker's network reach); ``fallback`` if the system cannot say (no packet is sent)."""
-    host = broker_address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, 9))
-            ip = s.getsockname()[0]
-    except OSError:
-        return fallback
-    if ip in ("0.0.0.0", "::"):
-        return fallback
-    return f"[{ip}]" if ":" in ip else ip
-
-
 class PullError(Exception):
     """A pull that cannot finish; ``unreachable``: the holder never answered."""
 
@@ -336,6 +323,7 @@ class Puller:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, _peer.MAX_CHUNK_BYTES + 4096)
+            sock.setsockopt(zmq.IPV6, 1)  # a holder's address may be IPv6 ([addr]:port)
             if self.keys is not None and address.startswith("tcp://"):
                 sock.curve_serverkey = self.keys["server_public"].encode()
                 sock.curve_publickey = self.keys["client_public"].encode()
