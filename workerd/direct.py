@@ -90,7 +90,6 @@ class DirectServer:
         if client.address.startswith("tcp://"):
             try:
                 self.tcp_address = _xhost.listen_tcp(ctx, pull, client.address)
-                client.on_close.append(lambda: _xhost.ZapHandlers.stop(ctx))
             except (OSError, zmq.ZMQError):
                 log.warning("no direct calls from other hosts: their calls go through the "
                             "broker", exc_info=True)

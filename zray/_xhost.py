@@ -20,7 +20,8 @@ options when it binds, so the ipc endpoint (bound first) keeps the NULL
 mechanism (the private store dir already limits it to this user) and the tcp
 one (bound after ``curve_server`` is set) speaks CURVE only. Who may connect is
 checked by one ZAP handler per ZeroMQ context (``ZapHandlers``): the cluster's
-client key, as the broker admits (zray/_security.py). On an ``--insecure``
+client key, as the broker admits (zray/_security.py); the listeners enforce
+their ZAP domain, so none admits anyone once the handler has stopped. On an ``--insecure``
 cluster (``ZRAY_INSECURE``) the tcp listeners are plaintext, as the broker's.
 
 Listeners bind every interface, IPv6 as well as IPv4 (``zmq.IPV6``), and are
@@ -40,9 +41,10 @@ import weakref
 
 import zmq
 
-from zray._security import ServerAuth, load_key_file, needs_curve, secure_client
+from zray._security import ServerAuth, _Allow, load_key_file, needs_curve, secure_client
 
 log = logging.getLogger("zray.direct")
+_DOMAIN = "zray-direct"  # the ZAP domain of the direct-call listeners
 
 
 def host_id() -> str:
@@ -83,10 +85,16 @@ class ZapHandlers:
     def curve_server(cls, ctx: zmq.Context, sock: zmq.Socket) -> None:
         """Make ``sock``'s next binds CURVE-only, admitting holders of the cluster key."""
         keys = load_key_file()
+        # A domain, enforced: with no ZAP handler (stopped at close) libzmq would let any
+        # CURVE key in; with one enforced it lets none in.
+        sock.zap_domain = _DOMAIN.encode()
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         with cls._lock:
             auth = cls._by_ctx.get(ctx)
             if auth is None:
                 auth = cls._by_ctx[ctx] = ServerAuth(ctx, sock, keys)
+                auth.auth.configure_curve_callback(
+                    domain=_DOMAIN, credentials_provider=_Allow(keys["client_public"].encode()))
                 return
         sock.curve_server = True
         sock.curve_secretkey = keys["server_secret"].encode()
