@@ -45,6 +45,23 @@ PULL_TIMEOUT_S = float(os.environ.get("ZRAY_PULL_TIMEOUT_S") or 15.0)
 PULLERS = 4  # pulls a node runs at once
 
 
+def _lz4_threads() -> int:
+    v = os.environ.get("ZRAY_PEER_LZ4_THREADS") or str(min(4, os.cpu_count() or 1))
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 64:
+        raise ValueError(f"ZRAY_PEER_LZ4_THREADS must be a thread count (0..64), got {v!r}")
+    return n
+
+
+# Threads that lz4 chunks on each side (a holder compressing, a puller decompressing), so
+# the chunks of a window are (de)compressed at once (lz4 releases the GIL); 0 or 1: on the
+# server / puller thread itself, one chunk after the other.
+LZ4_THREADS = _lz4_threads()
+
+
 def peer_port() -> int:
     """The TCP port a node's peer socket listens on: ``ZRAY_PEER_PORT`` (for a firewall
     that must let it through), or 0: any free port."""
