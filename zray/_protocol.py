@@ -120,7 +120,7 @@ C->B  BATCH      the same layout on a client's out socket: a driver's SUBMITs of
                  socket or is a BATCH itself is dropped and counted, the others still count
 C->B  NEED_SPACE nbytes   a put waits for room in its node's store (over its limit): spill
                  at least this many more bytes there (sent at most every NEED_SPACE_S)
-B->C  ROUTE      actor_id, state, address, host, ordered, incarnation, reason   where an
+B->C  ROUTE      actor_id, state, address, host, ordered, incarnation, reason, tcp_address  where an
                  actor's executor takes direct calls (state "alive", address ipc://...), or
                  that it is "restarting" / "dead" (reason): the answer to REQ actor_route,
                  pushed again to every client that asked whenever the actor moves or dies
