@@ -2,8 +2,8 @@
 
 ::
 
-    actor's executor --REQ actor_listen {address, host, ordered, tcp_address}--> listen()  (before the
-                                                       creation's DONE, on the same socket)
+    actor's executor --REQ actor_listen {address, host, ordered, tcp_address?}--> listen()
+                                         (before the creation's DONE, on the same socket)
     caller --REQ actor_route {actor_id}--> ask(): ROUTE now, and the caller is remembered
     caller --REQ direct_cancel {actor_id, task_id, force}--> INTERRUPT to the executor
     actor ALIVE / RESTARTING / DEAD (brokerd/actors.py) --changed()--> ROUTE to every caller

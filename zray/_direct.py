@@ -13,8 +13,8 @@
 Which path: a call goes direct when the broker said where the actor's executor
 listens (ROUTE "alive"; same host: the address is ipc:// in that node's private
 store dir; another host of a tcp cluster: its tcp address, CURVE, with our reply
-PULL listening on tcp too: zray/_xhost.py), and the call has no ObjectRef arguments (top-level or nested: the
-broker resolves and pins those), is not a generator (streaming/dynamic), and its
+PULL listening on tcp too: zray/_xhost.py), and the call has no ObjectRef
+arguments (top-level or nested: the broker resolves and pins those), is not a generator (streaming/dynamic), and its
 actor has no ``max_pending_calls`` (the broker counts those). Everything else,
 and every call made before the route is known, takes the broker path.
 ``ZRAY_DIRECT_ACTOR_CALLS=0`` turns the direct path off.
