@@ -37,6 +37,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections import deque
 
 from brokerd.access import RefAccess, renv_packages
 from brokerd.actors import ActorDirectory, Death
@@ -406,7 +407,7 @@ class TaskEngine:
         for task, ex in d.prefetch:
             self.moves.move(task, TaskState.ASSIGNED, "prefetched", ex.node.node_id)
             task.executor = ex
-            ex.prefetch = task
+            ex.ahead.append(task)
             self._send_exec(task, ex)
 
     def _exec_message(self, task: Task, ex: Executor) -> tuple:
@@ -470,6 +471,7 @@ class TaskEngine:
         else:
             self.moves.move(ex, ExecState.BUSY, "runs a task")
             self.moves.move(task, TaskState.RUNNING, "started")
+            task.started = self.moves.now
         task.executor = ex
         ex.task = task
         if not self._send_exec(task, ex) and ex.state == ExecState.BUSY:
@@ -508,6 +510,7 @@ class TaskEngine:
                 pushed = ()
         elif task.kind == P.TASK:
             self.nodes.release(task)
+            self.placement.runtimes.observe(task.spec.fid, self.moves.now - task.started)
             if ex is not None:
                 self._executor_next(ex)
             if retryable and task.retries_left != 0 and not task.cancel_requested:
@@ -666,25 +669,27 @@ class TaskEngine:
             self.placement.enqueue(task)
 
     def _executor_next(self, ex: Executor) -> None:
-        """The executor finished its task: start its prefetched one, or make it idle."""
-        nxt = ex.prefetch
-        if nxt is None or ex.state != ExecState.BUSY:
-            self._executor_free(ex)
-            return
-        ex.prefetch = None
-        if nxt.state != TaskState.ASSIGNED:  # cancelled meanwhile: its DONE will be ignored
-            self._executor_free(ex)
-            return
-        self.nodes.acquire(nxt, ex.node)
-        self.moves.move(nxt, TaskState.RUNNING, "started (prefetched)")
-        ex.task = nxt
+        """The executor finished its task: start the first task sent ahead to it (the
+        executor runs them in the order sent), or make it idle."""
+        ahead = ex.ahead
+        if ex.state == ExecState.BUSY:
+            while ahead:
+                nxt = ahead.popleft()
+                if nxt.state != TaskState.ASSIGNED:  # cancelled: its DONE will be ignored
+                    continue
+                self.nodes.acquire(nxt, ex.node)
+                self.moves.move(nxt, TaskState.RUNNING, "started (prefetched)")
+                nxt.started = self.moves.now
+                ex.task = nxt
+                return
+        self._executor_free(ex)
 
-    def _unassign(self, ex: Executor, task_id=None) -> None:
-        """Take back the prefetched task of ``ex`` and queue it again at the front."""
-        task = ex.prefetch
-        if task is None or (task_id is not None and task.task_id != task_id):
+    def _unassign(self, ex: Executor, task_id: bytes) -> None:
+        """Take back the task ``task_id`` sent ahead to ``ex``; queue it again at the front."""
+        task = next((t for t in ex.ahead if t.task_id == task_id), None)
+        if task is None:
             return
-        ex.prefetch = None
+        ex.ahead.remove(task)
         if task.state == TaskState.ASSIGNED:
             self._requeue(task, "handed back by a blocked executor")
 
@@ -718,8 +723,8 @@ class TaskEngine:
             return
         if task.node is not None:
             self.nodes.release(task)
-        if task.executor is not None and task.executor.prefetch is task:
-            task.executor.prefetch = None
+        if task.executor is not None and task in task.executor.ahead:
+            task.executor.ahead.remove(task)
         if task.actor is not None and task.kind == P.ACTOR_CALL:
             task.actor.inflight.pop(task.task_id, None)
         if task.spec.num_returns == P.STREAMING:
@@ -833,7 +838,7 @@ class TaskEngine:
         if ex is None:
             return
         ex.blocked = True
-        for tid in m.returned:
+        for tid in reversed(m.returned):  # (each goes to the front: the first ends first)
             self._unassign(ex, tid)
         task = ex.task
         if task is not None and task.task_id == m.task_id:
@@ -888,7 +893,8 @@ class TaskEngine:
         ex = self.executors.get(cid)
         if ex is None or ex.state == ExecState.DEAD or ex.actor is not None:
             return
-        for task in (ex.task, ex.prefetch):
+        # (each goes to the front of its queue: the last sent first, the running one last)
+        for task in (*reversed(ex.ahead), ex.task):
             if task is None or task.executor is not ex:
                 continue
             if task.state == TaskState.RUNNING:
@@ -899,7 +905,8 @@ class TaskEngine:
                 self.finish_cancelled(task)
             else:
                 self._requeue(task, "its executor retired before it started")
-        ex.task = ex.prefetch = None
+        ex.task = None
+        ex.ahead.clear()
         self.reaped.add(cid)
         self.executor_dead(ex, 0, reason=f"the executor process (pid {ex.pid}) retired "
                                          "after max_calls calls")
@@ -928,8 +935,10 @@ class TaskEngine:
         if prev == ExecState.STARTING:
             self.nodes.spawned(node)
         task, ex.task = ex.task, None
-        pre, ex.prefetch = ex.prefetch, None
-        if pre is not None and pre.state == TaskState.ASSIGNED:
+        ahead, ex.ahead = ex.ahead, deque()
+        for pre in reversed(ahead):  # (each to the front of its queue: the first stays first)
+            if pre.state != TaskState.ASSIGNED:
+                continue
             if pre.cancel_requested:
                 self.finish_cancelled(pre)
             else:
