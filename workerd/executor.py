@@ -66,6 +66,7 @@ from typing import Optional
 import cloudpickle
 
 from workerd.actors import ActorHost, create_actor
+from workerd.held import HeldDones
 from workerd.logs import LogForwarder, TaskStream
 from workerd.renv import RuntimeEnvSetup
 from workerd.results import ResultSender
@@ -124,6 +125,7 @@ class ExecutorProcess:
         self.stderr = TaskStream(self.logs.forward, sys.stderr, True, self.logs.mark)
         sys.stdout, sys.stderr = self.stdout, self.stderr
         self.results = ResultSender(self.client, self.cancelled, self.pid)
+        self.held = self.results.held = HeldDones(self.client)  # (plain tasks only)
         self.tasks = TaskRunner(self)
 
     # ------------------------------------------------------------ I/O thread
@@ -142,7 +144,9 @@ class ExecutorProcess:
             self.fns.setdefault(msg.spec.fid, frames[0])
 
     def _on_block(self) -> list:
-        """Main thread, about to wait in get(): return the prefetched tasks not started."""
+        """Main thread, about to wait in get(): return the prefetched tasks not started.
+        The DONEs held back go first: what it waits for may be one of them."""
+        self.held.flush()
         with self.block_lock:
             self.blocked = True
             returned, keep = [], []
@@ -183,10 +187,14 @@ class ExecutorProcess:
         self.client.send(P.encode(P.Ready()))
         run_task = self.tasks.run
         exec_type, task, actor_call = Msg.EXEC, P.TASK, P.ACTOR_CALL  # looked up once, not per task
+        held, empty = self.held, self.queue.empty
         while True:
+            if held.items and empty():  # nothing more to run now: send what was held back
+                held.flush()
             # (a plain actor's direct calls come from its own socket too: workerd/direct.py)
             msg, frames = self.next_item()
             if msg.TYPE != exec_type:
+                held.flush()
                 break
             try:
                 kind = msg.spec.kind
@@ -223,6 +231,7 @@ class ExecutorProcess:
         """Leave the pool after max_calls: EXIT (after the last DONE, same socket), then
         wait for the broker's EXIT back; EXECs that arrive meanwhile were sent ahead and the
         broker queues them again, so they are dropped here."""
+        self.held.flush()
         self.client.send(P.encode(P.Exit()))
         deadline = time.monotonic() + P.BROKER_TIMEOUT_S
         while True:
@@ -240,6 +249,7 @@ class ExecutorProcess:
         """Leave now (any thread). With ACTOR_EXIT_CODE the broker restarts nothing; the
         call that exited gets no reply (the broker fails it when it learns of the exit)."""
         self.results.exiting = True  # calls still running on other threads fail with us
+        self.held.flush()  # (finished before: their results stand)
         self.stdout.flush()
         self.stderr.flush()
         self.client.close()

@@ -532,13 +532,12 @@ class Client:
                                 parts = recv_parts(sock)
                             except zmq.Again:
                                 break
-                            if sock is inbox:  # the broker's turn may come as one BATCH
-                                try:
-                                    batch.extend(P.unbatch(parts))
-                                except P.ProtocolError as e:
-                                    log.warning("dropping malformed message from broker: %s", e)
-                            else:
-                                batch.append(parts)
+                            # The broker's turn may come as one BATCH, and so may the results
+                            # an executor here pushes us together (workerd/held.py).
+                            try:
+                                batch.extend(P.unbatch(parts))
+                            except P.ProtocolError as e:
+                                log.warning("dropping malformed message from broker: %s", e)
                     self._handle_batch(batch)
                 now = time.monotonic()
                 if self._pending_refs and now - self._release_since >= RELEASE_DELAY_MS / 1000:
