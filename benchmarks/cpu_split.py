@@ -13,6 +13,8 @@ later interpreters' medians to the first one's::
 
     python benchmarks/cpu_split.py --python /work/main/.venv/bin/python \\
         --python .venv/bin/python --repeat 3
+    python benchmarks/cpu_split.py --python .venv/bin/python::ZRAY_EXEC_WINDOW=1 \
+        --python .venv/bin/python   # one interpreter, two settings
 
 The interpreters import whatever zray they have installed (the children run in
 /tmp, so a checkout in the working directory is never picked up by accident).
@@ -92,7 +94,8 @@ def child(n: int, batch: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--python", action="append", help="interpreter (repeatable)")
+    ap.add_argument("--python", action="append",
+                    help="interpreter (repeatable); PATH::VAR=VALUE,... sets its environment")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("-n", type=int, default=N)
     ap.add_argument("--batch", type=int, default=BATCH)
@@ -105,24 +108,31 @@ def main() -> int:
     runs: dict = {p: [] for p in pythons}
     for r in range(args.repeat):
         for py in pythons:
-            cmd = [py, os.path.abspath(__file__), "--child", "-n", str(args.n),
+            exe, _, env_text = py.partition("::")
+            env = dict(os.environ)
+            env.update(kv.split("=", 1) for kv in env_text.split(",") if kv)
+            cmd = [exe, os.path.abspath(__file__), "--child", "-n", str(args.n),
                    "--batch", str(args.batch)]
-            res = subprocess.run(cmd, capture_output=True, text=True, cwd="/tmp", timeout=600)
+            res = subprocess.run(cmd, capture_output=True, text=True, cwd="/tmp", timeout=600,
+                                 env=env)
             if res.returncode:
                 print(res.stderr[-3000:], file=sys.stderr)
                 return 1
             row = json.loads(res.stdout.strip().splitlines()[-1])
             runs[py].append(row)
-            print(f"round {r + 1} {row['zray']}: {row['tasks_per_s']:.0f} tasks/s", flush=True)
+            print(f"round {r + 1} {row['zray']} {env_text}: {row['tasks_per_s']:.0f} tasks/s",
+                  flush=True)
     keys = ["tasks_per_s", "driver_us", "broker_us", "node_us", "executor_us"]
     med = {py: {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
            for py, rows in runs.items()}
-    print(f"{'median of ' + str(args.repeat):>22s}" + "".join(f"{k:>14s}" for k in keys))
+    for i, py in enumerate(pythons):
+        print(f"[{i}] {py}")
+    print(f"median of {args.repeat:<4d}" + "".join(f"{k:>14s}" for k in keys))
     base = med[pythons[0]]
-    for py in pythons:
-        print(f"{py[-22:]:>22s}" + "".join(f"{med[py][k]:14.1f}" for k in keys))
-        if py is not pythons[0]:
-            print(f"{'ratio to first':>22s}" + "".join(
+    for i, py in enumerate(pythons):
+        print(f"[{i}]{'':10s}" + "".join(f"{med[py][k]:14.1f}" for k in keys))
+        if i:
+            print(f"[{i}]/[0]{'':8s}" + "".join(
                 f"{med[py][k] / base[k] if base[k] else 0:14.2f}" for k in keys))
     return 0
 

@@ -694,10 +694,22 @@ class TaskEngine:
             self._requeue(task, "handed back by a blocked executor")
 
     def _executor_free(self, ex: Executor) -> None:
-        ex.task = None
+        done, ex.task = ex.task, None
         if ex.state == ExecState.BUSY:
             self.moves.move(ex, ExecState.IDLE, "task done")
             self.nodes.push_idle(ex)
+            if done is not None and done.shape not in self.placement.queues:
+                self._recall(done.shape)
+
+    def _recall(self, shape) -> None:
+        """An executor of ``shape`` went idle with nothing queued for it: take back the
+        tasks waiting behind a long-running task on another executor (brokerd/window.py);
+        they come back as REJECTs and run here."""
+        placement = self.placement
+        execs = placement.running.get(shape)
+        if execs:
+            for ex, task_ids in placement.runtimes.stalled(execs, self.moves.now):
+                self.out.send(P.inbox_ident(ex.cid), P.encode(P.Recall(task_ids)))
 
     def _requeue(self, task: Task, reason: str) -> None:
         task.executor = None
@@ -854,9 +866,21 @@ class TaskEngine:
             self.nodes.lend_cpu(task, False)
 
     def reject(self, cid: bytes, m: P.Reject) -> None:
+        """The executor handed back a task sent ahead, unstarted (it was blocked in get, or
+        we RECALLed it)."""
         ex = self.executors.get(cid)
-        if ex is not None:
-            self._unassign(ex, m.task_id)
+        if ex is None:
+            return
+        task = ex.task
+        if (task is not None and task.task_id == m.task_id and task.state == TaskState.RUNNING
+                and ex.state == ExecState.BUSY):
+            # Recalled, but its turn had come here meanwhile (the DONE before it came
+            # first): it never started. Queue it again; the executor runs what is next.
+            self.nodes.release(task)
+            self._requeue(task, "handed back unstarted by its executor")
+            self._executor_next(ex)
+            return
+        self._unassign(ex, m.task_id)
 
     # ============================================================ executors
     def exec_died(self, node_id: bytes, cid: bytes, code: int) -> None:

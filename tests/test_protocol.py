@@ -31,6 +31,7 @@ def _sample(cls):
         "length": 10, "total": 10, "unreachable": True,
         "actor_id": tid, "state": "alive", "address": "ipc:///tmp/a", "host": "h",
         "ordered": True, "incarnation": 0, "reason": "", "reply_to": "ipc:///tmp/r",
+        "task_ids": [tid],
     }
     if cls is P.DCall:  # a direct call: an actor call without ref arguments
         values["spec"] = spec._replace(kind=P.ACTOR_CALL, fid="m", deps=[], actor_id=tid)

@@ -130,6 +130,9 @@ class ExecutorProcess:
 
     # ------------------------------------------------------------ I/O thread
     def _on_exec(self, msg, frames):
+        if msg.TYPE == Msg.RECALL:
+            self._recall(set(msg.task_ids))
+            return
         with self.block_lock:
             if self.blocked and msg.TYPE == Msg.EXEC and msg.spec.kind == P.TASK:
                 # A prefetched task arrived while our task waits in get(): it could be
@@ -164,6 +167,28 @@ class ExecutorProcess:
             for item in keep:
                 self.queue.put(item)
             return returned
+
+    def _recall(self, task_ids: set) -> None:
+        """I/O thread: the broker wants these tasks sent ahead back (the task running here
+        takes long and another executor is idle): those still queued go back, REJECTed;
+        one the main thread already took runs here as usual."""
+        with self.block_lock:
+            keep, back = [], []
+            while True:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                m = item[0]
+                if m.TYPE == Msg.EXEC and m.spec.kind == P.TASK and m.spec.task_id in task_ids:
+                    self.keep_fn(m, item[1])
+                    back.append(m.spec.task_id)
+                else:
+                    keep.append(item)
+            for item in keep:  # (in order: the main thread takes them first to last)
+                self.queue.put(item)
+            for task_id in back:
+                self.client.send(P.encode(P.Reject(task_id)))
 
     def _on_unblock(self):
         with self.block_lock:

@@ -31,13 +31,16 @@ a thread blocking in ``get`` and the watch thread flush).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 
 from zray import _protocol as P
 
-HOLD_MAX = 4  # DONEs held at most (the broker's window is 8: it refills while we run)
+# DONEs held at most (the broker's window is 8: it refills while we run);
+# ZRAY_EXEC_HOLD=1 sends every DONE at once.
+HOLD_MAX = max(1, int(os.environ.get("ZRAY_EXEC_HOLD") or 4))
 SHORT_S = 0.001  # a task that ran under this may have its DONE held
 HOLD_S = 0.01  # a DONE waits about this long at most (the watch thread's period)
 _SIGNALS = {signal.SIGUSR1}  # a cancel must not cut a multipart message in two

@@ -624,7 +624,7 @@ class Client:
                                 self._arrived_locked(oid, LOCAL, value, None, arrived, fetch)
                         notify = True
                     continue
-                if mtype == Msg.EXEC:
+                if mtype == Msg.EXEC or mtype == Msg.RECALL:  # (RECALL: workerd/executor.py)
                     if self._on_exec is not None:
                         self._on_exec(m, msg[1:])
                 elif mtype == Msg.REPLY:
