@@ -29,7 +29,13 @@ ObjectReconstructionFailedError, put objects with ObjectLostError.
 Owns: ``tasks`` (unfinished tasks by id), ``children`` (task id -> tasks it
 submitted, for recursive cancel), ``executors`` and ``clients`` and every
 Task, Executor and ClientInfo record. Sends (through the outbox): EXEC,
-INTERRUPT, STREAM_END, EXIT, PRINT, KILL_EXEC.
+INTERRUPT, RECALL, STREAM_END, EXIT, PRINT, KILL_EXEC.
+
+Sent ahead: a busy executor holds the tasks sent to it before it is done in
+``Executor.ahead`` (ASSIGNED, in order; how many: brokerd/window.py). Its DONE
+starts the first (``_executor_next``); a cancel, its blocking in get (BLOCK,
+REJECT), its retiring or death take them back; an executor gone idle RECALLs those
+stuck behind a long call elsewhere (``_recall``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import os
 import msgpack
 import pytest
 import zmq
+from conftest import poll_until
 
 from zray import _protocol as P
 
@@ -222,3 +223,33 @@ def test_only_an_executor_its_node_started_is_taken_for_one(ray_local, broker_ad
             assert not s.poll(200), "the impostor was sent something"
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(10)
+def test_a_recall_names_one_to_recall_max_task_ids():
+    tid = b"t" * P.TASK_ID_LEN
+    assert P.decode(P.encode(P.Recall([tid] * P.RECALL_MAX))) == P.Recall([tid] * P.RECALL_MAX)
+    for bad in ([], [tid] * (P.RECALL_MAX + 1), [b"short"], [tid, None], tid, None):
+        with pytest.raises(P.ProtocolError):
+            P.decode(msgpack.packb([P.Msg.RECALL, bad]))
+
+
+@pytest.mark.timeout(30)
+def test_a_recall_sent_to_the_broker_is_dropped_and_counted(ray_local, broker_address):
+    """RECALL goes from the broker to an executor only: from a client it is dropped."""
+    client = ray_local._runtime.client
+    before = client.request("status")["dropped_messages"]
+    ctx = zmq.Context()
+    try:
+        s = _dealer(ctx, broker_address, P.out_ident(os.urandom(P.ID_LEN)))
+        s.send(P.encode(P.Recall([b"t" * P.TASK_ID_LEN])))
+    finally:
+        ctx.destroy(linger=1000)
+
+    @ray_local.remote
+    def f():
+        return 1
+
+    assert ray_local.get(f.remote(), timeout=20) == 1
+    poll_until(lambda: client.request("status")["dropped_messages"] > before, 10,
+               what="the RECALL to be counted as dropped")

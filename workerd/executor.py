@@ -7,6 +7,8 @@
                                                             |-- ACTOR_CREATE -> create_actor
                                                             '-- ACTOR_CALL ---> ActorHost.handle
     broker <--DONE/YIELD-- out socket <---- ResultSender <---- results, errors
+           <--BATCH of DONEs-- HeldDones <-'   (short tasks run back to back: workerd/held.py)
+    broker --RECALL--> I/O thread: tasks sent ahead, not started --REJECT--> broker
     owner  <--OBJ (PUSH)-- results for an owner on this node
     broker --INTERRUPT--> I/O thread --SIGUSR1--> main thread raises TaskCancelledError
                                      '----------> ActorHost.cancel (async actor: task.cancel())
@@ -26,11 +28,17 @@ The pieces, one module each:
 * ``ResultSender`` (workerd/results.py): DONE, YIELD and direct pushes, once
   for all of them.
 * ``TaskStream`` and ``LogForwarder`` (workerd/logs.py): printed output.
+* ``HeldDones`` (workerd/held.py): the DONEs of short tasks held back while the
+  next task is already queued, sent together (flushed before this process waits in
+  ``get``, leaves, or runs a task not known to be short).
 
 Prefetch: the broker may send the next task while one runs. When the running
 task blocks in ``get``, ``on_block`` takes the unstarted tasks out of the queue
 and the BLOCK hands them back; a task that arrives while blocked is REJECTed.
-Either way the task could be the very one being waited for.
+Either way the task could be the very one being waited for. The broker may send
+several tasks ahead for a short function (brokerd/window.py); it RECALLs those
+not started when the running one takes long and another executor is idle: the
+I/O thread takes them out of the queue and REJECTs them.
 
 Cancellation: the I/O thread records the task id in ``cancelled``. A call
 not yet started is answered with TaskCancelledError at once. A plain task is

@@ -12,7 +12,8 @@
     an exception --task_error--> DONE: one ERROR per return, retryable? --> broker
 
 Every call ends in exactly one DONE to the broker, which keeps the books and
-frees the call's resources. A result holding no refs is also pushed straight
+frees the call's resources. A plain task's DONE may be held back and sent with
+the next ones (``send_done``, workerd/held.py), never out of order. A result holding no refs is also pushed straight
 to its owner when the owner runs on this node (``Client.push_direct``): three
 hops instead of four (not for a call ``counted`` against its actor's
 ``max_pending_calls``: the caller may only see it finished after the broker

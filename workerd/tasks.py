@@ -10,6 +10,7 @@
                           restore: flush output, env, GPUs, context
                                                           |
         value(s) / generator / exception --> ResultSender --> DONE / YIELD...
+                                   (a short task's DONE may wait for the next ones: held.py)
         sys.exit() --> the serve loop ends the process: the broker fails or retries
                        the task as a crash (WorkerCrashedError), as Ray does
 
