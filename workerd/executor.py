@@ -157,7 +157,7 @@ class ExecutorProcess:
     def _on_block(self) -> list:
         """Main thread, about to wait in get(): return the prefetched tasks not started.
         The DONEs held back go first: what it waits for may be one of them."""
-        self.held.flush()
+        self.held.flush(masked=True)
         with self.block_lock:
             self.blocked = True
             returned, keep = [], []

@@ -68,9 +68,14 @@ class HeldDones:
                 self.armed.set()
             self.items.append(item)
 
-    def flush(self) -> None:
-        """Send everything held (any thread)."""
+    def flush(self, masked: bool = False) -> None:
+        """Send everything held (any thread). ``masked``: from a running task's thread,
+        where a cancel's signal may raise (elsewhere its handler does nothing)."""
         if not self.items:
+            return
+        if not masked:
+            with self.lock:
+                self._flush_locked()
             return
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
