@@ -268,6 +268,8 @@ class TaskEngine:
             self.recovery.tick(now)
         if self.access.parked:
             self.access.retry(now)
+        if self.placement.running:
+            self._recall_idle()
         for c in list(self.clients.values()):
             if c.kind == "driver" and now - c.last_seen > P.DRIVER_TIMEOUT_S:
                 log.warning("driver %s silent: releasing its job", c.cid.hex())
@@ -716,6 +718,15 @@ class TaskEngine:
         if execs:
             for ex, task_ids in placement.runtimes.stalled(execs, self.moves.now):
                 self.out.send(P.inbox_ident(ex.cid), P.encode(P.Recall(task_ids)))
+
+    def _recall_idle(self) -> None:
+        """(each liveness check) ``_recall`` for the shapes with nothing queued and an
+        idle executor: the call that holds tasks behind it may have turned long only
+        after that executor went idle."""
+        queues = self.placement.queues
+        for shape, execs in list(self.placement.running.items()):
+            if shape not in queues and any(ex.state == ExecState.IDLE for ex in execs):
+                self._recall(shape)
 
     def _requeue(self, task: Task, reason: str) -> None:
         task.executor = None

@@ -23,7 +23,8 @@ Head-of-line blocking stays bounded: only short functions ride beyond the first 
 behind a call of a short function, and nothing at all is sent behind a call that has
 run longer than LONG_S (it may run for minutes; an unusually slow call of a usually
 fast function included). What was sent before it turned long is RECALLed when an
-executor of the same shape goes idle with nothing queued for it: the executor hands
+executor of the same shape goes idle with nothing queued for it (or at the broker's
+next liveness check, if the call turns long after that): the executor hands
 back the tasks it has not started (REJECT) and they run on the idle one. A task is
 recalled from an executor once. A task sent ahead has not started: it can still be
 cancelled (the executor skips it), is handed back when its executor blocks in

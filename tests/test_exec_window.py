@@ -105,9 +105,13 @@ print("ok")
 
 
 @pytest.mark.timeout(150)
-def test_a_long_call_does_not_hold_short_tasks_behind_it(run_driver):
-    # The default policy: step is short on average, so tasks ride in windows, also
-    # behind the one call that blocks; the other executor runs them when it is idle.
+@pytest.mark.parametrize("env", [{}, {"ZRAY_EXEC_SHORT_S": "30", "ZRAY_EXEC_LONG_S": "0.5"}],
+                         ids=["default", "turns-long-after-the-other-went-idle"])
+def test_a_long_call_does_not_hold_short_tasks_behind_it(run_driver, env):
+    # step is short on average, so tasks ride in windows, also behind the one call that
+    # blocks; the other executor runs them once it is idle. In the second case that
+    # call counts as long only well after the other executor went idle: the broker's
+    # periodic check takes the tasks back then.
     res = run_driver(_PRELUDE + '''
 ray.init(num_cpus=2)
 for _ in range(5):
@@ -120,7 +124,7 @@ assert not os.path.exists(GATE)
 open(GATE, "w").close()
 assert ray.get(blocker, timeout=30)[0] == 0
 print("ok")
-''', timeout=130)
+''', timeout=130, **env)
     assert res.returncode == 0, (res.stdout, res.stderr)
     assert "ok" in res.stdout
 
