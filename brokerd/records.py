@@ -93,7 +93,7 @@ class Executor:
     actor: Optional["Actor"] = None
     fns: set = field(default_factory=set)  # function ids this process has loaded
     # tasks sent ahead, in the order sent (ASSIGNED): the first starts when `task` is
-    # DONE. One at most, up to brokerd/window.py's window for a short function
+    # DONE. How many: brokerd/window.py (one; several behind a short function's call)
     ahead: deque = field(default_factory=deque)
     blocked: bool = False  # its task waits in get(): no prefetching
     idle_since: float = 0.0

@@ -31,12 +31,15 @@ a thread blocking in ``get`` and the watch thread flush).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 import time
 
 from zray import _protocol as P
+
+log = logging.getLogger("zray.executor")
 
 # DONEs held at most (the broker's window is 8: it refills while we run);
 # ZRAY_EXEC_HOLD=1 sends every DONE at once.
@@ -130,6 +133,7 @@ class HeldDones:
                     try:
                         self._flush_locked()
                     except Exception:  # (the client closed under us: the process ends)
+                        log.warning("could not send held DONEs", exc_info=True)
                         self.items = []
                 if not self.items:
                     armed.clear()
