@@ -13,7 +13,7 @@ later interpreters' medians to the first one's::
 
     python benchmarks/cpu_split.py --python /work/main/.venv/bin/python \\
         --python .venv/bin/python --repeat 3
-    python benchmarks/cpu_split.py --python .venv/bin/python::ZRAY_EXEC_WINDOW=1 \
+    python benchmarks/cpu_split.py --python .venv/bin/python::ZRAY_EXEC_WINDOW=1 \\
         --python .venv/bin/python   # one interpreter, two settings
 
 The interpreters import whatever zray they have installed (the children run in
