@@ -85,15 +85,13 @@ def measure(variant: str, n_nodes: int) -> float:
         spent += time.perf_counter() - t0
         for task, ex in d.prefetch:
             task.state = TaskState.ASSIGNED
-            ex.prefetch = task
+            ex.ahead.append(task)
         for task, ex in previous:  # the last pass's tasks finish (and what was sent ahead)
             nodes.release(task)
             task.state = TaskState.FINISHED
             ex.task = None
-            nxt = ex.prefetch
-            if nxt is not None:
-                ex.prefetch = None
-                nxt.state = TaskState.FINISHED
+            while ex.ahead:
+                ex.ahead.popleft().state = TaskState.FINISHED
             ex.state = ExecState.IDLE
             nodes.push_idle(ex)
         previous = []

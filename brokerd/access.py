@@ -86,7 +86,7 @@ class RefAccess:
         ex = self.executors.get(cid)
         if ex is None:
             return False
-        tasks = [ex.task, ex.prefetch]
+        tasks = [ex.task, *ex.ahead]
         if ex.actor is not None:
             tasks.append(ex.actor.create)
             tasks.extend(ex.actor.inflight.values())

@@ -29,7 +29,13 @@ ObjectReconstructionFailedError, put objects with ObjectLostError.
 Owns: ``tasks`` (unfinished tasks by id), ``children`` (task id -> tasks it
 submitted, for recursive cancel), ``executors`` and ``clients`` and every
 Task, Executor and ClientInfo record. Sends (through the outbox): EXEC,
-INTERRUPT, STREAM_END, EXIT, PRINT, KILL_EXEC.
+INTERRUPT, RECALL, STREAM_END, EXIT, PRINT, KILL_EXEC.
+
+Sent ahead: a busy executor holds the tasks sent to it before it is done in
+``Executor.ahead`` (ASSIGNED, in order; how many: brokerd/window.py). Its DONE
+starts the first (``_executor_next``); a cancel, its blocking in get (BLOCK,
+REJECT), its retiring or death take them back; an executor gone idle RECALLs those
+stuck behind a long call elsewhere (``_recall``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections import deque
 
 from brokerd.access import RefAccess, renv_packages
 from brokerd.actors import ActorDirectory, Death
@@ -261,6 +268,8 @@ class TaskEngine:
             self.recovery.tick(now)
         if self.access.parked:
             self.access.retry(now)
+        if self.placement.running:
+            self._recall_idle()
         for c in list(self.clients.values()):
             if c.kind == "driver" and now - c.last_seen > P.DRIVER_TIMEOUT_S:
                 log.warning("driver %s silent: releasing its job", c.cid.hex())
@@ -406,7 +415,7 @@ class TaskEngine:
         for task, ex in d.prefetch:
             self.moves.move(task, TaskState.ASSIGNED, "prefetched", ex.node.node_id)
             task.executor = ex
-            ex.prefetch = task
+            ex.ahead.append(task)
             self._send_exec(task, ex)
 
     def _exec_message(self, task: Task, ex: Executor) -> tuple:
@@ -470,6 +479,7 @@ class TaskEngine:
         else:
             self.moves.move(ex, ExecState.BUSY, "runs a task")
             self.moves.move(task, TaskState.RUNNING, "started")
+            task.started = self.moves.now
         task.executor = ex
         ex.task = task
         if not self._send_exec(task, ex) and ex.state == ExecState.BUSY:
@@ -508,6 +518,7 @@ class TaskEngine:
                 pushed = ()
         elif task.kind == P.TASK:
             self.nodes.release(task)
+            self.placement.runtimes.observe(task.spec.fid, self.moves.now - task.started)
             if ex is not None:
                 self._executor_next(ex)
             if retryable and task.retries_left != 0 and not task.cancel_requested:
@@ -666,33 +677,56 @@ class TaskEngine:
             self.placement.enqueue(task)
 
     def _executor_next(self, ex: Executor) -> None:
-        """The executor finished its task: start its prefetched one, or make it idle."""
-        nxt = ex.prefetch
-        if nxt is None or ex.state != ExecState.BUSY:
-            self._executor_free(ex)
-            return
-        ex.prefetch = None
-        if nxt.state != TaskState.ASSIGNED:  # cancelled meanwhile: its DONE will be ignored
-            self._executor_free(ex)
-            return
-        self.nodes.acquire(nxt, ex.node)
-        self.moves.move(nxt, TaskState.RUNNING, "started (prefetched)")
-        ex.task = nxt
+        """The executor finished its task: start the first task sent ahead to it (the
+        executor runs them in the order sent), or make it idle."""
+        ahead = ex.ahead
+        if ex.state == ExecState.BUSY:
+            while ahead:
+                nxt = ahead.popleft()
+                if nxt.state != TaskState.ASSIGNED:  # cancelled: its DONE will be ignored
+                    continue
+                self.nodes.acquire(nxt, ex.node)
+                self.moves.move(nxt, TaskState.RUNNING, "started (prefetched)")
+                nxt.started = self.moves.now
+                ex.task = nxt
+                return
+        self._executor_free(ex)
 
-    def _unassign(self, ex: Executor, task_id=None) -> None:
-        """Take back the prefetched task of ``ex`` and queue it again at the front."""
-        task = ex.prefetch
-        if task is None or (task_id is not None and task.task_id != task_id):
+    def _unassign(self, ex: Executor, task_id: bytes) -> None:
+        """Take back the task ``task_id`` sent ahead to ``ex``; queue it again at the front."""
+        task = next((t for t in ex.ahead if t.task_id == task_id), None)
+        if task is None:
             return
-        ex.prefetch = None
+        ex.ahead.remove(task)
         if task.state == TaskState.ASSIGNED:
             self._requeue(task, "handed back by a blocked executor")
 
     def _executor_free(self, ex: Executor) -> None:
-        ex.task = None
+        done, ex.task = ex.task, None
         if ex.state == ExecState.BUSY:
             self.moves.move(ex, ExecState.IDLE, "task done")
             self.nodes.push_idle(ex)
+            if done is not None and done.shape not in self.placement.queues:
+                self._recall(done.shape)
+
+    def _recall(self, shape) -> None:
+        """An executor of ``shape`` went idle with nothing queued for it: take back the
+        tasks waiting behind a long-running task on another executor (brokerd/window.py);
+        they come back as REJECTs and run here."""
+        placement = self.placement
+        execs = placement.running.get(shape)
+        if execs:
+            for ex, task_ids in placement.runtimes.stalled(execs, self.moves.now):
+                self.out.send(P.inbox_ident(ex.cid), P.encode(P.Recall(task_ids)))
+
+    def _recall_idle(self) -> None:
+        """(each liveness check) ``_recall`` for the shapes with nothing queued and an
+        idle executor: the call that holds tasks behind it may have turned long only
+        after that executor went idle."""
+        queues = self.placement.queues
+        for shape, execs in list(self.placement.running.items()):
+            if shape not in queues and any(ex.state == ExecState.IDLE for ex in execs):
+                self._recall(shape)
 
     def _requeue(self, task: Task, reason: str) -> None:
         task.executor = None
@@ -718,8 +752,8 @@ class TaskEngine:
             return
         if task.node is not None:
             self.nodes.release(task)
-        if task.executor is not None and task.executor.prefetch is task:
-            task.executor.prefetch = None
+        if task.executor is not None and task in task.executor.ahead:
+            task.executor.ahead.remove(task)
         if task.actor is not None and task.kind == P.ACTOR_CALL:
             task.actor.inflight.pop(task.task_id, None)
         if task.spec.num_returns == P.STREAMING:
@@ -833,7 +867,7 @@ class TaskEngine:
         if ex is None:
             return
         ex.blocked = True
-        for tid in m.returned:
+        for tid in reversed(m.returned):  # (each goes to the front: the first ends first)
             self._unassign(ex, tid)
         task = ex.task
         if task is not None and task.task_id == m.task_id:
@@ -849,9 +883,21 @@ class TaskEngine:
             self.nodes.lend_cpu(task, False)
 
     def reject(self, cid: bytes, m: P.Reject) -> None:
+        """The executor handed back a task sent ahead, unstarted (it was blocked in get, or
+        we RECALLed it)."""
         ex = self.executors.get(cid)
-        if ex is not None:
-            self._unassign(ex, m.task_id)
+        if ex is None:
+            return
+        task = ex.task
+        if (task is not None and task.task_id == m.task_id and task.state == TaskState.RUNNING
+                and ex.state == ExecState.BUSY):
+            # Recalled, but its turn had come here meanwhile (the DONE before it came
+            # first): it never started. Queue it again; the executor runs what is next.
+            self.nodes.release(task)
+            self._requeue(task, "handed back unstarted by its executor")
+            self._executor_next(ex)
+            return
+        self._unassign(ex, m.task_id)
 
     # ============================================================ executors
     def exec_died(self, node_id: bytes, cid: bytes, code: int) -> None:
@@ -888,7 +934,8 @@ class TaskEngine:
         ex = self.executors.get(cid)
         if ex is None or ex.state == ExecState.DEAD or ex.actor is not None:
             return
-        for task in (ex.task, ex.prefetch):
+        # (each goes to the front of its queue: the last sent first, the running one last)
+        for task in (*reversed(ex.ahead), ex.task):
             if task is None or task.executor is not ex:
                 continue
             if task.state == TaskState.RUNNING:
@@ -899,7 +946,8 @@ class TaskEngine:
                 self.finish_cancelled(task)
             else:
                 self._requeue(task, "its executor retired before it started")
-        ex.task = ex.prefetch = None
+        ex.task = None
+        ex.ahead.clear()
         self.reaped.add(cid)
         self.executor_dead(ex, 0, reason=f"the executor process (pid {ex.pid}) retired "
                                          "after max_calls calls")
@@ -928,8 +976,10 @@ class TaskEngine:
         if prev == ExecState.STARTING:
             self.nodes.spawned(node)
         task, ex.task = ex.task, None
-        pre, ex.prefetch = ex.prefetch, None
-        if pre is not None and pre.state == TaskState.ASSIGNED:
+        ahead, ex.ahead = ex.ahead, deque()
+        for pre in reversed(ahead):  # (each to the front of its queue: the first stays first)
+            if pre.state != TaskState.ASSIGNED:
+                continue
             if pre.cancel_requested:
                 self.finish_cancelled(pre)
             else:

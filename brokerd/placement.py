@@ -6,6 +6,7 @@
                                                                                   .run:      (task, node, idle executor)
                                                                                   .actors:   (creation task, node): start a fresh process
                                                                                   .prefetch: (task, busy executor): send ahead
+                                                                                             (how many: brokerd/window.py)
                                                                                   .failed:   (task, error text)
                                                                                   .warnings: (task, text): infeasible, tell its driver
 
@@ -55,12 +56,14 @@ only through ``NodeTable``.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from brokerd.nodeindex import NodeIndex
 from brokerd.nodes import NodeTable
 from brokerd.records import ExecState, Task, TaskState
+from brokerd.window import RunTimes
 from zray import _protocol as P
 
 log = logging.getLogger("zray.broker")
@@ -88,6 +91,7 @@ class Placement:
         self.index = NodeIndex(nodes)
         self.running: dict = {}  # shape -> pool executors started on it (prefetch candidates)
         self.groups = None  # PlacementGroupTable, set by the engine
+        self.runtimes = RunTimes()  # functions' run times: the send-ahead window
         self.dirty = False  # something was queued since the last pass
 
     def enqueue(self, task: Task, front: bool = False) -> None:
@@ -106,7 +110,7 @@ class Placement:
     def schedule(self) -> Decisions:
         d = Decisions()
         nodes = self.nodes
-        picked: set = set()  # busy executors given a prefetch in this pass
+        picked: dict = {}  # busy executor -> tasks sent ahead to it in this pass
         for shape in list(self.queues):
             q = self.queues[shape]
             task = None
@@ -155,14 +159,17 @@ class Placement:
             d.warnings, self.warnings = self.warnings, []
         return d
 
-    def _prefetch(self, shape, q, d: Decisions, picked: set) -> None:
-        """Pipeline: give each busy pool executor running this shape its next task now,
-        so it starts the moment the current one is done (no broker round trip idle).
-        Only the executors this pass or an earlier one started on the shape are looked
-        at (``running``); those that moved on are dropped from it here."""
+    def _prefetch(self, shape, q, d: Decisions, picked: dict) -> None:
+        """Pipeline: give each busy pool executor running this shape its next tasks now,
+        so it starts each the moment the last is done (no broker round trip idle): one,
+        or up to its window for a short function (brokerd/window.py). Only the executors
+        this pass or an earlier one started on the shape are looked at (``running``);
+        those that moved on are dropped from it here."""
         execs = self.running.get(shape)
         if not execs:
             return
+        runtimes = self.runtimes
+        now = time.time()  # (the clock of Task.started: the broker's moves.now)
         stale = []
         for ex in execs:
             cur = ex.task
@@ -171,15 +178,23 @@ class Placement:
                     cur is not None and cur.shape != shape):
                 stale.append(ex)  # (one started in this pass is still IDLE: kept)
                 continue
-            if (state != ExecState.BUSY or cur is None or ex.prefetch is not None
-                    or ex.blocked or cur.state != TaskState.RUNNING or ex in picked):
+            if (state != ExecState.BUSY or cur is None or ex.blocked
+                    or cur.state != TaskState.RUNNING):
                 continue
-            while q and q[0].state != TaskState.QUEUED:
-                q.popleft()
+            have = len(ex.ahead) + picked.get(ex, 0)  # (this pass's are not applied yet)
+            limit = runtimes.window(ex, now)
+            if have >= limit:
+                continue
+            while have < limit:
+                while q and q[0].state != TaskState.QUEUED:
+                    q.popleft()
+                if not q or (have and not runtimes.short(q[0].spec.fid)):
+                    break  # (beyond the first slot: short functions only)
+                d.prefetch.append((q.popleft(), ex))
+                have += 1
+            picked[ex] = have - len(ex.ahead)
             if not q:
                 break
-            picked.add(ex)
-            d.prefetch.append((q.popleft(), ex))
         for ex in stale:
             execs.discard(ex)
         if not execs:

@@ -92,7 +92,9 @@ class Executor:
     task: Optional["Task"] = None
     actor: Optional["Actor"] = None
     fns: set = field(default_factory=set)  # function ids this process has loaded
-    prefetch: Optional["Task"] = None  # next task, sent ahead; starts when `task` is DONE
+    # tasks sent ahead, in the order sent (ASSIGNED): the first starts when `task` is
+    # DONE. How many: brokerd/window.py (one; several behind a short function's call)
+    ahead: deque = field(default_factory=deque)
     blocked: bool = False  # its task waits in get(): no prefetching
     idle_since: float = 0.0
     # The runtime_env key (zray/_renv.py) of the tasks it runs: None until its first
@@ -130,6 +132,7 @@ class Task:
     # of its store-resident returns that still live, to rebuild them if their node dies
     lineage: int = 0
     lineage_cost: int = 0  # its bytes in ObjectDirectory.lineage_bytes
+    started: float = 0.0  # the broker's clock (moves.now) when it last began RUNNING
 
 
 @dataclass(eq=False)

@@ -204,3 +204,44 @@ def test_fuzzed_request_arguments_are_refused_clearly():
             i * i for i in range(20)]
     finally:
         zray.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_garbage_pushed_to_a_drivers_direct_inbox_leaves_it_working():
+    """Executors on a node push results straight to an owner's PULL socket, one OBJ or a
+    BATCH of them (workerd/held.py): whatever lands there, the driver drops what does not
+    decode and its own results still arrive."""
+    if zray.is_initialized():
+        zray.shutdown()
+    zray.init(num_cpus=2)
+    ctx = zmq.Context()
+    try:
+        client = zray._runtime.client
+        assert client._direct_path, "the driver has a direct inbox on its node"
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(f"ipc://{client._direct_path}")
+        rng = random.Random(3)
+        obj = P.encode(P.Obj(b"o" * P.OBJECT_ID_LEN, P.VALUE, None, None))
+        samples = [
+            [P.encode(P.Batch([2, 2], None)), obj],  # counts that do not add up
+            [msgpack.packb([P.Msg.BATCH, [1], [5]]), b"abc"],  # sizes that do not add up
+            P.encode_batch([(b"\xc1garbage", []), (obj, [b"x"])]),  # a bad message inside
+            P.encode_batch([(obj, [os.urandom(40)])] * 3),  # unpicklable values, unknown oid
+            [msgpack.packb([P.Msg.BATCH, [1] * 5000, None])] + [obj] * 5000,  # too many
+        ]
+        for _ in range(300):
+            samples.append([os.urandom(rng.randrange(1, 64))] * rng.randrange(1, 4))
+        for parts in samples:
+            push.send_multipart(parts)
+
+        @zray.remote
+        def square(x):
+            return x * x
+
+        for _ in range(3):
+            assert zray.get([square.remote(i) for i in range(300)], timeout=60) == [
+                i * i for i in range(300)]
+    finally:
+        ctx.destroy(linger=0)
+        zray.shutdown()

@@ -7,6 +7,7 @@ import os
 import msgpack
 import pytest
 import zmq
+from conftest import poll_until
 
 from zray import _protocol as P
 
@@ -31,7 +32,7 @@ def _sample(cls):
         "length": 10, "total": 10, "unreachable": True,
         "actor_id": tid, "state": "alive", "address": "ipc:///tmp/a", "host": "h",
         "ordered": True, "incarnation": 0, "reason": "", "reply_to": "ipc:///tmp/r",
-        "tcp_address": "tcp://[::1]:5555",
+        "task_ids": [tid], "tcp_address": "tcp://[::1]:5555",
     }
     if cls is P.DCall:  # a direct call: an actor call without ref arguments
         values["spec"] = spec._replace(kind=P.ACTOR_CALL, fid="m", deps=[], actor_id=tid)
@@ -239,3 +240,33 @@ def test_direct_call_addresses_are_ipc_or_a_plain_tcp_endpoint():
     assert P.decode(P.encode(route._replace(tcp_address=""))).tcp_address == ""
     with pytest.raises(P.ProtocolError):
         P.decode(P.encode(route._replace(tcp_address="ipc:///tmp/a")))
+
+
+@pytest.mark.timeout(10)
+def test_a_recall_names_one_to_recall_max_task_ids():
+    tid = b"t" * P.TASK_ID_LEN
+    assert P.decode(P.encode(P.Recall([tid] * P.RECALL_MAX))) == P.Recall([tid] * P.RECALL_MAX)
+    for bad in ([], [tid] * (P.RECALL_MAX + 1), [b"short"], [tid, None], tid, None):
+        with pytest.raises(P.ProtocolError):
+            P.decode(msgpack.packb([P.Msg.RECALL, bad]))
+
+
+@pytest.mark.timeout(30)
+def test_a_recall_sent_to_the_broker_is_dropped_and_counted(ray_local, broker_address):
+    """RECALL goes from the broker to an executor only: from a client it is dropped."""
+    client = ray_local._runtime.client
+    before = client.request("status")["dropped_messages"]
+    ctx = zmq.Context()
+    try:
+        s = _dealer(ctx, broker_address, P.out_ident(os.urandom(P.ID_LEN)))
+        s.send(P.encode(P.Recall([b"t" * P.TASK_ID_LEN])))
+    finally:
+        ctx.destroy(linger=1000)
+
+    @ray_local.remote
+    def f():
+        return 1
+
+    assert ray_local.get(f.remote(), timeout=20) == 1
+    poll_until(lambda: client.request("status")["dropped_messages"] > before, 10,
+               what="the RECALL to be counted as dropped")

@@ -7,6 +7,8 @@
                                                             |-- ACTOR_CREATE -> create_actor
                                                             '-- ACTOR_CALL ---> ActorHost.handle
     broker <--DONE/YIELD-- out socket <---- ResultSender <---- results, errors
+           <--BATCH of DONEs-- HeldDones <-'   (short tasks run back to back: workerd/held.py)
+    broker --RECALL--> I/O thread: tasks sent ahead, not started --REJECT--> broker
     owner  <--OBJ (PUSH)-- results for an owner on this node
     broker --INTERRUPT--> I/O thread --SIGUSR1--> main thread raises TaskCancelledError
                                      '----------> ActorHost.cancel (async actor: task.cancel())
@@ -26,11 +28,17 @@ The pieces, one module each:
 * ``ResultSender`` (workerd/results.py): DONE, YIELD and direct pushes, once
   for all of them.
 * ``TaskStream`` and ``LogForwarder`` (workerd/logs.py): printed output.
+* ``HeldDones`` (workerd/held.py): the DONEs of short tasks held back while the
+  next task is already queued, sent together (flushed before this process waits in
+  ``get``, leaves, or runs a task not known to be short).
 
 Prefetch: the broker may send the next task while one runs. When the running
 task blocks in ``get``, ``on_block`` takes the unstarted tasks out of the queue
 and the BLOCK hands them back; a task that arrives while blocked is REJECTed.
-Either way the task could be the very one being waited for.
+Either way the task could be the very one being waited for. The broker may send
+several tasks ahead for a short function (brokerd/window.py); it RECALLs those
+not started when the running one takes long and another executor is idle: the
+I/O thread takes them out of the queue and REJECTs them.
 
 Cancellation: the I/O thread records the task id in ``cancelled``. A call
 not yet started is answered with TaskCancelledError at once. A plain task is
@@ -66,6 +74,7 @@ from typing import Optional
 import cloudpickle
 
 from workerd.actors import ActorHost, create_actor
+from workerd.held import HeldDones
 from workerd.logs import LogForwarder, TaskStream
 from workerd.renv import RuntimeEnvSetup
 from workerd.results import ResultSender
@@ -124,10 +133,14 @@ class ExecutorProcess:
         self.stderr = TaskStream(self.logs.forward, sys.stderr, True, self.logs.mark)
         sys.stdout, sys.stderr = self.stdout, self.stderr
         self.results = ResultSender(self.client, self.cancelled, self.pid)
+        self.held = self.results.held = HeldDones(self.client)  # (plain tasks only)
         self.tasks = TaskRunner(self)
 
     # ------------------------------------------------------------ I/O thread
     def _on_exec(self, msg, frames):
+        if msg.TYPE == Msg.RECALL:
+            self._recall(set(msg.task_ids))
+            return
         with self.block_lock:
             if self.blocked and msg.TYPE == Msg.EXEC and msg.spec.kind == P.TASK:
                 # A prefetched task arrived while our task waits in get(): it could be
@@ -142,7 +155,9 @@ class ExecutorProcess:
             self.fns.setdefault(msg.spec.fid, frames[0])
 
     def _on_block(self) -> list:
-        """Main thread, about to wait in get(): return the prefetched tasks not started."""
+        """Main thread, about to wait in get(): return the prefetched tasks not started.
+        The DONEs held back go first: what it waits for may be one of them."""
+        self.held.flush(masked=True)
         with self.block_lock:
             self.blocked = True
             returned, keep = [], []
@@ -160,6 +175,28 @@ class ExecutorProcess:
             for item in keep:
                 self.queue.put(item)
             return returned
+
+    def _recall(self, task_ids: set) -> None:
+        """I/O thread: the broker wants these tasks sent ahead back (the task running here
+        takes long and another executor is idle): those still queued go back, REJECTed;
+        one the main thread already took runs here as usual."""
+        with self.block_lock:
+            keep, back = [], []
+            while True:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                m = item[0]
+                if m.TYPE == Msg.EXEC and m.spec.kind == P.TASK and m.spec.task_id in task_ids:
+                    self.keep_fn(m, item[1])
+                    back.append(m.spec.task_id)
+                else:
+                    keep.append(item)
+            for item in keep:  # (in order: the main thread takes them first to last)
+                self.queue.put(item)
+            for task_id in back:
+                self.client.send(P.encode(P.Reject(task_id)))
 
     def _on_unblock(self):
         with self.block_lock:
@@ -183,10 +220,14 @@ class ExecutorProcess:
         self.client.send(P.encode(P.Ready()))
         run_task = self.tasks.run
         exec_type, task, actor_call = Msg.EXEC, P.TASK, P.ACTOR_CALL  # looked up once, not per task
+        held, empty = self.held, self.queue.empty
         while True:
+            if held.items and empty():  # nothing more to run now: send what was held back
+                held.flush()
             # (a plain actor's direct calls come from its own socket too: workerd/direct.py)
             msg, frames = self.next_item()
             if msg.TYPE != exec_type:
+                held.flush()
                 break
             try:
                 kind = msg.spec.kind
@@ -223,6 +264,7 @@ class ExecutorProcess:
         """Leave the pool after max_calls: EXIT (after the last DONE, same socket), then
         wait for the broker's EXIT back; EXECs that arrive meanwhile were sent ahead and the
         broker queues them again, so they are dropped here."""
+        self.held.flush()
         self.client.send(P.encode(P.Exit()))
         deadline = time.monotonic() + P.BROKER_TIMEOUT_S
         while True:
@@ -240,6 +282,7 @@ class ExecutorProcess:
         """Leave now (any thread). With ACTOR_EXIT_CODE the broker restarts nothing; the
         call that exited gets no reply (the broker fails it when it learns of the exit)."""
         self.results.exiting = True  # calls still running on other threads fail with us
+        self.held.flush()  # (finished before: their results stand)
         self.stdout.flush()
         self.stderr.flush()
         self.client.close()

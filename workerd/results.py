@@ -12,7 +12,8 @@
     an exception --task_error--> DONE: one ERROR per return, retryable? --> broker
 
 Every call ends in exactly one DONE to the broker, which keeps the books and
-frees the call's resources. A result holding no refs is also pushed straight
+frees the call's resources. A plain task's DONE may be held back and sent with
+the next ones (``send_done``, workerd/held.py), never out of order. A result holding no refs is also pushed straight
 to its owner when the owner runs on this node (``Client.push_direct``): three
 hops instead of four (not for a call ``counted`` against its actor's
 ``max_pending_calls``: the caller may only see it finished after the broker
@@ -37,6 +38,7 @@ from typing import Optional
 
 import cloudpickle
 
+from workerd.held import HOLD_MAX
 from zray import _protocol as P
 from zray import exceptions
 from zray._client import Client
@@ -44,6 +46,13 @@ from zray._procutil import exit_forked_child
 from zray._refs import DynamicObjectRefGenerator, ObjectRef
 from zray._serialization import deserialize, serialize, task_error
 from zray.actor import ActorExit
+
+
+def pushable(spec: P.TaskSpec) -> bool:
+    """Whether a call's results may go straight to a local owner (``push_results``)."""
+    # ("counted": a max_pending_calls call, see zray/actor.py)
+    return not (spec.kind == P.ACTOR_CREATE or spec.num_returns <= 0
+                or "counted" in spec.options)
 
 
 def split_returns(spec: P.TaskSpec, result) -> list:
@@ -73,6 +82,8 @@ class ResultSender:
         # actor send nothing, so they fail with ActorDiedError like the calls queued behind
         self.exiting = False
         self.direct = None  # workerd.direct.DirectServer: calls that came direct reply there
+        self.held = None  # workerd.held.HeldDones of a pool executor (plain tasks)
+        self.hold = False  # hold this call's DONE back (set by the task runner per call)
 
     @property
     def ip(self) -> str:
@@ -167,17 +178,34 @@ class ResultSender:
         except BaseException as e:  # noqa: B036
             self.finish_error(spec, e)
             return
+        self.send_done(spec, layout, frames, nested, False, "")
+
+    def send_done(self, spec: P.TaskSpec, layout: list, frames: list, nested: list,
+                  retryable: bool, text: str) -> None:
+        """DONE to the broker (its results first to a local owner, where they may go),
+        now or, when ``hold`` is set for this call, with the next DONEs (workerd/held.py)."""
+        held = self.held
+        if held is not None:
+            if self.hold and not nested:
+                held.add((spec, layout, frames, nested, retryable, text,
+                          not retryable and pushable(spec)))
+                if len(held) >= HOLD_MAX:
+                    held.flush()
+                return
+            held.flush()  # (the broker must see the DONEs in the order the tasks ran)
         # Results holding refs go through the broker: it must learn of those refs (PUTs on
         # our socket, processed in order before this DONE) before the owner can use them.
-        pushed = [] if nested else self.push_results(spec, layout, frames)
-        self.client.send(P.encode(P.Done(task_id, layout, nested, False, pushed, "")), frames)
+        # A retryable error is not a result: the task runs again.
+        pushed = [] if nested or retryable else self.push_results(spec, layout, frames)
+        self.client.send(P.encode(P.Done(spec.task_id, layout, nested, retryable, pushed, text)),
+                         frames)
 
     def push_results(self, spec: P.TaskSpec, layout: list, frames: list) -> list:
         """Hand the results straight to an owner on this node (one hop instead of two
         through the broker, which still gets DONE for its books). Returns, per result,
         whether it went; the broker pushes the others."""
-        if spec.kind == P.ACTOR_CREATE or spec.num_returns <= 0 or "counted" in spec.options:
-            return []  # ("counted": a max_pending_calls call, see zray/actor.py)
+        if not pushable(spec):
+            return []
         owner = spec.owner
         pushed, pos = [], 0
         for i, (kind, n, node_id, _) in enumerate(layout, 1):
@@ -214,10 +242,8 @@ class ResultSender:
         if direct is not None and task_id in direct.calls:
             direct.reply(task_id, [[P.ERROR, len(frames)]] * n, frames * n, retryable)
             return
-        layout = [[P.ERROR, len(frames), None, 0]] * n
-        pushed = [] if retryable else self.push_results(spec, layout, frames * n)
-        self.client.send(P.encode(P.Done(task_id, layout, [], retryable, pushed, text)),
-                         frames * n)
+        self.send_done(spec, [[P.ERROR, len(frames), None, 0]] * n, frames * n, [], retryable,
+                       text)
 
     def cancelled_error(self, spec: P.TaskSpec) -> None:
         """Send DONE with TaskCancelledError: the call was cancelled before it could finish."""

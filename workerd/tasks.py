@@ -10,6 +10,7 @@
                           restore: flush output, env, GPUs, context
                                                           |
         value(s) / generator / exception --> ResultSender --> DONE / YIELD...
+                                   (a short task's DONE may wait for the next ones: held.py)
         sys.exit() --> the serve loop ends the process: the broker fails or retries
                        the task as a crash (WorkerCrashedError), as Ray does
 
@@ -25,8 +26,10 @@ layers between the serve loop and the user's function.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import TYPE_CHECKING
 
+from workerd.held import SHORT_S
 from workerd.results import split_returns
 from zray import _protocol as P
 from zray.actor import ActorExit
@@ -47,7 +50,10 @@ class TaskRunner:
         self.load_fn = proc.load_fn
         self.prepare = proc.prepare
         self.restore = proc.restore
-        results = proc.results
+        results = self.results = proc.results
+        self.held = proc.held
+        self.queue = proc.queue
+        self.ran: dict = {}  # fid -> seconds its last call here took (may its DONE be held?)
         self.generator_returns = results.generator_returns
         self.finish_values = results.finish_values
         self.finish_error = results.finish_error
@@ -56,18 +62,23 @@ class TaskRunner:
     def run(self, msg: P.Exec, frames: list) -> bool:
         """Run one task to its end and send its results or its error (main thread).
         Returns whether the function was called (``max_calls`` counts those)."""
+        spec = msg.spec
+        held = self.held
+        if held.items and (self.ran.get(spec.fid, 1.0) >= SHORT_S or spec.num_returns < 0):
+            held.flush()  # this one may run long: the DONEs held must not wait for it
         loaded = self.load_call(msg, frames)
         if loaded is None:
             return False
         args, kwargs = loaded
-        spec = msg.spec
         task_id = spec.task_id
         proc = self.proc
         self.prepare(spec, msg.gpu_ids)
         self.logs.prefix = f"({spec.name} pid={self.pid})"
+        took, error = 1.0, None
         try:
             fn = self.load_fn(spec.fid)
             proc.running_task = task_id
+            t0 = perf_counter()
             try:
                 result = fn(*args, **kwargs)
                 if spec.num_returns < 0:  # a generator: streamed, or stored item by item
@@ -78,15 +89,27 @@ class TaskRunner:
                     outs = split_returns(spec, result)
             finally:
                 proc.running_task = b""
+                took = self.ran[spec.fid] = perf_counter() - t0
         except (ActorExit, SystemExit):
             raise  # the serve loop ends the process (sys.exit: a crash, as in Ray)
         except BaseException as e:  # noqa: B036 - user code may raise anything
-            self.finish_error(spec, e)
-            return True
+            error = e
         finally:
             self.restore()
-        if task_id in self.cancelled:
-            self.cancelled_error(spec)
-            return True
-        self.finish_values(spec, outs)
+        self.finish(spec, outs if error is None else None, error, took)
         return True
+
+    def finish(self, spec: P.TaskSpec, outs, error, took: float) -> None:
+        """Send the call's values or error; its DONE is held back (workerd/held.py) when
+        the call was short and the next EXEC is already here: it goes with the next ones."""
+        results = self.results
+        results.hold = took < SHORT_S and not self.queue.empty()
+        try:
+            if error is not None:  # (a cancel that came while it ran: TaskCancelledError)
+                self.finish_error(spec, error)
+            elif spec.task_id in self.cancelled:
+                self.cancelled_error(spec)
+            else:
+                self.finish_values(spec, outs)
+        finally:
+            results.hold = False

@@ -589,13 +589,13 @@ class Client:
                             self.last_broker = time.monotonic()
                         while readable(sock):
                             parts = recv_parts(sock)
-                            if sock is inbox:  # the broker's turn may come as one BATCH
-                                try:
-                                    batch.extend(P.unbatch(parts))
-                                except P.ProtocolError as e:
-                                    log.warning("dropping malformed message from broker: %s", e)
-                            else:
-                                batch.append(parts)
+                            # The broker's turn may come as one BATCH, and so may the results
+                            # an executor here pushes us together (workerd/held.py).
+                            try:
+                                batch.extend(P.unbatch(parts))
+                            except P.ProtocolError as e:
+                                log.warning("dropping malformed message from %s: %s",
+                                            "broker" if sock is inbox else "direct inbox", e)
                     remote = self.direct.tcp_pull if self.direct is not None else None
                     if remote is not None and remote in ready:  # DDONEs from other hosts
                         while True:
@@ -698,7 +698,7 @@ class Client:
                                 filed.append(oid)
                         notify = True
                     continue
-                if mtype == Msg.EXEC:
+                if mtype == Msg.EXEC or mtype == Msg.RECALL:  # (RECALL: workerd/executor.py)
                     if self._on_exec is not None:
                         self._on_exec(m, msg[1:])
                 elif mtype == Msg.REPLY:

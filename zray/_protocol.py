@@ -61,12 +61,18 @@ B->C  INTERRUPT  task_id, force                                 cancel this runn
 C->B  BLOCK      task_id, returned / UNBLOCK task_id
                  the task waits in get(): lend its CPU, and hand back the task ids
                  that were prefetched to this executor and have not started
-C->B  REJECT     task_id   a prefetched EXEC arrived while blocked: queue it elsewhere
+C->B  REJECT     task_id   a prefetched EXEC arrived while blocked: queue it elsewhere;
+                 also the answer to RECALL for each task taken out of the queue unstarted
+B->E  RECALL     task_ids   hand back these tasks sent ahead (EXEC) if they have not started
+                 (their executor runs a task that takes long, another one is idle): the
+                 executor takes each out of its queue and answers REJECT for it; one that
+                 started runs and ends in DONE as usual. At most RECALL_MAX ids
 C->B  DONE       task_id, returns [[kind, nframes, node_id, size]...], nested, retryable,
                  pushed, error text + frames.  A return with a node_id was written to that store;
                  pushed[i]: the executor already sent return i to its owner (below)
 E->C  OBJ        on PUSH -> the owner's PULL at ipc://<node store dir>/c-<cid>: an executor
-                 hands a result straight to an owner on its node (3 hops instead of 4)
+                 hands a result straight to an owner on its node (3 hops instead of 4);
+                 several OBJs for one owner may come as one BATCH (the layout below)
 C->B  YIELD      task_id, index, kind, nframes, nested + frames   a streamed item (index 1..);
                  the stream ends with a DONE without returns (or with the error it raised)
 C->B  LOG        driver_cid, prefix, text                       remote stdout/stderr
@@ -115,7 +121,8 @@ B->C  BATCH      counts, sizes + the frames of len(counts) messages, message i b
                  length of frame j (a batch of at most PACK_MAX bytes: one frame to move
                  and box instead of two or more per message)
 C->B  BATCH      the same layout on a client's out socket: a driver's SUBMITs of one burst
-                 (zray._client SUBMIT_BATCH). The broker handles each message in order as if
+                 (zray._client SUBMIT_BATCH), an executor's DONEs of short tasks that ran
+                 back to back (workerd/held.py). The broker handles each message in order as if
                  it had come alone; one that does not decode, is not allowed from an out
                  socket or is a BATCH itself is dropped and counted, the others still count
 C->B  NEED_SPACE nbytes   a put waits for room in its node's store (over its limit): spill
@@ -157,7 +164,9 @@ import msgpack
 # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
 # 5: B->C BATCH (a client must split it), C->B NEED_SPACE
 # 6: C->B BATCH (a driver's SUBMITs of one burst)
-VERSION = 8  # 7: ROUTE/DCALL/DDONE/DCANCEL (direct actor calls), PULL/PEER_* (node blobs); 8: ROUTE tcp_address, tcp reply_to (cross-host direct calls)
+# 7: ROUTE/DCALL/DDONE/DCANCEL (direct actor calls), PULL/PEER_* (node blobs)
+# 8: ROUTE tcp_address, tcp reply_to (cross-host direct calls)
+VERSION = 9  # 9: B->E RECALL; E->C BATCH of OBJs; an executor's DONEs in a C->B BATCH
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
@@ -250,6 +259,7 @@ class Msg(enum.IntEnum):
     PULL_FAILED = 81
     PEER_GET = 82
     PEER_CHUNK = 83
+    RECALL = 90  # tasks sent ahead in a window (brokerd/window.py), numbered apart too
 
 
 class ProtocolError(ValueError):
@@ -624,6 +634,21 @@ class Reject(NamedTuple):
     CHECKS = (_task_id,)
 
 
+RECALL_MAX = 64  # task ids in one RECALL (a window is far smaller)
+
+
+def _recall_ids(v):
+    if type(v) is not list or not 0 < len(v) <= RECALL_MAX:
+        _fail(f"array of 1 to {RECALL_MAX} task ids", v)
+    return _task_ids(v)
+
+
+class Recall(NamedTuple):
+    task_ids: list  # sent ahead to this executor: hand back those not started (REJECT)
+    TYPE = Msg.RECALL
+    CHECKS = (_recall_ids,)
+
+
 class Done(NamedTuple):
     task_id: bytes
     returns: list  # [[kind, nframes, node_id|nil, size], ...]; an error: one item
@@ -931,7 +956,7 @@ MESSAGES = (Hello, Welcome, Ready, Fn, Submit, Put, Sub, Release, Refs, Cancel, 
             Block, Unblock, Reject, Done, Yield, Log, Print, Req, Reply, Obj, Exec, StreamEnd,
             Exit, NodeHello, Spawn, ExecSpawned, ExecDied, KillExec, Heartbeat, Shutdown, Fetch, Blob,
             Store, Stored, Free, Spill, LogRead, LogData, NeedSpace, Batch,
-            Route, DCall, DDone, DCancel)
+            Route, DCall, DDone, DCancel, Recall)
 _BY_TYPE = {cls.TYPE: cls for cls in MESSAGES}
 _packb = msgpack.packb  # a Packer object is not thread-safe; clients send from any thread
 
