@@ -508,6 +508,9 @@ class Client:
             poller.register(direct, zmq.POLLIN)
         wake = self._wake_r
         poller.register(wake, zmq.POLLIN)
+        lanes = self.direct.epoll.fileno() if self.direct is not None else None
+        if lanes is not None:  # direct calls' lanes no user thread reads (zray/_lane.py)
+            poller.register(lanes, zmq.POLLIN)
         last_hb = time.monotonic()
         while not self.closed:
             try:
@@ -540,6 +543,8 @@ class Client:
                             else:
                                 batch.append(parts)
                     self._handle_batch(batch)
+                    if lanes in ready:
+                        self.direct.read_lanes()
                 now = time.monotonic()
                 if self._pending_refs and now - self._release_since >= RELEASE_DELAY_MS / 1000:
                     with self._send_lock:
@@ -897,6 +902,9 @@ class Client:
         blocked = self._block()
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
+            if self.direct is not None and self.direct.lanes:
+                # direct calls' results: read them off their lane here (zray/_direct.py)
+                self.direct.wait_lane([r.id for r in missing], done, deadline)
             need_all = num_ready >= len(refs)
             i = 0
             with self.cond:

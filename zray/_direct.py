@@ -50,16 +50,18 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
 import tempfile
 import threading
+import time
 
 import zmq
 
+from zray import _lane, exceptions
 from zray import _protocol as P
-from zray import exceptions
 from zray._serialization import serialize_error
 from zray._transport import send_parts
 
@@ -82,7 +84,7 @@ class _Call:
 
 class _Route:
     __slots__ = ("actor_id", "state", "address", "ordered", "incarnation", "reason", "sock",
-                 "inflight", "broker_out", "held")
+                 "inflight", "broker_out", "held", "lane", "lane_failed")
 
     def __init__(self, actor_id):
         self.actor_id = actor_id
@@ -95,6 +97,8 @@ class _Route:
         self.inflight: dict = {}  # task id -> _Call sent direct, not answered (send order)
         self.broker_out: dict = {}  # task id -> _Call sent to the broker, result not here
         self.held: collections.deque = collections.deque()  # (direct?, _Call) in order
+        self.lane = None  # a zray._lane.Lane to the executor (same host), if it has one
+        self.lane_failed = False  # no lane to this address: the PUSH socket
 
 
 class DirectCalls:
@@ -111,6 +115,11 @@ class DirectCalls:
         self.broker_tasks: dict = {}
         self.unregistered: set = set()  # oids of direct results the broker never heard of
         self.host = socket.gethostname()
+        # Lanes (zray/_lane.py): the I/O thread reads those no user thread reads (an
+        # epoll set it polls); a thread waiting for a call's result reads its lane itself.
+        self.epoll = select.epoll()
+        self.lanes: dict = {}  # fd -> Lane
+        self._arm_lock = threading.Lock()
         self._own_dir = None
         if client._direct is None:  # no store here: a reply inbox of our own
             self._bind_reply_inbox()
@@ -158,7 +167,9 @@ class DirectCalls:
     def _send_direct(self, route: _Route, call: _Call) -> None:
         """(under lock)"""
         spec = call.spec
-        if route.sock is None:
+        if route.lane is None and not route.lane_failed:
+            self._open_lane(route)
+        if route.lane is None and route.sock is None:
             s = self.client._ctx.socket(zmq.PUSH)
             s.setsockopt(zmq.SNDHWM, 0)
             s.setsockopt(zmq.LINGER, 0)
@@ -169,7 +180,10 @@ class DirectCalls:
         self.by_task[task_id] = route
         self.unregistered.update(spec.return_ids())
         header = P.encode(P.DCall(spec, len(call.frames), self.reply_to))
-        self._send(route.sock, header, call.frames)
+        if route.lane is not None:
+            self._send_lane(route.lane, header, call.frames)
+        else:
+            self._send(route.sock, header, call.frames)
         if call.retries == 0:  # (kept while it may be sent again)
             call.frames = None
         if call.cancel is not None:
@@ -184,6 +198,157 @@ class DirectCalls:
         finally:
             if client.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    # ---------------------------------------------------------------- lanes
+    def _open_lane(self, route: _Route) -> None:
+        """(under lock) Connect to the executor's lane, if it listens for one."""
+        path = _lane.lane_path(route.address)
+        if not path:
+            route.lane_failed = True
+            return
+        try:
+            lane = _lane.connect(path)
+        except OSError as e:
+            log.debug("no lane to %s (%s): the PUSH socket", path, e)
+            route.lane_failed = True
+            return
+        lane.owner = route
+        self.lanes[lane.fd] = lane
+        self.epoll.register(lane.fd, select.EPOLLIN)
+        route.lane = lane
+
+    def _send_lane(self, lane, header: bytes, frames) -> None:
+        """(under lock) Send on a lane; what the socket does not take now, the I/O thread
+        sends (POLLOUT). A lane gone means its executor is: ROUTE settles the call."""
+        client = self.client
+        if client.mask_signals:  # a cancel signal must not cut a message in two
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
+        try:
+            if not lane.send(header, frames):
+                self._arm(lane)
+        except _lane.LaneClosed:
+            route = lane.owner
+            if route is not None and route.lane is lane:
+                route.lane = None
+                route.lane_failed = True
+            self._forget_lane(lane)
+        finally:
+            if client.mask_signals:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _arm(self, lane, reading: bool = False) -> None:
+        """What the I/O thread polls a lane for: its replies unless a user thread reads
+        them (``reading``), and POLLOUT while bytes wait to be sent."""
+        with self._arm_lock:
+            if lane.closed:
+                return
+            mask = (0 if reading else select.EPOLLIN) | (select.EPOLLOUT if lane.outq else 0)
+            try:
+                self.epoll.modify(lane.fd, mask)
+            except OSError:
+                pass
+
+    def _lane_closed(self, lane) -> None:
+        """The executor closed the lane (it died or exits): its calls in flight stay so
+        until ROUTE says what became of the actor; later calls take the PUSH socket."""
+        with self.lock:
+            route = lane.owner
+            if route is not None and route.lane is lane:
+                route.lane = None
+                route.lane_failed = True
+            self._forget_lane(lane)
+
+    def _forget_lane(self, lane) -> None:
+        """(under lock)"""
+        with self._arm_lock:
+            if self.lanes.pop(lane.fd, None) is lane:
+                try:
+                    self.epoll.unregister(lane.fd)
+                except OSError:
+                    pass
+            lane.close()
+
+    def read_lanes(self) -> None:
+        """(I/O thread, its epoll fd readable) File what came on the lanes no user thread
+        reads; send what waits for POLLOUT. A lane's messages are filed before its
+        ``rlock`` is let go: a thread that takes it next finds them in their records."""
+        try:
+            ready = self.epoll.poll(0)
+        except OSError:
+            return
+        for fd, ev in ready:
+            lane = self.lanes.get(fd)
+            if lane is None:
+                continue
+            if ev & select.EPOLLOUT:
+                try:
+                    lane.flush()
+                except _lane.LaneClosed:
+                    self._lane_closed(lane)
+                    continue
+                self._arm(lane)
+            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                if not lane.rlock.acquire(False):
+                    continue  # a user thread reads it
+                try:
+                    msgs = lane.read()
+                except _lane.LaneClosed:
+                    msgs = None
+                    self._lane_closed(lane)
+                try:
+                    if msgs:
+                        self.client._handle_batch(msgs)
+                finally:
+                    lane.rlock.release()
+
+    def _lane_of(self, oids) -> object:
+        """The lane that brings every one of ``oids`` (direct results in flight), or None."""
+        lane = None
+        by_task = self.by_task
+        for oid in oids:
+            route = by_task.get(oid[:P.TASK_ID_LEN])
+            if route is None or route.lane is None or (lane is not None and route.lane is not lane):
+                return None
+            lane = route.lane
+        return lane
+
+    def wait_lane(self, oids: list, done, deadline) -> None:
+        """(a user thread in get) When the results ``oids`` all come on one lane that no
+        other thread reads: read it here until they are in (no wake-up of the I/O thread
+        on the way), the deadline passes, or they stop being that lane's (a restart, a
+        retry through the broker, the lane closing). The caller then waits as usual."""
+        lane = self._lane_of(oids)
+        if lane is None or not lane.rlock.acquire(False):
+            return
+        client = self.client
+        try:
+            self._arm(lane, reading=True)
+            poller = select.poll()
+            poller.register(lane.fd, select.POLLIN)
+            i, n = 0, len(oids)
+            while True:
+                try:
+                    msgs = lane.read()
+                except _lane.LaneClosed:
+                    self._lane_closed(lane)
+                    return
+                if msgs:
+                    client._handle_batch(msgs)
+                while i < n and done(oids[i]):
+                    i += 1
+                if i == n or client.broker_gone or client.closed:
+                    return
+                if self._lane_of(oids[i:]) is not lane:
+                    return
+                wait = 1.0
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return
+                poller.poll(wait * 1000)
+        finally:
+            self._arm(lane)
+            lane.rlock.release()
 
     def _send_broker(self, route: _Route, call: _Call) -> None:
         """(under lock) SUBMIT; its result is watched (the refs kept till it comes)."""
@@ -285,9 +450,14 @@ class DirectCalls:
             # a new process already (e.g. restarted while the broker was down): the calls
             # in flight to the old one are lost like those of a restart
             moved = bool(route.address and m.address and m.address != route.address)
-            if m.address != route.address and route.sock is not None:
-                route.sock.close(0)
-                route.sock = None
+            if m.address != route.address:
+                if route.sock is not None:
+                    route.sock.close(0)
+                    route.sock = None
+                if route.lane is not None:
+                    self._forget_lane(route.lane)
+                    route.lane = None
+                route.lane_failed = False
             route.state, route.address, route.ordered = state, m.address, m.ordered
             route.incarnation, route.reason = m.incarnation, m.reason
             if (state in ("restarting", "dead") or moved) and route.inflight:
@@ -320,6 +490,9 @@ class DirectCalls:
                 if route.sock is not None:
                     route.sock.close(0)
                     route.sock = None
+                if route.lane is not None:
+                    self._forget_lane(route.lane)
+                    route.lane = None
         del dropped
         return failed
 
@@ -396,6 +569,10 @@ class DirectCalls:
                 if route.sock is not None:
                     route.sock.close(0)
                     route.sock = None
+                route.lane = None
+            for lane in list(self.lanes.values()):
+                self._forget_lane(lane)
+        self.epoll.close()
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
 
