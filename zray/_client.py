@@ -508,12 +508,13 @@ class Client:
             poller.register(direct, zmq.POLLIN)
         wake = self._wake_r
         poller.register(wake, zmq.POLLIN)
-        lanes = self.direct.epoll.fileno() if self.direct is not None else None
-        if lanes is not None:  # direct calls' lanes no user thread reads (zray/_lane.py)
-            poller.register(lanes, zmq.POLLIN)
+        direct_calls = self.direct
+        lanes: dict = {}  # fd -> POLLOUT too?: direct calls' lanes we read (zray/_direct.py)
         last_hb = time.monotonic()
         while not self.closed:
             try:
+                if direct_calls is not None and direct_calls.io_changed:
+                    lanes = self._poll_lanes(poller, lanes, direct_calls.io_poll_set())
                 ready = dict(poller.poll(RELEASE_DELAY_MS if self._pending_refs else 500))
                 if wake in ready:  # SUBMITs queued: send them (not while a replay waits)
                     try:
@@ -543,8 +544,10 @@ class Client:
                             else:
                                 batch.append(parts)
                     self._handle_batch(batch)
-                    if lanes in ready:
-                        self.direct.read_lanes()
+                    for fd in lanes:
+                        ev = ready.get(fd)
+                        if ev:
+                            direct_calls.read_lane(fd, bool(ev & zmq.POLLOUT))
                 now = time.monotonic()
                 if self._pending_refs and now - self._release_since >= RELEASE_DELAY_MS / 1000:
                     with self._send_lock:
@@ -569,6 +572,25 @@ class Client:
                 if self.closed:
                     return
                 log.exception("zray I/O thread error")
+
+    @staticmethod
+    def _poll_lanes(poller, old: dict, now: list) -> dict:
+        """(I/O thread) Poll the lanes in ``now`` [(fd, POLLOUT?)] instead of ``old``."""
+        new = dict(now)
+        for fd in old:
+            if fd not in new:
+                poller.unregister(fd)
+        for fd, out in new.items():
+            if old.get(fd) != out:
+                poller.register(fd, zmq.POLLIN | (zmq.POLLOUT if out else 0))
+        return new
+
+    def wake_io(self) -> None:
+        """Have the I/O thread look at what it polls again (zray/_direct.py need_io)."""
+        try:
+            os.write(self._wake_w, b"l")
+        except BlockingIOError:
+            pass  # (full of wake-ups: it is woken already)
 
     def _handle_batch(self, batch):
         notify = False
@@ -902,9 +924,13 @@ class Client:
         blocked = self._block()
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
-            if self.direct is not None and self.direct.lanes:
-                # direct calls' results: read them off their lane here (zray/_direct.py)
-                self.direct.wait_lane([r.id for r in missing], done, deadline)
+            direct = self.direct
+            if direct is not None and direct.lanes:
+                # direct calls' results: read them off their lane here (zray/_direct.py),
+                # else have the I/O thread read them
+                oids = [r.id for r in missing]
+                direct.wait_lane(oids, done, deadline)
+                direct.need_io(direct.lanes_for([o for o in oids if not done(o)]))
             need_all = num_ready >= len(refs)
             i = 0
             with self.cond:
@@ -958,6 +984,8 @@ class Client:
         if ready():
             return True
         self._subscribe(subscribe)
+        if self.direct is not None and self.direct.lanes and subscribe:
+            self.direct.need_io(self.direct.lanes_for([r.id for r in subscribe]))
         blocked = self._block()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -1012,6 +1040,8 @@ class Client:
                 rec.callbacks.append(done)
         if waiting:
             self._subscribe([ref])
+            if self.direct is not None and self.direct.lanes:
+                self.direct.need_io(self.direct.lanes_for([ref.id]))
         else:
             done()
 

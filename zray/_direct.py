@@ -115,11 +115,15 @@ class DirectCalls:
         self.broker_tasks: dict = {}
         self.unregistered: set = set()  # oids of direct results the broker never heard of
         self.host = socket.gethostname()
-        # Lanes (zray/_lane.py): the I/O thread reads those no user thread reads (an
-        # epoll set it polls); a thread waiting for a call's result reads its lane itself.
-        self.epoll = select.epoll()
+        # Lanes (zray/_lane.py): a thread waiting in get() for a call's result reads its
+        # lane itself; the I/O thread reads only the lanes someone else waits on
+        # (``need_io``: futures, wait(), a get that found the lane taken, held calls,
+        # bytes waiting for POLLOUT), until nothing is in flight on them.
         self.lanes: dict = {}  # fd -> Lane
-        self._arm_lock = threading.Lock()
+        self.io_lanes: set = set()  # the lanes the I/O thread polls
+        self.io_parked: set = set()  # ... not now: a user thread reads them (rlock)
+        self.io_changed = False  # io_lanes changed: the I/O thread polls anew
+        self._io_lock = threading.Lock()
         self._own_dir = None
         if client._direct is None:  # no store here: a reply inbox of our own
             self._bind_reply_inbox()
@@ -158,6 +162,8 @@ class DirectCalls:
             direct = direct_ok and route.state == "alive"
             if route.held or (route.ordered and (route.broker_out if direct else route.inflight)):
                 route.held.append((direct, call))
+                if route.lane is not None and route.inflight:  # they go once those are in
+                    self.need_io((route.lane,))
                 return
             if direct:
                 self._send_direct(route, call)
@@ -214,7 +220,6 @@ class DirectCalls:
             return
         lane.owner = route
         self.lanes[lane.fd] = lane
-        self.epoll.register(lane.fd, select.EPOLLIN)
         route.lane = lane
 
     def _send_lane(self, lane, header: bytes, frames) -> None:
@@ -225,7 +230,7 @@ class DirectCalls:
             old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
         try:
             if not lane.send(header, frames):
-                self._arm(lane)
+                self.need_io((lane,))
         except _lane.LaneClosed:
             route = lane.owner
             if route is not None and route.lane is lane:
@@ -236,17 +241,38 @@ class DirectCalls:
             if client.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-    def _arm(self, lane, reading: bool = False) -> None:
-        """What the I/O thread polls a lane for: its replies unless a user thread reads
-        them (``reading``), and POLLOUT while bytes wait to be sent."""
-        with self._arm_lock:
-            if lane.closed:
-                return
-            mask = (0 if reading else select.EPOLLIN) | (select.EPOLLOUT if lane.outq else 0)
-            try:
-                self.epoll.modify(lane.fd, mask)
-            except OSError:
-                pass
+    def need_io(self, lanes) -> None:
+        """Have the I/O thread read ``lanes`` (and send what waits on them) until nothing
+        is in flight on them: nobody else may come to read them."""
+        wake = False
+        with self._io_lock:
+            for lane in lanes:
+                if lane.closed:
+                    continue
+                if lane not in self.io_lanes or lane in self.io_parked:
+                    self.io_lanes.add(lane)
+                    self.io_parked.discard(lane)
+                    self.io_changed = wake = True
+        if wake:
+            self.client.wake_io()
+
+    def lanes_for(self, oids) -> list:
+        """The lanes that bring any of ``oids`` (direct results in flight)."""
+        out = []
+        by_task = self.by_task
+        for oid in oids:
+            route = by_task.get(oid[:P.TASK_ID_LEN])
+            lane = route.lane if route is not None else None
+            if lane is not None and lane not in out:
+                out.append(lane)
+        return out
+
+    def io_poll_set(self) -> list:
+        """(I/O thread) [(fd, wants POLLOUT?)] of the lanes to poll now."""
+        with self._io_lock:
+            self.io_changed = False
+            return [(lane.fd, bool(lane.outq)) for lane in self.io_lanes
+                    if lane not in self.io_parked and not lane.closed]
 
     def _lane_closed(self, lane) -> None:
         """The executor closed the lane (it died or exits): its calls in flight stay so
@@ -260,46 +286,48 @@ class DirectCalls:
 
     def _forget_lane(self, lane) -> None:
         """(under lock)"""
-        with self._arm_lock:
-            if self.lanes.pop(lane.fd, None) is lane:
-                try:
-                    self.epoll.unregister(lane.fd)
-                except OSError:
-                    pass
-            lane.close()
+        with self._io_lock:
+            self.lanes.pop(lane.fd, None)
+            if lane in self.io_lanes:
+                self.io_lanes.discard(lane)
+                self.io_parked.discard(lane)
+                self.io_changed = True
+        lane.close()
 
-    def read_lanes(self) -> None:
-        """(I/O thread, its epoll fd readable) File what came on the lanes no user thread
-        reads; send what waits for POLLOUT. A lane's messages are filed before its
+    def read_lane(self, fd: int, writable: bool) -> None:
+        """(I/O thread, lane ``fd`` readable or writable) File what came on it, send what
+        waits; stop polling it once nothing is in flight on it. Messages are filed before
         ``rlock`` is let go: a thread that takes it next finds them in their records."""
-        try:
-            ready = self.epoll.poll(0)
-        except OSError:
+        lane = self.lanes.get(fd)
+        if lane is None:
             return
-        for fd, ev in ready:
-            lane = self.lanes.get(fd)
-            if lane is None:
-                continue
-            if ev & select.EPOLLOUT:
-                try:
-                    lane.flush()
-                except _lane.LaneClosed:
-                    self._lane_closed(lane)
-                    continue
-                self._arm(lane)
-            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                if not lane.rlock.acquire(False):
-                    continue  # a user thread reads it
-                try:
-                    msgs = lane.read()
-                except _lane.LaneClosed:
-                    msgs = None
-                    self._lane_closed(lane)
-                try:
-                    if msgs:
-                        self.client._handle_batch(msgs)
-                finally:
-                    lane.rlock.release()
+        if writable:
+            try:
+                lane.flush()
+            except _lane.LaneClosed:
+                self._lane_closed(lane)
+                return
+        if not lane.rlock.acquire(False):  # a user thread reads it: it wakes us when done
+            with self._io_lock:
+                if lane in self.io_lanes:
+                    self.io_parked.add(lane)
+                    self.io_changed = True
+            return
+        try:
+            try:
+                msgs = lane.read()
+            except _lane.LaneClosed:
+                self._lane_closed(lane)
+                return
+            if msgs:
+                self.client._handle_batch(msgs)
+        finally:
+            lane.rlock.release()
+        route = lane.owner
+        with self._io_lock:
+            if not route.inflight and not lane.outq and lane in self.io_lanes:
+                self.io_lanes.discard(lane)
+                self.io_changed = True
 
     def _lane_of(self, oids) -> object:
         """The lane that brings every one of ``oids`` (direct results in flight), or None."""
@@ -322,9 +350,10 @@ class DirectCalls:
             return
         client = self.client
         try:
-            self._arm(lane, reading=True)
-            poller = select.poll()
-            poller.register(lane.fd, select.POLLIN)
+            poller = lane.poller
+            if poller is None:
+                poller = lane.poller = select.poll()
+                poller.register(lane.fd, select.POLLIN)
             i, n = 0, len(oids)
             while True:
                 try:
@@ -347,8 +376,9 @@ class DirectCalls:
                         return
                 poller.poll(wait * 1000)
         finally:
-            self._arm(lane)
             lane.rlock.release()
+            if lane in self.io_parked:  # the I/O thread stood back for us
+                self.need_io((lane,))
 
     def _send_broker(self, route: _Route, call: _Call) -> None:
         """(under lock) SUBMIT; its result is watched (the refs kept till it comes)."""
@@ -541,6 +571,7 @@ class DirectCalls:
             rec = records.get(oid)
             return oid not in self.unregistered or rec is None or rec.state in here
 
+        self.need_io(self.lanes_for([oid]))
         client.wait_for(ready, None)
         with self.lock:
             if oid not in self.unregistered:
@@ -572,7 +603,6 @@ class DirectCalls:
                 route.lane = None
             for lane in list(self.lanes.values()):
                 self._forget_lane(lane)
-        self.epoll.close()
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
 

@@ -95,7 +95,7 @@ class Lane:
     """One end of a framed stream (module doc)."""
 
     __slots__ = ("sock", "fd", "wlock", "rlock", "outq", "closed", "_buf", "_fill", "_filled",
-                 "_lens", "_n", "__weakref__", "owner")
+                 "_lens", "_n", "__weakref__", "owner", "poller")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -110,6 +110,7 @@ class Lane:
         self._lens = None
         self._n = 0
         self.owner = None  # whatever the user of the lane wants to find again
+        self.poller = None  # a select.poll() of this lane for its reader (under rlock)
 
     # ------------------------------------------------------------------ send
     def send(self, header: bytes, frames=()) -> bool:
