@@ -509,7 +509,7 @@ class Client:
         wake = self._wake_r
         poller.register(wake, zmq.POLLIN)
         direct_calls = self.direct
-        lanes: dict = {}  # fd -> POLLOUT too?: direct calls' lanes we read (zray/_direct.py)
+        lanes: dict = {}  # fd -> poll events: direct calls' lanes we read (zray/_direct.py)
         last_hb = time.monotonic()
         while not self.closed:
             try:
@@ -547,7 +547,7 @@ class Client:
                     for fd in lanes:
                         ev = ready.get(fd)
                         if ev:
-                            direct_calls.read_lane(fd, bool(ev & zmq.POLLOUT))
+                            direct_calls.read_lane(fd, int(ev))
                 now = time.monotonic()
                 if self._pending_refs and now - self._release_since >= RELEASE_DELAY_MS / 1000:
                     with self._send_lock:
@@ -575,14 +575,14 @@ class Client:
 
     @staticmethod
     def _poll_lanes(poller, old: dict, now: list) -> dict:
-        """(I/O thread) Poll the lanes in ``now`` [(fd, POLLOUT?)] instead of ``old``."""
+        """(I/O thread) Poll the lanes in ``now`` [(fd, events)] instead of ``old``."""
         new = dict(now)
         for fd in old:
             if fd not in new:
                 poller.unregister(fd)
-        for fd, out in new.items():
-            if old.get(fd) != out:
-                poller.register(fd, zmq.POLLIN | (zmq.POLLOUT if out else 0))
+        for fd, ev in new.items():
+            if old.get(fd) != ev:
+                poller.register(fd, ev)
         return new
 
     def wake_io(self) -> None:

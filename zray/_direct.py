@@ -69,6 +69,7 @@ log = logging.getLogger("zray.direct")
 
 ENABLED = os.environ.get("ZRAY_DIRECT_ACTOR_CALLS", "1") != "0"
 _CANCEL_SIGNALS = {signal.SIGUSR1}
+_ZIN, _ZOUT, _ZERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)  # (zmq.Poller's)
 
 
 class _Call:
@@ -230,7 +231,7 @@ class DirectCalls:
             old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
         try:
             if not lane.send(header, frames):
-                self.need_io((lane,))
+                self.need_io((lane,), out=True)
         except _lane.LaneClosed:
             route = lane.owner
             if route is not None and route.lane is lane:
@@ -241,17 +242,19 @@ class DirectCalls:
             if client.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-    def need_io(self, lanes) -> None:
-        """Have the I/O thread read ``lanes`` (and send what waits on them) until nothing
-        is in flight on them: nobody else may come to read them."""
+    def need_io(self, lanes, out: bool = False) -> None:
+        """Have the I/O thread read ``lanes`` (and send what waits on them: ``out``) until
+        nothing is in flight on them: nobody else may come to read them."""
         wake = False
         with self._io_lock:
             for lane in lanes:
                 if lane.closed:
                     continue
-                if lane not in self.io_lanes or lane in self.io_parked:
+                if out or lane not in self.io_lanes or (lane in self.io_parked
+                                                        and not lane.rlock.locked()):
                     self.io_lanes.add(lane)
-                    self.io_parked.discard(lane)
+                    if not lane.rlock.locked():
+                        self.io_parked.discard(lane)
                     self.io_changed = wake = True
         if wake:
             self.client.wake_io()
@@ -268,11 +271,18 @@ class DirectCalls:
         return out
 
     def io_poll_set(self) -> list:
-        """(I/O thread) [(fd, wants POLLOUT?)] of the lanes to poll now."""
+        """(I/O thread) [(fd, zmq poll events)] of the lanes to poll now: POLLIN unless a user
+        thread reads the lane (parked), POLLOUT while bytes wait to be sent."""
         with self._io_lock:
             self.io_changed = False
-            return [(lane.fd, bool(lane.outq)) for lane in self.io_lanes
-                    if lane not in self.io_parked and not lane.closed]
+            out = []
+            for lane in self.io_lanes:
+                if lane.closed:
+                    continue
+                ev = (0 if lane in self.io_parked else _ZIN) | (_ZOUT if lane.outq else 0)
+                if ev:
+                    out.append((lane.fd, ev))
+            return out
 
     def _lane_closed(self, lane) -> None:
         """The executor closed the lane (it died or exits): its calls in flight stay so
@@ -294,19 +304,22 @@ class DirectCalls:
                 self.io_changed = True
         lane.close()
 
-    def read_lane(self, fd: int, writable: bool) -> None:
+    def read_lane(self, fd: int, ev: int) -> None:
         """(I/O thread, lane ``fd`` readable or writable) File what came on it, send what
         waits; stop polling it once nothing is in flight on it. Messages are filed before
         ``rlock`` is let go: a thread that takes it next finds them in their records."""
         lane = self.lanes.get(fd)
         if lane is None:
             return
-        if writable:
+        if ev & _ZOUT:
             try:
-                lane.flush()
+                if lane.flush():
+                    self.io_changed = True  # all sent: poll it for POLLIN only
             except _lane.LaneClosed:
                 self._lane_closed(lane)
                 return
+        if not ev & (_ZIN | _ZERR):
+            return
         if not lane.rlock.acquire(False):  # a user thread reads it: it wakes us when done
             with self._io_lock:
                 if lane in self.io_lanes:
@@ -353,10 +366,11 @@ class DirectCalls:
             poller = lane.poller
             if poller is None:
                 poller = lane.poller = select.poll()
-                poller.register(lane.fd, select.POLLIN)
             i, n = 0, len(oids)
             while True:
                 try:
+                    if lane.outq:  # our calls not sent yet: send them as the lane takes them
+                        lane.flush()
                     msgs = lane.read()
                 except _lane.LaneClosed:
                     self._lane_closed(lane)
@@ -367,13 +381,14 @@ class DirectCalls:
                     i += 1
                 if i == n or client.broker_gone or client.closed:
                     return
-                if self._lane_of(oids[i:]) is not lane:
+                if self._lane_of(oids[i:i + 1]) is not lane:  # (the others when we get there)
                     return
                 wait = 1.0
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
                         return
+                poller.register(lane.fd, select.POLLIN | (select.POLLOUT if lane.outq else 0))
                 poller.poll(wait * 1000)
         finally:
             lane.rlock.release()
@@ -398,7 +413,8 @@ class DirectCalls:
             client.send(P.encode(P.Cancel(done_oid, call.cancel, True)))
 
     def _flush(self, route: _Route) -> None:
-        """(under lock) Send the held calls that may go now, in order."""
+        """(under lock) Send the held calls that may go now, in order. Their callers wait
+        elsewhere (on ``cond``): the I/O thread reads the lane for them."""
         held = route.held
         while held:
             direct, call = held[0]
@@ -408,6 +424,8 @@ class DirectCalls:
             held.popleft()
             if direct:
                 self._send_direct(route, call)
+                if route.lane is not None:
+                    self.need_io((route.lane,))
             else:
                 self._send_broker(route, call)
 
@@ -434,6 +452,8 @@ class DirectCalls:
                 log.info("retrying %s after an application error", call.spec.name)
                 if route.state == "alive":
                     self._send_direct(route, call)
+                    if route.lane is not None:
+                        self.need_io((route.lane,))
                 else:
                     self.unregistered.difference_update(call.spec.return_ids())
                     self._send_broker(route, call)
