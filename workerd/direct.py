@@ -163,6 +163,13 @@ class DirectServer:
                         self.wake_in.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+            # Lanes before the PULL, every lane when the PULL has calls: a caller's call
+            # on its lane was in our socket before its next call took the PULL.
+            if self.pull in events:
+                for fd in self.lanes:
+                    events.setdefault(fd, zmq.POLLIN)
+            if len(events) > (self.wake_in in events) + (self.pull in events):
+                self._lane_events(events, self._ready_call, self.proc._on_cancel)
             if self.pull in events:
                 while True:
                     try:
@@ -170,8 +177,6 @@ class DirectServer:
                     except zmq.Again:
                         break
                     self._handle(parts, self._ready_call, self.proc._on_cancel)
-            if len(events) > (self.wake_in in events) + (self.pull in events):
-                self._lane_events(events, self._ready_call, self.proc._on_cancel)
 
     # ------------------------------------------------------------- lanes
     def _watch_lanes(self, poller) -> None:
@@ -197,6 +202,7 @@ class DirectServer:
                 sock.setblocking(False)
                 lane = _lane.Lane(sock)
                 self.lanes[lane.fd] = lane
+                events[lane.fd] = zmq.POLLIN  # read now: its first call may be in already
         for fd, ev in events.items():
             lane = self.lanes.get(fd) if type(fd) is int else None
             if lane is None:
@@ -283,6 +289,7 @@ class DirectServer:
                             os.read(self._kick_r, 4096)
                         except OSError:
                             pass
+                    self._lane_events(events, self._start_call, proc._on_cancel)
                     if pull in events:
                         while True:
                             try:
@@ -290,7 +297,6 @@ class DirectServer:
                             except zmq.Again:
                                 break
                             self._handle(parts, self._start_call, proc._on_cancel)
-                    self._lane_events(events, self._start_call, proc._on_cancel)
                 now = time.monotonic()
                 if now - self.last_report >= DIRECT_STATS_S:
                     self._report(now)

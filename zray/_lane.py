@@ -95,7 +95,7 @@ class Lane:
     """One end of a framed stream (module doc)."""
 
     __slots__ = ("sock", "fd", "wlock", "rlock", "outq", "closed", "_buf", "_fill", "_filled",
-                 "_lens", "_n", "__weakref__", "owner", "poller")
+                 "_lens", "_n", "__weakref__", "owner", "poller", "last_send")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -111,48 +111,63 @@ class Lane:
         self._n = 0
         self.owner = None  # whatever the user of the lane wants to find again
         self.poller = None  # a select.poll() of this lane for its reader (under rlock)
+        self.last_send = 0.0  # (its user's: when it last sent)
 
     # ------------------------------------------------------------------ send
-    def send(self, header: bytes, frames=()) -> bool:
-        """Queue the message ``[header, *frames]`` and send what the socket takes now.
-        True when all of it went; False when some waits for ``flush()``. LaneClosed when
-        the peer is gone."""
+    def send(self, header: bytes, frames=(), later: bool = False) -> bool:
+        """Queue the message ``[header, *frames]`` and send what the socket takes now
+        (``later``: nothing now; a ``flush()`` sends it). True when all of it went (or the
+        thread sending now takes it); False when some waits for ``flush()``. LaneClosed when the peer is gone.
+
+        Threads that send at once combine: one that finds another sending leaves its
+        message queued, and the sender sends it with its own before letting go (one
+        syscall, one wake-up of the peer, for a burst of replies)."""
         bufs = [None, header, *frames]
         lens = [memoryview(b).nbytes for b in bufs[1:]]
         bufs[0] = struct.pack("<%dI" % (len(lens) + 1), len(lens), *lens)
-        with self.wlock:
-            if self.closed:
-                raise LaneClosed("the lane is closed")
-            q = self.outq
-            if q:
-                q.extend(memoryview(b).cast("B") for b in bufs)
-                return False
-            return self._send_locked(bufs)
+        if self.closed:
+            raise LaneClosed("the lane is closed")
+        q = self.outq
+        q.extend(bufs)  # (deque.extend: atomic; each message's buffers stay together)
+        if later:
+            return False
+        if not self.wlock.acquire(False):
+            return True  # the thread sending sends it too before letting go
+        return self._drain()
 
-    def _send_locked(self, bufs: list) -> bool:
-        sock = self.sock
-        while bufs:
+    def _drain(self) -> bool:
+        """(holding wlock, which it lets go) Send the queue; True when it is empty."""
+        try:
+            while True:
+                empty = self._send_queue()
+                self.wlock.release()
+                if not empty or not self.outq or not self.wlock.acquire(False):
+                    return empty and not self.outq
+        except BaseException:
+            self.wlock.release()
+            raise
+
+    def _send_queue(self) -> bool:
+        """(holding wlock) Send from ``outq`` what the socket takes; True when all went."""
+        if self.closed:
+            raise LaneClosed("the lane is closed")
+        sock, q = self.sock, self.outq
+        while q:
+            bufs = [q[i] for i in range(min(len(q), _IOV_MAX))]
             try:
-                sent = sock.sendmsg(bufs[:_IOV_MAX])
+                sent = sock.sendmsg(bufs)
             except (BlockingIOError, InterruptedError):
-                sent = 0
+                return False  # the socket is full: POLLOUT, then flush()
             except OSError as e:
                 raise LaneClosed(str(e)) from None
-            i = 0
-            while i < len(bufs) and sent:
-                n = memoryview(bufs[i]).nbytes
-                if sent < n:
-                    bufs[i] = memoryview(bufs[i]).cast("B")[sent:]
-                    sent = 0
-                    break
+            for b in bufs:
+                n = memoryview(b).nbytes
+                if sent < n:  # the socket took what it could
+                    if sent:
+                        q[0] = memoryview(b).cast("B")[sent:]
+                    return False
                 sent -= n
-                i += 1
-            if i:
-                del bufs[:i]
-                continue
-            if bufs:  # nothing went: the socket is full
-                self.outq.extend(memoryview(b).cast("B") for b in bufs)
-                return False
+                q.popleft()
         return True
 
     def pending(self) -> bool:
@@ -160,14 +175,12 @@ class Lane:
         return bool(self.outq)
 
     def flush(self) -> bool:
-        """Send what waits; True when nothing is left."""
-        with self.wlock:
-            q = self.outq
-            if not q or self.closed:
-                return True
-            bufs = list(q)
-            q.clear()
-            return self._send_locked(bufs)
+        """Send what waits; True when nothing is left (or another thread is sending it)."""
+        if not self.outq or self.closed:
+            return True
+        if not self.wlock.acquire(False):
+            return True  # the sender sends it before letting go
+        return self._drain()
 
     # ------------------------------------------------------------------ read
     def read(self) -> list:
