@@ -7,6 +7,10 @@
         EXEC from the broker would be (same modes, groups, cancels, prepare)
     ResultSender.finish_values / finish_error --reply()--> DDONE + frames --PUSH--> the
         caller's PULL (reply_to); large values travel inline too (the caller owns them)
+    caller --DCALL on a lane (zray/_lane.py)--> listener <node store>/f-<cid>: read by the
+        same thread as the PULL (lanes first), the DDONE sent back on that lane by the
+        thread that ran the call, never blocking (what the socket does not take waits
+        for POLLOUT in that thread's poll: ``_watch_lanes``, ``_kick``)
     caller --DCANCEL--> ExecutorProcess._on_cancel, as the broker's INTERRUPT
     every DIRECT_STATS_S: REQ direct_stats {calls, failed} --> the broker's books
 
@@ -14,7 +18,8 @@ The address is announced to the broker (REQ actor_listen, sent before the
 creation's DONE on the same socket), which tells callers (brokerd/routes.py).
 Only this user's processes can connect: the store dir is private (0700). A
 message that does not decode, or is not a DCALL/DCANCEL, is dropped and
-counted (``dropped``), never fatal. Arguments are unpickled by the actor's
+counted (``dropped``), never fatal; a lane whose framing is broken is closed
+(its caller sees EOF), the others go on. Arguments are unpickled by the actor's
 code path as for broker-sent calls (executors run user code anyway).
 
 A result holding refs: those refs are escaped (REFS 0, "keep for good") before
