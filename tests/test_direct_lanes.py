@@ -142,6 +142,30 @@ def _pid_or_none(log):
         return None
 
 
+@ray.remote
+class AsyncEcho:
+    async def echo(self, x):
+        return x
+
+    async def nap(self, s, x):
+        await asyncio.sleep(s)
+        return x
+
+
+def test_async_actor_sync_calls_large_values_and_overlap(cluster):
+    a = AsyncEcho.remote()
+    for i in range(50):
+        assert ray.get(a.echo.remote(i), timeout=60) == i
+    big = os.urandom(4 << 20)  # more than the socket takes at once: the loop's writer
+    assert ray.get(a.echo.remote(big), timeout=60) == big
+    # a slow call does not hold up a quick one made after it (an async actor)
+    slow = a.nap.remote(2.0, "slow")
+    assert ray.get(a.nap.remote(0.0, "quick"), timeout=60) == "quick"
+    ready, _ = ray.wait([slow], timeout=0)
+    assert not ready
+    assert ray.get(slow, timeout=60) == "slow"
+
+
 # ------------------------------------------------------------------ zray only
 @zray_only
 def test_calls_take_the_lane_and_a_bad_lane_message_only_closes_that_lane(cluster):

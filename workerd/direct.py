@@ -111,6 +111,10 @@ class DirectServer:
             log.warning("no lane for direct calls: they come through ZeroMQ", exc_info=True)
         self._poller = None
         self._polled: dict = {}  # fd -> the events the poller has it for
+        # An async actor's lanes are read by its event loop (add_reader): a call starts
+        # on the thread it runs on, with no hop through this thread. fd -> Lane.
+        self.loop = host.loop if host.mode.value == "async" and not host.groups else None
+        self.loop_lanes: dict = {}
         if ordered:
             # A plain actor runs every call on the main thread: it reads this socket
             # itself (one thread hop less per call), woken for the broker's EXECs too.
@@ -206,6 +210,9 @@ class DirectServer:
                     break
                 sock.setblocking(False)
                 lane = _lane.Lane(sock)
+                if self.loop is not None:
+                    self.loop.call_soon_threadsafe(self._loop_attach, lane)
+                    continue
                 self.lanes[lane.fd] = lane
                 events[lane.fd] = zmq.POLLIN  # read now: its first call may be in already
         for fd, ev in events.items():
@@ -228,6 +235,37 @@ class DirectServer:
         self.lanes.pop(lane.fd, None)
         if self._polled.pop(lane.fd, None) is not None and self._poller is not None:
             self._poller.unregister(lane.fd)
+        lane.close()
+
+    # ------------------------------------------- an async actor's lanes: its loop
+    def _loop_attach(self, lane) -> None:
+        self.loop_lanes[lane.fd] = lane
+        self.loop.add_reader(lane.fd, self._loop_read, lane)
+
+    def _loop_read(self, lane) -> None:
+        try:
+            for parts in lane.read():
+                self._handle(parts, self._start_call, self.proc._on_cancel, lane)
+        except _lane.LaneClosed as e:
+            self._loop_detach(lane, str(e))
+
+    def _loop_want_write(self, lane) -> None:
+        if lane.outq and self.loop_lanes.get(lane.fd) is lane:
+            self.loop.add_writer(lane.fd, self._loop_write, lane)
+
+    def _loop_write(self, lane) -> None:
+        try:
+            if lane.flush():
+                self.loop.remove_writer(lane.fd)
+        except _lane.LaneClosed as e:
+            self._loop_detach(lane, str(e))
+
+    def _loop_detach(self, lane, why: str) -> None:
+        if "closed the lane" not in why:
+            self._drop(f"lane: {why}")
+        if self.loop_lanes.pop(lane.fd, None) is lane:
+            self.loop.remove_reader(lane.fd)
+            self.loop.remove_writer(lane.fd)
         lane.close()
 
     def _kick(self) -> None:
@@ -264,7 +302,7 @@ class DirectServer:
             self.push.clear()
 
     def _close_lanes(self) -> None:
-        for lane in list(self.lanes.values()):
+        for lane in list(self.lanes.values()) + list(self.loop_lanes.values()):
             lane.close()
         self.lanes.clear()
         if self.listener is not None:
@@ -408,7 +446,10 @@ class DirectServer:
         if type(reply_to) is not str:  # a lane: sent from this thread, never blocking
             try:
                 if not reply_to.send(header, frames):
-                    self._kick()
+                    if self.loop_lanes.get(reply_to.fd) is reply_to:
+                        self.loop.call_soon_threadsafe(self._loop_want_write, reply_to)
+                    else:
+                        self._kick()
             except _lane.LaneClosed:
                 pass  # the caller is gone
             return
