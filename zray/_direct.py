@@ -299,10 +299,13 @@ class DirectCalls:
     def lanes_for(self, oids) -> list:
         """The lanes that bring any of ``oids`` (direct results in flight)."""
         out = []
+        most = len(self.lanes)
         for oid in oids:
             lane = self._call_lane(oid)
             if lane is not None and lane not in out:
                 out.append(lane)
+                if len(out) >= most:
+                    break
         return out
 
     def io_poll_set(self) -> list:
