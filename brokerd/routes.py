@@ -2,8 +2,8 @@
 
 ::
 
-    actor's executor --REQ actor_listen {address, host, ordered}--> listen()  (before the
-                                                       creation's DONE, on the same socket)
+    actor's executor --REQ actor_listen {address, host, ordered, tcp_address?}--> listen()
+                                         (before the creation's DONE, on the same socket)
     caller --REQ actor_route {actor_id}--> ask(): ROUTE now, and the caller is remembered
     caller --REQ direct_cancel {actor_id, task_id, force}--> INTERRUPT to the executor
     actor ALIVE / RESTARTING / DEAD (brokerd/actors.py) --changed()--> ROUTE to every caller
@@ -11,7 +11,8 @@
     actor's executor --REQ direct_stats {calls, failed, events, dropped}--> counts, and
                        each call's RUNNING/FINISHED|FAILED into the event log (state API)
 
-Owns: ``listening`` (actor id -> (executor cid, address, host, ordered)), ``askers``
+Owns: ``listening`` (actor id -> (executor cid, address, host, ordered, tcp address:
+"" unless callers on other hosts can reach it, zray/_xhost.py)), ``askers``
 (actor id -> cids) and the direct-call counters. The calls themselves never pass
 through the broker (zray/_direct.py, workerd/direct.py): it only answers where.
 Sends: ROUTE.
@@ -35,7 +36,7 @@ class ActorRoutes:
     def __init__(self, out: Outbox, engine):
         self.out = out
         self.engine = engine
-        self.listening: dict = {}  # actor id -> (executor cid, address, host, ordered)
+        self.listening: dict = {}  # actor id -> (executor cid, address, host, ordered, tcp)
         self.askers: dict = {}  # actor id -> {cid}: told again on every change
         self.calls: dict = {}  # actor id -> direct calls its executor reported run
         self.failed: dict = {}  # actor id -> ... of which raised
@@ -49,10 +50,14 @@ class ActorRoutes:
         if actor is None:
             raise ValueError("actor_listen: only the executor hosting an actor may say where")
         address, host, ordered = args.get("address"), args.get("host"), args.get("ordered")
+        tcp = args.get("tcp_address", "")  # callers on other hosts: zray/_xhost.py
         if (type(address) is not str or not address.startswith("ipc://") or len(address) > 200
-                or type(host) is not str or type(ordered) is not bool):
-            raise ValueError("actor_listen: {address: ipc://..., host: str, ordered: bool}")
-        self.listening[actor.actor_id] = (cid, address, host, ordered)
+                or type(host) is not str or len(host) > 255 or type(ordered) is not bool
+                or type(tcp) is not str or (tcp and not P._is_tcp_endpoint(tcp))
+                or len(tcp) > 200 or set(args) - {"address", "host", "ordered", "tcp_address"}):
+            raise ValueError("actor_listen: {address: ipc://..., host: str, ordered: bool, "
+                             "tcp_address: tcp://host:port or absent}")
+        self.listening[actor.actor_id] = (cid, address, host, ordered, tcp)
 
     def ask(self, cid: bytes, actor_id) -> None:
         """A caller's first use of a handle: tell it where the actor is, and of changes."""
@@ -73,7 +78,8 @@ class ActorRoutes:
         where = self.listening.get(actor_id)
         ex = actor.executor
         if state == "alive" and where is not None and ex is not None and ex.cid == where[0]:
-            return P.Route(actor_id, state, where[1], where[2], where[3], actor.restarts, "")
+            return P.Route(actor_id, state, where[1], where[2], where[3], actor.restarts, "",
+                           where[4])
         if state == "alive":
             state = "pending"  # alive, but takes no direct calls: the broker path only
         return P.Route(actor_id, state, "", "", False, actor.restarts, actor.death)

@@ -31,6 +31,7 @@ def _sample(cls):
         "length": 10, "total": 10, "unreachable": True,
         "actor_id": tid, "state": "alive", "address": "ipc:///tmp/a", "host": "h",
         "ordered": True, "incarnation": 0, "reason": "", "reply_to": "ipc:///tmp/r",
+        "tcp_address": "tcp://[::1]:5555",
     }
     if cls is P.DCall:  # a direct call: an actor call without ref arguments
         values["spec"] = spec._replace(kind=P.ACTOR_CALL, fid="m", deps=[], actor_id=tid)
@@ -221,3 +222,20 @@ def test_only_an_executor_its_node_started_is_taken_for_one(ray_local, broker_ad
             assert not s.poll(200), "the impostor was sent something"
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(10)
+def test_direct_call_addresses_are_ipc_or_a_plain_tcp_endpoint():
+    """reply_to (DCALL) and ROUTE's tcp_address: ipc://..., tcp://host:port, IPv6
+    bracketed; no wildcard, no bind-source syntax, no other transport."""
+    spec = _sample(P.DCall).spec
+    for good in ("ipc:///tmp/r", "tcp://10.1.2.3:4000", "tcp://[::1]:4000", "tcp://h.example:1"):
+        assert P.decode(P.encode(P.DCall(spec, 1, good))).reply_to == good
+    for bad in ("tcp://*:4000", "tcp://h:0", "tcp://h:99999", "tcp://:4000", "tcp://h",
+                "tcp://a;b:4000", "tcp://[::1:4000", "inproc://x", "pgm://h:1", "x" * 300):
+        with pytest.raises(P.ProtocolError):
+            P.decode(P.encode(P.DCall(spec, 1, bad)))
+    route = _sample(P.Route)
+    assert P.decode(P.encode(route._replace(tcp_address=""))).tcp_address == ""
+    with pytest.raises(P.ProtocolError):
+        P.decode(P.encode(route._replace(tcp_address="ipc:///tmp/a")))

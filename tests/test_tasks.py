@@ -1127,3 +1127,30 @@ def test_accelerator_type_names_and_label_selectors_read_as_in_ray():
             check_label_selector(bad)
     with pytest.raises(ValueError, match="reserved"):
         check_node_labels({"ray.io/node-id": "x"})
+
+
+@pytest.mark.timeout(90)
+def test_gpus_found_through_nvidia_smi_where_the_driver_has_no_proc_entries(run_driver, tmp_path):
+    """Some sandboxes (gVisor) give a GPU without /proc/driver/nvidia: the node then asks
+    nvidia-smi. A stand-in nvidia-smi on PATH lists two H100s."""
+    if os.path.isdir("/proc/driver/nvidia/gpus"):
+        pytest.fail("this machine's driver has /proc entries: the fallback is not reachable here")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    smi = bindir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n[ \"$1\" = --query-gpu=name ] || exit 2\n"
+                   "echo 'NVIDIA H100 80GB HBM3'\necho 'NVIDIA H100 80GB HBM3'\n")
+    smi.chmod(0o700)
+    out = run_driver(
+        "import os, zray\n"
+        "os.environ.pop('CUDA_VISIBLE_DEVICES', None)\n"
+        "zray.init(num_cpus=1)\n"
+        "res = zray.cluster_resources()\n"
+        "@zray.remote(num_gpus=1)\n"
+        "def f():\n"
+        "    return os.environ['CUDA_VISIBLE_DEVICES']\n"
+        "print('GPU', res.get('GPU'), sorted(k for k in res if k.startswith('accelerator_type')),\n"
+        "      zray.get(f.remote(), timeout=30))\n",
+        timeout=80, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert out.returncode == 0, out.stderr
+    assert "GPU 2.0 ['accelerator_type:H100'] " in out.stdout, out.stdout + out.stderr

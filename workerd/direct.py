@@ -16,7 +16,10 @@
 
 The address is announced to the broker (REQ actor_listen, sent before the
 creation's DONE on the same socket), which tells callers (brokerd/routes.py).
-Only this user's processes can connect: the store dir is private (0700). A
+Only this user's processes can connect: the store dir is private (0700); on a
+tcp cluster the same PULL listens on tcp too, for callers on other hosts, CURVE
+with the cluster key (zray/_xhost.py), and replies to such callers go to their
+tcp reply_to the same way. A
 message that does not decode, or is not a DCALL/DCANCEL, is dropped and
 counted (``dropped``), never fatal; a lane whose framing is broken is closed
 (its caller sees EOF), the others go on. Arguments are unpickled by the actor's
@@ -32,14 +35,13 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING
 
 import zmq
 
-from zray import _direct, _lane
+from zray import _direct, _lane, _xhost
 from zray import _protocol as P
 from zray._protocol import Msg
 from zray._serialization import serialize
@@ -67,8 +69,10 @@ def start(proc: ExecutorProcess, host: ActorHost):
     except (OSError, zmq.ZMQError):
         log.warning("no direct calls for this actor: calls go through the broker", exc_info=True)
         return None
-    client.request_nowait("actor_listen", {"address": server.address, "host": server.host,
-                                           "ordered": server.ordered})
+    where = {"address": server.address, "host": server.host, "ordered": server.ordered}
+    if server.tcp_address:
+        where["tcp_address"] = server.tcp_address
+    client.request_nowait("actor_listen", where)
     return server
 
 
@@ -78,7 +82,7 @@ class DirectServer:
         self.host_actor = host
         self.client = client = proc.client
         self.ordered = ordered
-        self.host = socket.gethostname()
+        self.host = _xhost.host_id()
         self.path = os.path.join(client.store.dir, f"a-{client.cid.hex()}")
         ctx = client._ctx
         pull = ctx.socket(zmq.PULL)
@@ -87,6 +91,13 @@ class DirectServer:
         pull.bind("ipc://" + self.path)
         self.pull = pull
         self.address = "ipc://" + self.path
+        self.tcp_address = ""  # callers on other hosts (a tcp cluster): zray/_xhost.py
+        if client.address.startswith("tcp://"):
+            try:
+                self.tcp_address = _xhost.listen_tcp(ctx, pull, client.address)
+            except (OSError, zmq.ZMQError):
+                log.warning("no direct calls from other hosts: their calls go through the "
+                            "broker", exc_info=True)
         self.calls: dict = {}  # task id -> the caller's reply_to, until answered
         self.lock = threading.Lock()  # the PUSH sockets: any thread replies
         self.push: dict = {}  # reply_to -> PUSH socket
@@ -462,7 +473,7 @@ class DirectServer:
                 sock = self.client._ctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.SNDHWM, 0)
                 sock.setsockopt(zmq.LINGER, 1000)
-                sock.connect(reply_to)
+                _xhost.connect(sock, reply_to)
                 self.push[reply_to] = sock
             send_parts(sock, header, None, frames, NOBLOCK)
 

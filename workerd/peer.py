@@ -26,7 +26,11 @@ grant is dropped, counted and logged (once per kind), never answered.
 Chunks are views of the object's file, mapped under a shared ``flock`` (so it
 is not recycled under us while ZeroMQ still sends from it), sent without a
 copy, or lz4-compressed when a sample says it pays (``compress_if_it_pays``),
-each on its own. A spilled object is restored
+each on its own. lz4 (which releases the GIL) runs on a small pool on each side
+(``_peer.LZ4_THREADS``): the server thread hands a chunk to the pool and sends
+it when a byte on its wake pipe says it is packed, and a puller hands each lz4
+chunk that came to the pool to be decompressed and written at its offset, so
+the chunks of a window are (de)compressed at once, in whatever order they end. A spilled object is restored
 from its spill file into memory once per pull and served from there; it is
 dropped after its last chunk (or after ``RESTORED_IDLE_S``).
 
@@ -37,15 +41,16 @@ the object is ordered after it, as with STORE.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import logging
 import mmap
 import os
 import queue
-import socket
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import lz4.frame
 import zmq
@@ -54,6 +59,7 @@ from zray import _peer
 from zray import _protocol as P
 from zray._security import ServerAuth, load_key_file, needs_curve
 from zray._store import LZ4, ObjectStore, _Mapping, compress_if_it_pays
+from zray._xhost import route_ip as _route_ip  # (direct calls' listeners announce the same)
 
 log = logging.getLogger("zray.node")
 
@@ -61,6 +67,8 @@ RESTORED_KEEP = 2  # spilled objects kept restored in memory while peers pull th
 MAPPED_KEEP = 16  # memory files kept mapped while peers pull them
 RESTORED_IDLE_S = 30.0  # (either, unused this long, is dropped)
 PEER_SOCKETS = 32  # connections to holders a puller thread keeps open
+MAX_PACKING = 64  # chunks a server has on its lz4 pool at most (then: on its own thread)
+POOL_MIN = 256 << 10  # smaller chunks are compressed on the server thread
 _STOP = object()
 
 
@@ -75,6 +83,7 @@ class PeerServer:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # requests are small: drop anything else
+        self.sock.setsockopt(zmq.IPV6, 1)  # tcp://*: IPv6 as well as IPv4 (a v6 broker route)
         self.auth = None
         if broker_address.startswith("tcp://"):
             if needs_curve(broker_address):
@@ -107,6 +116,14 @@ class PeerServer:
         self.restored: OrderedDict = OrderedDict()  # oid -> [bytes, last use]
         self.mapped: OrderedDict = OrderedDict()  # oid -> [mapping, last use]
         self.stopping = False
+        # chunks compressed on the lz4 pool (LZ4_THREADS), sent by the server thread when
+        # a byte on the wake pipe says some are ready: [(identity, header, payload)]
+        self.pool = _lz4_pool("zray-peer-lz4")
+        self.packed: collections.deque = collections.deque()
+        self.packing = 0  # chunks on the pool (bounded: MAX_PACKING, then inline)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
         self.thread = threading.Thread(target=self._run, name="zray-peer-server", daemon=True)
         self.thread.start()
 
@@ -120,14 +137,24 @@ class PeerServer:
             self.auth.stop()
         self.ctx.term()  # the thread's poll ends (ContextTerminated) and closes its socket
         self.thread.join(5)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
         last_expire = time.monotonic()
         logged_drops = 0
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
         try:
             while not self.stopping:
-                busy = self.sock.poll(5000)
+                ready = dict(poller.poll(5000))
+                if self.wake_r in ready:
+                    self._send_packed()
+                busy = self.sock in ready
                 if time.monotonic() - last_expire > 5.0:
                     last_expire = time.monotonic()
                     self._expire()
@@ -172,16 +199,50 @@ class PeerServer:
         if not 0 < m.length <= _peer.MAX_CHUNK_BYTES:
             return self.drop(f"length: a chunk of 1..{_peer.MAX_CHUNK_BYTES} bytes expected")
         if not _peer.valid_ticket(self.secret, m.oid, m.node_id, m.ticket):
+            if _peer.expired(m.ticket):
+                return self.drop("ticket expired (or forged): a pull outlived its grant")
             return self.drop("ticket: not one the broker granted for this object and node")
         total, data = self._read(m.oid, m.offset, m.length)
         if data is None:
             self.sock.send_multipart([parts[0], P.encode(P.PeerChunk(m.oid, m.offset, 0, -1))])
             return None
-        codec, payload = compress_if_it_pays(data)
         self.served += len(data)
+        if self.pool is not None and self.packing < MAX_PACKING and len(data) >= POOL_MIN:
+            self.packing += 1
+            self.pool.submit(self._pack, parts[0], m.oid, m.offset, total, data)
+            return None
+        codec, payload = compress_if_it_pays(data)
         self.sock.send_multipart(
             [parts[0], P.encode(P.PeerChunk(m.oid, m.offset, total, codec)), payload], copy=False)
         return None
+
+    def _pack(self, ident, oid: bytes, offset: int, total: int, data) -> None:
+        """(lz4 pool) Compress a chunk if it pays; the server thread sends it."""
+        try:
+            codec, payload = compress_if_it_pays(data)
+            self.packed.append((ident, P.encode(P.PeerChunk(oid, offset, total, codec)),
+                                payload))
+        except Exception:
+            log.exception("compressing a chunk for a peer failed")
+            self.packed.append((None, None, None))  # (counted off; the puller times out)
+        finally:
+            try:
+                os.write(self.wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass  # (the pipe is full: the server thread is being woken already)
+
+    def _send_packed(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        packed = self.packed
+        while packed:
+            ident, header, payload = packed.popleft()
+            self.packing -= 1
+            if ident is not None:
+                self.sock.send_multipart([ident, header, payload], copy=False)
 
     def _read(self, oid: bytes, offset: int, length: int):
         """(object size, the chunk) from the memory file or the spill file; (0, None) if
@@ -252,22 +313,6 @@ class PeerServer:
                 del cache[oid]
 
 
-def _route_ip(broker_address: str, fallback: str) -> str:
-    """This host's address on the route to the broker (the interface peers on the
-    broker's network reach); ``fallback`` if the system cannot say (no packet is sent)."""
-    host = broker_address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, 9))
-            ip = s.getsockname()[0]
-    except OSError:
-        return fallback
-    if ip in ("0.0.0.0", "::"):
-        return fallback
-    return f"[{ip}]" if ":" in ip else ip
-
-
 class PullError(Exception):
     """A pull that cannot finish; ``unreachable``: the holder never answered."""
 
@@ -288,6 +333,7 @@ class Puller:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.pulled = 0  # objects pulled so far
         self.failed = 0
+        self.pool = _lz4_pool("zray-pull-lz4")  # chunks decompressed and written there
         self.threads = [threading.Thread(target=self._run, name=f"zray-puller-{i}", daemon=True)
                         for i in range(_peer.PULLERS)]
         for t in self.threads:
@@ -301,6 +347,8 @@ class Puller:
             self.jobs.put(_STOP)
         for t in self.threads:
             t.join(2)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         self.ctx.term()
 
     def _run(self) -> None:
@@ -336,6 +384,7 @@ class Puller:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, _peer.MAX_CHUNK_BYTES + 4096)
+            sock.setsockopt(zmq.IPV6, 1)  # a holder's address may be IPv6 ([addr]:port)
             if self.keys is not None and address.startswith("tcp://"):
                 sock.curve_serverkey = self.keys["server_public"].encode()
                 sock.curve_publickey = self.keys["client_public"].encode()
@@ -367,38 +416,70 @@ class Puller:
         return tmp, size
 
     def _fetch_into(self, sock: zmq.Socket, m: P.Pull, fd: int, size: int) -> None:
+        """Ask for the chunks, WINDOW in flight; each one that comes is written at its
+        offset (an lz4 one decompressed first, on the pool when there is one, so the
+        chunks of a window land at once while the next are asked for)."""
         chunk, window, timeout_ms = _peer.CHUNK_BYTES, _peer.WINDOW, int(_peer.PULL_TIMEOUT_S * 1000)
         asked: dict = {}  # offset -> length, in flight
+        landing: collections.deque = collections.deque()  # futures of chunks on the pool
         next_off = received = 0
         answered = False
-        while received < size:
-            while len(asked) < window and next_off < size:
-                n = min(chunk, size - next_off)
-                sock.send(P.encode(P.PeerGet(m.oid, self.node_id, m.ticket, next_off, n)))
-                asked[next_off] = n
-                next_off += n
-            if not sock.poll(timeout_ms):
-                raise PullError(f"no answer for {_peer.PULL_TIMEOUT_S:.0f}s", not answered)
-            parts = sock.recv_multipart(copy=False)
-            try:
-                r = P.decode(parts[0].buffer)
-            except P.ProtocolError as e:
-                raise PullError(f"bad answer: {e}") from None
-            answered = True
-            if r.TYPE != P.Msg.PEER_CHUNK or r.oid != m.oid or r.offset not in asked:
-                continue  # a late answer to an earlier pull on this connection
-            if r.codec < 0 or len(parts) != 2:
-                raise PullError("the holder has no copy")
-            if r.total != size:
-                raise PullError(f"the holder's copy has {r.total} bytes, the broker said {size}")
-            data = parts[1].buffer
-            if r.codec == LZ4:
-                data = lz4.frame.decompress(data)
-            n = asked.pop(r.offset)
-            if len(data) != n:
-                raise PullError(f"a chunk of {len(data)} bytes, {n} asked")
-            written = 0
-            while written < n:  # pwrite may write less than asked
-                written += os.pwrite(fd, data[written:] if written else data, r.offset + written)
-            received += n
+        try:
+            while received < size:
+                while landing and (landing[0].done() or len(landing) >= window
+                                   or (not asked and next_off >= size)):
+                    received += landing.popleft().result()  # (raises the chunk's error)
+                if received >= size:
+                    break
+                while len(asked) < window and next_off < size:
+                    n = min(chunk, size - next_off)
+                    sock.send(P.encode(P.PeerGet(m.oid, self.node_id, m.ticket, next_off, n)))
+                    asked[next_off] = n
+                    next_off += n
+                if not asked:
+                    if not landing:
+                        raise PullError(f"{received} of {size} bytes came, none is awaited")
+                    continue  # all asked and answered: the landing ones are waited for
+                if not sock.poll(timeout_ms):
+                    raise PullError(f"no answer for {_peer.PULL_TIMEOUT_S:.0f}s", not answered)
+                parts = sock.recv_multipart(copy=False)
+                try:
+                    r = P.decode(parts[0].buffer)
+                except P.ProtocolError as e:
+                    raise PullError(f"bad answer: {e}") from None
+                answered = True
+                if r.TYPE != P.Msg.PEER_CHUNK or r.oid != m.oid or r.offset not in asked:
+                    continue  # a late answer to an earlier pull on this connection
+                if r.codec < 0 or len(parts) != 2:
+                    raise PullError("the holder has no copy")
+                if r.total != size:
+                    raise PullError(f"the holder's copy has {r.total} bytes, the broker said "
+                                    f"{size}")
+                n = asked.pop(r.offset)
+                if r.codec == LZ4 and self.pool is not None:
+                    landing.append(self.pool.submit(_land, fd, parts[1], LZ4, r.offset, n))
+                else:
+                    received += _land(fd, parts[1], r.codec, r.offset, n)
+        finally:
+            for f in landing:  # (the file is closed after: no write may still be running)
+                f.exception()
 
+
+def _land(fd: int, frame, codec: int, offset: int, n: int) -> int:
+    """Write a received chunk (decompressed if lz4) at ``offset``; its length ``n``."""
+    data = frame.buffer
+    if codec == LZ4:
+        data = lz4.frame.decompress(data)
+    if len(data) != n:
+        raise PullError(f"a chunk of {len(data)} bytes, {n} asked")
+    written = 0
+    while written < n:  # pwrite may write less than asked
+        written += os.pwrite(fd, data[written:] if written else data, offset + written)
+    return n
+
+
+def _lz4_pool(name: str):
+    """The lz4 pool of a peer server or a node's pullers; None: (de)compress inline."""
+    if _peer.LZ4_THREADS <= 1:
+        return None
+    return ThreadPoolExecutor(_peer.LZ4_THREADS, thread_name_prefix=name)

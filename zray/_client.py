@@ -502,7 +502,7 @@ class Client:
     # ---------------------------------------------------------------- I/O loop
     def _io_loop(self):
         inbox, direct = self._inbox, self._direct
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()  # (zray/_direct.py adds its tcp reply PULL)
         poller.register(inbox, zmq.POLLIN)
         if direct is not None:
             poller.register(direct, zmq.POLLIN)
@@ -542,6 +542,15 @@ class Client:
                                 except P.ProtocolError as e:
                                     log.warning("dropping malformed message from broker: %s", e)
                             else:
+                                batch.append(parts)
+                    remote = self.direct.tcp_pull if self.direct is not None else None
+                    if remote is not None and remote in ready:  # DDONEs from other hosts
+                        while True:
+                            try:
+                                parts = recv_parts(remote)
+                            except zmq.Again:
+                                break
+                            if self.direct.take_remote(parts):
                                 batch.append(parts)
                     self._handle_batch(batch)
                     for fd in lanes:

@@ -13,9 +13,10 @@
     ref pickled / passed on --register()--> PUT as owner first: the broker then knows it
 
 Which path: a call goes direct when the broker said where the actor's executor
-listens (ROUTE "alive", same host: the address is ipc:// in that node's private
-store dir), and the call has no ObjectRef arguments (top-level or nested: the
-broker resolves and pins those), is not a generator (streaming/dynamic), and its
+listens (ROUTE "alive"; same host: the address is ipc:// in that node's private
+store dir; another host of a tcp cluster: its tcp address, CURVE, with our reply
+PULL listening on tcp too: zray/_xhost.py), and the call has no ObjectRef
+arguments (top-level or nested: the broker resolves and pins those), is not a generator (streaming/dynamic), and its
 actor has no ``max_pending_calls`` (the broker counts those). Everything else,
 and every call made before the route is known, takes the broker path.
 ``ZRAY_DIRECT_ACTOR_CALLS=0`` turns the direct path off.
@@ -57,6 +58,9 @@ goes through the broker (REQ direct_cancel), which interrupts it on the executor
 as its own calls: a plain actor's main thread, busy with the call, would not
 read a DCANCEL on its socket before the call ended.
 
+A broken direct connection (the executor's process or host died) is noticed
+before the broker's ROUTE comes: zray/_direct_watch.py.
+
 Threads: ``lock`` guards the routes; it is taken before the client's
 ``_send_lock`` (sends happen under it so that the order of calls holds), never
 while holding ``_ref_lock`` or ``cond``. ``_io_lock`` (which lanes the I/O thread
@@ -73,15 +77,15 @@ import os
 import select
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
 
 import zmq
 
-from zray import _lane, exceptions
+from zray import _lane, _xhost, exceptions
 from zray import _protocol as P
+from zray._direct_watch import DeathWatch
 from zray._serialization import serialize_error
 from zray._transport import send_parts
 
@@ -90,6 +94,7 @@ log = logging.getLogger("zray.direct")
 ENABLED = os.environ.get("ZRAY_DIRECT_ACTOR_CALLS", "1") != "0"
 _CANCEL_SIGNALS = {signal.SIGUSR1}
 _ZIN, _ZOUT, _ZERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)  # (zmq.Poller's)
+_DDONE_PREFIX = P._packb((P.Msg.DDONE, None, None, None))[:2]  # fixarray(4), DDONE
 
 
 class _Call:
@@ -106,7 +111,7 @@ class _Call:
 
 class _Route:
     __slots__ = ("actor_id", "state", "address", "ordered", "incarnation", "reason", "sock",
-                 "inflight", "broker_out", "held", "lane", "lane_failed")
+                 "inflight", "broker_out", "held", "reply_to", "broken", "lane", "lane_failed")
 
     def __init__(self, actor_id):
         self.actor_id = actor_id
@@ -119,6 +124,8 @@ class _Route:
         self.inflight: dict = {}  # task id -> _Call sent direct, not answered (send order)
         self.broker_out: dict = {}  # task id -> _Call sent to the broker, result not here
         self.held: collections.deque = collections.deque()  # (direct?, _Call) in order
+        self.reply_to = ""  # our PULL's address the executor reaches (ipc, or tcp: _xhost)
+        self.broken = ""  # the address whose connection broke (zray/_direct_watch.py)
         self.lane = None  # a zray._lane.Lane to the executor (same host), if it has one
         self.lane_failed = False  # no lane to this address: the PUSH socket
 
@@ -136,7 +143,7 @@ class DirectCalls:
         # stream's completion object) -> _Route
         self.broker_tasks: dict = {}
         self.unregistered: set = set()  # oids of direct results the broker never heard of
-        self.host = socket.gethostname()
+        self.host = _xhost.host_id()
         # Lanes (zray/_lane.py): a thread waiting in get() for a call's result reads its
         # lane itself; the I/O thread reads only the lanes someone else waits on
         # (``need_io``: futures, wait(), a get that found the lane taken, held calls,
@@ -146,6 +153,12 @@ class DirectCalls:
         self.io_parked: set = set()  # ... not now: a user thread reads them (rlock)
         self.io_changed = False  # io_lanes changed: the I/O thread polls anew
         self._io_lock = threading.Lock()
+        self.tcp_reply_to = None  # tcp_pull's address, once bound (None: not tried)
+        # PULL for the DDONEs of executors on other hosts (tcp, CURVE), polled by the I/O
+        # thread; it takes DDONEs only (take_remote): a key holder can send it anything
+        self.tcp_pull = None
+        self.dropped = 0  # messages on tcp_pull that were not DDONEs
+        self.watch = None  # DeathWatch of our direct connections, from the first one
         self._own_dir = None
         if client._direct is None:  # no store here: a reply inbox of our own
             self._bind_reply_inbox()
@@ -210,13 +223,16 @@ class DirectCalls:
             s = self.client._ctx.socket(zmq.PUSH)
             s.setsockopt(zmq.SNDHWM, 0)
             s.setsockopt(zmq.LINGER, 0)
-            s.connect(route.address)
+            _xhost.connect(s, route.address)
             route.sock = s
+            if self.watch is None:
+                self.watch = DeathWatch(self)
+            self.watch.watch(route, s)
         task_id = spec.task_id
         route.inflight[task_id] = call
         self.by_task[task_id] = route
         self.unregistered.update(spec.return_ids())
-        header = P.encode(P.DCall(spec, len(call.frames), self.reply_to))
+        header = P.encode(P.DCall(spec, len(call.frames), route.reply_to))
         if lane is not None:
             self._send_lane(lane, header, call.frames)
         else:
@@ -530,14 +546,19 @@ class DirectCalls:
             route = self.routes.get(m.actor_id)
             if route is None:
                 route = self.routes[m.actor_id] = _Route(m.actor_id)
-            state = m.state
-            if state == "alive" and (not m.address or m.host != self.host
-                                     or not self.reply_to):
-                state = "pending"  # another host (or no reply inbox): the broker path only
+            state, address, reply_to = m.state, m.address, self.reply_to
+            if state == "alive" and m.host != self.host:  # another host: tcp (_xhost.py)
+                address, reply_to = m.tcp_address, self._tcp_reply_to() if m.tcp_address else ""
+            if state == "alive" and (not address or not reply_to):
+                state = "pending"  # no way there (or no reply inbox): the broker path only
+            if address != route.broken or state != "alive":
+                route.broken = ""
+            elif state == "alive":  # our connection there broke: the broker has not noticed
+                state = "pending"
             # a new process already (e.g. restarted while the broker was down): the calls
             # in flight to the old one are lost like those of a restart
-            moved = bool(route.address and m.address and m.address != route.address)
-            if m.address != route.address:
+            moved = bool(route.address and address and address != route.address)
+            if address != route.address:
                 if route.sock is not None:
                     route.sock.close(0)
                     route.sock = None
@@ -545,7 +566,8 @@ class DirectCalls:
                     self._forget_lane(route.lane)
                     route.lane = None
                 route.lane_failed = False
-            route.state, route.address, route.ordered = state, m.address, m.ordered
+            route.state, route.address, route.ordered = state, address, m.ordered
+            route.reply_to = reply_to
             route.incarnation, route.reason = m.incarnation, m.reason
             if (state in ("restarting", "dead") or moved) and route.inflight:
                 lost = list(route.inflight.values())
@@ -582,6 +604,38 @@ class DirectCalls:
                     route.lane = None
         del dropped
         return failed
+
+    def _tcp_reply_to(self) -> str:
+        """(I/O thread) The tcp address of our reply PULL for executors on other hosts,
+        bound on first need (CURVE server, zray/_xhost.py); "" if it cannot be."""
+        if self.tcp_reply_to is None:
+            self.tcp_reply_to = ""
+            client = self.client
+            poller = getattr(client, "_poller", None)
+            if self.reply_to and client.address.startswith("tcp://") and poller is not None:
+                s = client._ctx.socket(zmq.PULL)
+                s.setsockopt(zmq.RCVHWM, 0)
+                s.setsockopt(zmq.LINGER, 0)
+                try:
+                    self.tcp_reply_to = _xhost.listen_tcp(client._ctx, s, client.address)
+                except (OSError, zmq.ZMQError):
+                    s.close(0)
+                    log.warning("no reply inbox for actors on other hosts: calls to them go "
+                                "through the broker", exc_info=True)
+                else:
+                    self.tcp_pull = s
+                    poller.register(s, zmq.POLLIN)
+        return self.tcp_reply_to
+
+    def take_remote(self, parts: list) -> bool:
+        """(I/O thread) A message on tcp_pull: only a DDONE goes on (to done())."""
+        if bytes(parts[0].buffer[:2]) == _DDONE_PREFIX:
+            return True
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.warning("dropping a message that is not a DDONE on the direct-call reply "
+                        "socket (dropped so far: %d)", self.dropped)
+        return False
 
     def rejoined(self) -> None:
         """A restarted broker took us back: ask it where each actor is again (direct
@@ -652,6 +706,8 @@ class DirectCalls:
         return False
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
         with self.lock:
             for route in self.routes.values():
                 if route.sock is not None:
@@ -660,6 +716,9 @@ class DirectCalls:
                 route.lane = None
             for lane in list(self.lanes.values()):
                 self._forget_lane(lane)
+        if self.tcp_pull is not None:
+            self.tcp_pull.close(0)
+        _xhost.ZapHandlers.stop(self.client._ctx)
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
 

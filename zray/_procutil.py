@@ -157,7 +157,8 @@ def _watch_parent():
 
 
 def detect_gpus() -> list:
-    """GPU ids this machine offers: CUDA_VISIBLE_DEVICES if set, else the NVIDIA driver's list."""
+    """GPU ids this machine offers: CUDA_VISIBLE_DEVICES if set, else the NVIDIA driver's list
+    (its /proc entries, or ``nvidia-smi`` where the driver has none, as in some sandboxes)."""
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
     if cvd is not None:
         return [g.strip() for g in cvd.split(",") if g.strip() and g.strip() != "-1"]
@@ -165,21 +166,50 @@ def detect_gpus() -> list:
         entries = os.listdir("/proc/driver/nvidia/gpus")
         return [str(i) for i in range(len(entries))]
     except OSError:
-        return []
+        return [str(i) for i in range(len(_nvidia_smi_models()))]
 
 
 def detect_accelerator_type() -> str | None:
     """The type of this machine's NVIDIA GPUs as Ray names it (``"NVIDIA H100 80GB HBM3"``
     -> ``"H100"``, ``"NVIDIA GeForce RTX 4090"`` -> ``"GeForce-RTX-4090"``), from the
-    driver's /proc entry of the first GPU; None without one."""
+    driver's /proc entry of the first GPU (or ``nvidia-smi``); None without one."""
     try:
         first = sorted(os.listdir("/proc/driver/nvidia/gpus"))[0]
         with open(f"/proc/driver/nvidia/gpus/{first}/information") as f:
             model = next((line.split(":", 1)[1].strip() for line in f
                           if line.startswith("Model:")), "")
     except (OSError, IndexError):
-        return None
+        models = _nvidia_smi_models()
+        if not models:
+            return None
+        model = models[0]
     return accelerator_type_of(model)
+
+
+_smi_models: list | None = None
+
+
+def _nvidia_smi_models() -> list:
+    """The GPU model names ``nvidia-smi`` lists, in index order; [] without it (asked once
+    per process: only where the driver has no /proc entries)."""
+    global _smi_models
+    if _smi_models is None:
+        import shutil
+        import subprocess
+
+        exe = shutil.which("nvidia-smi")
+        models: list = []
+        if exe:
+            try:
+                out = subprocess.run([exe, "--query-gpu=name", "--format=csv,noheader"],
+                                     capture_output=True, text=True, timeout=15,
+                                     stdin=subprocess.DEVNULL)
+                if out.returncode == 0:
+                    models = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+            except (OSError, subprocess.SubprocessError):
+                models = []
+        _smi_models = models
+    return _smi_models
 
 
 def accelerator_type_of(model: str) -> str | None:

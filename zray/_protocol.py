@@ -120,13 +120,15 @@ C->B  BATCH      the same layout on a client's out socket: a driver's SUBMITs of
                  socket or is a BATCH itself is dropped and counted, the others still count
 C->B  NEED_SPACE nbytes   a put waits for room in its node's store (over its limit): spill
                  at least this many more bytes there (sent at most every NEED_SPACE_S)
-B->C  ROUTE      actor_id, state, address, host, ordered, incarnation, reason   where an
+B->C  ROUTE      actor_id, state, address, host, ordered, incarnation, reason, tcp_address  where an
                  actor's executor takes direct calls (state "alive", address ipc://...), or
                  that it is "restarting" / "dead" (reason): the answer to REQ actor_route,
                  pushed again to every client that asked whenever the actor moves or dies
 C->E  DCALL      spec, n_args, reply_to + arg frames   a direct actor call (no ObjectRef
                  arguments), on the executor's PULL at ipc://<node store>/a-<cid>;
-                 reply_to: the caller's PULL (ipc://...). See zray/_direct.py
+                 reply_to: the caller's PULL (ipc://...). See zray/_direct.py. Across
+                 hosts: ROUTE's tcp_address (last field) and a tcp:// reply_to, both
+                 CURVE with the cluster key (zray/_xhost.py)
 E->C  DDONE      task_id, returns [[kind, nframes]...], retryable + frames   its result
 C->E  DCANCEL    task_id, force   cancel a direct call (callers send REQ direct_cancel to
                  the broker instead, which INTERRUPTs the executor: a busy main thread
@@ -155,7 +157,7 @@ import msgpack
 # 4: executors prove they were spawned by a node (HELLO token, EXEC_SPAWNED)
 # 5: B->C BATCH (a client must split it), C->B NEED_SPACE
 # 6: C->B BATCH (a driver's SUBMITs of one burst)
-VERSION = 7  # 7: ROUTE/DCALL/DDONE/DCANCEL (direct actor calls), PULL/PEER_* (node blobs)
+VERSION = 8  # 7: ROUTE/DCALL/DDONE/DCANCEL (direct actor calls), PULL/PEER_* (node blobs); 8: ROUTE tcp_address, tcp reply_to (cross-host direct calls)
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
@@ -857,14 +859,32 @@ class Route(NamedTuple):
     ordered: bool  # one call at a time in arrival order (a plain actor): see zray/_direct.py
     incarnation: int  # the actor's restart count
     reason: str  # why it is restarting or dead
+    # tcp://... where callers on other hosts reach that executor ("" if none): zray/_xhost.py
+    tcp_address: str = ""
     TYPE = Msg.ROUTE
-    CHECKS = (_bytes, _str, _str, _str, _bool, _int, _str)
+    CHECKS = (_bytes, _str, _str, _str, _bool, _int, _str, lambda v: _tcp_address(v))
 
 
 def _reply_to(v):
-    if type(v) is not str or not v.startswith("ipc://") or len(v) > 200:
-        raise ProtocolError(f"an ipc:// address expected, got {v!r:.40}")
+    if (type(v) is not str or len(v) > 200
+            or not (v.startswith("ipc://") or _is_tcp_endpoint(v))):
+        raise ProtocolError(f"an ipc:// or tcp://host:port address expected, got {v!r:.40}")
     return v
+
+
+def _tcp_address(v):
+    if type(v) is not str or len(v) > 200 or (v and not _is_tcp_endpoint(v)):
+        raise ProtocolError(f"a tcp://host:port address or nothing expected, got {v!r:.40}")
+    return v
+
+
+def _is_tcp_endpoint(v: str) -> bool:
+    """tcp://host:port (IPv6 hosts bracketed), nothing else (no wildcard, no source)."""
+    if not v.startswith("tcp://"):
+        return False
+    host, _, port = v[6:].rpartition(":")
+    return (port.isdigit() and 0 < int(port) < 65536 and host != "" and host != "*"
+            and ";" not in host and (host[0] != "[" or host[-1] == "]"))
 
 
 def _direct_spec(v):
