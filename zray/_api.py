@@ -437,7 +437,8 @@ def wait(object_refs: Sequence[ObjectRef | ObjectRefGenerator], *, num_returns: 
         pass
     ready, not_ready = [], []
     for r in refs:
-        if len(ready) < num_returns and client.is_ready(r.id):
+        if len(ready) < num_returns and (rec := records.get(r.id)) is not None \
+                and rec.state in _READY_STATES:  # (client.is_ready, inline)
             ready.append(r)
         else:
             not_ready.append(r)

@@ -12,8 +12,9 @@
   submissions, puts and releases therefore reach the broker in program order.
 * The *inbox* belongs to the I/O thread. It files pushed objects into their
   records, stores replies, prints forwarded logs, hands EXEC messages to an
-  executor's main thread and delivers cancellations, then wakes every waiter
-  with one ``notify_all`` per drained batch.
+  executor's main thread and delivers cancellations, then wakes the waiters
+  with one ``notify_all`` per drained batch, if the batch holds what one of them
+  waits for (see Wake-ups).
 * A ref unpickled here (borrowed) is announced to the broker (REFS +1, sent
   before anything else this client sends); when the last ref to an object goes
   the broker is told (REFS -1, batched by RELEASE_BATCH / RELEASE_DELAY_MS).
@@ -51,6 +52,20 @@ Transitions (the message or call that makes each)::
                                                          replaces an earlier value)
     any            --last ObjectRef dropped (decref)-----> record deleted, REFS -1 queued
 
+Wake-ups
+========
+A waiter on ``cond`` says what wakes it, under ``cond``: ``get()`` of many refs
+(and ``wait()`` of all of them) names one oid in ``_watch``, the last one still
+missing (results come mostly in submission order, so a get of 1,000 is woken
+about once, not once per arriving result); ``wait(num_returns < n)``,
+``wait_for`` and a stream's next item count in ``_watch_any`` (any arrival).
+After filing a batch's values the I/O thread notifies only if one of them is
+watched, a waiter takes any, a value turned up in another node's store (a
+get() must fetch it: ``_remote_seen``), or the batch held anything else a
+waiter may want (replies, stream ends, the broker gone). A waiter names its
+oid and then checks the states, both under ``cond``; the I/O thread sets the
+states and then reads the watch: one of the two always sees the other.
+
 Threads: records change only under ``_ref_lock``: user threads take it in
 incref/decref/put/_subscribe, the I/O thread once per run of OBJ/STREAM_END
 messages in a drained batch. An arriving value and the last decref of its
@@ -64,6 +79,7 @@ callback while holding ``_ref_lock``.
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import logging
@@ -84,7 +100,7 @@ from zray._reconnect import ReplayLog
 from zray._security import await_reply, secure_client, watch_handshake
 from zray._serialization import deserialize, load_error, serialize
 from zray._store import INLINE_MAX, ObjectStore, parse_blob
-from zray._transport import NOBLOCK, recv_parts, send_parts
+from zray._transport import NOBLOCK, readable, recv_parts, send_parts
 
 IN_STORE = "in store"  # LocalObject.value's frames when the value is in this node's store
 
@@ -105,6 +121,22 @@ RELEASE_DELAY_MS = 100
 # half-queued).
 SUBMIT_BATCH = 256
 SUBMIT_BURST_S = 0.0002
+# While a burst goes on (a SUBMIT within BURST_POLL_S), the I/O thread polls every
+# BURST_POLL_MS and sends what queued meanwhile, so the burst's SUBMITs need no
+# wake-up each (a pipe write per queued chunk cost the caller ~8 us a task); a caller
+# that blocks (get, wait) sends what it queued itself first.
+BURST_POLL_S = 0.005
+BURST_POLL_MS = 1
+# A driver awaiting more than COALESCE_INFLIGHT task results (``_awaiting``) whose I/O
+# thread was woken for at most COALESCE_FEW messages, none of which a waiter wanted,
+# waits COALESCE_S before it polls again, so that results streaming in from executors
+# (pushed one message each) are taken several per wake-up: each wake-up costs a poll,
+# a thread switch and a GIL hand-over (~20 us). A driver waiting on one task (a sync
+# loop) is never delayed, nor a batch that wakes a waiter; executors never wait.
+COALESCE_INFLIGHT = 16
+COALESCE_FEW = 2
+COALESCE_S = 0.0005
+ARRIVALS_KEPT = 4096  # a waiter that missed more than this many arrivals looks at all
 
 
 class ObjectState(enum.IntEnum):
@@ -214,9 +246,22 @@ class Client:
         self._submits: list = []  # [(header, frames)]: SUBMITs queued for one BATCH
         self._batch_submits = kind != "executor"
         self._last_submit = 0.0  # when the last SUBMIT was made (SUBMIT_BURST_S)
+        self._io_idle = True  # the I/O thread polls long: a queued SUBMIT must wake it
         self._wake_r, self._wake_w = os.pipe()  # a queued SUBMIT wakes the I/O thread
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # Who waits on `cond` for which objects (changed under `cond`; read by the I/O
+        # thread after it filed a batch's values): a batch of values wakes the waiters
+        # only if one of them arrived that a waiter named, or a waiter takes any
+        # arrival (module doc, "Wake-ups").
+        self._watch: dict = {}  # oid -> how many waiters wait for it in particular
+        self._watch_any = 0  # waiters woken by any arrival (wait(num_returns<n), streams)
+        self._remote_seen = 0  # values found in another node's store (get() fetches them)
+        # What came while `_watch_any` waiters wait (appended under `cond`): a wait() for
+        # some of many refs looks at the new arrivals only, not at all its refs again.
+        self._arrivals: collections.deque = collections.deque(maxlen=ARRIVALS_KEPT)
+        self._arrival_seq = 0  # how many were ever appended to _arrivals
+        self._awaiting = 0  # records AWAITING_PUSH (see COALESCE_INFLIGHT)
         self._replies: dict = {}
         self._unawaited: set = set()  # ids of requests sent with request_nowait
         self._streams: dict[bytes, _Stream] = {}  # task_id -> its open stream
@@ -376,12 +421,18 @@ class Client:
             if len(q) >= SUBMIT_BATCH:
                 self._flush_submits_locked()
                 return
-            if len(q) > 1:
-                return  # the I/O thread was woken by the first
+            if len(q) > 1 or not self._io_idle:
+                return  # the I/O thread was woken by the first, or polls briefly
         try:
             os.write(self._wake_w, b"s")
         except BlockingIOError:
             pass  # (the pipe is full of wake-ups: the I/O thread is woken already)
+
+    def flush_queued(self) -> None:
+        """Send the SUBMITs queued for a BATCH now (a user thread about to block)."""
+        if self._submits and self._gate.is_set() and not self.forked:
+            with self._send_lock:
+                self._flush_submits_locked()
 
     def _flush_submits_locked(self) -> None:
         """Send the queued SUBMITs (under ``_send_lock``): one as it is, more as a BATCH."""
@@ -511,19 +562,28 @@ class Client:
         direct_calls = self.direct
         lanes: dict = {}  # fd -> poll events: direct calls' lanes we read (zray/_direct.py)
         last_hb = time.monotonic()
+        coalesce = self.kind == "driver"
         while not self.closed:
             try:
                 if direct_calls is not None and direct_calls.io_changed:
                     lanes = self._poll_lanes(poller, lanes, direct_calls.io_poll_set())
-                ready = dict(poller.poll(RELEASE_DELAY_MS if self._pending_refs else 500))
-                if wake in ready:  # SUBMITs queued: send them (not while a replay waits)
+                if time.monotonic() - self._last_submit < BURST_POLL_S:
+                    self._io_idle = False  # (see BURST_POLL_S)
+                    timeout = BURST_POLL_MS
+                else:
+                    self._io_idle = True  # then look at the queue: see _queue_submit
+                    timeout = RELEASE_DELAY_MS if self._pending_refs else 500
+                    if self._submits:
+                        timeout = 0
+                ready = dict(poller.poll(timeout))
+                if wake in ready:
                     try:
                         os.read(wake, 4096)
                     except BlockingIOError:
                         pass
-                    if self._submits and self._gate.is_set():
-                        with self._send_lock:
-                            self._flush_submits_locked()
+                if self._submits and self._gate.is_set():  # (not while a replay waits)
+                    with self._send_lock:
+                        self._flush_submits_locked()
                 if ready:
                     batch = []
                     for sock in (direct, inbox):
@@ -531,11 +591,8 @@ class Client:
                             continue
                         if sock is inbox:
                             self.last_broker = time.monotonic()
-                        while True:
-                            try:
-                                parts = recv_parts(sock)
-                            except zmq.Again:
-                                break
+                        while readable(sock):
+                            parts = recv_parts(sock)
                             if sock is inbox:  # the broker's turn may come as one BATCH
                                 try:
                                     batch.extend(P.unbatch(parts))
@@ -552,11 +609,14 @@ class Client:
                                 break
                             if self.direct.take_remote(parts):
                                 batch.append(parts)
-                    self._handle_batch(batch)
+                    woke = self._handle_batch(batch)
                     for fd in lanes:
                         ev = ready.get(fd)
                         if ev:
                             direct_calls.read_lane(fd, int(ev))
+                    if (coalesce and not woke and len(batch) <= COALESCE_FEW
+                            and timeout != BURST_POLL_MS and self._awaiting > COALESCE_INFLIGHT):
+                        time.sleep(COALESCE_S)  # (never while SUBMITs queue up)
                 now = time.monotonic()
                 if self._pending_refs and now - self._release_since >= RELEASE_DELAY_MS / 1000:
                     with self._send_lock:
@@ -601,7 +661,8 @@ class Client:
         except BlockingIOError:
             pass  # (full of wake-ups: it is woken already)
 
-    def _handle_batch(self, batch):
+    def _handle_batch(self, batch) -> bool:
+        """File a drained batch of messages; True if it woke the waiters."""
         notify = False
         arrived: list = []  # callbacks of objects now here, run once the lock is released
         fetch: list = []  # objects ready elsewhere that a callback waits for
@@ -611,6 +672,8 @@ class Client:
         direct = self.direct
         watched = direct.broker_tasks if direct is not None else None
         came: list = []  # watched broker-path calls whose result came (zray/_direct.py)
+        filed: list = []  # oids whose OBJ came: they wake a waiter that watches them
+        remote_seen = self._remote_seen
         for msg in batch:
             try:
                 decoded.append((P.decode_from_broker(P.buffer_of(msg[0])), msg))
@@ -638,7 +701,7 @@ class Client:
                     self._arrived_locked(m.oid, state, value, m.node_id, arrived, fetch)
                     if watched and m.oid in watched:
                         came.append(m.oid)
-                    notify = True
+                    filed.append(m.oid)
                     continue
                 if mtype == Msg.STREAM_END:
                     if not held:
@@ -659,6 +722,7 @@ class Client:
                         with lock:
                             for oid, value in values:
                                 self._arrived_locked(oid, LOCAL, value, None, arrived, fetch)
+                                filed.append(oid)
                         notify = True
                     continue
                 if mtype == Msg.EXEC:
@@ -698,9 +762,23 @@ class Client:
                 log.exception("an object's done callback failed")
         if fetch:
             self.send(P.encode(P.Sub(fetch)))
+        if filed and not notify:  # (read after the values were filed: see wait_objects)
+            if self._watch_any or self._remote_seen != remote_seen:
+                notify = True
+            else:
+                watch = self._watch
+                if watch:
+                    for oid in filed:
+                        if oid in watch:
+                            notify = True
+                            break
         if notify:
             with self.cond:
+                if filed and self._watch_any:  # (see wait_objects)
+                    self._arrivals.extend(filed)
+                    self._arrival_seq += len(filed)
                 self.cond.notify_all()
+        return notify
 
     def _arrived_locked(self, oid: bytes, state: ObjectState, value, node_id,
                         arrived: list, fetch: list) -> None:
@@ -714,10 +792,13 @@ class Client:
                 return  # no ref to it is left here: drop the value
             rec = self.records[oid] = LocalObject()  # held by the stream until taken
             stream.top = max(stream.top, _stream_index(oid))
+        elif rec.state is AWAITING_PUSH:  # (every branch below moves it on)
+            self._awaiting -= 1
         if state is REMOTE:
             if rec.state in _HERE:
                 return  # already here: a copy elsewhere changes nothing
             rec.node_id = node_id
+            self._remote_seen += 1  # a get() waiting for it must fetch it
             if rec.callbacks:  # a future waits for the value: have it brought here
                 rec.state = FETCHING
                 fetch.append(oid)
@@ -776,17 +857,24 @@ class Client:
         records = self.records
         with self._ref_lock:
             pending, closed = self._pending_refs, self.closed  # the I/O thread swaps it
+            before = len(pending)
+            add = pending.append
             for oid in oids:
                 rec = records.get(oid)
                 if rec is None:
-                    rec = records[oid] = LocalObject()
-                n = rec.refcount
-                rec.refcount = n + 1
-                if n == 0 and not closed:
-                    if not pending:
-                        self._release_since = time.monotonic()
-                    pending.append((oid, 1))
-                    self._pending_addref = True
+                    records[oid] = LocalObject(1)
+                    add((oid, 1))
+                else:
+                    n = rec.refcount
+                    rec.refcount = n + 1
+                    if n == 0:
+                        add((oid, 1))
+            if closed:
+                del pending[before:]
+            elif len(pending) > before:
+                if not before:
+                    self._release_since = time.monotonic()
+                self._pending_addref = True
 
     def escape(self, oid: bytes) -> None:
         """A ref to ``oid`` was pickled out of band: ask the broker to keep the object."""
@@ -800,14 +888,21 @@ class Client:
     def decref(self, oid: bytes):
         """One ObjectRef to ``oid`` fewer; the last one deletes its record (and value)."""
         with self._ref_lock:
-            rec = self.records.get(oid)
+            records = self.records
+            rec = records.get(oid)
             if rec is not None:
-                if rec.refcount > 1:
-                    rec.refcount -= 1
+                n = rec.refcount
+                if n > 1:
+                    rec.refcount = n - 1
                     return
-                del self.records[oid]
-                self.replay.dropped(oid[:P.TASK_ID_LEN])
-                if self.direct is not None and self.direct.forget(oid):
+                del records[oid]
+                if rec.state is AWAITING_PUSH:
+                    self._awaiting -= 1
+                tid = oid[:P.TASK_ID_LEN]
+                if tid in self.replay.unfinished:
+                    self.replay.dropped(tid)
+                direct = self.direct
+                if direct is not None and oid in direct.unregistered and direct.forget(oid):
                     return  # a direct call's result the broker never heard of
                 value = rec.value
                 if value is not None and value[1] is IN_STORE:
@@ -819,6 +914,30 @@ class Client:
                     self._release_since = time.monotonic()
                 self._pending_refs.append((oid, -1))
 
+    def task_returns(self, task_id: bytes, n: int, ref_cls) -> list:
+        """Refs to the ``n`` returns of a task we are about to submit, counted and marked
+        AWAITING_PUSH (the broker pushes them to us) under one lock: what ``ref_cls(oid,
+        self.cid, self)`` and ``expect_push`` do, without a lock and a call each."""
+        refs = []
+        new, cid = ref_cls.__new__, self.cid
+        with self._ref_lock:
+            records = self.records
+            for i in range(1, n + 1):
+                oid = task_id + i.to_bytes(4, "little")  # P.object_id(task_id, i)
+                rec = records.get(oid)
+                if rec is None:
+                    records[oid] = LocalObject(1, AWAITING_PUSH)
+                    self._awaiting += 1
+                else:
+                    rec.refcount += 1
+                    if rec.state is PENDING:
+                        rec.state = AWAITING_PUSH
+                        self._awaiting += 1
+                ref = new(ref_cls)
+                ref.id, ref.owner, ref._client = oid, cid, self
+                refs.append(ref)
+        return refs
+
     def expect_push(self, oids) -> None:
         """``oids`` are returns of a task we are about to submit: the broker pushes
         them to us unasked (PENDING -> AWAITING_PUSH)."""
@@ -828,6 +947,7 @@ class Client:
                 rec = records.get(oid)
                 if rec is not None and rec.state is PENDING:
                     rec.state = AWAITING_PUSH
+                    self._awaiting += 1
 
     # ------------------------------------------------------------ objects
     def put(self, value, owner_ref_cls, kind: int = P.VALUE) -> object:
@@ -926,9 +1046,12 @@ class Client:
             rec = records.get(oid)
             return rec is not None and rec.state in done_states
 
-        missing = [r for r in refs if not done(r.id)]
+        missing = [r for r in refs if (rec := records.get(r.id)) is None
+                   or rec.state not in done_states]  # (done(), inline: a call less a ref)
         if len(refs) - len(missing) >= num_ready:
             return
+        remote_seen = self._remote_seen  # (read before _subscribe: it fetches REMOTE ones)
+        self.flush_queued()
         self._subscribe(missing)
         blocked = self._block()
         try:
@@ -941,37 +1064,76 @@ class Client:
                 direct.wait_lane(oids, done, deadline)
                 direct.need_io(direct.lanes_for([o for o in oids if not done(o)]))
             need_all = num_ready >= len(refs)
-            i = 0
+            j = len(missing) - 1  # need_all: the last of `missing` that is not here yet
+            watch, watched = self._watch, None  # the oid this waiter named in `_watch`
             with self.cond:
-                while True:
-                    # Re-check only what is still missing: O(n) over the whole wait.
-                    if need_all:
-                        while i < len(missing) and done(missing[i].id):
-                            i += 1
-                        if i == len(missing):
-                            return
-                        rec = records.get(missing[i].id)
-                        if rec is not None and rec.state is REMOTE:
-                            self._subscribe(missing[i:])
-                    else:
-                        missing = [r for r in missing if not done(r.id)]
-                        if len(refs) - len(missing) >= num_ready:
-                            return
-                    if self.broker_gone:
-                        raise exceptions.RaySystemError(
-                            f"lost contact with the zray broker at {self.address}")
-                    if deadline is None:
-                        self.cond.wait(1.0)
-                    else:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            raise exceptions.GetTimeoutError(
-                                f"Get timed out: {len(missing) - i} of {len(refs)} objects "
-                                f"not ready after {timeout}s")
-                        self.cond.wait(remaining)
+                if not need_all:
+                    self._watch_any += 1
+                    seen = self._arrival_seq  # then look: arrivals after it are in the log
+                    left = {r.id for r in missing if not done(r.id)}
+                try:
+                    while True:
+                        if need_all:
+                            # Watch the last one missing: results mostly come in the order
+                            # of their submission, so one wake-up usually finds all here.
+                            # Each ref is found done once: O(n) over the whole wait.
+                            while j >= 0 and done(missing[j].id):
+                                j -= 1
+                            if j < 0:
+                                return
+                            if fetch and self._remote_seen != remote_seen:
+                                remote_seen = self._remote_seen  # ready elsewhere: fetch
+                                self._subscribe(missing[:j + 1])
+                            oid = missing[j].id
+                            if oid != watched:
+                                if watched is not None:
+                                    self._unwatch(watched)
+                                watch[oid] = watch.get(oid, 0) + 1
+                                watched = oid
+                                if done(oid):  # it came before we named it: look again
+                                    continue
+                        else:
+                            # Only what arrived since the last look can have become ready
+                            # (a wait(num_returns=1) loop over 1,000 refs would otherwise
+                            # look at all of them after every result).
+                            new = self._arrival_seq - seen
+                            seen += new
+                            arrivals = self._arrivals
+                            if fetch or new > len(arrivals):
+                                left = {oid for oid in left if not done(oid)}
+                            else:
+                                for k in range(new, 0, -1):
+                                    left.discard(arrivals[-k])
+                            if len(refs) - len(left) >= num_ready:
+                                return
+                        if self.broker_gone:
+                            raise exceptions.RaySystemError(
+                                f"lost contact with the zray broker at {self.address}")
+                        if deadline is None:
+                            self.cond.wait(1.0)
+                        else:
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                late = len(left) if not need_all else sum(
+                                    1 for r in missing if not done(r.id))
+                                raise exceptions.GetTimeoutError(
+                                    f"Get timed out: {late} of {len(refs)} objects "
+                                    f"not ready after {timeout}s")
+                            self.cond.wait(remaining)
+                finally:
+                    if watched is not None:
+                        self._unwatch(watched)
+                    if not need_all:
+                        self._watch_any -= 1
         finally:
             if blocked:
                 self._unblock()
+
+    def _unwatch(self, oid: bytes) -> None:
+        """A waiter no longer waits for ``oid`` in particular (under ``cond``)."""
+        n = self._watch.pop(oid, 1)
+        if n > 1:
+            self._watch[oid] = n - 1
 
     def _block(self) -> bool:
         """An executor's task is about to wait: lend its CPU (BLOCK). True if it did."""
@@ -992,6 +1154,7 @@ class Client:
         False on timeout. ``subscribe``: refs whose values we must ask the broker for."""
         if ready():
             return True
+        self.flush_queued()
         self._subscribe(subscribe)
         if self.direct is not None and self.direct.lanes and subscribe:
             self.direct.need_io(self.direct.lanes_for([r.id for r in subscribe]))
@@ -999,18 +1162,22 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             with self.cond:
-                while not ready():
-                    if self.broker_gone:
-                        raise exceptions.RaySystemError(
-                            f"lost contact with the zray broker at {self.address}")
-                    if deadline is None:
-                        self.cond.wait(1.0)
-                        continue
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    self.cond.wait(remaining)
-                return True
+                self._watch_any += 1
+                try:
+                    while not ready():
+                        if self.broker_gone:
+                            raise exceptions.RaySystemError(
+                                f"lost contact with the zray broker at {self.address}")
+                        if deadline is None:
+                            self.cond.wait(1.0)
+                            continue
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return False
+                        self.cond.wait(remaining)
+                    return True
+                finally:
+                    self._watch_any -= 1
         finally:
             if blocked:
                 self._unblock()
@@ -1091,21 +1258,26 @@ class Client:
         oid = P.object_id(task_id, index)
         deadline = None if timeout is None else time.monotonic() + timeout
         records = self.records
+        self.flush_queued()
         with self.cond:
-            while True:
-                rec = records.get(oid)
-                if rec is not None and rec.state in _READY:
-                    return oid
-                stream = self._streams.get(task_id)
-                end = stream.end if stream is not None else None
-                if end is not None and index > end:
-                    return None
-                if self.broker_gone:
-                    raise exceptions.RaySystemError(
-                        f"lost contact with the zray broker at {self.address}")
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise exceptions.GetTimeoutError("stream item not ready")
-                self.cond.wait(1.0)
+            self._watch_any += 1  # (the item's record may not exist yet: any arrival)
+            try:
+                while True:
+                    rec = records.get(oid)
+                    if rec is not None and rec.state in _READY:
+                        return oid
+                    stream = self._streams.get(task_id)
+                    end = stream.end if stream is not None else None
+                    if end is not None and index > end:
+                        return None
+                    if self.broker_gone:
+                        raise exceptions.RaySystemError(
+                            f"lost contact with the zray broker at {self.address}")
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise exceptions.GetTimeoutError("stream item not ready")
+                    self.cond.wait(1.0)
+            finally:
+                self._watch_any -= 1
 
     # ------------------------------------------------------------ requests
     def request_nowait(self, op: str, args=None) -> None:

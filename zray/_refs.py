@@ -11,7 +11,7 @@ import os
 from zray import _protocol as P
 from zray import _runtime, _serialization
 from zray._ids import BaseID, JobID, TaskID
-from zray._serialization import nested_collector, unpickled_refs
+from zray._serialization import _local, nested_collector
 
 _NIL_OID = b"\xff" * P.OBJECT_ID_LEN
 
@@ -39,7 +39,7 @@ def check_session(refs) -> None:
 
 
 def _rebuild_ref(oid: bytes, owner: bytes) -> "ObjectRef":
-    pending = unpickled_refs()
+    pending = getattr(_local, "unpickled", None)  # unpickled_refs(), without the call
     if pending is None:
         return ObjectRef(oid, owner, _borrowed=True)
     # Inside deserialize(): counted with the value's other refs under one lock

@@ -102,9 +102,7 @@ def return_refs(client, task_id: bytes, nret):
         if nret == P.STREAMING:
             return ObjectRefGenerator(task_id, client.cid, client)
         nret = 1  # DYNAMIC: one ref, whose value is a DynamicObjectRefGenerator
-    cid = client.cid
-    refs = [ObjectRef(P.object_id(task_id, i), cid, client) for i in range(1, nret + 1)]
-    client.expect_push(r.id for r in refs)  # the broker pushes these to us
+    refs = client.task_returns(task_id, nret, ObjectRef)  # the broker pushes these to us
     if nret == 1:
         return refs[0]
     return refs if nret else None

@@ -14,6 +14,9 @@ import zmq
 
 _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 
@@ -44,3 +47,9 @@ def recv_parts(sock) -> list:
         f = _recv(sock, NOBLOCK, False, False)
         parts.append(f)
     return parts
+
+
+def readable(sock) -> bool:
+    """A message is waiting on ``sock``: a drain loop asks this instead of ending on
+    recv's zmq.Again (an exception costs ~2 us more than this question)."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)
