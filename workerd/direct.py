@@ -7,6 +7,10 @@
         EXEC from the broker would be (same modes, groups, cancels, prepare)
     ResultSender.finish_values / finish_error --reply()--> DDONE + frames --PUSH--> the
         caller's PULL (reply_to); large values travel inline too (the caller owns them)
+    caller --DCALL on a lane (zray/_lane.py)--> listener <node store>/f-<cid>: read by the
+        same thread as the PULL (lanes first), the DDONE sent back on that lane by the
+        thread that ran the call, never blocking (what the socket does not take waits
+        for POLLOUT in that thread's poll: ``_watch_lanes``, ``_kick``)
     caller --DCANCEL--> ExecutorProcess._on_cancel, as the broker's INTERRUPT
     every DIRECT_STATS_S: REQ direct_stats {calls, failed} --> the broker's books
 
@@ -17,7 +21,8 @@ tcp cluster the same PULL listens on tcp too, for callers on other hosts, CURVE
 with the cluster key (zray/_xhost.py), and replies to such callers go to their
 tcp reply_to the same way. A
 message that does not decode, or is not a DCALL/DCANCEL, is dropped and
-counted (``dropped``), never fatal. Arguments are unpickled by the actor's
+counted (``dropped``), never fatal; a lane whose framing is broken is closed
+(its caller sees EOF), the others go on. Arguments are unpickled by the actor's
 code path as for broker-sent calls (executors run user code anyway).
 
 A result holding refs: those refs are escaped (REFS 0, "keep for good") before
@@ -36,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from zray import _direct, _xhost
+from zray import _direct, _lane, _xhost
 from zray import _protocol as P
 from zray._protocol import Msg
 from zray._serialization import serialize
@@ -106,6 +111,21 @@ class DirectServer:
         self.dropped = 0
         self._drop_logged: set = set()
         self.closed = False
+        # Lanes (zray/_lane.py): callers on this host connect to a Unix socket next to
+        # the PULL and get their replies on the same connection, sent by the thread that
+        # ran the call. fd -> Lane.
+        self.lanes: dict = {}
+        self.listener = None
+        try:
+            self.listener = _lane.listen(_lane.lane_path(self.address))
+        except OSError:
+            log.warning("no lane for direct calls: they come through ZeroMQ", exc_info=True)
+        self._poller = None
+        self._polled: dict = {}  # fd -> the events the poller has it for
+        # An async actor's lanes are read by its event loop (add_reader): a call starts
+        # on the thread it runs on, with no hop through this thread. fd -> Lane.
+        self.loop = host.loop if host.mode.value == "async" and not host.groups else None
+        self.loop_lanes: dict = {}
         if ordered:
             # A plain actor runs every call on the main thread: it reads this socket
             # itself (one thread hop less per call), woken for the broker's EXECs too.
@@ -123,15 +143,22 @@ class DirectServer:
         else:
             # Threaded and async actors: calls start from the receiving thread (the
             # pool / event loop takes them from there: no hop through the main thread).
+            self._kick_r, self._kick_w = os.pipe()  # a reply left bytes for POLLOUT
+            os.set_blocking(self._kick_r, False)
+            os.set_blocking(self._kick_w, False)
             threading.Thread(target=self._loop, name="zray-direct", daemon=True).start()
 
     # -------------------------------------------------- a plain actor: main thread
     def next_item(self):
         """The main thread's next (msg, frames): a broker EXEC or a direct call."""
         q, ready = self.queue, self.ready
-        poller = zmq.Poller()
-        poller.register(self.pull, zmq.POLLIN)
-        poller.register(self.wake_in, zmq.POLLIN)
+        if self._poller is None:
+            self._poller = zmq.Poller()
+            self._poller.register(self.pull, zmq.POLLIN)
+            self._poller.register(self.wake_in, zmq.POLLIN)
+            if self.listener is not None:
+                self._poller.register(self.listener.fileno(), zmq.POLLIN)
+        poller = self._poller
         while True:
             if ready:
                 return ready.pop(0)
@@ -144,6 +171,7 @@ class DirectServer:
             now = time.monotonic()
             if now - self.last_report >= DIRECT_STATS_S:
                 self._report(now)
+            self._watch_lanes(poller)
             try:
                 events = dict(poller.poll(int(DIRECT_STATS_S * 1000)))
             except zmq.ZMQError:
@@ -155,6 +183,13 @@ class DirectServer:
                         self.wake_in.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+            # Lanes before the PULL, every lane when the PULL has calls: a caller's call
+            # on its lane was in our socket before its next call took the PULL.
+            if self.pull in events:
+                for fd in self.lanes:
+                    events.setdefault(fd, zmq.POLLIN)
+            if len(events) > (self.wake_in in events) + (self.pull in events):
+                self._lane_events(events, self._ready_call, self.proc._on_cancel)
             if self.pull in events:
                 while True:
                     try:
@@ -162,6 +197,97 @@ class DirectServer:
                     except zmq.Again:
                         break
                     self._handle(parts, self._ready_call, self.proc._on_cancel)
+
+    # ------------------------------------------------------------- lanes
+    def _watch_lanes(self, poller) -> None:
+        """Poll each lane for its calls, and for POLLOUT while a reply waits to go."""
+        polled = self._polled
+        for fd, lane in self.lanes.items():
+            want = zmq.POLLIN | (zmq.POLLOUT if lane.outq else 0)
+            if polled.get(fd) != want:
+                poller.register(fd, want)  # (registers, or modifies)
+                polled[fd] = want
+
+    def _lane_events(self, events: dict, start, on_cancel) -> None:
+        listener = self.listener
+        if listener is not None and listener.fileno() in events:
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    log.warning("direct calls: accept failed", exc_info=True)
+                    break
+                sock.setblocking(False)
+                lane = _lane.Lane(sock)
+                if self.loop is not None:
+                    self.loop.call_soon_threadsafe(self._loop_attach, lane)
+                    continue
+                self.lanes[lane.fd] = lane
+                events[lane.fd] = zmq.POLLIN  # read now: its first call may be in already
+        for fd, ev in events.items():
+            lane = self.lanes.get(fd) if type(fd) is int else None
+            if lane is None:
+                continue
+            try:
+                if ev & zmq.POLLOUT:
+                    lane.flush()
+                if ev & (zmq.POLLIN | zmq.POLLERR):
+                    for parts in lane.read():
+                        self._handle(parts, start, on_cancel, lane)
+            except _lane.LaneClosed as e:
+                self._drop_lane(lane, str(e))
+
+    def _drop_lane(self, lane, why: str) -> None:
+        """A caller went away (or sent garbage): its calls still running answer nobody."""
+        if "closed the lane" not in why:
+            self._drop(f"lane: {why}")
+        self.lanes.pop(lane.fd, None)
+        if self._polled.pop(lane.fd, None) is not None and self._poller is not None:
+            self._poller.unregister(lane.fd)
+        lane.close()
+
+    # ------------------------------------------- an async actor's lanes: its loop
+    def _loop_attach(self, lane) -> None:
+        self.loop_lanes[lane.fd] = lane
+        self.loop.add_reader(lane.fd, self._loop_read, lane)
+
+    def _loop_read(self, lane) -> None:
+        try:
+            for parts in lane.read():
+                self._handle(parts, self._start_call, self.proc._on_cancel, lane)
+        except _lane.LaneClosed as e:
+            self._loop_detach(lane, str(e))
+
+    def _loop_want_write(self, lane) -> None:
+        if lane.outq and self.loop_lanes.get(lane.fd) is lane:
+            self.loop.add_writer(lane.fd, self._loop_write, lane)
+
+    def _loop_write(self, lane) -> None:
+        try:
+            if lane.flush():
+                self.loop.remove_writer(lane.fd)
+        except _lane.LaneClosed as e:
+            self._loop_detach(lane, str(e))
+
+    def _loop_detach(self, lane, why: str) -> None:
+        if "closed the lane" not in why:
+            self._drop(f"lane: {why}")
+        if self.loop_lanes.pop(lane.fd, None) is lane:
+            self.loop.remove_reader(lane.fd)
+            self.loop.remove_writer(lane.fd)
+        lane.close()
+
+    def _kick(self) -> None:
+        """A reply left bytes behind (the caller reads slowly): have them flushed."""
+        if self.ordered:
+            self.wake()
+        else:
+            try:
+                os.write(self._kick_w, b"k")
+            except OSError:
+                pass
 
     def _ready_call(self, msg, frames) -> None:
         self.ready.append((msg, frames))
@@ -180,26 +306,51 @@ class DirectServer:
             self.wake_out.close(0)
         self.wake_in.close(0)
         self.pull.close(0)
+        self._close_lanes()
         with self.lock:
             for sock in self.push.values():
                 sock.close(0)
             self.push.clear()
 
+    def _close_lanes(self) -> None:
+        for lane in list(self.lanes.values()) + list(self.loop_lanes.values()):
+            lane.close()
+        self.lanes.clear()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(_lane.lane_path(self.address))
+            except OSError:
+                pass
+
     # ------------------------------------------ threaded / async: a thread of its own
     def _loop(self) -> None:
         pull = self.pull
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
+        poller.register(self._kick_r, zmq.POLLIN)
+        if self.listener is not None:
+            poller.register(self.listener.fileno(), zmq.POLLIN)
         proc = self.proc
         while not self.client.closed:
             try:
-                if poller.poll(int(DIRECT_STATS_S * 1000)):
-                    while True:
+                self._watch_lanes(poller)
+                events = dict(poller.poll(int(DIRECT_STATS_S * 1000)))
+                if events:
+                    if self._kick_r in events:
                         try:
-                            parts = recv_parts(pull)
-                        except zmq.Again:
-                            break
-                        self._handle(parts, self._start_call, proc._on_cancel)
+                            os.read(self._kick_r, 4096)
+                        except OSError:
+                            pass
+                    self._lane_events(events, self._start_call, proc._on_cancel)
+                    if pull in events:
+                        while True:
+                            try:
+                                parts = recv_parts(pull)
+                            except zmq.Again:
+                                break
+                            self._handle(parts, self._start_call, proc._on_cancel)
                 now = time.monotonic()
                 if now - self.last_report >= DIRECT_STATS_S:
                     self._report(now)
@@ -210,6 +361,7 @@ class DirectServer:
                     break
                 log.exception("direct call thread error")
         pull.close(0)
+        self._close_lanes()  # (the kick pipe stays open: a reply may still kick it)
         with self.lock:
             for sock in self.push.values():
                 sock.close(0)
@@ -225,9 +377,9 @@ class DirectServer:
         except SystemExit as e:
             proc.system_exit(e)
 
-    def _handle(self, parts: list, start, on_cancel) -> None:
+    def _handle(self, parts: list, start, on_cancel, lane=None) -> None:
         try:
-            m = P.decode(parts[0].buffer)
+            m = P.decode(P.buffer_of(parts[0]))
         except P.ProtocolError as e:
             self._drop(str(e))
             return
@@ -238,7 +390,8 @@ class DirectServer:
             if m.spec.task_id in self.calls:
                 self._drop("DCALL: a call already running here")
                 return
-            self.calls[m.spec.task_id] = m.reply_to
+            # the reply goes back on the lane the call came on, else to reply_to
+            self.calls[m.spec.task_id] = lane if lane is not None else m.reply_to
             self.started[m.spec.task_id] = (m.spec.name, time.time())
             start(P.Exec(m.spec, False, m.n_args, [], []), parts[1:])
         elif m.TYPE == Msg.DCANCEL:
@@ -301,6 +454,16 @@ class DirectServer:
             else:
                 self.events_dropped += 1
         header = P.encode(P.DDone(task_id, layout, retryable))
+        if type(reply_to) is not str:  # a lane: sent from this thread, never blocking
+            try:
+                if not reply_to.send(header, frames):
+                    if self.loop_lanes.get(reply_to.fd) is reply_to:
+                        self.loop.call_soon_threadsafe(self._loop_want_write, reply_to)
+                    else:
+                        self._kick()
+            except _lane.LaneClosed:
+                pass  # the caller is gone
+            return
         with self.lock:
             sock = self.push.get(reply_to)
             if sock is None:

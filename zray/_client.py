@@ -559,10 +559,14 @@ class Client:
             poller.register(direct, zmq.POLLIN)
         wake = self._wake_r
         poller.register(wake, zmq.POLLIN)
+        direct_calls = self.direct
+        lanes: dict = {}  # fd -> poll events: direct calls' lanes we read (zray/_direct.py)
         last_hb = time.monotonic()
         coalesce = self.kind == "driver"
         while not self.closed:
             try:
+                if direct_calls is not None and direct_calls.io_changed:
+                    lanes = self._poll_lanes(poller, lanes, direct_calls.io_poll_set())
                 if time.monotonic() - self._last_submit < BURST_POLL_S:
                     self._io_idle = False  # (see BURST_POLL_S)
                     timeout = BURST_POLL_MS
@@ -606,6 +610,10 @@ class Client:
                             if self.direct.take_remote(parts):
                                 batch.append(parts)
                     woke = self._handle_batch(batch)
+                    for fd in lanes:
+                        ev = ready.get(fd)
+                        if ev:
+                            direct_calls.read_lane(fd, int(ev))
                     if (coalesce and not woke and len(batch) <= COALESCE_FEW
                             and timeout != BURST_POLL_MS and self._awaiting > COALESCE_INFLIGHT):
                         time.sleep(COALESCE_S)  # (never while SUBMITs queue up)
@@ -633,6 +641,25 @@ class Client:
                 if self.closed:
                     return
                 log.exception("zray I/O thread error")
+
+    @staticmethod
+    def _poll_lanes(poller, old: dict, now: list) -> dict:
+        """(I/O thread) Poll the lanes in ``now`` [(fd, events)] instead of ``old``."""
+        new = dict(now)
+        for fd in old:
+            if fd not in new:
+                poller.unregister(fd)
+        for fd, ev in new.items():
+            if old.get(fd) != ev:
+                poller.register(fd, ev)
+        return new
+
+    def wake_io(self) -> None:
+        """Have the I/O thread look at what it polls again (zray/_direct.py need_io)."""
+        try:
+            os.write(self._wake_w, b"l")
+        except BlockingIOError:
+            pass  # (full of wake-ups: it is woken already)
 
     def _handle_batch(self, batch) -> bool:
         """File a drained batch of messages; True if it woke the waiters."""
@@ -1029,6 +1056,13 @@ class Client:
         blocked = self._block()
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
+            direct = self.direct
+            if direct is not None and direct.lanes:
+                # direct calls' results: read them off their lane here (zray/_direct.py),
+                # else have the I/O thread read them
+                oids = [r.id for r in missing]
+                direct.wait_lane(oids, done, deadline)
+                direct.need_io(direct.lanes_for([o for o in oids if not done(o)]))
             need_all = num_ready >= len(refs)
             j = len(missing) - 1  # need_all: the last of `missing` that is not here yet
             watch, watched = self._watch, None  # the oid this waiter named in `_watch`
@@ -1122,6 +1156,8 @@ class Client:
             return True
         self.flush_queued()
         self._subscribe(subscribe)
+        if self.direct is not None and self.direct.lanes and subscribe:
+            self.direct.need_io(self.direct.lanes_for([r.id for r in subscribe]))
         blocked = self._block()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -1180,6 +1216,8 @@ class Client:
                 rec.callbacks.append(done)
         if waiting:
             self._subscribe([ref])
+            if self.direct is not None and self.direct.lanes:
+                self.direct.need_io(self.direct.lanes_for([ref.id]))
         else:
             done()
 

@@ -99,10 +99,23 @@ class DeathWatch:
                 for pair, route, sock in new:
                     poller.register(pair, zmq.POLLIN)
                     watched[pair] = (route, sock)
-                for pair, _ in poller.poll(int(TICK_S * 1000)):
+                if not watched:  # (zmq_poll with nothing to poll returns at once: a spin)
+                    time.sleep(TICK_S)
+                    ready = []
+                else:
+                    ready = poller.poll(int(TICK_S * 1000))
+                for pair, _ in ready:
                     try:
-                        ev = recv_monitor_message(pair)
-                    except zmq.ZMQError:
+                        ev = recv_monitor_message(pair, zmq.NOBLOCK)
+                    except zmq.ZMQError as e:
+                        # readable yet nothing whole to read: a monitor whose socket was
+                        # closed under it. Dropped, else it stays readable and we spin.
+                        watched_sock = watched.get(pair, (None, None))[1]
+                        if not isinstance(e, zmq.Again) or watched_sock is None or \
+                                watched_sock.closed:
+                            poller.unregister(pair)
+                            pair.close(0)
+                            watched.pop(pair, None)
                         continue
                     route, sock = watched[pair]
                     if ev["event"] == zmq.EVENT_DISCONNECTED:
