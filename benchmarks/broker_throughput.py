@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _procs import free_port as _free_port  # noqa: E402
 from _procs import stop_all  # noqa: E402
 
 CLIENT = r"""
@@ -65,12 +65,6 @@ while done < n:
 print("RESULT " + json.dumps({"start": t0, "end": time.time(), "tasks": n}), flush=True)
 zray.shutdown()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive_nodes(env, address) -> int:

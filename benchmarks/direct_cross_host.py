@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _procs import free_port as _free_port  # noqa: E402
 from _procs import stop_all  # noqa: E402
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,12 +65,6 @@ dt = time.perf_counter() - t0
 print("RESULT " + json.dumps({"calls_s": n / dt, "path": path}), flush=True)
 zray.shutdown()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_once(mode: str, seconds: float) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _procs import free_port as _free_port  # noqa: E402
 from _procs import stop_all  # noqa: E402
 
 NODES = r"""
@@ -92,12 +92,6 @@ while not os.path.exists(go):
         printed = True
 ctx.destroy(linger=0)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_once(tree: str, nodes: int, idle: float, pyspy: str = "") -> dict:

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _procs import free_port as _free_port  # noqa: E402
 from _procs import stop_all  # noqa: E402
 
 DRIVER = r"""
@@ -77,12 +77,6 @@ for kind in ("compressible", "incompressible"):
 print("RESULT " + json.dumps(out), flush=True)
 zray.shutdown()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_once(tree: str, mb: int) -> dict:

@@ -160,43 +160,35 @@ class ExecutorProcess:
         self.held.flush(masked=True)
         with self.block_lock:
             self.blocked = True
-            returned, keep = [], []
-            while True:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                m = item[0]
-                if m.TYPE == Msg.EXEC and m.spec.kind == P.TASK:
-                    self.keep_fn(m, item[1])
-                    returned.append(m.spec.task_id)
-                else:
-                    keep.append(item)
-            for item in keep:
-                self.queue.put(item)
-            return returned
+            return self._take_queued(lambda task_id: True)
+
+    def _take_queued(self, wanted) -> list:
+        """(under block_lock) Take the queued task EXECs whose ids ``wanted`` accepts out of
+        the queue (their function blobs kept), leaving everything else in order; their ids."""
+        taken, keep = [], []
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            m = item[0]
+            if m.TYPE == Msg.EXEC and m.spec.kind == P.TASK and wanted(m.spec.task_id):
+                self.keep_fn(m, item[1])
+                taken.append(m.spec.task_id)
+            else:
+                keep.append(item)
+        for item in keep:  # (in order: the main thread takes them first to last)
+            self.queue.put(item)
+        return taken
 
     def _recall(self, task_ids: set) -> None:
         """I/O thread: the broker wants these tasks sent ahead back (the task running here
         takes long and another executor is idle): those still queued go back, REJECTed;
         one the main thread already took runs here as usual."""
         with self.block_lock:
-            keep, back = [], []
-            while True:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                m = item[0]
-                if m.TYPE == Msg.EXEC and m.spec.kind == P.TASK and m.spec.task_id in task_ids:
-                    self.keep_fn(m, item[1])
-                    back.append(m.spec.task_id)
-                else:
-                    keep.append(item)
-            for item in keep:  # (in order: the main thread takes them first to last)
-                self.queue.put(item)
-            for task_id in back:
-                self.client.send(P.encode(P.Reject(task_id)))
+            back = self._take_queued(task_ids.__contains__)
+        for task_id in back:
+            self.client.send(P.encode(P.Reject(task_id)))
 
     def _on_unblock(self):
         with self.block_lock:

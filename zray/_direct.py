@@ -279,11 +279,7 @@ class DirectCalls:
             if not lane.send(header, frames):
                 self.need_io((lane,), out=True)
         except _lane.LaneClosed:
-            route = lane.owner
-            if route is not None and route.lane is lane:
-                route.lane = None
-                route.lane_failed = True
-            self._forget_lane(lane)
+            self._drop_lane(lane)
         finally:
             if client.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -342,11 +338,15 @@ class DirectCalls:
         """The executor closed the lane (it died or exits): its calls in flight stay so
         until ROUTE says what became of the actor; later calls take the PUSH socket."""
         with self.lock:
-            route = lane.owner
-            if route is not None and route.lane is lane:
-                route.lane = None
-                route.lane_failed = True
-            self._forget_lane(lane)
+            self._drop_lane(lane)
+
+    def _drop_lane(self, lane) -> None:
+        """(under lock) A lane closed: its route stops using lanes, the lane is forgotten."""
+        route = lane.owner
+        if route is not None and route.lane is lane:
+            route.lane = None
+            route.lane_failed = True
+        self._forget_lane(lane)
 
     def _forget_lane(self, lane) -> None:
         """(under lock)"""
