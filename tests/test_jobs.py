@@ -349,9 +349,20 @@ def test_job_records_survive_a_dashboard_restart(tmp_path):
                                                ".close(); time.sleep(600)'")
         poll_until(flag.exists, 60, what="the long job to start")
         job = psutil.Process(int(client.get_job_info(running).driver_info["pid"]))
+        group = [job] + job.children(recursive=True)  # the shell's children too
+        assert any("time.sleep(600)" in " ".join(p.cmdline()) for p in group), group
         c.restart_dashboard()
-        poll_until(lambda: not job.is_running() or job.status() == psutil.STATUS_ZOMBIE, 30,
-                   what="the running job to die with its dashboard")
+
+        def all_dead():
+            for p in group:
+                try:
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        return False
+                except psutil.NoSuchProcess:
+                    pass
+            return True
+
+        poll_until(all_dead, 30, what="the running job and its children to die with the dashboard")
         client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
         jobs = {j.submission_id: j for j in client.list_jobs()}
         assert set(jobs) == {done, running}
