@@ -35,7 +35,6 @@ PUSH to the reply inbox are its own.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -44,24 +43,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zray import _protocol as P
 from zray import exceptions
+from zray._procutil import env_number
 from zray._serialization import serialize_error
 from zray._transport import send_parts
 
 log = logging.getLogger("zray.direct")
 
 
-def _death_info_s() -> float:
-    v = os.environ.get("ZRAY_DIRECT_DEATH_INFO_S") or "3"
-    try:
-        s = float(v)
-    except ValueError:
-        s = -1.0
-    if not 0 <= s <= 3600:
-        raise ValueError(f"ZRAY_DIRECT_DEATH_INFO_S must be seconds (0..3600), got {v!r}")
-    return s
-
-
-DEATH_INFO_S = _death_info_s()
+DEATH_INFO_S = env_number("ZRAY_DIRECT_DEATH_INFO_S", 3.0, 0, 3600, what="seconds")
 TICK_S = 0.2
 _EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
 

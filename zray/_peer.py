@@ -34,6 +34,8 @@ import os
 import struct
 import time
 
+from zray._procutil import env_number
+
 SECRET_LEN = 32
 # Chunks of an object in flight from one holder: bounded memory (WINDOW x CHUNK_BYTES
 # per pull), enough to keep both ends busy (measured: benchmarks/transfer_cross_node.py).
@@ -45,21 +47,11 @@ PULL_TIMEOUT_S = float(os.environ.get("ZRAY_PULL_TIMEOUT_S") or 15.0)
 PULLERS = 4  # pulls a node runs at once
 
 
-def _lz4_threads() -> int:
-    v = os.environ.get("ZRAY_PEER_LZ4_THREADS") or str(min(4, os.cpu_count() or 1))
-    try:
-        n = int(v)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 64:
-        raise ValueError(f"ZRAY_PEER_LZ4_THREADS must be a thread count (0..64), got {v!r}")
-    return n
-
-
 # Threads that lz4 chunks on each side (a holder compressing, a puller decompressing), so
 # the chunks of a window are (de)compressed at once (lz4 releases the GIL); 0 or 1: on the
 # server / puller thread itself, one chunk after the other.
-LZ4_THREADS = _lz4_threads()
+LZ4_THREADS = env_number("ZRAY_PEER_LZ4_THREADS", min(4, os.cpu_count() or 1), 0, 64,
+                         cast=int, what="a thread count")
 
 
 def peer_port() -> int:

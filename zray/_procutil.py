@@ -156,6 +156,21 @@ def _watch_parent():
     threading.Thread(target=watch, name="zray-parent-watch", daemon=True).start()
 
 
+def env_number(name: str, default, lo, hi, cast=float, what: str = "a number"):
+    """The number in environment variable ``name`` (``default`` if unset or empty), checked
+    to be within ``lo..hi``; a bad value is a ValueError naming the variable."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = cast(text)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise ValueError(f"{name} must be {what} ({lo}..{hi}), got {text!r}")
+    return value
+
+
 def detect_gpus() -> list:
     """GPU ids this machine offers: CUDA_VISIBLE_DEVICES if set, else the NVIDIA driver's list
     (its /proc entries, or ``nvidia-smi`` where the driver has none, as in some sandboxes)."""
