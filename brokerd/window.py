@@ -39,18 +39,25 @@ tasks were recalled from which executor.
 
 from __future__ import annotations
 
-import os
-
 from brokerd.records import Executor
 from zray import _protocol as P
+from zray._procutil import env_number
 
-# ZRAY_EXEC_WINDOW=1 turns the window off (one task ahead, as for long functions).
-WINDOW = max(1, int(os.environ.get("ZRAY_EXEC_WINDOW") or 8))
-# A function whose average run is under SHORT_S is short; a call running longer than
-# LONG_S gets nothing more sent behind it, and what waits behind it may be recalled.
-# (ZRAY_EXEC_SHORT_S / ZRAY_EXEC_LONG_S: for tests that need a window to form at will.)
-SHORT_S = float(os.environ.get("ZRAY_EXEC_SHORT_S") or 0.002)
-LONG_S = float(os.environ.get("ZRAY_EXEC_LONG_S") or 0.02)
+
+def read_env() -> tuple:
+    """(WINDOW, SHORT_S, LONG_S) from the environment as it is now: a bad value is a
+    ValueError naming its variable (zray.init checks them before it starts a cluster)."""
+    return (env_number("ZRAY_EXEC_WINDOW", 8, 1, 1024, cast=int, what="a task count"),
+            env_number("ZRAY_EXEC_SHORT_S", 0.002, 0.0, 86400.0, what="a time in seconds"),
+            env_number("ZRAY_EXEC_LONG_S", 0.02, 0.0, 86400.0, what="a time in seconds"))
+
+
+# WINDOW: tasks sent ahead to a busy executor; ZRAY_EXEC_WINDOW=1 turns the window off
+# (one task ahead, as for long functions). A function whose average run is under SHORT_S
+# is short; a call running longer than LONG_S gets nothing more sent behind it, and what
+# waits behind it may be recalled. (ZRAY_EXEC_SHORT_S / ZRAY_EXEC_LONG_S: for tests that
+# need a window to form at will.)
+WINDOW, SHORT_S, LONG_S = read_env()
 ALPHA = 0.25  # weight of the newest run in the moving average
 MAX_FUNCTIONS = 10_000
 

@@ -32,18 +32,25 @@ a thread blocking in ``get`` and the watch thread flush).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
 
 from zray import _protocol as P
+from zray._procutil import env_number
 
 log = logging.getLogger("zray.executor")
 
+
+def read_env() -> int:
+    """HOLD_MAX from the environment as it is now: a bad value is a ValueError naming
+    ZRAY_EXEC_HOLD (checked by zray.init and the node agent before executors start)."""
+    return env_number("ZRAY_EXEC_HOLD", 4, 1, 1024, cast=int, what="a count of DONEs")
+
+
 # DONEs held at most (the broker's window is 8: it refills while we run);
 # ZRAY_EXEC_HOLD=1 sends every DONE at once.
-HOLD_MAX = max(1, int(os.environ.get("ZRAY_EXEC_HOLD") or 4))
+HOLD_MAX = read_env()
 SHORT_S = 0.001  # a task that ran under this may have its DONE held
 HOLD_S = 0.01  # a DONE waits about this long at most (the watch thread's period)
 _SIGNALS = {signal.SIGUSR1}  # a cancel must not cut a multipart message in two

@@ -39,6 +39,7 @@ import time
 import psutil
 import zmq
 
+from workerd import held
 from workerd.logserve import LogServer
 from workerd.peer import PeerServer, Puller
 from workerd.storeio import StoreIO
@@ -320,6 +321,10 @@ class NodeAgent:
 
 def run(address, num_cpus, gpu_ids, resources, session_dir, node_id=None, prestart=None,
         labels=None, memory=None, object_store_memory=None):
+    try:  # (our executors read it at start: a bad value would make each of them die)
+        held.read_env()
+    except ValueError as e:
+        raise SystemExit(f"zray worker: {e}") from None
     agent = NodeAgent(address, num_cpus, gpu_ids, resources, session_dir, node_id, prestart,
                       labels, memory, object_store_memory)
     signal.signal(signal.SIGTERM, agent.stop)

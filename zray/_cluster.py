@@ -66,12 +66,23 @@ class _Spawner:
                 fut.set_exception(e)
 
 
+def _check_env() -> None:
+    """The broker's and executors' environment knobs (ZRAY_EXEC_*): a bad one is a
+    ValueError naming it here, not a broker or executors that die at start."""
+    from brokerd import window
+    from workerd import held
+
+    window.read_env()
+    held.read_env()
+
+
 class LocalCluster:
     def __init__(self, num_cpus: float, gpu_ids: list, resources: dict,
                  prestart: int | None = None, labels: dict | None = None, memory=None,
                  object_store_memory: int | None = None, temp_dir: str | None = None):
         # Refuse a store another user could plant objects in before making anything.
         check_roots()
+        _check_env()
         self.session_dir = new_session_dir(temp_dir)
         self.node_id = os.urandom(8)  # the driver shares this node's object store
         self.address = f"ipc://{self.session_dir}/broker.sock"
