@@ -22,7 +22,9 @@ that it holds a ref) when it holds a ref the cluster gave it:
 A client that got a value with refs inside straight from an executor on its
 node (direct push) may ask before the broker has handled that executor's
 DONE, which says what the value contains: such a request waits (parked) until
-containment changes or PARK_S passes. A SUB that is refused is answered as
+containment changes or PARK_S passes. After a broker restart, a SUB of an object
+not known yet waits until the grace period ends if its owner may still put it again
+(the SUB of a ``get`` sent before the restart can overtake the owner's replay). A SUB that is refused is answered as
 for an object that does not exist (no oracle for which ids exist); a REFS +1
 that is refused is ignored. Both are counted (``refused``).
 
@@ -34,6 +36,8 @@ from __future__ import annotations
 
 import logging
 import time
+
+from zray._protocol import ID_LEN
 
 log = logging.getLogger("zray.broker")
 
@@ -137,7 +141,7 @@ class RefAccess:
         now = time.monotonic()
         deadline = now + PARK_S
         if oid not in self.objects.objects:
-            if oid in self.objects.restart_holders and now < self.trust_until:
+            if now < self.trust_until and self._may_come(cid, oid):
                 deadline = self.trust_until  # its owner has until then to put it again
             else:
                 self._settle(cid, op, oid, False)
@@ -146,6 +150,12 @@ class RefAccess:
             self._settle(cid, op, oid, False)
             return
         self.parked.append((deadline, cid, op, oid, arg))
+
+    def _may_come(self, cid: bytes, oid: bytes) -> bool:
+        """After a broker restart: may ``oid`` (not known yet) still be put again by its
+        owner? A borrower said it holds it, or ``cid`` owns it: a SUB it sent before the
+        restart may come in before its replay's PUT (another socket; zray/_reconnect.py)."""
+        return oid in self.objects.restart_holders or oid[:ID_LEN] == cid
 
     def contained(self) -> None:
         """Containment changed (a DONE, YIELD or PUT with refs inside): parked requests
@@ -160,7 +170,7 @@ class RefAccess:
             if self.may_use(cid, oid):
                 self._settle(cid, op, oid, True)
             elif now >= deadline or (oid not in self.objects.objects
-                                     and oid not in self.objects.restart_holders):
+                                     and not self._may_come(cid, oid)):
                 self._settle(cid, op, oid, False)
             else:
                 self.parked.append(item)

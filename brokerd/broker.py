@@ -48,6 +48,7 @@ import time
 
 import zmq
 
+from brokerd import relineage
 from brokerd.durable import DurableStore
 from brokerd.engine import TaskEngine
 from brokerd.fdwatch import FdWatch, raise_nofile_limit
@@ -149,6 +150,7 @@ class Broker:
             (out, Msg.NEED_SPACE): lambda cid, m, f: e.objects.need_space(cid, m.nbytes),
             (node, Msg.PULL_FAILED): lambda nid, m, f: e.objects.pull_failed(nid, m),
             (out, Msg.BATCH): self.on_batch,
+            (out, Msg.LINEAGE): lambda cid, m, f: relineage.adopt(e, cid, m, f),
         }
 
     # ------------------------------------------------------------------ loop

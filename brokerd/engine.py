@@ -66,6 +66,7 @@ from brokerd.records import (
     Task,
     TaskState,
 )
+from brokerd.relineage import rebuild_skip_reason
 from brokerd.routes import ActorRoutes
 from brokerd.transitions import Transitions
 from zray import _protocol as P
@@ -594,6 +595,10 @@ class TaskEngine:
         for obj in lost:
             task = obj.lineage
             if task is None or obj.state != ObjState.READY or task.state != TaskState.FINISHED:
+                if not obj.no_lineage:
+                    obj.no_lineage = rebuild_skip_reason(obj, task)
+                log.warning("object %s lost with its node is not rebuilt: %s", obj.oid.hex(),
+                            obj.no_lineage or "a put object has no lineage")
                 continue
             if task.retries_left == 0:
                 mr = task.spec.options.get("max_retries", 0)

@@ -307,6 +307,8 @@ class ObjectDirectory:
         if obj is None:
             return
         if codec < 0 or len(frames) != 1:  # the source did not have it after all
+            log.warning("node %s did not have object %s (asked for it for %s)",
+                        src_node.hex(), oid.hex(), dest.hex())
             obj.locations.pop(src_node, None)
             waiting = obj.inflight.pop(dest, [])
             obj.inflight_src.pop(dest, None)
@@ -358,6 +360,9 @@ class ObjectDirectory:
                 if not obj.locations:
                     obj.lost = True
                     lost.append(obj)
+        if lost:
+            log.warning("node %s died with the last copy of %d objects (%s...)",
+                        node_id.hex(), len(lost), ", ".join(o.oid.hex() for o in lost[:5]))
         return lost
 
     def rebuilding(self, obj: Obj) -> None:

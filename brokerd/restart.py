@@ -21,8 +21,9 @@ broker restart"):
   answered) until their agent says NODE_HELLO again, which a live agent does
   within about a heartbeat of the new broker's start. The same agent (same
   pid) keeps its store: objects in it stay where they are. A node not back
-  within ``RESTART_GRACE_S`` is dead, as a silent node is (its objects are lost
-  or rebuilt from lineage that a driver resubmits).
+  within ``RESTART_GRACE_S`` is dead, as a silent node is: its objects are
+  rebuilt from their lineage, which their owners handed back with their PUTs
+  (LINEAGE, brokerd/relineage.py), or lost with an error saying why.
 * **Actors** (named or not, detached or not), with their creation (class
   blob, spec, inline arguments: opaque bytes the broker never unpickles), the
   node and executor process hosting them, and their restart count. The

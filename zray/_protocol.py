@@ -51,6 +51,9 @@ C->B  FN         fid, nested + [blob]                           register a pickl
 C->B  SUBMIT     spec (TaskSpec) + arg frames                   a task, actor creation or call
 C->B  PUT        oid, kind, nested, node_id, size + object frames; node_id not nil: the value
                  was written to that node's store (no frames)
+C->B  LINEAGE    spec (TaskSpec) + arg frames   after a broker restart, right after the PUT
+                 of a stored result: the finished task that returned it, kept to rebuild
+                 it if its node dies (brokerd/relineage.py); only from the task's owner
 C->B  SUB        oids                                           push me these objects when ready
 C->B  RELEASE    oids                                           my last reference is gone
 C->B  REFS       [[oid, +1 | -1 | 0], ...]   in order: I now hold a ref I was given (+1, sent
@@ -260,6 +263,7 @@ class Msg(enum.IntEnum):
     PEER_GET = 82
     PEER_CHUNK = 83
     RECALL = 90  # tasks sent ahead in a window (brokerd/window.py), numbered apart too
+    LINEAGE = 91  # after a broker restart: the finished task behind a stored result
 
 
 class ProtocolError(ValueError):
@@ -1030,7 +1034,7 @@ def decode_from_broker(buf):
         raise ProtocolError("not a zray message") from None
     if len(h) != len(cls.CHECKS) + 1:
         raise ProtocolError(f"{cls.TYPE.name}: {len(cls.CHECKS)} fields expected")
-    if cls is Exec or cls is Submit or cls is DCall:
+    if cls is Exec or cls is Submit or cls is DCall or h[0] == Msg.LINEAGE:
         spec = h[1]
         if type(spec) is not list or len(spec) != _SPEC_LEN:
             raise ProtocolError(f"{cls.TYPE.name}: bad task spec")
@@ -1201,3 +1205,14 @@ MESSAGES += (Pull, PullFailed, PeerGet, PeerChunk)
 for _cls in (Pull, PullFailed, PeerGet, PeerChunk):
     _BY_TYPE[_cls.TYPE] = _cls
     _FAST[_cls.TYPE] = _fast_decoder(_cls)
+
+
+class Lineage(NamedTuple):
+    spec: TaskSpec
+    TYPE = Msg.LINEAGE
+    CHECKS = (_spec,)
+
+
+MESSAGES += (Lineage,)
+_BY_TYPE[Lineage.TYPE] = Lineage
+_FAST[Lineage.TYPE] = _fast_decoder(Lineage)

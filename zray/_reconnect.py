@@ -11,7 +11,9 @@
                 WELCOME with a new broker epoch         --> replay():
         FN for every function, REQ register_job, PUT of every value this client owns
         and holds (inline frames, or the node store it is in), REFS +1 for refs it
-        borrowed, SUBMIT of every unfinished task and actor call in submission order
+        borrowed, LINEAGE of the finished tasks whose stored results it put again (the
+        broker can rebuild them: brokerd/relineage.py), SUBMIT of every unfinished task
+        and actor call in submission order
         (and of finished ones a kept task needs, or whose stored result was on a node
         the restarted broker does not know: WELCOME lists its nodes),
         REQ pg_ready for the pg.ready() refs still pending, SUB for what it waits for,
@@ -156,6 +158,15 @@ class ReplayLog:
         if borrowed:
             client.send(P.encode(P.Refs(borrowed)))
             counts["borrowed"] = len(borrowed)
+        # The finished tasks behind the stored results just put again by location: the
+        # restarted broker keeps them as their lineage (brokerd/relineage.py).
+        again = {tid for tid, _ in unfinished}
+        counts["lineage"] = 0
+        for tid, entry in entries:
+            if entry.done and entry.lineage and tid not in again:
+                m = P.decode(entry.header)
+                client.send(P.encode(P.Lineage(m.spec)), entry.frames)
+                counts["lineage"] += 1
         for _tid, entry in unfinished:
             client.send(entry.header, entry.frames)
             counts["resubmitted"] += 1
