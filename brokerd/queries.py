@@ -13,6 +13,7 @@ import time
 from brokerd.engine import TaskEngine
 from brokerd.pgroups import PlacementGroupQueries
 from brokerd.records import ActorState, ObjState, TaskState
+from brokerd.submissions import SubmissionTable
 from zray import _protocol as P
 
 log = logging.getLogger("zray.broker")
@@ -27,6 +28,7 @@ class Queries(PlacementGroupQueries):
         self.address = address
         self.started = started
         self.stats = stats  # () -> {"dropped": n, ...} from the broker loop
+        engine.submissions = SubmissionTable()  # jobs of the job API (brokerd/submissions.py)
 
     def answer(self, cid: bytes, m: P.Req) -> P.Reply | None:
         handler = getattr(self, "req_" + m.op, None)
@@ -85,7 +87,17 @@ class Queries(PlacementGroupQueries):
         if not isinstance(ns, str) or len(ns) > 1024:
             raise ValueError("namespace must be a string")
         self.engine.register_job(cid, ns, args.get("log_to_driver") is not False)
+        if args.get("submission_id") is not None:  # a driver the job API started
+            self.engine.submissions.link(self.engine.clients[cid].job_id,
+                                         args["submission_id"])
         return True
+
+    def req_job_submissions(self, cid, args):
+        """The dashboard's records of the jobs it runs (list_jobs shows them)."""
+        c = self.engine.clients.get(cid)
+        if c is None or c.kind != "cli":
+            raise PermissionError("only the dashboard's connection sends job submissions")
+        return self.engine.submissions.update(args.get("jobs"))
 
     def req_pending_calls(self, cid, args):
         """How many of the caller's calls on an actor are unfinished (max_pending_calls)."""

@@ -11,7 +11,8 @@ field names and state names.
     actors:  the actor directory (dead actors stay in it)
     nodes:   the node table + the nodes that left it (NodeTable.gone, bounded)
     objects: the object directory;  jobs: the drivers' registered jobs (connected: RUNNING)
-             and the bounded record of ended ones (SUCCEEDED, brokerd/jobhistory.py)
+             and the bounded record of ended ones (SUCCEEDED, brokerd/jobhistory.py),
+             merged with the job API's submissions (brokerd/submissions.py)
 
 Every value in a row is a plain str/int/float/bool/None/list/dict (msgpack, then JSON).
 Filters arrive from the wire: their shape is checked here and a bad one is an error
@@ -247,7 +248,9 @@ class StateView:
                                          "node_id": _hex(c.node_id) if c else None},
                          "start_time": info.get("start_ms"), "end_time": None,
                          "message": "the driver is connected"})
-        return e.ended_jobs.rows() + rows  # ended ones (oldest first), then running
+        rows = e.ended_jobs.rows() + rows  # ended ones (oldest first), then running
+        subs = getattr(e, "submissions", None)  # (set by brokerd/queries.py)
+        return subs.rows(rows) if subs is not None else rows
 
     def _placement_groups(self) -> list:
         """Ray's PlacementGroupState rows: removed groups too, while the table keeps them."""

@@ -249,7 +249,10 @@ def init(address: Optional[str] = None, *, num_cpus: Optional[float] = None,
     # The job's namespace, for the tasks and actors of this job to find it; and whether
     # it wants its remote output.
     client.request("register_job", {"namespace": _runtime.namespace,
-                                    "log_to_driver": log_to_driver})
+                                    "log_to_driver": log_to_driver,
+                                    # a driver the job API started (list_jobs merges them)
+                                    "submission_id": os.environ.get("RAY_JOB_SUBMISSION_ID")
+                                    or os.environ.get("ZRAY_JOB_SUBMISSION_ID")})
     ctx = RayContext(resolved, client.info.get("session_dir", ""), "")
     if cluster is not None and kwargs.get("include_dashboard"):
         from zray.dashboard.embedded import start_dashboard

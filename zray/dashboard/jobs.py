@@ -70,6 +70,9 @@ class JobManager:
         self.procs: dict = {}
         self.lock = threading.Lock()
         self.db = os.path.join(self.dir, RECORDS)
+        # called with every record after each change (server.py: sent to the broker,
+        # whose list_jobs shows them: brokerd/submissions.py); with ``lock`` held
+        self.on_change = None
         self._load()
         if packages is not None:
             packages.in_use = self.packages_in_use
@@ -132,6 +135,19 @@ class JobManager:
             os.replace(tmp, self.db)
         except OSError as e:
             log.error("could not save the job records to %s: %s", self.db, e)
+        self.changed(records)
+
+    def changed(self, records=None) -> None:
+        if self.on_change is None:
+            return
+        if records is None:
+            with self.lock:
+                records = [{k: v for k, v in info.items() if not k.startswith("_")
+                            and k != "log_path"} for info in self.jobs.values()]
+        try:
+            self.on_change(records)
+        except Exception:  # (the broker is away: the next change tells it again)
+            log.exception("could not send the job records to the broker")
 
     def submit(self, body: dict) -> str:
         if not isinstance(body, dict):

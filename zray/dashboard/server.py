@@ -89,6 +89,9 @@ class DashboardServer:
         self.state_dir = _state_dir(broker_dir, address, session_dir)
         self.packages = PackageStore(os.path.join(self.state_dir, "packages"))
         self.jobs = JobManager(address, os.path.join(self.state_dir, "jobs"), self.packages)
+        self.jobs.on_change = lambda records: self.client.request_nowait(
+            "job_submissions", {"jobs": records})
+        self.jobs.changed()  # (the records a previous dashboard left)
         head = os.path.join(broker_dir, "logs") if broker_dir else ""
         own = os.path.join(self.session_dir, "logs")
         self.logs = LogFiles(self.view, {"dashboard": "" if own == head else own,
