@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 
+from brokerd import renvstate
 from zray import _protocol as P
 from zray.util.state.common import COLUMNS, MAX_LIMIT, check_filters, matches
 
@@ -251,6 +252,9 @@ class StateView:
         rows = e.ended_jobs.rows() + rows  # ended ones (oldest first), then running
         subs = getattr(e, "submissions", None)  # (set by brokerd/queries.py)
         return subs.rows(rows) if subs is not None else rows
+
+    def _runtime_envs(self) -> list:
+        return renvstate.rows(self.engine)
 
     def _placement_groups(self) -> list:
         """Ray's PlacementGroupState rows: removed groups too, while the table keeps them."""

@@ -18,7 +18,7 @@ import warnings
 import click
 
 LIST_RESOURCES = ("tasks", "actors", "nodes", "objects", "jobs", "placement-groups", "workers",
-                  "cluster-events")
+                  "cluster-events", "runtime-envs")
 GET_RESOURCES = ("tasks", "actors", "nodes", "objects", "workers", "jobs", "placement-groups")
 SUMMARY_RESOURCES = ("tasks", "actors", "objects")
 FORMATS = ("default", "table", "json")
@@ -95,8 +95,8 @@ def add_commands(main: click.Group, cluster_options) -> None:
     @click.option("--timeout", default=30, show_default=True, type=float,
                   help="Seconds to wait for the broker.")
     def list_cmd(resource, address, key_file, filters, limit, detail, fmt, timeout):
-        """List tasks, actors, nodes, objects, jobs, placement groups, workers or cluster
-        events of a running cluster."""
+        """List tasks, actors, nodes, objects, jobs, placement groups, workers, cluster
+        events or runtime envs of a running cluster."""
         from zray.util import state
 
         fn = getattr(state, "list_" + resource.replace("-", "_"))

@@ -15,6 +15,7 @@ from zray.util.state.api import (
     list_nodes,
     list_objects,
     list_placement_groups,
+    list_runtime_envs,
     list_tasks,
     list_workers,
     summarize_actors,
@@ -27,6 +28,6 @@ from zray.util.state.logs import get_log, list_logs
 __all__ = [
     "RayStateApiException", "get_actor", "get_job", "get_log", "get_node", "get_objects",
     "get_placement_group", "get_task", "get_worker", "list_actors", "list_cluster_events",
-    "list_jobs", "list_logs", "list_nodes", "list_objects", "list_placement_groups", "list_tasks", "list_workers",
+    "list_jobs", "list_logs", "list_nodes", "list_objects", "list_placement_groups", "list_runtime_envs", "list_tasks", "list_workers",
     "summarize_actors", "summarize_objects", "summarize_tasks",
 ]

@@ -170,6 +170,12 @@ list_cluster_events = _lister("cluster_events",
                               "event log).")
 list_workers = _lister("workers", "Worker processes: connected drivers (DRIVER) and the "
                                   "executors of every node (WORKER), while they live.")
+list_runtime_envs = _lister("runtime_envs",
+                            "Runtime environments set up on each node (Ray's RuntimeEnvState): "
+                            "one row per environment and node, ``ref_cnt`` its live worker "
+                            "processes; ``success`` False with ``error`` where a task failed "
+                            "setting it up. zray does not measure the setup's latency: "
+                            "``creation_time_ms`` is None.")
 
 
 def _get(resource: str, key: str, id_hex: str, address, timeout, _explain) -> List[dict]:

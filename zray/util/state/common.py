@@ -36,6 +36,8 @@ COLUMNS = {
                        ("custom_fields",)),
     "workers": (("worker_id", "is_alive", "worker_type", "exit_type", "node_id", "ip", "pid"),
                 ("exit_detail", "job_id", "state", "actor_id", "current_task_id")),
+    "runtime_envs": (("runtime_env", "success", "creation_time_ms", "node_id"),
+                     ("ref_cnt", "error")),
 }
 MAX_LIMIT = 10_000  # rows per reply (Ray's RAY_MAX_LIMIT_FROM_DATA_SOURCE default)
 DEFAULT_LIMIT = 100
