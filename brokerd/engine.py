@@ -492,7 +492,10 @@ class TaskEngine:
         task_id, layout, nested, retryable, pushed, error = m
         task = self.tasks.get(task_id)
         ex = self.executors.get(cid)
-        if task is None or task.state != TaskState.RUNNING or task.executor is not ex:
+        # (ex None: a DONE from a process already dead here: late, as its death came
+        # first on another socket; its task may be RUNNING with no executor yet, as an
+        # actor's creation waiting for the new process)
+        if task is None or ex is None or task.state != TaskState.RUNNING or task.executor is not ex:
             if ex is not None and ex.task is not None and ex.task.task_id == task_id:
                 self._executor_next(ex)
             return
