@@ -399,7 +399,8 @@ def test_list_logs_and_get_log(ray_local):
                        ({"filename": "node.log", "pid": 1}, "exactly one"),
                        ({}, "exactly one"),
                        ({"submission_id": "raysubmit_x"}, "JobSubmissionClient"),
-                       ({"filename": "node.log", "encoding": "latin-1"}, "encoding"),
+                       ({"filename": "node.log", "encoding": "no-such-codec"}, "encoding"),
+                       ({"filename": "node.log", "errors": "no-such-handler"}, "errors"),
                        ({"filename": "node.log", "tail": -5}, "tail")):
         with pytest.raises(ValueError, match=match):
             state.get_log(**bad)

@@ -182,16 +182,21 @@ def with_backups(path: str) -> list:
     return list(reversed(backups)) + ([path] if os.path.exists(path) else [])
 
 
-def task_lines(paths: list, task_id_hex: str) -> list:
-    """The lines a task printed: from its marker to the next marker, in ``paths``."""
+def task_lines(paths: list, task_id_hex: str, raw: bool = False) -> list:
+    """The lines a task printed: from its marker to the next marker, in ``paths``
+    (``raw``: as bytes, undecoded)."""
     out = []
     marker = f"{MARKER}{task_id_hex}"
+    start = MARKER
+    if raw:
+        marker, start = marker.encode(), MARKER.encode()
     for path in paths:
         inside = False
         try:
-            with os.fdopen(open_regular(path), errors="replace") as f:
+            with (os.fdopen(open_regular(path), "rb") if raw else
+                  os.fdopen(open_regular(path), errors="replace")) as f:
                 for line in f:
-                    if line.startswith(MARKER):
+                    if line.startswith(start):
                         inside = line.startswith(marker)
                         continue
                     if inside:
@@ -288,9 +293,10 @@ def _read(path: str, offset: int, limit: int) -> tuple:
         os.close(fd)
 
 
-def tail_text(paths: list, n: int, limit: int = MAX_ANSWER_BYTES) -> tuple:
+def tail_text(paths: list, n: int, limit: int = MAX_ANSWER_BYTES, raw: bool = False) -> tuple:
     """(the last ``n`` lines (all for -1) of ``paths`` joined, at most ``limit`` bytes of
-    them: the newest; whether older wanted output was left out for the limit)."""
+    them: the newest; whether older wanted output was left out for the limit). ``raw``:
+    bytes, undecoded (else text, undecodable bytes replaced)."""
     chunks: list = []
     lines = size = 0
     stopped = False  # by the limit, with more before
@@ -314,7 +320,7 @@ def tail_text(paths: list, n: int, limit: int = MAX_ANSWER_BYTES) -> tuple:
     text = b"".join(chunks)
     if len(text) > limit:
         text, stopped = text[-limit:], True
-    out = text.decode(errors="replace").splitlines(keepends=True)
+    out = (text if raw else text.decode(errors="replace")).splitlines(keepends=True)
     if n >= 0:
         truncated = stopped and len(out) <= n
         out = out[-n:] if n else []
@@ -322,7 +328,7 @@ def tail_text(paths: list, n: int, limit: int = MAX_ANSWER_BYTES) -> tuple:
         truncated = stopped
     if truncated and out:
         out = out[1:]  # its first line is cut
-    return "".join(out), truncated
+    return (b"" if raw else "").join(out), truncated
 
 
 def serve(log_dir: str, op: str, args: dict) -> dict:
@@ -335,9 +341,14 @@ def serve(log_dir: str, op: str, args: dict) -> dict:
       the file was rotated since (its inode is not ``ino``), the rest of the old file
       (now ``name.1``) and then {ino: the new one's, offset: 0}
     * ``task``: {task_id} -> {files, text, truncated}: the lines a task printed
+
+    ``raw`` True in ``args``: ``text`` is the file's bytes, undecoded (get_log decodes them
+    with the caller's ``encoding`` and ``errors``, as Ray does); else UTF-8 text with
+    undecodable bytes replaced.
     """
     if not log_dir or not os.path.isdir(log_dir):
         raise ValueError("no log directory here")
+    raw = args.get("raw") is True  # text as bytes, undecoded: the client decodes it
     if op == "list":
         files = []
         for name in sorted(os.listdir(log_dir)):
@@ -357,7 +368,7 @@ def serve(log_dir: str, op: str, args: dict) -> dict:
         if type(n) is not int or n < -1:
             raise ValueError("lines must be an int >= -1")
         st = _stat_regular(path)
-        text, truncated = tail_text(with_backups(path), n)
+        text, truncated = tail_text(with_backups(path), n, raw=raw)
         return {"text": text, "truncated": truncated, "ino": st.st_ino, "size": st.st_size}
     if op == "read":
         path = _file(log_dir, args.get("name"))
@@ -370,15 +381,15 @@ def serve(log_dir: str, op: str, args: dict) -> dict:
                 old = os.stat(path + ".1")
                 if old.st_ino == ino and old.st_size > offset:
                     data, _ = _read(path + ".1", offset, MAX_ANSWER_BYTES)
-                    return {"text": data.decode(errors="replace"), "ino": ino,
-                            "offset": offset + len(data)}
+                    return {"text": data if raw else data.decode(errors="replace"),
+                            "ino": ino, "offset": offset + len(data)}
             except OSError:
                 pass
             offset = 0
         elif offset > st.st_size:  # truncated
             offset = 0
         data, st = _read(path, offset, MAX_ANSWER_BYTES)
-        return {"text": data.decode(errors="replace"), "ino": st.st_ino,
+        return {"text": data if raw else data.decode(errors="replace"), "ino": st.st_ino,
                 "offset": offset + len(data)}
     if op == "task":
         task = args.get("task_id")
@@ -388,8 +399,8 @@ def serve(log_dir: str, op: str, args: dict) -> dict:
         files = files_with_task(log_dir, task)
         lines = []
         for path in files:
-            lines += task_lines(with_backups(path), task)
-        text = "".join(lines)
+            lines += task_lines(with_backups(path), task, raw)
+        text = (b"" if raw else "").join(lines)
         truncated = len(text) > MAX_ANSWER_BYTES
         return {"files": [os.path.basename(p) for p in files],
                 "text": text[-MAX_ANSWER_BYTES:], "truncated": truncated}

@@ -10,15 +10,18 @@ request and never unpickles anything. Files are grouped by what wrote them:
 ``broker``, ``node`` (the worker daemon), ``worker`` (executor processes, one file each
 for stdout and stderr together), ``dashboard`` and ``other``.
 
+A node sends the file's bytes (``raw``); ``get_log`` decodes them with ``encoding`` and
+``errors`` as Ray does (``errors="strict"``, the default, raises UnicodeDecodeError on
+bytes that are not ``encoding``; ``encoding=None`` yields bytes).
+
 Where zray differs from Ray (each refused by name, never ignored): an executor's stdout
-and stderr share one file, so ``suffix="err"`` is refused; text is decoded on the node
-as UTF-8 with undecodable bytes replaced, so ``encoding`` other than UTF-8 or None and
-``errors`` other than "strict"/"replace" are refused; ``submission_id`` (use
+and stderr share one file, so ``suffix="err"`` is refused; ``submission_id`` (use
 ``JobSubmissionClient.get_job_logs``) and ``attempt_number`` other than 0 are refused.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fnmatch
 import re
@@ -30,6 +33,7 @@ from zray.util.state.common import DEFAULT_RPC_TIMEOUT
 from zray.util.state.exception import RayStateApiException
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_ANSI_BYTES = re.compile(_ANSI.pattern.encode())
 
 
 @contextlib.contextmanager
@@ -173,13 +177,22 @@ def get_log(address: Optional[str] = None, node_id: Optional[str] = None,
     if suffix == "err":
         raise ValueError("suffix='err' is not supported by zray: a worker's stdout and "
                          "stderr are one file, read it with suffix='out'")
-    if encoding is not None and (not isinstance(encoding, str)
-                                 or encoding.lower().replace("_", "-") not in ("utf-8", "utf8")):
-        raise ValueError(f"encoding {encoding!r:.40} is not supported by zray: logs are read "
-                         "as UTF-8 (or give encoding=None for bytes)")
-    if errors not in ("strict", "replace", None):
-        raise ValueError(f"errors {errors!r:.40} is not supported by zray: undecodable bytes "
-                         "are replaced on the node")
+    if encoding is not None:
+        if not isinstance(encoding, str):
+            raise TypeError(f"encoding must be a str or None, got {type(encoding).__name__}")
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"encoding {encoding!r:.40}: no such codec") from None
+    if errors is None:
+        errors = "strict"  # (bytes.decode's default)
+    if not isinstance(errors, str):
+        raise TypeError(f"errors must be a str, got {type(errors).__name__}")
+    try:
+        codecs.lookup_error(errors)
+    except LookupError:
+        raise ValueError(f"errors {errors!r:.40}: no such error handler (one of 'strict', "
+                         "'replace', 'ignore', 'backslashreplace', ...)") from None
     if isinstance(attempt_number, bool) or not isinstance(attempt_number, int):
         raise TypeError(f"attempt_number must be an int, got {attempt_number!r:.40}")
     if attempt_number != 0:
@@ -199,10 +212,16 @@ def get_log(address: Optional[str] = None, node_id: Optional[str] = None,
     actor_id = _check_hex(actor_id, "actor_id")
     task_id = _check_hex(task_id, "task_id")
 
-    def out(text: str):
-        if filter_ansi_code:
-            text = _ANSI.sub("", text)
-        return text if encoding is not None else text.encode("utf-8")
+    # The node sends bytes; they are decoded here as Ray decodes its chunks (bytes.decode
+    # with ``encoding`` and ``errors``), with one incremental decoder for the whole stream
+    # so that a character cut between two chunks is not an error.
+    decoder = codecs.getincrementaldecoder(encoding)(errors) if encoding is not None else None
+
+    def out(data: bytes):
+        if decoder is None:
+            return _ANSI_BYTES.sub(b"", data) if filter_ansi_code else data
+        text = decoder.decode(data)
+        return _ANSI.sub("", text) if filter_ansi_code else text
 
     return _stream(address, node_id, node_ip, filename, actor_id, task_id, pid, follow,
                    tail, timeout, interval, out)
@@ -220,7 +239,7 @@ def _stream(address, node_id, node_ip, filename, actor_id, task_id, pid, follow,
                 if (target is not None and n["node_id"] != target) or not n["log_dir"]:
                     continue
                 got = ask("node_logs", {"node_id": n["node_id"], "op": "task",
-                                        "args": {"task_id": task_id}})
+                                        "args": {"task_id": task_id, "raw": True}})
                 if got["files"]:
                     target, name = n["node_id"], got["files"][-1]
                     break
@@ -228,12 +247,13 @@ def _stream(address, node_id, node_ip, filename, actor_id, task_id, pid, follow,
                 raise RayStateApiException(f"task {task_id} printed nothing (no output of it "
                                            "in the executor logs)")
             lines = got["text"].splitlines(keepends=True)
-            text = "".join(lines if tail < 0 else lines[-tail:] if tail else [])
-            marker = f"{_logfiles.MARKER}{task_id}"
+            text = b"".join(lines if tail < 0 else lines[-tail:] if tail else [])
+            marker = f"{_logfiles.MARKER}{task_id}".encode()
+            start = _logfiles.MARKER.encode()
             state = {"in": True}
 
-            def keep(line: str) -> bool:
-                if line.startswith(_logfiles.MARKER):
+            def keep(line: bytes) -> bool:
+                if line.startswith(start):
                     state["in"] = line.startswith(marker)
                     return False
                 return state["in"]
@@ -256,7 +276,7 @@ def _stream(address, node_id, node_ip, filename, actor_id, task_id, pid, follow,
                     target = _node(ask, None, None)
                 name = filename
             got = ask("node_logs", {"node_id": target, "op": "tail",
-                                    "args": {"name": name, "lines": tail}})
+                                    "args": {"name": name, "lines": tail, "raw": True}})
             text, pos = got["text"], (got["ino"], got["size"])
         if text:
             yield out(text)
@@ -266,10 +286,11 @@ def _stream(address, node_id, node_ip, filename, actor_id, task_id, pid, follow,
             now = ask("node_logs", {"node_id": target, "op": "tail",
                                     "args": {"name": name, "lines": 0}})
             pos = (now["ino"], now["size"])
-        (ino, offset), buf = pos, ""
+        (ino, offset), buf = pos, b""
         while True:
             got = ask("node_logs", {"node_id": target, "op": "read",
-                                    "args": {"name": name, "offset": offset, "ino": ino}})
+                                    "args": {"name": name, "offset": offset, "ino": ino,
+                                             "raw": True}})
             ino, offset = got["ino"], got["offset"]
             if not got["text"]:
                 time.sleep(interval)  # polling the file's end, as `tail -f` does
@@ -278,7 +299,7 @@ def _stream(address, node_id, node_ip, filename, actor_id, task_id, pid, follow,
                 yield out(got["text"])
                 continue
             buf += got["text"]
-            *lines, buf = buf.split("\n")
-            chunk = "".join(line + "\n" for line in lines if keep(line + "\n"))
+            *lines, buf = buf.split(b"\n")
+            chunk = b"".join(line + b"\n" for line in lines if keep(line + b"\n"))
             if chunk:
                 yield out(chunk)
