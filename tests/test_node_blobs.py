@@ -17,7 +17,6 @@ of the cluster key, without the broker's ticket) are dropped, counted and never
 answered.
 """
 
-import json
 import os
 import random
 import re
@@ -26,8 +25,8 @@ import signal
 import numpy as np
 import pytest
 import zmq
-from conftest import describe, kill_tree, poll_until, wait_gone
-from test_cli_cluster import _free_port, _Procs
+from _cluster import CliCluster, cli_cluster
+from conftest import kill_tree, poll_until
 
 import zray
 from zray import _protocol as P
@@ -42,33 +41,9 @@ MB = 2**20
 STORE_A = 64 * MB
 
 
-class Cluster:
-    def __init__(self, tmp_path):
-        self.tmp_path = tmp_path
-        self.port = _free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.procs = _Procs(tmp_path)
-        self.procs.env.pop("ZRAY_INSECURE", None)  # CURVE, as any tcp cluster by default
-        self.procs.env["ZRAY_NODE_TIMEOUT_S"] = "2"  # node death noticed quickly
-        self.procs.env["ZRAY_PULL_TIMEOUT_S"] = "4"  # a pull from a dead holder gives up
-        self.node_of = {}  # worker name -> node id (hex)
-
+class Cluster(CliCluster):
     def add_worker(self, name, extra=()):
-        self.procs.start(name, ["worker", "--address", self.address, "--num-cpus", "1",
-                                "--resources", json.dumps({name: 1}), *extra])
-
-        def joined():
-            self.procs.check_running()
-            for n in zray.nodes():
-                if n["Alive"] and n["Resources"].get(name):
-                    return n["NodeID"]
-            return None
-
-        self.node_of[name] = poll_until(joined, 60, interval=0.1, what=f"{name} to join")
-        return self.node_of[name]
-
-    def log(self, name) -> str:
-        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
+        return super().add_worker(name, cpus=1, extra=extra)
 
     def peer_address(self, name) -> str:
         found = re.search(r"peers pull blobs at (\S+)", self.log(name))
@@ -78,30 +53,13 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if zray.is_initialized():
-        zray.shutdown()
-    c = Cluster(tmp_path_factory.mktemp("blobs"))
-    try:
-        c.procs.start("broker", ["broker", "--host", "127.0.0.1", "--port", str(c.port)])
-        c.procs.connect_driver(c.address, 30)
+    # CURVE, as any tcp cluster by default; node death noticed quickly; a pull from a
+    # dead holder gives up soon
+    with cli_cluster(tmp_path_factory.mktemp("blobs"), Cluster, unset=("ZRAY_INSECURE",),
+                     env={"ZRAY_NODE_TIMEOUT_S": "2", "ZRAY_PULL_TIMEOUT_S": "4"}) as c:
         c.add_worker("nodeA", ["--object-store-memory", str(STORE_A)])
         c.add_worker("nodeB")
         yield c
-        zray.shutdown()
-        everything = c.procs.descendants()
-        for p in c.procs.procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in c.procs.procs.values():
-            p.wait(15)
-        left = wait_gone(everything, 10)
-        assert left == [], f"left behind: {describe(left)}"
-    except BaseException:
-        print(c.procs.logs())
-        raise
-    finally:
-        if zray.is_initialized():
-            zray.shutdown()
-        c.procs.kill_all()
 
 
 def broker_stats() -> dict:

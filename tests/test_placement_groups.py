@@ -9,15 +9,13 @@ ran; removal kills members and gives resources back; a group that cannot fit
 waits until a node joins; a node's death moves its bundles elsewhere.
 """
 
-import json
-import signal
 import subprocess
 import time
 import warnings
 
 import pytest
-from conftest import describe, poll_until, wait_gone
-from test_cli_cluster import _free_port, _Procs
+from _cluster import CliCluster, cli_cluster
+from conftest import poll_until
 
 import zray
 from zray import exceptions
@@ -33,72 +31,18 @@ from zray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 pytestmark = pytest.mark.timeout(180)
 
 
-class Cluster:
-    def __init__(self, tmp_path):
-        self.port = _free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.procs = _Procs(tmp_path)
-        self.procs.env["ZRAY_NODE_TIMEOUT_S"] = "2"  # node death noticed quickly
-        self.node_of = {}  # worker name -> node id (hex)
-
+class Cluster(CliCluster):
     def add_worker(self, name, cpus=2, zone="a", gpus=0):
-        self.procs.start(name, ["worker", "--address", self.address, "--num-cpus", str(cpus),
-                                "--gpus", str(gpus),
-                                "--resources", json.dumps({name: 1}), "--labels",
-                                json.dumps({"zone": zone})])
-
-        def joined():
-            self.procs.check_running()
-            for n in zray.nodes():
-                if n["Alive"] and n["Resources"].get(name):
-                    return n["NodeID"]
-            return None
-
-        self.node_of[name] = poll_until(joined, 60, interval=0.1, what=f"{name} to join")
-        return self.node_of[name]
-
-    def kill_worker(self, name):
-        p = self.procs.procs.pop(name)
-        from conftest import kill_tree
-        kill_tree(p.pid)
-        p.wait(10)
+        return super().add_worker(name, cpus=cpus, gpus=gpus, labels={"zone": zone})
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if zray.is_initialized():
-        zray.shutdown()
-    c = Cluster(tmp_path_factory.mktemp("pgcluster"))
-    try:
-        c.procs.start("broker", ["broker", "--host", "127.0.0.1", "--port", str(c.port)])
-
-        def connected():
-            c.procs.check_running()
-            try:
-                zray.init(address=c.address)
-                return True
-            except ConnectionError:
-                return False
-
-        poll_until(connected, 30, interval=0.2, what="the driver to connect")
+    with cli_cluster(tmp_path_factory.mktemp("pgcluster"), Cluster,
+                     env={"ZRAY_NODE_TIMEOUT_S": "2"}) as c:  # node death noticed quickly
         for name in ("w0", "w1", "w2"):
             c.add_worker(name)
         yield c
-        zray.shutdown()
-        everything = c.procs.descendants()
-        for p in c.procs.procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in c.procs.procs.values():
-            p.wait(15)
-        left = wait_gone(everything, 10)
-        assert left == [], f"left behind: {describe(left)}"
-    except BaseException:
-        print(c.procs.logs())
-        raise
-    finally:
-        if zray.is_initialized():
-            zray.shutdown()
-        c.procs.kill_all()
 
 
 @zray.remote(num_cpus=1)

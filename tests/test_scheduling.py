@@ -16,6 +16,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from _cluster import cli_cluster
 from conftest import poll_until
 from test_cli_cluster import _zray_cmd
 from test_placement_groups import Cluster
@@ -36,31 +37,11 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if zray.is_initialized():
-        zray.shutdown()
-    c = Cluster(tmp_path_factory.mktemp("schedcluster"))
-    try:
-        c.procs.start("broker", ["broker", "--host", "127.0.0.1", "--port", str(c.port)])
-
-        def connected():
-            c.procs.check_running()
-            try:
-                zray.init(address=c.address)
-                return True
-            except ConnectionError:
-                return False
-
-        poll_until(connected, 30, interval=0.2, what="the driver to connect")
+    with cli_cluster(tmp_path_factory.mktemp("schedcluster"), Cluster, clean_stop=False,
+                     env={"ZRAY_NODE_TIMEOUT_S": "2"}) as c:
         for name, zone in (("w0", "a"), ("w1", "a"), ("w2", "b")):
             c.add_worker(name, cpus=4, zone=zone)
         yield c
-    except BaseException:
-        print(c.procs.logs())
-        raise
-    finally:
-        if zray.is_initialized():
-            zray.shutdown()
-        c.procs.kill_all()
 
 
 @zray.remote(num_cpus=1)
