@@ -595,13 +595,13 @@ class TaskEngine:
         tasks' own lost arguments too. Until then the objects are pending: gets and
         tasks that need them wait. An object that cannot be rebuilt stays lost."""
         again: dict = {}
+        skipped = []
         for obj in lost:
             task = obj.lineage
             if task is None or obj.state != ObjState.READY or task.state != TaskState.FINISHED:
-                if not obj.no_lineage:
+                if not obj.no_lineage:  # (the error a get sees says why: lost_error)
                     obj.no_lineage = rebuild_skip_reason(obj, task)
-                log.warning("object %s lost with its node is not rebuilt: %s", obj.oid.hex(),
-                            obj.no_lineage or "a put object has no lineage")
+                skipped.append(obj)
                 continue
             if task.retries_left == 0:
                 mr = task.spec.options.get("max_retries", 0)
@@ -613,6 +613,10 @@ class TaskEngine:
                 obj = self.objects.get(oid)
                 if obj is not None and obj.lost and obj.lineage is task:
                     self.objects.rebuilding(obj)
+        if skipped:
+            log.warning("%d objects lost with their node are not rebuilt (%s: %s)",
+                        len(skipped), skipped[0].oid.hex(),
+                        skipped[0].no_lineage or "a put object has no lineage")
         self._args_lost({obj.oid for obj in lost})
         for task in again.values():
             self._reconstruct(task)

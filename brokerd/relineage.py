@@ -48,8 +48,8 @@ def rebuild_skip_reason(obj, task) -> str:
     if task is None:
         if obj.oid[P.TASK_ID_LEN:] == _PUT_INDEX:
             return ""
-        return ("the broker that knew the task that made it restarted, and its owner did "
-                "not hand that task back (LINEAGE)")
+        return ("the broker keeps no task that can make it again (a streamed item, or a "
+                "result made before a broker restart whose owner did not hand its task back)")
     name = task.spec.name
     if obj.state != ObjState.READY:
         return f"it was not ready when its node died (task {name} is {task.state.value})"
