@@ -183,6 +183,9 @@ class TaskEngine:
                 node = self.nodes.join(node_id, info)
                 node.store_used, node.spilled, node.lru = old.store_used, old.spilled, old.lru
                 self.recovery.node_saved(node)
+                # Transfers from or to it started before it was back: their FETCH or PULL
+                # may have found no connection (dropped): start them again.
+                self.objects.restart_transfers(node_id)
                 return node
             self.node_dead(old, "its agent restarted")
             old = None
