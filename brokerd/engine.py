@@ -927,6 +927,9 @@ class TaskEngine:
             return
         if node is None:
             return
+        # Dead before its HELLO was handled: a HELLO still on its way (another socket) is
+        # refused, or a ghost executor would be given work (an actor's creation: hung).
+        node.vouched.pop(cid, None)
         self.nodes.spawned(node)
         if node.actor_spawns:  # a process started for an actor died before READY
             if code >= 0:  # it failed to start; one killed by a signal (OOM killer, an
