@@ -44,7 +44,6 @@ without groups never goes through it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import enum
 import functools
 import inspect
@@ -52,6 +51,7 @@ import threading
 from typing import TYPE_CHECKING, Optional
 
 from workerd import direct
+from workerd.callpool import CallPool
 from workerd.results import split_returns
 from zray import _protocol as P
 from zray.actor import ActorExit
@@ -142,7 +142,7 @@ class ActorHost:
         self.finish_error = results.finish_error
         self.cancelled_error = results.cancelled_error
         self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.pool: Optional[CallPool] = None
         self.async_tasks: dict = {}  # task id -> asyncio.Task of an ASYNC call in flight
         self.async_sem: Optional[asyncio.Semaphore] = None
         if self.mode is ActorMode.ASYNC:
@@ -152,8 +152,7 @@ class ActorHost:
             # With concurrency groups even a one-at-a-time actor runs its default group on
             # a thread of its own (in order): the main thread must stay free to start the
             # other groups' calls.
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency or 1,
-                                                              thread_name_prefix="zray-actor")
+            self.pool = CallPool(max_concurrency or 1, "zray-actor")
             self.handle = self.call_threaded
         else:
             self.handle = self.call_sync
@@ -164,8 +163,7 @@ class ActorHost:
                     loop, sem = self.start_loop(conc, f"zray-actor-loop-{name}")
                     self.groups[name] = functools.partial(self.call_async, loop=loop, sem=sem)
                 else:
-                    pool = concurrent.futures.ThreadPoolExecutor(
-                        conc, thread_name_prefix=f"zray-actor-{name}")
+                    pool = CallPool(conc, f"zray-actor-{name}")
                     self.groups[name] = functools.partial(self.call_threaded, pool=pool)
             self.call_default = self.handle
             self.handle = self.call_grouped

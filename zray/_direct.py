@@ -26,9 +26,13 @@ to the executor's ``f-<cid>`` listener. A call made while nothing is in flight t
 the actor (a sync ``ray.get(a.m.remote())``) goes on the lane, and ``get()`` reads
 its reply off the lane in the calling thread (``wait_lane``): no hop through the
 I/O thread and no ZeroMQ I/O threads on the way (measured on the 2-core dev box,
-interleaved, medians: a sync call 324 -> 161 us). Calls made while others are in
-flight take the PUSH socket, whose I/O threads batch a burst better than one
-syscall per call. The executor reads its lanes before its PULL, so an ordered
+interleaved, medians: a sync call 324 -> 161 us). Calls to an ordered actor made
+while others are in flight take the PUSH socket, whose I/O threads batch a burst
+better than one syscall per call. A threaded or async actor's calls all take the
+lane, bursts included: the executor reads a burst in few reads and runs it on its
+pool or loop, and a get() of the burst reads the replies in the calling thread
+(1,000 calls in flight on a max_concurrency=16 actor, interleaved, medians of 3:
+PUSH 18.5k calls/s, lane 29k/s). The executor reads its lanes before its PULL, so an ordered
 actor's order holds across the switch. A lane is read by whoever holds its
 ``rlock``: a thread in ``wait_lane``, else the I/O thread, which polls only the
 lanes someone else waits on (``need_io``: a future, ``wait()``, a get that found
@@ -210,13 +214,14 @@ class DirectCalls:
         spec = call.spec
         if route.lane is None and not route.lane_failed:
             self._open_lane(route)
-        # The lane when nothing is in flight to the actor (a sync call: its caller reads
-        # the reply itself), or while the lane still has bytes to send; else the PUSH
-        # socket, whose I/O threads batch a burst better. Switching is safe for an
-        # ordered actor: a lane call is in the executor's socket before the send
-        # returns, and the executor reads its lanes before its PULL.
+        # An ordered actor's call takes the lane when nothing is in flight to the actor
+        # (a sync call: its caller reads the reply itself), or while the lane still has
+        # bytes to send; else the PUSH socket, whose I/O threads batch a burst better.
+        # Switching is safe for an ordered actor: a lane call is in the executor's socket
+        # before the send returns, and the executor reads its lanes before its PULL.
+        # A threaded or async actor's calls all take the lane (see the module doc).
         lane = route.lane
-        if lane is not None and route.inflight and not lane.outq:
+        if lane is not None and route.ordered and route.inflight and not lane.outq:
             lane = None
         call.lane = lane
         if lane is None and route.sock is None:
@@ -699,9 +704,14 @@ class DirectCalls:
             client.send(P.encode(P.Put(oid, kind, [], None, 0)), list(frames))
 
     def forget(self, oid: bytes) -> bool:
-        """The last ref to ``oid`` is gone: True if the broker never knew it (say nothing)."""
+        """The last ref to ``oid`` is gone: True if the broker never knew it (say nothing).
+        A call still in flight on a lane then has no reader to come: the I/O thread reads
+        it, so the call's answer still drops the handle's ref it keeps."""
         if oid in self.unregistered:
             self.unregistered.discard(oid)
+            lane = self._call_lane(oid)
+            if lane is not None:
+                self.need_io((lane,))
             return True
         return False
 
