@@ -7,11 +7,13 @@
     EXEC (ACTOR_CALL) ----> ActorHost.handle, picked by the mode at creation:
         SYNC      method() on the main thread, in arrival order -------+
         THREADED  pool.submit(method): max_concurrency threads --------+--> ResultSender --> DONE
+                  (workerd/callpool.py)                                 |
         ASYNC     loop.create_task(method()) on the event loop thread,  |
                   at most max_concurrency at once (a semaphore) -------+
     INTERRUPT ----> ActorHost.cancel (I/O thread): ASYNC: task.cancel() on the loop;
                     SYNC: the call runs on, then reports TaskCancelledError;
-                    THREADED: the call runs on; only an error it raises becomes one
+                    THREADED: the call runs on; only an error it raises becomes one;
+                    one still waiting for a free thread never starts: TaskCancelledError
     exit_actor() --ActorExit--> ExecutorProcess.exit_actor: os._exit(ACTOR_EXIT_CODE)
     sys.exit() --SystemExit--> ExecutorProcess.system_exit: the process ends (sys.exit(0):
                                as exit_actor(); any other code: a crash, restarted per
@@ -271,6 +273,9 @@ class ActorHost:
         return None
 
     def run_in_thread(self, spec: P.TaskSpec, method, args, kwargs) -> None:
+        if spec.task_id in self.cancelled:  # cancelled while it waited for a free thread
+            self.cancelled_error(spec)
+            return
         try:
             outs = self.returns_of(spec, lambda: method(*args, **kwargs))
         finally:

@@ -63,7 +63,9 @@ as its own calls: a plain actor's main thread, busy with the call, would not
 read a DCANCEL on its socket before the call ended.
 
 A broken direct connection (the executor's process or host died) is noticed
-before the broker's ROUTE comes: zray/_direct_watch.py.
+before the broker's ROUTE comes: zray/_direct_watch.py; so is a lane that ends
+(``_lane_broke``): its calls in flight then fail with ActorDiedError (or are
+retried) DEATH_INFO_S later if the broker has not settled them first.
 
 Threads: ``lock`` guards the routes; it is taken before the client's
 ``_send_lock`` (sends happen under it so that the order of calls holds), never
@@ -340,18 +342,42 @@ class DirectCalls:
             return out
 
     def _lane_closed(self, lane) -> None:
-        """The executor closed the lane (it died or exits): its calls in flight stay so
-        until ROUTE says what became of the actor; later calls take the PUSH socket."""
+        """The executor closed the lane (it died or exits): its calls in flight wait for
+        ROUTE to say what became of the actor, DEATH_INFO_S at most (_direct_watch.py)."""
         with self.lock:
             self._drop_lane(lane)
 
     def _drop_lane(self, lane) -> None:
-        """(under lock) A lane closed: its route stops using lanes, the lane is forgotten."""
+        """(under lock) A lane closed: its route stops using lanes, the lane is forgotten,
+        and its executor's process is taken for dead (``_lane_broke``)."""
         route = lane.owner
         if route is not None and route.lane is lane:
             route.lane = None
             route.lane_failed = True
+            self._lane_broke(route)
         self._forget_lane(lane)
+
+    def _lane_broke(self, route: _Route) -> None:
+        """(under lock) The lane of ``route`` ended: only the executor's process held its
+        other end (a Unix socket on this host), so that process is gone, whatever the broker
+        says yet. As for a broken tcp connection (zray/_direct_watch.py): no more direct
+        calls to that address, the broker is asked, and the calls in flight are settled by
+        the broker's ROUTE or, DEATH_INFO_S later, by the watch thread (ActorDiedError, or
+        retried through the broker while they have max_task_retries)."""
+        if route.state != "alive" or self.client.closed:
+            return  # (a ROUTE already moved it on, or we are closing)
+        log.info("the lane to actor %s (%s) closed: asking the broker",
+                 route.actor_id.hex(), route.address)
+        if route.sock is not None:  # (to the same process)
+            route.sock.close(0)
+            route.sock = None
+        route.broken = route.address
+        route.state = "asking"
+        self.client.request_nowait("actor_route", {"actor_id": route.actor_id})
+        if route.inflight:
+            if self.watch is None:
+                self.watch = DeathWatch(self)
+            self.watch.settle_later(route, list(route.inflight), died=True)
 
     def _forget_lane(self, lane) -> None:
         """(under lock)"""
