@@ -28,17 +28,19 @@ its reply off the lane in the calling thread (``wait_lane``): no hop through the
 I/O thread and no ZeroMQ I/O threads on the way (measured on the 2-core dev box,
 interleaved, medians: a sync call 324 -> 161 us). Calls to an ordered actor made
 while others are in flight take the PUSH socket, whose I/O threads batch a burst
-better than one syscall per call. A threaded or async actor's calls all take the
-lane, bursts included: the executor reads a burst in few reads and runs it on its
-pool or loop, and a get() of the burst reads the replies in the calling thread
-(1,000 calls in flight on a max_concurrency=16 actor, interleaved, medians of 3:
-PUSH 18.5k calls/s, lane 29k/s). The executor reads its lanes before its PULL, so an ordered
-actor's order holds across the switch. A lane is read by whoever holds its
+better than one syscall per call; the executor reads its lanes before its PULL,
+so the actor's order holds across the switch. A threaded or async actor's calls
+all take the lane, bursts included: the executor reads a burst in a few reads
+and runs it on its pool or loop, and a get() of the burst reads the replies in
+the calling thread, with no ZeroMQ or I/O-thread hop either way (1,000 calls in
+flight to a max_concurrency=16 actor, interleaved, medians of 3: PUSH 18.5k
+calls/s, lane 29k/s). A lane is read by whoever holds its
 ``rlock``: a thread in ``wait_lane``, else the I/O thread, which polls only the
 lanes someone else waits on (``need_io``: a future, ``wait()``, a get that found
 the lane taken, calls released from ``held``, bytes waiting for POLLOUT), until
 nothing is in flight on them. A lane that closes (EOF: the executor died or
-exits) is forgotten; ROUTE settles its calls in flight, as for the PUSH path.
+exits) is forgotten; ROUTE settles its calls in flight, as for the PUSH path, or
+the death watch does if ROUTE is late (``_lane_broke``).
 
 Order: an *ordered* actor (one call at a time, no concurrency groups) must run a
 caller's calls in submission order whatever path they take. The caller keeps it:
