@@ -32,8 +32,8 @@ broker has not noticed yet) sends nothing direct: new calls go through the
 broker until the actor is somewhere else, or dead.
 
 ``ZRAY_DIRECT_DEATH_INFO_S`` (default 3) sets the wait. The thread starts with
-the first direct connection (or broken lane) and polls every 0.2 s; its monitor sockets and its
-PUSH to the reply inbox are its own.
+the first direct connection (or broken lane) and polls every 0.2 s; its monitor
+sockets and its PUSH to the reply inbox are its own.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ class DeathWatch:
                 pair.close(0)
             with direct.lock:
                 for pair, _, _ in self.new:
-                    pair.close(0)
+                    if pair is not None:  # (None: a settle_later entry)
+                        pair.close(0)
                 self.new = []
             if inbox is not None:
                 inbox.close(0)
