@@ -157,9 +157,9 @@ def test_a_call_cancelled_while_it_waits_for_a_thread_never_runs(cluster, tmp_pa
     poll_until(lambda: _lines(started) == 2, 60, what="both threads to be busy")
     queued = a.square.remote(5)
     ray.cancel(queued)
-    open(release, "w").close()
-    with pytest.raises(TaskCancelledError):
+    with pytest.raises(TaskCancelledError):  # at once: both threads are still busy
         ray.get(queued, timeout=60)
+    open(release, "w").close()
     assert ray.get(held, timeout=60) == ["released", "released"]
     assert ray.get(a.square.remote(6), timeout=60) == 36
     assert ray.get(a.stats.remote(), timeout=60)["squares"] == 1

@@ -13,7 +13,8 @@
     INTERRUPT ----> ActorHost.cancel (I/O thread): ASYNC: task.cancel() on the loop;
                     SYNC: the call runs on, then reports TaskCancelledError;
                     THREADED: the call runs on; only an error it raises becomes one;
-                    one still waiting for a free thread never starts: TaskCancelledError
+                    one still waiting for a free thread is answered TaskCancelledError
+                    at once and never starts
     exit_actor() --ActorExit--> ExecutorProcess.exit_actor: os._exit(ACTOR_EXIT_CODE)
     sys.exit() --SystemExit--> ExecutorProcess.system_exit: the process ends (sys.exit(0):
                                as exit_actor(); any other code: a crash, restarted per
@@ -146,6 +147,9 @@ class ActorHost:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.pool: Optional[CallPool] = None
         self.async_tasks: dict = {}  # task id -> asyncio.Task of an ASYNC call in flight
+        # task id -> spec of a THREADED call queued for a free thread, not started: whoever
+        # pops it first (the thread starting it, or a cancel) decides its fate
+        self.waiting: dict = {}
         self.async_sem: Optional[asyncio.Semaphore] = None
         if self.mode is ActorMode.ASYNC:
             self.loop, self.async_sem = self.start_loop(max_concurrency or 1000)
@@ -206,10 +210,15 @@ class ActorHost:
         return loop, sem[0]
 
     def cancel(self, task_id: bytes) -> None:
-        """I/O thread: interrupt a call if it can be (an ASYNC call in flight)."""
+        """I/O thread: interrupt a call if it can be (an ASYNC call in flight), or answer
+        a THREADED one still waiting for a free thread (it never starts), as Ray does."""
         fut = self.async_tasks.get(task_id)
         if fut is not None:
             fut.get_loop().call_soon_threadsafe(fut.cancel)
+            return
+        spec = self.waiting.pop(task_id, None)
+        if spec is not None:
+            self.cancelled_error(spec)
 
     def call_grouped(self, msg: P.Exec, frames: list) -> None:
         """Start a call in its concurrency group (main thread); no group: the default."""
@@ -253,6 +262,7 @@ class ActorHost:
             return
         args, kwargs = loaded
         spec = msg.spec
+        self.waiting[spec.task_id] = spec
         (pool or self.pool).submit(self.run_in_thread, spec, getattr(self.instance, spec.fid),
                                    args, kwargs)
 
@@ -273,9 +283,8 @@ class ActorHost:
         return None
 
     def run_in_thread(self, spec: P.TaskSpec, method, args, kwargs) -> None:
-        if spec.task_id in self.cancelled:  # cancelled while it waited for a free thread
-            self.cancelled_error(spec)
-            return
+        if self.waiting.pop(spec.task_id, None) is None:
+            return  # cancelled while it waited for a free thread: answered then (cancel)
         try:
             outs = self.returns_of(spec, lambda: method(*args, **kwargs))
         finally:
