@@ -330,7 +330,10 @@ class ActorHost:
                 t.cancel()
             t.add_done_callback(lambda t: self.async_done(spec, t))
 
-        loop.call_soon_threadsafe(start)
+        if asyncio._get_running_loop() is loop:  # (started from a lane its loop reads)
+            loop.call_soon(start)
+        else:
+            loop.call_soon_threadsafe(start)
 
     def async_done(self, spec: P.TaskSpec, t: asyncio.Task) -> None:
         self.async_tasks.pop(spec.task_id, None)
