@@ -5,7 +5,8 @@ run on its call pool (workerd/callpool.py). These tests check what a user sees:
 a burst's results are right whatever order the calls finish in, max_concurrency
 still bounds how many run at once (and a blocked call never stops others from
 starting), a call cancelled while it waits for a thread never runs, errors keep
-their tracebacks, and kill -9 of the actor's process settles every call in
+their tracebacks, an actor whose handle and results are dropped ends after its
+calls, and kill -9 of the actor's process settles every call in
 flight: with ActorDiedError, or retried on the restarted actor, and promptly
 even when the broker has not noticed the death (the caller's lane ended:
 zray/_direct_watch.py).
@@ -178,6 +179,24 @@ def test_errors_in_a_burst_keep_their_tracebacks(cluster):
         assert isinstance(info.value, RayTaskError)
         assert f"bad input {i}" in str(info.value)
         assert "in boom" in str(info.value)  # the actor's traceback
+
+
+def test_an_actor_whose_handle_and_results_are_dropped_ends_after_its_calls(cluster):
+    import psutil
+
+    a = Pool.remote()
+    pid = ray.get(a.pid.remote(), timeout=60)
+    for i in range(5):
+        a.square.remote(i)  # results dropped unread while the calls are in flight
+    del a
+
+    def gone():
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    poll_until(gone, 60, interval=0.1, what="the actor's process to end")
 
 
 def test_kill_9_with_calls_in_flight_fails_each_with_actor_died(cluster, tmp_path):
