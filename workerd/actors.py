@@ -7,11 +7,14 @@
     EXEC (ACTOR_CALL) ----> ActorHost.handle, picked by the mode at creation:
         SYNC      method() on the main thread, in arrival order -------+
         THREADED  pool.submit(method): max_concurrency threads --------+--> ResultSender --> DONE
+                  (workerd/callpool.py)                                 |
         ASYNC     loop.create_task(method()) on the event loop thread,  |
                   at most max_concurrency at once (a semaphore) -------+
     INTERRUPT ----> ActorHost.cancel (I/O thread): ASYNC: task.cancel() on the loop;
                     SYNC: the call runs on, then reports TaskCancelledError;
-                    THREADED: the call runs on; only an error it raises becomes one
+                    THREADED: the call runs on; only an error it raises becomes one;
+                    one still waiting for a free thread is answered TaskCancelledError
+                    at once and never starts
     exit_actor() --ActorExit--> ExecutorProcess.exit_actor: os._exit(ACTOR_EXIT_CODE)
     sys.exit() --SystemExit--> ExecutorProcess.system_exit: the process ends (sys.exit(0):
                                as exit_actor(); any other code: a crash, restarted per
@@ -44,7 +47,6 @@ without groups never goes through it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import enum
 import functools
 import inspect
@@ -52,6 +54,7 @@ import threading
 from typing import TYPE_CHECKING, Optional
 
 from workerd import direct
+from workerd.callpool import CallPool
 from workerd.results import split_returns
 from zray import _protocol as P
 from zray.actor import ActorExit
@@ -142,8 +145,11 @@ class ActorHost:
         self.finish_error = results.finish_error
         self.cancelled_error = results.cancelled_error
         self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self.pool: Optional[CallPool] = None
         self.async_tasks: dict = {}  # task id -> asyncio.Task of an ASYNC call in flight
+        # task id -> spec of a THREADED call queued for a free thread, not started: whoever
+        # pops it first (the thread starting it, or a cancel) decides its fate
+        self.waiting: dict = {}
         self.async_sem: Optional[asyncio.Semaphore] = None
         if self.mode is ActorMode.ASYNC:
             self.loop, self.async_sem = self.start_loop(max_concurrency or 1000)
@@ -152,8 +158,7 @@ class ActorHost:
             # With concurrency groups even a one-at-a-time actor runs its default group on
             # a thread of its own (in order): the main thread must stay free to start the
             # other groups' calls.
-            self.pool = concurrent.futures.ThreadPoolExecutor(max_concurrency or 1,
-                                                              thread_name_prefix="zray-actor")
+            self.pool = CallPool(max_concurrency or 1, "zray-actor")
             self.handle = self.call_threaded
         else:
             self.handle = self.call_sync
@@ -164,8 +169,7 @@ class ActorHost:
                     loop, sem = self.start_loop(conc, f"zray-actor-loop-{name}")
                     self.groups[name] = functools.partial(self.call_async, loop=loop, sem=sem)
                 else:
-                    pool = concurrent.futures.ThreadPoolExecutor(
-                        conc, thread_name_prefix=f"zray-actor-{name}")
+                    pool = CallPool(conc, f"zray-actor-{name}")
                     self.groups[name] = functools.partial(self.call_threaded, pool=pool)
             self.call_default = self.handle
             self.handle = self.call_grouped
@@ -206,10 +210,15 @@ class ActorHost:
         return loop, sem[0]
 
     def cancel(self, task_id: bytes) -> None:
-        """I/O thread: interrupt a call if it can be (an ASYNC call in flight)."""
+        """I/O thread: interrupt a call if it can be (an ASYNC call in flight), or answer
+        a THREADED one still waiting for a free thread (it never starts), as Ray does."""
         fut = self.async_tasks.get(task_id)
         if fut is not None:
             fut.get_loop().call_soon_threadsafe(fut.cancel)
+            return
+        spec = self.waiting.pop(task_id, None)
+        if spec is not None:
+            self.cancelled_error(spec)
 
     def call_grouped(self, msg: P.Exec, frames: list) -> None:
         """Start a call in its concurrency group (main thread); no group: the default."""
@@ -253,6 +262,7 @@ class ActorHost:
             return
         args, kwargs = loaded
         spec = msg.spec
+        self.waiting[spec.task_id] = spec
         (pool or self.pool).submit(self.run_in_thread, spec, getattr(self.instance, spec.fid),
                                    args, kwargs)
 
@@ -273,6 +283,8 @@ class ActorHost:
         return None
 
     def run_in_thread(self, spec: P.TaskSpec, method, args, kwargs) -> None:
+        if self.waiting.pop(spec.task_id, None) is None:
+            return  # cancelled while it waited for a free thread: answered then (cancel)
         try:
             outs = self.returns_of(spec, lambda: method(*args, **kwargs))
         finally:
@@ -318,7 +330,10 @@ class ActorHost:
                 t.cancel()
             t.add_done_callback(lambda t: self.async_done(spec, t))
 
-        loop.call_soon_threadsafe(start)
+        if asyncio._get_running_loop() is loop:  # (started from a lane its loop reads)
+            loop.call_soon(start)
+        else:
+            loop.call_soon_threadsafe(start)
 
     def async_done(self, spec: P.TaskSpec, t: asyncio.Task) -> None:
         self.async_tasks.pop(spec.task_id, None)

@@ -10,7 +10,9 @@
     caller --DCALL on a lane (zray/_lane.py)--> listener <node store>/f-<cid>: read by the
         same thread as the PULL (lanes first), the DDONE sent back on that lane by the
         thread that ran the call, never blocking (what the socket does not take waits
-        for POLLOUT in that thread's poll: ``_watch_lanes``, ``_kick``)
+        for POLLOUT in that thread's poll: ``_watch_lanes``, ``_kick``); an async
+        actor's lanes are read by its event loop, and the DDONEs of one turn of the
+        loop go out in one send at the start of the next (``_loop_reply``)
     caller --DCANCEL--> ExecutorProcess._on_cancel, as the broker's INTERRUPT
     every DIRECT_STATS_S: REQ direct_stats {calls, failed} --> the broker's books
 
@@ -32,6 +34,7 @@ the reply goes, since the broker never sees this call's DONE to learn of them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
@@ -49,6 +52,7 @@ from zray._transport import NOBLOCK, recv_parts, send_parts
 from zray.actor import ActorExit
 
 MAX_EVENTS = 5000  # task events per report (about a second of calls)
+_running_loop = asyncio._get_running_loop  # (C: the loop running in this thread, or None)
 
 if TYPE_CHECKING:
     from workerd.actors import ActorHost
@@ -126,6 +130,7 @@ class DirectServer:
         # on the thread it runs on, with no hop through this thread. fd -> Lane.
         self.loop = host.loop if host.mode.value == "async" and not host.groups else None
         self.loop_lanes: dict = {}
+        self._loop_flushing: set = set()  # loop lanes whose queued replies go next turn
         if ordered:
             # A plain actor runs every call on the main thread: it reads this socket
             # itself (one thread hop less per call), woken for the broker's EXECs too.
@@ -268,6 +273,23 @@ class DirectServer:
         try:
             if lane.flush():
                 self.loop.remove_writer(lane.fd)
+        except _lane.LaneClosed as e:
+            self._loop_detach(lane, str(e))
+
+    def _loop_reply(self, lane, header: bytes, frames) -> None:
+        """(the loop's thread) Queue a reply on ``lane``; the replies of one turn of the loop
+        go out together at the start of the next (one send, one wake-up of the caller,
+        for a burst of calls finishing together)."""
+        lane.send(header, frames, later=True)
+        if lane not in self._loop_flushing:
+            self._loop_flushing.add(lane)
+            self.loop.call_soon(self._loop_flush, lane)
+
+    def _loop_flush(self, lane) -> None:
+        self._loop_flushing.discard(lane)
+        try:
+            if not lane.flush():
+                self._loop_want_write(lane)
         except _lane.LaneClosed as e:
             self._loop_detach(lane, str(e))
 
@@ -456,7 +478,10 @@ class DirectServer:
         header = P.encode(P.DDone(task_id, layout, retryable))
         if type(reply_to) is not str:  # a lane: sent from this thread, never blocking
             try:
-                if not reply_to.send(header, frames):
+                if self.loop is not None and _running_loop() is self.loop and \
+                        self.loop_lanes.get(reply_to.fd) is reply_to:
+                    self._loop_reply(reply_to, header, frames)
+                elif not reply_to.send(header, frames):
                     if self.loop_lanes.get(reply_to.fd) is reply_to:
                         self.loop.call_soon_threadsafe(self._loop_want_write, reply_to)
                     else:

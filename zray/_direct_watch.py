@@ -11,6 +11,10 @@
         inbox --> the I/O thread's DirectCalls.done(), as if the executor had answered:
         a retryable call is resubmitted through the broker, the others fail with
         ActorUnavailableError
+    a lane (zray/_lane.py) that ends --DirectCalls._lane_broke--> the same steps, from
+        the thread that read the EOF (settle_later); its calls fail with ActorDiedError:
+        only the executor's process held the other end of that Unix socket, so the
+        process is gone (the broker's ROUTE may still say "restarting" first)
 
 The broker learns of a dead executor from its node agent within moments, but
 of a dead node (agent and executors together, or a host gone) only after
@@ -28,8 +32,8 @@ broker has not noticed yet) sends nothing direct: new calls go through the
 broker until the actor is somewhere else, or dead.
 
 ``ZRAY_DIRECT_DEATH_INFO_S`` (default 3) sets the wait. The thread starts with
-the first direct connection and polls every 0.2 s; its monitor sockets and its
-PUSH to the reply inbox are its own.
+the first direct connection (or broken lane) and polls every 0.2 s; its monitor
+sockets and its PUSH to the reply inbox are its own.
 """
 
 from __future__ import annotations
@@ -70,6 +74,12 @@ class DeathWatch:
         pair = sock.get_monitor_socket(_EVENTS)
         self.new.append((pair, route, sock))
 
+    def settle_later(self, route, lost: list, died: bool = False) -> None:
+        """(under DirectCalls.lock) Settle the calls ``lost`` of ``route`` DEATH_INFO_S from
+        now unless the broker's ROUTE does first; ``died``: the executor's process is known
+        to be gone (its lane ended), so they fail with ActorDiedError."""
+        self.new.append((None, route, (time.monotonic() + DEATH_INFO_S, lost, died)))
+
     def close(self) -> None:
         self.closing = True
         self.thread.join(5)
@@ -86,6 +96,10 @@ class DeathWatch:
                 with direct.lock:
                     new, self.new = self.new, []
                 for pair, route, sock in new:
+                    if pair is None:  # settle_later: (deadline, lost, died)
+                        broken.append((sock[0], route, sock[1], sock[2]))
+                        broken.sort(key=lambda b: b[0])
+                        continue
                     poller.register(pair, zmq.POLLIN)
                     watched[pair] = (route, sock)
                 if not watched:  # (zmq_poll with nothing to poll returns at once: a spin)
@@ -110,20 +124,21 @@ class DeathWatch:
                     if ev["event"] == zmq.EVENT_DISCONNECTED:
                         lost = self._broken(route, sock)
                         if lost is not None:
-                            broken.append((time.monotonic() + DEATH_INFO_S, route, lost))
+                            broken.append((time.monotonic() + DEATH_INFO_S, route, lost, False))
+                            broken.sort(key=lambda b: b[0])
                     else:  # the socket was closed: nothing more to watch on it
                         poller.unregister(pair)
                         pair.close(0)
                         del watched[pair]
                 now = time.monotonic()
                 while broken and broken[0][0] <= now:
-                    _, route, lost = broken.pop(0)
+                    _, route, lost, died = broken.pop(0)
                     if inbox is None:
                         inbox = direct.client._ctx.socket(zmq.PUSH)
                         inbox.setsockopt(zmq.LINGER, 0)
                         inbox.setsockopt(zmq.SNDHWM, 0)
                         inbox.connect(direct.reply_to)
-                    self._settle(route, lost, inbox)
+                    self._settle(route, lost, inbox, died)
         except zmq.ContextTerminated:
             pass
         except Exception:
@@ -133,7 +148,8 @@ class DeathWatch:
                 pair.close(0)
             with direct.lock:
                 for pair, _, _ in self.new:
-                    pair.close(0)
+                    if pair is not None:  # (None: a settle_later entry)
+                        pair.close(0)
                 self.new = []
             if inbox is not None:
                 inbox.close(0)
@@ -143,8 +159,8 @@ class DeathWatch:
         None if the route has moved on (a new socket, or closed) since."""
         direct = self.direct
         with direct.lock:
-            if route.sock is not sock:
-                return None
+            if route.sock is not sock or direct.client.closed:
+                return None  # (moved on, or our own shutdown closed it)
             log.info("the direct connection to actor %s (%s) broke: asking the broker",
                      route.actor_id.hex(), route.address)
             route.sock.close(0)
@@ -155,8 +171,9 @@ class DeathWatch:
             direct.client.request_nowait("actor_route", {"actor_id": route.actor_id})
         return lost
 
-    def _settle(self, route, lost: list, inbox: zmq.Socket) -> None:
-        """The broker said nothing that settled these calls in time: answer them."""
+    def _settle(self, route, lost: list, inbox: zmq.Socket, died: bool = False) -> None:
+        """The broker said nothing that settled these calls in time: answer them
+        (``died``: their executor's process is gone: ActorDiedError)."""
         direct = self.direct
         answers = []
         with direct.lock:
@@ -167,11 +184,18 @@ class DeathWatch:
                 spec = call.spec
                 n = max(spec.num_returns, 1) if spec.num_returns else 0
                 retry = call.retries != 0 and call.frames is not None
-                err = exceptions.ActorUnavailableError(
-                    f"The connection to the actor broke while it ran {spec.name} (its "
-                    f"process or host died, or the network failed) and the cluster did not "
-                    f"say within {DEATH_INFO_S:g}s whether it is restarting. The call may "
-                    f"or may not have run.", route.actor_id.hex())
+                if died:
+                    err = exceptions.ActorDiedError(
+                        f"The actor's process died while it ran {spec.name} (its lane on "
+                        f"this host closed) and the cluster did not say within "
+                        f"{DEATH_INFO_S:g}s whether it restarts. The call may or may not "
+                        f"have run.", route.actor_id.hex())
+                else:
+                    err = exceptions.ActorUnavailableError(
+                        f"The connection to the actor broke while it ran {spec.name} (its "
+                        f"process or host died, or the network failed) and the cluster did "
+                        f"not say within {DEATH_INFO_S:g}s whether it is restarting. The "
+                        f"call may or may not have run.", route.actor_id.hex())
                 answers.append((task_id, n, retry, serialize_error(err)))
         for task_id, n, retry, frames in answers:
             header = P.encode(P.DDone(task_id, [[P.ERROR, len(frames)]] * n, retry))

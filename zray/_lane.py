@@ -105,7 +105,7 @@ class Lane:
     """One end of a framed stream (module doc)."""
 
     __slots__ = ("sock", "fd", "wlock", "rlock", "outq", "closed", "_buf", "_fill", "_filled",
-                 "_lens", "_n", "__weakref__", "owner", "poller", "last_send")
+                 "_lens", "_n", "__weakref__", "owner", "poller", "last_send", "_eof")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -122,6 +122,7 @@ class Lane:
         self.owner = None  # whatever the user of the lane wants to find again
         self.poller = None  # a select.poll() of this lane for its reader (under rlock)
         self.last_send = 0.0  # (its user's: when it last sent)
+        self._eof = ""  # why the lane ended, once whole messages read before it went out
 
     # ------------------------------------------------------------------ send
     def send(self, header: bytes, frames=(), later: bool = False) -> bool:
@@ -195,9 +196,21 @@ class Lane:
     # ------------------------------------------------------------------ read
     def read(self) -> list:
         """The whole messages readable now, each ``[header, *frames]`` (memoryviews);
-        [] when none is whole yet. LaneClosed at EOF or on a malformed message.
+        [] when none is whole yet. LaneClosed at EOF or on a malformed message; the whole
+        messages read before the peer closed are returned first (the next read raises).
         (Whoever holds ``rlock``, or the lane's only reader.)"""
+        if self._eof:
+            raise LaneClosed(self._eof)
         out = []
+        try:
+            self._read_into(out)
+        except LaneClosed as e:
+            if not out:
+                raise
+            self._eof = str(e)  # a reply sent just before the peer died still counts
+        return out
+
+    def _read_into(self, out: list) -> None:
         sock = self.sock
         while True:
             if self._fill is not None:  # a large frame: read straight into its buffer
@@ -206,7 +219,7 @@ class Lane:
                 try:
                     n = sock.recv_into(view)
                 except (BlockingIOError, InterruptedError):
-                    return out
+                    return
                 except OSError as e:
                     raise LaneClosed(str(e)) from None
                 if n == 0:
@@ -219,7 +232,7 @@ class Lane:
             try:
                 data = sock.recv(_CHUNK)
             except (BlockingIOError, InterruptedError):
-                return out
+                return
             except OSError as e:
                 raise LaneClosed(str(e)) from None
             if not data:
