@@ -1201,3 +1201,35 @@ MESSAGES += (Pull, PullFailed, PeerGet, PeerChunk)
 for _cls in (Pull, PullFailed, PeerGet, PeerChunk):
     _BY_TYPE[_cls.TYPE] = _cls
     _FAST[_cls.TYPE] = _fast_decoder(_cls)
+
+
+# ------------------------------------------- the broker's per-task encodes, prebuilt
+# encode(Obj(oid, kind)) for a value that travels inline (node_id and codec nil): the
+# broker sends one per result. Built from the header's packed prefix and suffix instead
+# of a NamedTuple and a packb (0.9 -> 0.2 us); the bytes are the same (tests check).
+_OBJ_HEAD = _packb((Msg.OBJ, b"\0" * OBJECT_ID_LEN, VALUE, None, None))
+_OBJ_PREFIX = _OBJ_HEAD[:-(OBJECT_ID_LEN + 3)]  # fixarray(5), OBJ, bin8 header of 16 bytes
+_OBJ_TAILS = {VALUE: _packb(VALUE) + b"\xc0\xc0", ERROR: _packb(ERROR) + b"\xc0\xc0"}
+
+
+def encode_obj(oid: bytes, kind: int) -> bytes:
+    """``encode(Obj(oid, kind))``: the header of an object sent inline (an id the broker
+    checked at decode: OBJECT_ID_LEN bytes; kind VALUE or ERROR)."""
+    if len(oid) != OBJECT_ID_LEN or kind not in _OBJ_TAILS:
+        return encode(Obj(oid, kind))
+    return _OBJ_PREFIX + oid + _OBJ_TAILS[kind]
+
+
+_EXEC_TAILS: dict = {}  # (fn_included, n_args) -> packed tail of an EXEC without deps or GPUs
+
+
+def encode_exec_plain(spec_bytes: bytes, fn_included: bool, n_args: int) -> bytes:
+    """``encode_exec(spec_bytes, fn_included, n_args, [], [])``: a task without ObjectRef
+    arguments or GPUs (most tasks), its header's tail packed once per argument count."""
+    key = (fn_included, n_args)
+    tail = _EXEC_TAILS.get(key)
+    if tail is None:
+        tail = _packb((fn_included, n_args, [], []))[1:]
+        if len(_EXEC_TAILS) < 256:
+            _EXEC_TAILS[key] = tail
+    return _EXEC_PREFIX + spec_bytes + tail
