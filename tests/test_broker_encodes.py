@@ -38,3 +38,22 @@ def test_an_exec_without_deps_or_gpus_is_the_encoded_message():
             assert P.decode(header) == P.Exec(spec, fn_included, n_args, [], [])
             # (a second call reads the cached tail: the same bytes)
             assert P.encode_exec_plain(raw, fn_included, n_args) == header
+
+
+@pytest.mark.timeout(10)
+def test_a_submit_decodes_to_its_message_and_bad_specs_are_still_refused():
+    d = os.urandom(P.ID_LEN)
+    spec = P.TaskSpec(d + b"\1\0\0\0", P.TASK, os.urandom(16), "f", 1, {"CPU": P.UNIT},
+                      [[0, os.urandom(P.OBJECT_ID_LEN)]], [], {}, b"", d, d, b"job", b"")
+    m = P.decode(P.encode(P.Submit(spec)))
+    assert m == P.Submit(spec) and type(m) is P.Submit and type(m.spec) is P.TaskSpec
+    bad = [spec._replace(task_id=b"short"), spec._replace(num_returns=P.MAX_RETURNS + 1),
+           spec._replace(deps=[[0, b"not an oid"]]), spec._replace(resources={"CPU": -1}),
+           spec._replace(nested=[b"x"]), spec._replace(owner="str")]
+    for s in bad:
+        with pytest.raises(P.ProtocolError):
+            P.decode(P.encode(P.Submit(s)))
+    import msgpack
+    for header in ([P.Msg.SUBMIT], [P.Msg.SUBMIT, list(spec), 1], [P.Msg.SUBMIT, list(spec)[:-1]]):
+        with pytest.raises(P.ProtocolError):
+            P.decode(msgpack.packb(header))

@@ -483,7 +483,7 @@ class TaskSpec(NamedTuple):
             for oid in nested:
                 if type(oid) is not bytes or len(oid) != OBJECT_ID_LEN:
                     raise ProtocolError(f"task spec: nested ref {oid!r:.40}")
-            return cls._make(v)
+            return _tuple_new(cls, v)  # (its length checked above: _make checks it again)
         spec = cls._make(v)
         _task_id(spec.task_id)
         if spec.kind not in (TASK, ACTOR_CREATE, ACTOR_CALL):
@@ -525,6 +525,7 @@ class TaskSpec(NamedTuple):
 
 
 _SPEC_LEN = len(TaskSpec._fields)
+_tuple_new = tuple.__new__
 MAX_RETURNS = MAX_RETURNS_LIMIT
 
 
@@ -1233,3 +1234,15 @@ def encode_exec_plain(spec_bytes: bytes, fn_included: bool, n_args: int) -> byte
         if len(_EXEC_TAILS) < 256:
             _EXEC_TAILS[key] = tail
     return _EXEC_PREFIX + spec_bytes + tail
+
+
+def _fast_submit(h):
+    """SUBMIT's decoder in ``decode`` (the broker decodes one per task): TaskSpec.decode's
+    checks, one call and one NamedTuple constructor fewer than the generated decoder
+    (2.04 -> 1.79 us a SUBMIT); None for a layout ``decode`` reports field by field."""
+    if len(h) != 2:
+        return None
+    return _tuple_new(Submit, (TaskSpec.decode(h[1]),))
+
+
+_FAST[Msg.SUBMIT] = _fast_submit
