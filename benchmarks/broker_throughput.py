@@ -31,14 +31,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _procs import free_port as _free_port  # noqa: E402
-from _procs import stop_all  # noqa: E402
+from _procs import CliCluster  # noqa: E402
 
 CLIENT = r"""
 import json, os, sys, time
@@ -94,39 +92,18 @@ def _gc_ms(env, address) -> tuple:
 
 def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
              profile: str = "", idle: float = 0.0, pyspy: str = "") -> dict:
-    tmp = tempfile.mkdtemp(prefix="zbt-", dir="/tmp")
-    env = dict(os.environ)
-    env.pop("ZRAY_ADDRESS", None)
-    env.update(PYTHONPATH=os.path.abspath(tree), ZRAY_TMPDIR=tmp, PYTHONUNBUFFERED="1",
-               ZRAY_KEY_FILE=os.path.join(tmp, "cluster.key"))
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    cli = [sys.executable, "-m", "zray.cli"]
-    procs = []
-
-    def start(args, **kw):
-        p = subprocess.Popen(args, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
-                             cwd=tmp, **kw)  # cwd: `-m` must not import this tree
-        procs.append(p)
-        return p
-
+    cluster = CliCluster(tree, "zbt-")
+    env, address, tmp, procs, start = (cluster.env, cluster.address, cluster.tmp, cluster.procs,
+                                       cluster.start)
     try:
-        log = open(os.path.join(tmp, "cluster.log"), "wb")
-        prof = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "zray.cli"]
-        broker = start((prof if profile else cli) + ["broker", "--host", "127.0.0.1", "--port", str(port)],
-                       stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(env["ZRAY_KEY_FILE"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        broker = cluster.start_broker([sys.executable, "-m", "cProfile", "-o", profile]
+                                      if profile else None)
         for _ in range(workers):
-            start(cli + ["worker", "--address", address, "--num-cpus", "1"]
-                  + (["--prestart", "0"] if idle else []), stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+            cluster.start_worker("--num-cpus", "1", *(["--prestart", "0"] if idle else []))
         deadline = time.monotonic() + 120
         while _alive_nodes(env, address) < workers:
             if time.monotonic() > deadline:
-                with open(os.path.join(tmp, "cluster.log"), errors="replace") as f:
-                    raise RuntimeError(f"{workers} workers did not join: {f.read()[-3000:]}")
+                raise RuntimeError(f"{workers} workers did not join: {cluster.log_tail()}")
             time.sleep(0.2)
         if idle:  # an idle cluster: the broker's CPU for heartbeats and liveness checks
             bp = psutil.Process(broker.pid)
@@ -160,7 +137,7 @@ def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
         bp = psutil.Process(broker.pid)
         spies = []
         if pyspy:  # sample the broker, one client and one executor while the clients run
-            execs = [c for c in psutil.Process(procs[1].pid).children(recursive=True)]
+            execs = psutil.Process(procs[1].pid).children(recursive=True)
             for name, pid in [("broker", broker.pid), ("client", cs[0].pid)] + (
                     [("executor", execs[0].pid)] if execs else []):
                 spies.append(subprocess.Popen(
@@ -202,7 +179,7 @@ def run_once(tree: str, workers: int, clients: int, tasks: int, batch: int,
                 "gc_runs": gc_runs,
                 "tasks": total, "wall_s": wall}
     finally:
-        stop_all(procs, tmp)
+        cluster.stop()
 
 
 def main(argv=None) -> int:

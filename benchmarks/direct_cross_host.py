@@ -28,12 +28,9 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _procs import free_port as _free_port  # noqa: E402
-from _procs import stop_all  # noqa: E402
+from _procs import CliCluster  # noqa: E402
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,33 +65,12 @@ zray.shutdown()
 
 
 def run_once(mode: str, seconds: float) -> dict:
-    tmp = tempfile.mkdtemp(prefix="zdx-", dir="/tmp")
-    env = dict(os.environ)
-    for k in ("ZRAY_ADDRESS", "ZRAY_INSECURE", "ZRAY_HOST_ID", "ZRAY_DIRECT_ACTOR_CALLS"):
-        env.pop(k, None)
-    env.update(PYTHONPATH=TREE, ZRAY_TMPDIR=tmp, PYTHONUNBUFFERED="1",
-               ZRAY_KEY_FILE=os.path.join(tmp, "cluster.key"))
-    if mode == "broker":
-        env["ZRAY_DIRECT_ACTOR_CALLS"] = "0"
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    cli = [sys.executable, "-m", "zray.cli"]
-    procs = []
-    try:
-        log = open(os.path.join(tmp, "cluster.log"), "wb")
-        procs.append(subprocess.Popen(
-            cli + ["broker", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp,
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True))
-        deadline = time.monotonic() + 30
-        while not os.path.exists(env["ZRAY_KEY_FILE"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    extra = {"ZRAY_DIRECT_ACTOR_CALLS": "0"} if mode == "broker" else {}
+    with CliCluster(TREE, "zdx-", env=extra, drop=("ZRAY_HOST_ID", "ZRAY_DIRECT_ACTOR_CALLS")) as c:
+        env, address, tmp = c.env, c.address, c.tmp
+        c.start_broker()
         wenv = dict(env, ZRAY_HOST_ID="hostB") if mode != "ipc-direct" else env
-        procs.append(subprocess.Popen(
-            cli + ["worker", "--address", address, "--num-cpus", "1",
-                   "--resources", json.dumps({"nodeB": 1})], env=wenv, cwd=tmp, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
-        log.close()
+        c.start_worker("--num-cpus", "1", "--resources", json.dumps({"nodeB": 1}), env=wenv)
         script = os.path.join(tmp, "driver.py")
         with open(script, "w") as f:
             f.write(DRIVER)
@@ -103,13 +79,9 @@ def run_once(mode: str, seconds: float) -> dict:
                              capture_output=True, text=True, timeout=600)
         got = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode != 0 or not got:
-            with open(os.path.join(tmp, "cluster.log"), errors="replace") as f:
-                cluster = f.read()[-3000:]
             raise RuntimeError(f"driver failed (rc={out.returncode}):\n{out.stdout[-2000:]}"
-                               f"\n{out.stderr[-3000:]}\n--- cluster ---\n{cluster}")
+                               f"\n{out.stderr[-3000:]}\n--- cluster ---\n{c.log_tail()}")
         return json.loads(got[-1][7:])
-    finally:
-        stop_all(procs, tmp)
 
 
 def main(argv=None) -> int:

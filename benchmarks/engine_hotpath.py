@@ -25,6 +25,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -115,6 +116,7 @@ def run(tasks: int, burst: int, nodes: int, profile: bool = False) -> float:
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     b.sock.close(0)
     b.ctx.term()
+    shutil.rmtree(b.session_dir, ignore_errors=True)  # (the socket's scratch dir)
     return us
 
 

@@ -29,14 +29,12 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _procs import free_port as _free_port  # noqa: E402
-from _procs import stop_all  # noqa: E402
+from _procs import CliCluster  # noqa: E402
 
 NODES = r"""
 import os, random, sys, time
@@ -95,28 +93,9 @@ ctx.destroy(linger=0)
 
 
 def run_once(tree: str, nodes: int, idle: float, pyspy: str = "") -> dict:
-    tmp = tempfile.mkdtemp(prefix="zidle-", dir="/tmp")
-    env = dict(os.environ)
-    env.pop("ZRAY_ADDRESS", None)
-    env.update(PYTHONPATH=os.path.abspath(tree), ZRAY_TMPDIR=tmp, PYTHONUNBUFFERED="1",
-               ZRAY_KEY_FILE=os.path.join(tmp, "cluster.key"))
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = []
-
-    def start(args, **kw):
-        p = subprocess.Popen(args, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
-                             cwd=tmp, **kw)  # cwd: `-m` / `-c` must not import this tree
-        procs.append(p)
-        return p
-
-    try:
-        with open(os.path.join(tmp, "broker.log"), "wb") as log:
-            broker = start([sys.executable, "-m", "zray.cli", "broker", "--host", "127.0.0.1",
-                            "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(env["ZRAY_KEY_FILE"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with CliCluster(tree, "zidle-", log_name="broker.log") as c:
+        broker = c.start_broker()
+        address, tmp, start = c.address, c.tmp, c.start
         go = os.path.join(tmp, "stop")
         out = os.path.join(tmp, "nodes.out")
         with open(out, "wb") as f:
@@ -154,8 +133,6 @@ def run_once(tree: str, nodes: int, idle: float, pyspy: str = "") -> dict:
         cpu = (c1.user - c0.user) + (c1.system - c0.system)
         return {"cpu_pct": 100 * cpu / wall, "us_per_node_s": cpu / wall / nodes * 1e6,
                 "main_pct": 100 * main / wall}
-    finally:
-        stop_all(procs, tmp)
 
 
 def main(argv=None) -> int:

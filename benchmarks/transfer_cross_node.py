@@ -32,12 +32,9 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _procs import free_port as _free_port  # noqa: E402
-from _procs import stop_all  # noqa: E402
+from _procs import CliCluster  # noqa: E402
 
 DRIVER = r"""
 import json, os, sys, time
@@ -80,34 +77,11 @@ zray.shutdown()
 
 
 def run_once(tree: str, mb: int) -> dict:
-    tmp = tempfile.mkdtemp(prefix="zxn-", dir="/tmp")
-    env = dict(os.environ)
-    env.pop("ZRAY_ADDRESS", None)
-    env.pop("ZRAY_INSECURE", None)  # CURVE on, as a user's tcp cluster
-    env.update(PYTHONPATH=os.path.abspath(tree), ZRAY_TMPDIR=tmp, PYTHONUNBUFFERED="1",
-               ZRAY_KEY_FILE=os.path.join(tmp, "cluster.key"))
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    cli = [sys.executable, "-m", "zray.cli"]
-    procs = []
-
-    def start(args, **kw):
-        p = subprocess.Popen(args, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
-                             cwd=tmp, **kw)  # cwd: `-m` must not import this tree
-        procs.append(p)
-        return p
-
-    try:
-        log = open(os.path.join(tmp, "cluster.log"), "wb")
-        broker = start(cli + ["broker", "--host", "127.0.0.1", "--port", str(port)],
-                       stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(env["ZRAY_KEY_FILE"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with CliCluster(tree, "zxn-") as c:
+        broker = c.start_broker()
         for node in ("nodeA", "nodeB"):
-            start(cli + ["worker", "--address", address, "--num-cpus", "1",
-                         "--resources", json.dumps({node: 1})], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+            c.start_worker("--num-cpus", "1", "--resources", json.dumps({node: 1}))
+        env, address, tmp = c.env, c.address, c.tmp
         script = os.path.join(tmp, "driver.py")
         with open(script, "w") as f:
             f.write(DRIVER)
@@ -115,13 +89,9 @@ def run_once(tree: str, mb: int) -> dict:
                              cwd=tmp, capture_output=True, text=True, timeout=900)
         got = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode != 0 or not got:
-            with open(os.path.join(tmp, "cluster.log"), errors="replace") as f:
-                cluster = f.read()[-3000:]
             raise RuntimeError(f"driver failed (rc={out.returncode}):\n{out.stdout[-2000:]}"
-                               f"\n{out.stderr[-3000:]}\n--- cluster ---\n{cluster}")
+                               f"\n{out.stderr[-3000:]}\n--- cluster ---\n{c.log_tail()}")
         return json.loads(got[-1][7:])
-    finally:
-        stop_all(procs, tmp)
 
 
 def main(argv=None) -> int:

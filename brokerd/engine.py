@@ -453,7 +453,11 @@ class TaskEngine:
             ex.fns.add(fid)
         gpu_ids = self.nodes.gpu_ids(task) if task.gpu_alloc else []
         if task.spec_bytes is not None:  # forwarded as it came: never packed twice
-            header = P.encode_exec(task.spec_bytes, has_fn, len(task.frames), layout, gpu_ids)
+            if not layout and not gpu_ids:
+                header = P.encode_exec_plain(task.spec_bytes, has_fn, len(task.frames))
+            else:
+                header = P.encode_exec(task.spec_bytes, has_fn, len(task.frames), layout,
+                                       gpu_ids)
         else:
             header = P.encode(P.Exec(task.spec, has_fn, len(task.frames), layout, gpu_ids))
         return header, frames

@@ -170,7 +170,7 @@ class ObjectDirectory:
             if obj.lost:
                 send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, P.ERROR)), self.lost_error(obj))
             else:
-                send(P.inbox_ident(cid), P.encode(P.Obj(obj.oid, obj.kind)), obj.frames)
+                send(P.inbox_ident(cid), P.encode_obj(obj.oid, obj.kind), obj.frames)
             return
         c = self.clients.get(cid)
         cnode = c.node_id if c is not None else b""

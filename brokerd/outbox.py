@@ -40,7 +40,7 @@ class Outbox:
         self.pending: dict = {}  # client inbox identity -> [(header, frames)] this turn
 
     def send(self, ident: bytes, header: bytes, frames=()) -> None:
-        if ident[-1:] == b"i" and ident[:1] == b"C":  # a client's inbox: at the turn's end
+        if ident[-1] == 105 and ident[0] == 67:  # b"i", b"C": a client's inbox: at the turn's end
             msgs = self.pending.get(ident)
             if msgs is None:
                 self.pending[ident] = [(header, frames)]
