@@ -493,7 +493,7 @@ class Client:
 
     def push_direct(self, owner: bytes, header: bytes, frames) -> bool:
         """Send an OBJ straight to ``owner`` if it lives on this node; False if not sent."""
-        if self.store is None:
+        if self.store is None or self.forked:
             return False
         if self._result_out is not None:
             sent = self._result_out.push(owner, header, frames)
@@ -1366,6 +1366,7 @@ class Client:
         thread and the locks are the parent's. Never touch them again."""
         self.forked = True
         self.closed = True
+        self.results = self._result_out = None  # (the parent's lanes: a stream cut in two)
         self._send_lock = threading.Lock()
         self._ref_lock = threading.RLock()
         self.cond = threading.Condition(threading.Lock())
