@@ -15,6 +15,9 @@
   executor's main thread and delivers cancellations, then wakes the waiters
   with one ``notify_all`` per drained batch, if the batch holds what one of them
   waits for (see Wake-ups).
+* Results that executors on this node push to us come on result lanes
+  (zray/_resultlane.py): a thread in ``get()`` waiting only for such results reads
+  them itself; otherwise the I/O thread does.
 * A ref unpickled here (borrowed) is announced to the broker (REFS +1, sent
   before anything else this client sends); when the last ref to an object goes
   the broker is told (REFS -1, batched by RELEASE_BATCH / RELEASE_DELAY_MS).
@@ -623,8 +626,8 @@ class Client:
                                 batch.append(parts)
                     woke = self._handle_batch(batch)
                     if results is not None:
-                        if woke:
-                            results.poke()  # a thread reading the lanes waits for it, maybe
+                        if batch:  # a thread reading the lanes may wait for one of these
+                            results.poke()
                         for fd in rlanes:
                             if fd in ready:
                                 results.on_ready(fd)
