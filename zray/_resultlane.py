@@ -146,7 +146,8 @@ class ResultInbox:
 
     def need_io(self) -> None:
         """A waiter cannot read the lanes itself: have the I/O thread poll them now."""
-        if self.parked and not self.read_lock.locked():
+        if (self.parked or self.changed) and not self.read_lock.locked():
+            # (changed: a reader let the lanes go; the I/O thread has not looked yet)
             self.parked = False
             self.changed = True
             self.client.wake_io()
