@@ -214,3 +214,48 @@ def test_results_come_on_lanes_and_the_switch_turns_them_off(cluster, tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=90, env=driver_env(ZRAY_RESULT_LANES="0"))
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+_OTHER_DRIVER = r"""
+import sys
+import {backend} as ray
+
+ray.init(address=sys.argv[1])
+tag = sys.argv[2]
+
+@ray.remote
+def echo(x):
+    return x
+
+for i in range(300):
+    assert ray.get(echo.remote((tag, i)), timeout=60) == (tag, i)
+if "{backend}" == "zray":  # the results came on lanes to this driver
+    assert ray._runtime.client.results is not None and ray._runtime.client.results.lanes
+print("ok", tag, flush=True)
+"""
+
+
+def _cluster_address() -> str:
+    if BACKEND == "ray":
+        return ray.get_runtime_context().gcs_address
+    return ray._runtime.client.address
+
+
+@pytest.mark.timeout(180)
+def test_sync_loops_of_several_drivers_each_get_their_own_results(cluster):
+    # The same executors run tasks of three drivers at once, each its own owner.
+    procs = [subprocess.Popen([sys.executable, "-c", _OTHER_DRIVER.format(backend=BACKEND),
+                               _cluster_address(), tag], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=driver_env())
+             for tag in ("a", "b")]
+    try:
+        for i in range(300):
+            assert ray.get(echo.remote(("main", i)), timeout=60) == ("main", i)
+        for p, tag in zip(procs, ("a", "b"), strict=True):
+            out, err = p.communicate(timeout=150)
+            assert p.returncode == 0 and f"ok {tag}" in out, err[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)

@@ -626,8 +626,6 @@ class Client:
                                 batch.append(parts)
                     woke = self._handle_batch(batch)
                     if results is not None:
-                        if batch:  # a thread reading the lanes may wait for one of these
-                            results.poke()
                         for fd in rlanes:
                             if fd in ready:
                                 results.on_ready(fd)
@@ -799,6 +797,9 @@ class Client:
                     self._arrivals.extend(filed)
                     self._arrival_seq += len(filed)
                 self.cond.notify_all()
+        results = self.results
+        if results is not None and results.reading:
+            results.poke()  # a thread reading the result lanes may wait for what came
         return notify
 
     def _arrived_locked(self, oid: bytes, state: ObjectState, value, node_id,

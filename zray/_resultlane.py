@@ -34,8 +34,9 @@ thread polls the listener always and the lanes while no user thread reads them:
 when it finds the lock taken it stands back (``parked``) and polls them again
 after the next look at its poll set (``changed``), at once when a waiter asks
 (``need_io``: a waiter that could not take the lock, a future, ``wait()``).
-A value that comes another way (through the broker) while a thread reads the
-lanes: the I/O thread pokes the reader (``poke``) after it filed a batch.
+A value that comes another way while a thread reads the lanes (through the broker,
+a direct actor call's lane or PULL): whoever files it pokes the reader (``poke``, at
+the end of ``Client._handle_batch``).
 
 Sender side (``ResultLanes``, in executors): one lane per owner, connected on the
 first push (none: the owner has no listener; the PUSH socket is used, as before).
@@ -85,7 +86,7 @@ class ResultInbox:
         self.read_lock = threading.Lock()  # held by whoever reads the lanes
         self.parked = False  # the I/O thread stopped polling the lanes (a user thread reads)
         self.changed = True  # the I/O thread's poll set must be rebuilt
-        self.reading = False  # a user thread is in wait(): poke it on other arrivals
+        self.reading = 0  # the ident of a user thread in wait(): poke it on other arrivals
         self.version = 0  # bumped when lanes come or go (the reader rebuilds its poll set)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -153,8 +154,10 @@ class ResultInbox:
             self.client.wake_io()
 
     def poke(self) -> None:
-        """(I/O thread) Wake a user thread reading the lanes (something came another way)."""
-        if self.reading:
+        """Wake the user thread reading the lanes (``Client._handle_batch`` filed something
+        it did not read itself: from the broker, a direct call's lane or PULL)."""
+        reader = self.reading
+        if reader and reader != threading.get_ident():
             try:
                 os.write(self._wake_w, b"p")
             except BlockingIOError:
@@ -193,7 +196,7 @@ class ResultInbox:
         if not self.read_lock.acquire(False):
             return
         client = self.client
-        self.reading = True
+        self.reading = threading.get_ident()
         try:
             while not done():
                 if client.broker_gone or client.closed:
@@ -220,7 +223,7 @@ class ResultInbox:
                     if lane is not None:
                         self._read(lane)
         finally:
-            self.reading = False
+            self.reading = 0
             self.read_lock.release()
             if self.parked:
                 # Poll them again at the I/O thread's next look (no wake-up now: the next
