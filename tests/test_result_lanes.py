@@ -229,8 +229,6 @@ def echo(x):
 
 for i in range(300):
     assert ray.get(echo.remote((tag, i)), timeout=60) == (tag, i)
-if "{backend}" == "zray":  # the results came on lanes to this driver
-    assert ray._runtime.client.results is not None and ray._runtime.client.results.lanes
 print("ok", tag, flush=True)
 """
 
@@ -243,7 +241,9 @@ def _cluster_address() -> str:
 
 @pytest.mark.timeout(180)
 def test_sync_loops_of_several_drivers_each_get_their_own_results(cluster):
-    # The same executors run tasks of three drivers at once, each its own owner.
+    # The same executors run tasks of three drivers at once, each its own owner (this
+    # one's results come on lanes; a driver that joined by address has no store of
+    # the node, so the broker forwards its results, as on main).
     procs = [subprocess.Popen([sys.executable, "-c", _OTHER_DRIVER.format(backend=BACKEND),
                                _cluster_address(), tag], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=driver_env())
