@@ -406,6 +406,9 @@ class Client:
         """SUBMIT a task, remembering it until its result comes (for a broker restart)."""
         header = P.encode(P.Submit(spec))
         self.replay.record_submit(spec, header, frames)
+        results = self.results
+        if results is not None and results.changed and self._awaiting > 1:
+            results.need_io()  # results will come while nobody waits: the I/O thread reads
         if self._batch_submits:
             now = time.monotonic()
             burst, self._last_submit = now - self._last_submit < SUBMIT_BURST_S, now

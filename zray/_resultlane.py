@@ -32,8 +32,11 @@ takes it (``wait``) and reads every lane until its values are in; values for oth
 waiters it files as the I/O thread would (and they are woken the same way). The I/O
 thread polls the listener always and the lanes while no user thread reads them:
 when it finds the lock taken it stands back (``parked``) and polls them again
-after the next look at its poll set (``changed``), at once when a waiter asks
-(``need_io``: a waiter that could not take the lock, a future, ``wait()``).
+after the next look at its poll set (``changed``), at once when results are still
+on their way as the reader lets go, or when a waiter asks (``need_io``: a waiter
+that could not take the lock, a future, ``wait()``, a second task in flight as one
+is submitted: an owner submitting a burst must not leave its results unread, or
+the executors' sends stall).
 A value that comes another way while a thread reads the lanes (through the broker,
 a direct actor call's lane or PULL): whoever files it pokes the reader (``poke``, at
 the end of ``Client._handle_batch``).
@@ -226,10 +229,13 @@ class ResultInbox:
             self.reading = 0
             self.read_lock.release()
             if self.parked:
-                # Poll them again at the I/O thread's next look (no wake-up now: the next
-                # get() of a sync loop reads them itself; a waiter asks with need_io).
+                # Poll them again at the I/O thread's next look; no wake-up now unless
+                # results are still on their way (the next get() of a sync loop reads
+                # them itself; a waiter asks with need_io, a burst of submits too).
                 self.parked = False
                 self.changed = True
+                if client._awaiting:
+                    client.wake_io()
 
     def unlink(self) -> None:
         try:
