@@ -497,11 +497,12 @@ class Client:
             return
         self._direct, self._direct_path = s, path
 
-    def push_direct(self, owner: bytes, header: bytes, frames) -> bool:
-        """Send an OBJ straight to ``owner`` if it lives on this node; False if not sent."""
+    def push_direct(self, owner: bytes, header: bytes, frames, lane: bool = True) -> bool:
+        """Send an OBJ straight to ``owner`` if it lives on this node; False if not sent.
+        ``lane``: on its result lane if it has one (zray/_resultlane.py), else the PUSH."""
         if self.store is None or self.forked:
             return False
-        if self._result_out is not None:
+        if lane and self._result_out is not None:
             sent = self._result_out.push(owner, header, frames)
             if sent is not None:
                 return sent
@@ -1094,7 +1095,7 @@ class Client:
                 direct.need_io(direct.lanes_for([o for o in oids if not done(o)]))
             results = self.results
             if results is not None and results.lanes:
-                if num_ready >= len(refs):
+                if num_ready >= len(refs) and len(missing) <= _resultlane.WAIT_MAX:
                     self._wait_result_lanes(results, missing, done, deadline)
                 else:
                     results.need_io()

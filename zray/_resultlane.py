@@ -41,6 +41,13 @@ A value that comes another way while a thread reads the lanes (through the broke
 a direct actor call's lane or PULL): whoever files it pokes the reader (``poke``, at
 the end of ``Client._handle_batch``).
 
+Which results take a lane: a plain push (``Client.push_direct``). The DONEs held
+back while tasks stream through (workerd/held.py) push their results on the PUSH
+socket as before: there libzmq's I/O thread sends a stream of them for less of the
+executor's CPU than a ``sendmsg`` each (cpu_split, batches of 1,000: executors 110 us
+a task with lanes for everything, 94 without). Which gets read them: one of at most
+WAIT_MAX refs (a larger get waits for the I/O thread, woken once for the last one).
+
 Sender side (``ResultLanes``, in executors): one lane per owner, connected on the
 first push (none: the owner has no listener; the PUSH socket is used, as before).
 A push that the socket does not take at once is flushed here, waiting for the
@@ -68,6 +75,9 @@ from zray import _protocol as P
 log = logging.getLogger("zray.resultlane")
 ENABLED = os.environ.get("ZRAY_RESULT_LANES", "1") != "0"
 FLUSH_TIMEOUT_S = 10.0
+# A get() of at most WAIT_MAX refs reads the lanes itself (a sync loop); a larger one
+# waits for the I/O thread as before (it is woken once, for the last result).
+WAIT_MAX = 8
 MAX_OWNERS = 256  # lanes an executor keeps open (the oldest go first)
 _ZIN = zmq.POLLIN
 
