@@ -1078,10 +1078,12 @@ class Client:
             return
         remote_seen = self._remote_seen  # (read before _subscribe: it fetches REMOTE ones)
         self.flush_queued()
-        # The burst (if any) ends here: this thread sent what it queued, so the I/O thread
-        # need not poll every BURST_POLL_MS for more (in a sync loop that woke it about
-        # every other task, on the cores the round trip needs).
-        self._last_submit = 0.0
+        if len(missing) <= _resultlane.WAIT_MAX:
+            # A sync loop's get: this thread sent what it queued, so the I/O thread need
+            # not poll every BURST_POLL_MS for more (that woke it about every other task,
+            # on the cores the round trip needs). A get of a burst's many results keeps
+            # the burst's polling, as before.
+            self._last_submit = 0.0
         self._subscribe(missing)
         blocked = self._block()
         try:
