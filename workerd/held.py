@@ -111,11 +111,13 @@ class HeldDones:
                 pos += n
         went = {}
         for owner, msgs in by_owner.items():
+            # (the PUSH, not a result lane: held DONEs mean tasks stream through, where
+            # libzmq's I/O thread sends for us more cheaply; zray/_resultlane.py)
             if len(msgs) == 1:
-                went[owner] = client.push_direct(owner, msgs[0][0], msgs[0][1])
+                went[owner] = client.push_direct(owner, msgs[0][0], msgs[0][1], lane=False)
             else:
                 parts = P.encode_batch(msgs)
-                went[owner] = client.push_direct(owner, parts[0], parts[1:])
+                went[owner] = client.push_direct(owner, parts[0], parts[1:], lane=False)
         dones = []
         for spec, layout, frames, nested, retryable, text, pushable in items:
             pushed = [went[spec.owner]] * len(layout) if pushable else []

@@ -15,6 +15,9 @@
   executor's main thread and delivers cancellations, then wakes the waiters
   with one ``notify_all`` per drained batch, if the batch holds what one of them
   waits for (see Wake-ups).
+* Results that executors on this node push to us come on result lanes
+  (zray/_resultlane.py): a thread in ``get()`` waiting only for such results reads
+  them itself; otherwise the I/O thread does.
 * A ref unpickled here (borrowed) is announced to the broker (REFS +1, sent
   before anything else this client sends); when the last ref to an object goes
   the broker is told (REFS -1, batched by RELEASE_BATCH / RELEASE_DELAY_MS).
@@ -93,7 +96,7 @@ from typing import Callable, Optional
 
 import zmq
 
-from zray import _direct, exceptions
+from zray import _direct, _resultlane, exceptions
 from zray import _protocol as P
 from zray._protocol import Msg
 from zray._reconnect import ReplayLog
@@ -287,8 +290,13 @@ class Client:
         self.replay = ReplayLog(self._ref_lock)  # what a restarted broker is told again (zray/_reconnect.py)
         self.info = self._handshake(connect_timeout)
         self.epoch = self.info.get("epoch")  # the broker incarnation that welcomed us
+        self.results = None  # result lanes from executors here (zray/_resultlane.py)
+        self._result_out = None  # ... and ours to owners here, as an executor
         if self.store is not None:
             self._bind_direct()
+            if _resultlane.ENABLED and self._direct is not None and kind != "cli":
+                self.results = _resultlane.ResultInbox.open(self, self.store.dir)
+                self._result_out = _resultlane.ResultLanes(self.store.dir)
         self.direct = None  # direct actor calls (zray/_direct.py)
         self.on_close: list = []  # run first by close(): sockets of ours others own
         if _direct.ENABLED and kind != "cli":
@@ -398,6 +406,9 @@ class Client:
         """SUBMIT a task, remembering it until its result comes (for a broker restart)."""
         header = P.encode(P.Submit(spec))
         self.replay.record_submit(spec, header, frames)
+        results = self.results
+        if results is not None and results.changed and self._awaiting > 1:
+            results.need_io()  # results will come while nobody waits: the I/O thread reads
         if self._batch_submits:
             now = time.monotonic()
             burst, self._last_submit = now - self._last_submit < SUBMIT_BURST_S, now
@@ -486,10 +497,15 @@ class Client:
             return
         self._direct, self._direct_path = s, path
 
-    def push_direct(self, owner: bytes, header: bytes, frames) -> bool:
-        """Send an OBJ straight to ``owner`` if it lives on this node; False if not sent."""
-        if self.store is None:
+    def push_direct(self, owner: bytes, header: bytes, frames, lane: bool = True) -> bool:
+        """Send an OBJ straight to ``owner`` if it lives on this node; False if not sent.
+        ``lane``: on its result lane if it has one (zray/_resultlane.py), else the PUSH."""
+        if self.store is None or self.forked:
             return False
+        if lane and self._result_out is not None:
+            sent = self._result_out.push(owner, header, frames)
+            if sent is not None:
+                return sent
         with self._send_lock:
             sock = self._push.get(owner, False)
             if sock is False:
@@ -561,12 +577,15 @@ class Client:
         poller.register(wake, zmq.POLLIN)
         direct_calls = self.direct
         lanes: dict = {}  # fd -> poll events: direct calls' lanes we read (zray/_direct.py)
+        results, rlanes = self.results, {}  # result lanes (zray/_resultlane.py): fd -> events
         last_hb = time.monotonic()
         coalesce = self.kind == "driver"
         while not self.closed:
             try:
                 if direct_calls is not None and direct_calls.io_changed:
                     lanes = self._poll_lanes(poller, lanes, direct_calls.io_poll_set())
+                if results is not None and results.changed:
+                    rlanes = self._poll_lanes(poller, rlanes, results.io_poll_set())
                 if time.monotonic() - self._last_submit < BURST_POLL_S:
                     self._io_idle = False  # (see BURST_POLL_S)
                     timeout = BURST_POLL_MS
@@ -610,6 +629,10 @@ class Client:
                             if self.direct.take_remote(parts):
                                 batch.append(parts)
                     woke = self._handle_batch(batch)
+                    if results is not None:
+                        for fd in rlanes:
+                            if fd in ready:
+                                results.on_ready(fd)
                     for fd in lanes:
                         ev = ready.get(fd)
                         if ev:
@@ -778,6 +801,9 @@ class Client:
                     self._arrivals.extend(filed)
                     self._arrival_seq += len(filed)
                 self.cond.notify_all()
+        results = self.results
+        if results is not None and results.reading:
+            results.poke()  # a thread reading the result lanes may wait for what came
         return notify
 
     def _arrived_locked(self, oid: bytes, state: ObjectState, value, node_id,
@@ -1052,6 +1078,12 @@ class Client:
             return
         remote_seen = self._remote_seen  # (read before _subscribe: it fetches REMOTE ones)
         self.flush_queued()
+        if len(missing) <= _resultlane.WAIT_MAX:
+            # A sync loop's get: this thread sent what it queued, so the I/O thread need
+            # not poll every BURST_POLL_MS for more (that woke it about every other task,
+            # on the cores the round trip needs). A get of a burst's many results keeps
+            # the burst's polling, as before.
+            self._last_submit = 0.0
         self._subscribe(missing)
         blocked = self._block()
         try:
@@ -1063,6 +1095,12 @@ class Client:
                 oids = [r.id for r in missing]
                 direct.wait_lane(oids, done, deadline)
                 direct.need_io(direct.lanes_for([o for o in oids if not done(o)]))
+            results = self.results
+            if results is not None and results.lanes:
+                if num_ready >= len(refs) and len(missing) <= _resultlane.WAIT_MAX:
+                    self._wait_result_lanes(results, missing, done, deadline)
+                else:
+                    results.need_io()
             need_all = num_ready >= len(refs)
             j = len(missing) - 1  # need_all: the last of `missing` that is not here yet
             watch, watched = self._watch, None  # the oid this waiter named in `_watch`
@@ -1129,6 +1167,26 @@ class Client:
             if blocked:
                 self._unblock()
 
+    def _wait_result_lanes(self, results, missing, done, deadline) -> None:
+        """(get) Our tasks' results pushed by executors here: read their lanes in this
+        thread (zray/_resultlane.py); the I/O thread reads them for whatever is left."""
+        records = self.records
+        pushed = all((rec := records.get(r.id)) is not None
+                     and (rec.state is AWAITING_PUSH or rec.state in _HERE) for r in missing)
+        if pushed:  # (else not all come to us unasked: wait as usual)
+            i, count = 0, len(missing)
+
+            def all_done():
+                nonlocal i
+                while i < count and done(missing[i].id):
+                    i += 1
+                return i == count
+
+            results.wait(all_done, deadline)
+            if all_done():
+                return
+        results.need_io()
+
     def _unwatch(self, oid: bytes) -> None:
         """A waiter no longer waits for ``oid`` in particular (under ``cond``)."""
         n = self._watch.pop(oid, 1)
@@ -1158,6 +1216,8 @@ class Client:
         self._subscribe(subscribe)
         if self.direct is not None and self.direct.lanes and subscribe:
             self.direct.need_io(self.direct.lanes_for([r.id for r in subscribe]))
+        if self.results is not None:
+            self.results.need_io()
         blocked = self._block()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -1218,6 +1278,8 @@ class Client:
             self._subscribe([ref])
             if self.direct is not None and self.direct.lanes:
                 self.direct.need_io(self.direct.lanes_for([ref.id]))
+            if self.results is not None:
+                self.results.need_io()
         else:
             done()
 
@@ -1314,6 +1376,7 @@ class Client:
         thread and the locks are the parent's. Never touch them again."""
         self.forked = True
         self.closed = True
+        self.results = self._result_out = None  # (the parent's lanes: a stream cut in two)
         self._send_lock = threading.Lock()
         self._ref_lock = threading.RLock()
         self.cond = threading.Condition(threading.Lock())
@@ -1342,6 +1405,12 @@ class Client:
             self._push.clear()
         if self.direct is not None:
             self.direct.close()
+        if self._result_out is not None:
+            self._result_out.close()
+        if self.results is not None:
+            self.results.unlink()
+            if not self._io.is_alive():
+                self.results.close()  # (else the I/O thread may still poll it: left open)
         if self._direct is not None:
             self._direct.close(0)
             try:
