@@ -259,3 +259,33 @@ def test_sync_loops_of_several_drivers_each_get_their_own_results(cluster):
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+@zray_only
+def test_garbage_on_a_result_lane_is_dropped_and_the_driver_goes_on(cluster):
+    """A peer that writes nonsense to the driver's result lane (well framed but not a
+    message, a message of the wrong type, a frame longer than its body, raw bytes) is
+    dropped; results keep coming on the lanes of real executors."""
+    import socket
+
+    import msgpack
+
+    from zray import _lane, _runtime
+    from zray import _protocol as P
+
+    client = _runtime.client
+    assert ray.get(echo.remote(0), timeout=60) == 0
+    assert client.results is not None
+    path = client.results.path
+    bad = _lane.connect(path)
+    bad.send(b"\xc1 not msgpack")
+    bad.send(msgpack.packb([int(P.Msg.SUBMIT), "nope"]))
+    bad.send(msgpack.packb([999, 1, 2, 3]))
+    bad.flush()
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(path)
+    raw.sendall(b"\xff" * 64)  # a frame length far past anything that follows
+    raw.close()
+    for i in range(200):
+        assert ray.get(echo.remote(i), timeout=60) == i
+    bad.close()
