@@ -831,6 +831,11 @@ class Client:
             else:
                 rec.state = REMOTE
             return
+        elif rec.state is LOCAL and state is LOCAL and value[0] == P.ERROR:
+            # An error after the value: a report that the call failed, sent by a broker
+            # that had not heard of its result yet (the executor died as it sent it). The
+            # value we hold stands: a get() must not see it turn into an error later.
+            return
         rec.value = value  # before the state: lock-free readers check the state first
         rec.state = state
         if rec.callbacks:
