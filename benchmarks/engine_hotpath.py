@@ -14,9 +14,15 @@ started, as its loop would after draining its socket, and flushes the outbox
 socket's send cost is counted but no I/O thread work is). What is left out:
 receiving (libzmq, CURVE) and the poll; what is in: every Python line of the
 task's path through the broker. Prints the main thread's CPU per task (medians
-over ``--rounds``) and, with ``--profile``, the top functions (cProfile).
+over ``--rounds``) and, with ``--profile``, the top functions (cProfile). The
+DONE headers are packed before the clock starts (packing them is the executor's
+work, not the broker's).
 
     python benchmarks/engine_hotpath.py --tasks 20000
+    python benchmarks/engine_hotpath.py --tree /work/main   # another tree's broker
+
+Two trees compared: run it for each in turn (``--tree``), several times, and
+compare the medians.
 """
 
 from __future__ import annotations
@@ -31,7 +37,18 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+def _tree(argv) -> str:
+    """The tree whose brokerd and zray are measured: ``--tree PATH``, else this one."""
+    for i, a in enumerate(argv):
+        if a == "--tree" and i + 1 < len(argv):
+            return os.path.abspath(argv[i + 1])
+        if a.startswith("--tree="):
+            return os.path.abspath(a.split("=", 1)[1])
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+sys.path.insert(0, _tree(sys.argv))
 
 import zmq  # noqa: E402
 
@@ -69,7 +86,7 @@ def _cluster(nodes: int):
     return b, driver, fid
 
 
-def run(tasks: int, burst: int, nodes: int, profile: bool = False) -> float:
+def run(tasks: int, burst: int, nodes: int, profile: bool = False, finish: int = 0) -> float:
     tune()  # (as Broker.serve does)
     b, driver, fid = _cluster(nodes)
     e = b.engine
@@ -82,12 +99,16 @@ def run(tasks: int, burst: int, nodes: int, profile: bool = False) -> float:
                           driver, driver, b"job1", b"")
         subs.append((tid, _Frame(P.encode(P.Submit(spec))), [_Frame(a) for a in arg]))
     done_frames = [_Frame(v) for v in value]
+    dones = {tid: _Frame(P.encode(P.Done(tid, [[P.VALUE, len(done_frames), None, 2]], [],
+                                         False, [], "")))
+             for tid, _h, _f in subs}  # (the executors' work: packed before the clock)
     decode = P.decode
     prof = cProfile.Profile() if profile else None
     t0 = time.thread_time()
     if prof:
         prof.enable()
     pos = 0
+    turn = 0
     while pos < tasks or e.tasks:
         for _tid, header, frames in subs[pos:pos + burst]:
             b.header = header
@@ -104,9 +125,12 @@ def run(tasks: int, burst: int, nodes: int, profile: bool = False) -> float:
                 if pos >= tasks and e.tasks:
                     raise RuntimeError(f"{len(e.tasks)} tasks never started")
                 break
+            if finish:  # DONEs trickle: the others stay busy and get tasks sent ahead
+                turn += 1
+                running = [running[(turn + i) % len(running)]
+                           for i in range(min(finish, len(running)))]
             for cid, tid in running:
-                h = _Frame(P.encode(P.Done(tid, [[P.VALUE, len(done_frames), None, 2]], [],
-                                           False, [], "")))
+                h = dones[tid]
                 b.header = h
                 e.done(cid, decode(h.buffer), done_frames)
     if prof:
@@ -127,13 +151,21 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, default=4, help="nodes of one CPU and one executor")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="one more run under cProfile")
+    ap.add_argument("--finish", type=int, default=0,
+                    help="DONEs per turn (0: every running task's): fewer leave the other "
+                         "executors busy, so the pass sends tasks ahead (the pipelined path)")
+    ap.add_argument("--tree", default=None, help="measure the brokerd of this source tree")
     args = ap.parse_args(argv)
-    runs = [run(args.tasks, args.burst, args.nodes) for _ in range(args.rounds)]
-    print(f"broker main thread, per task (no sockets' receive side): median "
+    runs = [run(args.tasks, args.burst, args.nodes, finish=args.finish)
+            for _ in range(args.rounds)]
+    import brokerd
+
+    print(f"{os.path.dirname(os.path.dirname(brokerd.__file__))}: "
+          f"broker main thread, per task (no sockets' receive side): median "
           f"{statistics.median(runs):.1f} us CPU over {args.rounds} runs "
           f"({', '.join(f'{r:.1f}' for r in runs)})")
     if args.profile:
-        run(args.tasks, args.burst, args.nodes, profile=True)
+        run(args.tasks, args.burst, args.nodes, profile=True, finish=args.finish)
     return 0
 
 

@@ -708,6 +708,7 @@ class TaskEngine:
                 self.moves.move(nxt, TaskState.RUNNING, "started (prefetched)")
                 nxt.started = self.moves.now
                 ex.task = nxt
+                self.placement.refill(ex)  # (a slot of its window is free)
                 return
         self._executor_free(ex)
 
@@ -717,6 +718,7 @@ class TaskEngine:
         if task is None:
             return
         ex.ahead.remove(task)
+        self.placement.refill(ex)
         if task.state == TaskState.ASSIGNED:
             self._requeue(task, "handed back by a blocked executor")
 
@@ -773,6 +775,7 @@ class TaskEngine:
             self.nodes.release(task)
         if task.executor is not None and task in task.executor.ahead:
             task.executor.ahead.remove(task)
+            self.placement.refill(task.executor)
         if task.actor is not None and task.kind == P.ACTOR_CALL:
             task.actor.inflight.pop(task.task_id, None)
         if task.spec.num_returns == P.STREAMING:
@@ -985,6 +988,7 @@ class TaskEngine:
         prev = ex.state
         why = reason or f"the executor process (pid {ex.pid}) died with exit code {code}"
         self.moves.move(ex, ExecState.DEAD, why)
+        self.placement.forget_executor(ex)
         if ex.pushed:
             pushed_redeliver(self.objects, self.clients, ex)
         self._owner_gone(ex.cid, why)

@@ -23,8 +23,11 @@ at 4,096 nodes, measured in benchmarks/placement_scale.py).
 
 A chosen node may not fit a request larger than its free share (a node under
 the threshold has more than half its resources free, which fits any task
-asking for at most half a node); the pick then walks on in order, so the
-common case is O(log n) and the worst case a walk over the nodes.
+asking for at most half a node); the pick then walks on in order over the
+nodes that are not fully used (those sort last and are cut off with a bisect:
+a task of the index needs some of each of its resources), so the common case
+is O(log n), a saturated cluster too, and the worst case a walk over the nodes
+with room left.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def fits(node, need: dict) -> bool:
         if avail.get(r, 0) < u:
             return False
     return True
+
+
+_FULL = (1.0,)  # sorts before every busy entry of a node at utilisation >= 1
 
 
 class ScoreIndex:
@@ -117,8 +123,17 @@ class ScoreIndex:
                     chosen = node
         if chosen is not None:
             return None, chosen  # an executor is started there
-        for i in range(n):  # the top k is full: walk on in order (rare)
-            node = self.at(i)
+        # The top k is full: walk on in order, over the nodes not fully used. A node
+        # using all of one of ``names`` (utilisation >= 1, the busy list's tail) fits no
+        # task of this index (each asks for some of every one of them), so a saturated
+        # cluster answers "nothing fits" in O(log n), not a walk over every node.
+        by_id, busy = self.by_id, self.busy
+        for e in self.zero:
+            node = by_id[e[1]]
+            if fits(node, need):
+                return (node if node.idle else None), node
+        for i in range(bisect_left(busy, _FULL)):
+            node = by_id[busy[i][2]]
             if fits(node, need):
                 return (node if node.idle else None), node
         return None, None

@@ -46,8 +46,15 @@ task only if it is bound to that environment or to none yet (``take_idle``: the
 task binds it); so executors of different environments never share a process,
 and a prefetched task goes only to an executor running the same queue's task.
 
+Sending ahead costs a pass nothing for executors whose window is full: ``_prefetch``
+looks only at the candidates in ``room`` (started this pass, or told by the engine
+that a slot freed: a task sent ahead started, went back or failed) and drops those
+it finds full or behind a long call; a function turning short (``RunTimes.flips``)
+puts them all back. So a pass costs what changed, not one look per busy executor.
+
 Owns: ``queues``, the node indexes, the executors started per shape (prefetch
-candidates) and the tasks and shapes already warned about as infeasible.
+candidates), which of them may have room, and the tasks and shapes already warned
+about as infeasible.
 Reads: node table, object locations (to prefer nodes holding a task's
 arguments), executors' current tasks (to pipeline). Writes node resources
 only through ``NodeTable``.
@@ -90,6 +97,12 @@ class Placement:
         self._names: dict = {}  # sorted resource items -> names of those it needs (> 0)
         self.index = NodeIndex(nodes)
         self.running: dict = {}  # shape -> pool executors started on it (prefetch candidates)
+        # Of those, the ones that may have room in their window: ``_prefetch`` looks at
+        # these only and drops the ones it finds full; the engine adds an executor back
+        # when its window empties by a slot (``refill``), a change it cannot see coming
+        # (a function turning short) adds them all (``refill_all``).
+        self.room: set = set()
+        self._flips = 0  # RunTimes.flips seen
         self.groups = None  # PlacementGroupTable, set by the engine
         self.runtimes = RunTimes()  # functions' run times: the send-ahead window
         self.dirty = False  # something was queued since the last pass
@@ -147,6 +160,7 @@ class Placement:
                     if run is None:
                         run = self.running[shape] = set()
                     run.add(ex)
+                    self.room.add(ex)
             # Sent ahead only when no node has room: never behind a long task while a
             # node with free resources is starting an executor for it.
             if (q and task is not None and not starting and _prefetchable(shape)
@@ -169,9 +183,16 @@ class Placement:
         if not execs:
             return
         runtimes = self.runtimes
+        if runtimes.flips != self._flips:  # a function turned short: windows grew
+            self._flips = runtimes.flips
+            self.refill_all()
+        room = self.room
+        if not room:
+            return
         now = time.time()  # (the clock of Task.started: the broker's moves.now)
         stale = []
-        for ex in execs:
+        for ex in (room & execs if len(room) < 2 * len(execs) else
+                   [ex for ex in execs if ex in room]):
             cur = ex.task
             state = ex.state
             if state in (ExecState.DEAD, ExecState.ACTOR) or (
@@ -183,7 +204,8 @@ class Placement:
                 continue
             have = len(ex.ahead) + picked.get(ex, 0)  # (this pass's are not applied yet)
             limit = runtimes.window(ex, now)
-            if have >= limit:
+            if have >= limit:  # full, or behind a long call: until a slot frees (refill)
+                room.discard(ex)
                 continue
             while have < limit:
                 while q and q[0].state != TaskState.QUEUED:
@@ -193,12 +215,35 @@ class Placement:
                 d.prefetch.append((q.popleft(), ex))
                 have += 1
             picked[ex] = have - len(ex.ahead)
+            if have >= limit:
+                room.discard(ex)
             if not q:
                 break
         for ex in stale:
             execs.discard(ex)
+            if ex.state in (ExecState.DEAD, ExecState.ACTOR):  # (else: another shape's now)
+                room.discard(ex)
         if not execs:
             del self.running[shape]
+
+    def refill(self, ex) -> None:
+        """``ex``'s window may have room again (a task sent ahead started, went back or
+        was cancelled; it stopped waiting in get): the next pass looks at it."""
+        self.room.add(ex)
+
+    def forget_executor(self, ex) -> None:
+        """``ex`` is dead: no longer a prefetch candidate."""
+        self.room.discard(ex)
+        for shape in [s for s, execs in self.running.items() if ex in execs]:
+            execs = self.running[shape]
+            execs.discard(ex)
+            if not execs:
+                del self.running[shape]
+
+    def refill_all(self) -> None:
+        """Every prefetch candidate may have room: the next pass looks at each."""
+        for execs in self.running.values():
+            self.room |= execs
 
     def place(self, task: Task):
         """(node, executor, None) to run ``task`` now; (node, None, None) if a node fits

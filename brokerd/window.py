@@ -68,6 +68,7 @@ class RunTimes:
     def __init__(self):
         self.avg: dict = {}  # fid -> seconds
         self.recalled: set = set()  # (executor cid, task id) RECALLed (once each)
+        self.flips = 0  # times a function became short (its executors' windows grew)
 
     def observe(self, fid: bytes, seconds: float) -> None:
         avg = self.avg
@@ -75,9 +76,11 @@ class RunTimes:
         if old is None:
             if len(avg) >= MAX_FUNCTIONS:  # functions come and go: start over
                 avg.clear()
-            avg[fid] = seconds
+            new = avg[fid] = seconds
         else:
-            avg[fid] = old + ALPHA * (seconds - old)
+            new = avg[fid] = old + ALPHA * (seconds - old)
+        if new < SHORT_S and (old is None or old >= SHORT_S):
+            self.flips += 1
 
     def short(self, fid: bytes) -> bool:
         t = self.avg.get(fid)
