@@ -528,10 +528,8 @@ class TaskEngine:
                 # (an owner takes a second copy of a value as a no-op).
                 pushed = ()
         elif task.kind == P.TASK:
-            self.nodes.release(task)
             self.placement.runtimes.observe(task.spec.fid, self.moves.now - task.started)
-            if ex is not None:
-                self._executor_next(ex)
+            self._executor_next(ex, task)  # (it releases the task's resources)
             if retryable and task.retries_left != 0 and not task.cancel_requested:
                 task.retries_left -= 1
                 log.info("retrying %s after an application error", task.spec.name)
@@ -695,21 +693,34 @@ class TaskEngine:
             self.moves.move(task, TaskState.QUEUED, reason)
             self.placement.enqueue(task)
 
-    def _executor_next(self, ex: Executor) -> None:
-        """The executor finished its task: start the first task sent ahead to it (the
-        executor runs them in the order sent), or make it idle."""
+    def _executor_next(self, ex: Executor, done=None) -> None:
+        """The executor finished its task (``done``, a plain task still holding its
+        resources, when given): start the first task sent ahead to it (the executor
+        runs them in the order sent), or make it idle."""
         ahead = ex.ahead
         if ex.state == ExecState.BUSY:
             while ahead:
                 nxt = ahead.popleft()
                 if nxt.state != TaskState.ASSIGNED:  # cancelled: its DONE will be ignored
                     continue
-                self.nodes.acquire(nxt, ex.node)
+                if (done is not None and done.node is ex.node and not done.blocked
+                        and done.hold == nxt.hold):
+                    # The same resources on the same node: they pass straight on (no
+                    # release and acquire, nothing for the node indexes to re-file).
+                    nxt.node, done.node = done.node, None
+                    done = None
+                else:
+                    if done is not None:
+                        self.nodes.release(done)
+                        done = None
+                    self.nodes.acquire(nxt, ex.node)
                 self.moves.move(nxt, TaskState.RUNNING, "started (prefetched)")
                 nxt.started = self.moves.now
                 ex.task = nxt
                 self.placement.refill(ex)  # (a slot of its window is free)
                 return
+        if done is not None:
+            self.nodes.release(done)
         self._executor_free(ex)
 
     def _unassign(self, ex: Executor, task_id: bytes) -> None:

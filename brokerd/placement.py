@@ -228,8 +228,10 @@ class Placement:
 
     def refill(self, ex) -> None:
         """``ex``'s window may have room again (a task sent ahead started, went back or
-        was cancelled; it stopped waiting in get): the next pass looks at it."""
+        failed): the next pass looks at it."""
         self.room.add(ex)
+        if self.queues:  # (something to send it: a pass)
+            self.dirty = True
 
     def forget_executor(self, ex) -> None:
         """``ex`` is dead: no longer a prefetch candidate."""
@@ -379,7 +381,7 @@ class Placement:
         if task.task_id in self.infeasible_warned:
             return
         if not checked:
-            key = (tuple(sorted(need.items())), self.index.next_rank, self.index.alive)
+            key = (task.shape[0], self.index.next_rank, self.index.alive)  # (need, sorted)
             feasible = self._feasible.get(key)
             if feasible is None:
                 if len(self._feasible) > 10000:

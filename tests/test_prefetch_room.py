@@ -6,8 +6,9 @@ it sends is dropped) driven by the messages its peers would send.
   node, and still finds the one node with room however far down the order it is.
 * Windows (brokerd/window.py): the pass looks only at the executors whose window may
   have room (``Placement.room``). Each event that frees a slot brings an executor back:
-  a DONE that starts the next task sent ahead, a task handed back by an executor that
-  blocks in get, the end of that wait; a function turning short widens every window.
+  a DONE that starts the next task sent ahead (the finished task's resources pass
+  straight to it), a task handed back by an executor that blocks in get; a function
+  turning short widens every window.
 """
 
 import os
@@ -132,6 +133,8 @@ def test_windows_refill_after_each_event_that_frees_a_slot(out):
         assert len(b.ahead) == WINDOW - 1
         _pass(e)
         assert len(b.ahead) == WINDOW
+        # (the next task took the finished one's CPU: still one task's worth in use)
+        assert b.node.avail["CPU"] == 0 and b.node.running == 1 and b.task.node is b.node
     # Blocked in get: it hands back two tasks sent ahead; nothing more goes to it
     # while it waits, and its window is full again once the wait ends.
     handed = [t.task_id for t in list(a.ahead)[-2:]]
@@ -149,3 +152,6 @@ def test_windows_refill_after_each_event_that_frees_a_slot(out):
                 _done(e, ex)
         _pass(e)
     assert a.state == b.state == ExecState.IDLE and not a.ahead and not b.ahead
+    for node in (a.node, b.node):  # every CPU back
+        assert node.avail == node.total and node.running == 0
+    assert e.nodes.totals(avail=True) == {"CPU": 2.0}
