@@ -12,6 +12,7 @@
               event log (list_tasks, get_task, timeline), about once a second
     executor --REQ lease_end {lease_id, events, dropped}--> end(): books, resources back,
               the executor IDLE again (it ended the lease: idle, holder gone, work queued)
+    holder --REQ lease_return {lease_id}--> give_back(): it wants another function's lease
     holder --REQ lease_cancel {task_id, force}--> INTERRUPT (or KILL_EXEC when forced) to
               the leased executor, as for a task the broker runs itself
     executor's task waits in get() (BLOCK) --lend()--> its CPU lent, as for a task
@@ -65,6 +66,7 @@ class TaskLeases:
         self.by_exec: dict = {}
         self.by_holder: dict = {}
         self.lease_tasks: dict = {}  # task id -> holder cid: leased tasks in the event log
+        self.returned: dict = {}  # executor cid -> its lease its holder gave back (books due)
         self.granted = self.ended = self.tasks = self.refused = 0
 
     # ------------------------------------------------------------------ grant
@@ -79,8 +81,9 @@ class TaskLeases:
             raise ValueError("task_lease: {fid: bytes, resources: {CPU: units > 0}}")
         if c is None or c.kind not in ("driver", "executor"):
             raise PermissionError("task_lease: only a driver or an executor may hold a lease")
-        if cid in self.by_holder:
-            raise ValueError("task_lease: this client holds a lease already")
+        old = self.by_holder.get(cid)
+        if old is not None:  # its holder is done with it (its lane closed, or it died)
+            self._give_back_lease(old)
         node = engine.nodes.nodes.get(c.node_id)
         blob = engine.objects.fns.get(fid)
         why = ("no node" if node is None or not node.alive else "function unknown"
@@ -108,13 +111,38 @@ class TaskLeases:
     def books(self, cid: bytes, args: dict, end: bool = False) -> None:
         """REQ lease_books / lease_end from the leased executor: its tasks' events; at the
         end, the executor goes back to the pool."""
-        lease = self.by_exec.get(cid)
-        if lease is None or args.get("lease_id") != lease.lease_id \
-                or set(args) - {"lease_id", "events", "dropped"}:
+        lease_id = args.get("lease_id")
+        if type(lease_id) is not bytes or set(args) - {"lease_id", "events", "dropped"}:
             raise ValueError("lease_books: {lease_id, events, dropped} from the leased executor")
+        lease = self.by_exec.get(cid)
+        if lease is None or lease_id != lease.lease_id:
+            # returned by its holder before the executor saw it end: its last books
+            lease = self.returned.get(cid)
+            if lease is None or lease_id != lease.lease_id:
+                return  # (ended already: nothing of it is held)
+            if end:
+                del self.returned[cid]
+            self._events(lease, args.get("events", []), args.get("dropped", 0))
+            return
         self._events(lease, args.get("events", []), args.get("dropped", 0))
         if end:
             self._release(lease, "lease ended")
+
+    def give_back(self, cid: bytes, args: dict) -> None:
+        """REQ lease_return from the holder: it wants a lease of another function. The
+        executor goes back to the pool now; it sees the lane close and sends its books."""
+        lease_id = args.get("lease_id")
+        if type(lease_id) is not bytes or set(args) - {"lease_id"}:
+            raise ValueError("lease_return: {lease_id}")
+        lease = self.by_holder.get(cid)
+        if lease is not None and lease.lease_id == lease_id:
+            self._give_back_lease(lease)
+
+    def _give_back_lease(self, lease: Lease) -> None:
+        self._release(lease, "returned by its holder")
+        if len(self.returned) > 10_000:
+            self.returned.clear()
+        self.returned[lease.ex.cid] = lease
 
     def _events(self, lease: Lease, events, dropped) -> None:
         if type(events) is not list or len(events) > MAX_EVENTS or type(dropped) is not int \

@@ -381,6 +381,11 @@ class Queries(PlacementGroupQueries):
         self.engine.leases.books(cid, args, end=True)
         return True
 
+    def req_lease_return(self, cid, args):
+        """The holder gives its lease back (it wants one for another function)."""
+        self.engine.leases.give_back(cid, args)
+        return True
+
     def req_lease_cancel(self, cid, args):
         """ray.cancel of a leased task: the broker interrupts it on the leased executor."""
         self.engine.leases.cancel(cid, args)

@@ -100,14 +100,18 @@ class TaskLeases:
             if route.state == "alive" and not route.inflight and route.fid == spec.fid \
                     and route.resources == cpu:
                 return self._send(route, spec, frames, keep)
-            if route.state == "alive":
-                return False  # busy, or another shape: the broker path
-            self.route = route = None
+            if route.state == "alive" and route.inflight:
+                return False  # busy: the broker path
+            if route.state != "alive":
+                self.route = route = None
         if self.client._awaiting > 1 or key != self.key:  # (1: this task's own return)
             self.key, self.streak = key, 0
         self.streak += 1
         if self.streak < STREAK or time.monotonic() < self.wait_until:
             return False
+        if route is not None:  # a lease of another function or shape: give it back first
+            if not self._give_back(route):
+                return False
         route = self._acquire(spec.fid, cpu)
         if route is None:
             self.streak = 0
@@ -125,6 +129,22 @@ class TaskLeases:
             direct._send_direct(route, call)
             call.frames = frames  # kept until answered: sent again if the lease ends unread
         self.sent += 1
+        return True
+
+    def _give_back(self, route: _LeaseRoute) -> bool:
+        """Return an idle lease to the broker (REQ lease_return) and close its lane (its
+        executor sees it close and sends its last books). False if a call is on it."""
+        direct = self.direct
+        with direct.lock:
+            if route.inflight or route.state != "alive":
+                return False
+            route.state = "ended"
+            lane, route.lane = route.lane, None
+            self.client.request_nowait("lease_return", {"lease_id": route.lease_id})
+            if lane is not None:
+                direct._forget_lane(lane)
+            if self.route is route:
+                self.route = None
         return True
 
     def _acquire(self, fid: bytes, cpu: int):
