@@ -15,6 +15,8 @@
     holder --REQ lease_return {lease_id}--> give_back(): it wants another function's lease
     holder --REQ lease_cancel {task_id, force}--> INTERRUPT (or KILL_EXEC when forced) to
               the leased executor, as for a task the broker runs itself
+    tasks queued (each liveness check) --revoke()--> LEASE(active=False) to each leased
+              executor: it ends the lease at once (lease_end), as when it idles
     executor's task waits in get() (BLOCK) --lend()--> its CPU lent, as for a task
     executor dies --executor_gone()--> resources back (the holder sees its lane close)
 
@@ -57,6 +59,7 @@ class Lease:
     ex: object  # the Executor
     held: _Hold
     tasks: int = 0
+    revoked: bool = False  # asked to end (tasks were queued)
 
 
 class TaskLeases:
@@ -67,7 +70,7 @@ class TaskLeases:
         self.by_holder: dict = {}
         self.lease_tasks: dict = {}  # task id -> holder cid: leased tasks in the event log
         self.returned: dict = {}  # executor cid -> its lease its holder gave back (books due)
-        self.granted = self.ended = self.tasks = self.refused = 0
+        self.granted = self.ended = self.tasks = self.refused = self.revoked = 0
 
     # ------------------------------------------------------------------ grant
     def grant(self, cid: bytes, args: dict):
@@ -215,6 +218,17 @@ class TaskLeases:
         else:
             self.out.send(P.inbox_ident(ex.cid), P.encode(P.Interrupt(task_id, False)))
 
+    def revoke(self) -> None:
+        """(each liveness check, with tasks queued) Ask every leased executor to end its
+        lease: LEASE(active=False) wakes its main thread, which ends the lease as when it
+        idles (lease_end), and the queued tasks get its resources."""
+        for lease in self.by_exec.values():
+            if not lease.revoked:
+                lease.revoked = True
+                self.revoked += 1
+                self.out.send(P.inbox_ident(lease.ex.cid),
+                              P.encode(P.Lease(lease.lease_id, lease.holder, False, b"")))
+
     def report(self) -> dict:
         return {"granted": self.granted, "ended": self.ended, "active": len(self.by_exec),
-                "tasks": self.tasks, "refused": self.refused}
+                "tasks": self.tasks, "refused": self.refused, "revoked": self.revoked}

@@ -87,7 +87,7 @@ def test_sync_loop_goes_through_a_lease(cluster):
 
     def rows():
         got = [t for t in list_tasks(filters=[("name", "=", "add_one")], limit=10_000)
-               if t["state"] == "FINISHED"]
+               if t["state"] == "FINISHED" and t["type"] == "NORMAL_TASK"]
         return len(got) >= 40 and got
 
     poll_until(rows, 30, what="the leased tasks in list_tasks")
@@ -208,6 +208,16 @@ def test_nested_get_does_not_deadlock(cluster):
     before = _sent()
     assert ray.get(nested.remote(), timeout=90) == "all four"
     assert _sent() == before + 1
+
+
+def test_queued_work_takes_the_lease_back(cluster):
+    """A task that needs the leased CPU while the lease is idle-held is not left waiting
+    for the lease to idle out: the broker asks the executor to end it."""
+    assert _leased(add_one, 1)
+    revoked = _runtime.client.request("task_leases")["revoked"]
+    assert ray.get(needs_all_cpus.options(num_cpus=4).remote(), timeout=60) == "all four"
+    assert _runtime.client.request("task_leases")["revoked"] > revoked
+    assert ray.get(add_one.remote(1), timeout=60) == 2
 
 
 @ray.remote

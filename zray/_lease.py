@@ -124,8 +124,8 @@ class TaskLeases:
         call = _direct._Call(spec, frames, keep, mr if type(mr) is int else 0)
         direct = self.direct
         with direct.lock:
-            if route.state != "alive" or route.lane is None:
-                return False
+            if route.state != "alive" or route.lane is None or route.inflight:
+                return False  # (another thread's task took it meanwhile)
             direct._send_direct(route, call)
             call.frames = frames  # kept until answered: sent again if the lease ends unread
         self.sent += 1
