@@ -41,8 +41,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zray.executor")
 
-ENABLED = env_number("ZRAY_TASK_LEASES", 1, 0, 1, int, "0 or 1") == 1
-IDLE_S = env_number("ZRAY_TASK_LEASE_IDLE_MS", 50, 1, 60_000, int, "milliseconds") / 1000
+
+
+def read_env() -> tuple:
+    """(ENABLED, IDLE_S) from ZRAY_TASK_LEASES and ZRAY_TASK_LEASE_IDLE_MS: a bad value is a
+    ValueError naming its variable (zray.init and ``zray worker`` check them first)."""
+    return (env_number("ZRAY_TASK_LEASES", 1, 0, 1, int, "0 or 1") == 1,
+            env_number("ZRAY_TASK_LEASE_IDLE_MS", 50, 1, 60_000, int, "milliseconds") / 1000)
+
+
+ENABLED, IDLE_S = read_env()
 BOOKS_S = 1.0
 MAX_EVENTS = 5000
 
@@ -173,12 +181,14 @@ class LeaseServer:
             pass
         except BaseException:
             # the process ends (sys.exit in a task, exit_actor...): no LEASE end on the lane,
-            # so the holder takes the task for crashed (it retries or fails it)
-            self._finish(lane, False)
+            # so the holder takes the task for crashed (it retries or fails it); no
+            # lease_end either: the broker must not take this process for idle (its death
+            # ends the lease there)
+            self._finish(lane, False, "lease_books")
             raise
         self._finish(lane, end_on_lane)
 
-    def _finish(self, lane, end_on_lane: bool) -> None:
+    def _finish(self, lane, end_on_lane: bool, books: str = "lease_end") -> None:
         self.active = False
         self.proc.results.direct = None
         if lane is not None:
@@ -190,7 +200,7 @@ class LeaseServer:
             lane.close()
         self.calls.clear()
         self.started.clear()
-        self._books("lease_end")
+        self._books(books)
 
     def _books(self, op: str) -> None:
         events, self.events = self.events, []

@@ -323,6 +323,9 @@ def run(address, num_cpus, gpu_ids, resources, session_dir, node_id=None, presta
         labels=None, memory=None, object_store_memory=None):
     try:  # (our executors read it at start: a bad value would make each of them die)
         held.read_env()
+        from workerd import lease  # (ZRAY_TASK_LEASE*: read at import)
+
+        lease.read_env()
     except ValueError as e:
         raise SystemExit(f"zray worker: {e}") from None
     agent = NodeAgent(address, num_cpus, gpu_ids, resources, session_dir, node_id, prestart,

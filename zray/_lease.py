@@ -43,12 +43,11 @@ import time
 
 from zray import _direct, _lane, exceptions
 from zray import _protocol as P
-from zray._procutil import env_number
 from zray._serialization import serialize_error
 
 log = logging.getLogger("zray.lease")
 
-ENABLED = env_number("ZRAY_TASK_LEASES", 1, 0, 1, int, "0 or 1") == 1
+ENABLED = os.environ.get("ZRAY_TASK_LEASES", "1") != "0"  # (checked: workerd/lease.py)
 STREAK = 3  # sync tasks of one shape in a row before a lease is asked for
 REFUSED_BACKOFF_S = 1.0
 _OPTIONS = frozenset({"max_retries", "retry_exceptions"})
