@@ -8,6 +8,8 @@ plain tasks straight off a lane, with no broker turn per task.
     holder --DCALL (a TASK spec)--> main thread: checks, TaskRunner.run as for an EXEC
           (prepare, print prefix, runtime context, cancel by SIGUSR1, BLOCK in get)
     ResultSender.finish_values / finish_error --reply()--> DDONE + frames on the lane
+    print() in a task of the holder's job (holder = its driver) --LOG on the lane, ahead of
+          the task's DDONE (the broker's way would come after the result)
     every BOOKS_S and at the end: REQ lease_books / lease_end {lease_id, events}
     the lease ends when: no DCALL for IDLE_S (LEASE(active=False) on the lane first: it
     reads nothing after it), the holder closes the lane (it left or died), the queue
@@ -165,6 +167,7 @@ class LeaseServer:
                                     hello = self._hello(parts)
                                     if not hello:
                                         raise _lane.LaneClosed("not this lease's holder")
+                                    proc.logs.lane = (self.holder, lane)  # (a driver's)
                                     continue
                                 if self._call(parts, lane):
                                     last = time.monotonic()
@@ -190,6 +193,7 @@ class LeaseServer:
 
     def _finish(self, lane, end_on_lane: bool, books: str = "lease_end") -> None:
         self.active = False
+        self.proc.logs.lane = None
         self.proc.results.direct = None
         if lane is not None:
             if end_on_lane:  # (best effort: a holder that is gone sees EOF anyway)

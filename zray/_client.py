@@ -752,6 +752,9 @@ class Client:
                 if mtype == Msg.EXEC or mtype == Msg.RECALL:  # (RECALL: workerd/executor.py)
                     if self._on_exec is not None:
                         self._on_exec(m, msg[1:])
+                elif mtype == Msg.LOG:  # a leased executor's output, on its lane (lease.py)
+                    if self.print_logs and m.driver == self.cid:
+                        self._print_log(m.prefix, m.text)
                 elif mtype == Msg.LEASE:  # leased executors (zray/_lease.py, workerd/lease.py)
                     if m.holder == self.cid:  # our lease ends: on its lane
                         if self.leases is not None:
