@@ -94,6 +94,22 @@ def test_sync_loop_goes_through_a_lease(cluster):
     poll_until(rows, 30, what="the leased tasks in list_tasks")
 
 
+def test_wait_future_and_get_task_of_a_leased_result(cluster):
+    from zray.util.state import get_task
+
+    assert _leased(add_one, 1)
+    before = _sent()
+    ref = add_one.remote(1)
+    assert _sent() == before + 1
+    ready, rest = ray.wait([ref], num_returns=1, timeout=60)
+    assert ready == [ref] and rest == []
+    assert _leased(add_one, 1)
+    ref2 = add_one.remote(2)
+    assert ref2.future().result(timeout=60) == 3
+    poll_until(lambda: (get_task(ref2) or {}).get("state") == "FINISHED", 30,
+               what="the leased task's row in get_task")
+
+
 def test_lease_holds_its_cpu(cluster):
     assert _leased(hold_cpu, "x")
     # seen from inside a leased task: the lease's CPU is in use, as for a running task
