@@ -13,7 +13,7 @@
     executor --REQ lease_end {lease_id, events, dropped}--> end(): books, resources back,
               the executor IDLE again (it ended the lease: idle, holder gone, work queued)
     holder --REQ lease_return {lease_id}--> give_back(): it wants another function's lease
-    holder --REQ lease_cancel {task_id, force}--> INTERRUPT (or KILL_EXEC when forced) to
+    holder --REQ lease_cancel {task_id, force, recursive}--> INTERRUPT (or KILL_EXEC when forced) to
               the leased executor, as for a task the broker runs itself
     tasks queued (each liveness check) --revoke()--> LEASE(active=False) to each leased
               executor: it ends the lease at once (lease_end), as when it idles
@@ -162,7 +162,9 @@ class TaskLeases:
                                  "start, end, failed, error]")
         moves = self.engine.moves
         log_, node_id = moves.events, lease.ex.node.node_id
+        children = self.engine.children
         for task_id, name, t0, t1, failed, error in events:
+            children.pop(task_id, None)  # (a leased task's own children: it is over)
             log_.append((t0, "task", task_id, "queued", "running", "", node_id, name))
             log_.append((t1, "task", task_id, "running", "failed" if failed else "finished",
                          error if failed else "", node_id, name))
@@ -205,10 +207,16 @@ class TaskLeases:
     def cancel(self, cid: bytes, args: dict) -> None:
         """REQ lease_cancel: ray.cancel of a leased task, only from its holder."""
         task_id, force = args.get("task_id"), args.get("force")
+        recursive = args.get("recursive", True)
         if (type(task_id) is not bytes or len(task_id) != P.TASK_ID_LEN
                 or task_id[:P.ID_LEN] != cid or type(force) is not bool
-                or set(args) - {"task_id", "force"}):
-            raise ValueError("lease_cancel: {task_id: a task of yours, force: bool}")
+                or type(recursive) is not bool or set(args) - {"task_id", "force", "recursive"}):
+            raise ValueError("lease_cancel: {task_id: a task of yours, force: bool, "
+                             "recursive: bool}")
+        if recursive:  # the tasks it submitted (through the broker) go too, as in Ray
+            engine = self.engine
+            for child in list(engine.children.get(task_id, ())):
+                engine.cancel(child, force, True)
         lease = self.by_holder.get(cid)
         if lease is None:
             return

@@ -238,6 +238,54 @@ def test_cancel_a_leased_task(cluster, tmp_path, force):
 
 
 @ray.remote
+def sleeping_child(path):
+    open(path, "w").close()
+    time.sleep(120)
+    return "child done"
+
+
+@ray.remote
+def parent(path):
+    if not path:
+        return "no child"
+    return ray.get(sleeping_child.remote(path))
+
+
+def test_cancel_a_leased_task_cancels_its_children(cluster, tmp_path):
+    from zray.util.state import list_tasks
+
+    assert _leased(parent, "")
+    marker = str(tmp_path / "child")
+    before = _sent()
+    ref = parent.remote(marker)
+    assert _sent() == before + 1
+    poll_until(lambda: os.path.exists(marker), 60, what="the child task to start")
+    ray.cancel(ref)  # (recursive=True, Ray's default)
+    with pytest.raises(TaskCancelledError):
+        ray.get(ref, timeout=60)
+
+    def child_ended():
+        rows = list_tasks(filters=[("name", "=", "sleeping_child")], limit=1000)
+        return rows and all(r["state"] in ("CANCELLED", "FAILED") for r in rows)
+
+    poll_until(child_ended, 60, what="the leased task's child to be cancelled")
+
+
+@ray.remote
+def sync_children(n):
+    out = [ray.get(add_one.remote(i)) for i in range(n)]
+    return out, _sent()
+
+
+def test_an_executor_holds_a_lease_for_its_sync_children(cluster):
+    # (its strategy keeps the parent itself off the driver's lease)
+    out, sent = ray.get(sync_children.options(scheduling_strategy="DEFAULT").remote(30),
+                        timeout=120)
+    assert out == [i + 1 for i in range(30)]
+    assert sent >= 1  # the executor's own client leased an executor for them
+
+
+@ray.remote
 def needs_all_cpus():
     return "all four"
 

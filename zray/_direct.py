@@ -686,12 +686,18 @@ class DirectCalls:
                 self.client.request_nowait("actor_route", {"actor_id": actor_id})
 
     # ------------------------------------------------------------ user threads
-    def cancel(self, oid: bytes, force: bool) -> bool:
-        """ray.cancel of a direct call (sent or held): True if handled here."""
+    def cancel(self, oid: bytes, force: bool, recursive: bool = True) -> bool:
+        """ray.cancel of a direct call (sent or held): True if handled here. ``recursive``
+        is passed on for a task on a leased executor (zray/_lease.py); direct actor calls
+        are cancelled as before."""
         task_id = oid[:P.TASK_ID_LEN]
         with self.lock:
             route = self.by_task.get(task_id)
             if route is not None:
+                leases = getattr(route, "leases", None)
+                if leases is not None:
+                    leases.cancel(route, task_id, bool(force), bool(recursive))
+                    return True
                 self._cancel_sent(route, task_id, bool(force))
                 return True
             for route in self.routes.values():

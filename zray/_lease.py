@@ -248,13 +248,16 @@ class TaskLeases:
         if failed:
             _file(client, failed)
 
-    def cancel(self, route: _LeaseRoute, task_id: bytes, force: bool) -> None:
+    def cancel(self, route: _LeaseRoute, task_id: bytes, force: bool,
+               recursive: bool = True) -> None:
         """(under direct.lock) ray.cancel of a call on the lease: the broker interrupts it
-        (forced: ends the executor's process, and the call fails TaskCancelledError)."""
+        (forced: ends the executor's process, and the call fails TaskCancelledError), and
+        with ``recursive`` cancels the tasks it submitted."""
         call = route.inflight.get(task_id)
         if call is not None:
             call.cancel = force
-        self.client.request_nowait("lease_cancel", {"task_id": task_id, "force": force})
+        self.client.request_nowait("lease_cancel", {"task_id": task_id, "force": force,
+                                                    "recursive": recursive})
 
 
 def _file(client, values: list) -> None:
