@@ -188,6 +188,10 @@ class NodeAgent:
                 del self.procs[cid]
                 self.tokens.pop(cid, None)
                 self.sock.send(P.encode(P.ExecDied(cid, code)))
+                try:  # its lease listener (workerd/lease.py), left by a process killed
+                    os.unlink(os.path.join(self.store.dir, f"t-{cid.hex()}"))
+                except OSError:
+                    pass
 
     def handle(self, m, msg) -> None:
         """One message from the broker (``msg``: its frames, header first)."""
