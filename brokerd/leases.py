@@ -68,7 +68,8 @@ class TaskLeases:
         self.engine = engine
         self.by_exec: dict = {}
         self.by_holder: dict = {}
-        self.lease_tasks: dict = {}  # task id -> holder cid: leased tasks in the event log
+        # task id -> (job id, resources, executor cid, pid): leased tasks in the event log
+        self.lease_tasks: dict = {}
         self.returned: dict = {}  # executor cid -> its lease its holder gave back (books due)
         self.granted = self.ended = self.tasks = self.refused = self.revoked = 0
 
@@ -162,13 +163,16 @@ class TaskLeases:
                                  "start, end, failed, error]")
         moves = self.engine.moves
         log_, node_id = moves.events, lease.ex.node.node_id
+        holder = self.engine.clients.get(lease.holder)
+        row = (holder.job_id if holder is not None else None, lease.held.hold, lease.ex.cid,
+               lease.ex.pid)  # what list_tasks shows of it beyond its events
         children = self.engine.children
         for task_id, name, t0, t1, failed, error in events:
             children.pop(task_id, None)  # (a leased task's own children: it is over)
             log_.append((t0, "task", task_id, "queued", "running", "", node_id, name))
             log_.append((t1, "task", task_id, "running", "failed" if failed else "finished",
                          error if failed else "", node_id, name))
-            self.lease_tasks[task_id] = lease.holder
+            self.lease_tasks[task_id] = row
         moves.appended += 2 * (len(events) + dropped)
         lease.tasks += len(events) + dropped
         self.tasks += len(events) + dropped

@@ -141,7 +141,9 @@ class StateView:
                     r.update(type="ACTOR_TASK", actor_id=aid.hex(), func_or_class_name=name,
                              job_id=_hex(actor.job_id) if actor is not None else None)
                 elif r["type"] is None and rid in leased:  # run on a leased executor
-                    r["type"] = "NORMAL_TASK"
+                    job, res, ex_cid, pid = leased[rid]
+                    r.update(type="NORMAL_TASK", job_id=_hex(job), worker_id=ex_cid.hex(),
+                             worker_pid=pid, required_resources=P.from_units(res))
             r["events"].append({"state": TASK_STATE[new], "created_ms": _ms(t)})
             r["state"] = TASK_STATE[new]
             if node_id:

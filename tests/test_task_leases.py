@@ -87,8 +87,11 @@ def test_sync_loop_goes_through_a_lease(cluster):
     from zray.util.state import list_tasks
 
     def rows():
-        got = [t for t in list_tasks(filters=[("name", "=", "add_one")], limit=10_000)
-               if t["state"] == "FINISHED" and t["type"] == "NORMAL_TASK"]
+        got = [t for t in list_tasks(filters=[("name", "=", "add_one")], limit=10_000,
+                                     detail=True)
+               if t["state"] == "FINISHED" and t["type"] == "NORMAL_TASK"
+               and t["job_id"] == ray.get_runtime_context().get_job_id()
+               and t["required_resources"] == {"CPU": 1.0} and t["worker_pid"]]
         return len(got) >= 40 + _lease.STREAK and got
 
     poll_until(rows, 30, what="the leased tasks in list_tasks")
