@@ -95,6 +95,8 @@ def test_sync_loop_goes_through_a_lease(cluster):
         return len(got) >= 40 + _lease.STREAK and got
 
     poll_until(rows, 30, what="the leased tasks in list_tasks")
+    runs = [e for e in ray.timeline() if e.get("name") == "add_one" and e.get("ph") == "X"]
+    assert len(runs) >= 40  # each leased run is a complete event of the timeline
 
 
 def test_wait_future_and_get_task_of_a_leased_result(cluster):
