@@ -18,7 +18,10 @@ plain tasks straight off a lane, with no broker turn per task.
 
 The listener is bound when the executor starts, so a holder can connect as soon as
 the broker's answer reaches it; a connection is served only once its first message
-names the current lease (its random id), and only while the lease lasts. Everything
+names the current lease (its random id), and only while the lease lasts. One that
+names another lease is kept, with what came after it, for the next lease: the broker
+may lend this executor again (it took it back from a holder that gave it back) before
+this loop noticed the previous lease ended, and that holder connects at once. Everything
 read is checked in full (P.decode); a bad message closes that lane (counted in
 ``dropped``). A task that ends the process (sys.exit, a crash) sends no LEASE end:
 the holder sees EOF and retries or fails the task as the broker path would.
@@ -87,6 +90,12 @@ class LeaseServer:
         self.events_dropped = 0
         self.dropped = 0
         self.leases = 0
+        self.lane = None  # the holder's lane (its hello came)
+        self.waiting: dict = {}
+        self.later: list = []  # [(Lane, messages read)]: hellos for a lease not served yet
+        self.poller = None
+        self.polled_out = False
+        self.last = 0.0  # when the last call came
         client.on_close.append(self.close)
 
     def wake(self) -> None:
@@ -117,14 +126,21 @@ class LeaseServer:
         self._drain_wake()
         self.active = True
         proc.results.direct = self
-        lane, hello = None, False
-        poller = select.poll()
+        self.lane = None
+        poller = self.poller = select.poll()
         poller.register(self.listener.fileno(), select.POLLIN)
         poller.register(self.wake_r, select.POLLIN)
-        polled_out = False
-        last = last_books = time.monotonic()
+        self.waiting = {}  # fd -> a Lane whose hello has not come yet
+        self.polled_out = False
+        self.last = last_books = time.monotonic()
         end_on_lane = False
         try:
+            later, self.later = self.later, []
+            for ln, msgs in later:  # connected while the previous lease was served
+                if msgs and self._hello(msgs[0]):
+                    self._adopt(ln, msgs[1:])
+                else:
+                    ln.close()
             while True:
                 if not proc.queue.empty():
                     end_on_lane = True
@@ -133,53 +149,38 @@ class LeaseServer:
                 if now - last_books >= BOOKS_S:
                     last_books = now
                     self._books("lease_books")
-                left = last + IDLE_S - now
+                left = self.last + IDLE_S - now
+                lane = self.lane
                 if left <= 0:
                     if lane is None or not lane.outq:
                         end_on_lane = True
                         break
                     left = IDLE_S
                 want_out = lane is not None and bool(lane.outq)
-                if lane is not None and want_out != polled_out:
+                if lane is not None and want_out != self.polled_out:
                     poller.modify(lane.fd, select.POLLIN | (select.POLLOUT if want_out else 0))
-                    polled_out = want_out
-                events = poller.poll(min(left, BOOKS_S) * 1000)
-                for fd, ev in events:
+                    self.polled_out = want_out
+                for fd, ev in poller.poll(min(left, BOOKS_S) * 1000):
                     if fd == self.wake_r:
                         self._drain_wake()
                     elif fd == self.listener.fileno():
                         new = self._accept()
                         if new is not None:
-                            if lane is None:
-                                lane, hello = new, False
-                                poller.register(lane.fd, select.POLLIN)
-                                polled_out = False
-                            else:  # one lane per lease
-                                new.close()
-                    elif lane is not None and fd == lane.fd:
+                            self.waiting[new.fd] = new
+                            poller.register(new.fd, select.POLLIN)
+                    elif fd in self.waiting:
+                        self._read_waiting(self.waiting[fd])
+                    elif self.lane is not None and fd == self.lane.fd:
+                        lane = self.lane
                         try:
                             if ev & select.POLLOUT:
                                 lane.flush()
-                            if not ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
-                                continue
-                            for parts in lane.read():
-                                if not hello:
-                                    hello = self._hello(parts)
-                                    if not hello:
-                                        raise _lane.LaneClosed("not this lease's holder")
-                                    proc.logs.lane = (self.holder, lane)  # (a driver's)
-                                    continue
-                                if self._call(parts, lane):
-                                    last = time.monotonic()
+                            if ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                                self._run(lane.read(), lane)
                         except _lane.LaneClosed as e:
                             if "closed the lane" not in str(e):
                                 self._drop(f"lane: {e}")
-                            poller.unregister(lane.fd)
-                            lane.close()
-                            if hello:  # the holder left: the lease is over
-                                lane = None
-                                raise _Ended() from None
-                            lane = None
+                            raise _Ended() from None  # the holder left: the lease is over
         except _Ended:
             pass
         except BaseException:
@@ -187,13 +188,63 @@ class LeaseServer:
             # so the holder takes the task for crashed (it retries or fails it); no
             # lease_end either: the broker must not take this process for idle (its death
             # ends the lease there)
-            self._finish(lane, False, "lease_books")
+            self._finish(self.lane, False, "lease_books")
             raise
-        self._finish(lane, end_on_lane)
+        self._finish(self.lane, end_on_lane)
+
+    def _read_waiting(self, ln) -> None:
+        """A connection not yet this lease's: its first message says whose lease it is. A
+        hello for another lease is kept for the next one (the broker may have lent us to
+        its holder already: that LEASE waits in our queue), with what came after it."""
+        try:
+            msgs = ln.read()
+        except _lane.LaneClosed:
+            self._unwait(ln)
+            ln.close()
+            return
+        if not msgs:
+            return
+        self._unwait(ln)
+        if self._hello(msgs[0]):
+            if self.lane is None:
+                self._adopt(ln, msgs[1:])
+                return
+        elif self._hello(msgs[0], any_lease=True) and len(self.later) < 8:
+            self.later.append((ln, msgs))
+            return
+        ln.close()
+
+    def _unwait(self, ln) -> None:
+        self.waiting.pop(ln.fd, None)
+        try:
+            self.poller.unregister(ln.fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _adopt(self, ln, msgs: list) -> None:
+        """The holder's lane: its calls run from now on."""
+        self.lane = ln
+        self.poller.register(ln.fd, select.POLLIN)
+        self.polled_out = False
+        self.proc.logs.lane = (self.holder, ln)  # (its output: see LogForwarder)
+        self.last = time.monotonic()
+        try:
+            self._run(msgs, ln)
+        except _lane.LaneClosed:
+            raise _Ended() from None
+
+    def _run(self, msgs: list, lane) -> None:
+        for parts in msgs:
+            if self._call(parts, lane):
+                self.last = time.monotonic()
 
     def _finish(self, lane, end_on_lane: bool, books: str = "lease_end") -> None:
         self.active = False
         self.proc.logs.lane = None
+        self.lane = None
+        for ln in self.waiting.values():  # (a hello that did not come in time)
+            ln.close()
+        self.waiting = {}
         self.proc.results.direct = None
         if lane is not None:
             if end_on_lane:  # (best effort: a holder that is gone sees EOF anyway)
@@ -231,14 +282,17 @@ class LeaseServer:
         sock.setblocking(False)
         return _lane.Lane(sock)
 
-    def _hello(self, parts: list) -> bool:
+    def _hello(self, parts: list, any_lease: bool = False) -> bool:
+        """Whether ``parts`` is a holder's LEASE hello for this lease (``any_lease``: for
+        any lease: one not served yet)."""
         try:
             m = P.decode(P.buffer_of(parts[0]))
         except P.ProtocolError as e:
             self._drop(str(e))
             return False
-        return (m.TYPE == Msg.LEASE and len(parts) == 1 and m.active
-                and m.lease_id == self.lease_id and m.holder == self.holder)
+        if m.TYPE != Msg.LEASE or len(parts) != 1 or not m.active:
+            return False
+        return any_lease or (m.lease_id == self.lease_id and m.holder == self.holder)
 
     def _call(self, parts: list, lane) -> bool:
         """A DCALL on the lease's lane: run it here (main thread). False if dropped."""
