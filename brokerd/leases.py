@@ -13,6 +13,8 @@
     executor --REQ lease_end {lease_id, events, dropped}--> end(): books, resources back,
               the executor IDLE again (it ended the lease: idle, holder gone, work queued)
     holder --REQ lease_return {lease_id}--> give_back(): it wants another function's lease
+              (or asks anew: its lane closed): the resources now, the executor back in
+              the pool once its lease_end comes
     holder --REQ lease_cancel {task_id, force, recursive}--> INTERRUPT (or KILL_EXEC when forced) to
               the leased executor, as for a task the broker runs itself
     tasks queued (each liveness check) --revoke()--> LEASE(active=False) to each leased
@@ -124,9 +126,10 @@ class TaskLeases:
             lease = self.returned.get(cid)
             if lease is None or lease_id != lease.lease_id:
                 return  # (ended already: nothing of it is held)
-            if end:
-                del self.returned[cid]
             self._events(lease, args.get("events", []), args.get("dropped", 0))
+            if end:  # its loop is over: only now may it be lent or given work again
+                del self.returned[cid]
+                self._pool(lease.ex, "lease ended")
             return
         self._events(lease, args.get("events", []), args.get("dropped", 0))
         if end:
@@ -143,7 +146,9 @@ class TaskLeases:
             self._give_back_lease(lease)
 
     def _give_back_lease(self, lease: Lease) -> None:
-        self._release(lease, "returned by its holder")
+        """Its resources now; the executor itself once its lease_end says its loop is
+        over (it may even be dead, and the broker not know yet)."""
+        self._release(lease, "returned by its holder", pool=False)
         if len(self.returned) > 10_000:
             self.returned.clear()
         self.returned[lease.ex.cid] = lease
@@ -181,21 +186,26 @@ class TaskLeases:
                 del self.lease_tasks[k]
 
     # ------------------------------------------------------------------ ends
-    def _release(self, lease: Lease, why: str) -> None:
+    def _release(self, lease: Lease, why: str, pool: bool = True) -> None:
         engine = self.engine
         self.by_exec.pop(lease.ex.cid, None)
         if self.by_holder.get(lease.holder) is lease:
             del self.by_holder[lease.holder]
         engine.nodes.release(lease.held)
         self.ended += 1
-        ex = lease.ex
-        if ex.state == ExecState.BUSY and ex.task is None:
-            engine.moves.move(ex, ExecState.IDLE, why)
-            engine.nodes.push_idle(ex)
+        if pool:
+            self._pool(lease.ex, why)
+
+    def _pool(self, ex, why: str) -> None:
+        """The executor back in its node's pool of idle executors."""
+        if ex.state == ExecState.BUSY and ex.task is None and ex.cid not in self.by_exec:
+            self.engine.moves.move(ex, ExecState.IDLE, why)
+            self.engine.nodes.push_idle(ex)
 
     def executor_gone(self, ex) -> None:
         """(engine.executor_dead) The leased executor died: the lease's resources come
         back; its holder sees the lane close and retries or fails what it had sent."""
+        self.returned.pop(ex.cid, None)
         lease = self.by_exec.get(ex.cid)
         if lease is not None:
             self._release(lease, "its executor died")
