@@ -41,6 +41,9 @@ class LogForwarder:
         self.prefix = ""  # "(name pid=N)": the task or actor class that prints
         self.task = None  # the spec of the current call (set in prepare)
         self.marked = None  # the spec whose marker the log file got last
+        # (driver cid, Lane) while this executor is leased to that driver: its output goes
+        # on the lease's lane, ahead of the result it prints before (workerd/lease.py)
+        self.lane = None
 
     def mark(self, raw) -> None:
         """Write the current call's marker to the log file before its first output."""
@@ -56,6 +59,13 @@ class LogForwarder:
         driver = self.driver
         if driver and text.strip("\n"):
             prefix = self.prefix + ("!" if is_err else "")
+            lane = self.lane
+            try:
+                if lane is not None and lane[0] == driver:
+                    lane[1].send(P.encode(P.Log(driver, prefix, text)))
+                    return
+            except Exception:  # (the lane closed: its driver left; the broker's way then)
+                pass
             try:
                 self.client.send(P.encode(P.Log(driver, prefix, text)))
             except Exception:
