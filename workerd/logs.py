@@ -5,6 +5,8 @@
     print() --> sys.stdout / sys.stderr (TaskStream)
                   |-- every write -----> the raw stream: this executor's log file
                   '-- whole lines -----> LogForwarder.forward --LOG--> broker --PRINT--> driver
+                                           driver on this node: --LOG--> its result lane (or
+                                           PUSH), or the lease's lane (workerd/lease.py)
 
 ``ExecutorProcess`` replaces ``sys.stdout`` and ``sys.stderr`` with a
 ``TaskStream`` each. A write goes to the raw stream at once and is buffered
@@ -12,6 +14,10 @@ until a newline; complete lines go to the driver at the root of the current
 call as one LOG, prefixed ``(name pid=N)`` (``!`` appended for stderr).
 The executor flushes both streams when a call ends, so a partial last line
 reaches the driver with the call, not with the next one.
+A driver on this node gets the LOG straight, on the way its results come (a
+result lane, else its PUSH socket; a leased executor's lane while leased to it):
+then a line printed before a result is never overtaken by it (through the
+broker it could be, and a driver that exited right after its ``get()`` lost it).
 
 ``LogForwarder.driver`` and ``prefix`` are set per call by the executor (the
 driver and ``task`` in ``prepare``, the prefix by the task runner or at actor creation).
@@ -66,8 +72,18 @@ class LogForwarder:
                     return
             except Exception:  # (the lane closed: its driver left; the broker's way then)
                 pass
+            header = P.encode(P.Log(driver, prefix, text))
             try:
-                self.client.send(P.encode(P.Log(driver, prefix, text)))
+                # A driver on this node: straight to it, as its results go (a result lane,
+                # else its PUSH socket). Through the broker, a line printed before the
+                # result came after it, and a driver that ended right after its get()
+                # lost it.
+                if self.client.push_direct(driver, header, ()):
+                    return
+            except Exception:
+                pass
+            try:
+                self.client.send(header)
             except Exception:
                 pass
 
