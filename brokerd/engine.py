@@ -48,6 +48,7 @@ from collections import deque
 from brokerd.access import RefAccess, renv_packages
 from brokerd.actors import ActorDirectory, Death
 from brokerd.jobhistory import EndedJobs, now_ms
+from brokerd.leases import TaskLeases
 from brokerd.nodes import NodeTable
 from brokerd.objects import ObjectDirectory
 from brokerd.outbox import Outbox
@@ -97,6 +98,7 @@ class TaskEngine:
         self.routes = self.actors.routes = ActorRoutes(out, self)  # direct calls (brokerd/routes.py)
         self.pgroups = PlacementGroupTable(self.nodes)  # placement groups (brokerd/pgroups.py)
         self.placement.groups = self.pgroups
+        self.leases = TaskLeases(out, self)  # leased executors (brokerd/leases.py)
         self.tasks: dict[bytes, Task] = {}
         self.children: dict[bytes, list] = {}
         self.executors: dict[bytes, Executor] = {}
@@ -274,6 +276,8 @@ class TaskEngine:
             self.access.retry(now)
         if self.placement.running:
             self._recall_idle()
+        if self.leases.by_exec and self.placement.pending():
+            self.leases.revoke()  # queued work may need the leased executors' resources
         for c in list(self.clients.values()):
             if c.kind == "driver" and now - c.last_seen > P.DRIVER_TIMEOUT_S:
                 log.warning("driver %s silent: releasing its job", c.cid.hex())
@@ -902,6 +906,8 @@ class TaskEngine:
         ex.blocked = True
         for tid in reversed(m.returned):  # (each goes to the front: the first ends first)
             self._unassign(ex, tid)
+        if self.leases.by_exec and self.leases.lend(ex, True):
+            return
         task = ex.task
         if task is not None and task.task_id == m.task_id:
             self.nodes.lend_cpu(task, True)
@@ -911,6 +917,8 @@ class TaskEngine:
         if ex is None:
             return
         ex.blocked = False
+        if self.leases.by_exec and self.leases.lend(ex, False):
+            return
         task = ex.task
         if task is not None and task.task_id == m.task_id:
             self.nodes.lend_cpu(task, False)
@@ -1000,6 +1008,8 @@ class TaskEngine:
         why = reason or f"the executor process (pid {ex.pid}) died with exit code {code}"
         self.moves.move(ex, ExecState.DEAD, why)
         self.placement.forget_executor(ex)
+        if self.leases.by_exec:
+            self.leases.executor_gone(ex)
         if ex.pushed:
             pushed_redeliver(self.objects, self.clients, ex)
         self._owner_gone(ex.cid, why)

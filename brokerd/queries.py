@@ -365,3 +365,32 @@ class Queries(PlacementGroupQueries):
         cid, req_id = asked[0], asked[1]
         if cid in self.engine.clients:
             self.engine.out.send(P.inbox_ident(cid), P.encode(P.Reply(req_id, m.ok, m.result)))
+
+    # ------------------------------------------------ leased executors (brokerd/leases.py)
+    def req_task_lease(self, cid, args):
+        """Lend the caller an idle executor on its node for its sync tasks, or None."""
+        return self.engine.leases.grant(cid, args)
+
+    def req_lease_books(self, cid, args):
+        """The leased executor's tasks since its last report (the state API's rows)."""
+        self.engine.leases.books(cid, args)
+        return True
+
+    def req_lease_end(self, cid, args):
+        """The leased executor ends its lease (with its last books): back to the pool."""
+        self.engine.leases.books(cid, args, end=True)
+        return True
+
+    def req_lease_return(self, cid, args):
+        """The holder gives its lease back (it wants one for another function)."""
+        self.engine.leases.give_back(cid, args)
+        return True
+
+    def req_lease_cancel(self, cid, args):
+        """ray.cancel of a leased task: the broker interrupts it on the leased executor."""
+        self.engine.leases.cancel(cid, args)
+        return True
+
+    def req_task_leases(self, cid, args):
+        """Leases granted, ended and active, tasks run on them, requests refused."""
+        return self.engine.leases.report()

@@ -128,6 +128,7 @@ class StateView:
         rows: dict = {}
         specs = self.engine.moves.specs
         direct, actors = self.engine.routes.direct_tasks, self.engine.actors.actors
+        leased = self.engine.leases.lease_tasks  # (brokerd/leases.py)
         for t, kind, rid, _old, new, reason, node_id, name in self.engine.moves.events:
             if kind != "task":
                 continue
@@ -139,6 +140,10 @@ class StateView:
                     actor = actors.get(aid)
                     r.update(type="ACTOR_TASK", actor_id=aid.hex(), func_or_class_name=name,
                              job_id=_hex(actor.job_id) if actor is not None else None)
+                elif r["type"] is None and rid in leased:  # run on a leased executor
+                    job, res, ex_cid, pid = leased[rid]
+                    r.update(type="NORMAL_TASK", job_id=_hex(job), worker_id=ex_cid.hex(),
+                             worker_pid=pid, required_resources=P.from_units(res))
             r["events"].append({"state": TASK_STATE[new], "created_ms": _ms(t)})
             r["state"] = TASK_STATE[new]
             if node_id:

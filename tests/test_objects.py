@@ -948,9 +948,10 @@ def test_freed_files_are_recycled_but_never_under_a_live_view(local_ray):
 
 def _store_files(store) -> set:
     # Objects only: not the free list, temporaries, or clients' direct-result sockets (c-<cid>)
-    # and result lanes (r-<cid>: zray/_resultlane.py),
+    # and result lanes (r-<cid>: zray/_resultlane.py) and lease lanes (t-<cid>: workerd/lease.py),
     # which appear whenever an executor starts.
-    return {n for n in os.listdir(store.dir) if not n.startswith((".", "c-", "r-")) and n != "free"
+    return {n for n in os.listdir(store.dir) if not n.startswith((".", "c-", "r-", "t-"))
+            and n != "free"
             and not n.endswith(".tmp")}
 
 

@@ -33,6 +33,7 @@ def _sample(cls):
         "actor_id": tid, "state": "alive", "address": "ipc:///tmp/a", "host": "h",
         "ordered": True, "incarnation": 0, "reason": "", "reply_to": "ipc:///tmp/r",
         "task_ids": [tid], "tcp_address": "tcp://[::1]:5555",
+        "lease_id": b"L" * P.LEASE_ID_LEN, "holder": cid, "active": True,
     }
     if cls is P.DCall:  # a direct call: an actor call without ref arguments
         values["spec"] = spec._replace(kind=P.ACTOR_CALL, fid="m", deps=[], actor_id=tid)
@@ -63,6 +64,23 @@ def test_every_message_round_trips_and_rejects_bad_layouts(cls):
         bad[i] = 1.5
         with pytest.raises(P.ProtocolError):
             P.decode(msgpack.packb(bad))
+
+
+@pytest.mark.timeout(10)
+def test_dcall_of_a_plain_task_only_on_its_lease_terms():
+    """A DCALL may carry a plain task (a leased executor's, zray/_lease.py) only with one
+    return and no ObjectRef arguments, top-level or nested."""
+    tid, oid, cid = b"t" * P.TASK_ID_LEN, b"o" * P.OBJECT_ID_LEN, b"c" * P.ID_LEN
+    spec = P.TaskSpec(tid, P.TASK, b"f" * 20, "f", 1, {"CPU": P.UNIT}, [], [],
+                      {"max_retries": 3}, b"", cid, cid, b"job1", b"")
+    ok = P.DCall(spec, 1, "ipc:///tmp/r")
+    assert P.decode(P.encode(ok)) == ok
+    for bad in (spec._replace(num_returns=2), spec._replace(nested=[oid]),
+                spec._replace(deps=[[0, oid]]), spec._replace(kind=P.ACTOR_CREATE)):
+        with pytest.raises(P.ProtocolError):
+            P.decode(P.encode(P.DCall(bad, 1, "ipc:///tmp/r")))
+    with pytest.raises(P.ProtocolError):  # a lease id of another length
+        P.decode(P.encode(P.Lease(b"short", cid, True, b"f")))
 
 
 @pytest.mark.timeout(10)

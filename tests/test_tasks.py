@@ -856,6 +856,28 @@ def test_task_print_reaches_driver_stdout(run_driver):
 
 
 @pytest.mark.timeout(90)
+def test_every_line_a_task_printed_before_its_result_reaches_a_driver_that_exits_at_once(
+        run_driver):
+    """A line printed before the result was returned is on the driver's terminal by the
+    time get() returned it, even when the driver exits right after (the result must not
+    overtake the line: both come to a driver on the task's node the same way)."""
+    res = run_driver(
+        "import zray as ray\n"
+        "ray.init(num_cpus=2)\n"
+        "@ray.remote\n"
+        "def say(i):\n"
+        "    print('line', i)\n"
+        "    return i\n"
+        "for i in range(20):\n"
+        "    assert ray.get(say.remote(i)) == i\n"
+        "assert ray.get([say.remote(i) for i in range(20, 40)]) == list(range(20, 40))\n",
+        timeout=60)
+    assert res.returncode == 0, res.stderr
+    got = sorted(int(m) for m in re.findall(r"^\(say pid=\d+\) line (\d+)$", res.stdout, re.M))
+    assert got == list(range(40)), (res.stdout, res.stderr)
+
+
+@pytest.mark.timeout(90)
 def test_init_shutdown_init_again(run_driver):
     res = run_driver(
         "import zray as ray\n"

@@ -73,6 +73,7 @@ from typing import Optional
 
 import cloudpickle
 
+from workerd import lease as _lease
 from workerd.actors import ActorHost, create_actor
 from workerd.held import HeldDones
 from workerd.logs import LogForwarder, TaskStream
@@ -135,6 +136,7 @@ class ExecutorProcess:
         self.results = ResultSender(self.client, self.cancelled, self.pid)
         self.held = self.results.held = HeldDones(self.client)  # (plain tasks only)
         self.tasks = TaskRunner(self)
+        self.lease = _lease.start(self)  # leased to a client now and then: workerd/lease.py
 
     # ------------------------------------------------------------ I/O thread
     def _on_exec(self, msg, frames):
@@ -149,6 +151,8 @@ class ExecutorProcess:
                 self.client.send(P.encode(P.Reject(msg.spec.task_id)))
                 return
             self.queue.put((msg, frames))
+        if self.lease is not None:
+            self.lease.wake()  # (a leased main thread polls its lane: see workerd/lease.py)
 
     def keep_fn(self, msg, frames):
         if msg.fn_included:  # the EXEC carried the function blob: keep it, the broker counts on it
@@ -219,6 +223,15 @@ class ExecutorProcess:
             # (a plain actor's direct calls come from its own socket too: workerd/direct.py)
             msg, frames = self.next_item()
             if msg.TYPE != exec_type:
+                if msg.TYPE == Msg.LEASE and self.lease is not None:
+                    held.flush()
+                    try:
+                        self.lease.serve(msg, frames)
+                    except SystemExit as e:
+                        self.system_exit(e)
+                    except ActorExit:  # (as the broker path's tasks)
+                        self.exit_actor()
+                    continue
                 held.flush()
                 break
             try:

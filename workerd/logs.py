@@ -5,6 +5,8 @@
     print() --> sys.stdout / sys.stderr (TaskStream)
                   |-- every write -----> the raw stream: this executor's log file
                   '-- whole lines -----> LogForwarder.forward --LOG--> broker --PRINT--> driver
+                                           driver on this node: --LOG--> its result lane (or
+                                           PUSH), or the lease's lane (workerd/lease.py)
 
 ``ExecutorProcess`` replaces ``sys.stdout`` and ``sys.stderr`` with a
 ``TaskStream`` each. A write goes to the raw stream at once and is buffered
@@ -12,6 +14,10 @@ until a newline; complete lines go to the driver at the root of the current
 call as one LOG, prefixed ``(name pid=N)`` (``!`` appended for stderr).
 The executor flushes both streams when a call ends, so a partial last line
 reaches the driver with the call, not with the next one.
+A driver on this node gets the LOG straight, on the way its results come (a
+result lane, else its PUSH socket; a leased executor's lane while leased to it):
+then a line printed before a result is never overtaken by it (through the
+broker it could be, and a driver that exited right after its ``get()`` lost it).
 
 ``LogForwarder.driver`` and ``prefix`` are set per call by the executor (the
 driver and ``task`` in ``prepare``, the prefix by the task runner or at actor creation).
@@ -41,6 +47,9 @@ class LogForwarder:
         self.prefix = ""  # "(name pid=N)": the task or actor class that prints
         self.task = None  # the spec of the current call (set in prepare)
         self.marked = None  # the spec whose marker the log file got last
+        # (driver cid, Lane) while this executor is leased to that driver: its output goes
+        # on the lease's lane, ahead of the result it prints before (workerd/lease.py)
+        self.lane = None
 
     def mark(self, raw) -> None:
         """Write the current call's marker to the log file before its first output."""
@@ -56,8 +65,25 @@ class LogForwarder:
         driver = self.driver
         if driver and text.strip("\n"):
             prefix = self.prefix + ("!" if is_err else "")
+            lane = self.lane
             try:
-                self.client.send(P.encode(P.Log(driver, prefix, text)))
+                if lane is not None and lane[0] == driver:
+                    lane[1].send(P.encode(P.Log(driver, prefix, text)))
+                    return
+            except Exception:  # (the lane closed: its driver left; the broker's way then)
+                pass
+            header = P.encode(P.Log(driver, prefix, text))
+            try:
+                # A driver on this node: straight to it, as its results go (a result lane,
+                # else its PUSH socket). Through the broker, a line printed before the
+                # result came after it, and a driver that ended right after its get()
+                # lost it.
+                if self.client.push_direct(driver, header, ()):
+                    return
+            except Exception:
+                pass
+            try:
+                self.client.send(header)
             except Exception:
                 pass
 

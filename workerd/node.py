@@ -188,6 +188,10 @@ class NodeAgent:
                 del self.procs[cid]
                 self.tokens.pop(cid, None)
                 self.sock.send(P.encode(P.ExecDied(cid, code)))
+                try:  # its lease listener (workerd/lease.py), left by a process killed
+                    os.unlink(os.path.join(self.store.dir, f"t-{cid.hex()}"))
+                except OSError:
+                    pass
 
     def handle(self, m, msg) -> None:
         """One message from the broker (``msg``: its frames, header first)."""
@@ -323,6 +327,9 @@ def run(address, num_cpus, gpu_ids, resources, session_dir, node_id=None, presta
         labels=None, memory=None, object_store_memory=None):
     try:  # (our executors read it at start: a bad value would make each of them die)
         held.read_env()
+        from workerd import lease  # (ZRAY_TASK_LEASE*: read at import)
+
+        lease.read_env()
     except ValueError as e:
         raise SystemExit(f"zray worker: {e}") from None
     agent = NodeAgent(address, num_cpus, gpu_ids, resources, session_dir, node_id, prestart,

@@ -479,7 +479,8 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
                         f"ray.kill(). Got: {type(object_ref).__name__}.")
     check_session((object_ref,))
     client = _runtime.require_client()
-    if client.direct is not None and client.direct.cancel(object_ref.id, bool(force)):
+    if client.direct is not None and client.direct.cancel(object_ref.id, bool(force),
+                                                          bool(recursive)):
         return  # a direct actor call: the executor hears it (zray/_direct.py)
     client.send(P.encode(P.Cancel(object_ref.id, bool(force), bool(recursive))))
 

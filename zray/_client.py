@@ -301,6 +301,7 @@ class Client:
         self.on_close: list = []  # run first by close(): sockets of ours others own
         if _direct.ENABLED and kind != "cli":
             self.direct = _direct.DirectCalls(self, _HERE)
+        self.leases = None  # leases of executors for our sync tasks (zray/_lease.py)
         self._io = threading.Thread(target=self._io_loop, name="zray-io", daemon=True)
         self._io.start()
 
@@ -750,6 +751,15 @@ class Client:
                     continue
                 if mtype == Msg.EXEC or mtype == Msg.RECALL:  # (RECALL: workerd/executor.py)
                     if self._on_exec is not None:
+                        self._on_exec(m, msg[1:])
+                elif mtype == Msg.LOG:  # a leased executor's output, on its lane (lease.py)
+                    if self.print_logs and m.driver == self.cid:
+                        self._print_log(m.prefix, m.text)
+                elif mtype == Msg.LEASE:  # leased executors (zray/_lease.py, workerd/lease.py)
+                    if m.holder == self.cid:  # our lease ends: on its lane
+                        if self.leases is not None:
+                            self.leases.ended(m)
+                    elif self._on_exec is not None:  # the broker leases us to a client
                         self._on_exec(m, msg[1:])
                 elif mtype == Msg.REPLY:
                     if m.req_id in self._unawaited:  # (request_nowait): only errors matter

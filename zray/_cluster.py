@@ -71,9 +71,11 @@ def _check_env() -> None:
     ValueError naming it here, not a broker or executors that die at start."""
     from brokerd import window
     from workerd import held
+    from workerd import lease as leases
 
     window.read_env()
     held.read_env()
+    leases.read_env()
 
 
 class LocalCluster:

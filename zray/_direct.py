@@ -368,6 +368,10 @@ class DirectCalls:
         retried through the broker while they have max_task_retries)."""
         if route.state != "alive" or self.client.closed:
             return  # (a ROUTE already moved it on, or we are closing)
+        leases = getattr(route, "leases", None)
+        if leases is not None:  # a leased executor's lane (zray/_lease.py)
+            leases.broke(route)
+            return
         log.info("the lane to actor %s (%s) closed: asking the broker",
                  route.actor_id.hex(), route.address)
         if route.sock is not None:  # (to the same process)
@@ -682,12 +686,18 @@ class DirectCalls:
                 self.client.request_nowait("actor_route", {"actor_id": actor_id})
 
     # ------------------------------------------------------------ user threads
-    def cancel(self, oid: bytes, force: bool) -> bool:
-        """ray.cancel of a direct call (sent or held): True if handled here."""
+    def cancel(self, oid: bytes, force: bool, recursive: bool = True) -> bool:
+        """ray.cancel of a direct call (sent or held): True if handled here. ``recursive``
+        is passed on for a task on a leased executor (zray/_lease.py); direct actor calls
+        are cancelled as before."""
         task_id = oid[:P.TASK_ID_LEN]
         with self.lock:
             route = self.by_task.get(task_id)
             if route is not None:
+                leases = getattr(route, "leases", None)
+                if leases is not None:
+                    leases.cancel(route, task_id, bool(force), bool(recursive))
+                    return True
                 self._cancel_sent(route, task_id, bool(force))
                 return True
             for route in self.routes.values():
@@ -701,6 +711,10 @@ class DirectCalls:
         """Cancel a call sent direct. Through the broker, which interrupts the actor's
         executor as for its own calls: a plain actor's main thread, busy with the very
         call, reads nothing from the direct socket until the call ends."""
+        leases = getattr(route, "leases", None)
+        if leases is not None:  # a task on a leased executor (zray/_lease.py)
+            leases.cancel(route, task_id, force)
+            return
         self.client.request_nowait("direct_cancel", {"actor_id": route.actor_id,
                                                      "task_id": task_id, "force": force})
 

@@ -114,6 +114,14 @@ N->N  PEER_GET   oid, node_id, ticket, offset, length   on a node's peer socket:
                  of an object; ticket: the broker's grant for node_id (HMAC, _peer.py)
 N->N  PEER_CHUNK oid, offset, total, codec + [chunk]   codec RAW/LZ4; -1 (no frame):
                  not here. A bad or forged PEER_GET is dropped and counted, unanswered
+B->E  LEASE      lease_id, holder, active, fid   (leased executors, zray/_lease.py): active, the
+                 idle pool executor is leased to client ``holder`` (+ [fn blob] when it has
+                 not loaded the lease's function); it takes DCALLs of plain tasks on its
+                 lane <node store>/t-<cid> until it ends the lease (REQ lease_end)
+C->E  LEASE      the same, on that lane: the holder's first message (active true)
+E->C  LEASE      active false, on the lane: the executor ends the lease; it read nothing
+                 after it, so calls sent and not answered before it never ran
+C->E  DCALL      also a plain TASK spec (no ObjectRef arguments, num_returns 1) on a lease's lane
 B->N  FREE       oids  /  SPILL oids            delete / move to disk
 B->N  LOG_READ   req_id, op, args   read this node's log files for a client's REQ node_logs
                  (op list | tail | read | task; zray._logfiles.serve says what args hold)
@@ -171,7 +179,7 @@ import msgpack
 # 6: C->B BATCH (a driver's SUBMITs of one burst)
 # 7: ROUTE/DCALL/DDONE/DCANCEL (direct actor calls), PULL/PEER_* (node blobs)
 # 8: ROUTE tcp_address, tcp reply_to (cross-host direct calls)
-VERSION = 10  # 10: C->B LINEAGE (a replayed result's finished task after a broker restart); 9: B->E RECALL; E->C BATCH of OBJs; an executor's DONEs in a C->B BATCH
+VERSION = 11  # 11: LEASE, DCALL of a plain task (leased executors); 10: 10: C->B LINEAGE (a replayed result's finished task after a broker restart); 9: B->E RECALL; E->C BATCH of OBJs; an executor's DONEs in a C->B BATCH
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
@@ -266,6 +274,7 @@ class Msg(enum.IntEnum):
     PEER_CHUNK = 83
     RECALL = 90  # tasks sent ahead in a window (brokerd/window.py), numbered apart too
     LINEAGE = 91  # after a broker restart: the finished task behind a stored result
+    LEASE = 92  # leased executors (zray/_lease.py, workerd/lease.py, brokerd/leases.py)
 
 
 class ProtocolError(ValueError):
@@ -921,8 +930,10 @@ def _is_tcp_endpoint(v: str) -> bool:
 
 def _direct_spec(v):
     spec = TaskSpec.decode(v)
-    if spec.kind != ACTOR_CALL or spec.deps or spec.num_returns < 0:
-        raise ProtocolError("DCALL: an actor call without ObjectRef arguments expected")
+    if spec.kind not in (ACTOR_CALL, TASK) or spec.deps or spec.num_returns < 0 or (
+            spec.kind == TASK and (spec.num_returns != 1 or spec.nested)):
+        raise ProtocolError("DCALL: an actor call without ObjectRef arguments, or a plain "
+                            "task with one return and none, expected")
     return spec
 
 
@@ -952,6 +963,36 @@ class DDone(NamedTuple):
     CHECKS = (_task_id, _direct_returns, _bool)
 
 
+def _lease_id(v):
+    if type(v) is not bytes or len(v) != LEASE_ID_LEN:
+        raise ProtocolError(f"lease id of {LEASE_ID_LEN} bytes expected, got {v!r:.40}")
+    return v
+
+
+def _cid(v):
+    if type(v) is not bytes or len(v) != ID_LEN:
+        raise ProtocolError(f"client id of {ID_LEN} bytes expected, got {v!r:.40}")
+    return v
+
+
+LEASE_ID_LEN = 16
+
+
+def _fid(v):
+    if type(v) is not bytes or len(v) > 64:
+        raise ProtocolError(f"function id of at most 64 bytes expected, got {v!r:.40}")
+    return v
+
+
+class Lease(NamedTuple):
+    lease_id: bytes  # random: only the broker, the executor and the holder know it
+    holder: bytes  # the cid of the client the executor is leased to
+    active: bool  # True: leased (B->E, C->E); False: ended (E->C on the lane)
+    fid: bytes  # the function the lease runs (B->E: its blob follows if not loaded there)
+    TYPE = Msg.LEASE
+    CHECKS = (_lease_id, _cid, _bool, _fid)
+
+
 class DCancel(NamedTuple):
     task_id: bytes
     force: bool
@@ -963,7 +1004,7 @@ MESSAGES = (Hello, Welcome, Ready, Fn, Submit, Put, Sub, Release, Refs, Cancel, 
             Block, Unblock, Reject, Done, Yield, Log, Print, Req, Reply, Obj, Exec, StreamEnd,
             Exit, NodeHello, Spawn, ExecSpawned, ExecDied, KillExec, Heartbeat, Shutdown, Fetch, Blob,
             Store, Stored, Free, Spill, LogRead, LogData, NeedSpace, Batch,
-            Route, DCall, DDone, DCancel, Recall)
+            Route, DCall, DDone, DCancel, Recall, Lease)
 _BY_TYPE = {cls.TYPE: cls for cls in MESSAGES}
 _packb = msgpack.packb  # a Packer object is not thread-safe; clients send from any thread
 

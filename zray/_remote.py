@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 
-from zray import _options, _runtime
+from zray import _lease, _options, _runtime
 from zray import _protocol as P
 from zray._refs import ObjectRef, ObjectRefGenerator, check_session
 from zray._serialization import _CollectRefs, dumps_function, serialize
@@ -197,6 +197,9 @@ class RemoteFunction:
         spec = make_spec(client, P.TASK, fid, name, prep.nret, prep.resources,
                          opts, deps, nested)
         refs = return_refs(client, spec.task_id, prep.nret)
+        leases = client.leases if client.leases is not None else _lease.for_client(client)
+        if leases is not None and leases.submit(spec, frames, _keep):
+            return refs  # on an executor leased to us (zray/_lease.py)
         client.send_submit(spec, frames)
         return refs
 

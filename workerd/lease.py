@@ -1,0 +1,364 @@
+"""Leased executors, the executor's side: a pool executor lent to one client runs its
+plain tasks straight off a lane, with no broker turn per task.
+
+::
+
+    broker --LEASE(active) [+ fn blob]--> I/O thread --queue--> main thread: serve()
+    holder --connect <node store>/t-<cid> (zray/_lane.py), LEASE(active, lease id)-->
+    holder --DCALL (a TASK spec)--> main thread: checks, TaskRunner.run as for an EXEC
+          (prepare, print prefix, runtime context, cancel by SIGUSR1, BLOCK in get)
+    ResultSender.finish_values / finish_error --reply()--> DDONE + frames on the lane
+    print() in a task of the holder's job (holder = its driver) --LOG on the lane, ahead of
+          the task's DDONE (the broker's way would come after the result)
+    every BOOKS_S and at the end: REQ lease_books / lease_end {lease_id, events}
+    the lease ends when: no DCALL for IDLE_S (LEASE(active=False) on the lane first: it
+    reads nothing after it), the holder closes the lane (it left or died), the queue
+    has something (the broker's EXIT, SHUTDOWN, anything): REQ lease_end, then the
+    serve loop goes on with the queue
+
+The listener is bound when the executor starts, so a holder can connect as soon as
+the broker's answer reaches it; a connection is served only once its first message
+names the current lease (its random id), and only while the lease lasts. One that
+names another lease is kept, with what came after it, for the next lease: the broker
+may lend this executor again (it took it back from a holder that gave it back) before
+this loop noticed the previous lease ended, and that holder connects at once. Everything
+read is checked in full (P.decode); a bad message closes that lane (counted in
+``dropped``). A task that ends the process (sys.exit, a crash) sends no LEASE end:
+the holder sees EOF and retries or fails the task as the broker path would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import time
+from typing import TYPE_CHECKING
+
+from zray import _lane
+from zray import _protocol as P
+from zray._procutil import env_number
+from zray._protocol import Msg
+from zray._serialization import serialize
+
+if TYPE_CHECKING:
+    from workerd.executor import ExecutorProcess
+
+log = logging.getLogger("zray.executor")
+
+
+
+def read_env() -> tuple:
+    """(ENABLED, IDLE_S) from ZRAY_TASK_LEASES and ZRAY_TASK_LEASE_IDLE_MS: a bad value is a
+    ValueError naming its variable (zray.init and ``zray worker`` check them first)."""
+    return (env_number("ZRAY_TASK_LEASES", 1, 0, 1, int, "0 or 1") == 1,
+            env_number("ZRAY_TASK_LEASE_IDLE_MS", 50, 1, 60_000, int, "milliseconds") / 1000)
+
+
+ENABLED, IDLE_S = read_env()
+BOOKS_S = 1.0
+MAX_EVENTS = 5000
+
+
+def start(proc: ExecutorProcess):
+    """The lease listener of a pool executor with a store; None when leases are off."""
+    if not ENABLED or proc.client.store is None:
+        return None
+    try:
+        return LeaseServer(proc)
+    except OSError:
+        log.warning("no lane for leases: this executor is never leased", exc_info=True)
+        return None
+
+
+class LeaseServer:
+    def __init__(self, proc: ExecutorProcess):
+        self.proc = proc
+        client = proc.client
+        self.path = os.path.join(client.store.dir, f"t-{client.cid.hex()}")
+        self.listener = _lane.listen(self.path)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.active = False
+        self.lease_id = b""
+        self.holder = b""
+        self.fid = b""
+        self.calls: dict = {}  # task id -> its lane (ResultSender replies through us)
+        self.started: dict = {}  # task id -> (name, wall-clock start)
+        self.events: list = []  # [task id, name, start, end, failed, error] since the last books
+        self.events_dropped = 0
+        self.dropped = 0
+        self.leases = 0
+        self.lane = None  # the holder's lane (its hello came)
+        self.waiting: dict = {}
+        self.later: list = []  # [(Lane, messages read)]: hellos for a lease not served yet
+        self.poller = None
+        self.polled_out = False
+        self.last = 0.0  # when the last call came
+        client.on_close.append(self.close)
+
+    def wake(self) -> None:
+        """(I/O thread) Something was queued for the main thread: end the lease."""
+        if self.active:
+            try:
+                os.write(self.wake_w, b"w")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        try:
+            self.listener.close()
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ main thread
+    def serve(self, m: P.Lease, frames: list) -> None:
+        """Serve the lease ``m`` until it ends (module doc)."""
+        proc = self.proc
+        if not m.active:
+            return
+        if frames:
+            proc.fns.setdefault(m.fid, frames[0])
+        self.lease_id, self.holder, self.fid = m.lease_id, m.holder, m.fid
+        self.leases += 1
+        self._drain_wake()
+        self.active = True
+        proc.results.direct = self
+        self.lane = None
+        poller = self.poller = select.poll()
+        poller.register(self.listener.fileno(), select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
+        self.waiting = {}  # fd -> a Lane whose hello has not come yet
+        self.polled_out = False
+        self.last = last_books = time.monotonic()
+        end_on_lane = False
+        try:
+            later, self.later = self.later, []
+            for ln, msgs in later:  # connected while the previous lease was served
+                if msgs and self._hello(msgs[0]):
+                    self._adopt(ln, msgs[1:])
+                else:
+                    ln.close()
+            while True:
+                if not proc.queue.empty():
+                    end_on_lane = True
+                    break
+                now = time.monotonic()
+                if now - last_books >= BOOKS_S:
+                    last_books = now
+                    self._books("lease_books")
+                left = self.last + IDLE_S - now
+                lane = self.lane
+                if left <= 0:
+                    if lane is None or not lane.outq:
+                        end_on_lane = True
+                        break
+                    left = IDLE_S
+                want_out = lane is not None and bool(lane.outq)
+                if lane is not None and want_out != self.polled_out:
+                    poller.modify(lane.fd, select.POLLIN | (select.POLLOUT if want_out else 0))
+                    self.polled_out = want_out
+                for fd, ev in poller.poll(min(left, BOOKS_S) * 1000):
+                    if fd == self.wake_r:
+                        self._drain_wake()
+                    elif fd == self.listener.fileno():
+                        new = self._accept()
+                        if new is not None:
+                            self.waiting[new.fd] = new
+                            poller.register(new.fd, select.POLLIN)
+                    elif fd in self.waiting:
+                        self._read_waiting(self.waiting[fd])
+                    elif self.lane is not None and fd == self.lane.fd:
+                        lane = self.lane
+                        try:
+                            if ev & select.POLLOUT:
+                                lane.flush()
+                            if ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                                self._run(lane.read(), lane)
+                        except _lane.LaneClosed as e:
+                            if "closed the lane" not in str(e):
+                                self._drop(f"lane: {e}")
+                            raise _Ended() from None  # the holder left: the lease is over
+        except _Ended:
+            pass
+        except BaseException:
+            # the process ends (sys.exit in a task, exit_actor...): no LEASE end on the lane,
+            # so the holder takes the task for crashed (it retries or fails it); no
+            # lease_end either: the broker must not take this process for idle (its death
+            # ends the lease there)
+            self._finish(self.lane, False, "lease_books")
+            raise
+        self._finish(self.lane, end_on_lane)
+
+    def _read_waiting(self, ln) -> None:
+        """A connection not yet this lease's: its first message says whose lease it is. A
+        hello for another lease is kept for the next one (the broker may have lent us to
+        its holder already: that LEASE waits in our queue), with what came after it."""
+        try:
+            msgs = ln.read()
+        except _lane.LaneClosed:
+            self._unwait(ln)
+            ln.close()
+            return
+        if not msgs:
+            return
+        self._unwait(ln)
+        if self._hello(msgs[0]):
+            if self.lane is None:
+                self._adopt(ln, msgs[1:])
+                return
+        elif self._hello(msgs[0], any_lease=True) and len(self.later) < 8:
+            self.later.append((ln, msgs))
+            return
+        ln.close()
+
+    def _unwait(self, ln) -> None:
+        self.waiting.pop(ln.fd, None)
+        try:
+            self.poller.unregister(ln.fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _adopt(self, ln, msgs: list) -> None:
+        """The holder's lane: its calls run from now on."""
+        self.lane = ln
+        self.poller.register(ln.fd, select.POLLIN)
+        self.polled_out = False
+        self.proc.logs.lane = (self.holder, ln)  # (its output: see LogForwarder)
+        self.last = time.monotonic()
+        try:
+            self._run(msgs, ln)
+        except _lane.LaneClosed:
+            raise _Ended() from None
+
+    def _run(self, msgs: list, lane) -> None:
+        for parts in msgs:
+            if self._call(parts, lane):
+                self.last = time.monotonic()
+
+    def _finish(self, lane, end_on_lane: bool, books: str = "lease_end") -> None:
+        self.active = False
+        self.proc.logs.lane = None
+        self.lane = None
+        for ln in self.waiting.values():  # (a hello that did not come in time)
+            ln.close()
+        self.waiting = {}
+        self.proc.results.direct = None
+        if lane is not None:
+            if end_on_lane:  # (best effort: a holder that is gone sees EOF anyway)
+                try:
+                    lane.send(P.encode(P.Lease(self.lease_id, self.holder, False, b"")))
+                except _lane.LaneClosed:
+                    pass
+            lane.close()
+        self.calls.clear()
+        self.started.clear()
+        self._books(books)
+
+    def _books(self, op: str) -> None:
+        events, self.events = self.events, []
+        dropped, self.events_dropped = self.events_dropped, 0
+        if events or dropped or op == "lease_end":
+            self.proc.client.request_nowait(op, {"lease_id": self.lease_id, "events": events,
+                                                 "dropped": dropped})
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except OSError:
+            pass
+
+    def _accept(self):
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            log.warning("leases: accept failed", exc_info=True)
+            return None
+        sock.setblocking(False)
+        return _lane.Lane(sock)
+
+    def _hello(self, parts: list, any_lease: bool = False) -> bool:
+        """Whether ``parts`` is a holder's LEASE hello for this lease (``any_lease``: for
+        any lease: one not served yet)."""
+        try:
+            m = P.decode(P.buffer_of(parts[0]))
+        except P.ProtocolError as e:
+            self._drop(str(e))
+            return False
+        if m.TYPE != Msg.LEASE or len(parts) != 1 or not m.active:
+            return False
+        return any_lease or (m.lease_id == self.lease_id and m.holder == self.holder)
+
+    def _call(self, parts: list, lane) -> bool:
+        """A DCALL on the lease's lane: run it here (main thread). False if dropped."""
+        try:
+            m = P.decode(P.buffer_of(parts[0]))
+        except P.ProtocolError as e:
+            self._drop(str(e))
+            return False
+        if m.TYPE != Msg.DCALL:
+            self._drop(f"{m.TYPE.name} on a lease's lane")
+            return False
+        spec = m.spec
+        if (spec.kind != P.TASK or m.n_args != len(parts) - 1 or spec.fid != self.fid
+                or spec.task_id[:P.ID_LEN] != self.holder or spec.task_id in self.calls
+                or set(spec.options) - {"max_retries", "retry_exceptions"}):
+            self._drop("DCALL: not a plain task of the lease's holder and function")
+            return False
+        self.calls[spec.task_id] = lane
+        self.started[spec.task_id] = (spec.name, time.time())
+        proc = self.proc
+        proc.tasks.run(P.Exec(spec, False, m.n_args, [], []), parts[1:])
+        if proc.client.forked:  # user code forked and the child got back here
+            from zray._procutil import exit_forked_child
+
+            exit_forked_child()
+        return True
+
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.warning("leases: dropping %s (dropped so far: %d)", why, self.dropped)
+
+    # -------------------------------------------------------------- replies
+    def finish_values(self, spec: P.TaskSpec, values: list) -> None:
+        """(ResultSender.finish_values) The task's values, inline on the lane."""
+        layout, frames, nested = [], [], []
+        for v in values:
+            f, n = serialize(v)
+            nested.extend(n)
+            layout.append([P.VALUE, len(f)])
+            frames.extend(f)
+        if nested:  # the broker sees no DONE naming them: keep them for good
+            client = self.proc.client
+            for oid in nested:
+                client.escape(oid)
+            with client._send_lock:
+                client._flush_refs_locked()
+        self.reply(spec.task_id, layout, frames, False)
+
+    def reply(self, task_id: bytes, layout: list, frames: list, retryable: bool) -> None:
+        lane = self.calls.pop(task_id, None)
+        if lane is None:
+            return
+        failed = bool(layout) and layout[0][0] == P.ERROR
+        started = self.started.pop(task_id, None)
+        if started is not None:
+            if len(self.events) < MAX_EVENTS:
+                self.events.append([task_id, started[0], started[1], time.time(), failed,
+                                    "the task raised an exception" if failed else ""])
+            else:
+                self.events_dropped += 1
+        try:
+            lane.send(P.encode(P.DDone(task_id, layout, retryable)), frames)
+        except _lane.LaneClosed:
+            pass  # the holder is gone
+
+
+class _Ended(Exception):
+    pass
