@@ -80,6 +80,24 @@ def start(proc: ExecutorProcess, host: ActorHost):
     return server
 
 
+
+def inline_values(client, values: list) -> tuple:
+    """(layout, frames) of a reply that carries a call's ``values`` inline (a direct
+    actor call's, a leased task's). Refs inside them are escaped now, before the reply:
+    the broker sees no DONE naming them, so it keeps them for good."""
+    layout, frames, nested = [], [], []
+    for v in values:
+        f, n = serialize(v)
+        nested.extend(n)
+        layout.append([P.VALUE, len(f)])
+        frames.extend(f)
+    if nested:
+        for oid in nested:
+            client.escape(oid)
+        with client._send_lock:  # now, not with our next message to the broker
+            client._flush_refs_locked()
+    return layout, frames
+
 class DirectServer:
     def __init__(self, proc: ExecutorProcess, host: ActorHost, ordered: bool):
         self.proc = proc
@@ -447,19 +465,7 @@ class DirectServer:
 
     def finish_values(self, spec: P.TaskSpec, values: list) -> None:
         """Reply with the call's values (ResultSender.finish_values for a direct call)."""
-        layout, frames, nested = [], [], []
-        for v in values:
-            f, n = serialize(v)
-            nested.extend(n)
-            layout.append([P.VALUE, len(f)])
-            frames.extend(f)
-        if nested:  # the broker sees no DONE naming them: keep them for good
-            client = self.client
-            for oid in nested:
-                client.escape(oid)
-            with client._send_lock:  # now, not with our next message to the broker
-                client._flush_refs_locked()
-        self.reply(spec.task_id, layout, frames, False)
+        self.reply(spec.task_id, *inline_values(self.client, values), False)
 
     def reply(self, task_id: bytes, layout: list, frames: list, retryable: bool) -> None:
         reply_to = self.calls.pop(task_id, None)

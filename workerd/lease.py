@@ -35,11 +35,11 @@ import select
 import time
 from typing import TYPE_CHECKING
 
+from workerd.direct import inline_values
 from zray import _lane
 from zray import _protocol as P
 from zray._procutil import env_number
 from zray._protocol import Msg
-from zray._serialization import serialize
 
 if TYPE_CHECKING:
     from workerd.executor import ExecutorProcess
@@ -328,19 +328,7 @@ class LeaseServer:
     # -------------------------------------------------------------- replies
     def finish_values(self, spec: P.TaskSpec, values: list) -> None:
         """(ResultSender.finish_values) The task's values, inline on the lane."""
-        layout, frames, nested = [], [], []
-        for v in values:
-            f, n = serialize(v)
-            nested.extend(n)
-            layout.append([P.VALUE, len(f)])
-            frames.extend(f)
-        if nested:  # the broker sees no DONE naming them: keep them for good
-            client = self.proc.client
-            for oid in nested:
-                client.escape(oid)
-            with client._send_lock:
-                client._flush_refs_locked()
-        self.reply(spec.task_id, layout, frames, False)
+        self.reply(spec.task_id, *inline_values(self.proc.client, values), False)
 
     def reply(self, task_id: bytes, layout: list, frames: list, retryable: bool) -> None:
         lane = self.calls.pop(task_id, None)
