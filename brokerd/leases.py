@@ -117,9 +117,10 @@ class TaskLeases:
     def books(self, cid: bytes, args: dict, end: bool = False) -> None:
         """REQ lease_books / lease_end from the leased executor: its tasks' events; at the
         end, the executor goes back to the pool."""
-        lease_id = args.get("lease_id")
+        op = "lease_end" if end else "lease_books"
+        lease_id = args.get("lease_id") if type(args) is dict else None
         if type(lease_id) is not bytes or set(args) - {"lease_id", "events", "dropped"}:
-            raise ValueError("lease_books: {lease_id, events, dropped} from the leased executor")
+            raise ValueError(f"{op}: {{lease_id, events, dropped}} from the leased executor")
         lease = self.by_exec.get(cid)
         if lease is None or lease_id != lease.lease_id:
             # returned by its holder before the executor saw it end: its last books

@@ -23,6 +23,7 @@ from conftest import describe, poll_until, wait_gone
 
 import zray as ray
 from zray import _lease, _runtime
+from zray import _protocol as P
 from zray.exceptions import TaskCancelledError, WorkerCrashedError
 
 pytestmark = pytest.mark.timeout(180)
@@ -413,3 +414,40 @@ def test_leases_on_in_a_fresh_driver_that_exits(run_driver):
             pass
     left = wait_gone(procs, 30)
     assert not left, describe(left)
+
+
+def test_garbage_lease_requests_are_refused_and_change_nothing(cluster):
+    """A careless or hostile client: every malformed lease request is refused with an error
+    naming what it wanted, a well-formed one it has no right to (books of a lease it does
+    not serve, a lease it does not hold, another client's task) changes nothing, and the
+    broker goes on lending leases and counting CPUs."""
+    client = _runtime.client
+    poll_until(lambda: ray.available_resources().get("CPU") == 4, 30, what="all CPUs free")
+    bad = [
+        ("task_lease", None), ("task_lease", {"fid": "not bytes", "resources": {"CPU": 1}}),
+        ("task_lease", {"fid": b"f", "resources": {"CPU": 0}}),
+        ("task_lease", {"fid": b"f", "resources": {"CPU": 1, "GPU": 1}}),
+        ("task_lease", {"fid": b"f", "resources": {"CPU": 1.5}}),
+        ("task_lease", {"fid": b"f" * 65, "resources": {"CPU": 1}}),
+        ("task_lease", {"fid": b"f", "resources": {"CPU": 1}, "extra": 1}),
+        ("lease_books", {"lease_id": "x"}), ("lease_books", {"lease_id": b"x", "more": 1}),
+        ("lease_end", []), ("lease_return", {"lease_id": 7}),
+        ("lease_return", {"lease_id": b"x", "executor": b"y"}),
+        ("lease_cancel", {"task_id": b"short", "force": False}),
+        ("lease_cancel", {"task_id": os.urandom(P.TASK_ID_LEN), "force": False}),  # not ours
+        ("lease_cancel", {"task_id": client.cid + b"\0" * (P.TASK_ID_LEN - len(client.cid)),
+                          "force": "yes"}),
+    ]
+    for op, args in bad:
+        with pytest.raises(ValueError, match=op):
+            client.request(op, args, timeout=10)
+    # Well formed, but nothing of theirs: accepted and ignored.
+    fake = os.urandom(P.LEASE_ID_LEN)
+    client.request("lease_books", {"lease_id": fake, "events": [], "dropped": 0})
+    client.request("lease_end", {"lease_id": fake, "events": [], "dropped": 0})
+    client.request("lease_return", {"lease_id": fake})
+    # An unknown function: no lease (None), not an error.
+    assert client.request("task_lease", {"fid": os.urandom(16), "resources": {"CPU": 1}}) is None
+    assert ray.available_resources().get("CPU") == 4
+    assert _leased(add_one, 1)
+    assert ray.get(add_one.remote(41), timeout=30) == 42
