@@ -219,7 +219,8 @@ class Broker:
                         log.exception("error handling %s", m.TYPE.name)
             if engine.objects.released_actors:
                 engine.release_actors()
-            if placement.dirty or (nodes.freed and (placement.queues or engine.pgroups.pending)):
+            if placement.dirty or (nodes.freed and (placement.queues or engine.pgroups.pending)) or (
+                    placement.queues and time.monotonic() >= placement.retry_at):  # (safety net)
                 try:
                     engine.schedule()
                 except Exception:  # a bug here must not take the cluster down

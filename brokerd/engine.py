@@ -398,7 +398,7 @@ class TaskEngine:
     def schedule(self) -> None:
         if self.pgroups.pending:
             schedule_groups(self)
-        self.placement.dirty = self.nodes.freed = False
+        self.placement.dirty = False  # (NodeTable.freed: placement.schedule() takes it)
         self._apply(self.placement.schedule())
 
     def _apply(self, d: Decisions) -> None:

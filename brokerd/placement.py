@@ -46,6 +46,20 @@ task only if it is bound to that environment or to none yet (``take_idle``: the
 task binds it); so executors of different environments never share a process,
 and a prefetched task goes only to an executor running the same queue's task.
 
+A queue's head that fit nowhere is not tried again until something changed that
+could make it fit (``epoch``): a pass bumps the epoch at its start when resources
+came back or an executor went idle since the last (it takes ``NodeTable.freed``:
+release, lent CPU, join, idle or spawned executor, placement group placed or
+removed) or a node's resources or liveness changed (``NodeTable.changed``: a node
+left). Until then no plain task of that queue is tried either (the same
+resources, strategy and runtime_env: it would fit nowhere too), while an actor's
+creation is only skipped if it is that same head, and a head that is no longer
+QUEUED (cancelled, failed, moved back to wait for an argument) is taken off as
+before. A head that fits a node without an idle executor (one is being started)
+is tried every pass, as before. A safety net bounds what a missed bump could cost: every
+``RETRY_S`` a pass tries every head again (the broker runs one then if anything
+is queued), so a missed bump costs latency, never a hang.
+
 Sending ahead costs a pass nothing for executors whose window is full: ``_prefetch``
 looks only at the candidates in ``room`` (started this pass, or told by the engine
 that a slot freed: a task sent ahead started, went back or failed) and drops those
@@ -72,8 +86,21 @@ from brokerd.nodes import NodeTable
 from brokerd.records import ExecState, Task, TaskState
 from brokerd.window import RunTimes
 from zray import _protocol as P
+from zray._procutil import env_number
 
 log = logging.getLogger("zray.broker")
+
+
+def read_env() -> float:
+    """RETRY_S from the environment as it is now (ZRAY_SCHED_RETRY_S): a bad value is a
+    ValueError naming the variable (zray.init checks it before it starts a cluster)."""
+    return env_number("ZRAY_SCHED_RETRY_S", 0.1, 0.001, 1e9, what="a time in seconds")
+
+
+# Every queue's head is tried again at least this often while tasks queue: the safety
+# net for a change that did not bump the epoch. (ZRAY_SCHED_RETRY_S: for tests that turn
+# the net off, so that a missed bump hangs instead of costing latency.)
+RETRY_S = read_env()
 
 
 @dataclass
@@ -106,6 +133,12 @@ class Placement:
         self.groups = None  # PlacementGroupTable, set by the engine
         self.runtimes = RunTimes()  # functions' run times: the send-ahead window
         self.dirty = False  # something was queued since the last pass
+        # Bumped by every change that can make a queued task placeable (the engine's
+        # schedule(), from NodeTable.freed / .changed) and every RETRY_S: a queue whose
+        # head failed at this epoch is not tried again (``stuck``).
+        self.epoch = 0
+        self.stuck: dict = {}  # shape -> (head task that fit nowhere, the epoch it failed at)
+        self.retry_at = 0.0  # (time.monotonic) the safety net's next forced try
 
     def enqueue(self, task: Task, front: bool = False) -> None:
         q = self.queues.get(task.shape)
@@ -124,10 +157,27 @@ class Placement:
         d = Decisions()
         nodes = self.nodes
         picked: dict = {}  # busy executor -> tasks sent ahead to it in this pass
+        if nodes.freed or nodes.changed:  # something may fit now: every head is tried
+            nodes.freed = False
+            self.epoch += 1
+        now = time.monotonic()
+        if now >= self.retry_at:  # the safety net: every head is tried again now and then
+            self.epoch += 1
+            self.retry_at = now + RETRY_S
+        epoch = self.epoch
+        stuck = self.stuck
         for shape in list(self.queues):
             q = self.queues[shape]
             task = None
             starting = False  # a node that fits waits for an executor to start
+            held = stuck.get(shape)
+            if held is not None and held[1] == epoch and q:
+                head = q[0]  # (another plain task of the shape fits where it did: nowhere)
+                if head.state == TaskState.QUEUED and (head is held[0] or (
+                        head.kind == P.TASK and held[0].kind == P.TASK)):
+                    task = head  # nothing changed since the head fit nowhere: not tried
+                    q = ()  # (no placing: straight to sending ahead)
+            nowhere = False  # the head fit on no node (not: waits for an executor to start)
             while q:
                 task = q[0]
                 if task.state != TaskState.QUEUED:
@@ -140,6 +190,7 @@ class Placement:
                     continue
                 if task.kind == P.ACTOR_CREATE:
                     if node is None:
+                        nowhere = True
                         break
                     if ex is not None:
                         nodes.push_idle(ex)  # not this one: an actor gets a fresh process
@@ -151,6 +202,8 @@ class Placement:
                     if node is not None:
                         nodes.request_spawn(node)
                         starting = True
+                    else:
+                        nowhere = True
                     break
                 q.popleft()
                 nodes.acquire(task, node)
@@ -161,6 +214,9 @@ class Placement:
                         run = self.running[shape] = set()
                     run.add(ex)
                     self.room.add(ex)
+            if nowhere:  # its head fits nowhere now: not tried again until the epoch moves
+                stuck[shape] = (q[0], epoch)
+            q = self.queues[shape]
             # Sent ahead only when no node has room: never behind a long task while a
             # node with free resources is starting an executor for it.
             if (q and task is not None and not starting and _prefetchable(shape)
@@ -169,6 +225,7 @@ class Placement:
                 self._prefetch(shape, q, d, picked)
             if not q:
                 del self.queues[shape]
+                stuck.pop(shape, None)
         if self.warnings:
             d.warnings, self.warnings = self.warnings, []
         return d

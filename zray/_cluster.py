@@ -74,6 +74,9 @@ def _check_env() -> None:
     from workerd import lease as leases
 
     window.read_env()
+    from brokerd import placement
+
+    placement.read_env()
     held.read_env()
     leases.read_env()
 
