@@ -59,7 +59,7 @@ from brokerd.restart import Recovery
 from zray import _protocol as P
 from zray._protocol import Msg
 from zray._security import ServerAuth, create_key_file, needs_curve
-from zray._transport import recv_parts
+from zray._transport import poll_in, recv_parts
 
 log = logging.getLogger("zray.broker")
 # How often silent nodes and drivers are looked for: a dead node is noticed at most
@@ -163,9 +163,7 @@ class Broker:
         decode, role_of = P.decode, P.role_of
         last_check = time.monotonic()
         log.info("broker listening on %s (pid %d)", self.address, os.getpid())
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poll = poller.poll
+        poll = poll_in(sock)  # (zmq_poll, without zmq.Poller's per-call work)
         Again = zmq.Again  # one zmq.Again ends each drain
         roles: dict = {}  # identity -> (role, peer id): role_of once per peer
         idle_wait = int(LIVENESS_CHECK_S * 1000)

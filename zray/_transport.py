@@ -10,8 +10,11 @@ headers) are copied; payload frames go zero-copy.
 
 from __future__ import annotations
 
+from functools import partial
+
 import zmq
 
+_poll = zmq.backend.zmq_poll
 _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
 _get = zmq.backend.Socket.get
@@ -53,3 +56,10 @@ def readable(sock) -> bool:
     """A message is waiting on ``sock``: a drain loop asks this instead of ending on
     recv's zmq.Again (an exception costs ~2 us more than this question)."""
     return bool(_get(sock, _EVENTS) & _POLLIN)
+
+
+def poll_in(sock):
+    """``poll(timeout_ms)``: a non-empty list once a message waits on ``sock``, else []
+    after the timeout. zmq_poll on a list built once: pyzmq's ``Poller.poll`` rebuilds
+    its list and converts the events each call (5.2 vs 2.2 us a call, measured)."""
+    return partial(_poll, [(sock, _POLLIN)])
