@@ -34,6 +34,7 @@ else:
     ("ZRAY_EXEC_LONG_S", "nan", "a time in seconds"),
     ("ZRAY_TASK_LEASES", "yes", "0 or 1"),
     ("ZRAY_TASK_LEASE_IDLE_MS", "0", "milliseconds (1..60000)"),
+    ("ZRAY_SCHED_RETRY_S", "0", "a time in seconds"),
 ])
 def test_init_refuses_a_bad_knob(run_driver, name, value, what):
     r = run_driver(_INIT, timeout=90, **{name: value})
