@@ -56,9 +56,9 @@ resources, strategy and runtime_env: it would fit nowhere too), while an actor's
 creation is only skipped if it is that same head, and a head that is no longer
 QUEUED (cancelled, failed, moved back to wait for an argument) is taken off as
 before. A head that fits a node without an idle executor (one is being started)
-is tried every pass, as before. A safety net bounds what a missed bump could cost: every
-``RETRY_S`` a pass tries every head again (the broker runs one then if anything
-is queued), so a missed bump costs latency, never a hang.
+is tried every pass, as before. A safety net bounds what a missed bump could
+cost: every ``RETRY_S`` a pass tries every head again (the broker runs one then
+if anything is queued), so a missed bump costs latency, never a hang.
 
 Sending ahead costs a pass nothing for executors whose window is full: ``_prefetch``
 looks only at the candidates in ``room`` (started this pass, or told by the engine
@@ -133,9 +133,9 @@ class Placement:
         self.groups = None  # PlacementGroupTable, set by the engine
         self.runtimes = RunTimes()  # functions' run times: the send-ahead window
         self.dirty = False  # something was queued since the last pass
-        # Bumped by every change that can make a queued task placeable (the engine's
-        # schedule(), from NodeTable.freed / .changed) and every RETRY_S: a queue whose
-        # head failed at this epoch is not tried again (``stuck``).
+        # Bumped at a pass's start by every change that can make a queued task placeable
+        # (NodeTable.freed / .changed, which schedule() takes) and every RETRY_S: a queue
+        # whose head fit nowhere at this epoch is not tried again (``stuck``).
         self.epoch = 0
         self.stuck: dict = {}  # shape -> (head task that fit nowhere, the epoch it failed at)
         self.retry_at = 0.0  # (time.monotonic) the safety net's next forced try
