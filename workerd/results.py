@@ -260,7 +260,7 @@ class ResultSender:
                     retryable = False
         direct = self.direct
         if direct is not None and task_id in direct.calls:
-            direct.reply(task_id, [[P.ERROR, len(frames)]] * n, frames * n, retryable)
+            direct.reply(task_id, [[P.ERROR, len(frames)]] * n, frames * n, retryable, text)
             return
         self.send_done(spec, [[P.ERROR, len(frames), None, 0]] * n, frames * n, [], retryable,
                        text)
