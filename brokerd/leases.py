@@ -9,7 +9,8 @@
     holder --DCALL / DDONE on the executor's lane (zray/_lease.py, workerd/lease.py): the
               broker sees none of it
     executor --REQ lease_books {lease_id, events, dropped}--> the tasks it ran into the
-              event log (list_tasks, get_task, timeline), about once a second
+              event log (list_tasks, get_task, timeline), about once a second; an event
+              is [task id, name, start, end, failed, error, parent task id, retry]
     executor --REQ lease_end {lease_id, events, dropped}--> end(): books, resources back,
               the executor IDLE again (it ended the lease: idle, holder gone, work queued)
     holder --REQ lease_return {lease_id}--> give_back(): it wants another function's lease
@@ -41,6 +42,7 @@ from zray import _protocol as P
 log = logging.getLogger("zray.broker")
 
 MAX_EVENTS = 5000  # task events per report
+MAX_ERROR_CHARS = 1100  # an event's error: "raised: " and the tail of the error's text
 
 
 @dataclass(eq=False)
@@ -70,7 +72,8 @@ class TaskLeases:
         self.engine = engine
         self.by_exec: dict = {}
         self.by_holder: dict = {}
-        # task id -> (job id, resources, executor cid, pid): leased tasks in the event log
+        # task id -> (job id, resources, executor cid, pid, parent task id): leased tasks in
+        # the event log
         self.lease_tasks: dict = {}
         self.returned: dict = {}  # executor cid -> its lease its holder gave back (books due)
         self.granted = self.ended = self.tasks = self.refused = self.revoked = 0
@@ -160,26 +163,38 @@ class TaskLeases:
             raise ValueError(f"lease_books: events must be a list of at most {MAX_EVENTS}, "
                              "dropped an int >= 0")
         for e in events:  # all checked before any is logged: a bad report changes nothing
-            if (type(e) is not list or len(e) != 6 or type(e[0]) is not bytes
+            if (type(e) is not list or len(e) != 8 or type(e[0]) is not bytes
                     or len(e[0]) != P.TASK_ID_LEN or e[0][:P.ID_LEN] != lease.holder
                     or type(e[1]) is not str or len(e[1]) > 512
                     or type(e[2]) is not float or type(e[3]) is not float
-                    or type(e[4]) is not bool or type(e[5]) is not str or len(e[5]) > 512):
+                    or type(e[4]) is not bool or type(e[5]) is not str
+                    or len(e[5]) > MAX_ERROR_CHARS or type(e[6]) is not bytes
+                    or len(e[6]) not in (0, P.TASK_ID_LEN) or type(e[7]) is not bool
+                    or (e[7] and not e[4])):
                 raise ValueError("lease_books: an event is [task id of the holder's, name, "
-                                 "start, end, failed, error]")
+                                 "start, end, failed, error, parent task id or b'', retry "
+                                 "(only if failed)]")
         moves = self.engine.moves
         log_, node_id = moves.events, lease.ex.node.node_id
         holder = self.engine.clients.get(lease.holder)
-        row = (holder.job_id if holder is not None else None, lease.held.hold, lease.ex.cid,
-               lease.ex.pid)  # what list_tasks shows of it beyond its events
-        children = self.engine.children
-        for task_id, name, t0, t1, failed, error in events:
-            children.pop(task_id, None)  # (a leased task's own children: it is over)
+        # what list_tasks shows of it beyond its events
+        job, res, ex_cid, pid = (holder.job_id if holder is not None else None,
+                                 lease.held.hold, lease.ex.cid, lease.ex.pid)
+        children, seen, logged = self.engine.children, self.lease_tasks, 2 * len(events)
+        for task_id, name, t0, t1, failed, error, parent, retry in events:
+            if task_id not in seen:  # (its first run: a retry was queued by the last one)
+                log_.append((t0, "task", task_id, "waiting_args", "queued", "", None, name))
+                logged += 1
             log_.append((t0, "task", task_id, "queued", "running", "", node_id, name))
-            log_.append((t1, "task", task_id, "running", "failed" if failed else "finished",
-                         error if failed else "", node_id, name))
-            self.lease_tasks[task_id] = row
-        moves.appended += 2 * (len(events) + dropped)
+            if retry:  # as the broker logs a task it runs again after an application error
+                log_.append((t1, "task", task_id, "running", "queued",
+                             "application error, retrying", node_id, name))
+            else:
+                children.pop(task_id, None)  # (a leased task's own children: it is over)
+                log_.append((t1, "task", task_id, "running", "failed" if failed else "finished",
+                             error if failed else "", node_id, name))
+            self.lease_tasks[task_id] = (job, res, ex_cid, pid, parent)
+        moves.appended += logged + 2 * dropped
         lease.tasks += len(events) + dropped
         self.tasks += len(events) + dropped
         if len(self.lease_tasks) > 200_000:  # (as bounded as the event log)

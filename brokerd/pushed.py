@@ -14,6 +14,9 @@ are all gone as soon as its last call is DONE) can die with the push unsent: the
 broker, told it went, never sends it, and the owner's get() hangs. The owner takes
 a second copy of a value it already has as a no-op, so sending again is safe.
 
+Actor calls' results are not pushed any more (workerd/results.py ``pushable``): a
+caller that got a pushed value could kill the actor before the broker had its DONE.
+
 Only an executor's last 64 pushes are kept (``Executor.pushed``, a bounded deque): a
 push older than that has long left its socket (it goes out within milliseconds).
 """

@@ -44,6 +44,7 @@ TASK_TYPE = {P.TASK: "NORMAL_TASK", P.ACTOR_CREATE: "ACTOR_CREATION_TASK",
 # first match wins. A reason that matches none is an executor or node loss.
 _ERROR_TYPES = (
     ("raised", "TASK_EXECUTION_EXCEPTION"), ("constructor raised", "TASK_EXECUTION_EXCEPTION"),
+    ("the method raised", "TASK_EXECUTION_EXCEPTION"),  # a direct actor call (brokerd/routes.py)
     ("cancel", "TASK_CANCELLED"), ("actor", "ACTOR_DIED"),
     ("unschedulable", "TASK_UNSCHEDULABLE_ERROR"),
     ("argument is an error", "DEPENDENCY_RESOLUTION_FAILED"),
@@ -141,9 +142,10 @@ class StateView:
                     r.update(type="ACTOR_TASK", actor_id=aid.hex(), func_or_class_name=name,
                              job_id=_hex(actor.job_id) if actor is not None else None)
                 elif r["type"] is None and rid in leased:  # run on a leased executor
-                    job, res, ex_cid, pid = leased[rid]
+                    job, res, ex_cid, pid, parent = leased[rid]
                     r.update(type="NORMAL_TASK", job_id=_hex(job), worker_id=ex_cid.hex(),
-                             worker_pid=pid, required_resources=P.from_units(res))
+                             worker_pid=pid, required_resources=P.from_units(res),
+                             parent_task_id=_hex(parent))
             r["events"].append({"state": TASK_STATE[new], "created_ms": _ms(t)})
             r["state"] = TASK_STATE[new]
             if node_id:

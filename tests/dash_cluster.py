@@ -3,7 +3,9 @@
     zray broker --port P            zray worker --address tcp://127.0.0.1:P  (x n)
     zray dashboard --address tcp://127.0.0.1:P --port 0
 
-``DashCluster.url`` is the dashboard's URL, read from the line it prints.
+``DashCluster.url`` is the dashboard's URL, read from the line it prints. For the job
+tests: ``job_client()`` (a JobSubmissionClient with the dashboard's token),
+``wait_job_end(client, sid)`` and ``start_long_job(client, flag)``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import urllib.error
 import urllib.request
 
+import psutil
 from conftest import poll_until
 from test_cli_cluster import _free_port, _Procs
 
@@ -97,6 +100,12 @@ class DashCluster:
         with open(path) as f:
             return f.read().strip()
 
+    def job_client(self):
+        """A JobSubmissionClient for this dashboard, authorized with its token."""
+        from zray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.url, headers={"Authorization": f"Bearer {self.token()}"})
+
     def stop(self):
         if zray.is_initialized():
             zray.shutdown()
@@ -115,3 +124,19 @@ def http_error(url: str, method: str = "GET", body: bytes | None = None, headers
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def wait_job_end(client, sid: str, timeout: float = 90):
+    """The JobStatus job ``sid`` ended with (SUCCEEDED, FAILED or STOPPED), once it did."""
+    return poll_until(lambda: (s := client.get_job_status(sid)).is_terminal() and s, timeout,
+                      interval=0.2, what=f"job {sid} to end")
+
+
+def start_long_job(client, flag, **submit) -> tuple:
+    """Submit a job that creates the file ``flag`` and then sleeps for ten minutes
+    (``submit``: more submit_job arguments); once it runs: (its submission id, its
+    driver's psutil.Process)."""
+    sid = client.submit_job(entrypoint=f"python -c 'import time; open(\"{flag}\", \"w\")"
+                                       ".close(); time.sleep(600)'", **submit)
+    poll_until(flag.exists, 60, what="the long job to start")
+    return sid, psutil.Process(int(client.get_job_info(sid).driver_info["pid"]))

@@ -10,25 +10,14 @@ Run on Ray too (ZRAY_TEST_BACKEND=ray).
 
 import os
 import threading
-import time
 
 import pytest
+from _gates import after_file
 from backend import BACKEND, local_cluster, pickle_by_value, ray
 from conftest import poll_until
 
 pickle_by_value(__name__)
 cluster = local_cluster(num_cpus=2)
-
-
-@ray.remote
-def after_file(path, value, timeout=60.0):
-    """Return ``value`` once ``path`` exists (the test decides the finishing order)."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
-    return value
 
 
 @ray.remote

@@ -13,10 +13,9 @@ import os
 import subprocess
 import textwrap
 
-import psutil
 import pytest
-from conftest import poll_until
-from dash_cluster import DashCluster, http_error
+from conftest import poll_until, wait_gone
+from dash_cluster import DashCluster, http_error, start_long_job, wait_job_end
 from test_cli_cluster import _zray_cmd
 
 from zray.job_submission import JobStatus, JobSubmissionClient
@@ -55,12 +54,7 @@ def dash(tmp_path_factory):
 
 @pytest.fixture
 def client(dash):
-    return JobSubmissionClient(dash.url, headers={"Authorization": f"Bearer {dash.token()}"})
-
-
-def wait_status(client, sid, timeout=90):
-    return poll_until(lambda: (s := client.get_job_status(sid)).is_terminal() and s, timeout,
-                      interval=0.2, what=f"job {sid} to end")
+    return dash.job_client()
 
 
 @pytest.mark.timeout(150)
@@ -73,7 +67,7 @@ def test_submit_runs_a_driver_on_the_cluster(dash, client, tmp_path):
                                          "env_vars": {"JOB_COLOUR": "teal"}},
                             metadata={"owner": "test"}, submission_id="job-ok-1")
     assert sid == "job-ok-1"
-    assert wait_status(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
+    assert wait_job_end(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
     logs = client.get_job_logs(sid)
     assert "squares [(0, 'teal'), (1, 'teal'), (4, 'teal'), (9, 'teal')]" in logs, logs
     assert "argv job-ok-1" in logs
@@ -97,21 +91,16 @@ def test_submit_runs_a_driver_on_the_cluster(dash, client, tmp_path):
 @pytest.mark.timeout(120)
 def test_failed_and_stopped_jobs(dash, client, tmp_path):
     sid = client.submit_job(entrypoint="python -c 'import sys; print(\"bye\"); sys.exit(3)'")
-    assert wait_status(client, sid) == JobStatus.FAILED
+    assert wait_job_end(client, sid) == JobStatus.FAILED
     info = client.get_job_info(sid)
     assert info.driver_exit_code == 3 and "exit code 3" in info.message
     assert "bye" in client.get_job_logs(sid)
 
     flag = tmp_path / "started"
-    sid = client.submit_job(entrypoint=f"python -c 'import time; open(\"{flag}\", \"w\").close(); "
-                                       "time.sleep(600)'")
-    poll_until(flag.exists, 60, what="the long job to start")
-    pid = int(client.get_job_info(sid).driver_info["pid"])
-    proc = psutil.Process(pid)
+    sid, proc = start_long_job(client, flag)
     assert client.stop_job(sid) is True
-    assert wait_status(client, sid) == JobStatus.STOPPED
-    poll_until(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, 30,
-               what="the stopped job's process to exit")
+    assert wait_job_end(client, sid) == JobStatus.STOPPED
+    assert wait_gone([proc], 30) == [], "the stopped job's process did not exit"
     assert client.stop_job(sid) is False
     assert client.delete_job(sid) is True
     with pytest.raises(RuntimeError, match="does not exist"):
@@ -198,17 +187,11 @@ def test_dashboard_stops_with_the_broker_and_takes_its_jobs(tmp_path):
     c = DashCluster(tmp_path, workers=0)
     try:
         c.start()
-        client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
-        flag = tmp_path / "started"
-        sid = client.submit_job(entrypoint=f"python -c 'import time; open(\"{flag}\", \"w\")"
-                                           ".close(); time.sleep(600)'")
-        poll_until(flag.exists, 60, what="the job to start")
-        job = psutil.Process(int(client.get_job_info(sid).driver_info["pid"]))
+        _, job = start_long_job(c.job_client(), tmp_path / "started")
         dashboard = c.procs.procs["dashboard"]
         c.procs.procs["broker"].terminate()
         poll_until(lambda: dashboard.poll() is not None, 60, what="the dashboard to exit")
-        poll_until(lambda: not job.is_running() or job.status() == psutil.STATUS_ZOMBIE, 30,
-                   what="the job to be killed")
+        assert wait_gone([job], 30) == [], "the job was not killed"
         assert "the broker at" in (tmp_path / "dashboard.log").read_text()
     finally:
         c.stop()
@@ -274,7 +257,7 @@ def test_working_dir_is_uploaded_from_the_client(dash, client, tmp_path, caplog)
     sid = client.submit_job(entrypoint="python main.py",
                             runtime_env={"working_dir": str(moved),
                                          "py_modules": json.loads(renv)["py_modules"]})
-    assert wait_status(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
+    assert wait_job_end(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
     assert client.get_job_info(sid).runtime_env["working_dir"] == uri
     assert "on the cluster already" in caplog.text and "uploaded " not in caplog.text
     assert "HELLO FROM A TASK!" in client.get_job_logs(sid)
@@ -340,30 +323,17 @@ def test_job_records_survive_a_dashboard_restart(tmp_path):
     c = DashCluster(tmp_path, workers=0)
     try:
         c.start()
-        client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
+        client = c.job_client()
         done = client.submit_job(entrypoint="python -c 'print(\"finished before\")'",
                                  submission_id="before-restart", metadata={"k": "v"})
-        assert wait_status(client, done) == JobStatus.SUCCEEDED
-        flag = tmp_path / "started"
-        running = client.submit_job(entrypoint=f"python -c 'import time; open(\"{flag}\", \"w\")"
-                                               ".close(); time.sleep(600)'")
-        poll_until(flag.exists, 60, what="the long job to start")
-        job = psutil.Process(int(client.get_job_info(running).driver_info["pid"]))
+        assert wait_job_end(client, done) == JobStatus.SUCCEEDED
+        running, job = start_long_job(client, tmp_path / "started")
         group = [job] + job.children(recursive=True)  # the shell's children too
         assert any("time.sleep(600)" in " ".join(p.cmdline()) for p in group), group
         c.restart_dashboard()
-
-        def all_dead():
-            for p in group:
-                try:
-                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                        return False
-                except psutil.NoSuchProcess:
-                    pass
-            return True
-
-        poll_until(all_dead, 30, what="the running job and its children to die with the dashboard")
-        client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
+        left = wait_gone(group, 30)
+        assert left == [], f"the running job and its children outlived the dashboard: {left}"
+        client = c.job_client()
         jobs = {j.submission_id: j for j in client.list_jobs()}
         assert set(jobs) == {done, running}
         info = client.get_job_info(done)
@@ -378,7 +348,7 @@ def test_job_records_survive_a_dashboard_restart(tmp_path):
         records = [p for p in tmp_path.rglob("jobs.json")]
         assert len(records) == 1 and records[0].stat().st_mode & 0o077 == 0
         sid = client.submit_job(entrypoint="true")
-        assert wait_status(client, sid) == JobStatus.SUCCEEDED
+        assert wait_job_end(client, sid) == JobStatus.SUCCEEDED
         assert json.loads(records[0].read_text())["jobs"][-1]["submission_id"] == sid
         with pytest.raises(RuntimeError, match="already exists"):
             client.submit_job(entrypoint="true", submission_id=done)
@@ -394,8 +364,7 @@ def test_package_cache_evicts_least_recently_used_but_not_in_use(tmp_path):
     c.procs.env["ZRAY_DASHBOARD_PACKAGES_MB"] = "0.1"  # ~100 KB: two 40 KB packages
     try:
         c.start()
-        client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
-        flag = tmp_path / "started"
+        client = c.job_client()
 
         def folder(name):
             d = tmp_path / name
@@ -403,16 +372,14 @@ def test_package_cache_evicts_least_recently_used_but_not_in_use(tmp_path):
             (d / "data.bin").write_bytes(name.encode() * (40_000 // len(name)))
             return d
 
-        long = client.submit_job(
-            entrypoint=f"python -c 'import time; open(\"{flag}\", \"w\").close(); "
-                       "time.sleep(600)'", runtime_env={"working_dir": str(folder("busy"))})
-        poll_until(flag.exists, 60, what="the long job to start")
+        long, _ = start_long_job(client, tmp_path / "started",
+                                 runtime_env={"working_dir": str(folder("busy"))})
         busy_uri = client.get_job_info(long).runtime_env["working_dir"]
         uris = []
         for name in ("one", "two", "three"):
             sid = client.submit_job(entrypoint="true",
                                     runtime_env={"working_dir": str(folder(name))})
-            assert wait_status(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
+            assert wait_job_end(client, sid) == JobStatus.SUCCEEDED, client.get_job_logs(sid)
             uris.append(client.get_job_info(sid).runtime_env["working_dir"])
 
         def present(uri):
@@ -422,11 +389,11 @@ def test_package_cache_evicts_least_recently_used_but_not_in_use(tmp_path):
         # "busy" is in use; "one" and "two" made way for the newer packages
         assert [present(u) for u in [busy_uri] + uris] == [True, False, False, True]
         assert client.stop_job(long)
-        assert wait_status(client, long) == JobStatus.STOPPED
+        assert wait_job_end(client, long) == JobStatus.STOPPED
         # an evicted package is uploaded again when a job needs it
         sid = client.submit_job(entrypoint="cat data.bin",
                                 runtime_env={"working_dir": str(tmp_path / "one")})
-        assert wait_status(client, sid) == JobStatus.SUCCEEDED
+        assert wait_job_end(client, sid) == JobStatus.SUCCEEDED
         assert client.get_job_logs(sid).startswith("oneone")
         assert present(uris[0])
     finally:

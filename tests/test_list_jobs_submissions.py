@@ -11,10 +11,9 @@ import textwrap
 
 import pytest
 from conftest import poll_until
-from dash_cluster import DashCluster
+from dash_cluster import DashCluster, wait_job_end
 
 import zray
-from zray.job_submission import JobSubmissionClient
 from zray.util import state
 
 DRIVER = textwrap.dedent("""
@@ -34,7 +33,7 @@ def test_list_jobs_merges_submissions_and_drivers(tmp_path):
     c = DashCluster(tmp_path, workers=1)
     try:
         c.start()
-        client = JobSubmissionClient(c.url, headers={"Authorization": f"Bearer {c.token()}"})
+        client = c.job_client()
         wd = tmp_path / "project"
         wd.mkdir()
         (wd / "driver.py").write_text(DRIVER)
@@ -43,8 +42,7 @@ def test_list_jobs_merges_submissions_and_drivers(tmp_path):
                                         metadata={"team": "blue"})
         no_driver = client.submit_job(entrypoint="exit 4", submission_id="no-driver")
         for sid in (with_driver, no_driver):
-            poll_until(lambda sid=sid: client.get_job_status(sid).is_terminal(), 90,
-                       interval=0.2, what=f"job {sid} to end")
+            wait_job_end(client, sid)
         assert "sum 3" in client.get_job_logs(with_driver)
 
         zray.init(address=c.address)

@@ -10,6 +10,12 @@ tests/test_dag.py::test_class_node_one_actor_per_execution, 1 result of 3 never
 came). The broker now sends an executor's recent pushes again when it dies
 (brokerd/pushed.py).
 
+Since then actor calls' results are no longer pushed (workerd/results.py ``pushable``:
+a caller that killed the actor after it got a pushed value could overtake the DONE,
+tests/test_kill_after_result.py): these tests now check that the results of an
+actor's calls still reach their owner when it ends or is killed right after them,
+whichever way the results go; the redelivery still serves plain tasks' pushes.
+
 That race needs a loaded machine to lose a push. These tests make it certain
 instead: the actor's own code makes its executor report later pushes as sent
 without sending them (exactly what a push lost with its process looks like to the
@@ -34,7 +40,7 @@ class Lossy:
     def lose_later_pushes(self, _):
         """From now on this executor's pushes are 'sent' but never leave (this call's
         own result, the first push, still goes). Called with an ObjectRef argument: it
-        goes through the broker, so its result is pushed (a direct call's is not)."""
+        goes through the broker (a direct call's result never goes through it)."""
         from zray import _runtime
 
         client = _runtime.executor.results.client

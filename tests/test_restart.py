@@ -14,15 +14,12 @@ state directory, as systemd would. What the user sees:
 """
 
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import kill_tree, poll_until, wait_gone
-from test_cli_cluster import _free_port, _Procs
+from _restart_cluster import restartable_cluster
+from conftest import poll_until
 
 import zray
 
@@ -75,102 +72,68 @@ class Counter:
         return [ref]
 
 
-def _start_broker(procs, name, port, state):
-    return procs.start(name, ["broker", "--host", "127.0.0.1", "--port", str(port),
-                              "--state-dir", str(state)])
-
-
 @pytest.mark.timeout(240)
 def test_broker_kill9_and_restart_keeps_the_cluster(tmp_path):
-    if zray.is_initialized():
-        zray.shutdown()
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    state = tmp_path / "state"
-    procs = _Procs(tmp_path)
     # What was not back by then (the object only the old broker knew) is given up after
     # the grace period: 8 s instead of the default 15 s; the worker is back in about 1 s.
-    procs.env["ZRAY_RESTART_GRACE_S"] = "8"
-    try:
-        broker = _start_broker(procs, "broker", port, state)
-        procs.start("worker", ["worker", "--address", address, "--num-cpus", "2"])
+    with restartable_cluster(tmp_path, env={"ZRAY_RESTART_GRACE_S": "8"}) as c:
+        c.start(worker=2)
+        keeper = Counter.options(name="keeper", lifetime="detached").remote(100)
+        assert zray.get(keeper.incr.remote(5), timeout=60) == 105
+        mine = Counter.remote()
+        assert zray.get(mine.incr.remote(1), timeout=60) == 1
+        actor_pid = zray.get(keeper.where.remote(), timeout=60)
+        big = big_array.remote(1_000_000)  # 8 MB: lives in the node's store
+        zray.wait([big], timeout=60)
+        small = zray.put(41)
+        [borrowed] = zray.get(keeper.boxed.remote("kept by the actor", True), timeout=60)
+        [dropped] = zray.get(keeper.boxed.remote("dropped by the actor", False), timeout=60)
+        gen = count_slowly.remote(5, 0.5)
+        assert zray.get(next(gen), timeout=60) == 0
+        inflight = [slow_square.remote(i, 1.0) for i in range(6)]
+        chained = add.remote(inflight[0], small)  # depends on an in-flight result
+        # The inner ref is dropped at once: only the outer task holds it.
+        nested = add.remote(slow_square.remote(3, 1.0), 1)
+        done_inner = add.remote(add.remote(2, 2), 1)  # the inner one may finish first
+        time.sleep(0.5)  # (not synchronisation: lets some of them start before the crash)
 
-        procs.connect_driver(address, 60)
-        try:
-            poll_until(lambda: [n for n in zray.nodes() if n["Alive"]], 60, interval=0.1,
-                       what="the worker to join")
-            keeper = Counter.options(name="keeper", lifetime="detached").remote(100)
-            assert zray.get(keeper.incr.remote(5), timeout=60) == 105
-            mine = Counter.remote()
-            assert zray.get(mine.incr.remote(1), timeout=60) == 1
-            actor_pid = zray.get(keeper.where.remote(), timeout=60)
-            big = big_array.remote(1_000_000)  # 8 MB: lives in the node's store
-            zray.wait([big], timeout=60)
-            small = zray.put(41)
-            [borrowed] = zray.get(keeper.boxed.remote("kept by the actor", True), timeout=60)
-            [dropped] = zray.get(keeper.boxed.remote("dropped by the actor", False), timeout=60)
-            gen = count_slowly.remote(5, 0.5)
-            assert zray.get(next(gen), timeout=60) == 0
-            inflight = [slow_square.remote(i, 1.0) for i in range(6)]
-            chained = add.remote(inflight[0], small)  # depends on an in-flight result
-            # The inner ref is dropped at once: only the outer task holds it.
-            nested = add.remote(slow_square.remote(3, 1.0), 1)
-            done_inner = add.remote(add.remote(2, 2), 1)  # the inner one may finish first
-            time.sleep(0.5)  # (not synchronisation: lets some of them start before the crash)
+        c.restart_broker()
+        restarted = time.monotonic()
 
-            os.kill(broker.pid, signal.SIGKILL)
-            broker.wait(10)
-            del procs.procs["broker"]
-            _start_broker(procs, "broker2", port, state)
-
-            def listening():
-                procs.check_running()
-                return "listening on" in (tmp_path / "broker2.log").read_text(errors="replace")
-
-            poll_until(listening, 60, interval=0.05, what="the new broker to listen")
-            restarted = time.monotonic()
-
-            # The worker and the actor process on it are back within seconds: the
-            # detached actor answers (plain tasks may queue behind the resubmitted ones).
-            assert zray.get(keeper.where.remote(), timeout=60) == actor_pid
-            rejoin_s = time.monotonic() - restarted
-            assert rejoin_s < 30, rejoin_s
-            assert zray.get(whoami.remote(), timeout=60) > 0
-            # In-flight tasks finish, with the right values.
-            assert zray.get(inflight, timeout=90) == [i * i for i in range(6)]
-            assert zray.get(chained, timeout=60) == 41
-            assert zray.get(nested, timeout=60) == 10
-            assert zray.get(done_inner, timeout=60) == 5
-            # A store-sized result made before the crash is still there.
-            arr = zray.get(big, timeout=60)
-            assert arr.shape == (1_000_000,) and int(arr[-1]) == 999_999
-            assert zray.get(small, timeout=30) == 41
-            # A ref the driver borrowed from the actor (which owns the object).
-            assert zray.get(borrowed, timeout=60) == "kept by the actor"
-            # One its owner let go of lived only in the old broker: a clear error.
-            with pytest.raises(zray.exceptions.ObjectLostError, match="broker restarted"):
-                zray.get(dropped, timeout=60)
-            # A stream cut by the crash runs again; the consumer goes on where it was.
-            assert [zray.get(r, timeout=60) for r in gen] == [1, 2, 3, 4]
-            # The detached actor: found by name, same process, state intact.
-            again = zray.get_actor("keeper")
-            assert zray.get(again.incr.remote(1), timeout=60) == 106
-            assert zray.get(again.where.remote(), timeout=30) == actor_pid
-            # The driver's own actor lives on too.
-            assert zray.get(mine.incr.remote(1), timeout=60) == 2
-            # New work: tasks with dependencies and a new actor.
-            assert zray.get(add.remote(add.remote(1, 2), 3), timeout=60) == 6
-            fresh = Counter.remote(7)
-            assert zray.get(fresh.incr.remote(), timeout=60) == 8
-            print(f"the actor answered again {rejoin_s:.1f}s after the new broker listened")
-            zray.kill(again)
-        finally:
-            zray.shutdown()
-        procs.check_running()
-    finally:
-        everything = procs.descendants()
-        procs.kill_all()
-        wait_gone(everything, 20)
+        # The worker and the actor process on it are back within seconds: the
+        # detached actor answers (plain tasks may queue behind the resubmitted ones).
+        assert zray.get(keeper.where.remote(), timeout=60) == actor_pid
+        rejoin_s = time.monotonic() - restarted
+        assert rejoin_s < 30, rejoin_s
+        assert zray.get(whoami.remote(), timeout=60) > 0
+        # In-flight tasks finish, with the right values.
+        assert zray.get(inflight, timeout=90) == [i * i for i in range(6)]
+        assert zray.get(chained, timeout=60) == 41
+        assert zray.get(nested, timeout=60) == 10
+        assert zray.get(done_inner, timeout=60) == 5
+        # A store-sized result made before the crash is still there.
+        arr = zray.get(big, timeout=60)
+        assert arr.shape == (1_000_000,) and int(arr[-1]) == 999_999
+        assert zray.get(small, timeout=30) == 41
+        # A ref the driver borrowed from the actor (which owns the object).
+        assert zray.get(borrowed, timeout=60) == "kept by the actor"
+        # One its owner let go of lived only in the old broker: a clear error.
+        with pytest.raises(zray.exceptions.ObjectLostError, match="broker restarted"):
+            zray.get(dropped, timeout=60)
+        # A stream cut by the crash runs again; the consumer goes on where it was.
+        assert [zray.get(r, timeout=60) for r in gen] == [1, 2, 3, 4]
+        # The detached actor: found by name, same process, state intact.
+        again = zray.get_actor("keeper")
+        assert zray.get(again.incr.remote(1), timeout=60) == 106
+        assert zray.get(again.where.remote(), timeout=30) == actor_pid
+        # The driver's own actor lives on too.
+        assert zray.get(mine.incr.remote(1), timeout=60) == 2
+        # New work: tasks with dependencies and a new actor.
+        assert zray.get(add.remote(add.remote(1, 2), 3), timeout=60) == 6
+        fresh = Counter.remote(7)
+        assert zray.get(fresh.incr.remote(), timeout=60) == 8
+        print(f"the actor answered again {rejoin_s:.1f}s after the new broker listened")
+        zray.kill(again)
 
 
 ORPHAN_DRIVER = """
@@ -196,69 +159,36 @@ def test_restart_when_the_actor_processes_and_a_driver_do_not_come_back(tmp_path
     down. After the grace period: a detached actor with max_restarts left is restarted
     on the new worker (its constructor runs again), one without fails its calls with
     ActorDiedError saying why, and the job whose driver is gone ends with its actor."""
-    if zray.is_initialized():
-        zray.shutdown()
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    state = tmp_path / "state"
-    procs = _Procs(tmp_path)
-    procs.env["ZRAY_RESTART_GRACE_S"] = "4"
-    orphan = None
-    try:
-        broker = _start_broker(procs, "broker", port, state)
-        procs.start("workerA", ["worker", "--address", address, "--num-cpus", "2"])
+    with restartable_cluster(tmp_path, env={"ZRAY_RESTART_GRACE_S": "4"}) as c:
+        procs, address = c.procs, c.address
+        c.start(workerA=2)
+        phoenix = Counter.options(name="phoenix", lifetime="detached",
+                                  max_restarts=1).remote(10)
+        mortal = Counter.options(name="mortal", lifetime="detached").remote(20)
+        assert zray.get([phoenix.incr.remote(5), mortal.incr.remote(1)],
+                        timeout=60) == [15, 21]
+        orphan = c.start_driver(ORPHAN_DRIVER, "orphan")
+        assert zray.get_actor("orphan", namespace="shared") is not None
 
-        procs.connect_driver(address, 60)
-        try:
-            poll_until(lambda: [n for n in zray.nodes() if n["Alive"]], 60, interval=0.1,
-                       what="the worker to join")
-            phoenix = Counter.options(name="phoenix", lifetime="detached",
-                                      max_restarts=1).remote(10)
-            mortal = Counter.options(name="mortal", lifetime="detached").remote(20)
-            assert zray.get([phoenix.incr.remote(5), mortal.incr.remote(1)],
-                            timeout=60) == [15, 21]
-            script = tmp_path / "orphan.py"
-            script.write_text(ORPHAN_DRIVER)
-            orphan = subprocess.Popen([sys.executable, str(script), address],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env=procs.env, start_new_session=True)
-            assert orphan.stdout.readline().strip() == "ready"
-            assert zray.get_actor("orphan", namespace="shared") is not None
+        c.kill_broker()
+        c.kill(orphan)
+        c.kill("workerA")
+        procs.start("workerB", ["worker", "--address", address, "--num-cpus", "2"])
+        c.start_broker("broker2")
 
-            os.kill(broker.pid, signal.SIGKILL)
-            broker.wait(10)
-            del procs.procs["broker"]
-            kill_tree(orphan.pid)
-            orphan.wait(10)
-            worker_a = procs.procs.pop("workerA")
-            kill_tree(worker_a.pid)
-            worker_a.wait(10)
-            procs.start("workerB", ["worker", "--address", address, "--num-cpus", "2"])
-            _start_broker(procs, "broker2", port, state)
+        # Restarted from its constructor on the new worker: state back to 10.
+        again = zray.get_actor("phoenix")
+        assert zray.get(again.incr.remote(1), timeout=90) == 11
+        with pytest.raises(zray.exceptions.ActorDiedError, match="broker restart"):
+            zray.get(mortal.incr.remote(1), timeout=90)
 
-            # Restarted from its constructor on the new worker: state back to 10.
-            again = zray.get_actor("phoenix")
-            assert zray.get(again.incr.remote(1), timeout=90) == 11
-            with pytest.raises(zray.exceptions.ActorDiedError, match="broker restart"):
-                zray.get(mortal.incr.remote(1), timeout=90)
+        def orphan_gone():
+            try:
+                zray.get_actor("orphan", namespace="shared")
+                return False
+            except ValueError:
+                return True
 
-            def orphan_gone():
-                try:
-                    zray.get_actor("orphan", namespace="shared")
-                    return False
-                except ValueError:
-                    return True
-
-            poll_until(orphan_gone, 60, interval=0.2, what="the orphan job's actor to end")
-            assert zray.get(add.remote(1, 2), timeout=60) == 3
-            zray.kill(again)
-        finally:
-            zray.shutdown()
-        procs.check_running()
-    finally:
-        if orphan is not None and orphan.poll() is None:
-            kill_tree(orphan.pid)
-            orphan.wait(10)
-        everything = procs.descendants()
-        procs.kill_all()
-        wait_gone(everything, 20)
+        poll_until(orphan_gone, 60, interval=0.2, what="the orphan job's actor to end")
+        assert zray.get(add.remote(1, 2), timeout=60) == 3
+        zray.kill(again)

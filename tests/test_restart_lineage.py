@@ -15,13 +15,12 @@ Each time, ``get`` returns the right array: never ObjectLostError.
 """
 
 import os
-import signal
 
 import msgpack
 import numpy as np
 import pytest
-from conftest import kill_tree, poll_until, wait_gone
-from test_cli_cluster import _free_port, _Procs
+from _restart_cluster import restartable_cluster
+from conftest import poll_until
 
 import zray
 from zray import _protocol as P
@@ -67,70 +66,37 @@ def _alive():
     return {n["NodeID"] for n in zray.nodes() if n["Alive"]}
 
 
-def _restart_broker(procs, port, state, tmp_path):
-    broker = procs.procs.pop("broker")
-    os.kill(broker.pid, signal.SIGKILL)
-    broker.wait(10)
-    procs.start("broker2", ["broker", "--host", "127.0.0.1", "--port", str(port),
-                            "--state-dir", str(state)])
-
-    def listening():
-        procs.check_running()
-        return "listening on" in (tmp_path / "broker2.log").read_text(errors="replace")
-
-    poll_until(listening, 60, interval=0.05, what="the new broker to listen")
-
-
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("when", ["rebuilding", "rebuilt", "before_death_seen"])
 def test_result_rebuilt_across_a_broker_restart(tmp_path, when):
-    if zray.is_initialized():
-        zray.shutdown()
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    state = tmp_path / "state"
-    procs = _Procs(tmp_path)
-    procs.env["ZRAY_RESTART_GRACE_S"] = "6"
-    procs.env["ZRAY_NODE_TIMEOUT_S"] = "3"
     marker = str(tmp_path / "ran-once")
-    try:
-        procs.start("broker", ["broker", "--host", "127.0.0.1", "--port", str(port),
-                               "--state-dir", str(state)])
-        procs.start("workerA", ["worker", "--address", address, "--num-cpus", "1"])
-        procs.connect_driver(address, 60)
-        try:
-            poll_until(lambda: len(_alive()) == 1, 60, interval=0.1, what="worker A")
-            [node_a] = _alive()
-            procs.start("workerB", ["worker", "--address", address, "--num-cpus", "1"])
-            poll_until(lambda: len(_alive()) == 2, 60, interval=0.1, what="worker B")
-            ref = make.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                node_a, soft=True)).remote(N, marker, 60.0 if when == "rebuilding" else 0.0)
-            zray.wait([ref], timeout=60, fetch_local=False)
-            assert _runs(marker) == 1
+    with restartable_cluster(tmp_path, env={"ZRAY_RESTART_GRACE_S": "6",
+                                            "ZRAY_NODE_TIMEOUT_S": "3"}) as c:
+        procs, address = c.procs, c.address
+        c.start(workerA=1)
+        [node_a] = _alive()
+        procs.start("workerB", ["worker", "--address", address, "--num-cpus", "1"])
+        poll_until(lambda: len(_alive()) == 2, 60, interval=0.1, what="worker B")
+        ref = make.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_a, soft=True)).remote(N, marker, 60.0 if when == "rebuilding" else 0.0)
+        zray.wait([ref], timeout=60, fetch_local=False)
+        assert _runs(marker) == 1
 
-            doomed = procs.procs.pop("workerA")
-            kill_tree(doomed.pid)
-            doomed.wait(10)
-            if when != "before_death_seen":
-                poll_until(lambda: node_a not in _alive(), 60, interval=0.1,
-                           what="the broker to see worker A dead")
-            if when == "rebuilt":
-                poll_until(lambda: _rebuild_done(ref), 60, interval=0.1, what="the rebuild")
-            elif when == "rebuilding":
-                poll_until(lambda: _runs(marker + ".starts") >= 2, 60, interval=0.1,
-                           what="the rebuild to start")
-            _restart_broker(procs, port, state, tmp_path)
-            if when == "rebuilding":
-                open(marker + ".go", "w").close()  # the rebuild (or a rerun) may end now
-            got = zray.get(ref, timeout=90)
-            assert got.shape == (N,) and int(got[-1]) == N - 1
-            assert _runs(marker) >= 2  # (it was run again: its only copy was gone)
-        finally:
-            zray.shutdown()
-    finally:
-        everything = procs.descendants()
-        procs.kill_all()
-        wait_gone(everything, 20)
+        c.kill("workerA")
+        if when != "before_death_seen":
+            poll_until(lambda: node_a not in _alive(), 60, interval=0.1,
+                       what="the broker to see worker A dead")
+        if when == "rebuilt":
+            poll_until(lambda: _rebuild_done(ref), 60, interval=0.1, what="the rebuild")
+        elif when == "rebuilding":
+            poll_until(lambda: _runs(marker + ".starts") >= 2, 60, interval=0.1,
+                       what="the rebuild to start")
+        c.restart_broker()
+        if when == "rebuilding":
+            open(marker + ".go", "w").close()  # the rebuild (or a rerun) may end now
+        got = zray.get(ref, timeout=90)
+        assert got.shape == (N,) and int(got[-1]) == N - 1
+        assert _runs(marker) >= 2  # (it was run again: its only copy was gone)
 
 
 @pytest.mark.timeout(60)

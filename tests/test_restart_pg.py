@@ -16,14 +16,11 @@ directory. What the user sees:
 """
 
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import kill_tree, poll_until, wait_gone
-from test_cli_cluster import _free_port, _Procs
+from _restart_cluster import restartable_cluster
+from conftest import poll_until
 
 import zray
 from zray.util.placement_group import (
@@ -55,21 +52,6 @@ class Keeper:
         return os.getpid()
 
 
-def _start_broker(procs, name, port, state):
-    return procs.start(name, ["broker", "--host", "127.0.0.1", "--port", str(port),
-                              "--state-dir", str(state)])
-
-
-def _connect(procs, address):
-    procs.connect_driver(address, 60)
-
-
-def _kill_broker(procs, name):
-    broker = procs.procs.pop(name)
-    os.kill(broker.pid, signal.SIGKILL)
-    broker.wait(10)
-
-
 def _in(pg, i=-1):
     return PlacementGroupSchedulingStrategy(placement_group=pg,
                                             placement_group_bundle_index=i)
@@ -81,78 +63,53 @@ def _bundle_nodes(pg):
 
 
 def test_detached_group_and_its_actor_survive_a_broker_restart(tmp_path):
-    if zray.is_initialized():
-        zray.shutdown()
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    state = tmp_path / "state"
-    procs = _Procs(tmp_path)
-    try:
-        _start_broker(procs, "broker", port, state)
-        procs.start("worker", ["worker", "--address", address, "--num-cpus", "3"])
-        _connect(procs, address)
-        try:
-            poll_until(lambda: [n for n in zray.nodes() if n["Alive"]], 60, interval=0.1,
-                       what="the worker to join")
-            total_before = zray.cluster_resources()
-            assert total_before["CPU"] == 3
-            pg = placement_group([{"CPU": 2}], strategy="STRICT_PACK", name="durable",
-                                 lifetime="detached")
-            assert zray.get(pg.ready(), timeout=60) == pg
-            nodes = _bundle_nodes(pg)
-            assert nodes[0] is not None
-            keeper = Keeper.options(name="pg_keeper", lifetime="detached", num_cpus=1,
-                                    scheduling_strategy=_in(pg, 0)).remote()
-            assert zray.get(keeper.incr.remote(), timeout=60) == 1
-            actor_pid = zray.get(keeper.pid.remote(), timeout=60)
-            assert zray.available_resources().get("CPU", 0) == 1  # 2 held by the group
+    with restartable_cluster(tmp_path) as c:
+        c.start(worker=3)
+        total_before = zray.cluster_resources()
+        assert total_before["CPU"] == 3
+        pg = placement_group([{"CPU": 2}], strategy="STRICT_PACK", name="durable",
+                             lifetime="detached")
+        assert zray.get(pg.ready(), timeout=60) == pg
+        nodes = _bundle_nodes(pg)
+        assert nodes[0] is not None
+        keeper = Keeper.options(name="pg_keeper", lifetime="detached", num_cpus=1,
+                                scheduling_strategy=_in(pg, 0)).remote()
+        assert zray.get(keeper.incr.remote(), timeout=60) == 1
+        actor_pid = zray.get(keeper.pid.remote(), timeout=60)
+        assert zray.available_resources().get("CPU", 0) == 1  # 2 held by the group
 
-            _kill_broker(procs, "broker")
-            _start_broker(procs, "broker2", port, state)
+        c.restart_broker()
+        restarted = time.monotonic()
+        # Found by name at once (the broker read it from its state dir).
+        assert get_placement_group("durable") == pg
+        row = placement_group_table(pg)
+        assert row["state"] == "CREATED" and row["is_detached"], row
+        assert _bundle_nodes(pg) == nodes
+        # Its actor kept its process and state.
+        assert zray.get(keeper.incr.remote(), timeout=90) == 2
+        assert zray.get(keeper.pid.remote(), timeout=30) == actor_pid
+        again = zray.get_actor("pg_keeper")
+        assert zray.get(again.incr.remote(), timeout=30) == 3
+        # New members run on the bundle's node, in what the group holds.
+        assert zray.get(where.options(num_cpus=1, scheduling_strategy=_in(pg, 0))
+                        .remote(), timeout=60) == nodes[0]
+        assert zray.get(where.options(num_cpus=1, scheduling_strategy=_in(pg))
+                        .remote(), timeout=60) == nodes[0]
+        poll_until(lambda: zray.available_resources().get("CPU", 0) == 1, 60,
+                   what="the group to hold its 2 CPUs again (1 free)")
+        assert zray.cluster_resources().get(f"CPU_group_{pg.id.hex()}") == 2
+        print(f"the group's bundle was held again and used "
+              f"{time.monotonic() - restarted:.1f}s after the new broker listened")
 
-            def listening():
-                procs.check_running()
-                return "listening on" in (tmp_path / "broker2.log").read_text(errors="replace")
-
-            poll_until(listening, 60, interval=0.05, what="the new broker to listen")
-            restarted = time.monotonic()
-            # Found by name at once (the broker read it from its state dir).
-            assert get_placement_group("durable") == pg
-            row = placement_group_table(pg)
-            assert row["state"] == "CREATED" and row["is_detached"], row
-            assert _bundle_nodes(pg) == nodes
-            # Its actor kept its process and state.
-            assert zray.get(keeper.incr.remote(), timeout=90) == 2
-            assert zray.get(keeper.pid.remote(), timeout=30) == actor_pid
-            again = zray.get_actor("pg_keeper")
-            assert zray.get(again.incr.remote(), timeout=30) == 3
-            # New members run on the bundle's node, in what the group holds.
-            assert zray.get(where.options(num_cpus=1, scheduling_strategy=_in(pg, 0))
-                            .remote(), timeout=60) == nodes[0]
-            assert zray.get(where.options(num_cpus=1, scheduling_strategy=_in(pg))
-                            .remote(), timeout=60) == nodes[0]
-            poll_until(lambda: zray.available_resources().get("CPU", 0) == 1, 60,
-                       what="the group to hold its 2 CPUs again (1 free)")
-            assert zray.cluster_resources().get(f"CPU_group_{pg.id.hex()}") == 2
-            print(f"the group's bundle was held again and used "
-                  f"{time.monotonic() - restarted:.1f}s after the new broker listened")
-
-            remove_placement_group(pg)
-            assert placement_group_table(pg)["state"] == "REMOVED"
-            with pytest.raises(zray.exceptions.ActorDiedError, match="placement group"):
-                zray.get(keeper.incr.remote(), timeout=60)
-            poll_until(lambda: zray.available_resources().get("CPU", 0) == 3, 60,
-                       what="the group's CPUs to come back")
-            assert zray.cluster_resources() == total_before
-            assert not any("_group_" in k for k in zray.available_resources())
-            assert get_placement_group_or_none("durable") is None
-        finally:
-            zray.shutdown()
-        procs.check_running()
-    finally:
-        everything = procs.descendants()
-        procs.kill_all()
-        wait_gone(everything, 20)
+        remove_placement_group(pg)
+        assert placement_group_table(pg)["state"] == "REMOVED"
+        with pytest.raises(zray.exceptions.ActorDiedError, match="placement group"):
+            zray.get(keeper.incr.remote(), timeout=60)
+        poll_until(lambda: zray.available_resources().get("CPU", 0) == 3, 60,
+                   what="the group's CPUs to come back")
+        assert zray.cluster_resources() == total_before
+        assert not any("_group_" in k for k in zray.available_resources())
+        assert get_placement_group_or_none("durable") is None
 
 
 def get_placement_group_or_none(name):
@@ -180,73 +137,43 @@ def test_restart_reschedules_bundles_of_a_lost_node_and_drops_orphaned_groups(tm
     is down; a pending group's pg.ready() ref is held by this driver across the restart.
     After the grace period the bundle is placed on worker B, the orphan's group is gone,
     and the pending group is placed (its ready ref resolves) when a node with room joins."""
-    if zray.is_initialized():
-        zray.shutdown()
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    state = tmp_path / "state"
-    procs = _Procs(tmp_path)
-    procs.env["ZRAY_RESTART_GRACE_S"] = "4"
-    orphan = None
-    try:
-        _start_broker(procs, "broker", port, state)
-        procs.start("workerA", ["worker", "--address", address, "--num-cpus", "2"])
-        _connect(procs, address)
-        try:
-            poll_until(lambda: [n for n in zray.nodes() if n["Alive"]], 60, interval=0.1,
-                       what="worker A to join")
-            moved = placement_group([{"CPU": 1}], name="moved", lifetime="detached")
-            zray.get(moved.ready(), timeout=60)
-            [node_a] = _bundle_nodes(moved)
-            waiting = placement_group([{"CPU": 1, "big": 1}], name="waiting")
-            waiting_ready = waiting.ready()  # no node has "big" yet
-            script = tmp_path / "orphan.py"
-            script.write_text(ORPHAN_DRIVER)
-            orphan = subprocess.Popen([sys.executable, str(script), address],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env=procs.env, start_new_session=True)
-            assert orphan.stdout.readline().strip() == "ready"
-            assert _state_of("orphan_pg") == ["CREATED"]
-            assert placement_group_table(waiting)["state"] == "PENDING"
+    with restartable_cluster(tmp_path, env={"ZRAY_RESTART_GRACE_S": "4"}) as c:
+        procs, address = c.procs, c.address
+        c.start(workerA=2)
+        moved = placement_group([{"CPU": 1}], name="moved", lifetime="detached")
+        zray.get(moved.ready(), timeout=60)
+        [node_a] = _bundle_nodes(moved)
+        waiting = placement_group([{"CPU": 1, "big": 1}], name="waiting")
+        waiting_ready = waiting.ready()  # no node has "big" yet
+        orphan = c.start_driver(ORPHAN_DRIVER, "orphan")
+        assert _state_of("orphan_pg") == ["CREATED"]
+        assert placement_group_table(waiting)["state"] == "PENDING"
 
-            _kill_broker(procs, "broker")
-            kill_tree(orphan.pid)
-            orphan.wait(10)
-            worker_a = procs.procs.pop("workerA")
-            kill_tree(worker_a.pid)
-            worker_a.wait(10)
-            procs.start("workerB", ["worker", "--address", address, "--num-cpus", "2",
-                                    "--resources", '{"big": 1}'])
-            _start_broker(procs, "broker2", port, state)
+        c.kill_broker()
+        c.kill(orphan)
+        c.kill("workerA")
+        procs.start("workerB", ["worker", "--address", address, "--num-cpus", "2",
+                                "--resources", '{"big": 1}'])
+        c.start_broker("broker2")
 
-            def placed_elsewhere():
-                nodes = _bundle_nodes(moved)
-                row = placement_group_table(moved)
-                return row["state"] == "CREATED" and nodes[0] not in (None, node_a) and nodes
+        def placed_elsewhere():
+            nodes = _bundle_nodes(moved)
+            row = placement_group_table(moved)
+            return row["state"] == "CREATED" and nodes[0] not in (None, node_a) and nodes
 
-            [node_b] = poll_until(placed_elsewhere, 90, interval=0.2,
-                                  what="the lost bundle to be placed on worker B")
-            assert zray.get(where.options(scheduling_strategy=_in(moved, 0)).remote(),
-                            timeout=60) == node_b
-            # The pending group's ready ref, made before the restart, resolves.
-            assert zray.get(waiting_ready, timeout=90) == waiting
-            assert _bundle_nodes(waiting) == [node_b]
-            poll_until(lambda: _state_of("orphan_pg") == ["REMOVED"], 60, interval=0.2,
-                       what="the orphan driver's group to be removed")
-            remove_placement_group(moved)
-            remove_placement_group(waiting)
-            poll_until(lambda: zray.available_resources().get("CPU", 0) == 2, 60,
-                       what="worker B's CPUs to come back")
-        finally:
-            zray.shutdown()
-        procs.check_running()
-    finally:
-        if orphan is not None and orphan.poll() is None:
-            kill_tree(orphan.pid)
-            orphan.wait(10)
-        everything = procs.descendants()
-        procs.kill_all()
-        wait_gone(everything, 20)
+        [node_b] = poll_until(placed_elsewhere, 90, interval=0.2,
+                              what="the lost bundle to be placed on worker B")
+        assert zray.get(where.options(scheduling_strategy=_in(moved, 0)).remote(),
+                        timeout=60) == node_b
+        # The pending group's ready ref, made before the restart, resolves.
+        assert zray.get(waiting_ready, timeout=90) == waiting
+        assert _bundle_nodes(waiting) == [node_b]
+        poll_until(lambda: _state_of("orphan_pg") == ["REMOVED"], 60, interval=0.2,
+                   what="the orphan driver's group to be removed")
+        remove_placement_group(moved)
+        remove_placement_group(waiting)
+        poll_until(lambda: zray.available_resources().get("CPU", 0) == 2, 60,
+                   what="worker B's CPUs to come back")
 
 
 def _state_of(name):
@@ -261,13 +188,8 @@ def test_group_records_in_the_state_dir_are_checked_when_restored(tmp_path):
     from brokerd.durable import DurableStore
     from zray import _protocol as P
 
-    if zray.is_initialized():
-        zray.shutdown()
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    state = tmp_path / "state"
     good, bad = b"g" * 18, b"b" * 18
-    store = DurableStore(str(state))
+    store = DurableStore(str(tmp_path / "state"))  # (the cluster's state dir)
     store.put("pgroups", good, {
         "bundles": [{"CPU": P.UNIT}], "strategy": "PACK", "name": "from_disk",
         "namespace": "restored", "lifetime": "detached", "owner": b"o" * P.ID_LEN,
@@ -275,9 +197,9 @@ def test_group_records_in_the_state_dir_are_checked_when_restored(tmp_path):
     store.put("pgroups", bad, {"bundles": "not a list", "strategy": "PACK", "state": "CREATED",
                                "nodes": [], "owner": b"", "job": b""})
     store.close()
-    procs = _Procs(tmp_path)
-    try:
-        _start_broker(procs, "broker", port, state)
+    with restartable_cluster(tmp_path) as c:
+        procs, address = c.procs, c.address
+        c.start_broker()
         procs.start("worker", ["worker", "--address", address, "--num-cpus", "2"])
 
         def connected():
@@ -289,26 +211,18 @@ def test_group_records_in_the_state_dir_are_checked_when_restored(tmp_path):
                 return False
 
         poll_until(connected, 60, interval=0.2, what="the driver to connect to the broker")
-        try:
-            pg = get_placement_group("from_disk")
-            assert pg.id.binary() == good
-            node = poll_until(lambda: [n["NodeID"] for n in zray.nodes() if n["Alive"]], 60,
-                              interval=0.1, what="the worker to join")[0]
-            assert zray.get(pg.ready(), timeout=60) == pg
-            assert _bundle_nodes(pg) == [node]
-            assert placement_group_table(pg)["state"] == "CREATED"
-            assert bad.hex() not in placement_group_table()
-            assert zray.get(where.options(scheduling_strategy=_in(pg, 0)).remote(),
-                            timeout=60) == node
-            remove_placement_group(pg)
-            poll_until(lambda: zray.available_resources().get("CPU", 0) == 2, 60,
-                       what="the worker's CPUs to come back")
-        finally:
-            zray.shutdown()
-        procs.check_running()
+        pg = get_placement_group("from_disk")
+        assert pg.id.binary() == good
+        node = poll_until(lambda: [n["NodeID"] for n in zray.nodes() if n["Alive"]], 60,
+                          interval=0.1, what="the worker to join")[0]
+        assert zray.get(pg.ready(), timeout=60) == pg
+        assert _bundle_nodes(pg) == [node]
+        assert placement_group_table(pg)["state"] == "CREATED"
+        assert bad.hex() not in placement_group_table()
+        assert zray.get(where.options(scheduling_strategy=_in(pg, 0)).remote(),
+                        timeout=60) == node
+        remove_placement_group(pg)
+        poll_until(lambda: zray.available_resources().get("CPU", 0) == 2, 60,
+                   what="the worker's CPUs to come back")
         assert "skipping an unreadable placement group record" in (
             tmp_path / "broker.log").read_text(errors="replace")
-    finally:
-        everything = procs.descendants()
-        procs.kill_all()
-        wait_gone(everything, 20)

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pytest
+from _gates import after_file
 from backend import BACKEND, local_cluster, pickle_by_value, ray
 from conftest import driver_env, poll_until
 
@@ -56,16 +57,6 @@ def holds_ref(x):
 @ray.remote
 def sleep_then(seconds, value):
     time.sleep(seconds)
-    return value
-
-
-@ray.remote
-def after_file(path, value, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise TimeoutError(path)
-        time.sleep(0.01)
     return value
 
 

@@ -476,6 +476,8 @@ def test_direct_actor_calls_are_in_the_task_list(ray_local):
     done, failed = poll_until(listed, 30, what="the 52 calls in the task list")
     assert len({r["task_id"] for r in done}) == len(done)
     assert all(r["node_id"] for r in done + failed)
+    # what it raised is the call's own error, as for a broker-path call (it said WORKER_DIED)
+    assert [r["error_type"] for r in failed] == ["TASK_EXECUTION_EXCEPTION"] * len(failed)
     summary = state.summarize_tasks(raise_on_missing_output=False)["cluster"]["summary"]
     assert summary["Direct.ok"]["state_counts"]["FINISHED"] >= 51
 

@@ -451,3 +451,55 @@ def test_garbage_lease_requests_are_refused_and_change_nothing(cluster):
     assert ray.available_resources().get("CPU") == 4
     assert _leased(add_one, 1)
     assert ray.get(add_one.remote(41), timeout=30) == 42
+
+
+@ray.remote
+def send_bad_books(really):
+    """On a leased executor (``really``): its own client sends the broker malformed books
+    for the lease it serves, as a buggy or hostile executor would; what each request got
+    (None if this run was not on a lease)."""
+    from zray import _runtime
+
+    ex = _runtime.executor
+    if not really:
+        return []
+    if ex.lease is None or not ex.lease.active:
+        return None
+    lease_id, holder = ex.lease.lease_id, ex.lease.holder
+    task_id = holder + b"\7" * (P.TASK_ID_LEN - len(holder))  # a task id of the holder's
+    good = [task_id, "send_bad_books", 1.0, 2.0, False, "", b"", False]
+    bad = [good[:6],  # the books of before parents and retries
+           good + [0], good[:6] + [b"short", False], good[:6] + ["not bytes", False],
+           good[:6] + [b"", 1], good[:4] + [False, "", b"", True],  # a retry that did not fail
+           good[:4] + [True, "e" * 5000, b"", False], [b"other" + task_id[5:]] + good[1:]]
+    out = []
+    for event in bad:
+        try:
+            ex.client.request("lease_books", {"lease_id": lease_id, "events": [good, event],
+                                              "dropped": 0}, timeout=10)
+            out.append("accepted")
+        except ValueError as e:
+            out.append(str(e))
+    return [task_id.hex()] + out
+
+
+def test_malformed_books_from_a_leased_executor_are_refused(cluster):
+    """The books a leased executor reports are checked field by field (parent task id: b""
+    or a task id; retry: a bool, only for a failed run; the error's length): a bad event
+    fails the whole report with an error naming lease_books, and nothing of it is logged."""
+    from zray.util.state import get_task
+
+    deadline = time.monotonic() + 60
+    while True:
+        got = None
+        if _leased(send_bad_books, False):
+            got = ray.get(send_bad_books.remote(True), timeout=60)
+        if got is not None:
+            break
+        assert time.monotonic() < deadline, "send_bad_books never ran on a lease"
+    task_id, answers = got[0], got[1:]
+    assert len(answers) == 8
+    for answer in answers:
+        assert "lease_books" in answer, answers
+    assert get_task(task_id) is None  # (the good event beside each bad one was not logged)
+    assert ray.get(add_one.remote(1), timeout=30) == 2

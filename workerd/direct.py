@@ -467,7 +467,11 @@ class DirectServer:
         """Reply with the call's values (ResultSender.finish_values for a direct call)."""
         self.reply(spec.task_id, *inline_values(self.client, values), False)
 
-    def reply(self, task_id: bytes, layout: list, frames: list, retryable: bool) -> None:
+    def reply(self, task_id: bytes, layout: list, frames: list, retryable: bool,
+              text: str = "") -> None:
+        """The call's DDONE to its caller. (``text``, an error's text, is what a leased
+        task's books report, workerd/lease.py; a direct call's event says "the method
+        raised", brokerd/routes.py.)"""
         reply_to = self.calls.pop(task_id, None)
         if reply_to is None:
             return

@@ -58,6 +58,7 @@ def read_env() -> tuple:
 ENABLED, IDLE_S = read_env()
 BOOKS_S = 1.0
 MAX_EVENTS = 5000
+EVENT_ERROR_CHARS = 1000  # of a failure's text in its event: its tail, as the broker keeps
 
 
 def start(proc: ExecutorProcess):
@@ -85,8 +86,11 @@ class LeaseServer:
         self.holder = b""
         self.fid = b""
         self.calls: dict = {}  # task id -> its lane (ResultSender replies through us)
-        self.started: dict = {}  # task id -> (name, wall-clock start)
-        self.events: list = []  # [task id, name, start, end, failed, error] since the last books
+        self.started: dict = {}  # task id -> (name, wall-clock start, parent, retries left)
+        self.retried: dict = {}  # task id -> its runs here that ended in a retry (this lease)
+        # [task id, name, start, end, failed, error, parent task id, retry] since the last
+        # books (retry: it failed with an error its retry_exceptions covers, and runs again)
+        self.events: list = []
         self.events_dropped = 0
         self.dropped = 0
         self.leases = 0
@@ -255,6 +259,7 @@ class LeaseServer:
             lane.close()
         self.calls.clear()
         self.started.clear()
+        self.retried.clear()  # (a retry after the lease ended goes through the broker)
         self._books(books)
 
     def _books(self, op: str) -> None:
@@ -311,7 +316,12 @@ class LeaseServer:
             self._drop("DCALL: not a plain task of the lease's holder and function")
             return False
         self.calls[spec.task_id] = lane
-        self.started[spec.task_id] = (spec.name, time.time())
+        # Retries left as the holder counts them (zray/_direct.py: it sends the same spec
+        # again while max_retries allows): max_retries less the runs here that retried.
+        mr = spec.options.get("max_retries", 0)
+        mr = mr if type(mr) is int else 0
+        left = -1 if mr < 0 else max(0, mr - self.retried.get(spec.task_id, 0))
+        self.started[spec.task_id] = (spec.name, time.time(), spec.parent, left)
         proc = self.proc
         proc.tasks.run(P.Exec(spec, False, m.n_args, [], []), parts[1:])
         if proc.client.forked:  # user code forked and the child got back here
@@ -330,16 +340,30 @@ class LeaseServer:
         """(ResultSender.finish_values) The task's values, inline on the lane."""
         self.reply(spec.task_id, *inline_values(self.proc.client, values), False)
 
-    def reply(self, task_id: bytes, layout: list, frames: list, retryable: bool) -> None:
+    def reply(self, task_id: bytes, layout: list, frames: list, retryable: bool,
+              text: str = "") -> None:
+        """The task's DDONE on its lane; its event for the books, as the broker would log
+        it: a failure's reason is "raised: <the error's text>" (``text``), and a run its
+        holder will retry (``retryable``, retries left) is a retry, not a failure."""
         lane = self.calls.pop(task_id, None)
         if lane is None:
             return
         failed = bool(layout) and layout[0][0] == P.ERROR
         started = self.started.pop(task_id, None)
         if started is not None:
+            name, t0, parent, left = started
+            retry = failed and retryable and left != 0
+            if retry:
+                if len(self.retried) > 10_000:
+                    self.retried.clear()
+                self.retried[task_id] = self.retried.get(task_id, 0) + 1
+            else:
+                self.retried.pop(task_id, None)
             if len(self.events) < MAX_EVENTS:
-                self.events.append([task_id, started[0], started[1], time.time(), failed,
-                                    "the task raised an exception" if failed else ""])
+                error = (f"raised: {text[-EVENT_ERROR_CHARS:]}" if text else "raised") \
+                    if failed else ""
+                self.events.append([task_id, name, t0, time.time(), failed, error, parent,
+                                    retry])
             else:
                 self.events_dropped += 1
         try:

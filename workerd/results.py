@@ -15,9 +15,8 @@ Every call ends in exactly one DONE to the broker, which keeps the books and
 frees the call's resources. A plain task's DONE may be held back and sent with
 the next ones (``send_done``, workerd/held.py), never out of order. A result holding no refs is also pushed straight
 to its owner when the owner runs on this node (``Client.push_direct``): three
-hops instead of four (not for a call ``counted`` against its actor's
-``max_pending_calls``: the caller may only see it finished after the broker
-has). ``Done.pushed`` tells the broker which results went
+hops instead of four (not for an actor call: its caller may kill the actor as
+soon as it has the value, before the broker has the DONE, see ``pushable``). ``Done.pushed`` tells the broker which results went
 that way; it forwards the others. A result holding refs goes only through the
 broker, which must learn of those refs (PUTs sent on the same socket before
 this DONE) before the owner can use them.
@@ -51,7 +50,12 @@ from zray.actor import ActorExit
 def pushable(spec: P.TaskSpec) -> bool:
     """Whether a call's results may go straight to a local owner (``push_results``)."""
     # ("counted": a max_pending_calls call, see zray/actor.py)
-    return not (spec.kind == P.ACTOR_CREATE or spec.num_returns <= 0
+    # Not an actor call (broker path): its caller may kill the actor once it has the
+    # value, and the kill overtook the DONE (a push is one syscall on the lane, the
+    # DONE waits for libzmq's I/O thread, and a SIGKILL loses it): the broker then
+    # failed the call, so a task given the ref got ActorDiedError and the state API
+    # listed the call FAILED. Its direct calls never go through the broker at all.
+    return not (spec.kind in (P.ACTOR_CREATE, P.ACTOR_CALL) or spec.num_returns <= 0
                 or "counted" in spec.options)
 
 
@@ -256,7 +260,7 @@ class ResultSender:
                     retryable = False
         direct = self.direct
         if direct is not None and task_id in direct.calls:
-            direct.reply(task_id, [[P.ERROR, len(frames)]] * n, frames * n, retryable)
+            direct.reply(task_id, [[P.ERROR, len(frames)]] * n, frames * n, retryable, text)
             return
         self.send_done(spec, [[P.ERROR, len(frames), None, 0]] * n, frames * n, [], retryable,
                        text)
