@@ -71,6 +71,10 @@ RAW = 0
 LZ4 = 1
 POOL_FRACTION = 0.2  # of the store limit, kept as recycled files
 POOL_MAX_FILES = 64
+# A file is mapped for writing only if it is at most this share of the bytes a process
+# keeps mapped (``POOL_FRACTION`` of the store): an 800 MiB put into a 7 GB store
+# rotates through files it could keep only one mapping of, and goes by pwrite.
+MAPPED_SHARE = 4
 USAGE = ".usage"  # the store's byte count (back-pressure, see above)
 # How long a put waits for spilling to make room before ObjectStoreFullError.
 PUT_WAIT_S = float(os.environ.get("ZRAY_PUT_WAIT_S") or 120.0)
@@ -210,8 +214,11 @@ class ObjectStore:
 
     def _claimed_mapping(self, maps: WriterMaps, tmp: str, ino: int, total: int):
         """A writable mapping of the claimed file ``tmp`` truncated to ``total`` bytes: the
-        one this process kept of it, else a new one (its pages are warm); None where the
-        file is shorter than ``total`` (a copy could fault in new pages: use pwrite)."""
+        one this process kept of it, else a new one (its pages are warm). None (use pwrite)
+        where the file is shorter than ``total`` (a copy could fault in new pages) or where
+        a new mapping would not pay: mapping costs more than a pwrite and pays back only
+        when this process claims the file again, which it can only do for files it can
+        keep several mappings of (``MAPPED_SHARE``)."""
         k = maps.take(ino, total) if ino else None
         if k is not None:
             try:
@@ -222,6 +229,8 @@ class ObjectStore:
             except OSError:
                 pass
             maps.discard(k)
+        if total > maps.max_bytes // MAPPED_SHARE:
+            return None  # too big to keep several of: a new mapping would not pay
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
