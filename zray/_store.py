@@ -24,6 +24,13 @@ only recycled if no process maps it: readers hold a shared ``flock`` on it as
 long as any view of the mapping lives, and the node agent recycles a file
 only when it gets the exclusive lock without waiting; otherwise it unlinks it.
 
+A pooled file is named ``<size>-<inode hex>-<random>``. A writer keeps the
+mappings of the recycled files it wrote through (``zray._storemaps``), prefers
+to claim one of those, and copies into the mapping: 8 MiB in ~0.3 ms against
+~0.8-1 ms for ``pwrite`` (no syscall per chunk, no page faults). Kept mappings
+of files the node has unlinked are dropped within about half a second, so
+spilling and deleting still give the memory back.
+
 Every directory here is private (``private_dir``): created 0700, and refused if
 it exists but is a symlink, another user's, or writable by others. An object
 file is unpickled by whoever reads it, so a store another local user can write
