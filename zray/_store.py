@@ -183,7 +183,7 @@ class ObjectStore:
                     for off, f in zip(layout, frames, strict=True):
                         mv = memoryview(f).cast("B")
                         mm[off:off + mv.nbytes] = mv
-                except (OSError, ValueError, TypeError):
+                except (OSError, ValueError, TypeError, IndexError):
                     maps.discard(k)
                     self._unlink_counted(tmp, total)
                     raise
