@@ -225,7 +225,8 @@ class ObjectStore:
         where the file is shorter than ``total`` (a copy could fault in new pages) or where
         a new mapping would not pay: mapping costs more than a pwrite and pays back only
         when this process claims the file again, which it can only do for files it can
-        keep several mappings of (``MAPPED_SHARE``)."""
+        keep several mappings of (``MAPPED_SHARE``) and while its mappings get reused
+        (``WriterMaps.worth_mapping``)."""
         k = maps.take(ino, total) if ino else None
         if k is not None:
             try:
@@ -236,8 +237,8 @@ class ObjectStore:
             except OSError:
                 pass
             maps.discard(k)
-        if total > maps.max_bytes // MAPPED_SHARE:
-            return None  # too big to keep several of: a new mapping would not pay
+        if total > maps.max_bytes // MAPPED_SHARE or not maps.worth_mapping():
+            return None  # a new mapping would not pay (see the docstring)
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW)
         except OSError:

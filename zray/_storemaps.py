@@ -54,7 +54,7 @@ import weakref
 
 log = logging.getLogger("zray.store")
 
-MAX_FILES = 8  # kept mappings per process and node
+MAX_FILES = 16  # kept mappings per process and node
 SWEEP_S = 0.5  # how often the sweeper looks for unlinked files
 IDLE_S = 10.0  # a mapping unused this long is dropped
 
@@ -104,6 +104,13 @@ class WriterMaps:
             return None
         self.hits += 1
         return k
+
+    def worth_mapping(self) -> bool:
+        """Whether a new mapping is likely to pay: it costs more than a pwrite and pays
+        back only when this process claims the file again. While new mappings outnumber
+        hits (more files in flight than the table keeps: a slow node, many sizes), the
+        writer uses pwrite for files it has no mapping of."""
+        return self.maps < 2 * self.hits + MAX_FILES
 
     def map(self, fd: int, ino: int, need: int) -> Kept:
         """Map ``need`` bytes of the open file ``fd`` (whose pages all exist), faulted in
