@@ -1027,6 +1027,7 @@ class Client:
             raise exceptions.ObjectStoreFullError(
                 f"Object of {size / 1e6:.1f} MB does not fit in the node's object store "
                 f"({limit / 1e6:.1f} MB, set with --object-store-memory / object_store_memory).")
+        self._send_store_releases()
         try:
             self.store.limit = limit  # the broker's WELCOME says it; puts wait above it
             size = self.store.write(oid, kind, frames, self._need_space)
@@ -1034,6 +1035,24 @@ class Client:
             raise exceptions.ObjectStoreFullError(
                 f"Could not write a {size / 1e6:.1f} MB object to the object store: {e}") from e
         return self.node_id, size
+
+    def _send_store_releases(self) -> None:
+        """A store object was released since our last message: send the releases now,
+        before this put writes, so the node recycles its warm file while we write and
+        the next put finds it in the pool (sent after the write, the release reached
+        the node as that next put looked: an 800 MiB put loop got a fresh file every
+        other put)."""
+        if not self._release_store or self.forked or not self._gate.is_set():
+            return
+        if self.mask_signals:
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
+        try:
+            with self._send_lock:
+                if self._release_store:
+                    self._flush_refs_locked()
+        finally:
+            if self.mask_signals:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _need_space(self, nbytes: int) -> None:
         """A put waits for room in this node's store: ask the broker to spill."""

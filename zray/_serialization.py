@@ -30,6 +30,7 @@ import cloudpickle
 
 from zray import exceptions
 from zray._protocol import ERROR, VALUE
+from zray._store import INLINE_MAX
 
 _local = threading.local()
 
@@ -116,6 +117,9 @@ def serialize(value, copy_buffers: bool = False) -> tuple[list, list]:
     With ``copy_buffers`` the out-of-band buffers are copied once into bytes,
     so later changes to the caller's arrays cannot change the stored object.
     """
+    if type(value) is bytes and len(value) >= BYTES_OUT_OF_BAND:
+        # pickle writes bytes in-band: a copy of the whole value before the store write
+        return [_BYTES_STUB, memoryview(value)], []
     buffers: list = []
     with _CollectRefs() as nested:
         data = _dumps(value, buffers)
@@ -127,6 +131,22 @@ def serialize(value, copy_buffers: bool = False) -> tuple[list, list]:
     else:
         frames = [data]
     return frames, nested
+
+
+class _OutOfBandBytes:
+    """Pickles as ``bytes(<next out-of-band buffer>)``: a bytes value whose bytes travel
+    as their own frame (pickle keeps ``bytes`` in-band, copied into its stream)."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return bytes, (pickle.PickleBuffer(b""),)
+
+
+# A top-level bytes value this big goes out-of-band: the store's threshold, so such a value
+# is written to the store straight from the caller's object (and read back with one copy).
+BYTES_OUT_OF_BAND = INLINE_MAX
+_BYTES_STUB = pickle.dumps(_OutOfBandBytes(), protocol=5, buffer_callback=lambda b: False)
 
 
 def deserialize(frames: list):

@@ -24,6 +24,13 @@ only recycled if no process maps it: readers hold a shared ``flock`` on it as
 long as any view of the mapping lives, and the node agent recycles a file
 only when it gets the exclusive lock without waiting; otherwise it unlinks it.
 
+A pooled file is named ``<size>-<inode hex>-<random>``. A writer keeps the
+mappings of the recycled files it wrote through (``zray._storemaps``), prefers
+to claim one of those, and copies into the mapping: 8 MiB in ~0.3 ms against
+~0.8-1 ms for ``pwrite`` (no syscall per chunk, no page faults). Kept mappings
+of files the node has unlinked are dropped within about half a second, so
+spilling and deleting still give the memory back.
+
 Every directory here is private (``private_dir``): created 0700, and refused if
 it exists but is a symlink, another user's, or writable by others. An object
 file is unpickled by whoever reads it, so a store another local user can write
@@ -62,6 +69,7 @@ import lz4.frame
 import msgpack
 
 from zray._procutil import private_dir, user_tmp_dir, write_private_file
+from zray._storemaps import WriterMaps
 
 MAGIC = b"ZRO1"
 ALIGN = 64
@@ -70,6 +78,10 @@ RAW = 0
 LZ4 = 1
 POOL_FRACTION = 0.2  # of the store limit, kept as recycled files
 POOL_MAX_FILES = 64
+# A file is mapped for writing only if it is at most this share of the bytes a process
+# keeps mapped (``POOL_FRACTION`` of the store): an 800 MiB put into a 7 GB store
+# rotates through files it could keep only one mapping of, and goes by pwrite.
+MAPPED_SHARE = 4
 USAGE = ".usage"  # the store's byte count (back-pressure, see above)
 # How long a put waits for spilling to make room before ObjectStoreFullError.
 PUT_WAIT_S = float(os.environ.get("ZRAY_PUT_WAIT_S") or 120.0)
@@ -110,6 +122,7 @@ class ObjectStore:
         self.checked = False  # this process has made sure the dirs are private
         self._usage_fd = -1
         self._usage_lock = threading.Lock()
+        self._writer_maps: WriterMaps | None = None  # built at the first write
 
     def create_dirs(self):
         """Create this node's dirs (private: see ``private_dir``), first removing
@@ -151,15 +164,34 @@ class ObjectStore:
             pos += n
         total = pos
         tmp = self.path(oid) + ".tmp"
-        fd, have = self._recycled(tmp, total)
+        maps = self._maps()
+        got = self._recycled(tmp, total, maps.inodes())
+        have = got[0] if got else 0
         try:
             self.reserve(total - have, on_full)
         except OSError:
-            if fd is not None:
-                os.close(fd)
+            if got:
                 self._unlink_counted(tmp, have)
             raise
-        if fd is None:
+        if got is not None:
+            k = self._claimed_mapping(maps, tmp, got[1], total)
+            if k is not None:
+                try:
+                    mm = k.mm
+                    head = _HDR.pack(MAGIC, len(header)) + header
+                    mm[0:len(head)] = head
+                    for off, f in zip(layout, frames, strict=True):
+                        mv = memoryview(f).cast("B")
+                        mm[off:off + mv.nbytes] = mv
+                except (OSError, ValueError, TypeError, IndexError):
+                    maps.discard(k)
+                    self._unlink_counted(tmp, total)
+                    raise
+                os.rename(tmp, self.path(oid))
+                maps.keep(k)
+                return total
+            fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
+        else:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fd, total)
@@ -177,26 +209,78 @@ class ObjectStore:
         os.rename(tmp, self.path(oid))
         return total
 
-    def _recycled(self, tmp: str, size: int):
-        """Take over a freed file of about ``size`` bytes (its pages are warm): (fd, its
-        size), or (None, 0). The caller truncates it to ``size``."""
+    def _maps(self) -> WriterMaps:
+        """This process's kept mappings of this node's files (see zray._storemaps); drops
+        those of files the node has unlinked since."""
+        maps = self._writer_maps
+        if maps is None:
+            maps = self._writer_maps = WriterMaps(0)
+        maps.max_bytes = int(POOL_FRACTION * (self.limit or 1 << 30))
+        maps.sweep()
+        return maps
+
+    def _claimed_mapping(self, maps: WriterMaps, tmp: str, ino: int, total: int):
+        """A writable mapping of the claimed file ``tmp`` truncated to ``total`` bytes: the
+        one this process kept of it, else a new one (its pages are warm). None (use pwrite)
+        where the file is shorter than ``total`` (a copy could fault in new pages) or where
+        a new mapping would not pay: mapping costs more than a pwrite and pays back only
+        when this process claims the file again, which it can only do for files it can
+        keep several mappings of (``MAPPED_SHARE``) and while its mappings get reused
+        (``WriterMaps.worth_mapping``)."""
+        k = maps.take(ino, total) if ino else None
+        if k is not None:
+            try:
+                st = os.fstat(k.fd)
+                if st.st_size >= total and st.st_ino == os.lstat(tmp).st_ino:
+                    os.ftruncate(k.fd, total)
+                    return k
+            except OSError:
+                pass
+            maps.discard(k)
+        if total > maps.max_bytes // MAPPED_SHARE or not maps.worth_mapping():
+            return None  # a new mapping would not pay (see the docstring)
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_size < total:
+                os.close(fd)
+                return None
+            os.ftruncate(fd, total)
+            return maps.map(fd, st.st_ino, total)
+        except (OSError, ValueError):
+            os.close(fd)
+            return None
+
+    def _recycled(self, tmp: str, size: int, mine=frozenset()):
+        """Take over a freed file of about ``size`` bytes (its pages are warm), preferring
+        one this process keeps a mapping of (``mine``: inodes): (its size, its inode or 0),
+        or None. The caller truncates it to ``size``."""
         try:
             names = os.listdir(self.free_dir)
         except OSError:
-            return None, 0
+            return None
         best = None
         for name in names:
-            have = int(name.split("-", 1)[0])
-            if size <= have <= 2 * size + 65536 and (best is None or have < best[0]):
-                best = (have, name)
+            try:
+                parts = name.split("-")
+                have = int(parts[0])
+                ino = int(parts[1], 16) if len(parts) == 3 else 0
+            except ValueError:
+                continue
+            if size <= have <= 2 * size + 65536:
+                rank = (ino not in mine, have)
+                if best is None or rank < best[0]:
+                    best = (rank, name, have, ino)
         if best is None:
-            return None, 0
+            return None
         try:
             os.rename(os.path.join(self.free_dir, best[1]), tmp)  # atomic claim
         except OSError:
-            return None, 0  # another writer took it
-        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
-        return fd, best[0]
+            return None  # another writer took it
+        return best[2], best[3]
 
     # --------------------------------------------------------------- read
     def read(self, oid: bytes):
@@ -284,13 +368,16 @@ class ObjectStore:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a reader maps it
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             pool = os.listdir(self.free_dir)
             pooled = sum(int(n.split("-", 1)[0]) for n in pool)
             if (len(pool) >= POOL_MAX_FILES or size < 65536
                     or pooled + size > POOL_FRACTION * (self.limit or 1 << 30)):
                 return False
-            os.rename(path, os.path.join(self.free_dir, f"{size}-{os.urandom(6).hex()}"))
+            # the inode lets a writer that kept a mapping of this file find it again
+            name = f"{size}-{st.st_ino:x}-{os.urandom(6).hex()}"
+            os.rename(path, os.path.join(self.free_dir, name))
             return True
         except OSError:
             return False
