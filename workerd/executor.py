@@ -162,6 +162,8 @@ class ExecutorProcess:
         """Main thread, about to wait in get(): return the prefetched tasks not started.
         The DONEs held back go first: what it waits for may be one of them."""
         self.held.flush(masked=True)
+        if self.lease is not None:  # leased: the calls queued behind it go back (lease.py)
+            self.lease.blocked()
         with self.block_lock:
             self.blocked = True
             return self._take_queued(lambda task_id: True)

@@ -96,6 +96,10 @@ class LeaseServer:
         self.poller = None
         self.polled_out = False
         self.last = 0.0  # when the last call came
+        # the end mark is on the lane already (a task waits in get(): its calls queued
+        # behind it must not wait for it, they go back to the holder): run nothing more
+        self.stop = False
+        self.mark_sent = False
         client.on_close.append(self.close)
 
     def wake(self) -> None:
@@ -132,6 +136,7 @@ class LeaseServer:
         poller.register(self.wake_r, select.POLLIN)
         self.waiting = {}  # fd -> a Lane whose hello has not come yet
         self.polled_out = False
+        self.stop = self.mark_sent = False
         self.last = last_books = time.monotonic()
         end_on_lane = False
         try:
@@ -142,7 +147,7 @@ class LeaseServer:
                 else:
                     ln.close()
             while True:
-                if not proc.queue.empty():
+                if self.stop or not proc.queue.empty():
                     end_on_lane = True
                     break
                 now = time.monotonic()
@@ -234,9 +239,31 @@ class LeaseServer:
             raise _Ended() from None
 
     def _run(self, msgs: list, lane) -> None:
+        """Run the calls read, in order (the holder counts on it: the first call it has
+        not heard back from is the one running). One read may bring a window of calls:
+        between them, anything in the queue (the broker revokes the lease, EXIT) or an
+        end mark already sent ends the lease; the calls not run are not answered, so the
+        holder sends them through the broker after the end mark."""
+        empty = self.proc.queue.empty
         for parts in msgs:
+            if self.stop or not empty():
+                self.stop = True
+                return
             if self._call(parts, lane):
                 self.last = time.monotonic()
+
+    def blocked(self) -> None:
+        """(main thread, ExecutorProcess._on_block) The leased task waits in get(): calls
+        queued behind it on the lane could be what it waits for. Send the end mark now,
+        naming the running call (its DDONE follows); nothing after it runs here."""
+        lane, running = self.lane, self.proc.running_task
+        if not self.active or self.mark_sent or lane is None or running not in self.calls:
+            return
+        self.stop = self.mark_sent = True
+        try:
+            lane.send(P.encode(P.Lease(self.lease_id, self.holder, False, b"", running)))
+        except _lane.LaneClosed:
+            pass
 
     def _finish(self, lane, end_on_lane: bool, books: str = "lease_end") -> None:
         self.active = False
@@ -247,11 +274,12 @@ class LeaseServer:
         self.waiting = {}
         self.proc.results.direct = None
         if lane is not None:
-            if end_on_lane:  # (best effort: a holder that is gone sees EOF anyway)
-                try:
+            try:
+                if end_on_lane and not self.mark_sent:  # (a holder gone sees EOF anyway)
                     lane.send(P.encode(P.Lease(self.lease_id, self.holder, False, b"")))
-                except _lane.LaneClosed:
-                    pass
+                _flush_out(lane)
+            except _lane.LaneClosed:
+                pass
             lane.close()
         self.calls.clear()
         self.started.clear()
@@ -350,3 +378,21 @@ class LeaseServer:
 
 class _Ended(Exception):
     pass
+
+
+def _flush_out(lane, wait_s: float = 5.0) -> None:
+    """Send what waits in the lane's outq (replies, the end mark) before it closes: the
+    holder takes an EOF without the mark for this process's death."""
+    deadline = time.monotonic() + wait_s
+    poller = None
+    while lane.outq:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log.warning("leases: the holder reads nothing; closing its lane with replies unsent")
+            return
+        if lane.flush():
+            return
+        if poller is None:
+            poller = select.poll()
+            poller.register(lane.fd, select.POLLOUT)
+        poller.poll(min(left, 0.1) * 1000)
