@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import signal
 import time
 
 from zray import _direct, _lane, exceptions
@@ -55,7 +56,10 @@ REFUSED_BACKOFF_S = 1.0  # a refused lease is asked for again this much later at
 FIRST_BACKOFF_S = 0.002  # ... and this soon at first (doubling), while a burst goes on
 # calls in flight on one lease (sent, not answered): its executor runs them in order, so
 # a short queue there hides the round trip; ZRAY_TASK_LEASE_WINDOW=1 is the sync lease
-WINDOW = env_number("ZRAY_TASK_LEASE_WINDOW", 16, 1, 1024, int, "calls in flight per lease")
+WINDOW = env_number("ZRAY_TASK_LEASE_WINDOW", 64, 1, 1024, int, "calls in flight per lease")
+# leases one holder asks for while calls queue on the ones it has (the broker lends at
+# most one per idle executor of the node, and only CPUs that are free)
+MAX_LEASES = env_number("ZRAY_TASK_LEASE_MAX", 64, 1, 64, int, "leases per holder")
 BACKLOG_MAX = 100_000  # calls queued here for the leases; beyond: the broker path
 _OPTIONS = frozenset({"max_retries", "retry_exceptions"})
 
@@ -113,7 +117,12 @@ class TaskLeases:
             return False
         key = (spec.fid, cpu)
         if self.routes and key == self.lkey:
-            return self._send(spec, frames, keep)
+            if not self._send(spec, frames, keep):
+                return False
+            if (len(self.routes) < MAX_LEASES and self._queued() > len(self.routes)
+                    and time.monotonic() >= self.wait_until):
+                self._more(spec.fid, cpu)  # calls queue on our leases: one more
+            return True
         if key != self.key:
             self.key, self.streak = key, 0
         self.streak += 1
@@ -129,6 +138,22 @@ class TaskLeases:
             return False
         self.backoff = FIRST_BACKOFF_S
         return self._send(spec, frames, keep)
+
+    def _queued(self) -> int:
+        """Calls sent on our leases and not answered, and calls queued for them."""
+        return len(self.backlog) + sum(len(r.inflight) for r in self.routes)
+
+    def _more(self, fid: bytes, cpu: int) -> None:
+        """Ask for one more lease; the backlog spreads onto it. Refused: not again for a
+        while (backing off as for the first)."""
+        route = self._acquire(fid, cpu)
+        if route is None:
+            self.wait_until = time.monotonic() + self.backoff
+            self.backoff = min(self.backoff * 2, REFUSED_BACKOFF_S)
+            return
+        self.backoff = FIRST_BACKOFF_S
+        with self.direct.lock:
+            self.answered(route)
 
     def _send(self, spec: P.TaskSpec, frames: list, keep) -> bool:
         """On the lease with the fewest calls in flight while it has room in its window,
@@ -155,20 +180,52 @@ class TaskLeases:
         self.sent += 1
         return True
 
-    def _send_on(self, route: _LeaseRoute, call) -> None:
-        """(under direct.lock)"""
-        frames = call.frames
-        self.direct._send_direct(route, call)
-        call.frames = frames  # kept until answered: sent again if the lease ends unread
+    def _send_on(self, route: _LeaseRoute, call, later: bool = False) -> None:
+        """(under direct.lock) A DCALL on the lease's lane (``later``: queued on it, sent by
+        ``_flush_lane``). Its frames are kept until answered: sent again through the
+        broker if the lease ends unread."""
+        direct, spec = self.direct, call.spec
+        task_id, lane = spec.task_id, route.lane
+        route.inflight[task_id] = call
+        call.lane = lane
+        direct.by_task[task_id] = route
+        direct.unregistered.update(spec.return_ids())
+        header = P.encode(P.DCall(spec, len(call.frames), route.reply_to))
+        if not later:
+            direct._send_lane(lane, header, call.frames)
+            return
+        try:
+            lane.send(header, call.frames, later=True)
+        except _lane.LaneClosed:
+            pass  # (its reader sees it closed: broke() settles the call)
+
+    def _flush_lane(self, lane) -> None:
+        """(under direct.lock) Send what ``_send_on(later=True)`` queued: one syscall for a
+        window's worth of calls; what the socket does not take, the I/O thread sends."""
+        direct = self.direct
+        client = direct.client
+        if client.mask_signals:  # a cancel signal must not cut a message in two
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _direct._CANCEL_SIGNALS)
+        try:
+            if not lane.flush():
+                direct.need_io((lane,), out=True)
+        except _lane.LaneClosed:
+            direct._drop_lane(lane)
+        finally:
+            if client.mask_signals:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def answered(self, route: _LeaseRoute) -> None:
         """(under direct.lock; _direct.DirectCalls.done) A call on ``route`` was answered:
         its window takes the next queued calls; an ending lease whose last call is in
         is done with."""
         if route.state == "alive":
-            backlog = self.backlog
-            while backlog and len(route.inflight) < WINDOW and route.lane is not None:
-                self._send_on(route, backlog.popleft())
+            backlog, lane = self.backlog, route.lane
+            if not backlog or lane is None:
+                return
+            while backlog and len(route.inflight) < WINDOW:
+                self._send_on(route, backlog.popleft(), later=True)
+            self._flush_lane(lane)
         elif route.state == "ending" and not route.inflight and route.lane is not None:
             lane, route.lane = route.lane, None
             route.state = "ended"
@@ -334,9 +391,17 @@ class TaskLeases:
         the lease has not started: the executor answers it TaskCancelledError when it
         comes to it, and nothing is killed."""
         call = route.inflight.get(task_id)
-        if force and (call is None or next(iter(route.inflight)) != task_id):
+        if call is not None and next(iter(route.inflight)) != task_id:
+            # queued behind the running call: not started, so it fails now, as a task
+            # queued at the broker does; the executor skips it (INTERRUPT marks it)
+            del route.inflight[task_id]
+            self.direct.by_task.pop(task_id, None)
+            self.direct.unregistered.difference_update(call.spec.return_ids())
+            call.keep = None
             force = False
-        if call is not None:
+            err = exceptions.TaskCancelledError(task_id.hex())
+            _file(self.client, [(P.object_id(task_id, 1), (P.ERROR, serialize_error(err)))])
+        elif call is not None:
             call.cancel = force
         self.client.request_nowait("lease_cancel", {"task_id": task_id, "force": force,
                                                     "recursive": recursive,
