@@ -95,6 +95,22 @@ def test_a_burst_goes_through_leases(cluster):
 
 
 @ray.remote
+def plus(x, y):
+    return x + y
+
+
+def test_results_of_a_burst_that_escape(cluster):
+    assert _leased(square, 1)
+    refs = [square.remote(i) for i in range(200)]
+    # refs to results not here yet (on the lease, or still queued for it) passed on: each
+    # is PUT to the broker first, once its value came
+    assert ray.get(plus.remote(refs[199], 1), timeout=60) == 199 * 199 + 1
+    assert ray.get(ray.put([refs[150]]), timeout=60)[0] == refs[150]
+    assert ray.get(ray.get(ray.put([refs[150]]), timeout=60)[0], timeout=60) == 150 * 150
+    assert ray.get(refs, timeout=60) == [i * i for i in range(200)]
+
+
+@ray.remote
 def die_first(marker, i):
     if i == 0 and marker and not os.path.exists(marker):
         open(marker, "w").close()

@@ -114,6 +114,8 @@ class TaskLeases:
         if (spec.deps or spec.nested or spec.num_returns != 1 or len(res) != 1
                 or type(cpu) is not int or cpu <= 0 or not _OPTIONS.issuperset(spec.options)):
             self.streak = 0
+            if len(self.routes) > 1:
+                self._trim()
             return False
         key = (spec.fid, cpu)
         if self.routes and key == self.lkey:
@@ -125,6 +127,8 @@ class TaskLeases:
             return True
         if key != self.key:
             self.key, self.streak = key, 0
+        if len(self.routes) > 1:
+            self._trim()
         self.streak += 1
         if self.streak < STREAK or time.monotonic() < self.wait_until:
             return False
@@ -230,6 +234,17 @@ class TaskLeases:
             lane, route.lane = route.lane, None
             route.state = "ended"
             self.direct._forget_lane(lane)
+
+    def _trim(self) -> None:
+        """A task goes through the broker: give back our idle leases but one, so that
+        their CPUs are not held from it until they idle out (or a revoke)."""
+        with self.direct.lock:
+            if self.backlog:
+                return
+            idle = [r for r in self.routes if not r.inflight]
+            for route in idle[:len(idle) - 1] if len(idle) == len(self.routes) else idle:
+                self._give_back(route)
+                self.routes.remove(route)
 
     def _give_back_all(self) -> bool:
         """Return every lease (idle) to the broker; False if a call is on one or queued."""
