@@ -12,10 +12,10 @@
               event log (list_tasks, get_task, timeline), about once a second
     executor --REQ lease_end {lease_id, events, dropped}--> end(): books, resources back,
               the executor IDLE again (it ended the lease: idle, holder gone, work queued)
-    holder --REQ lease_return {lease_id}--> give_back(): it wants another function's lease
-              (or asks anew: its lane closed): the resources now, the executor back in
-              the pool once its lease_end comes
-    holder --REQ lease_cancel {task_id, force, recursive}--> INTERRUPT (or KILL_EXEC when forced) to
+    holder --REQ lease_return {lease_id}--> give_back(): it wants another function's lease,
+              or a task of its goes through the broker (it keeps one idle lease): the
+              resources now, the executor back in the pool once its lease_end comes
+    holder --REQ lease_cancel {task_id, force, recursive, lease_id}--> INTERRUPT (or KILL_EXEC when forced) to
               the leased executor, as for a task the broker runs itself
     tasks queued (each liveness check) --revoke()--> LEASE(active=False) to each leased
               executor: it ends the lease at once (lease_end), as when it idles

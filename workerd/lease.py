@@ -6,15 +6,20 @@ plain tasks straight off a lane, with no broker turn per task.
     broker --LEASE(active) [+ fn blob]--> I/O thread --queue--> main thread: serve()
     holder --connect <node store>/t-<cid> (zray/_lane.py), LEASE(active, lease id)-->
     holder --DCALL (a TASK spec)--> main thread: checks, TaskRunner.run as for an EXEC
-          (prepare, print prefix, runtime context, cancel by SIGUSR1, BLOCK in get)
+          (prepare, print prefix, runtime context, cancel by SIGUSR1, BLOCK in get); the
+          holder may have a window of calls in flight: they run one by one, in order
     ResultSender.finish_values / finish_error --reply()--> DDONE + frames on the lane
     print() in a task of the holder's job (holder = its driver) --LOG on the lane, ahead of
           the task's DDONE (the broker's way would come after the result)
     every BOOKS_S and at the end: REQ lease_books / lease_end {lease_id, events}
     the lease ends when: no DCALL for IDLE_S (LEASE(active=False) on the lane first: it
     reads nothing after it), the holder closes the lane (it left or died), the queue
-    has something (the broker's EXIT, SHUTDOWN, anything): REQ lease_end, then the
-    serve loop goes on with the queue
+    has something (the broker's EXIT, SHUTDOWN, anything; looked at between two calls
+    of a window too): REQ lease_end, then the serve loop goes on with the queue
+    a leased task waits in get() (``blocked``): the end mark goes on the lane at once,
+    naming that task (LEASE running): the calls queued behind it may be what it waits
+    for, so none of them runs here (the holder sends them through the broker); the
+    lease ends when the task does
 
 The listener is bound when the executor starts, so a holder can connect as soon as
 the broker's answer reaches it; a connection is served only once its first message

@@ -1,38 +1,46 @@
-"""Leased executors, the holder's side: a sync loop of plain tasks skips the broker.
+"""Leased executors, the holder's side: plain tasks skip the broker, one by one or in bursts.
 
 ::
 
-    f.remote() --submit()--> plain task, nothing of ours in flight, STREAK such in a row?
+    f.remote() --submit()--> plain task, STREAK such of one function and shape in a row?
          |                      --REQ task_lease {fid, resources}--> broker (brokerd/leases.py):
          |                        an idle executor of our node, its resources held for us
          |                      connect <store>/t-<executor cid> (zray/_lane.py), LEASE hello
-         |--> lease held, nothing in flight on it, same function and shape:
-         |      DCALL on the lane (zray/_direct.py's machinery: a route whose lane is the lease)
-         '--> otherwise: SUBMIT to the broker, as before
-    get() in the calling thread <--DDONE on the lane-- the leased executor (workerd/lease.py)
-    LEASE(active=False) on the lane: the executor ended the lease (idle); the calls we
-         sent that it did not answer before it never ran: resubmitted through the broker
-    the lane closes without that (the executor died): the call in flight is resubmitted
-         through the broker while it has max_retries left, else WorkerCrashedError; one
-         cancelled with force=True: TaskCancelledError
+         |--> leases held for this function and shape: DCALL on the lease with the fewest
+         |      calls in flight while it has fewer than WINDOW (zray/_direct.py's machinery:
+         |      a route whose lane is the lease), else into ``backlog``; while calls queue
+         |      (more than one per lease), one more lease is asked for (MAX_LEASES at most)
+         '--> otherwise: SUBMIT to the broker, as before (our idle leases but one go back)
+    get() in the calling thread, or the I/O thread <--DDONE on a lane-- a leased executor
+         (workerd/lease.py); each answer lets the next backlog calls onto that lane
+    LEASE(active=False, running) on the lane: the executor ended the lease (idle, revoked,
+         or its task waits in get()); the calls we sent that it did not answer before it
+         never ran, but for ``running``, whose DDONE follows: resubmitted through the
+         broker, as is the backlog when no lease is left
+    the lane closes without that (the executor died): the first call not answered is the
+         one it ran (it runs them in order): resubmitted through the broker while it has
+         max_retries left, else WorkerCrashedError (TaskCancelledError if cancelled with
+         force); those behind it never ran: resubmitted, retries untouched
 
 Which tasks: a plain task (not an actor's) of one function with one return, no
 ObjectRef arguments (top-level or nested), only CPUs (no GPUs, custom resources,
 memory, accelerator type), and no options but ``max_retries`` and
 ``retry_exceptions`` (so no runtime_env, scheduling strategy, placement group,
-``max_calls``, generators), submitted while nothing else of ours is in flight
-(the sync pattern: ``ray.get(f.remote())``). Anything else, and any task while
-the leased executor is busy, takes the broker path unchanged. The lease is asked
-for only after STREAK such tasks of the same function and shape in a row, by a
-driver or executor with a store on this node; one that is refused waits
-REFUSED_BACKOFF_S before asking again.
+``max_calls``, generators). Anything else takes the broker path unchanged. The
+first lease is asked for only after STREAK such tasks of the same function and shape
+in a row, by a driver or executor with a store on this node; a refused one is asked
+for again FIRST_BACKOFF_S later, doubling up to REFUSED_BACKOFF_S.
 
 Results are the caller's values the broker never heard of, exactly as direct actor
-calls' (``DirectCalls.unregistered``): a ref that escapes is PUT to the broker first;
-dropping the last ref sends nothing. ``ray.cancel`` asks the broker (REQ
-lease_cancel), which interrupts the task on the leased executor. The executor
-reports the tasks it ran to the broker in batches (list_tasks, timeline).
-``ZRAY_TASK_LEASES=0`` turns leases off (read here and by workerd/lease.py).
+calls' (``DirectCalls.unregistered``; a backlog call's from when it is queued): a ref
+that escapes is PUT to the broker first; dropping the last ref sends nothing.
+``ray.cancel`` of a call running on a lease asks the broker (REQ lease_cancel), which
+interrupts it on the leased executor (forced: ends its process); of a call queued
+behind it on the lease, fails it here at once and has the executor skip it (nothing
+killed); of a backlog call, fails it here. The executor reports the tasks it ran to
+the broker in batches (list_tasks, timeline). ``ZRAY_TASK_LEASES=0`` turns leases off
+(read here and by workerd/lease.py); ``ZRAY_TASK_LEASE_WINDOW`` (calls in flight per
+lease) and ``ZRAY_TASK_LEASE_MAX`` (leases per holder) tune them.
 """
 
 from __future__ import annotations
