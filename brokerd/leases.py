@@ -79,8 +79,8 @@ class TaskLeases:
 
     # ------------------------------------------------------------------ grant
     def grant(self, cid: bytes, args: dict):
-        """REQ task_lease: lend an idle executor on the caller's node; None if none can
-        be lent now (the caller goes on through the broker)."""
+        """REQ task_lease: lend an idle executor on the caller's node; {"refused": why} if
+        none can be lent now ("no idle executor": a CPU is free for the broker's path)."""
         engine = self.engine
         c = engine.clients.get(cid)
         fid, res = args.get("fid"), args.get("resources")
@@ -92,17 +92,23 @@ class TaskLeases:
         held = self.by_holder.get(cid)
         if held is not None and len(held) >= MAX_PER_HOLDER:
             self.refused += 1
-            return None
+            return {"refused": "leases per holder", "free": 0}
         node = engine.nodes.nodes.get(c.node_id)
         blob = engine.objects.fns.get(fid)
         why = ("no node" if node is None or not node.alive else "function unknown"
-               if blob is None else "tasks queued" if engine.placement.pending()
+               if blob is None else "tasks queued"
+               if engine.placement.wants_resources and engine.placement.pending()
                else "resources busy" if not engine.nodes.fits(node, res) else "")
         ex = take_idle(node.idle, "", True) if not why else None
         if ex is None:
             self.refused += 1
-            log.debug("no lease for %s: %s", cid.hex(), why or "no idle executor")
-            return None
+            why = why or "no idle executor"
+            log.debug("no lease for %s: %s", cid.hex(), why)
+            # free: the lease's shapes that fit the node now (the holder sends that many
+            # of its waiting calls through the broker rather than queue them on a lease)
+            free = int(min(node.avail.get(r, 0) // u for r, u in res.items())) \
+                if why == "no idle executor" else 0
+            return {"refused": why, "free": free}
         lease = Lease(os.urandom(P.LEASE_ID_LEN), cid, ex, _Hold(dict(res)))
         engine.nodes.acquire(lease.held, node)
         engine.moves.move(ex, ExecState.BUSY, f"leased to {cid.hex()}")

@@ -90,6 +90,9 @@ class Placement:
         self.nodes = nodes
         self.objects = objects  # ObjectDirectory, read only: where arguments are
         self.queues: dict[tuple, deque] = {}
+        # the last pass left a task queued for want of resources (not an executor that
+        # is starting): leased executors' CPUs may be what it needs (brokerd/leases.py)
+        self.wants_resources = False
         self.infeasible_warned: set = set()
         self.warned_shapes: set = set()  # (driver, shape, selector) told once
         self.warnings: list = []  # (task, text) for its driver, taken by schedule()
@@ -124,6 +127,7 @@ class Placement:
         d = Decisions()
         nodes = self.nodes
         picked: dict = {}  # busy executor -> tasks sent ahead to it in this pass
+        self.wants_resources = False
         for shape in list(self.queues):
             q = self.queues[shape]
             task = None
@@ -140,6 +144,7 @@ class Placement:
                     continue
                 if task.kind == P.ACTOR_CREATE:
                     if node is None:
+                        self.wants_resources = True
                         break
                     if ex is not None:
                         nodes.push_idle(ex)  # not this one: an actor gets a fresh process
@@ -151,6 +156,8 @@ class Placement:
                     if node is not None:
                         nodes.request_spawn(node)
                         starting = True
+                    else:
+                        self.wants_resources = True
                     break
                 q.popleft()
                 nodes.acquire(task, node)

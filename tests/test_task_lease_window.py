@@ -343,3 +343,31 @@ def test_another_drivers_task_is_not_starved(cluster, tmp_path):
         stop.set()
         th.join(150)
     assert not th.is_alive() and not errors, errors
+
+
+@ray.remote
+def barrier(d, i, n):
+    """Wait (without get) until ``n`` calls have started; False after 60 s."""
+    open(os.path.join(d, str(i)), "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(d)) < n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_tasks_that_wait_for_each_other_run_side_by_side(cluster, tmp_path):
+    """As many such tasks as CPUs all run at once (as in Ray): with every lease busy, a
+    call asks for another lease, or takes the broker's path if a CPU is free, rather
+    than wait behind a running one."""
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    assert _leased(barrier, str(warm), 0, 0)
+    d = tmp_path / "b"
+    d.mkdir()
+    before = _sent()
+    refs = [barrier.remote(str(d), i, 4) for i in range(4)]
+    assert _sent() - before >= 1  # (the others on more leases, or through the broker
+    # where a CPU is free but no executor can be lent yet)
+    assert ray.get(refs, timeout=90) == [True] * 4

@@ -288,10 +288,22 @@ class DirectCalls:
             if not lane.send(header, frames):
                 self.need_io((lane,), out=True)
         except _lane.LaneClosed:
-            self._drop_lane(lane)
+            if not self.send_broke(lane):
+                self._drop_lane(lane)
         finally:
             if client.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def send_broke(self, lane) -> bool:
+        """A send on ``lane`` failed (the peer closed it). A lease's lane is read to its
+        end first: an executor that ended the lease sent its end mark before closing, and
+        only that mark says which calls never ran (zray/_lease.py); the read's EOF then
+        settles the rest. True when so handled; False: drop the lane now."""
+        if getattr(lane.owner, "leases", None) is None:
+            return False
+        lane.outq.clear()
+        self.need_io((lane,))
+        return True
 
     def need_io(self, lanes, out: bool = False) -> None:
         """Have the I/O thread read ``lanes`` (and send what waits on them: ``out``) until
@@ -409,8 +421,10 @@ class DirectCalls:
                 if lane.flush():
                     self.io_changed = True  # all sent: poll it for POLLIN only
             except _lane.LaneClosed:
-                self._lane_closed(lane)
-                return
+                if not self.send_broke(lane):
+                    self._lane_closed(lane)
+                    return
+                ev |= _ZIN
         if not ev & (_ZIN | _ZERR):
             return
         if not lane.rlock.acquire(False):  # a user thread reads it: it wakes us when done
@@ -462,7 +476,11 @@ class DirectCalls:
             while True:
                 try:
                     if lane.outq:  # our calls not sent yet: send them as the lane takes them
-                        lane.flush()
+                        try:
+                            lane.flush()
+                        except _lane.LaneClosed:
+                            if not self.send_broke(lane):
+                                raise
                     msgs = lane.read()
                 except _lane.LaneClosed:
                     self._lane_closed(lane)

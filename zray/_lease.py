@@ -105,6 +105,7 @@ class TaskLeases:
         self.streak = 0
         self.wait_until = 0.0  # no lease asked for before this (refused lately)
         self.backoff = FIRST_BACKOFF_S
+        self.free = 0  # CPUs free when the broker last refused a lease (no executor)
         self.sent = 0  # tasks sent on leases (tests and benchmarks read it)
         self.granted = 0
 
@@ -127,12 +128,16 @@ class TaskLeases:
             return False
         key = (spec.fid, cpu)
         if self.routes and key == self.lkey:
-            if not self._send(spec, frames, keep):
-                return False
-            if (len(self.routes) < MAX_LEASES and self._queued() > len(self.routes)
-                    and time.monotonic() >= self.wait_until):
-                self._more(spec.fid, cpu)  # calls queue on our leases: one more
-            return True
+            # every lease busy: this call would wait behind another, so ask for one more
+            # lease first (Ray runs such a task at once where a CPU is free: tasks that
+            # wait for each other without get() must not sit on one executor)
+            if all(r.inflight for r in self.routes):
+                if len(self.routes) < MAX_LEASES and time.monotonic() >= self.wait_until:
+                    self._more(spec.fid, cpu)
+                if self.free > 0 and all(r.inflight for r in self.routes):
+                    self.free -= 1  # a CPU is free but no executor to lend: the broker's
+                    return False  # path runs it now, not after the calls on our leases
+            return self._send(spec, frames, keep)
         if key != self.key:
             self.key, self.streak = key, 0
         if len(self.routes) > 1:
@@ -150,10 +155,6 @@ class TaskLeases:
             return False
         self.backoff = FIRST_BACKOFF_S
         return self._send(spec, frames, keep)
-
-    def _queued(self) -> int:
-        """Calls sent on our leases and not answered, and calls queued for them."""
-        return len(self.backlog) + sum(len(r.inflight) for r in self.routes)
 
     def _more(self, fid: bytes, cpu: int) -> None:
         """Ask for one more lease; the backlog spreads onto it. Refused: not again for a
@@ -222,7 +223,7 @@ class TaskLeases:
             if not lane.flush():
                 direct.need_io((lane,), out=True)
         except _lane.LaneClosed:
-            direct._drop_lane(lane)
+            direct.send_broke(lane)  # (read to its end: the end mark may be there)
         finally:
             if client.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -282,8 +283,11 @@ class TaskLeases:
         except Exception as e:  # (a broker that does not lease: the broker path, quietly)
             log.debug("no lease: %s", e)
             return None
-        if not info:
+        if not info or "lease_id" not in info:
+            free = info.get("free") if type(info) is dict else 0
+            self.free = free if type(free) is int and 0 <= free <= 1024 else 0
             return None
+        self.free = 0
         path = os.path.join(client.store.dir, "t-" + info["executor"].hex())
         try:
             lane = _lane.connect(path)
