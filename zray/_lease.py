@@ -239,6 +239,8 @@ class TaskLeases:
             while backlog and len(route.inflight) < WINDOW:
                 self._send_on(route, backlog.popleft(), later=True)
             self._flush_lane(lane)
+            # their callers may all wait elsewhere (on ``cond``): the I/O thread reads it
+            self.direct.need_io((lane,))
         elif route.state == "ending" and not route.inflight and route.lane is not None:
             lane, route.lane = route.lane, None
             route.state = "ended"
