@@ -152,7 +152,7 @@ class LeaseServer:
                 else:
                     ln.close()
             while True:
-                if self.stop or not proc.queue.empty():
+                if self.stop or not self._queue_empty():
                     end_on_lane = True
                     break
                 now = time.monotonic()
@@ -249,13 +249,29 @@ class LeaseServer:
         between them, anything in the queue (the broker revokes the lease, EXIT) or an
         end mark already sent ends the lease; the calls not run are not answered, so the
         holder sends them through the broker after the end mark."""
-        empty = self.proc.queue.empty
+        empty = self._queue_empty
         for parts in msgs:
             if self.stop or not empty():
                 self.stop = True
                 return
             if self._call(parts, lane):
                 self.last = time.monotonic()
+
+    def _queue_empty(self) -> bool:
+        """Nothing for the main thread in the queue but revokes of leases already over
+        (dropped: the broker revokes what it lent; a lease that ended meanwhile, and this
+        executor lent anew, must not end at once for it)."""
+        q = self.proc.queue
+        if q.empty():
+            return True
+        with q.mutex:
+            items = q.queue
+            while items:
+                m = items[0][0]
+                if m.TYPE != Msg.LEASE or m.active or m.lease_id == self.lease_id:
+                    return False
+                items.popleft()
+        return True
 
     def blocked(self) -> None:
         """(main thread, ExecutorProcess._on_block) The leased task waits in get(): calls
@@ -274,6 +290,8 @@ class LeaseServer:
         self.active = False
         self.proc.logs.lane = None
         self.lane = None
+        if lane is None and end_on_lane:
+            self._end_unadopted()
         for ln in self.waiting.values():  # (a hello that did not come in time)
             ln.close()
         self.waiting = {}
@@ -289,6 +307,37 @@ class LeaseServer:
         self.calls.clear()
         self.started.clear()
         self._books(books)
+
+    def _end_unadopted(self) -> None:
+        """The lease ends before its holder's lane was taken (revoked at once, the queue
+        had work): a holder that connected already gets the end mark, so that it sends
+        its calls through the broker as never run (not taken for a crash)."""
+        while True:
+            ln = self._accept()
+            if ln is None:
+                break
+            self.waiting[ln.fd] = ln
+        deadline = time.monotonic() + 0.2
+        for ln in list(self.waiting.values()):
+            msgs = []
+            while not msgs and time.monotonic() < deadline:
+                try:
+                    msgs = ln.read()
+                except _lane.LaneClosed:
+                    break
+                if not msgs:
+                    select.select([ln.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not msgs:
+                continue
+            if self._hello(msgs[0]):
+                try:
+                    ln.send(P.encode(P.Lease(self.lease_id, self.holder, False, b"")))
+                    _flush_out(ln, 1.0)
+                except _lane.LaneClosed:
+                    pass
+            elif self._hello(msgs[0], any_lease=True) and len(self.later) < 8:
+                del self.waiting[ln.fd]
+                self.later.append((ln, msgs))
 
     def _books(self, op: str) -> None:
         events, self.events = self.events, []
