@@ -143,6 +143,11 @@ class ExecutorProcess:
         if msg.TYPE == Msg.RECALL:
             self._recall(set(msg.task_ids))
             return
+        if msg.TYPE == Msg.LEASE and self.lease is not None:
+            if msg.active:
+                self.lease.latest = msg.lease_id
+            elif msg.lease_id != self.lease.latest:
+                return  # a revoke of a lease already over: it must not end the next one
         with self.block_lock:
             if self.blocked and msg.TYPE == Msg.EXEC and msg.spec.kind == P.TASK:
                 # A prefetched task arrived while our task waits in get(): it could be

@@ -98,6 +98,7 @@ class LeaseServer:
         self.lane = None  # the holder's lane (its hello came)
         self.waiting: dict = {}
         self.later: list = []  # [(Lane, messages read)]: hellos for a lease not served yet
+        self.latest = b""  # (I/O thread) the last lease the broker lent us
         self.poller = None
         self.polled_out = False
         self.last = 0.0  # when the last call came
@@ -152,7 +153,7 @@ class LeaseServer:
                 else:
                     ln.close()
             while True:
-                if self.stop or not self._queue_empty():
+                if self.stop or not proc.queue.empty():
                     end_on_lane = True
                     break
                 now = time.monotonic()
@@ -249,29 +250,13 @@ class LeaseServer:
         between them, anything in the queue (the broker revokes the lease, EXIT) or an
         end mark already sent ends the lease; the calls not run are not answered, so the
         holder sends them through the broker after the end mark."""
-        empty = self._queue_empty
+        empty = self.proc.queue.empty
         for parts in msgs:
             if self.stop or not empty():
                 self.stop = True
                 return
             if self._call(parts, lane):
                 self.last = time.monotonic()
-
-    def _queue_empty(self) -> bool:
-        """Nothing for the main thread in the queue but revokes of leases already over
-        (dropped: the broker revokes what it lent; a lease that ended meanwhile, and this
-        executor lent anew, must not end at once for it)."""
-        q = self.proc.queue
-        if q.empty():
-            return True
-        with q.mutex:
-            items = q.queue
-            while items:
-                m = items[0][0]
-                if m.TYPE != Msg.LEASE or m.active or m.lease_id == self.lease_id:
-                    return False
-                items.popleft()
-        return True
 
     def blocked(self) -> None:
         """(main thread, ExecutorProcess._on_block) The leased task waits in get(): calls
