@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -54,13 +55,19 @@ log = logging.getLogger("zray.executor")
 
 
 def read_env() -> tuple:
-    """(ENABLED, IDLE_S) from ZRAY_TASK_LEASES and ZRAY_TASK_LEASE_IDLE_MS: a bad value is a
-    ValueError naming its variable (zray.init and ``zray worker`` check them first)."""
+    """(ENABLED, IDLE_S, LONG_S) from ZRAY_TASK_LEASES, ZRAY_TASK_LEASE_IDLE_MS and
+    ZRAY_TASK_LEASE_LONG_MS: a bad value is a ValueError naming its variable (zray.init
+    and ``zray worker`` check them first)."""
     return (env_number("ZRAY_TASK_LEASES", 1, 0, 1, int, "0 or 1") == 1,
-            env_number("ZRAY_TASK_LEASE_IDLE_MS", 50, 1, 60_000, int, "milliseconds") / 1000)
+            env_number("ZRAY_TASK_LEASE_IDLE_MS", 50, 1, 60_000, int, "milliseconds") / 1000,
+            env_number("ZRAY_TASK_LEASE_LONG_MS", 20, 1, 3_600_000, int, "milliseconds")
+            / 1000)
 
 
-ENABLED, IDLE_S = read_env()
+# LONG_S: a leased call that runs this long hands back the calls queued behind it (they
+# could wait for it for long: the broker's path runs them elsewhere), as the broker
+# recalls tasks sent ahead to an executor whose task turned long (brokerd/window.py)
+ENABLED, IDLE_S, LONG_S = read_env()
 BOOKS_S = 1.0
 MAX_EVENTS = 5000
 
@@ -99,6 +106,13 @@ class LeaseServer:
         self.waiting: dict = {}
         self.later: list = []  # [(Lane, messages read)]: hellos for a lease not served yet
         self.latest = b""  # (I/O thread) the last lease the broker lent us
+        # the call running now and since when (main thread), read by the watch thread,
+        # which sends the end mark naming it once it runs LONG_S; under mark_lock
+        self.mark_lock = threading.Lock()
+        self.current = b""
+        self.current_since = 0.0
+        self.serving = threading.Event()
+        self.watcher = None
         self.poller = None
         self.polled_out = False
         self.last = 0.0  # when the last call came
@@ -144,6 +158,10 @@ class LeaseServer:
         self.polled_out = False
         self.stop = self.mark_sent = False
         self.last = last_books = time.monotonic()
+        if self.watcher is None:
+            self.watcher = threading.Thread(target=self._watch, name="lease-watch", daemon=True)
+            self.watcher.start()
+        self.serving.set()
         end_on_lane = False
         try:
             later, self.later = self.later, []
@@ -262,8 +280,15 @@ class LeaseServer:
         """(main thread, ExecutorProcess._on_block) The leased task waits in get(): calls
         queued behind it on the lane could be what it waits for. Send the end mark now,
         naming the running call (its DDONE follows); nothing after it runs here."""
-        lane, running = self.lane, self.proc.running_task
-        if not self.active or self.mark_sent or lane is None or running not in self.calls:
+        with self.mark_lock:
+            running = self.proc.running_task
+            if running in self.calls:
+                self._mark(running)
+
+    def _mark(self, running: bytes) -> None:
+        """(under mark_lock) The end mark, naming the call still running."""
+        lane = self.lane
+        if not self.active or self.mark_sent or lane is None:
             return
         self.stop = self.mark_sent = True
         try:
@@ -271,8 +296,20 @@ class LeaseServer:
         except _lane.LaneClosed:
             pass
 
+    def _watch(self) -> None:
+        """(its own thread) A call that runs LONG_S: the end mark now, naming it."""
+        while True:
+            self.serving.wait()
+            time.sleep(LONG_S / 2)
+            with self.mark_lock:
+                cur = self.current
+                if cur and time.monotonic() - self.current_since >= LONG_S:
+                    self._mark(cur)
+
     def _finish(self, lane, end_on_lane: bool, books: str = "lease_end") -> None:
-        self.active = False
+        self.serving.clear()
+        with self.mark_lock:
+            self.active = False
         self.proc.logs.lane = None
         self.lane = None
         if lane is None and end_on_lane:
@@ -377,10 +414,17 @@ class LeaseServer:
                 or set(spec.options) - {"max_retries", "retry_exceptions"}):
             self._drop("DCALL: not a plain task of the lease's holder and function")
             return False
+        with self.mark_lock:
+            if self.stop:
+                return False  # the end mark went: not run, not answered (the holder resends)
+            self.current, self.current_since = spec.task_id, time.monotonic()
         self.calls[spec.task_id] = lane
         self.started[spec.task_id] = (spec.name, time.time())
         proc = self.proc
-        proc.tasks.run(P.Exec(spec, False, m.n_args, [], []), parts[1:])
+        try:
+            proc.tasks.run(P.Exec(spec, False, m.n_args, [], []), parts[1:])
+        finally:
+            self.current = b""
         if proc.client.forked:  # user code forked and the child got back here
             from zray._procutil import exit_forked_child
 

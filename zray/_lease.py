@@ -145,6 +145,11 @@ class TaskLeases:
         self.streak += 1
         if self.streak < STREAK or time.monotonic() < self.wait_until:
             return False
+        if self.client._awaiting > 1:  # (1: this task's own return)
+            # our earlier tasks are in flight through the broker: a lease now would let
+            # these overtake them (one caller's tasks on one CPU run in submission order);
+            # a burst takes a lease at its first task once the last one is in
+            return False
         if self.routes:  # leases of another function or shape: give them back first
             if not self._give_back_all():
                 return False
