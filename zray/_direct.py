@@ -288,22 +288,10 @@ class DirectCalls:
             if not lane.send(header, frames):
                 self.need_io((lane,), out=True)
         except _lane.LaneClosed:
-            if not self.send_broke(lane):
-                self._drop_lane(lane)
+            self._drop_lane(lane)
         finally:
             if client.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-    def send_broke(self, lane) -> bool:
-        """A send on ``lane`` failed (the peer closed it). A lease's lane is read to its
-        end first: an executor that ended the lease sent its end mark before closing, and
-        only that mark says which calls never ran (zray/_lease.py); the read's EOF then
-        settles the rest. True when so handled; False: drop the lane now."""
-        if getattr(lane.owner, "leases", None) is None:
-            return False
-        lane.outq.clear()
-        self.need_io((lane,))
-        return True
 
     def need_io(self, lanes, out: bool = False) -> None:
         """Have the I/O thread read ``lanes`` (and send what waits on them: ``out``) until
@@ -378,14 +366,12 @@ class DirectCalls:
         calls to that address, the broker is asked, and the calls in flight are settled by
         the broker's ROUTE or, DEATH_INFO_S later, by the watch thread (ActorDiedError, or
         retried through the broker while they have max_task_retries)."""
-        if self.client.closed:
-            return
+        if route.state != "alive" or self.client.closed:
+            return  # (a ROUTE already moved it on, or we are closing)
         leases = getattr(route, "leases", None)
-        if leases is not None:  # a leased executor's lane (zray/_lease.py): ending too
+        if leases is not None:  # a leased executor's lane (zray/_lease.py)
             leases.broke(route)
             return
-        if route.state != "alive":
-            return  # (a ROUTE already moved it on)
         log.info("the lane to actor %s (%s) closed: asking the broker",
                  route.actor_id.hex(), route.address)
         if route.sock is not None:  # (to the same process)
@@ -421,10 +407,8 @@ class DirectCalls:
                 if lane.flush():
                     self.io_changed = True  # all sent: poll it for POLLIN only
             except _lane.LaneClosed:
-                if not self.send_broke(lane):
-                    self._lane_closed(lane)
-                    return
-                ev |= _ZIN
+                self._lane_closed(lane)
+                return
         if not ev & (_ZIN | _ZERR):
             return
         if not lane.rlock.acquire(False):  # a user thread reads it: it wakes us when done
@@ -476,11 +460,7 @@ class DirectCalls:
             while True:
                 try:
                     if lane.outq:  # our calls not sent yet: send them as the lane takes them
-                        try:
-                            lane.flush()
-                        except _lane.LaneClosed:
-                            if not self.send_broke(lane):
-                                raise
+                        lane.flush()
                     msgs = lane.read()
                 except _lane.LaneClosed:
                     self._lane_closed(lane)
@@ -560,27 +540,17 @@ class DirectCalls:
             if m.retryable and call is not None and call.retries != 0:
                 call.retries -= 1  # retry_exceptions covers it: call again
                 log.info("retrying %s after an application error", call.spec.name)
-                leases = getattr(route, "leases", None)
                 if route.state == "alive":
-                    if leases is not None:  # (its frames kept: the lease may end unread)
-                        leases._send_on(route, call)
-                    else:
-                        self._send_direct(route, call)
+                    self._send_direct(route, call)
                     if route.lane is not None:
                         self.need_io((route.lane,))
                 else:
                     self.unregistered.difference_update(call.spec.return_ids())
                     self._send_broker(route, call)
-                    if leases is not None:
-                        leases.answered(route)
                 return []
             if call is not None:
                 keep, call.keep = call.keep, None
-            leases = getattr(route, "leases", None)
-            if leases is not None:  # a lease's window takes its next call (zray/_lease.py)
-                leases.answered(route)
-            else:
-                self._flush(route)
+            self._flush(route)
         del keep  # (outside the lock: dropping refs may send)
         tid_bytes = task_id
         out, pos = [], 0
@@ -735,9 +705,6 @@ class DirectCalls:
                     if call.spec.task_id == task_id:
                         call.cancel = bool(force)
                         return True
-            leases = self.client.leases
-            if leases is not None and leases.backlog and leases.cancel_queued(task_id):
-                return True  # queued for a lease, never sent (zray/_lease.py)
         return False
 
     def _cancel_sent(self, route: _Route, task_id: bytes, force: bool) -> None:
