@@ -179,7 +179,7 @@ import msgpack
 # 6: C->B BATCH (a driver's SUBMITs of one burst)
 # 7: ROUTE/DCALL/DDONE/DCANCEL (direct actor calls), PULL/PEER_* (node blobs)
 # 8: ROUTE tcp_address, tcp reply_to (cross-host direct calls)
-VERSION = 11  # 11: LEASE, DCALL of a plain task (leased executors); 10: 10: C->B LINEAGE (a replayed result's finished task after a broker restart); 9: B->E RECALL; E->C BATCH of OBJs; an executor's DONEs in a C->B BATCH
+VERSION = 12  # 12: lease_books events carry the parent task id and the retry flag (8 fields); 11: LEASE, DCALL of a plain task (leased executors); 10: 10: C->B LINEAGE (a replayed result's finished task after a broker restart); 9: B->E RECALL; E->C BATCH of OBJs; an executor's DONEs in a C->B BATCH
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
