@@ -109,10 +109,6 @@ def create_actor(proc: ExecutorProcess, msg: P.Exec, frames: list) -> None:
         proc.restore()
         return
     proc.actor = host
-    opts = spec.options
-    if opts.get("max_restarts"):  # (-1: forever) calls may be run again: results.replays
-        mtr = opts.get("max_task_retries")
-        results.actor_retries = mtr if type(mtr) is int else 0
     results.direct = direct.start(proc, host)  # callers may call it straight (workerd/direct.py)
     results.finish_values(spec, [None])
 

@@ -49,14 +49,14 @@ from zray.actor import ActorExit
 
 def pushable(spec: P.TaskSpec) -> bool:
     """Whether a call's results may go straight to a local owner (``push_results``)."""
-    # ("counted": a max_pending_calls call, see zray/actor.py)
     # Not an actor call (broker path): its caller may kill the actor once it has the
     # value, and the kill overtook the DONE (a push is one syscall on the lane, the
     # DONE waits for libzmq's I/O thread, and a SIGKILL loses it): the broker then
     # failed the call, so a task given the ref got ActorDiedError and the state API
     # listed the call FAILED. Its direct calls never go through the broker at all.
-    return not (spec.kind in (P.ACTOR_CREATE, P.ACTOR_CALL) or spec.num_returns <= 0
-                or "counted" in spec.options)
+    # (This also covers a restartable actor's calls, which the broker may run again, and
+    # max_pending_calls calls, which the caller may only see finished after the broker.)
+    return not (spec.kind in (P.ACTOR_CREATE, P.ACTOR_CALL) or spec.num_returns <= 0)
 
 
 def split_returns(spec: P.TaskSpec, result) -> list:
@@ -88,9 +88,6 @@ class ResultSender:
         self.direct = None  # workerd.direct.DirectServer: calls that came direct reply there
         self.held = None  # workerd.held.HeldDones of a pool executor (plain tasks)
         self.hold = False  # hold this call's DONE back (set by the task runner per call)
-        # This executor's actor restarts and retries the calls in flight when it dies
-        # (max_restarts and max_task_retries): set by create_actor (``replays``).
-        self.actor_retries = 0
 
     @property
     def ip(self) -> str:
@@ -211,7 +208,7 @@ class ResultSender:
         """Hand the results straight to an owner on this node (one hop instead of two
         through the broker, which still gets DONE for its books). Returns, per result,
         whether it went; the broker pushes the others."""
-        if not pushable(spec) or self.replays(spec):
+        if not pushable(spec):
             return []
         owner = spec.owner
         pushed, pos = [], 0
@@ -220,19 +217,6 @@ class ResultSender:
             pushed.append(self.client.push_direct(owner, header, frames[pos:pos + n]))
             pos += n
         return pushed
-
-    def replays(self, spec: P.TaskSpec) -> bool:
-        """Whether the broker would run ``spec`` again if this process died now: an actor
-        call with ``max_task_retries`` left on an actor that restarts. Its results go
-        through the broker, not straight to the owner: the broker must know the call
-        ended before the owner can see it ended (and send the next call straight here).
-        Else a crash right after it, before our DONE left this process, had the broker
-        run a call whose result the owner already had once more on the restarted actor
-        (an ordered actor's state changed twice: Ray retries only unanswered calls)."""
-        if not self.actor_retries or spec.kind != P.ACTOR_CALL:
-            return False
-        mtr = spec.options.get("max_task_retries")
-        return (mtr if type(mtr) is int else self.actor_retries) != 0
 
     def finish_error(self, spec: P.TaskSpec, exc: BaseException) -> None:
         """Send DONE with ``exc`` as every return (retryable if ``retry_exceptions`` says so)."""
