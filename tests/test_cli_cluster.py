@@ -15,6 +15,7 @@ left.
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,7 +30,30 @@ from conftest import describe, driver_env, kill_tree, poll_until, wait_gone
 import zray
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_port() -> int:
+    """A port to hand a daemon's --port: free now, and below the kernel's ephemeral range.
+    A port bind(0) gave is from that range, and any process's outgoing connection may take
+    it between our check and the daemon's bind (seen in CI: the broker's "Address already
+    in use"); a port below the range is only taken by someone who binds it by number."""
+    low = _ephemeral_low()
+    if low > 12000:
+        rng = random.Random()
+        for _ in range(200):
+            port = rng.randrange(10000, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

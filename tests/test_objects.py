@@ -20,7 +20,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import describe, driver_env, is_alive, poll_until, wait_gone
+from test_cli_cluster import _free_port
 
 import zray
 from zray import _protocol as P
@@ -55,12 +55,6 @@ def _zray_cmd() -> list:
         if os.access(sibling, os.X_OK):
             exe = sibling
     return [exe] if exe else [sys.executable, "-m", "zray.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _in_sessions(sids) -> list:
