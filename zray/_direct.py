@@ -288,7 +288,10 @@ class DirectCalls:
             if not lane.send(header, frames):
                 self.need_io((lane,), out=True)
         except _lane.LaneClosed:
-            self._drop_lane(lane)
+            if lane.send_dead:  # the executor closed: read what it sent last, then EOF
+                self.need_io((lane,))
+            else:
+                self._drop_lane(lane)
         finally:
             if client.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -407,8 +410,10 @@ class DirectCalls:
                 if lane.flush():
                     self.io_changed = True  # all sent: poll it for POLLIN only
             except _lane.LaneClosed:
-                self._lane_closed(lane)
-                return
+                if not lane.send_dead:
+                    self._lane_closed(lane)
+                    return
+                ev |= _ZIN  # the executor closed: read what it sent last (a LEASE end), then EOF
         if not ev & (_ZIN | _ZERR):
             return
         if not lane.rlock.acquire(False):  # a user thread reads it: it wakes us when done
@@ -460,7 +465,11 @@ class DirectCalls:
             while True:
                 try:
                     if lane.outq:  # our calls not sent yet: send them as the lane takes them
-                        lane.flush()
+                        try:
+                            lane.flush()
+                        except _lane.LaneClosed:
+                            if not lane.send_dead:
+                                raise  # (else: read what the executor sent last, then EOF)
                     msgs = lane.read()
                 except _lane.LaneClosed:
                     self._lane_closed(lane)

@@ -105,7 +105,8 @@ class Lane:
     """One end of a framed stream (module doc)."""
 
     __slots__ = ("sock", "fd", "wlock", "rlock", "outq", "closed", "_buf", "_fill", "_filled",
-                 "_lens", "_n", "__weakref__", "owner", "poller", "last_send", "_eof")
+                 "_lens", "_n", "__weakref__", "owner", "poller", "last_send", "_eof",
+                 "send_dead")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -123,6 +124,9 @@ class Lane:
         self.poller = None  # a select.poll() of this lane for its reader (under rlock)
         self.last_send = 0.0  # (its user's: when it last sent)
         self._eof = ""  # why the lane ended, once whole messages read before it went out
+        # the peer closed its end (a send failed): what it sent before is still to be read,
+        # and EOF comes after it; nothing is sent any more
+        self.send_dead = False
 
     # ------------------------------------------------------------------ send
     def send(self, header: bytes, frames=(), later: bool = False) -> bool:
@@ -136,7 +140,7 @@ class Lane:
         bufs = [None, header, *frames]
         lens = [memoryview(b).nbytes for b in bufs[1:]]
         bufs[0] = struct.pack("<%dI" % (len(lens) + 1), len(lens), *lens)
-        if self.closed:
+        if self.closed or self.send_dead:
             raise LaneClosed("the lane is closed")
         q = self.outq
         q.extend(bufs)  # (deque.extend: atomic; each message's buffers stay together)
@@ -160,7 +164,7 @@ class Lane:
 
     def _send_queue(self) -> bool:
         """(holding wlock) Send from ``outq`` what the socket takes; True when all went."""
-        if self.closed:
+        if self.closed or self.send_dead:
             raise LaneClosed("the lane is closed")
         sock, q = self.sock, self.outq
         while q:
@@ -170,6 +174,11 @@ class Lane:
             except (BlockingIOError, InterruptedError):
                 return False  # the socket is full: POLLOUT, then flush()
             except OSError as e:
+                if e.errno in (errno.EPIPE, errno.ECONNRESET):
+                    # the peer closed: its last messages (a LEASE end, replies) are still
+                    # to be read, and then EOF says the lane is over (read())
+                    self.send_dead = True
+                    q.clear()
                 raise LaneClosed(str(e)) from None
             for b in bufs:
                 n = memoryview(b).nbytes
@@ -187,7 +196,7 @@ class Lane:
 
     def flush(self) -> bool:
         """Send what waits; True when nothing is left (or another thread is sending it)."""
-        if not self.outq or self.closed:
+        if not self.outq or self.closed or self.send_dead:
             return True
         if not self.wlock.acquire(False):
             return True  # the sender sends it before letting go
