@@ -17,7 +17,10 @@ that it holds a ref) when it holds a ref the cluster gave it:
 * the object's ref was pickled inside another object the client may use
   (``contained``: the nested refs of PUT, DONE and YIELD), to any depth;
 * the ref escaped (pickled out of band, or captured by a function
-  definition): whoever unpickles it may use it, as in Ray.
+  definition): whoever unpickles it may use it, as in Ray;
+* an executor handed the ref to it inside an inline reply (REFS 2, ``handoffs``). Its
+  take (REFS 3) may come first (another socket): it waits (parked) like a +1, even for
+  an object the broker does not know yet (its PUT may still be on its way).
 
 A client that got a value with refs inside straight from an executor on its
 node (direct push) may ask before the broker has handled that executor's
@@ -58,6 +61,9 @@ class RefAccess:
         # After a broker restart the containment that proved borrowed refs is gone:
         # until then (monotonic), a REFS +1 is taken as the client says (brokerd/restart.py).
         self.trust_until = 0.0
+        # (cid, oid) of the takes (REFS 3) parked: a SUB from that client of that object
+        # waits with them, even before the object's PUT has come (its SUB may overtake it)
+        self.taking: set = set()
 
     def may_use(self, cid: bytes, oid: bytes) -> bool:
         objects = self.objects.objects
@@ -65,6 +71,8 @@ class RefAccess:
         if obj is None:
             return False
         if obj.owner == cid or cid in obj.holders or obj.escaped:  # the common case
+            return True
+        if obj.handoffs is not None and cid in obj.handoffs:  # handed to it (REFS 2)
             return True
         # Up through the values it was pickled inside, breadth first, each once.
         seen = {oid}
@@ -75,7 +83,9 @@ class RefAccess:
                 x = objects.get(o)
                 if x is None:
                     continue
-                if x.owner == cid or cid in x.holders or x.escaped or self._task_arg(cid, o):
+                if (x.owner == cid or cid in x.holders or x.escaped
+                        or (x.handoffs is not None and cid in x.handoffs)
+                        or self._task_arg(cid, o)):
                     return True
                 for c in x.containers or ():
                     if c not in seen and len(seen) < MAX_VISITED:
@@ -114,33 +124,34 @@ class RefAccess:
             self.objects.subscribe(cid, ok)
 
     def refs(self, cid: bytes, ops) -> None:
-        """REFS: a +1 for an object the client may not use waits or is ignored; -1 and 0
-        are the client's own business (they only let go, or keep what it holds)."""
+        """REFS: a +1 or a take (3) of an object the client may not use (yet: a hand-off
+        may still be on its way) waits or is ignored; a keep (0) or a hand-off (2) of one
+        it may not use is ignored; -1 is the client's own business (it only lets go)."""
         out = []
         trusted = self.trust_until and time.monotonic() < self.trust_until
         for op in ops:
-            oid, delta = op
+            oid, delta = op[0], op[1]
             if trusted:
-                if (delta > 0 and oid not in self.objects.objects
+                if ((delta == 1 or delta == 3) and oid not in self.objects.objects
                         and len(self.objects.restart_holders) < 1 << 20):
                     # Its owner may not have put it again yet: a holder when it does.
                     self.objects.restart_holders.setdefault(oid, set()).add(cid)
                     continue
                 out.append(op)
                 continue
-            if delta > 0 and not self.may_use(cid, oid):
-                self._park(cid, "ref", oid, None)
-            elif delta == 0 and not self.may_use(cid, oid):
-                self._refuse(cid, oid, "REFS 0")
-            else:
+            if delta == -1 or self.may_use(cid, oid):
                 out.append(op)
+            elif delta == 1 or delta == 3:
+                self._park(cid, "ref" if delta == 1 else "take", oid, None)
+            else:
+                self._refuse(cid, oid, f"REFS {delta}")
         if out:
             self.objects.refs(cid, out)
 
     def _park(self, cid, op, oid, arg) -> None:
         now = time.monotonic()
         deadline = now + PARK_S
-        if oid not in self.objects.objects:
+        if oid not in self.objects.objects and not self._coming(cid, op, oid):
             if now < self.trust_until and self._may_come(cid, oid):
                 deadline = self.trust_until  # its owner has until then to put it again
             else:
@@ -149,7 +160,14 @@ class RefAccess:
         if len(self.parked) >= MAX_PARKED:
             self._settle(cid, op, oid, False)
             return
+        if op == "take":
+            self.taking.add((cid, oid))
         self.parked.append((deadline, cid, op, oid, arg))
+
+    def _coming(self, cid: bytes, op: str, oid: bytes) -> bool:
+        """An object not known yet that ``cid`` says was handed to it (a take, or a SUB
+        behind its take): its executor's PUT and hand-off may still be on their way."""
+        return op == "take" or (cid, oid) in self.taking
 
     def _may_come(self, cid: bytes, oid: bytes) -> bool:
         """After a broker restart: may ``oid`` (not known yet) still be put again by its
@@ -170,19 +188,22 @@ class RefAccess:
             if self.may_use(cid, oid):
                 self._settle(cid, op, oid, True)
             elif now >= deadline or (oid not in self.objects.objects
+                                     and not self._coming(cid, op, oid)
                                      and not self._may_come(cid, oid)):
                 self._settle(cid, op, oid, False)
             else:
                 self.parked.append(item)
 
     def _settle(self, cid, op, oid, allowed: bool) -> None:
+        if op == "take":
+            self.taking.discard((cid, oid))
         if allowed:
             if op == "sub":
                 self.objects.subscribe(cid, [oid])
             else:
-                self.objects.refs(cid, [(oid, 1)])
+                self.objects.refs(cid, [(oid, 3 if op == "take" else 1)])
             return
-        self._refuse(cid, oid, "SUB" if op == "sub" else "REFS +1")
+        self._refuse(cid, oid, {"sub": "SUB", "ref": "REFS +1"}.get(op, "REFS 3"))
         if op == "sub":  # answered as for an id that does not exist
             self.objects.unknown(cid, oid)
 

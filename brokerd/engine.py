@@ -236,7 +236,7 @@ class TaskEngine:
         if c.kind != "driver":
             return
         self.job_over(c.job_id, c, normal)
-        self.objects.drop_client(c.cid, c.holds)
+        self.objects.drop_client(c.cid, c.holds, c.handed)
         owner_gone(self, c.cid)  # its placement groups
 
     def job_over(self, job_id: bytes, c: ClientInfo | None = None, normal: bool = True) -> None:
@@ -1015,7 +1015,8 @@ class TaskEngine:
         self._owner_gone(ex.cid, why)
         self.executors.pop(ex.cid, None)
         info = self.clients.pop(ex.cid, None)
-        self.objects.drop_client(ex.cid, info.holds if info is not None else set())
+        self.objects.drop_client(ex.cid, info.holds if info is not None else set(),
+                                 info.handed if info is not None else ())
         node = ex.node
         node.executors.pop(ex.cid, None)
         if ex in node.idle:

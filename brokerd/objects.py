@@ -18,7 +18,10 @@ node that is over its limit.
 
 An object lives while its owner holds a ref (until it releases it), while any
 other client holds one (``holders``), while an unfinished task has it among its
-arguments, or while a stored object contains it (``pins``).
+arguments, while a stored object contains it (``pins``), or while a ref to it
+handed to a client inside an inline reply (a direct actor call's or a leased
+task's, REFS 2) has not been taken by that client (REFS 3) and it is connected
+(``handoffs``).
 
 Owns: ``objects`` (Obj records), ``fns`` (function and class blobs by id) and
 the store accounting fields of Node records (``lru``, ``store_used``,
@@ -423,20 +426,29 @@ class ObjectDirectory:
             access.contained()
 
     def refs(self, cid: bytes, ops) -> None:
-        """A client's refs appeared (+1) / all went away (-1), in order."""
+        """A client's refs appeared (+1) / all went away (-1) / were handed to another
+        client inside an inline reply (2) / were taken from such a hand-off (3), in order."""
         client = self.clients.get(cid)
         objects = self.objects
-        for oid, delta in ops:
+        handed = False
+        for op in ops:
+            oid, delta = op[0], op[1]
             obj = objects.get(oid)
             if obj is None:
                 continue
-            if delta > 0:
+            if delta == 1 or delta == 3:
                 obj.holders.add(cid)
                 if client is not None:
                     client.holds.add(oid)
+                if delta == 3:
+                    self._hand_count(obj, cid, -1)
                 continue
             if delta == 0:  # pickled out of band: nobody can count it any more
                 obj.escaped = True
+                continue
+            if delta == 2:
+                self._hand_count(obj, op[2], 1)
+                handed = True
                 continue
             obj.holders.discard(cid)
             if client is not None:
@@ -444,9 +456,40 @@ class ObjectDirectory:
             if obj.owner == cid:
                 obj.released = True
             self.maybe_free(obj)
+        if handed and self.access is not None:
+            self.access.contained()  # (the recipient's SUB, +1 or take may wait for it)
 
-    def drop_client(self, cid: bytes, holds: set) -> None:
-        """A client is gone: its borrowed refs and the objects it owned go with it."""
+    def _hand_count(self, obj: Obj, to: bytes, delta: int) -> None:
+        """One more (+1, REFS 2) or fewer (-1, REFS 3) ref to ``obj`` handed to client
+        ``to`` and not taken yet. A hand-off to a client that is gone counts for nothing
+        (it will never take it); the object may go once none is left."""
+        c = self.clients.get(to)
+        if c is None:
+            return
+        counts = obj.handoffs
+        if counts is None:
+            counts = obj.handoffs = {}
+        n = counts.get(to, 0) + delta
+        if n:
+            counts[to] = n
+            c.handed.add(obj.oid)
+            return
+        counts.pop(to, None)
+        c.handed.discard(obj.oid)
+        if not counts:
+            obj.handoffs = None
+            self.maybe_free(obj)
+
+    def drop_client(self, cid: bytes, holds: set, handed=()) -> None:
+        """A client is gone: its borrowed refs, the refs handed to it and not taken, and
+        the objects it owned go with it."""
+        for oid in handed:
+            obj = self.objects.get(oid)
+            if obj is not None and obj.handoffs:
+                obj.handoffs.pop(cid, None)
+                if not obj.handoffs:
+                    obj.handoffs = None
+                    self.maybe_free(obj)
         for oid in holds:
             obj = self.objects.get(oid)
             if obj is not None:
@@ -482,7 +525,7 @@ class ObjectDirectory:
 
     def maybe_free(self, obj: Obj) -> None:
         if (obj.released and obj.pins <= 0 and not obj.holders and not obj.escaped
-                and obj.state == ObjState.READY):
+                and obj.handoffs is None and obj.state == ObjState.READY):
             self.free(obj)
 
     def free(self, obj: Obj) -> None:

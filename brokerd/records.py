@@ -147,6 +147,9 @@ class Obj:
     escaped: bool = False  # captured by a function definition: kept for good
     pins: int = 0  # unfinished tasks using it + stored objects containing it
     holders: set = field(default_factory=set)  # clients (not the owner) holding a ref
+    # cid -> refs handed to it inside inline replies (REFS 2) it has not taken (REFS 3)
+    # yet; a take that came first counts below 0. Kept while any is left.
+    handoffs: Optional[dict] = None
     contained: list = field(default_factory=list)  # oids pickled inside this value, pinned
     containers: Optional[list] = None  # oids of values this ref was pickled inside
     waiting: list = field(default_factory=list)  # tasks waiting on it
@@ -195,4 +198,5 @@ class ClientInfo:
     job_id: bytes
     last_seen: float = 0.0
     holds: set = field(default_factory=set)  # oids it borrowed (holds refs it does not own)
+    handed: set = field(default_factory=set)  # oids handed to it (REFS 2), not all taken yet
     logs: bool = True  # a driver that wants its job's remote output (init log_to_driver)

@@ -20,7 +20,7 @@ def _sample(cls):
     values = {
         "version": P.VERSION, "kind": "driver", "node_id": cid, "pid": 1, "job_id": b"j",
         "info": {"a": 1}, "fid": b"f" * 20, "nested": [oid], "spec": spec, "oid": oid,
-        "size": 10, "oids": [oid], "ops": [[oid, 1], [oid, -1]], "force": True,
+        "size": 10, "oids": [oid], "ops": [[oid, 1], [oid, -1], [oid, 0], [oid, 2, cid], [oid, 3]], "force": True,
         "recursive": False, "task_id": tid, "returned": [tid],
         "returns": [[P.VALUE, 1, None, 0], [P.VALUE, 0, cid, 10]], "retryable": False,
         "pushed": [True, False], "index": 1, "nframes": 1, "driver": cid, "prefix": "(f pid=1)",
@@ -34,6 +34,7 @@ def _sample(cls):
         "ordered": True, "incarnation": 0, "reason": "", "reply_to": "ipc:///tmp/r",
         "task_ids": [tid], "tcp_address": "tcp://[::1]:5555",
         "lease_id": b"L" * P.LEASE_ID_LEN, "holder": cid, "active": True,
+        "handed": [[oid], []],
     }
     if cls is P.DCall:  # a direct call: an actor call without ref arguments
         values["spec"] = spec._replace(kind=P.ACTOR_CALL, fid="m", deps=[], actor_id=tid)
@@ -81,6 +82,23 @@ def test_dcall_of_a_plain_task_only_on_its_lease_terms():
             P.decode(P.encode(P.DCall(bad, 1, "ipc:///tmp/r")))
     with pytest.raises(P.ProtocolError):  # a lease id of another length
         P.decode(P.encode(P.Lease(b"short", cid, True, b"f")))
+
+
+@pytest.mark.timeout(10)
+def test_hand_off_ops_and_handed_refs_are_checked():
+    """REFS 2 names the client a ref is handed to, REFS 3 takes it; DDONE's handed is
+    one list of object ids per return. Anything else is refused at decode."""
+    oid, cid = b"o" * P.OBJECT_ID_LEN, b"c" * P.ID_LEN
+    for op in ([oid, 2], [oid, 3, cid], [oid, 2, b"short"], [oid, 2, "c" * P.ID_LEN],
+               [oid, 4], [oid, -2], [b"short", 3], [oid, 1, cid]):
+        with pytest.raises(P.ProtocolError):
+            P.decode(P.encode(P.Refs([op])))
+    tid = b"t" * P.TASK_ID_LEN
+    for handed in ([oid], [[b"short"]], [[1]], "x", [[oid] * 2, None]):
+        with pytest.raises(P.ProtocolError):
+            P.decode(P.encode(P.DDone(tid, [[P.VALUE, 1]], False, handed)))
+    ok = P.DDone(tid, [[P.VALUE, 1], [P.VALUE, 0]], False, [[oid, oid], []])
+    assert P.decode(P.encode(ok)) == ok
 
 
 @pytest.mark.timeout(10)

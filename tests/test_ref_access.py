@@ -36,16 +36,18 @@ def attempt(fn):
         return [type(e).__name__, str(e)[:200]]
 
 zray.init(address=sys.argv[1], namespace="shared")
-small_hex, big_hex = sys.argv[2], sys.argv[3]
+small_hex, big_hex, handed_hex = sys.argv[2], sys.argv[3], sys.argv[4]
 forged_small = zray.ObjectRef.from_hex(small_hex)
 forged_big = zray.ObjectRef.from_hex(big_hex)
+forged_handed = zray.ObjectRef.from_hex(handed_hex)
 out = {
+    "forged_get_handed": attempt(lambda: zray.get(forged_handed, timeout=30)),
     "forged_get_small": attempt(lambda: zray.get(forged_small, timeout=30)),
     "forged_get_big": attempt(lambda: int(zray.get(forged_big, timeout=30).sum())),
     "forged_task_arg": attempt(lambda: zray.get(total.remote(forged_small), timeout=30)),
 }
 # (This process caches what it was answered for an id while it holds a ref to it.)
-del forged_small, forged_big
+del forged_small, forged_big, forged_handed
 box = zray.get_actor("mailbox")
 given_small, given_big = zray.get(box.fetch.remote(), timeout=60)
 out["given_get_small"] = attempt(lambda: zray.get(given_small, timeout=60))
@@ -67,6 +69,9 @@ class Mailbox:
 
     def fetch(self):
         return self.refs
+
+    def make(self):
+        return [zray.put("made by the actor")]
 
 
 @pytest.mark.timeout(180)
@@ -95,13 +100,20 @@ def test_a_driver_reads_only_the_refs_it_was_given(tmp_path):
             big = zray.put(np.ones(100_000, dtype=np.int64))  # 800 kB: in the node store
             box = Mailbox.options(name="mailbox").remote()
             assert zray.get(box.store.remote([small, big]), timeout=60)
+            # A ref handed to this driver inside a direct call's reply (the second call on
+            # the handle goes straight to the actor): bound to this driver, not escaped
+            # for anyone who learns its id.
+            zray.get(box.make.remote(), timeout=60)
+            handed = zray.get(box.make.remote(), timeout=60)[0]
+            assert zray.get(handed, timeout=60) == "made by the actor"
             script = tmp_path / "driver_b.py"
             script.write_text(DRIVER_B)
-            b = subprocess.run([sys.executable, str(script), address, small.hex(), big.hex()],
+            b = subprocess.run([sys.executable, str(script), address, small.hex(), big.hex(),
+                                handed.hex()],
                                capture_output=True, text=True, timeout=150, env=procs.env)
             assert b.returncode == 0, b.stderr[-3000:]
             out = json.loads(b.stdout.strip().splitlines()[-1])
-            for key in ("forged_get_small", "forged_get_big"):
+            for key in ("forged_get_small", "forged_get_big", "forged_get_handed"):
                 assert out[key][0] == "ObjectLostError", out
                 assert "not known to the cluster" in out[key][1], out
             assert out["forged_task_arg"][0] in ("ObjectLostError", "RayTaskError"), out
@@ -111,6 +123,7 @@ def test_a_driver_reads_only_the_refs_it_was_given(tmp_path):
             assert out["given_task_arg"] == ["ok", 100_000], out
             # The owner still reads its own objects.
             assert zray.get(small, timeout=30) == "the secret"
+            assert zray.get(handed, timeout=30) == "made by the actor"
         finally:
             zray.shutdown()
     finally:

@@ -81,22 +81,27 @@ def start(proc: ExecutorProcess, host: ActorHost):
 
 
 
-def inline_values(client, values: list) -> tuple:
-    """(layout, frames) of a reply that carries a call's ``values`` inline (a direct
-    actor call's, a leased task's). Refs inside them are escaped now, before the reply:
-    the broker sees no DONE naming them, so it keeps them for good."""
-    layout, frames, nested = [], [], []
+def inline_values(client, values: list, recipient: bytes) -> tuple:
+    """(layout, frames, handed) of a reply that carries a call's ``values`` inline (a
+    direct actor call's, a leased task's) to the client ``recipient``. The refs inside
+    them are handed to it (REFS 2, sent now, before the reply): the broker keeps each
+    object until the recipient says it holds it (REFS 3) or leaves."""
+    layout, frames, handed = [], [], []
     for v in values:
         f, n = serialize(v)
-        nested.extend(n)
+        if n:
+            n = list(dict.fromkeys(n))
+        handed.append(n)
         layout.append([P.VALUE, len(f)])
         frames.extend(f)
-    if nested:
-        for oid in nested:
-            client.escape(oid)
+    if any(handed):
+        client.hand_off([oid for n in handed for oid in n], recipient)
         with client._send_lock:  # now, not with our next message to the broker
             client._flush_refs_locked()
-    return layout, frames
+    else:
+        handed = []
+    return layout, frames, handed
+
 
 class DirectServer:
     def __init__(self, proc: ExecutorProcess, host: ActorHost, ordered: bool):
@@ -465,10 +470,13 @@ class DirectServer:
 
     def finish_values(self, spec: P.TaskSpec, values: list) -> None:
         """Reply with the call's values (ResultSender.finish_values for a direct call)."""
-        self.reply(spec.task_id, *inline_values(self.client, values), False)
+        if spec.task_id not in self.calls:
+            return  # (answered already: nothing to hand over)
+        layout, frames, handed = inline_values(self.client, values, spec.owner)
+        self.reply(spec.task_id, layout, frames, False, handed=handed)
 
     def reply(self, task_id: bytes, layout: list, frames: list, retryable: bool,
-              text: str = "") -> None:
+              text: str = "", handed: list = ()) -> None:
         """The call's DDONE to its caller. (``text``, an error's text, is what a leased
         task's books report, workerd/lease.py; a direct call's event says "the method
         raised", brokerd/routes.py.)"""
@@ -485,7 +493,7 @@ class DirectServer:
                 self.events.append([task_id, started[0], started[1], time.time(), failed])
             else:
                 self.events_dropped += 1
-        header = P.encode(P.DDone(task_id, layout, retryable))
+        header = P.encode(P.DDone(task_id, layout, retryable, list(handed)))
         if type(reply_to) is not str:  # a lane: sent from this thread, never blocking
             try:
                 if self.loop is not None and _running_loop() is self.loop and \

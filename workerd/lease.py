@@ -338,10 +338,13 @@ class LeaseServer:
     # -------------------------------------------------------------- replies
     def finish_values(self, spec: P.TaskSpec, values: list) -> None:
         """(ResultSender.finish_values) The task's values, inline on the lane."""
-        self.reply(spec.task_id, *inline_values(self.proc.client, values), False)
+        if spec.task_id not in self.calls:
+            return  # (answered already: nothing to hand over)
+        layout, frames, handed = inline_values(self.proc.client, values, self.holder)
+        self.reply(spec.task_id, layout, frames, False, handed=handed)
 
     def reply(self, task_id: bytes, layout: list, frames: list, retryable: bool,
-              text: str = "") -> None:
+              text: str = "", handed: list = ()) -> None:
         """The task's DDONE on its lane; its event for the books, as the broker would log
         it: a failure's reason is "raised: <the error's text>" (``text``), and a run its
         holder will retry (``retryable``, retries left) is a retry, not a failure."""
@@ -367,7 +370,7 @@ class LeaseServer:
             else:
                 self.events_dropped += 1
         try:
-            lane.send(P.encode(P.DDone(task_id, layout, retryable)), frames)
+            lane.send(P.encode(P.DDone(task_id, layout, retryable, list(handed))), frames)
         except _lane.LaneClosed:
             pass  # the holder is gone
 

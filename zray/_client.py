@@ -170,6 +170,8 @@ class LocalObject:
     value: Optional[tuple] = None
     node_id: Optional[bytes] = None  # REMOTE / FETCHING: the node whose store has it
     callbacks: Optional[list] = None  # run (outside the lock) once the value is here
+    # the refs inside an inline reply's value (handed to us, REFS 3): held while this is
+    nested: Optional[list] = None
 
 
 def _cancel_pairs(ops: list) -> list:
@@ -179,7 +181,8 @@ def _cancel_pairs(ops: list) -> list:
     anything else is sent. An escape (0) between them keeps both."""
     plus: dict = {}
     drop = []
-    for i, (oid, op) in enumerate(ops):
+    for i, item in enumerate(ops):
+        oid, op = item[0], item[1]
         if op == 1:
             plus[oid] = i
         elif op == -1:
@@ -742,11 +745,19 @@ class Client:
                     held = False
                 if mtype == Msg.DDONE or mtype == Msg.ROUTE:
                     if direct is not None:
-                        values = direct.done(m, msg[1:]) if mtype == Msg.DDONE else direct.route(m)
+                        handed = release = None
+                        if mtype == Msg.DDONE:
+                            values, handed = direct.done(m, msg[1:])
+                        else:
+                            values = direct.route(m)
                         with lock:
                             for oid, value in values:
                                 self._arrived_locked(oid, LOCAL, value, None, arrived, fetch)
                                 filed.append(oid)
+                            if handed:
+                                release = self.take_handed(values, handed)
+                        for oid in release or ():  # (not under the lock, as a drop)
+                            self.decref(oid)
                         notify = True
                     continue
                 if mtype == Msg.EXEC or mtype == Msg.RECALL:  # (RECALL: workerd/executor.py)
@@ -926,6 +937,49 @@ class Client:
                 self._pending_refs.append((oid, 0))
                 self._pending_addref = True  # before anything else we send
 
+    def hand_off(self, oids: list, recipient: bytes) -> None:
+        """Refs to ``oids`` go to client ``recipient`` inside an inline reply (REFS 2,
+        before the reply): the broker keeps each object until the recipient says it holds
+        it (REFS 3, take_handed) or leaves."""
+        with self._ref_lock:
+            if not self.closed:
+                if not self._pending_refs:
+                    self._release_since = time.monotonic()
+                self._pending_refs.extend((oid, 2, recipient) for oid in oids)
+                self._pending_addref = True
+
+    def take_handed(self, values: list, handed: list) -> list:
+        """(the I/O thread, holding ``_ref_lock``) The refs handed to us with an inline
+        reply (DDONE ``handed``, one list per return; ``values``: the [(oid, value)] filed,
+        [] when the reply was not ours to file): one more local ref to each, and REFS 3
+        (we hold it: the broker's hand-off ends). A filed value's record keeps its refs
+        (``nested``) until it goes; the oids returned are to be let go (decref) now."""
+        records = self.records
+        if self.closed:
+            return []
+        pending = self._pending_refs
+        if not pending:
+            self._release_since = time.monotonic()
+        for oids in handed:
+            for oid in oids:
+                rec = records.get(oid)
+                if rec is None:
+                    records[oid] = LocalObject(1)
+                else:
+                    rec.refcount += 1
+                pending.append((oid, 3))
+        self._pending_addref = True
+        release = []
+        for i, oids in enumerate(handed):
+            if not oids:
+                continue
+            rec = records.get(values[i][0]) if i < len(values) else None
+            if rec is not None and rec.nested is None and rec.value is values[i][1]:
+                rec.nested = oids
+            else:
+                release.extend(oids)
+        return release
+
     def decref(self, oid: bytes):
         """One ObjectRef to ``oid`` fewer; the last one deletes its record (and value)."""
         with self._ref_lock:
@@ -939,6 +993,9 @@ class Client:
                 del records[oid]
                 if rec.state is AWAITING_PUSH:
                     self._awaiting -= 1
+                if rec.nested is not None:  # the refs its inline value held (take_handed)
+                    for inner in rec.nested:
+                        self.decref(inner)
                 tid = oid[:P.TASK_ID_LEN]
                 if tid in self.replay.unfinished:
                     self.replay.dropped(tid)

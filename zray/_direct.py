@@ -102,7 +102,7 @@ log = logging.getLogger("zray.direct")
 ENABLED = os.environ.get("ZRAY_DIRECT_ACTOR_CALLS", "1") != "0"
 _CANCEL_SIGNALS = {signal.SIGUSR1}
 _ZIN, _ZOUT, _ZERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)  # (zmq.Poller's)
-_DDONE_PREFIX = P._packb((P.Msg.DDONE, None, None, None))[:2]  # fixarray(4), DDONE
+_DDONE_PREFIX = P._packb((P.Msg.DDONE, None, None, None, None))[:2]  # fixarray(5), DDONE
 
 
 class _Call:
@@ -529,22 +529,27 @@ class DirectCalls:
                 self._send_broker(route, call)
 
     # ------------------------------------------------------- I/O thread
-    def done(self, m: P.DDone, frames: list) -> list:
-        """A DDONE: [(oid, (kind, frames))] for the caller's records; [] when the call
-        is no longer ours to answer (failed or resubmitted on a restart) or retried."""
+    def done(self, m: P.DDone, frames: list) -> tuple:
+        """A DDONE: ([(oid, (kind, frames))] for the caller's records, [] when the call
+        is no longer ours to answer (failed or resubmitted on a restart) or retried;
+        the refs handed over with it, per return: Client.take_handed takes them, filed
+        or not)."""
         try:  # (from an executor, not the broker: checked in full)
             task_id = P._task_id(m.task_id)
             P._direct_returns(m.returns)
             if type(m.retryable) is not bool:
                 raise P.ProtocolError("DDONE: retryable must be a bool")
+            handed = P._handed(m.handed)
+            if handed and len(handed) != len(m.returns):
+                raise P.ProtocolError("DDONE: handed does not match its returns")
         except P.ProtocolError as e:
             log.warning("dropping a malformed DDONE: %s", e)
-            return []
+            return [], []
         keep = None
         with self.lock:
             route = self.by_task.pop(task_id, None)
             if route is None:
-                return []
+                return [], handed
             call = route.inflight.pop(task_id, None)
             if m.retryable and call is not None and call.retries != 0:
                 call.retries -= 1  # retry_exceptions covers it: call again
@@ -556,7 +561,7 @@ class DirectCalls:
                 else:
                     self.unregistered.difference_update(call.spec.return_ids())
                     self._send_broker(route, call)
-                return []
+                return [], handed
             if call is not None:
                 keep, call.keep = call.keep, None
             self._flush(route)
@@ -568,8 +573,8 @@ class DirectCalls:
             pos += n
         if pos != len(frames):
             log.warning("DDONE: frame count does not match its returns")
-            return []
-        return out
+            return [], handed
+        return out, handed
 
     def broker_done(self, oids: list) -> None:
         """Results of watched broker-path calls came: held calls may go now."""

@@ -198,7 +198,7 @@ class DeathWatch:
                         f"call may or may not have run.", route.actor_id.hex())
                 answers.append((task_id, n, retry, serialize_error(err)))
         for task_id, n, retry, frames in answers:
-            header = P.encode(P.DDone(task_id, [[P.ERROR, len(frames)]] * n, retry))
+            header = P.encode(P.DDone(task_id, [[P.ERROR, len(frames)]] * n, retry, []))
             send_parts(inbox, header, None, list(frames) * n)
         if answers:
             log.warning("%d direct calls to actor %s were in flight when its connection "

@@ -58,9 +58,12 @@ C->B  LINEAGE    spec (TaskSpec) + arg frames   after a broker restart, right af
                  it if its node dies (brokerd/relineage.py); only from the task's owner
 C->B  SUB        oids                                           push me these objects when ready
 C->B  RELEASE    oids                                           my last reference is gone
-C->B  REFS       [[oid, +1 | -1 | 0], ...]   in order: I now hold a ref I was given (+1, sent
-                 before anything that could end the task that gave it) / my last ref is gone
-                 (-1) / a ref was pickled out of band: keep the object for good (0)
+C->B  REFS       [[oid, +1 | -1 | 0 | 3] | [oid, 2, cid], ...]   in order: I now hold a ref I
+                 was given (+1, sent before anything that could end the task that gave it) /
+                 my last ref is gone (-1) / a ref was pickled out of band: keep the object
+                 for good (0) / I hand this ref to client cid inside an inline reply (2, sent
+                 before the DDONE: the object stays until cid takes it or leaves) / I took a
+                 ref handed to me and hold it (3: a +1 that ends the hand-off)
 C->B  CANCEL     oid, force, recursive
 B->C  INTERRUPT  task_id, force                                 cancel this running task
 C->B  BLOCK      task_id, returned / UNBLOCK task_id
@@ -149,7 +152,9 @@ C->E  DCALL      spec, n_args, reply_to + arg frames   a direct actor call (no O
                  reply_to: the caller's PULL (ipc://...). See zray/_direct.py. Across
                  hosts: ROUTE's tcp_address (last field) and a tcp:// reply_to, both
                  CURVE with the cluster key (zray/_xhost.py)
-E->C  DDONE      task_id, returns [[kind, nframes]...], retryable + frames   its result
+E->C  DDONE      task_id, returns [[kind, nframes]...], retryable, handed + frames   its
+                 result; handed: [] or, per return, the oids of the refs inside it that
+                 the executor handed to the caller (REFS 2): the caller takes each (REFS 3)
 C->E  DCANCEL    task_id, force   cancel a direct call (callers send REQ direct_cancel to
                  the broker instead, which INTERRUPTs the executor: a busy main thread
                  reads its direct socket only between calls)
@@ -179,7 +184,7 @@ import msgpack
 # 6: C->B BATCH (a driver's SUBMITs of one burst)
 # 7: ROUTE/DCALL/DDONE/DCANCEL (direct actor calls), PULL/PEER_* (node blobs)
 # 8: ROUTE tcp_address, tcp reply_to (cross-host direct calls)
-VERSION = 12  # 12: lease_books events carry the parent task id and the retry flag (8 fields); 11: LEASE, DCALL of a plain task (leased executors); 10: 10: C->B LINEAGE (a replayed result's finished task after a broker restart); 9: B->E RECALL; E->C BATCH of OBJs; an executor's DONEs in a C->B BATCH
+VERSION = 13  # 13: REFS 2/3 (refs handed over in an inline reply), DDONE handed; 12: lease_books events carry the parent task id and the retry flag (8 fields); 11: LEASE, DCALL of a plain task (leased executors); 10: 10: C->B LINEAGE (a replayed result's finished task after a broker restart); 9: B->E RECALL; E->C BATCH of OBJs; an executor's DONEs in a C->B BATCH
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
@@ -411,8 +416,11 @@ def _ref_ops(v):
     if type(v) is not list:
         _fail("array of [oid, +1|-1]", v)
     for op in v:
-        if type(op) is not list or len(op) != 2 or op[1] not in (1, -1, 0):
-            raise ProtocolError(f"[oid, +1|-1|0] expected, got {op!r:.60}")
+        if type(op) is not list or not (
+                (len(op) == 2 and op[1] in (1, -1, 0, 3))
+                or (len(op) == 3 and op[1] == 2 and type(op[2]) is bytes
+                    and len(op[2]) == ID_LEN)):
+            raise ProtocolError(f"[oid, +1|-1|0|3] or [oid, 2, cid] expected, got {op!r:.60}")
         _oid(op[0])
     return v
 
@@ -611,7 +619,7 @@ class Release(NamedTuple):
 
 
 class Refs(NamedTuple):
-    ops: list  # [[oid, +1 | -1 | 0], ...] in order (0: pickled out of band, keep it)
+    ops: list  # [[oid, +1 | -1 | 0 | 3] | [oid, 2, cid], ...] in order (module doc)
     TYPE = Msg.REFS
     CHECKS = (_ref_ops,)
 
@@ -955,12 +963,29 @@ def _direct_returns(v):
     return v
 
 
+def _handed(v):
+    """DDONE handed: [] or one array of object ids per return."""
+    if type(v) is not list:
+        _fail("array of arrays of object ids", v)
+    n = 0
+    for oids in v:
+        _oids(oids)
+        n += len(oids)
+    if n > MAX_HANDED:
+        raise ProtocolError(f"{n} handed refs (at most {MAX_HANDED})")
+    return v
+
+
+MAX_HANDED = 1 << 20  # refs handed over in one inline reply
+
+
 class DDone(NamedTuple):
     task_id: bytes
     returns: list  # [[kind, nframes], ...]: one per return; an error: one ERROR per return
     retryable: bool  # an application error that retry_exceptions covers
+    handed: list  # [] or [[oid, ...] per return]: refs handed over with it (REFS 2 / 3)
     TYPE = Msg.DDONE
-    CHECKS = (_task_id, _direct_returns, _bool)
+    CHECKS = (_task_id, _direct_returns, _bool, _handed)
 
 
 def _lease_id(v):
