@@ -122,8 +122,12 @@ class TaskLeases:
         end, the executor goes back to the pool."""
         op = "lease_end" if end else "lease_books"
         lease_id = args.get("lease_id") if type(args) is dict else None
-        if type(lease_id) is not bytes or set(args) - {"lease_id", "events", "dropped"}:
-            raise ValueError(f"{op}: {{lease_id, events, dropped}} from the leased executor")
+        if (type(lease_id) is not bytes
+                or set(args) - ({"lease_id", "events", "dropped", "adopted"} if end
+                                else {"lease_id", "events", "dropped"})
+                or type(args.get("adopted", True)) is not bool):
+            raise ValueError(f"{op}: {{lease_id, events, dropped}} (lease_end: and adopted, "
+                             f"a bool) from the leased executor")
         lease = self.by_exec.get(cid)
         if lease is None or lease_id != lease.lease_id:
             # returned by its holder before the executor saw it end: its last books
@@ -138,6 +142,12 @@ class TaskLeases:
         self._events(lease, args.get("events", []), args.get("dropped", 0))
         if end:
             self._release(lease, "lease ended")
+            if not args.get("adopted", True):
+                # its holder's lane was never taken: the end on the lane may never come (it
+                # connected after the lease ended): the holder learns it here, and sends
+                # its calls through the broker as never run
+                self.out.send(P.inbox_ident(lease.holder), P.encode(
+                    P.Lease(lease.lease_id, lease.holder, False, b"")))
 
     def give_back(self, cid: bytes, args: dict) -> None:
         """REQ lease_return from the holder: it wants a lease of another function. The

@@ -57,6 +57,7 @@ def read_env() -> tuple:
 
 ENABLED, IDLE_S = read_env()
 BOOKS_S = 1.0
+TURN_AWAY_S = 0.05  # how long a connection's hello is waited for when it is turned away
 MAX_EVENTS = 5000
 EVENT_ERROR_CHARS = 1000  # of a failure's text in its event: its tail, as the broker keeps
 
@@ -136,15 +137,16 @@ class LeaseServer:
         poller.register(self.wake_r, select.POLLIN)
         self.waiting = {}  # fd -> a Lane whose hello has not come yet
         self.polled_out = False
+        self.adopted = False  # (lease_end says so: see _books)
         self.last = last_books = time.monotonic()
         end_on_lane = False
         try:
             later, self.later = self.later, []
             for ln, msgs in later:  # connected while the previous lease was served
-                if msgs and self._hello(msgs[0]):
+                if msgs and self._hello(msgs[0]) and self.lane is None:
                     self._adopt(ln, msgs[1:])
                 else:
-                    ln.close()
+                    self._turn_away(ln, msgs)
             while True:
                 if not proc.queue.empty():
                     end_on_lane = True
@@ -216,6 +218,32 @@ class LeaseServer:
         elif self._hello(msgs[0], any_lease=True) and len(self.later) < 8:
             self.later.append((ln, msgs))
             return
+        self._turn_away(ln, msgs)
+
+    def _turn_away(self, ln, msgs=None) -> None:
+        """Close a holder's connection this lease does not serve (its hello came late, or
+        names a lease that is over). Its hello named a lease: the end mark for it goes
+        first (nothing it sent ran here), so that its holder sends those calls through
+        the broker as never run, not as crashed. A hello not read yet (``msgs`` None) is
+        waited for briefly: it follows the connect at once."""
+        if msgs is None:
+            msgs = []
+            deadline = time.monotonic() + TURN_AWAY_S
+            while not msgs:
+                try:
+                    msgs = ln.read()
+                except _lane.LaneClosed:
+                    break
+                left = deadline - time.monotonic()
+                if msgs or left <= 0:
+                    break
+                select.select([ln.fd], [], [], left)
+        if msgs and self._hello(msgs[0], any_lease=True):
+            m = P.decode(P.buffer_of(msgs[0][0]))
+            try:
+                ln.send(P.encode(P.Lease(m.lease_id, m.holder, False, b"")))
+            except _lane.LaneClosed:
+                pass
         ln.close()
 
     def _unwait(self, ln) -> None:
@@ -228,6 +256,7 @@ class LeaseServer:
     def _adopt(self, ln, msgs: list) -> None:
         """The holder's lane: its calls run from now on."""
         self.lane = ln
+        self.adopted = True
         self.poller.register(ln.fd, select.POLLIN)
         self.polled_out = False
         self.proc.logs.lane = (self.holder, ln)  # (its output: see LogForwarder)
@@ -247,7 +276,7 @@ class LeaseServer:
         self.proc.logs.lane = None
         self.lane = None
         for ln in self.waiting.values():  # (a hello that did not come in time)
-            ln.close()
+            self._turn_away(ln)
         self.waiting = {}
         self.proc.results.direct = None
         if lane is not None:
@@ -266,8 +295,13 @@ class LeaseServer:
         events, self.events = self.events, []
         dropped, self.events_dropped = self.events_dropped, 0
         if events or dropped or op == "lease_end":
-            self.proc.client.request_nowait(op, {"lease_id": self.lease_id, "events": events,
-                                                 "dropped": dropped})
+            args = {"lease_id": self.lease_id, "events": events, "dropped": dropped}
+            if op == "lease_end":
+                # a lease that ended (idle, revoked) before its holder's lane was taken: the
+                # holder may have connected too late for us to see it (its hello waits
+                # unread in the listener's queue), so the broker tells it (nothing ran)
+                args["adopted"] = self.adopted
+            self.proc.client.request_nowait(op, args)
 
     def _drain_wake(self) -> None:
         try:

@@ -12,6 +12,9 @@
     get() in the calling thread <--DDONE on the lane-- the leased executor (workerd/lease.py)
     LEASE(active=False) on the lane: the executor ended the lease (idle); the calls we
          sent that it did not answer before it never ran: resubmitted through the broker
+    LEASE(active=False) from the broker: the executor ended the lease before it took our
+         lane (we connected too late: our hello waits unread), same as above; it may come
+         before the grant's REPLY is handled (``ended_early``)
     the lane closes without that (the executor died): the call in flight is resubmitted
          through the broker while it has max_retries left, else WorkerCrashedError; one
          cancelled with force=True: TaskCancelledError
@@ -37,6 +40,7 @@ reports the tasks it ran to the broker in batches (list_tasks, timeline).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -82,6 +86,10 @@ class TaskLeases:
         self.wait_until = 0.0  # no lease asked for before this (refused lately)
         self.sent = 0  # tasks sent on leases (tests and benchmarks read it)
         self.granted = 0
+        # lease ids whose end came before their route was made (the broker's end of a lease
+        # its executor ended before taking our lane can overtake the grant's REPLY): the
+        # last few, so that _acquire drops such a lease instead of waiting on it for good
+        self.ended_early: collections.deque = collections.deque(maxlen=64)
 
     # ------------------------------------------------------------ submit
     def submit(self, spec: P.TaskSpec, frames: list, keep) -> bool:
@@ -176,8 +184,11 @@ class TaskLeases:
         route.lane = lane
         lane.owner = route
         with self.direct.lock:
+            if lease_id in self.ended_early:  # over already: nothing was sent on it
+                lane.close()
+                return None
             self.direct.lanes[lane.fd] = lane
-        self.route = route
+            self.route = route
         self.granted += 1
         return route
 
@@ -189,7 +200,11 @@ class TaskLeases:
         with direct.lock:
             route = self.route
             lane = route.lane if route is not None else None
-            if route is None or m.active or m.lease_id != route.lease_id or lane is None:
+            if m.active:
+                return
+            if route is None or m.lease_id != route.lease_id or lane is None:
+                if route is None or m.lease_id != route.lease_id:
+                    self.ended_early.append(m.lease_id)  # (its route may not be made yet)
                 return
             route.end_seen = True
             route.state = "ended"

@@ -1012,7 +1012,8 @@ def _fid(v):
 class Lease(NamedTuple):
     lease_id: bytes  # random: only the broker, the executor and the holder know it
     holder: bytes  # the cid of the client the executor is leased to
-    active: bool  # True: leased (B->E, C->E); False: ended (E->C on the lane)
+    active: bool  # True: leased (B->E, C->E); False: ended (E->C on the lane; B->C when the
+    # executor ended it before taking the holder's lane: brokerd/leases.py)
     fid: bytes  # the function the lease runs (B->E: its blob follows if not loaded there)
     TYPE = Msg.LEASE
     CHECKS = (_lease_id, _cid, _bool, _fid)
