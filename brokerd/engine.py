@@ -1034,12 +1034,13 @@ class TaskEngine:
                 self._requeue(pre, "its executor died before it started")
         if ex.actor is not None:
             actor, ex.actor = ex.actor, None
-            if actor.executor is not None and actor.executor is not ex:
+            if actor.executor is not ex:
                 # A stale process of the actor (a newer one runs it: e.g. an old process
                 # re-vouched after a broker restart, or a death reported late): its death
                 # must not restart the live incarnation or take its executor away.
-                log.info("a stale process (pid %s) of actor %s died; pid %s runs it",
-                         ex.pid, actor.class_name, actor.executor.pid)
+                log.info("a stale process (pid %s) of actor %s died; %s", ex.pid,
+                         actor.class_name, f"pid {actor.executor.pid} runs it"
+                         if actor.executor is not None else "it is restarting or dead")
             else:
                 if actor.create.node is not None:  # its resources come back, whatever next
                     self.nodes.release(actor.create)
@@ -1062,6 +1063,8 @@ class TaskEngine:
     # =============================================================== actors
     def _pump(self, actor: Actor) -> None:
         ex = actor.executor
+        if ex is None:  # (no process hosts it now: its calls wait for the next creation)
+            return
         for task in self.actors.next_calls(actor):
             self.moves.move(task, TaskState.RUNNING, "sent to its actor")
             task.executor = ex
@@ -1085,6 +1088,13 @@ class TaskEngine:
                     self._wake(self.objects.ready(obj, P.ERROR, frames))
             return
         self.moves.move(task, TaskState.FINISHED, "constructor returned")
+        if (actor.executor is None and task.executor is not None
+                and actor.state != ActorState.DEAD):
+            # (its process's death was settled while the constructor ran there, yet the
+            # process is alive and built it (seen in chaos_long: the calls hung on a
+            # crash in _pump): it hosts the actor)
+            actor.executor = task.executor
+            task.executor.actor = actor
         self.actors.created(actor)
         woken = []
         for oid in task.returns:
