@@ -64,6 +64,12 @@ class RefAccess:
         # (cid, oid) of the takes (REFS 3) parked: a SUB from that client of that object
         # waits with them, even before the object's PUT has come (its SUB may overtake it)
         self.taking: set = set()
+        # A -1 from a client for an object whose +1 or take from it is still parked: those
+        # must not make it a holder when they settle (it let go after them: a holder for
+        # good, the object kept for ever). (cid, oid) -> the last parked op's sequence
+        # number the -1 came after; parked +1/take ops carry theirs as ``arg``.
+        self.let_go: dict = {}
+        self.seq = 0
 
     def may_use(self, cid: bytes, oid: bytes) -> bool:
         objects = self.objects.objects
@@ -140,9 +146,12 @@ class RefAccess:
                 out.append(op)
                 continue
             if delta == -1 or self.may_use(cid, oid):
+                if delta == -1 and self.parked:
+                    self._note_let_go(cid, oid)
                 out.append(op)
             elif delta == 1 or delta == 3:
-                self._park(cid, "ref" if delta == 1 else "take", oid, None)
+                self.seq += 1
+                self._park(cid, "ref" if delta == 1 else "take", oid, self.seq)
             else:
                 self._refuse(cid, oid, f"REFS {delta}")
         if out:
@@ -155,10 +164,10 @@ class RefAccess:
             if now < self.trust_until and self._may_come(cid, oid):
                 deadline = self.trust_until  # its owner has until then to put it again
             else:
-                self._settle(cid, op, oid, False)
+                self._settle(cid, op, oid, False, arg if op != "sub" else None)
                 return
         if len(self.parked) >= MAX_PARKED:
-            self._settle(cid, op, oid, False)
+            self._settle(cid, op, oid, False, arg if op != "sub" else None)
             return
         if op == "take":
             self.taking.add((cid, oid))
@@ -185,21 +194,41 @@ class RefAccess:
         parked, self.parked = self.parked, []
         for item in parked:
             deadline, cid, op, oid, arg = item
+            seq = arg if op == "ref" or op == "take" else None
             if self.may_use(cid, oid):
-                self._settle(cid, op, oid, True)
+                self._settle(cid, op, oid, True, seq)
             elif now >= deadline or (oid not in self.objects.objects
                                      and not self._coming(cid, op, oid)
                                      and not self._may_come(cid, oid)):
-                self._settle(cid, op, oid, False)
+                self._settle(cid, op, oid, False, seq)
             else:
                 self.parked.append(item)
 
-    def _settle(self, cid, op, oid, allowed: bool) -> None:
+    def _note_let_go(self, cid: bytes, oid: bytes) -> None:
+        """A -1 from ``cid`` for ``oid``: its +1s and takes parked before it are undone."""
+        last = max((item[4] for item in self.parked
+                    if item[1] == cid and item[3] == oid and item[2] in ("ref", "take")),
+                   default=None)
+        if last is not None:
+            self.let_go[(cid, oid)] = last
+
+    def _settle(self, cid, op, oid, allowed: bool, seq=None) -> None:
         if op == "take":
             self.taking.discard((cid, oid))
+        undone = False
+        if seq is not None and self.let_go:
+            last = self.let_go.get((cid, oid))
+            undone = last is not None and seq <= last
+            if last is not None and seq >= last:
+                del self.let_go[(cid, oid)]
         if allowed:
             if op == "sub":
                 self.objects.subscribe(cid, [oid])
+            elif undone:  # let go since: no holder; a take still ends its hand-off
+                if op == "take":
+                    obj = self.objects.objects.get(oid)
+                    if obj is not None:
+                        self.objects._hand_count(obj, cid, -1)
             else:
                 self.objects.refs(cid, [(oid, 3 if op == "take" else 1)])
             return

@@ -53,7 +53,11 @@ def _ids():
 
 
 def _all_freed(what: str, timeout: float = 30):
-    poll_until(lambda: not _ids(), timeout, interval=0.05, what=what)
+    try:
+        poll_until(lambda: not _ids(), timeout, interval=0.05, what=what)
+    except AssertionError as e:  # say which are left
+        left = [o for o in list_objects() if o["reference_type"] != "ACTOR_HANDLE"]
+        raise AssertionError(f"{e}: {len(left)} left, e.g. {left[:3]}") from None
 
 
 def _leased_sent() -> int:

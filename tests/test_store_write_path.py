@@ -16,6 +16,7 @@ The first tests run on Ray too (``ZRAY_TEST_BACKEND=ray``).
 import hashlib
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -167,9 +168,17 @@ def test_two_thousand_puts_leave_descriptors_and_mappings_bounded(cluster):
     for i in range(2000):
         window.append(ray.put(block[:sizes[i % len(sizes)]]))
         del window[:-4]  # a few live, the rest freed as we go
-    del window
     kept = ray._runtime.client.store._writer_maps
-    assert kept.hits > 0, (kept.hits, kept.maps)  # the puts took the kept-mapping path
+    # The puts took the kept-mapping path (a loaded machine may recycle freed files too
+    # late for these: more puts, for at most 30 s, until one does)
+    deadline = time.monotonic() + 30
+    i = 0
+    while kept.hits == 0 and time.monotonic() < deadline:
+        window.append(ray.put(block[:sizes[i % len(sizes)]]))
+        del window[:-4]
+        i += 1
+    del window
+    assert kept.hits > 0, (kept.hits, kept.maps)
     # each kept mapping holds two descriptors (zray/_storemaps.py); nothing else grows
     assert _fds() <= fds + 2 * MAX_FILES + 4
     assert len(_store_mappings()) <= maps + MAX_FILES + 4
