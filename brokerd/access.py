@@ -55,7 +55,7 @@ class RefAccess:
         self.objects = objects  # ObjectDirectory
         self.executors = executors  # cid -> Executor (the engine's)
         self.clients = clients
-        self.parked: list = []  # (deadline, cid, op, oid, arg) waiting for containment
+        self.parked: list = []  # (deadline, cid, op, oid, seq) waiting for containment
         self.refused = 0
         self.logged = 0
         # After a broker restart the containment that proved borrowed refs is gone:
@@ -67,7 +67,7 @@ class RefAccess:
         # A -1 from a client for an object whose +1 or take from it is still parked: those
         # must not make it a holder when they settle (it let go after them: a holder for
         # good, the object kept for ever). (cid, oid) -> the last parked op's sequence
-        # number the -1 came after; parked +1/take ops carry theirs as ``arg``.
+        # number the -1 came after; parked +1/take ops carry theirs (``seq``, None for a SUB).
         self.let_go: dict = {}
         self.seq = 0
 
@@ -157,21 +157,21 @@ class RefAccess:
         if out:
             self.objects.refs(cid, out)
 
-    def _park(self, cid, op, oid, arg) -> None:
+    def _park(self, cid, op, oid, seq) -> None:
         now = time.monotonic()
         deadline = now + PARK_S
         if oid not in self.objects.objects and not self._coming(cid, op, oid):
             if now < self.trust_until and self._may_come(cid, oid):
                 deadline = self.trust_until  # its owner has until then to put it again
             else:
-                self._settle(cid, op, oid, False, arg if op != "sub" else None)
+                self._settle(cid, op, oid, False, seq)
                 return
         if len(self.parked) >= MAX_PARKED:
-            self._settle(cid, op, oid, False, arg if op != "sub" else None)
+            self._settle(cid, op, oid, False, seq)
             return
         if op == "take":
             self.taking.add((cid, oid))
-        self.parked.append((deadline, cid, op, oid, arg))
+        self.parked.append((deadline, cid, op, oid, seq))
 
     def _coming(self, cid: bytes, op: str, oid: bytes) -> bool:
         """An object not known yet that ``cid`` says was handed to it (a take, or a SUB
@@ -193,8 +193,7 @@ class RefAccess:
     def retry(self, now: float) -> None:
         parked, self.parked = self.parked, []
         for item in parked:
-            deadline, cid, op, oid, arg = item
-            seq = arg if op == "ref" or op == "take" else None
+            deadline, cid, op, oid, seq = item  # (seq: a +1's or take's; None for a SUB)
             if self.may_use(cid, oid):
                 self._settle(cid, op, oid, True, seq)
             elif now >= deadline or (oid not in self.objects.objects

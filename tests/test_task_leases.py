@@ -469,6 +469,8 @@ def test_garbage_lease_requests_are_refused_and_change_nothing(cluster):
         ("task_lease", {"fid": b"f", "resources": {"CPU": 1}, "extra": 1}),
         ("lease_books", {"lease_id": "x"}), ("lease_books", {"lease_id": b"x", "more": 1}),
         ("lease_end", []), ("lease_return", {"lease_id": 7}),
+        ("lease_end", {"lease_id": b"x", "events": [], "dropped": 0, "adopted": "no"}),
+        ("lease_books", {"lease_id": b"x", "events": [], "dropped": 0, "adopted": False}),
         ("lease_return", {"lease_id": b"x", "executor": b"y"}),
         ("lease_cancel", {"task_id": b"short", "force": False}),
         ("lease_cancel", {"task_id": os.urandom(P.TASK_ID_LEN), "force": False}),  # not ours
@@ -482,6 +484,7 @@ def test_garbage_lease_requests_are_refused_and_change_nothing(cluster):
     fake = os.urandom(P.LEASE_ID_LEN)
     client.request("lease_books", {"lease_id": fake, "events": [], "dropped": 0})
     client.request("lease_end", {"lease_id": fake, "events": [], "dropped": 0})
+    client.request("lease_end", {"lease_id": fake, "events": [], "dropped": 0, "adopted": False})
     client.request("lease_return", {"lease_id": fake})
     # An unknown function: no lease (None), not an error.
     assert client.request("task_lease", {"fid": os.urandom(16), "resources": {"CPU": 1}}) is None
