@@ -300,3 +300,20 @@ def test_kept_mappings_of_unlinked_files_are_dropped(cluster):
     del views
     poll_until(lambda: not _store_mappings(deleted_only=True), 30,
                what="the driver to drop its mappings of unlinked store files")
+
+
+def test_a_writer_whose_mappings_missed_maps_again(cluster):
+    # A stretch where kept mappings did not pay (many files in flight on a loaded node)
+    # leaves far more mappings than hits; the table then idles out. The writer must
+    # still try a mapping now and then, or the fast path is off for good.
+    kept = ray._runtime.client.store._maps()
+    kept.close()  # (what the sweeper does to mappings unused for IDLE_S)
+    kept._maps, kept._hits = 10_000, 0
+    hits = kept.hits
+    block = np.arange(MIB, dtype=np.uint8)
+    window = []
+    deadline = time.monotonic() + 60
+    while kept.hits == hits and time.monotonic() < deadline:
+        window.append(ray.put(block))
+        del window[:-2]
+    assert kept.hits > hits, (kept.hits, kept.maps, kept.skipped)
