@@ -77,6 +77,7 @@ from zray._serialization import serialize, serialize_error
 log = logging.getLogger("zray.broker")
 
 _WAITING = (TaskState.WAITING_ARGS, TaskState.QUEUED)
+_STARTED = (TaskState.ASSIGNED, TaskState.RUNNING)
 _NONE_FRAMES = serialize(None)[0]  # the value of a stream's completion object
 MAX_SPAWN_FAILURES = 5  # fresh processes for actors that die before READY, per node, in a row
 
@@ -246,15 +247,47 @@ class TaskEngine:
             if actor.job_id == job_id and not actor.detached and actor.state != ActorState.DEAD:
                 self._settle(actor, self.actors.kill(actor, no_restart=True,
                                                      reason="its driver exited"))
-        for task in list(self.tasks.values()):
-            if task.spec.job == job_id and task.state in _WAITING:
-                self.finish_cancelled(task)
+        self._end_job_tasks(job_id, c)
         info = self.jobs.pop(job_id, None)
         if info is not None:
             self.ended_jobs.add(job_id, info, c.pid if c else None, c.node_id if c else None,
                                 normal)
         if self.recovery is not None:
             self.recovery.job_gone(job_id)
+
+    def _end_job_tasks(self, job_id: bytes, c: ClientInfo | None) -> None:
+        """Its tasks end too, as in Ray: those waiting are cancelled, plain tasks running
+        are killed (a task of a driver that left used to run on to its end, for ever if
+        it looped, holding its CPU), and so is an executor leased to the driver (it may
+        be running one of its calls). Not the work of the job's detached actors: the
+        tasks such an actor submitted, and theirs in turn, run on."""
+        tasks = [t for t in self.tasks.values() if t.spec.job == job_id]
+        kept = {a.executor.cid for a in self.actors.actors.values()
+                if a.job_id == job_id and a.detached and a.executor is not None}
+        grew = bool(kept)
+        while grew:  # (the tasks the kept ones submitted, to any depth)
+            grew = False
+            for t in tasks:
+                if (t.spec.owner in kept and t.executor is not None
+                        and t.executor.cid not in kept):
+                    kept.add(t.executor.cid)
+                    grew = True
+        for t in tasks:
+            if t.spec.owner in kept:
+                continue
+            if t.state in _WAITING:
+                self.finish_cancelled(t)
+            elif (t.kind != P.TASK or t.state not in _STARTED or t.executor is None
+                    or t.executor.node is None):
+                continue
+            elif t.state == TaskState.ASSIGNED:  # sent ahead, not started: skipped
+                self.cancel(t.task_id, False, False)
+            elif not t.force_cancel:
+                t.cancel_requested = t.force_cancel = True
+                self.out.send(t.executor.node.ident, P.encode(P.KillExec(t.executor.cid)))
+        lease = self.leases.by_holder.get(c.cid) if c is not None else None
+        if lease is not None and lease.ex.node is not None:
+            self.out.send(lease.ex.node.ident, P.encode(P.KillExec(lease.ex.cid)))
 
     def check_liveness(self, now: float) -> None:
         for node in list(self.nodes.nodes.values()):

@@ -47,7 +47,8 @@ included); an async actor call is cancelled on its loop; other actor calls
 run on (see workerd/actors.py).
 
 Exit: EXIT or SHUTDOWN from the broker, losing the broker, or SIGTERM from
-the node agent ends the serve loop after the current call; ActorExit (``exit_actor()``) ends the
+the node agent ends the serve loop after the current call (SIGTERM during a
+plain task: at once, the task is not waited for); ActorExit (``exit_actor()``) ends the
 process at once with ``ACTOR_EXIT_CODE``, and so does ``sys.exit(0)`` in an actor;
 any other ``sys.exit()`` in user code ends it with another code (``system_exit``:
 a crash, as Ray sees it). A function with ``max_calls`` retires the process after
@@ -119,9 +120,7 @@ class ExecutorProcess:
         self.renv: Optional[RuntimeEnvSetup] = None  # this process's runtime_env, once set up
         self.retiring = False  # leave the pool after this call (its runtime_env failed)
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
-        # SIGTERM from the node agent: leave the loop after the current task
-        # (the agent SIGKILLs stragglers after a grace period).
-        signal.signal(signal.SIGTERM, lambda *_: self.queue.put((P.Exit(), [])))
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         self.client = Client(env["ZRAY_ADDRESS"], kind="executor", node_id=self.node_id,
                              cid=self.cid, on_exec=self._on_exec, on_cancel=self._on_cancel,
                              token=bytes.fromhex(env.pop("ZRAY_EXEC_TOKEN", "")))
@@ -205,6 +204,16 @@ class ExecutorProcess:
             actor.cancel(task_id)
         elif self.running_task == task_id:
             signal.pthread_kill(self.main_thread, signal.SIGUSR1)
+
+    def _on_sigterm(self, signum, frame):
+        """SIGTERM from the node agent (it stops): leave the loop; a plain task running
+        now is not waited for (as Ray's workers do; the broker retries it elsewhere per
+        max_retries, its node being gone): a driver's exit used to wait out the agent's
+        2 s grace for every task still running. An actor's call ends first (the agent
+        SIGKILLs stragglers after its grace period)."""
+        if self.running_task and self.actor is None:
+            os._exit(128 + signum)
+        self.queue.put((P.Exit(), []))
 
     def _on_sigusr1(self, signum, frame):
         tid = self.running_task
