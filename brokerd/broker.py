@@ -57,6 +57,7 @@ from brokerd.outbox import Outbox
 from brokerd.queries import Queries
 from brokerd.restart import Recovery
 from zray import _protocol as P
+from zray._procutil import signal_wakeup_fd
 from zray._protocol import Msg
 from zray._security import ServerAuth, create_key_file, needs_curve
 from zray._transport import poll_in, recv_parts
@@ -112,6 +113,7 @@ class Broker:
             self.engine.recovery = self.engine.actors.recovery = self.recovery
             self.recovery.restore()
         self.running = True
+        self.wake_fd = None  # signal_wakeup_fd() once serve() runs
         self.header = None  # the header frame of the message being handled
         self.dropped = 0  # messages dropped as malformed or sent by the wrong role
         self.drop_reasons: set = set()  # each kind of bad message is logged once
@@ -163,7 +165,8 @@ class Broker:
         decode, role_of = P.decode, P.role_of
         last_check = time.monotonic()
         log.info("broker listening on %s (pid %d)", self.address, os.getpid())
-        poll = poll_in(sock)  # (zmq_poll, without zmq.Poller's per-call work)
+        self.wake_fd = signal_wakeup_fd()  # (a SIGTERM ends the poll: see stop)
+        poll = poll_in(sock, self.wake_fd)  # (zmq_poll, without zmq.Poller's per-call work)
         Again = zmq.Again  # one zmq.Again ends each drain
         roles: dict = {}  # identity -> (role, peer id): role_of once per peer
         idle_wait = int(LIVENESS_CHECK_S * 1000)
@@ -236,7 +239,7 @@ class Broker:
         self.shutdown()
 
     def stop(self, *_):
-        self.running = False
+        self.running = False  # (the byte in wake_fd stays: the poll retried returns at once)
 
     def shutdown(self):
         # With durable state a stop is a restart to come: nodes and drivers wait for it.

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Optional
 
 from workerd import direct
 from workerd.callpool import CallPool
+from workerd.logs import CALL
 from workerd.results import split_returns
 from zray import _protocol as P
 from zray.actor import ActorExit
@@ -110,6 +111,7 @@ def create_actor(proc: ExecutorProcess, msg: P.Exec, frames: list) -> None:
         return
     proc.actor = host
     results.direct = direct.start(proc, host)  # callers may call it straight (workerd/direct.py)
+    proc.logs.direct = results.direct  # (their output: on their lane, see LogForwarder)
     results.finish_values(spec, [None])
 
 
@@ -285,6 +287,7 @@ class ActorHost:
     def run_in_thread(self, spec: P.TaskSpec, method, args, kwargs) -> None:
         if self.waiting.pop(spec.task_id, None) is None:
             return  # cancelled while it waited for a free thread: answered then (cancel)
+        CALL.set(spec)  # (this thread's call, for its output: LogForwarder)
         try:
             outs = self.returns_of(spec, lambda: method(*args, **kwargs))
         finally:
@@ -306,6 +309,7 @@ class ActorHost:
             loop, sem = self.loop, self.async_sem
 
         async def run():
+            CALL.set(spec)  # (this task's own context: its output's call, LogForwarder)
             async with sem:
                 try:
                     if inspect.iscoroutinefunction(method):

@@ -468,6 +468,32 @@ class DirectServer:
     def owns(self, task_id: bytes) -> bool:
         return task_id in self.calls
 
+    def _lane_send(self, lane, header: bytes, frames) -> bool:
+        """Send on a caller's lane from any thread, never blocking (what the socket does
+        not take now is sent by the loop or the direct thread); False if it closed."""
+        try:
+            if self.loop is not None and _running_loop() is self.loop and \
+                    self.loop_lanes.get(lane.fd) is lane:
+                self._loop_reply(lane, header, frames)
+            elif not lane.send(header, frames):
+                if self.loop_lanes.get(lane.fd) is lane:
+                    self.loop.call_soon_threadsafe(self._loop_want_write, lane)
+                else:
+                    self._kick()
+        except _lane.LaneClosed:
+            return False  # the caller is gone
+        return True
+
+    def log_on_lane(self, task_id: bytes, header: bytes) -> bool:
+        """(LogForwarder) A LOG for the caller of direct call ``task_id`` on the lane the
+        call came on, ahead of its DDONE: a line printed before the call returned reaches
+        the caller before its result (on another socket it could come after, or not at
+        all once a driver exited on that result). False: not a call on a lane."""
+        lane = self.calls.get(task_id)
+        if lane is None or type(lane) is str:
+            return False
+        return self._lane_send(lane, header, ())
+
     def finish_values(self, spec: P.TaskSpec, values: list) -> None:
         """Reply with the call's values (ResultSender.finish_values for a direct call)."""
         if spec.task_id not in self.calls:
@@ -495,17 +521,7 @@ class DirectServer:
                 self.events_dropped += 1
         header = P.encode(P.DDone(task_id, layout, retryable, list(handed)))
         if type(reply_to) is not str:  # a lane: sent from this thread, never blocking
-            try:
-                if self.loop is not None and _running_loop() is self.loop and \
-                        self.loop_lanes.get(reply_to.fd) is reply_to:
-                    self._loop_reply(reply_to, header, frames)
-                elif not reply_to.send(header, frames):
-                    if self.loop_lanes.get(reply_to.fd) is reply_to:
-                        self.loop.call_soon_threadsafe(self._loop_want_write, reply_to)
-                    else:
-                        self._kick()
-            except _lane.LaneClosed:
-                pass  # the caller is gone
+            self._lane_send(reply_to, header, frames)
             return
         with self.lock:
             sock = self.push.get(reply_to)

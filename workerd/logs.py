@@ -6,7 +6,8 @@
                   |-- every write -----> the raw stream: this executor's log file
                   '-- whole lines -----> LogForwarder.forward --LOG--> broker --PRINT--> driver
                                            driver on this node: --LOG--> its result lane (or
-                                           PUSH), or the lease's lane (workerd/lease.py)
+                                           PUSH), the lease's lane (workerd/lease.py), or
+                                           the lane its direct actor call came on
 
 ``ExecutorProcess`` replaces ``sys.stdout`` and ``sys.stderr`` with a
 ``TaskStream`` each. A write goes to the raw stream at once and is buffered
@@ -30,12 +31,18 @@ locked; the client's out socket locks itself.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from typing import Callable
 
 from zray import _protocol as P
 from zray._client import Client
 from zray._logfiles import MARKER
+
+# The call a line was printed in, where calls run side by side (an async actor's
+# coroutines, a threaded actor's threads: each has a context of its own); unset for a
+# call on the main thread, whose spec is ``LogForwarder.task``.
+CALL: contextvars.ContextVar = contextvars.ContextVar("zray_call")
 
 
 class LogForwarder:
@@ -50,6 +57,9 @@ class LogForwarder:
         # (driver cid, Lane) while this executor is leased to that driver: its output goes
         # on the lease's lane, ahead of the result it prints before (workerd/lease.py)
         self.lane = None
+        # a plain actor's direct calls (workerd/direct.py DirectServer): a call that came
+        # on a lane from the driver gets its output on that lane, ahead of its result
+        self.direct = None
 
     def mark(self, raw) -> None:
         """Write the current call's marker to the log file before its first output."""
@@ -73,6 +83,13 @@ class LogForwarder:
             except Exception:  # (the lane closed: its driver left; the broker's way then)
                 pass
             header = P.encode(P.Log(driver, prefix, text))
+            spec, direct = CALL.get(self.task), self.direct
+            try:
+                if (direct is not None and spec is not None and spec.owner == driver
+                        and direct.log_on_lane(spec.task_id, header)):
+                    return
+            except Exception:
+                pass
             try:
                 # A driver on this node: straight to it, as its results go (a result lane,
                 # else its PUSH socket). Through the broker, a line printed before the

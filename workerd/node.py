@@ -45,7 +45,7 @@ from workerd.peer import PeerServer, Puller
 from workerd.storeio import StoreIO
 from zray import _logfiles
 from zray import _protocol as P
-from zray._procutil import detect_accelerator_type
+from zray._procutil import detect_accelerator_type, signal_wakeup_fd
 from zray._protocol import Msg
 from zray._security import secure_client, watch_handshake
 from zray._store import ObjectStore
@@ -66,6 +66,7 @@ class NodeAgent:
         self.tokens: dict[bytes, bytes] = {}  # cid -> spawn token: vouched again after a restart
         self.epoch = None  # the broker incarnation that welcomed us
         self.running = True
+        self.wake_fd = None  # signal_wakeup_fd() once serve() runs
         res = {"CPU": float(num_cpus)}
         if gpu_ids:
             res["GPU"] = float(len(gpu_ids))
@@ -249,6 +250,9 @@ class NodeAgent:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.io.pipe, zmq.POLLIN)
         poller.register(self.logs.pipe, zmq.POLLIN)
+        self.wake_fd = signal_wakeup_fd()  # (a SIGTERM ends the poll: see stop)
+        if self.wake_fd is not None:
+            poller.register(self.wake_fd, zmq.POLLIN)
         while self.running:
             if self.watch is not None and self.refused():
                 break
@@ -300,7 +304,7 @@ class NodeAgent:
         return True
 
     def stop(self, *_):
-        self.running = False
+        self.running = False  # (the byte in wake_fd stays: the poll retried returns at once)
 
     def shutdown(self):
         for p in self.procs.values():

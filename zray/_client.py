@@ -584,7 +584,10 @@ class Client:
         results, rlanes = self.results, {}  # result lanes (zray/_resultlane.py): fd -> events
         last_hb = time.monotonic()
         coalesce = self.kind == "driver"
-        while not self.closed:
+        while True:
+            # Once closed, one last turn that does not wait: what already came is still
+            # handled (a line a task printed just before the result the driver exits on)
+            final = self.closed
             try:
                 if direct_calls is not None and direct_calls.io_changed:
                     lanes = self._poll_lanes(poller, lanes, direct_calls.io_poll_set())
@@ -598,6 +601,8 @@ class Client:
                     timeout = RELEASE_DELAY_MS if self._pending_refs else 500
                     if self._submits:
                         timeout = 0
+                if final:
+                    timeout = 0
                 ready = dict(poller.poll(timeout))
                 if wake in ready:
                     try:
@@ -668,6 +673,8 @@ class Client:
                 if self.closed:
                     return
                 log.exception("zray I/O thread error")
+            if final:
+                return
 
     @staticmethod
     def _poll_lanes(poller, old: dict, now: list) -> dict:
@@ -1486,6 +1493,7 @@ class Client:
             except zmq.ZMQError:
                 pass
         self.closed = True
+        self.wake_io()  # (it may be in a poll of up to 500 ms)
         self._io.join(timeout=2)
         self._out.close(linger=500)
         self._inbox.close(linger=0)

@@ -116,10 +116,12 @@ class LocalCluster:
         return all(p.poll() is None for p in self.procs)
 
     def stop(self, timeout: float = 3.0) -> None:
+        # The node first, the broker once it is gone: its executors' last messages reach a
+        # live broker (with the broker gone first, each one that had anything unsent
+        # waited out its socket's linger before it could exit).
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()
-        for p in reversed(self.procs):
             try:
                 p.wait(timeout)
             except subprocess.TimeoutExpired:

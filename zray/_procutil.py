@@ -125,6 +125,26 @@ def exit_forked_child(exc: BaseException | None = None):
     os._exit(code & 0xFF)
 
 
+def signal_wakeup_fd() -> int | None:
+    """The read end of a pipe that becomes readable when a signal with a Python handler
+    arrives (``signal.set_wakeup_fd``): a daemon polls it beside its sockets, so its
+    SIGTERM handler takes effect at once instead of after the poll's timeout (a stop
+    used to wait out up to 250 ms of it: zmq_poll, interrupted, runs the handler and
+    polls again for the whole timeout). The handler leaves the byte there, so that
+    poll returns at once; its loop then ends. None off the main thread (only the
+    main thread may set it)."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:
+        os.close(r)
+        os.close(w)
+        return None
+    return r
+
+
 def die_with_parent(expected_ppid: int | None = None, sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send ``sig`` to this process when its parent dies.
 
