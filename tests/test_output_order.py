@@ -1,7 +1,8 @@
 """A line an actor method prints before it returns reaches the driver before the
 method's result: on the driver's terminal it comes before what the driver prints on
 getting that result, and a driver that exits right after its last get() still shows
-it. (Direct calls' results come on the lane the call went on; their output came on
+it. Direct calls, that is: a handle's first call goes through the broker, and its
+line may still come after its result. (Direct calls' results come on the lane the call went on; their output came on
 another socket and was printed after the driver's own line in 5 of 8 runs; an async
 actor's lines all came at the driver's exit: its coroutines' output was filed under a
 stale call.)"""
@@ -39,6 +40,7 @@ class AsyncTalker:
 for cls, word in ((Talker, "line"), (ThreadedTalker, "threaded line"),
                   (AsyncTalker, "async line")):
     a = cls.remote()
+    zray.get(a.say.remote(-1))  # (a handle's first call goes through the broker)
     for i in range(15):
         print("got", word, zray.get(a.say.remote(i)), flush=True)
 """
