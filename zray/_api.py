@@ -350,6 +350,8 @@ def _nil_error(what: str):
 
 def get(object_refs, *, timeout: Optional[float] = None) -> Any:
     """Block until the value(s) are available and return them (a list for a list)."""
+    if timeout is not None and timeout < 0:  # (for one ref too: it timed out at once)
+        raise ValueError(f"get(): timeout must be >= 0 or None, got {timeout!r}")
     if isinstance(object_refs, ObjectRef):
         if object_refs.id == _NIL_OID:
             _nil_error("get()")
@@ -361,8 +363,6 @@ def get(object_refs, *, timeout: Optional[float] = None) -> Any:
         raise ValueError(f"'object_refs' must either be an ObjectRef or a list of ObjectRefs, "
                          f"got {type(object_refs).__name__}")
     _check_refs(object_refs, "get()")
-    if timeout is not None and timeout < 0:
-        raise ValueError("timeout must be >= 0")
     return _runtime.require_client().get_values(list(object_refs), timeout)
 
 

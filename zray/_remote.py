@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 
-from zray import _lease, _options, _runtime
+from zray import _lease, _options, _runtime, _sigcheck
 from zray import _protocol as P
 from zray._refs import ObjectRef, ObjectRefGenerator, check_session
 from zray._serialization import _CollectRefs, dumps_function, serialize
@@ -153,6 +153,8 @@ class RemoteFunction:
         self._options = options
         self._name = getattr(fn, "__qualname__", getattr(fn, "__name__", "task"))
         self._def = _Definition(fn)
+        # its arguments are checked at .remote(), as in Ray (zray/_sigcheck.py)
+        self._check = _sigcheck.checker(self._name, _sigcheck.params_of(fn))
         self._prepared = None
         self._prepared_for = None
         self._prepared_env = None
@@ -187,6 +189,8 @@ class RemoteFunction:
         return self._submit(client, prep, self._options.get("name") or self._name, args, kwargs)
 
     def _submit(self, client, prep, name, args, kwargs):
+        if self._check is not None:
+            self._check(*args, **kwargs)
         fid = self._def.ensure(client)
         frames, deps, nested, _keep = serialize_args(args, kwargs, client)
         opts = prep.opts

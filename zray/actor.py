@@ -6,7 +6,7 @@ import inspect
 
 import cloudpickle
 
-from zray import _options, _runtime, exceptions
+from zray import _options, _runtime, _sigcheck, exceptions
 from zray import _protocol as P
 from zray._refs import ObjectRef
 from zray._remote import (
@@ -73,6 +73,13 @@ def _with_builtin_methods(cls):
         return cls
 
 
+def _takes_self(cls, name: str) -> bool:
+    """Whether method ``name``, as ``getattr(cls, name)`` gives it, takes the instance
+    first (a staticmethod does not; a classmethod comes bound to the class)."""
+    raw = inspect.getattr_static(cls, name)
+    return not isinstance(raw, (staticmethod, classmethod))
+
+
 def _method_meta(cls) -> dict:
     meta = {}
     for name, fn in inspect.getmembers(cls, predicate=lambda m: inspect.isfunction(m) or inspect.ismethod(m)):
@@ -91,6 +98,7 @@ class ActorClass:
         self._options = _options.validate_actor(dict(options), in_options=False)
         self._def = _Definition(_with_builtin_methods(cls))
         self._meta_cache = None
+        self._params_cache = None
         self.__name__ = cls.__name__
         self.__doc__ = cls.__doc__
 
@@ -101,6 +109,21 @@ class ActorClass:
         if self._meta_cache is None:
             self._meta_cache = _method_meta(self._cls)
         return self._meta_cache
+
+    @property
+    def _params(self) -> dict:
+        """The constructor's and each method's parameters (zray/_sigcheck.py): what
+        ``.remote()`` checks its arguments against, here and in every handle."""
+        if self._params_cache is None:
+            out = {name: _sigcheck.params_of(getattr(self._cls, name),
+                                             drop_first=_takes_self(self._cls, name))
+                   for name in self._meta}
+            try:
+                out["__init__"] = _sigcheck.params_of(self._cls)
+            except Exception:
+                out["__init__"] = None
+            self._params_cache = out
+        return self._params_cache
 
     def __reduce__(self):
         return (ActorClass, (self._cls, self._options))
@@ -117,6 +140,10 @@ class ActorClass:
         return self._create(args, kwargs, self._options)
 
     def _create(self, args, kwargs, options) -> "ActorHandle":
+        params = self._params
+        check = _sigcheck.checker(self.__name__ + ".__init__", params.get("__init__"))
+        if check is not None:
+            check(*args, **kwargs)
         client = _runtime.require_client()
         name = options.get("name")
         namespace = options.get("namespace") or _runtime.current_namespace()
@@ -162,6 +189,7 @@ class ActorClass:
         opts["namespace"] = namespace
         actor_id = client.next_task_id()
         config = _handle_config(options)
+        config["params"] = {k: v for k, v in params.items() if k != "__init__" and v is not None}
         meta = {"actor_id": actor_id, "class_name": self.__name__, "methods": methods,
                 "max_task_retries": options.get("max_task_retries") or 0, "config": config}
         opts["handle_meta"] = cloudpickle.dumps(meta)
@@ -282,6 +310,8 @@ class ActorHandle:
                 raise AttributeError(f"'{self._class_name}' actor has no method '{name}'")
             m = self._cache[name] = ActorMethod(None, name, options)
             m._qualname = f"{self._class_name}.{name}"
+            m._check = _sigcheck.checker(m._qualname,
+                                         (self._config.get("params") or {}).get(name))
         # A new bound method each time: caching one that points back at this handle
         # would make a cycle, and the handle (whose ref keeps the actor) would outlive
         # its last user until a GC pass.
@@ -314,6 +344,7 @@ class ActorMethod:
         self._nret = wire_num_returns(options.get("num_returns", 1))
         self._opts = _options.method_wire_options(options)  # concurrency group, retries
         self._qualname = f"{handle._class_name}.{name}" if handle is not None else name
+        self._check = None  # its arguments' check (zray/_sigcheck.py), set by the handle
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"Actor methods cannot be called directly. Instead of running "
@@ -322,7 +353,7 @@ class ActorMethod:
     def _bind(self, handle: ActorHandle) -> "ActorMethod":
         m = ActorMethod.__new__(ActorMethod)
         m._handle, m._name, m._options, m._nret = handle, self._name, self._options, self._nret
-        m._opts, m._qualname = self._opts, self._qualname
+        m._opts, m._qualname, m._check = self._opts, self._qualname, self._check
         return m
 
     def options(self, **options) -> "ActorMethod":
@@ -335,6 +366,7 @@ class ActorMethod:
                                  f"has no such concurrency group (it has: {groups or 'none'})")
         m = ActorMethod(self._handle, self._name, {**self._options, **options})
         m._qualname = options.get("name") or self._qualname  # the call's name, as in Ray
+        m._check = self._check
         return m
 
     def bind(self, *args, **kwargs):
@@ -344,6 +376,8 @@ class ActorMethod:
         return bind_method(self, args, kwargs)
 
     def remote(self, *args, **kwargs):
+        if self._check is not None:
+            self._check(*args, **kwargs)
         client = _runtime.require_client()
         handle = self._handle
         opts = self._opts
