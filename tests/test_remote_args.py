@@ -113,3 +113,11 @@ def test_a_negative_get_timeout_is_refused(cluster):
         ray.get(ref, timeout=-1)
     with pytest.raises(ValueError, match="timeout"):
         ray.get([ref], timeout=-0.5)
+
+
+def test_an_argument_that_cannot_be_pickled_is_named(cluster):
+    import threading
+
+    with pytest.raises(TypeError, match="(?i)serialize"):
+        two.remote(1, b=threading.Lock())
+    assert ray.get(two.remote(1)) == 2

@@ -46,6 +46,19 @@ class _Definition:
         return self.fid
 
 
+def _unserializable(args, kwargs, error: Exception) -> TypeError:
+    """The TypeError for arguments that cannot be pickled, naming the first one that
+    cannot (as Ray does), with pickle's own reason."""
+    for where, value in [*enumerate(args or ()), *(kwargs or {}).items()]:
+        try:
+            serialize(value)
+        except Exception:
+            what = f"argument {where}" if type(where) is int else f"keyword argument {where!r}"
+            return TypeError(f"Could not serialize the {what} ({type(value).__name__}: "
+                             f"{repr(value)[:80]}) of this call: {error}")
+    return TypeError(f"Could not serialize the arguments of this call: {error}")
+
+
 def serialize_args(args: tuple, kwargs: dict, client):
     """(frames, deps, nested, keep): top-level ObjectRefs become deps resolved by the broker.
 
@@ -79,7 +92,10 @@ def serialize_args(args: tuple, kwargs: dict, client):
                     direct.register(v.id)
                 deps.append([k, v.id])
                 kwargs[k] = None
-    frames, nested = serialize((args, kwargs))
+    try:
+        frames, nested = serialize((args, kwargs))
+    except Exception as e:
+        raise _unserializable(args, kwargs, e) from e
     if client.store is not None and len(frames) > 1:
         oid = P.object_id(client.next_task_id(), 0)
         stored = client.store_frames(oid, P.VALUE, frames)
