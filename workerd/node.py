@@ -45,7 +45,7 @@ from workerd.peer import PeerServer, Puller
 from workerd.storeio import StoreIO
 from zray import _logfiles
 from zray import _protocol as P
-from zray._procutil import detect_accelerator_type, signal_wakeup_fd
+from zray._procutil import bytecode_env, detect_accelerator_type, signal_wakeup_fd
 from zray._protocol import Msg
 from zray._security import secure_client, watch_handshake
 from zray._store import ObjectStore
@@ -136,7 +136,7 @@ class NodeAgent:
             # token its node announced (the executor's HELLO comes after its start-up).
             self.sock.send(P.encode(P.ExecSpawned(cid, token)))
             self.tokens[cid] = token
-            env = dict(os.environ)
+            env = bytecode_env(dict(os.environ))
             env.update({
                 "ZRAY_EXEC_ID": cid.hex(),
                 "ZRAY_EXEC_TOKEN": token.hex(),

@@ -202,7 +202,7 @@ def add_commands(main: click.Group, parse_labels, address_file) -> None:
               key_file, block, timeout):
         """Start zray daemons in the background: --head for a new cluster, --address to
         add this machine to one. `zray stop` stops them."""
-        from zray._procutil import new_session_dir, write_private_file
+        from zray._procutil import bytecode_env, new_session_dir, write_private_file
 
         if head == bool(address):
             raise click.UsageError("give either --head (a new cluster) or --address HOST:PORT "
@@ -218,7 +218,7 @@ def add_commands(main: click.Group, parse_labels, address_file) -> None:
         if include_dashboard and not has_dashboard:
             raise click.UsageError("--include-dashboard: the dashboard (zray.dashboard) is "
                                    "not installed")
-        env = dict(os.environ)
+        env = bytecode_env(dict(os.environ))
         env.pop("ZRAY_EXIT_WITH_PARENT", None)
         if key_file:
             if not os.path.isfile(key_file):

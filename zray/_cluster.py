@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 
-from zray._procutil import new_session_dir
+from zray._procutil import bytecode_env, new_session_dir
 from zray._store import check_roots
 
 
@@ -91,7 +91,7 @@ class LocalCluster:
         self.session_dir = new_session_dir(temp_dir)
         self.node_id = os.urandom(8)  # the driver shares this node's object store
         self.address = f"ipc://{self.session_dir}/broker.sock"
-        env = dict(os.environ)
+        env = bytecode_env(dict(os.environ))
         env.update({
             "ZRAY_EXIT_WITH_PARENT": str(os.getpid()),
             "ZRAY_SESSION_DIR": self.session_dir,

@@ -33,6 +33,37 @@ def user_tmp_dir() -> str:
                                                          f"zray-{os.getuid()}")
 
 
+_bytecode_cache: list = []  # [the cache dir, or None], once found
+
+
+def bytecode_env(env: dict) -> dict:
+    """``env`` for a process of ours (broker, node agent, executor), with its bytecode
+    cached. Where PYTHONDONTWRITEBYTECODE is set (Docker images often set it) and nothing
+    was compiled before (an editable install, a checkout), each of them compiled every
+    module it imports at each start: importing workerd.executor and brokerd took 1.3-2.4 s
+    without bytecode against 0.35-0.55 s with it, on this 2-core machine, for every
+    executor started. Our processes write it to a cache of this user's instead
+    (PYTHONPYCACHEPREFIX: owner-only, checked to be ours; never into the source tree the
+    setting keeps clean). An explicit PYTHONPYCACHEPREFIX is left as it is."""
+    if not env.get("PYTHONDONTWRITEBYTECODE") or env.get("PYTHONPYCACHEPREFIX"):
+        return env
+    if not _bytecode_cache:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                ".cache")
+        found = None
+        for where in (os.path.join(base, "zray"), user_tmp_dir()):
+            try:
+                found = private_dir(where, "pycache")
+                break
+            except (OSError, UnsafePathError):
+                continue
+        _bytecode_cache.append(found)
+    if _bytecode_cache[0] is not None:
+        env["PYTHONPYCACHEPREFIX"] = _bytecode_cache[0]
+        del env["PYTHONDONTWRITEBYTECODE"]
+    return env
+
+
 def private_dir(path: str, *subdirs: str) -> str:
     """Make ``path`` (then each of ``subdirs`` below it, in turn) a directory only this
     user can use, and return the last one.
