@@ -66,6 +66,8 @@ log = logging.getLogger("zray.broker")
 # How often silent nodes and drivers are looked for: a dead node is noticed at most
 # this long after NODE_TIMEOUT_S of silence.
 LIVENESS_CHECK_S = min(0.25, P.HEARTBEAT_S)
+# A driver whose connection closed has this long to show it lives (Broker._disconnects)
+DRIVER_GONE_S = 3.0
 
 # A heartbeat is answered at most this often per peer (coalesced): a node re-registers
 # after 3 * NODE_TIMEOUT_S without word from the broker and a client gives it up after
@@ -114,6 +116,7 @@ class Broker:
             self.recovery.restore()
         self.running = True
         self.wake_fd = None  # signal_wakeup_fd() once serve() runs
+        self.fd_driver: dict = {}  # fd of a driver's inbox connection -> its cid
         self.header = None  # the header frame of the message being handled
         self.dropped = 0  # messages dropped as malformed or sent by the wrong role
         self.drop_reasons: set = set()  # each kind of bad message is logged once
@@ -234,9 +237,42 @@ class Broker:
             now = time.monotonic()
             if now - last_check >= LIVENESS_CHECK_S:
                 last_check = now
+                if self.fdwatch.closed_fds:
+                    self._disconnects(now)
                 engine.check_liveness(now)
                 self.out.flush()
         self.shutdown()
+
+    # ------------------------------------------------- drivers that vanish
+    def _note_fd(self, cid: bytes) -> None:
+        """(a driver's HELLO or heartbeat, on its inbox connection) Which connection is
+        its: when that one closes, the broker hears of it (``_disconnects``)."""
+        c = self.engine.clients.get(cid)
+        if c is None or c.kind != "driver":
+            return
+        try:
+            fd = self.header.get(zmq.SRCFD)
+        except (zmq.ZMQError, AttributeError, TypeError):
+            return
+        if type(fd) is int and fd >= 0:
+            if len(self.fd_driver) > 100_000:
+                self.fd_driver.clear()
+            self.fd_driver[fd] = cid
+
+    def _disconnects(self, now: float) -> None:
+        """Connections closed (libzmq's monitor, read by FdWatch's thread): if one was a
+        driver's, that driver is given DRIVER_GONE_S to show it lives (a live one
+        reconnects and its heartbeat, every second, says so); a killed driver's job ends
+        then, not DRIVER_TIMEOUT_S (60 s) later: its actors, its tasks and the CPUs they
+        hold. An fd is reused, so this only ever shortens the wait for a heartbeat, never
+        ends a job itself."""
+        closed = self.fdwatch.closed_fds
+        clients, fd_driver = self.engine.clients, self.fd_driver
+        while closed:
+            cid = fd_driver.pop(closed.popleft(), None)
+            c = clients.get(cid) if cid is not None else None
+            if c is not None and c.kind == "driver":
+                c.last_seen = min(c.last_seen, now - P.DRIVER_TIMEOUT_S + DRIVER_GONE_S)
 
     def stop(self, *_):
         self.running = False  # (the byte in wake_fd stays: the poll retried returns at once)
@@ -286,6 +322,7 @@ class Broker:
         if "error" in info:
             self.drop(P.inbox_ident(cid), f"HELLO refused: {info['error']}")
         else:
+            self._note_fd(cid)
             info.update(session_dir=self.session_dir, address=self.address, epoch=self.epoch,
                         nodes=list(self.engine.nodes.nodes))  # (stores a client may name)
         self.out.send(P.inbox_ident(cid), P.encode(P.Welcome(info)))
@@ -294,6 +331,7 @@ class Broker:
     def on_client_heartbeat(self, cid, m, frames):
         if self.engine.client_seen(cid):
             self.answer_heartbeat(P.inbox_ident(cid))
+            self._note_fd(cid)
         else:  # not known here (this broker restarted): it must say HELLO again
             self.out.send(P.inbox_ident(cid), P.encode(P.Welcome({"rehello": self.epoch})))
 

@@ -5,6 +5,7 @@
     broker start --raise_nofile_limit()--> soft RLIMIT_NOFILE = hard (logged)
     ROUTER socket --zmq monitor (ACCEPT_FAILED)--> FdWatch thread --EMFILE/ENFILE-->
         counted, logged loudly (the first time, then at most once a minute)
+                  --zmq monitor (DISCONNECTED)--> closed_fds --> Broker._disconnects
     `zray status` <-- REQ status <-- report(): open / limit / accept failures (a lower
                                              bound: at the ceiling libzmq retries in a loop)
 
@@ -23,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 
 import zmq
 
@@ -72,7 +74,11 @@ class FdWatch:
         self.accept_failed = 0  # connections refused for want of descriptors
         self.last_failure = 0.0  # time.time() of the latest
         self._logged = 0.0
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPT_FAILED)
+        # fds of connections that closed, for the broker loop (Broker._disconnects): one
+        # monitor per socket, so this thread reads that event for it too
+        self.closed_fds: deque = deque(maxlen=100_000)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPT_FAILED
+                                                | zmq.EVENT_DISCONNECTED)
         self._thread = threading.Thread(target=self._run, name="zray-fdwatch", daemon=True)
         self._thread.start()
 
@@ -94,6 +100,9 @@ class FdWatch:
             except zmq.ZMQError:  # the broker stopped (its context is terminating)
                 mon.close(0)
                 return
+            for e in events:
+                if e.get("event") == zmq.EVENT_DISCONNECTED:
+                    self.closed_fds.append(e.get("value"))
             failed = [e for e in events if e.get("event") == zmq.EVENT_ACCEPT_FAILED
                       and e.get("value") in (errno.EMFILE, errno.ENFILE)]
             if failed:

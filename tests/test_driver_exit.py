@@ -136,3 +136,63 @@ def test_a_stopping_worker_does_not_wait_for_a_running_task(cluster, tmp_path):
     assert took < 1.5, f"the worker took {took:.2f}s to stop"
     with pytest.raises(zray.exceptions.RayError):  # its node is gone, no retries
         zray.get(ref, timeout=60)
+
+
+KILLED_DRIVER = r"""
+import os, sys, time
+import zray
+
+zray.init(address=sys.argv[1])
+d = sys.argv[2]
+
+
+@zray.remote(num_cpus=0)
+class Holder:
+    def pid(self):
+        return os.getpid()
+
+
+@zray.remote(max_retries=0)
+def spin(path):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
+    while True:
+        time.sleep(0.05)
+
+
+h = Holder.options(name="held-by-a-killed-driver").remote()
+actor_pid = zray.get(h.pid.remote())
+spin.remote(os.path.join(d, "spin"))
+while not os.path.exists(os.path.join(d, "spin")):
+    time.sleep(0.02)
+print("READY", actor_pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_driver_is_noticed_in_seconds(cluster, tmp_path):
+    # Its connection closes: the broker gives it DRIVER_GONE_S (3 s) to show it lives,
+    # not DRIVER_TIMEOUT_S (60 s), then its job ends: its actor and its task go.
+    script = tmp_path / "driver.py"
+    script.write_text(KILLED_DRIVER)
+    p = subprocess.Popen([sys.executable, str(script), cluster.address, str(tmp_path)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("READY"), line
+        actor_pid = int(line.split()[1])
+        task_pid = int((tmp_path / "spin").read_text())
+        t0 = time.monotonic()
+        p.kill()
+        p.wait(30)
+        poll_until(lambda: _gone(actor_pid) and _gone(task_pid), 30,
+                   what="the killed driver's actor and task to end")
+        took = time.monotonic() - t0
+        assert took < 20, took  # (60 s before)
+        with pytest.raises(ValueError):
+            zray.get_actor("held-by-a-killed-driver")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
