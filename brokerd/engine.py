@@ -285,9 +285,11 @@ class TaskEngine:
             elif not t.force_cancel:
                 t.cancel_requested = t.force_cancel = True
                 self.out.send(t.executor.node.ident, P.encode(P.KillExec(t.executor.cid)))
-        lease = self.leases.by_holder.get(c.cid) if c is not None else None
-        if lease is not None and lease.ex.node is not None:
-            self.out.send(lease.ex.node.ident, P.encode(P.KillExec(lease.ex.cid)))
+        held = self.leases.by_holder.get(c.cid) if c is not None else None
+        # (one lease per holder, or {lease id: lease} where a holder may hold several)
+        for lease in (held.values() if type(held) is dict else (held,) if held else ()):
+            if lease.ex.node is not None:
+                self.out.send(lease.ex.node.ident, P.encode(P.KillExec(lease.ex.cid)))
 
     def check_liveness(self, now: float) -> None:
         for node in list(self.nodes.nodes.values()):
