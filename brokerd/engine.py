@@ -448,9 +448,18 @@ class TaskEngine:
             self.placement.forget(task)
             self._start(task, ex)
         for task, node in d.actors:
-            # An actor gets a process of its own (never a pooled task process): its
-            # creation is sent when that process reports READY (executor_ready).
+            # An actor gets a process of its own (never one that ran a task): a prestarted
+            # one that never ran anything if the node has one idle (its creation goes now;
+            # another is started for the pool), else a new one, whose READY sends the
+            # creation (executor_ready). Not for an actor with a runtime_env.
             self.placement.forget(task)
+            ex = _take_pristine(node) if not task.spec.options.get("renv") else None
+            if ex is not None:
+                self.moves.move(task, TaskState.RUNNING, "on a prestarted process",
+                                node.node_id)
+                self._start(task, ex)
+                self.nodes.request_spawn(node)
+                continue
             self.moves.move(task, TaskState.RUNNING, "waiting for a fresh process", node.node_id)
             task.executor = None
             node.actor_spawns.append(task)
@@ -1212,6 +1221,19 @@ class TaskEngine:
             return 0
         n = sum(1 for t in actor.queue if t.spec.owner == cid)
         return n + sum(1 for t in actor.inflight.values() if t.spec.owner == cid)
+
+
+def _take_pristine(node: Node) -> Executor | None:
+    """An idle pool executor of ``node`` that never ran anything (no function loaded, no
+    runtime_env bound), taken off the pool; None if there is none. It is as fresh as a
+    new process, only started already (an actor's creation then costs no start-up)."""
+    idle = node.idle
+    for i in range(len(idle) - 1, -1, -1):
+        ex = idle[i]
+        if ex.env is None and not ex.fns and ex.state == ExecState.IDLE and not ex.ahead:
+            del idle[i]
+            return ex
+    return None
 
 
 def _int(v) -> int:
