@@ -317,3 +317,34 @@ def test_a_writer_whose_mappings_missed_maps_again(cluster):
         window.append(ray.put(block))
         del window[:-2]
     assert kept.hits > hits, (kept.hits, kept.maps, kept.skipped)
+
+
+@ray.remote
+def sum_every_kib(x):
+    import os
+
+    from zray import _runtime
+
+    kept = _runtime.client.store._reader_maps
+    return int(x[::1024].sum()), os.getpid(), kept.hits if kept is not None else -1
+
+
+@zray_only
+def test_an_executor_keeps_a_large_argument_mapped_and_lets_it_go_once_freed(cluster):
+    # A 32 MiB argument read by task after task on one executor is mapped once (a new
+    # mapping faulted every page in again: ~5 ms a task for 50 MB here)...
+    big = ray.put(np.ones(32 * MIB, dtype=np.uint8))
+    got = ray.get([sum_every_kib.remote(big) for _ in range(12)], timeout=120)
+    assert all(total == 32 * 1024 for total, _, _ in got)
+    hits = {}
+    for _, pid, h in got:
+        hits[pid] = max(hits.get(pid, 0), h)
+    assert max(hits.values()) > 0, hits
+    # ...and once the object is freed its pages are not pinned by that mapping for long
+    del big, got
+    pids = list(hits)
+
+    def no_deleted_store_mappings():
+        return all(not _store_mappings(pid, deleted_only=True) for pid in pids)
+
+    poll_until(no_deleted_store_mappings, 10, what="executors to drop mappings of freed objects")

@@ -69,7 +69,7 @@ import lz4.frame
 import msgpack
 
 from zray._procutil import private_dir, user_tmp_dir, write_private_file
-from zray._storemaps import WriterMaps
+from zray._storemaps import ReaderMaps, WriterMaps
 
 MAGIC = b"ZRO1"
 ALIGN = 64
@@ -123,6 +123,10 @@ class ObjectStore:
         self._usage_fd = -1
         self._usage_lock = threading.Lock()
         self._writer_maps: WriterMaps | None = None  # built at the first write
+        # mappings of objects read lately (zray._storemaps): executors only (they read the
+        # same large argument task after task); a driver's put/get/free loop would keep
+        # the freed files from being recycled
+        self._reader_maps: ReaderMaps | None = None
 
     def create_dirs(self):
         """Create this node's dirs (private: see ``private_dir``), first removing
@@ -209,6 +213,11 @@ class ObjectStore:
         os.rename(tmp, self.path(oid))
         return total
 
+    def keep_reads(self) -> None:
+        """Keep the mappings of large objects read (an executor's: zray._storemaps)."""
+        if self._reader_maps is None:
+            self._reader_maps = ReaderMaps()
+
     def _maps(self) -> WriterMaps:
         """This process's kept mappings of this node's files (see zray._storemaps); drops
         those of files the node has unlinked since."""
@@ -290,6 +299,10 @@ class ObjectStore:
         Raises FileNotFoundError when this node has no copy (in memory or spilled).
         """
         self.check_dirs()
+        kept = self._reader_maps
+        m = kept.get(oid) if kept is not None else None
+        if m is not None:  # read lately: its pages are mapped here already
+            return parse(memoryview(m))
         try:
             f = _open_read(self.path(oid))
         except FileNotFoundError:
@@ -298,6 +311,8 @@ class ObjectStore:
             fcntl.flock(f.fileno(), fcntl.LOCK_SH)
             m = _Mapping(f.fileno(), 0, access=mmap.ACCESS_READ)
             m.file = f
+            if kept is not None:
+                kept.keep(oid, m)
             return parse(memoryview(m))
         with _open_read(os.path.join(self.spill_dir, oid.hex())) as f:
             return parse(memoryview(lz4.frame.decompress(f.read())).toreadonly())
