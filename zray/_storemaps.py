@@ -62,6 +62,20 @@ PROBE_EVERY = 32  # while mappings do not pay, map one file in this many anyway
 _tables: weakref.WeakSet = weakref.WeakSet()
 
 
+class _Swept:
+    """A table of kept mappings (``_kept``, under ``_lock``) whose ``sweep()`` a thread
+    runs every SWEEP_S while anything is kept (``_sweeper``: the thread, or None)."""
+
+    def _sweep_loop(self) -> None:
+        while True:
+            time.sleep(SWEEP_S)
+            self.sweep()
+            with self._lock:
+                if not self._kept:
+                    self._sweeper = None
+                    return
+
+
 class Kept:
     """One kept mapping: its file's descriptor, the mapping, its length and inode."""
 
@@ -78,7 +92,7 @@ class Kept:
             os.close(self.fd)
 
 
-class WriterMaps:
+class WriterMaps(_Swept):
     """This process's kept mappings of one node's store files, by inode."""
 
     def __init__(self, max_bytes: int):
@@ -198,21 +212,13 @@ class WriterMaps:
         except (OSError, BufferError) as e:  # a view of it still lives: let GC unmap it
             log.debug("could not drop a kept store mapping: %s", e)
 
-    def _sweep_loop(self) -> None:
-        while True:
-            time.sleep(SWEEP_S)
-            self.sweep()
-            with self._lock:
-                if not self._kept:
-                    self._sweeper = None
-                    return
 
 
 READ_KEEP = 8  # readers' mappings kept per process for the next read of the object
 READ_KEEP_MIN = 1 << 20  # smaller objects are not kept: faulting them in costs little
 
 
-class ReaderMaps:
+class ReaderMaps(_Swept):
     """This process's mappings of objects it read lately, kept for the next read of the
     same object (a 50 MB argument passed to many tasks on one executor): a new mapping
     faults every page in again when the task reads it (~5 ms for 50 MB here, against
@@ -278,14 +284,6 @@ class ReaderMaps:
         with self._lock:
             self._kept.clear()
 
-    def _sweep_loop(self) -> None:
-        while True:
-            time.sleep(SWEEP_S)
-            self.sweep()
-            with self._lock:
-                if not self._kept:
-                    self._sweeper = None
-                    return
 
 
 def _after_fork_in_child() -> None:
