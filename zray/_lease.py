@@ -454,6 +454,23 @@ class TaskLeases:
                                                     "recursive": recursive,
                                                     "lease_id": route.lease_id})
 
+    def unanswered(self) -> int:
+        """Calls on our leases (sent or queued for them) not answered yet; the I/O thread
+        reads their lanes meanwhile (the exit drain in zray/_api.py waits on this: the
+        broker never sees these calls)."""
+        direct = self.direct
+        with direct.lock:
+            n = len(self.backlog)
+            lanes = []
+            for route in direct.by_task.values():
+                if getattr(route, "leases", None) is self:
+                    n += 1
+                    if route.lane is not None and route.lane not in lanes:
+                        lanes.append(route.lane)
+        if lanes:
+            direct.need_io(lanes)
+        return n
+
     def cancel_queued(self, task_id: bytes) -> bool:
         """(under direct.lock) ray.cancel of a call still in the backlog: it fails
         TaskCancelledError here, never sent. False if it is not there."""
