@@ -109,7 +109,10 @@ class TaskLeases:
         self.wait_until = 0.0  # no lease asked for before this (refused lately)
         self.backoff = FIRST_BACKOFF_S
         self.free = 0  # CPUs free when the broker last refused a lease (no executor)
-        self.sent = 0  # tasks sent on leases (tests and benchmarks read it)
+        # tasks that went on leases (tests and benchmarks read it): a call handed back to
+        # the broker's path before it ran (a lease's end, a backlog with no lease left) is
+        # taken off again
+        self.sent = 0
         self.granted = 0
         # lease ids whose end came before their route was made (the broker's end of a lease
         # its executor ended before taking our lane can overtake the grant's REPLY): the
@@ -388,6 +391,7 @@ class TaskLeases:
             call = self.backlog.popleft()
             direct.unregistered.difference_update(call.spec.return_ids())
             direct._send_broker(ended, call)
+            self.sent -= 1
 
     def _settle(self, route: _LeaseRoute, ran: bool) -> None:
         """(under direct.lock) The calls in flight on an ended lease. Its executor runs
@@ -414,6 +418,8 @@ class TaskLeases:
                         options={**spec.options, "max_retries": call.retries})
                 direct.unregistered.difference_update(spec.return_ids())
                 direct._send_broker(route, call)
+                if not ran:
+                    self.sent -= 1  # (it never ran on the lease)
                 continue
             elif not ran:  # (sent again after a retryable error, its frames let go)
                 err = exceptions.WorkerCrashedError(
