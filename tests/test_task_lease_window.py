@@ -75,13 +75,19 @@ def square(x):
 def test_a_burst_goes_through_leases(cluster):
     from zray.util.state import list_tasks
 
-    assert _leased(square, 1)
-    before = _sent()
-    books = _runtime.client.request("task_leases")["tasks"]
-    refs = [square.remote(i) for i in range(300)]
-    assert ray.get(refs, timeout=120) == [i * i for i in range(300)]
-    on_lease = _sent() - before
-    assert on_lease >= 200  # (a loaded machine may end a lease mid-burst: the rest go on)
+    # A loaded machine may end a lease mid-burst (a call descheduled past LONG hands back
+    # the calls behind it) or lend no executor for a free CPU (calls take the broker's
+    # path then): those calls are not counted as leased, so a few bursts may be needed.
+    for _ in range(4):
+        assert _leased(square, 1)
+        before = _sent()
+        books = _runtime.client.request("task_leases")["tasks"]
+        refs = [square.remote(i) for i in range(300)]
+        assert ray.get(refs, timeout=120) == [i * i for i in range(300)]
+        on_lease = _sent() - before
+        if on_lease >= 200:
+            break
+    assert on_lease >= 200
     poll_until(lambda: _runtime.client.request("task_leases")["tasks"] - books >= on_lease,
                30, what="the leased executors' books")
     job = ray.get_runtime_context().get_job_id()
@@ -118,11 +124,14 @@ def die_first(marker, i):
     return i
 
 
-def test_executor_death_with_calls_queued_behind(cluster, tmp_path):
+def test_executor_death_with_calls_queued_behind(cluster, tmp_path, monkeypatch):
     """The executor runs a lease's calls in order: when it dies, the call it ran is
     retried (or fails WorkerCrashedError), the ones queued behind it never ran and are
     resubmitted even with max_retries=0."""
-    for attempt in range(3):  # (a loaded machine may end a lease between two calls)
+    # (the burst on one executor: with more leases allowed, a loaded machine's refused
+    # second lease sends calls through the broker while a CPU is free)
+    monkeypatch.setattr(_lease, "MAX_LEASES", 1)
+    for attempt in range(5):  # (a loaded machine may end a lease between two calls)
         assert _leased(die_first, "", 1)
         marker = str(tmp_path / f"died-{attempt}")
         before = _sent()
