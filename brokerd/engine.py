@@ -311,7 +311,7 @@ class TaskEngine:
             self.access.retry(now)
         if self.placement.running:
             self._recall_idle()
-        if self.leases.by_exec and self.placement.pending():
+        if self.leases.by_exec and self.placement.wants_resources and self.placement.pending():
             self.leases.revoke()  # queued work may need the leased executors' resources
         for c in list(self.clients.values()):
             if c.kind == "driver" and now - c.last_seen > P.DRIVER_TIMEOUT_S:

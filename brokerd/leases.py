@@ -13,18 +13,19 @@
               is [task id, name, start, end, failed, error, parent task id, retry]
     executor --REQ lease_end {lease_id, events, dropped}--> end(): books, resources back,
               the executor IDLE again (it ended the lease: idle, holder gone, work queued)
-    holder --REQ lease_return {lease_id}--> give_back(): it wants another function's lease
-              (or asks anew: its lane closed): the resources now, the executor back in
-              the pool once its lease_end comes
-    holder --REQ lease_cancel {task_id, force, recursive}--> INTERRUPT (or KILL_EXEC when forced) to
+    holder --REQ lease_return {lease_id}--> give_back(): it wants another function's lease,
+              or a task of its goes through the broker (it keeps one idle lease): the
+              resources now, the executor back in the pool once its lease_end comes
+    holder --REQ lease_cancel {task_id, force, recursive, lease_id}--> INTERRUPT (or KILL_EXEC when forced) to
               the leased executor, as for a task the broker runs itself
     tasks queued (each liveness check) --revoke()--> LEASE(active=False) to each leased
               executor: it ends the lease at once (lease_end), as when it idles
     executor's task waits in get() (BLOCK) --lend()--> its CPU lent, as for a task
     executor dies --executor_gone()--> resources back (the holder sees its lane close)
 
-Owns: ``by_exec`` (executor cid -> Lease), ``by_holder`` (holder cid -> Lease) and the
-counters (``granted``, ``ended``, ``tasks``, ``refused``). One lease per holder; one
+Owns: ``by_exec`` (executor cid -> Lease), ``by_holder`` (holder cid -> {lease id ->
+Lease}) and the counters (``granted``, ``ended``, ``tasks``, ``refused``). Up to
+MAX_PER_HOLDER leases per holder (one per idle executor it asks for, zray/_lease.py); one
 resource shape (CPUs only) and one function per lease (the function's blob goes with
 the LEASE when the executor has not loaded it). Sends: LEASE, INTERRUPT, KILL_EXEC.
 """
@@ -43,6 +44,7 @@ log = logging.getLogger("zray.broker")
 
 MAX_EVENTS = 5000  # task events per report
 MAX_ERROR_CHARS = 1100  # an event's error: "raised: " and the tail of the error's text
+MAX_PER_HOLDER = 64  # leases one holder may hold at once
 
 
 @dataclass(eq=False)
@@ -80,8 +82,8 @@ class TaskLeases:
 
     # ------------------------------------------------------------------ grant
     def grant(self, cid: bytes, args: dict):
-        """REQ task_lease: lend an idle executor on the caller's node; None if none can
-        be lent now (the caller goes on through the broker)."""
+        """REQ task_lease: lend an idle executor on the caller's node; {"refused": why} if
+        none can be lent now ("no idle executor": a CPU is free for the broker's path)."""
         engine = self.engine
         c = engine.clients.get(cid)
         fid, res = args.get("fid"), args.get("resources")
@@ -90,23 +92,31 @@ class TaskLeases:
             raise ValueError("task_lease: {fid: bytes, resources: {CPU: units > 0}}")
         if c is None or c.kind not in ("driver", "executor"):
             raise PermissionError("task_lease: only a driver or an executor may hold a lease")
-        old = self.by_holder.get(cid)
-        if old is not None:  # its holder is done with it (its lane closed, or it died)
-            self._give_back_lease(old)
+        held = self.by_holder.get(cid)
+        if held is not None and len(held) >= MAX_PER_HOLDER:
+            self.refused += 1
+            return {"refused": "leases per holder", "free": 0}
         node = engine.nodes.nodes.get(c.node_id)
         blob = engine.objects.fns.get(fid)
         why = ("no node" if node is None or not node.alive else "function unknown"
-               if blob is None else "tasks queued" if engine.placement.pending()
+               if blob is None else "tasks queued"
+               if engine.placement.wants_resources and engine.placement.pending()
                else "resources busy" if not engine.nodes.fits(node, res) else "")
         ex = take_idle(node.idle, "", True) if not why else None
         if ex is None:
             self.refused += 1
-            log.debug("no lease for %s: %s", cid.hex(), why or "no idle executor")
-            return None
+            why = why or "no idle executor"
+            log.debug("no lease for %s: %s", cid.hex(), why)
+            # free: the lease's shapes that fit the node now (the holder sends that many
+            # of its waiting calls through the broker rather than queue them on a lease)
+            free = int(min(node.avail.get(r, 0) // u for r, u in res.items())) \
+                if why == "no idle executor" else 0
+            return {"refused": why, "free": free}
         lease = Lease(os.urandom(P.LEASE_ID_LEN), cid, ex, _Hold(dict(res)))
         engine.nodes.acquire(lease.held, node)
         engine.moves.move(ex, ExecState.BUSY, f"leased to {cid.hex()}")
-        self.by_exec[ex.cid] = self.by_holder[cid] = lease
+        self.by_exec[ex.cid] = lease
+        self.by_holder.setdefault(cid, {})[lease.lease_id] = lease
         frames = []
         if fid not in ex.fns:
             frames.append(blob)
@@ -155,8 +165,8 @@ class TaskLeases:
         lease_id = args.get("lease_id")
         if type(lease_id) is not bytes or set(args) - {"lease_id"}:
             raise ValueError("lease_return: {lease_id}")
-        lease = self.by_holder.get(cid)
-        if lease is not None and lease.lease_id == lease_id:
+        lease = self.by_holder.get(cid, {}).get(lease_id)
+        if lease is not None:
             self._give_back_lease(lease)
 
     def _give_back_lease(self, lease: Lease) -> None:
@@ -215,8 +225,11 @@ class TaskLeases:
     def _release(self, lease: Lease, why: str, pool: bool = True) -> None:
         engine = self.engine
         self.by_exec.pop(lease.ex.cid, None)
-        if self.by_holder.get(lease.holder) is lease:
-            del self.by_holder[lease.holder]
+        held = self.by_holder.get(lease.holder)
+        if held is not None and held.get(lease.lease_id) is lease:
+            del held[lease.lease_id]
+            if not held:
+                del self.by_holder[lease.holder]
         engine.nodes.release(lease.held)
         self.ended += 1
         if pool:
@@ -247,17 +260,22 @@ class TaskLeases:
     def cancel(self, cid: bytes, args: dict) -> None:
         """REQ lease_cancel: ray.cancel of a leased task, only from its holder."""
         task_id, force = args.get("task_id"), args.get("force")
-        recursive = args.get("recursive", True)
+        recursive, lease_id = args.get("recursive", True), args.get("lease_id")
         if (type(task_id) is not bytes or len(task_id) != P.TASK_ID_LEN
                 or task_id[:P.ID_LEN] != cid or type(force) is not bool
-                or type(recursive) is not bool or set(args) - {"task_id", "force", "recursive"}):
+                or type(recursive) is not bool
+                or (lease_id is not None and (type(lease_id) is not bytes
+                                              or len(lease_id) != P.LEASE_ID_LEN))
+                or set(args) - {"task_id", "force", "recursive", "lease_id"}):
             raise ValueError("lease_cancel: {task_id: a task of yours, force: bool, "
-                             "recursive: bool}")
+                             "recursive: bool, lease_id: the lease it is on}")
         if recursive:  # the tasks it submitted (through the broker) go too, as in Ray
             engine = self.engine
             for child in list(engine.children.get(task_id, ())):
                 engine.cancel(child, force, True)
-        lease = self.by_holder.get(cid)
+        held = self.by_holder.get(cid) or {}
+        lease = (held.get(lease_id) if lease_id is not None
+                 else next(iter(held.values())) if len(held) == 1 else None)
         if lease is None:
             return
         ex = lease.ex

@@ -117,6 +117,9 @@ class Placement:
         self.nodes = nodes
         self.objects = objects  # ObjectDirectory, read only: where arguments are
         self.queues: dict[tuple, deque] = {}
+        # the last pass left a task queued for want of resources (not an executor that
+        # is starting): leased executors' CPUs may be what it needs (brokerd/leases.py)
+        self.wants_resources = False
         self.infeasible_warned: set = set()
         self.warned_shapes: set = set()  # (driver, shape, selector) told once
         self.warnings: list = []  # (task, text) for its driver, taken by schedule()
@@ -157,6 +160,7 @@ class Placement:
         d = Decisions()
         nodes = self.nodes
         picked: dict = {}  # busy executor -> tasks sent ahead to it in this pass
+        self.wants_resources = False
         if nodes.freed or nodes.changed:  # something may fit now: every head is tried
             nodes.freed = False
             self.epoch += 1
@@ -177,6 +181,7 @@ class Placement:
                         head.kind == P.TASK and held[0].kind == P.TASK)):
                     task = head  # nothing changed since the head fit nowhere: not tried
                     q = ()  # (no placing: straight to sending ahead)
+                    self.wants_resources = True  # (leases: it still waits for resources)
             nowhere = False  # the head fit on no node (not: waits for an executor to start)
             while q:
                 task = q[0]
@@ -216,6 +221,7 @@ class Placement:
                     self.room.add(ex)
             if nowhere:  # its head fits nowhere now: not tried again until the epoch moves
                 stuck[shape] = (q[0], epoch)
+                self.wants_resources = True  # (leases: revoked while it waits, engine.py)
             q = self.queues[shape]
             # Sent ahead only when no node has room: never behind a long task while a
             # node with free resources is starting an executor for it.

@@ -31,6 +31,11 @@ def three_puts(tag):
 
 
 @ray.remote
+def one_put_of_a_mib(tag):
+    return [ray.put(bytes([tag]) * MB)]
+
+
+@ray.remote
 def one_small_put(tag):
     return [ray.put(tag)]
 
@@ -75,6 +80,24 @@ def test_leased_results_with_refs_are_freed(cluster):
     assert _leased_sent() > before  # (they went on a lease: the inline path)
     del inner
     _all_freed("the refs inside leased results to be freed")
+
+
+@pytest.mark.timeout(180)
+def test_a_leased_burst_with_refs_is_freed(cluster):
+    """An async burst on leases (a window of calls per lease, a backlog at the caller):
+    every reply's refs are handed over, whichever way it is read (the calling thread, the
+    I/O thread), and freed once the caller lets go."""
+    for _ in range(3):  # (a first burst may take the broker's path: no streak yet)
+        before = _leased_sent()
+        refs = [one_put_of_a_mib.remote(i % 256) for i in range(200)]
+        inner = [v[0] for v in ray.get(refs, timeout=120)]
+        assert [ray.get(r, timeout=60)[:1] for r in inner[::50]] == [bytes([i]) for i in
+                                                                      range(0, 200, 50)]
+        del refs, inner
+        if _leased_sent() > before:
+            break
+    assert _leased_sent() > before  # (the burst went on leases: the inline path)
+    _all_freed("the refs inside a leased burst's results to be freed")
 
 
 @pytest.mark.timeout(120)

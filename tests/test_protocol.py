@@ -33,7 +33,7 @@ def _sample(cls):
         "actor_id": tid, "state": "alive", "address": "ipc:///tmp/a", "host": "h",
         "ordered": True, "incarnation": 0, "reason": "", "reply_to": "ipc:///tmp/r",
         "task_ids": [tid], "tcp_address": "tcp://[::1]:5555",
-        "lease_id": b"L" * P.LEASE_ID_LEN, "holder": cid, "active": True,
+        "lease_id": b"L" * P.LEASE_ID_LEN, "holder": cid, "active": True, "running": tid,
         "handed": [[oid], []],
     }
     if cls is P.DCall:  # a direct call: an actor call without ref arguments

@@ -144,6 +144,11 @@ class ExecutorProcess:
         if msg.TYPE == Msg.RECALL:
             self._recall(set(msg.task_ids))
             return
+        if msg.TYPE == Msg.LEASE and self.lease is not None:
+            if msg.active:
+                self.lease.latest = msg.lease_id
+            elif msg.lease_id != self.lease.latest:
+                return  # a revoke of a lease already over: it must not end the next one
         with self.block_lock:
             if self.blocked and msg.TYPE == Msg.EXEC and msg.spec.kind == P.TASK:
                 # A prefetched task arrived while our task waits in get(): it could be
@@ -163,6 +168,8 @@ class ExecutorProcess:
         """Main thread, about to wait in get(): return the prefetched tasks not started.
         The DONEs held back go first: what it waits for may be one of them."""
         self.held.flush(masked=True)
+        if self.lease is not None:  # leased: the calls queued behind it go back (lease.py)
+            self.lease.blocked()
         with self.block_lock:
             self.blocked = True
             return self._take_queued(lambda task_id: True)

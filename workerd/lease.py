@@ -6,15 +6,20 @@ plain tasks straight off a lane, with no broker turn per task.
     broker --LEASE(active) [+ fn blob]--> I/O thread --queue--> main thread: serve()
     holder --connect <node store>/t-<cid> (zray/_lane.py), LEASE(active, lease id)-->
     holder --DCALL (a TASK spec)--> main thread: checks, TaskRunner.run as for an EXEC
-          (prepare, print prefix, runtime context, cancel by SIGUSR1, BLOCK in get)
+          (prepare, print prefix, runtime context, cancel by SIGUSR1, BLOCK in get); the
+          holder may have a window of calls in flight: they run one by one, in order
     ResultSender.finish_values / finish_error --reply()--> DDONE + frames on the lane
     print() in a task of the holder's job (holder = its driver) --LOG on the lane, ahead of
           the task's DDONE (the broker's way would come after the result)
     every BOOKS_S and at the end: REQ lease_books / lease_end {lease_id, events}
     the lease ends when: no DCALL for IDLE_S (LEASE(active=False) on the lane first: it
     reads nothing after it), the holder closes the lane (it left or died), the queue
-    has something (the broker's EXIT, SHUTDOWN, anything): REQ lease_end, then the
-    serve loop goes on with the queue
+    has something (the broker's EXIT, SHUTDOWN, anything; looked at between two calls
+    of a window too): REQ lease_end, then the serve loop goes on with the queue
+    a leased task waits in get() (``blocked``): the end mark goes on the lane at once,
+    naming that task (LEASE running): the calls queued behind it may be what it waits
+    for, so none of them runs here (the holder sends them through the broker); the
+    lease ends when the task does
 
 The listener is bound when the executor starts, so a holder can connect as soon as
 the broker's answer reaches it; a connection is served only once its first message
@@ -32,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -49,13 +55,19 @@ log = logging.getLogger("zray.executor")
 
 
 def read_env() -> tuple:
-    """(ENABLED, IDLE_S) from ZRAY_TASK_LEASES and ZRAY_TASK_LEASE_IDLE_MS: a bad value is a
-    ValueError naming its variable (zray.init and ``zray worker`` check them first)."""
+    """(ENABLED, IDLE_S, LONG_S) from ZRAY_TASK_LEASES, ZRAY_TASK_LEASE_IDLE_MS and
+    ZRAY_TASK_LEASE_LONG_MS: a bad value is a ValueError naming its variable (zray.init
+    and ``zray worker`` check them first)."""
     return (env_number("ZRAY_TASK_LEASES", 1, 0, 1, int, "0 or 1") == 1,
-            env_number("ZRAY_TASK_LEASE_IDLE_MS", 50, 1, 60_000, int, "milliseconds") / 1000)
+            env_number("ZRAY_TASK_LEASE_IDLE_MS", 50, 1, 60_000, int, "milliseconds") / 1000,
+            env_number("ZRAY_TASK_LEASE_LONG_MS", 20, 1, 3_600_000, int, "milliseconds")
+            / 1000)
 
 
-ENABLED, IDLE_S = read_env()
+# LONG_S: a leased call that runs this long hands back the calls queued behind it (they
+# could wait for it for long: the broker's path runs them elsewhere), as the broker
+# recalls tasks sent ahead to an executor whose task turned long (brokerd/window.py)
+ENABLED, IDLE_S, LONG_S = read_env()
 BOOKS_S = 1.0
 TURN_AWAY_S = 0.05  # how long a connection's hello is waited for when it is turned away
 MAX_EVENTS = 5000
@@ -98,9 +110,21 @@ class LeaseServer:
         self.lane = None  # the holder's lane (its hello came)
         self.waiting: dict = {}
         self.later: list = []  # [(Lane, messages read)]: hellos for a lease not served yet
+        self.latest = b""  # (I/O thread) the last lease the broker lent us
+        # the call running now and since when (main thread), read by the watch thread,
+        # which sends the end mark naming it once it runs LONG_S; under mark_lock
+        self.mark_lock = threading.Lock()
+        self.current = b""
+        self.current_since = 0.0
+        self.serving = threading.Event()
+        self.watcher = None
         self.poller = None
         self.polled_out = False
         self.last = 0.0  # when the last call came
+        # the end mark is on the lane already (a task waits in get(): its calls queued
+        # behind it must not wait for it, they go back to the holder): run nothing more
+        self.stop = False
+        self.mark_sent = False
         client.on_close.append(self.close)
 
     def wake(self) -> None:
@@ -138,7 +162,12 @@ class LeaseServer:
         self.waiting = {}  # fd -> a Lane whose hello has not come yet
         self.polled_out = False
         self.adopted = False  # (lease_end says so: see _books)
+        self.stop = self.mark_sent = False
         self.last = last_books = time.monotonic()
+        if self.watcher is None:
+            self.watcher = threading.Thread(target=self._watch, name="lease-watch", daemon=True)
+            self.watcher.start()
+        self.serving.set()
         end_on_lane = False
         try:
             later, self.later = self.later, []
@@ -148,7 +177,7 @@ class LeaseServer:
                 else:
                     self._turn_away(ln, msgs)
             while True:
-                if not proc.queue.empty():
+                if self.stop or not proc.queue.empty():
                     end_on_lane = True
                     break
                 now = time.monotonic()
@@ -267,29 +296,99 @@ class LeaseServer:
             raise _Ended() from None
 
     def _run(self, msgs: list, lane) -> None:
+        """Run the calls read, in order (the holder counts on it: the first call it has
+        not heard back from is the one running). One read may bring a window of calls:
+        between them, anything in the queue (the broker revokes the lease, EXIT) or an
+        end mark already sent ends the lease; the calls not run are not answered, so the
+        holder sends them through the broker after the end mark."""
+        empty = self.proc.queue.empty
         for parts in msgs:
+            if self.stop or not empty():
+                self.stop = True
+                return
             if self._call(parts, lane):
                 self.last = time.monotonic()
 
+    def blocked(self) -> None:
+        """(main thread, ExecutorProcess._on_block) The leased task waits in get(): calls
+        queued behind it on the lane could be what it waits for. Send the end mark now,
+        naming the running call (its DDONE follows); nothing after it runs here."""
+        with self.mark_lock:
+            running = self.proc.running_task
+            if running in self.calls:
+                self._mark(running)
+
+    def _mark(self, running: bytes) -> None:
+        """(under mark_lock) The end mark, naming the call still running."""
+        lane = self.lane
+        if not self.active or self.mark_sent or lane is None:
+            return
+        self.stop = self.mark_sent = True
+        try:
+            lane.send(P.encode(P.Lease(self.lease_id, self.holder, False, b"", running)))
+        except _lane.LaneClosed:
+            pass
+
+    def _watch(self) -> None:
+        """(its own thread) A call that runs LONG_S: the end mark now, naming it."""
+        while True:
+            self.serving.wait()
+            time.sleep(LONG_S / 2)
+            with self.mark_lock:
+                cur = self.current
+                if cur and time.monotonic() - self.current_since >= LONG_S:
+                    self._mark(cur)
+
     def _finish(self, lane, end_on_lane: bool, books: str = "lease_end") -> None:
-        self.active = False
+        self.serving.clear()
+        with self.mark_lock:
+            self.active = False
         self.proc.logs.lane = None
         self.lane = None
+        if lane is None and end_on_lane:
+            self._end_unadopted()
         for ln in self.waiting.values():  # (a hello that did not come in time)
             self._turn_away(ln)
         self.waiting = {}
         self.proc.results.direct = None
         if lane is not None:
-            if end_on_lane:  # (best effort: a holder that is gone sees EOF anyway)
-                try:
+            try:
+                if end_on_lane and not self.mark_sent:  # (a holder gone sees EOF anyway)
                     lane.send(P.encode(P.Lease(self.lease_id, self.holder, False, b"")))
-                except _lane.LaneClosed:
-                    pass
+                _flush_out(lane)
+            except _lane.LaneClosed:
+                pass
             lane.close()
         self.calls.clear()
         self.started.clear()
         self.retried.clear()  # (a retry after the lease ended goes through the broker)
         self._books(books)
+
+    def _end_unadopted(self) -> None:
+        """The lease ends before its holder's lane was taken (revoked at once, the queue
+        had work): a holder that connected already gets the end mark, so that it sends
+        its calls through the broker as never run (not taken for a crash)."""
+        while True:
+            ln = self._accept()
+            if ln is None:
+                break
+            self.waiting[ln.fd] = ln
+        deadline = time.monotonic() + 0.2
+        for ln in list(self.waiting.values()):
+            msgs = []
+            while not msgs and time.monotonic() < deadline:
+                try:
+                    msgs = ln.read()
+                except _lane.LaneClosed:
+                    break
+                if not msgs:
+                    select.select([ln.fd], [], [], max(0.0, deadline - time.monotonic()))
+            self._unwait(ln)
+            if (msgs and not self._hello(msgs[0]) and self._hello(msgs[0], any_lease=True)
+                    and len(self.later) < 8):
+                self.later.append((ln, msgs))  # (for a lease not served yet)
+            else:
+                self._turn_away(ln, msgs)  # (the end mark for the lease its hello names)
 
     def _books(self, op: str) -> None:
         events, self.events = self.events, []
@@ -349,6 +448,10 @@ class LeaseServer:
                 or set(spec.options) - {"max_retries", "retry_exceptions"}):
             self._drop("DCALL: not a plain task of the lease's holder and function")
             return False
+        with self.mark_lock:
+            if self.stop:
+                return False  # the end mark went: not run, not answered (the holder resends)
+            self.current, self.current_since = spec.task_id, time.monotonic()
         self.calls[spec.task_id] = lane
         # Retries left as the holder counts them (zray/_direct.py: it sends the same spec
         # again while max_retries allows): max_retries less the runs here that retried.
@@ -357,7 +460,10 @@ class LeaseServer:
         left = -1 if mr < 0 else max(0, mr - self.retried.get(spec.task_id, 0))
         self.started[spec.task_id] = (spec.name, time.time(), spec.parent, left)
         proc = self.proc
-        proc.tasks.run(P.Exec(spec, False, m.n_args, [], []), parts[1:])
+        try:
+            proc.tasks.run(P.Exec(spec, False, m.n_args, [], []), parts[1:])
+        finally:
+            self.current = b""
         if proc.client.forked:  # user code forked and the child got back here
             from zray._procutil import exit_forked_child
 
@@ -411,3 +517,21 @@ class LeaseServer:
 
 class _Ended(Exception):
     pass
+
+
+def _flush_out(lane, wait_s: float = 5.0) -> None:
+    """Send what waits in the lane's outq (replies, the end mark) before it closes: the
+    holder takes an EOF without the mark for this process's death."""
+    deadline = time.monotonic() + wait_s
+    poller = None
+    while lane.outq:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log.warning("leases: the holder reads nothing; closing its lane with replies unsent")
+            return
+        if lane.flush():
+            return
+        if poller is None:
+            poller = select.poll()
+            poller.register(lane.fd, select.POLLOUT)
+        poller.poll(min(left, 0.1) * 1000)

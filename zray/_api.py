@@ -295,10 +295,17 @@ def is_initialized() -> bool:
 
 def _drain(client, limit: float) -> None:
     """Give this job's unfinished tasks up to ``limit`` seconds to finish, so that
-    a script that submits work and exits still gets its tasks' output (as Ray does)."""
+    a script that submits work and exits still gets its tasks' output (as Ray does):
+    those the broker runs (``job_pending``) and the calls on our leases, which it never
+    sees (zray/_lease.py)."""
     deadline = time.monotonic() + limit
+    leases = client.leases
     try:
-        while client.request("job_pending", timeout=limit) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if not (leases is not None and leases.unanswered()):
+                left = deadline - time.monotonic()
+                if left <= 0 or not client.request("job_pending", timeout=left):
+                    return
             with client.cond:
                 client.cond.wait(0.02)
     except Exception:

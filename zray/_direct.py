@@ -296,6 +296,16 @@ class DirectCalls:
             if client.mask_signals:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
+    def send_broke(self, lane) -> bool:
+        """A send on ``lane`` failed. When the peer closed it (``send_dead``: an executor
+        that ended a lease sent its end mark first, and only that mark says which calls
+        never ran, zray/_lease.py), the lane is read to its end and EOF settles the rest:
+        True. False: the lane is closed on our side (drop it)."""
+        if not lane.send_dead:
+            return False
+        self.need_io((lane,))
+        return True
+
     def need_io(self, lanes, out: bool = False) -> None:
         """Have the I/O thread read ``lanes`` (and send what waits on them: ``out``) until
         nothing is in flight on them: nobody else may come to read them."""
@@ -369,12 +379,14 @@ class DirectCalls:
         calls to that address, the broker is asked, and the calls in flight are settled by
         the broker's ROUTE or, DEATH_INFO_S later, by the watch thread (ActorDiedError, or
         retried through the broker while they have max_task_retries)."""
-        if route.state != "alive" or self.client.closed:
-            return  # (a ROUTE already moved it on, or we are closing)
+        if self.client.closed:
+            return
         leases = getattr(route, "leases", None)
-        if leases is not None:  # a leased executor's lane (zray/_lease.py)
+        if leases is not None:  # a leased executor's lane (zray/_lease.py): ending too
             leases.broke(route)
             return
+        if route.state != "alive":
+            return  # (a ROUTE already moved it on)
         log.info("the lane to actor %s (%s) closed: asking the broker",
                  route.actor_id.hex(), route.address)
         if route.sock is not None:  # (to the same process)
@@ -554,17 +566,27 @@ class DirectCalls:
             if m.retryable and call is not None and call.retries != 0:
                 call.retries -= 1  # retry_exceptions covers it: call again
                 log.info("retrying %s after an application error", call.spec.name)
+                leases = getattr(route, "leases", None)
                 if route.state == "alive":
-                    self._send_direct(route, call)
+                    if leases is not None:  # (its frames kept: the lease may end unread)
+                        leases._send_on(route, call)
+                    else:
+                        self._send_direct(route, call)
                     if route.lane is not None:
                         self.need_io((route.lane,))
                 else:
                     self.unregistered.difference_update(call.spec.return_ids())
                     self._send_broker(route, call)
+                    if leases is not None:
+                        leases.answered(route)
                 return [], handed
             if call is not None:
                 keep, call.keep = call.keep, None
-            self._flush(route)
+            leases = getattr(route, "leases", None)
+            if leases is not None:  # a lease's window takes its next call (zray/_lease.py)
+                leases.answered(route)
+            else:
+                self._flush(route)
         del keep  # (outside the lock: dropping refs may send)
         tid_bytes = task_id
         out, pos = [], 0
@@ -719,6 +741,9 @@ class DirectCalls:
                     if call.spec.task_id == task_id:
                         call.cancel = bool(force)
                         return True
+            leases = self.client.leases
+            if leases is not None and leases.backlog and leases.cancel_queued(task_id):
+                return True  # queued for a lease, never sent (zray/_lease.py)
         return False
 
     def _cancel_sent(self, route: _Route, task_id: bytes, force: bool) -> None:

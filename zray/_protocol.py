@@ -117,13 +117,16 @@ N->N  PEER_GET   oid, node_id, ticket, offset, length   on a node's peer socket:
                  of an object; ticket: the broker's grant for node_id (HMAC, _peer.py)
 N->N  PEER_CHUNK oid, offset, total, codec + [chunk]   codec RAW/LZ4; -1 (no frame):
                  not here. A bad or forged PEER_GET is dropped and counted, unanswered
-B->E  LEASE      lease_id, holder, active, fid   (leased executors, zray/_lease.py): active, the
+B->E  LEASE      lease_id, holder, active, fid, running   (leased executors, zray/_lease.py): active, the
                  idle pool executor is leased to client ``holder`` (+ [fn blob] when it has
                  not loaded the lease's function); it takes DCALLs of plain tasks on its
                  lane <node store>/t-<cid> until it ends the lease (REQ lease_end)
 C->E  LEASE      the same, on that lane: the holder's first message (active true)
 E->C  LEASE      active false, on the lane: the executor ends the lease; it read nothing
-                 after it, so calls sent and not answered before it never ran
+                 after it, so calls sent and not answered before it never ran, but for
+                 ``running`` (b"" or the task id of the call it still runs, whose task
+                 waits in get(): its DDONE follows on the lane). A holder may have several
+                 calls in flight on a lease (a window); the executor runs them in order
 C->E  DCALL      also a plain TASK spec (no ObjectRef arguments, num_returns 1) on a lease's lane
 B->N  FREE       oids  /  SPILL oids            delete / move to disk
 B->N  LOG_READ   req_id, op, args   read this node's log files for a client's REQ node_logs
@@ -184,7 +187,7 @@ import msgpack
 # 6: C->B BATCH (a driver's SUBMITs of one burst)
 # 7: ROUTE/DCALL/DDONE/DCANCEL (direct actor calls), PULL/PEER_* (node blobs)
 # 8: ROUTE tcp_address, tcp reply_to (cross-host direct calls)
-VERSION = 13  # 13: REFS 2/3 (refs handed over in an inline reply), DDONE handed; 12: lease_books events carry the parent task id and the retry flag (8 fields); 11: LEASE, DCALL of a plain task (leased executors); 10: 10: C->B LINEAGE (a replayed result's finished task after a broker restart); 9: B->E RECALL; E->C BATCH of OBJs; an executor's DONEs in a C->B BATCH
+VERSION = 14  # 14: LEASE running (pipelined leases: the end mark names the call still running); 13: REFS 2/3 (refs handed over in an inline reply), DDONE handed; 12: lease_books events carry the parent task id and the retry flag (8 fields); 11: LEASE, DCALL of a plain task (leased executors); 10: C->B LINEAGE (a replayed result's finished task after a broker restart); 9: B->E RECALL; E->C BATCH of OBJs; an executor's DONEs in a C->B BATCH
 HEARTBEAT_S = 1.0
 # A node silent this long is declared dead (its store's objects are lost, or rebuilt
 # from lineage); ZRAY_NODE_TIMEOUT_S overrides it, read here only (the broker's copy counts).
@@ -1009,14 +1012,21 @@ def _fid(v):
     return v
 
 
+def _task_id_or_none(v):
+    if type(v) is not bytes or (v and len(v) != TASK_ID_LEN):
+        raise ProtocolError(f"empty or a task id of {TASK_ID_LEN} bytes expected, got {v!r:.40}")
+    return v
+
+
 class Lease(NamedTuple):
     lease_id: bytes  # random: only the broker, the executor and the holder know it
     holder: bytes  # the cid of the client the executor is leased to
     active: bool  # True: leased (B->E, C->E); False: ended (E->C on the lane; B->C when the
     # executor ended it before taking the holder's lane: brokerd/leases.py)
     fid: bytes  # the function the lease runs (B->E: its blob follows if not loaded there)
+    running: bytes = b""  # E->C end mark: the call still running (its DDONE follows), or b""
     TYPE = Msg.LEASE
-    CHECKS = (_lease_id, _cid, _bool, _fid)
+    CHECKS = (_lease_id, _cid, _bool, _fid, _task_id_or_none)
 
 
 class DCancel(NamedTuple):
