@@ -65,6 +65,11 @@ wait_for(lambda: os.path.exists(STARTED), 30, "the blocker to start")
 followers = [step.remote(i) for i in range(1, 9)]
 sent_ahead(8)  # all eight wait in the executor, behind the blocker
 ray.cancel(followers[2])
+# (ray.cancel returns once it is sent, as Ray's does: the gate opens once the broker has
+# it, or the blocker and two followers could finish before it arrives)
+cancelled = followers[2].task_id().hex()
+wait_for(lambda: [t.get("error_type") for t in list_tasks(
+    filters=[("task_id", "=", cancelled)])] == ["TASK_CANCELLED"], 30, "the broker to cancel it")
 open(GATE, "w").close()
 try:
     ray.get(followers[2], timeout=30)
