@@ -286,8 +286,7 @@ class TaskEngine:
                 t.cancel_requested = t.force_cancel = True
                 self.out.send(t.executor.node.ident, P.encode(P.KillExec(t.executor.cid)))
         held = self.leases.by_holder.get(c.cid) if c is not None else None
-        # (one lease per holder, or {lease id: lease} where a holder may hold several)
-        for lease in (held.values() if type(held) is dict else (held,) if held else ()):
+        for lease in (held or {}).values():  # ({lease id: lease}: a holder may hold several)
             if lease.ex.node is not None:
                 self.out.send(lease.ex.node.ident, P.encode(P.KillExec(lease.ex.cid)))
 

@@ -32,39 +32,10 @@ from zray.exceptions import TaskCancelledError, WorkerCrashedError
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    old = os.environ.get("ZRAY_TASK_LEASE_IDLE_MS")
-    os.environ["ZRAY_TASK_LEASE_IDLE_MS"] = "3000"
-    try:
-        ray.init(num_cpus=4)
-        yield
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("ZRAY_TASK_LEASE_IDLE_MS", None)
-        else:
-            os.environ["ZRAY_TASK_LEASE_IDLE_MS"] = old
+# (the same cluster, 4 CPUs and leases that idle 3 s, and helpers as the sync leases' tests)
+import test_task_leases as _sync_leases  # noqa: E402
 
-
-def _sent() -> int:
-    leases = _runtime.client.leases
-    return leases.sent if leases is not None else 0
-
-
-def _leased(fn, *args, n: int = _lease.STREAK + 2):
-    """Run ``fn`` sync until its calls take a lease; True once the last ones went on it."""
-    deadline = time.monotonic() + 30
-    while True:
-        before = _sent()
-        for _ in range(n):
-            ray.get(fn.remote(*args), timeout=60)
-        if _sent() > before:
-            return True
-        if time.monotonic() > deadline:
-            return False
+cluster, _leased, _sent = _sync_leases.cluster, _sync_leases._leased, _sync_leases._sent
 
 
 @ray.remote

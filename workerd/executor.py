@@ -125,9 +125,9 @@ class ExecutorProcess:
                              cid=self.cid, on_exec=self._on_exec, on_cancel=self._on_cancel,
                              token=bytes.fromhex(env.pop("ZRAY_EXEC_TOKEN", "")))
         self.client.on_block = self._on_block
+        self.client.on_unblock = self._on_unblock
         if self.client.store is not None:  # the same large argument, task after task
             self.client.store.keep_reads()
-        self.client.on_unblock = self._on_unblock
         _runtime.client = self.client
         _runtime.worker_mode = True
         self.logs = LogForwarder(self.client)
